@@ -1,0 +1,240 @@
+//! The command line: parses arguments, sets up logging, and maps results to exit codes.
+//!
+//! Exit codes (documented in the README): 0 success; 1 runtime failure; 2 usage or
+//! configuration error (so systemd's `RestartPreventExitStatus=2` stops a restart loop).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Config, ConfigError};
+use crate::fake::{FakeConfig, FakePleo, Fixture};
+use crate::store::Store;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "jobmirror",
+    version,
+    about = "Mirror Pleo export jobs into SQLite and claim them oldest-first"
+)]
+pub struct Cli {
+    /// TOML configuration file; every key can be overridden by JOBMIRROR_<KEY>.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the service until SIGTERM or SIGINT (SIGUSR1 runs detection now).
+    Run,
+    /// Create or upgrade the database schema, then exit.
+    Migrate,
+    /// Summarise the database per company (read-only).
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a fake Pleo Export API server (for tests and demos).
+    FakePleo {
+        #[arg(long, default_value = "127.0.0.1:8180")]
+        listen: String,
+        /// Fixture file with the jobs to start with.
+        #[arg(long)]
+        fixture: Option<PathBuf>,
+        /// expiresIn of new jobs, seconds.
+        #[arg(long, default_value_t = 3600)]
+        expires_in: i64,
+        /// API key the fake accepts (the fixture's keys win when it names some).
+        #[arg(long, default_value = crate::fake::DEFAULT_API_KEY)]
+        api_key: String,
+    },
+    /// Show jobmirror at work against a bundled fake Pleo; needs no credentials.
+    Demo {
+        /// Where to leave the demo database (default: a new folder under the temp dir).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+}
+
+/// Errors that are the user's to fix (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let usage = e.downcast_ref::<ConfigError>().is_some()
+                || e.downcast_ref::<UsageError>().is_some();
+            eprintln!("jobmirror: {}", chain(&e));
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+/// The error with its causes, one line.
+fn chain(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+    }
+    s
+}
+
+pub fn init_logging(level: log::LevelFilter) {
+    let cfg = simplelog::ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_thread_level(log::LevelFilter::Off)
+        .set_target_level(log::LevelFilter::Off)
+        .build();
+    let _ = simplelog::WriteLogger::init(level, cfg, std::io::stderr());
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let clock: SharedClock = Arc::new(SystemClock);
+    match cli.command {
+        Command::Run => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            init_logging(cfg.log);
+            crate::service::run(&cfg, clock)
+        }
+        Command::Migrate => {
+            let db = db_path(cli.config.as_deref())?;
+            init_logging(log::LevelFilter::Info);
+            let mut store = Store::open(&db)?;
+            let applied = store.migrate()?;
+            println!("database {} is at the current schema", db.display());
+            let _ = applied;
+            Ok(())
+        }
+        Command::Status { json } => {
+            let db = db_path(cli.config.as_deref())?;
+            if !db.exists() {
+                return Err(UsageError(format!(
+                    "database {} does not exist (run `jobmirror migrate` or `jobmirror run` first)",
+                    db.display()
+                ))
+                .into());
+            }
+            let store = Store::open_read_only(&db)?;
+            print!("{}", status_text(&store, clock.now(), json)?);
+            Ok(())
+        }
+        Command::FakePleo {
+            listen,
+            fixture,
+            expires_in,
+            api_key,
+        } => {
+            init_logging(log::LevelFilter::Info);
+            let cfg = FakeConfig {
+                api_keys: vec![api_key],
+                expires_in_secs: expires_in,
+                ..FakeConfig::default()
+            };
+            let fake = FakePleo::start(&listen, cfg, clock)?;
+            if let Some(path) = fixture {
+                let f = Fixture::load(&path).map_err(|e| UsageError(e.to_string()))?;
+                let ids = fake.load_fixture(&f)?;
+                println!("loaded {} jobs from {}", ids.len(), path.display());
+            }
+            println!("fake-pleo listening on {}", fake.base_url());
+            use signal_hook::consts::{SIGINT, SIGTERM};
+            let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+            let _ = signals.forever().next();
+            drop(fake);
+            Ok(())
+        }
+        Command::Demo { db } => crate::demo::run(db),
+    }
+}
+
+/// The database path alone (for commands that need no credentials).
+fn db_path(file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    let mut db: Option<String> = std::env::var("JOBMIRROR_DB").ok();
+    if db.is_none()
+        && let Some(f) = file
+    {
+        let text = std::fs::read_to_string(f).map_err(|e| ConfigError {
+            key: "config".into(),
+            env: "JOBMIRROR_CONFIG".into(),
+            message: format!("cannot read {}: {e}", f.display()),
+        })?;
+        let t: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            key: "config".into(),
+            env: "JOBMIRROR_CONFIG".into(),
+            message: format!("{} is not valid TOML: {}", f.display(), e.message()),
+        })?;
+        db = t.get("db").and_then(|v| v.as_str()).map(str::to_owned);
+    }
+    Ok(PathBuf::from(db.unwrap_or_else(|| "jobmirror.db".into())))
+}
+
+/// The `status` report, text or JSON.
+pub fn status_text(store: &Store, now: crate::clock::Millis, json: bool) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let mut all = Vec::new();
+    for company in store.companies()? {
+        let s = store.company_summary(&company)?;
+        if json {
+            all.push(serde_json::json!({
+                "company_id": s.company_id,
+                "jobs_by_state": s.by_state.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+                "last_poll_at": s.last_poll_at.map(|t| t.to_rfc3339()),
+                "last_poll_error": s.last_poll_error,
+                "next_deadline": s.next_deadline.as_ref().map(|(id, t)| serde_json::json!({"job_id": id, "expires_at": t.to_rfc3339(), "seconds_left": now.until(*t) / 1000})),
+            }));
+            continue;
+        }
+        out.push_str(&format!("company {}\n", s.company_id));
+        let states: Vec<String> = s.by_state.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!(
+            "  jobs:          {}\n",
+            if states.is_empty() {
+                "none".into()
+            } else {
+                states.join(" ")
+            }
+        ));
+        out.push_str(&format!(
+            "  last poll:     {}\n",
+            match (&s.last_poll_at, &s.last_poll_error) {
+                (None, _) => "never".to_owned(),
+                (Some(t), None) => format!("{t} (ok)"),
+                (Some(t), Some(e)) => format!("{t} (failed: {e})"),
+            }
+        ));
+        out.push_str(&format!(
+            "  next deadline: {}\n",
+            match &s.next_deadline {
+                None => "none".to_owned(),
+                Some((id, t)) => format!("job {id} expires {t} ({} s left)", now.until(*t) / 1000),
+            }
+        ));
+    }
+    if json {
+        out = serde_json::to_string_pretty(&serde_json::json!({"companies": all}))? + "\n";
+    } else if out.is_empty() {
+        out.push_str("no companies in the database yet\n");
+    }
+    Ok(out)
+}

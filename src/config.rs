@@ -1,0 +1,418 @@
+//! Configuration: a flat TOML file (`--config`) whose every key can be overridden by the
+//! environment variable `JOBMIRROR_<KEY>` (upper case).
+//!
+//! Invariants: a bad or missing value is one error naming both the key and its variable; an
+//! unknown key in the file is an error (a typo never silently falls back to a default);
+//! secrets are read into [`Secret`] and never printed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::pleo::{self, Secret};
+
+/// Every key, its default (None: required or optional without default) and what it means.
+pub const KEYS: &[(&str, Option<&str>, &str)] = &[
+    (
+        "db",
+        Some("jobmirror.db"),
+        "SQLite database file (created with mode 0600)",
+    ),
+    (
+        "pleo_base_url",
+        Some("https://external.pleo.io"),
+        "Pleo API base URL; plain http only on loopback",
+    ),
+    (
+        "pleo_api_key",
+        None,
+        "Pleo API key (Basic auth user, empty password)",
+    ),
+    (
+        "pleo_api_key_file",
+        None,
+        "file holding the API key (instead of pleo_api_key)",
+    ),
+    (
+        "company_ids",
+        None,
+        "Pleo company ids to serve, comma-separated (TOML: list or string)",
+    ),
+    (
+        "poll_interval_secs",
+        Some("300"),
+        "seconds between listing polls",
+    ),
+    (
+        "log",
+        Some("info"),
+        "log level: error, warn, info, debug, trace",
+    ),
+    (
+        "deadline_warning_secs",
+        Some("600"),
+        "journal a deadline_warning this many seconds before a held job expires",
+    ),
+    (
+        "claim_min_left_secs",
+        Some("300"),
+        "never claim a job with less time than this before it expires",
+    ),
+    (
+        "claims_per_round_max",
+        Some("3"),
+        "claim attempts per company per processor round (conflicts included)",
+    ),
+    (
+        "conflict_backoff_secs",
+        Some("30"),
+        "pause before claiming again for a company after a conflict or failed claim",
+    ),
+    (
+        "resume_unknown_in_progress",
+        Some("true"),
+        "at start-up, resume in_progress jobs the database has no record of",
+    ),
+    (
+        "pleo_connect_timeout_secs",
+        Some("10"),
+        "TCP/TLS connect timeout for Pleo",
+    ),
+    (
+        "pleo_request_timeout_secs",
+        Some("30"),
+        "overall timeout of one Pleo request",
+    ),
+    (
+        "pleo_retry_attempts_max",
+        Some("5"),
+        "attempts per Pleo request for 429, 5xx and transport errors",
+    ),
+    (
+        "shutdown_timeout_secs",
+        Some("10"),
+        "how long a stop may take before threads are abandoned",
+    ),
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("configuration error: {key} ({env}): {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub env: String,
+    pub message: String,
+}
+
+fn env_name(key: &str) -> String {
+    format!("JOBMIRROR_{}", key.to_ascii_uppercase())
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_owned(),
+        env: env_name(key),
+        message: message.into(),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub db: PathBuf,
+    pub pleo_base_url: String,
+    pub pleo_api_key: Secret,
+    pub company_ids: Vec<String>,
+    pub poll_interval: Duration,
+    pub log: log::LevelFilter,
+    pub deadline_warning: Duration,
+    pub claim_min_left: Duration,
+    pub claims_per_round_max: u32,
+    pub conflict_backoff: Duration,
+    pub resume_unknown_in_progress: bool,
+    pub pleo_connect_timeout: Duration,
+    pub pleo_request_timeout: Duration,
+    pub pleo_retry_attempts_max: u32,
+    pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// Loads from an optional file and the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with(file, &|k| std::env::var(k).ok())
+    }
+
+    /// Loads from an optional file and the given environment lookup.
+    pub fn load_with(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                err(
+                    "config",
+                    format!("{} is not valid TOML: {}", path.display(), e.message()),
+                )
+            })?;
+            for (k, v) in table {
+                let Some((key, _, _)) = KEYS.iter().find(|(name, _, _)| *name == k) else {
+                    return Err(err(&k, format!("unknown key in {}", path.display())));
+                };
+                let s = match v {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    toml::Value::Array(a) => a
+                        .iter()
+                        .map(|x| {
+                            x.as_str()
+                                .map(str::to_owned)
+                                .ok_or_else(|| err(key, "list entries must be strings"))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
+                        .join(","),
+                    other => return Err(err(key, format!("unsupported value {other}"))),
+                };
+                values.insert(key, s);
+            }
+        }
+        for (key, _, _) in KEYS {
+            if let Some(v) = env(&env_name(key)) {
+                values.insert(key, v);
+            }
+        }
+        let get = |k: &str| -> Option<String> {
+            values.get(k).cloned().or_else(|| {
+                KEYS.iter()
+                    .find(|(n, _, _)| *n == k)
+                    .and_then(|(_, d, _)| d.map(str::to_owned))
+            })
+        };
+        let secs = |k: &str, min: u64| -> Result<Duration, ConfigError> {
+            let v = get(k).unwrap_or_default();
+            let n: u64 = v
+                .trim()
+                .parse()
+                .map_err(|_| err(k, format!("expected a whole number of seconds, got {v:?}")))?;
+            if n < min {
+                return Err(err(k, format!("must be at least {min}, got {n}")));
+            }
+            Ok(Duration::from_secs(n))
+        };
+        let count = |k: &str| -> Result<u32, ConfigError> {
+            let v = get(k).unwrap_or_default();
+            match v.trim().parse::<u32>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(err(
+                    k,
+                    format!("expected a whole number of at least 1, got {v:?}"),
+                )),
+            }
+        };
+
+        let db = PathBuf::from(get("db").unwrap_or_default());
+        if db.as_os_str().is_empty() {
+            return Err(err("db", "must not be empty"));
+        }
+        let pleo_base_url = get("pleo_base_url")
+            .unwrap_or_default()
+            .trim()
+            .trim_end_matches('/')
+            .to_owned();
+        pleo::check_base_url(&pleo_base_url).map_err(|m| err("pleo_base_url", m))?;
+
+        let key = match (values.get("pleo_api_key"), values.get("pleo_api_key_file")) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "pleo_api_key",
+                    "set either pleo_api_key or pleo_api_key_file, not both",
+                ));
+            }
+            (Some(k), None) => k.trim().to_owned(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| err("pleo_api_key_file", format!("cannot read {f}: {e}")))?
+                .trim()
+                .to_owned(),
+            (None, None) => return Err(err("pleo_api_key", "is required (or pleo_api_key_file)")),
+        };
+        if key.is_empty() {
+            return Err(err("pleo_api_key", "is empty"));
+        }
+        if key.chars().any(|c| c.is_control()) {
+            return Err(err("pleo_api_key", "contains control characters"));
+        }
+
+        let company_ids: Vec<String> = get("company_ids")
+            .unwrap_or_default()
+            .split([',', ' ', '\n', '\t'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if company_ids.is_empty() {
+            return Err(err(
+                "company_ids",
+                "is required: at least one Pleo company id",
+            ));
+        }
+        if let Some(bad) = company_ids.iter().find(|c| {
+            !c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        }) {
+            return Err(err("company_ids", format!("{bad:?} is not a company id")));
+        }
+        let mut dedup = company_ids.clone();
+        dedup.sort();
+        dedup.dedup();
+        if dedup.len() != company_ids.len() {
+            return Err(err("company_ids", "lists a company more than once"));
+        }
+
+        let log_text = get("log").unwrap_or_default();
+        let log = match log_text.trim().to_ascii_lowercase().as_str() {
+            "off" => log::LevelFilter::Off,
+            "error" => log::LevelFilter::Error,
+            "warn" => log::LevelFilter::Warn,
+            "info" => log::LevelFilter::Info,
+            "debug" => log::LevelFilter::Debug,
+            "trace" => log::LevelFilter::Trace,
+            _ => {
+                return Err(err(
+                    "log",
+                    format!("expected off, error, warn, info, debug or trace, got {log_text:?}"),
+                ));
+            }
+        };
+        let resume_text = get("resume_unknown_in_progress").unwrap_or_default();
+        let resume_unknown_in_progress = match resume_text.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            _ => {
+                return Err(err(
+                    "resume_unknown_in_progress",
+                    format!("expected true or false, got {resume_text:?}"),
+                ));
+            }
+        };
+
+        Ok(Config {
+            db,
+            pleo_base_url,
+            pleo_api_key: Secret::new(key),
+            company_ids,
+            poll_interval: secs("poll_interval_secs", 1)?,
+            log,
+            deadline_warning: secs("deadline_warning_secs", 0)?,
+            claim_min_left: secs("claim_min_left_secs", 0)?,
+            claims_per_round_max: count("claims_per_round_max")?,
+            conflict_backoff: secs("conflict_backoff_secs", 0)?,
+            resume_unknown_in_progress,
+            pleo_connect_timeout: secs("pleo_connect_timeout_secs", 1)?,
+            pleo_request_timeout: secs("pleo_request_timeout_secs", 1)?,
+            pleo_retry_attempts_max: count("pleo_retry_attempts_max")?,
+            shutdown_timeout: secs("shutdown_timeout_secs", 1)?,
+        })
+    }
+
+    pub fn client_config(&self) -> pleo::ClientConfig {
+        let mut c = pleo::ClientConfig::new(
+            &self.pleo_base_url,
+            pleo::Auth::ApiKey(self.pleo_api_key.clone()),
+        );
+        c.connect_timeout = self.pleo_connect_timeout;
+        c.request_timeout = self.pleo_request_timeout;
+        c.retry.attempts_max = self.pleo_retry_attempts_max;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    const MIN: &[(&str, &str)] = &[
+        ("JOBMIRROR_PLEO_API_KEY", "k"),
+        ("JOBMIRROR_COMPANY_IDS", "c1, c2"),
+    ];
+
+    #[test]
+    fn defaults_and_env() {
+        let c = Config::load_with(None, &env(MIN)).unwrap();
+        assert_eq!(c.company_ids, ["c1", "c2"]);
+        assert_eq!(c.poll_interval, Duration::from_secs(300));
+        assert_eq!(c.pleo_base_url, "https://external.pleo.io");
+        assert!(
+            !format!("{c:?}").contains("\"k\""),
+            "the key never shows in Debug"
+        );
+    }
+
+    #[test]
+    fn env_overrides_file_and_unknown_file_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "poll_interval_secs = 60\ncompany_ids = [\"a\"]\npleo_api_key = \"x\"\n",
+        )
+        .unwrap();
+        let c =
+            Config::load_with(Some(&f), &env(&[("JOBMIRROR_POLL_INTERVAL_SECS", "7")])).unwrap();
+        assert_eq!(c.poll_interval, Duration::from_secs(7));
+        assert_eq!(c.company_ids, ["a"]);
+        std::fs::write(&f, "poll_intervall_secs = 60\n").unwrap();
+        let e = Config::load_with(Some(&f), &env(MIN)).unwrap_err();
+        assert_eq!(e.key, "poll_intervall_secs");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_variable() {
+        let mut pairs = MIN.to_vec();
+        pairs.push(("JOBMIRROR_POLL_INTERVAL_SECS", "soon"));
+        let e = Config::load_with(None, &env(&pairs)).unwrap_err();
+        assert_eq!(e.env, "JOBMIRROR_POLL_INTERVAL_SECS");
+        assert!(e.to_string().contains("poll_interval_secs"), "{e}");
+        let e = Config::load_with(None, &env(&[("JOBMIRROR_PLEO_API_KEY", "k")])).unwrap_err();
+        assert_eq!(e.key, "company_ids");
+        let mut pairs = MIN.to_vec();
+        pairs.push(("JOBMIRROR_PLEO_BASE_URL", "http://pleo.example.com"));
+        let e = Config::load_with(None, &env(&pairs)).unwrap_err();
+        assert_eq!(e.key, "pleo_base_url");
+    }
+
+    #[test]
+    fn api_key_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("key");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let fs = f.display().to_string();
+        let c = Config::load_with(
+            None,
+            &env(&[
+                ("JOBMIRROR_PLEO_API_KEY_FILE", &fs),
+                ("JOBMIRROR_COMPANY_IDS", "c"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.pleo_api_key.expose(), "s3cret");
+        let e = Config::load_with(
+            None,
+            &env(&[
+                ("JOBMIRROR_PLEO_API_KEY_FILE", "/nonexistent/k"),
+                ("JOBMIRROR_COMPANY_IDS", "c"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "pleo_api_key_file");
+    }
+}

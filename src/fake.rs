@@ -1,0 +1,1155 @@
+//! The fake Pleo: a real HTTP server implementing the Export API contract of
+//! `../shared/pleo-export-api.md`, for tests, the demo and offline replays.
+//!
+//! Invariants: it follows the contract's transition table exactly (anything else is
+//! `422 INVALID_EXPORT_JOB_STATUS_CHANGE`); jobs expire `expiresIn` seconds after
+//! `lastUpdatedAt` on its injected clock, and only state-changing calls refresh
+//! `lastUpdatedAt`; every request it receives is logged, faults included; it never sorts
+//! listings for the client (it returns jobs in insertion order, which fixtures may shuffle).
+
+use std::collections::{HashSet, VecDeque};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::clock::{Millis, SharedClock};
+use crate::httpd::{self, Handler, Head, Request, Response, Server};
+
+/// The default API key of the fake when neither the fixture nor the command line names one.
+pub const DEFAULT_API_KEY: &str = "fake-pleo-key";
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FakeJob {
+    pub id: String,
+    pub company_id: String,
+    pub status: String,
+    pub created_at: Millis,
+    pub last_updated_at: Option<Millis>,
+    pub started_at: Option<Millis>,
+    pub completed_at: Option<Millis>,
+    pub expired_at: Option<Millis>,
+    pub expires_in_secs: i64,
+    pub is_interactive: bool,
+    pub vendor_based_bookkeeping: bool,
+    pub created_by: Option<String>,
+    pub failure_reason: Option<String>,
+    pub failure_reason_type: Option<String>,
+    /// Fields the fake does not model, passed through as given.
+    pub extra: Map<String, Value>,
+    pub items: Vec<FakeItem>,
+    pub export_items: Vec<Value>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FakeItem {
+    pub export_job_id: String,
+    pub accounting_entry_id: String,
+    pub status: String,
+    pub exported_at: Option<String>,
+    pub external_id: Option<String>,
+    pub external_url: Option<String>,
+    pub failure_reason: Option<String>,
+    pub failure_reason_type: Option<String>,
+}
+
+impl FakeJob {
+    fn is_open(&self) -> bool {
+        self.status == "pending" || self.status == "in_progress"
+    }
+    pub fn expires_at(&self) -> Millis {
+        self.last_updated_at
+            .unwrap_or(self.created_at)
+            .plus_secs(self.expires_in_secs)
+    }
+    pub fn to_json(&self) -> Value {
+        let t = |m: Option<Millis>| m.map_or(Value::Null, |m| json!(m.to_rfc3339()));
+        let mut o = self.extra.clone();
+        let fields = json!({
+            "id": self.id,
+            "companyId": self.company_id,
+            "status": self.status,
+            "createdAt": self.created_at.to_rfc3339(),
+            "lastUpdatedAt": t(self.last_updated_at),
+            "startedAt": t(self.started_at),
+            "completedAt": t(self.completed_at),
+            "expiredAt": t(self.expired_at),
+            "expiresIn": self.expires_in_secs,
+            "isInteractive": self.is_interactive,
+            "numberOfItems": self.items.len(),
+            "vendorBasedBookkeeping": self.vendor_based_bookkeeping,
+            "createdBy": self.created_by,
+            "failureReason": self.failure_reason,
+            "failureReasonType": self.failure_reason_type,
+        });
+        if let Value::Object(f) = fields {
+            o.extend(f);
+        }
+        Value::Object(o)
+    }
+}
+
+/// A fault applied to a request instead of (or on top of) its normal answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// 429 with `Retry-After: secs`; the request is not applied.
+    TooManyRequests { retry_after_secs: u64 },
+    /// 500; the request is not applied.
+    ServerError,
+    /// The request is applied; the answer is sent after `millis`.
+    Slow { millis: u64 },
+    /// The request is applied; the answer's body is cut in half and the connection closed.
+    Truncate,
+}
+
+/// A scripted fault: consumed by the first request that matches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultRule {
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    pub fault: Fault,
+}
+
+/// Faults by rate, drawn from a seeded generator (so a run is repeatable).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FaultRates {
+    pub too_many_requests: f64,
+    pub server_error: f64,
+    pub slow: f64,
+    pub truncate: f64,
+    pub retry_after_secs: u64,
+    pub slow_millis: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LoggedRequest {
+    pub seq: u64,
+    pub at: Millis,
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub body: String,
+    pub status: u16,
+    pub fault: Option<String>,
+}
+
+#[derive(Debug)]
+struct World {
+    jobs: Vec<FakeJob>,
+    api_keys: Vec<String>,
+    expires_in_secs: i64,
+    requests: Vec<LoggedRequest>,
+    script: VecDeque<FaultRule>,
+    rates: FaultRates,
+    rng: u64,
+    steal_on_get: HashSet<String>,
+    next_id: u64,
+}
+
+impl World {
+    fn rand(&mut self) -> f64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn job_mut(&mut self, id: &str) -> Option<&mut FakeJob> {
+        self.jobs.iter_mut().find(|j| j.id == id)
+    }
+    fn new_id(&mut self, kind: u16) -> String {
+        self.next_id += 1;
+        format!(
+            "{:08x}-{kind:04x}-4000-8000-{:012x}",
+            0xfa4e_0000u32, self.next_id
+        )
+    }
+    fn expire_due(&mut self, now: Millis) {
+        for j in self.jobs.iter_mut().filter(|j| j.is_open()) {
+            let at = j.expires_at();
+            if now >= at {
+                j.status = "failed".into();
+                j.failure_reason_type = Some("job_expired".into());
+                j.failure_reason = Some("The export job expired before it was completed.".into());
+                j.expired_at = Some(at);
+                j.last_updated_at = Some(at);
+                for it in j.items.iter_mut() {
+                    if it.status == "pending" || it.status == "in_progress" {
+                        it.status = "abandoned".into();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Inputs for a fake job; unset times default from the clock.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobSpec {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub company_id: String,
+    #[serde(default = "pending")]
+    pub status: String,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    /// Alternative to `createdAt`: this many seconds before the fake starts.
+    #[serde(default)]
+    pub created_secs_ago: Option<i64>,
+    #[serde(default)]
+    pub last_updated_secs_ago: Option<i64>,
+    #[serde(default)]
+    pub expires_in: Option<i64>,
+    /// How many items to generate.
+    #[serde(default)]
+    pub items: Option<usize>,
+    /// Another integration claims the job right after jobmirror reads it (the conflict path).
+    #[serde(default)]
+    pub steal_on_verify: bool,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn pending() -> String {
+    "pending".into()
+}
+
+/// The fixture file: a versioned description of the Pleo side of a world.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fixture {
+    pub version: u32,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    #[serde(default)]
+    pub expires_in: Option<i64>,
+    #[serde(default)]
+    pub jobs: Vec<JobSpec>,
+}
+
+impl Fixture {
+    pub fn load(path: &Path) -> anyhow::Result<Fixture> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("fixture {}: {e}", path.display()))?;
+        let f: Fixture = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("fixture {}: {e}", path.display()))?;
+        if f.version != 1 {
+            anyhow::bail!(
+                "fixture {}: version {} is not supported (expected 1)",
+                path.display(),
+                f.version
+            );
+        }
+        Ok(f)
+    }
+    /// Company ids in the order they first appear.
+    pub fn companies(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for j in &self.jobs {
+            if !out.contains(&j.company_id) {
+                out.push(j.company_id.clone());
+            }
+        }
+        out
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct FakeConfig {
+    pub api_keys: Vec<String>,
+    pub expires_in_secs: i64,
+    pub seed: u64,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        FakeConfig {
+            api_keys: vec![DEFAULT_API_KEY.into()],
+            expires_in_secs: 3600,
+            seed: 42,
+        }
+    }
+}
+
+/// A running fake Pleo. Dropping it stops the server.
+pub struct FakePleo {
+    shared: Arc<Shared>,
+    server: Server,
+}
+
+struct Shared {
+    world: Mutex<World>,
+    clock: SharedClock,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl std::fmt::Debug for FakePleo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakePleo")
+            .field("addr", &self.server.local_addr())
+            .finish()
+    }
+}
+
+impl FakePleo {
+    /// Starts the fake on `listen` (e.g. `127.0.0.1:0`).
+    pub fn start(listen: &str, cfg: FakeConfig, clock: SharedClock) -> anyhow::Result<FakePleo> {
+        let listener = TcpListener::bind(listen)
+            .map_err(|e| anyhow::anyhow!("fake-pleo cannot listen on {listen}: {e}"))?;
+        let shared = Arc::new(Shared {
+            world: Mutex::new(World {
+                jobs: Vec::new(),
+                api_keys: cfg.api_keys,
+                expires_in_secs: cfg.expires_in_secs,
+                requests: Vec::new(),
+                script: VecDeque::new(),
+                rates: FaultRates::default(),
+                rng: cfg.seed | 1,
+                steal_on_get: HashSet::new(),
+                next_id: 0,
+            }),
+            clock,
+        });
+        let limits = httpd::Limits {
+            connections_max: 512,
+            body_bytes_max: 16 * 1024 * 1024,
+            ..httpd::Limits::default()
+        };
+        let server = Server::start(
+            listener,
+            limits,
+            Arc::new(FakeHandler(shared.clone())),
+            "fake-pleo",
+        )?;
+        Ok(FakePleo { shared, server })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.server.local_addr())
+    }
+
+    pub fn api_key(&self) -> String {
+        self.shared
+            .lock()
+            .api_keys
+            .first()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Adds the fixture's jobs (times relative to the fake's clock where the fixture says so).
+    pub fn load_fixture(&self, f: &Fixture) -> anyhow::Result<Vec<String>> {
+        {
+            let mut w = self.shared.lock();
+            if !f.api_keys.is_empty() {
+                w.api_keys = f.api_keys.clone();
+            }
+            if let Some(e) = f.expires_in {
+                w.expires_in_secs = e;
+            }
+        }
+        f.jobs.iter().map(|j| self.add_job(j.clone())).collect()
+    }
+
+    /// Adds one job; returns its id.
+    pub fn add_job(&self, spec: JobSpec) -> anyhow::Result<String> {
+        let now = self.shared.clock.now();
+        let mut w = self.shared.lock();
+        let id = match spec.id.clone() {
+            Some(id) => id,
+            None => w.new_id(1),
+        };
+        if w.jobs.iter().any(|j| j.id == id) {
+            anyhow::bail!("job {id} already exists");
+        }
+        let created_at = match (&spec.created_at, spec.created_secs_ago) {
+            (Some(s), _) => Millis::parse_rfc3339(s)
+                .ok_or_else(|| anyhow::anyhow!("job {id}: bad createdAt {s:?}"))?,
+            (None, Some(ago)) => now.plus_secs(-ago),
+            (None, None) => now,
+        };
+        let last_updated_at = match (
+            spec.extra.get("lastUpdatedAt").and_then(Value::as_str),
+            spec.last_updated_secs_ago,
+        ) {
+            (Some(s), _) => Some(
+                Millis::parse_rfc3339(s)
+                    .ok_or_else(|| anyhow::anyhow!("job {id}: bad lastUpdatedAt {s:?}"))?,
+            ),
+            (None, Some(ago)) => Some(now.plus_secs(-ago)),
+            (None, None) => Some(created_at),
+        };
+        let mut extra = spec.extra.clone();
+        let take_str = |extra: &mut Map<String, Value>, k: &str| {
+            extra.remove(k).and_then(|v| v.as_str().map(str::to_owned))
+        };
+        let started_at = take_str(&mut extra, "startedAt").and_then(|s| Millis::parse_rfc3339(&s));
+        let created_by = take_str(&mut extra, "createdBy");
+        let failure_reason = take_str(&mut extra, "failureReason");
+        let failure_reason_type = take_str(&mut extra, "failureReasonType");
+        let is_interactive = extra
+            .remove("isInteractive")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        let vbb = extra
+            .remove("vendorBasedBookkeeping")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        for k in [
+            "lastUpdatedAt",
+            "completedAt",
+            "expiredAt",
+            "numberOfItems",
+            "expiresIn",
+            "companyId",
+            "status",
+        ] {
+            extra.remove(k);
+        }
+        let n_items = spec.items.unwrap_or(1);
+        let mut job = FakeJob {
+            id: id.clone(),
+            company_id: spec.company_id.clone(),
+            status: spec.status.clone(),
+            created_at,
+            last_updated_at,
+            started_at: if spec.status == "in_progress" {
+                started_at.or(last_updated_at)
+            } else {
+                started_at
+            },
+            completed_at: None,
+            expired_at: None,
+            expires_in_secs: spec.expires_in.unwrap_or(w.expires_in_secs),
+            is_interactive,
+            vendor_based_bookkeeping: vbb,
+            created_by,
+            failure_reason,
+            failure_reason_type,
+            extra,
+            items: Vec::new(),
+            export_items: Vec::new(),
+        };
+        for i in 0..n_items {
+            let entry = format!("{:08x}-{:04x}-4000-8000-{:012x}", hash32(&id), 0xe17u16, i);
+            job.items.push(new_item(&id, &entry));
+            job.export_items.push(export_item(&job, &entry, i));
+        }
+        if spec.steal_on_verify {
+            w.steal_on_get.insert(id.clone());
+        }
+        w.jobs.push(job);
+        Ok(id)
+    }
+
+    /// A snapshot of one job as the fake holds it (expiry applied).
+    pub fn job(&self, id: &str) -> Option<FakeJob> {
+        let now = self.shared.clock.now();
+        let mut w = self.shared.lock();
+        w.expire_due(now);
+        w.jobs.iter().find(|j| j.id == id).cloned()
+    }
+
+    /// Another integration claims the job now (as if it sent `started`).
+    pub fn claim_as_other(&self, id: &str) -> bool {
+        let now = self.shared.clock.now();
+        let mut w = self.shared.lock();
+        w.expire_due(now);
+        match w.job_mut(id) {
+            Some(j) if j.status == "pending" => {
+                j.status = "in_progress".into();
+                j.started_at = Some(now);
+                j.last_updated_at = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// After the next single-job GET of `id` is answered, another integration claims it.
+    pub fn steal_after_next_get(&self, id: &str) {
+        self.shared.lock().steal_on_get.insert(id.to_owned());
+    }
+
+    pub fn push_fault(&self, rule: FaultRule) {
+        self.shared.lock().script.push_back(rule);
+    }
+
+    pub fn set_fault_rates(&self, rates: FaultRates) {
+        self.shared.lock().rates = rates;
+    }
+
+    /// Every request received so far, in order.
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// `started` events received for a job (whatever the answer).
+    pub fn started_events_for(&self, job_id: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == "/v3/export-job-events")
+            .filter(|r| {
+                serde_json::from_str::<Value>(&r.body)
+                    .map(|v| v["event"] == "started" && v["jobId"] == job_id)
+                    .unwrap_or(false)
+            })
+            .count()
+    }
+
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.server.local_addr()
+    }
+}
+
+fn hash32(s: &str) -> u32 {
+    // FNV-1a: stable item ids from a job id.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+fn new_item(job_id: &str, entry: &str) -> FakeItem {
+    FakeItem {
+        export_job_id: job_id.to_owned(),
+        accounting_entry_id: entry.to_owned(),
+        status: "pending".into(),
+        exported_at: None,
+        external_id: None,
+        external_url: None,
+        failure_reason: None,
+        failure_reason_type: None,
+    }
+}
+
+fn export_item(job: &FakeJob, entry: &str, i: usize) -> Value {
+    let minor = 1_000 + (i as i64 * 137) % 90_000;
+    json!({
+        "_links": {"self": {"href": format!("/v3/export-items/{entry}")}},
+        "accountingEntryId": entry,
+        "accountingEntryLines": [{
+            "accountingEntryLineId": format!("{entry}-l1"),
+            "lineAmount": {"inSupplierCurrency": {"currency": "DKK", "value": minor},
+                           "inWalletCurrency": {"currency": "DKK", "value": minor}},
+        }],
+        "additionalInformation": {"reconciliationId": format!("rec-{}-{i}", &job.id)},
+        "amount": {"inSupplierCurrency": {"currency": "DKK", "value": minor},
+                   "inWalletCurrency": {"currency": "DKK", "value": minor}},
+        "companyId": job.company_id,
+        "date": job.created_at.to_rfc3339(),
+        "type": "card_purchase",
+        "note": null,
+        "files": [],
+    })
+}
+
+fn error(status: u16, kind: &str, message: &str) -> Response {
+    Response::json(status, &json!({"type": kind, "message": message}))
+}
+
+/// RFC 4648 base32 (alphabet A-Z2-7, `=` padding): Pleo's cursor alphabet.
+fn base32(data: &[u8]) -> String {
+    const A: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::new();
+    for chunk in data.chunks(5) {
+        let mut buf = [0u8; 5];
+        buf[..chunk.len()].copy_from_slice(chunk);
+        let n = u64::from_be_bytes([0, 0, 0, buf[0], buf[1], buf[2], buf[3], buf[4]]);
+        let chars = (chunk.len() * 8).div_ceil(5);
+        for i in 0..8 {
+            if i < chars {
+                out.push(A[((n >> (35 - i * 5)) & 31) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unbase32(s: &str) -> Option<Vec<u8>> {
+    let mut bits: u64 = 0;
+    let mut nbits = 0;
+    let mut out = Vec::new();
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'2'..=b'7' => c - b'2' + 26,
+            _ => return None,
+        };
+        bits = (bits << 5) | u64::from(v);
+        nbits += 5;
+        if nbits >= 8 {
+            nbits -= 8;
+            out.push((bits >> nbits) as u8);
+            bits &= (1 << nbits) - 1;
+        }
+    }
+    Some(out)
+}
+
+fn cursor_for(id: &str) -> String {
+    base32(id.as_bytes())
+}
+
+fn id_from_cursor(c: &str) -> Option<String> {
+    unbase32(c).and_then(|b| String::from_utf8(b).ok())
+}
+
+/// A page of `items` (already filtered, in order), keyed by `key` for cursors.
+fn paginate<T: Clone>(
+    items: &[T],
+    key: impl Fn(&T) -> String,
+    q: &[(String, String)],
+    params: Map<String, Value>,
+) -> Result<(Vec<T>, Value), Response> {
+    let get = |k: &str| q.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone());
+    let limit = match get("limit") {
+        Some(l) => l.parse::<usize>().map_err(|_| {
+            error(
+                400,
+                "INVALID_PARAMETER",
+                "limit must be a non-negative integer",
+            )
+        })?,
+        None => 100,
+    }
+    .clamp(1, 1000);
+    let (after, before, offset) = (get("after"), get("before"), get("offset"));
+    if [after.is_some(), before.is_some(), offset.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count()
+        > 1
+    {
+        return Err(error(
+            400,
+            "INVALID_PARAMETER",
+            "before, after and offset cannot be used together",
+        ));
+    }
+    let position = |c: &str| -> Result<usize, Response> {
+        let id =
+            id_from_cursor(c).ok_or_else(|| error(400, "INVALID_CURSOR", "cursor is not valid"))?;
+        items.iter().position(|i| key(i) == id).ok_or_else(|| {
+            error(
+                400,
+                "INVALID_CURSOR",
+                "cursor does not point into this listing",
+            )
+        })
+    };
+    let (start, end) = if let Some(a) = &after {
+        let p = position(a)? + 1;
+        (p, (p + limit).min(items.len()))
+    } else if let Some(b) = &before {
+        let p = position(b)?;
+        (p.saturating_sub(limit), p)
+    } else {
+        let o = match &offset {
+            Some(o) => o.parse::<usize>().map_err(|_| {
+                error(
+                    400,
+                    "INVALID_PARAMETER",
+                    "offset must be a non-negative integer",
+                )
+            })?,
+            None => 0,
+        };
+        let s = o.min(items.len());
+        (s, (s + limit).min(items.len()))
+    };
+    let page = items[start..end].to_vec();
+    let mut current = json!({"parameters": params, "limit": limit});
+    if let Some(a) = after {
+        current["after"] = json!(a);
+    }
+    if let Some(b) = before {
+        current["before"] = json!(b);
+    }
+    if let Some(o) = offset {
+        current["offset"] = json!(o.parse::<i64>().unwrap_or(0));
+    }
+    let mut pagination = json!({
+        "currentRequestPagination": current,
+        "hasNextPage": end < items.len(),
+        "hasPreviousPage": start > 0,
+        "total": items.len(),
+    });
+    if let (Some(f), Some(l)) = (page.first(), page.last()) {
+        pagination["startCursor"] = json!(cursor_for(&key(f)));
+        pagination["endCursor"] = json!(cursor_for(&key(l)));
+    }
+    Ok((page, pagination))
+}
+
+struct FakeHandler(Arc<Shared>);
+
+impl Handler for FakeHandler {
+    fn handle(&self, req: Request) -> Response {
+        let now = self.0.clock.now();
+        let mut w = self.0.lock();
+        let fault = choose_fault(&mut w, &req.head);
+        let mut resp = match &fault {
+            Some(Fault::TooManyRequests { retry_after_secs }) => {
+                error(429, "TOO_MANY_REQUESTS", "rate limit exceeded")
+                    .with_header("Retry-After", &retry_after_secs.to_string())
+            }
+            Some(Fault::ServerError) => error(500, "INTERNAL_SERVER_ERROR", "injected failure"),
+            _ => {
+                w.expire_due(now);
+                route(&mut w, &req, now)
+            }
+        };
+        match &fault {
+            Some(Fault::Slow { millis }) => resp.delay = Some(Duration::from_millis(*millis)),
+            Some(Fault::Truncate) => resp.truncate_at = Some(resp.body.len() / 2),
+            _ => {}
+        }
+        let seq = w.requests.len() as u64 + 1;
+        w.requests.push(LoggedRequest {
+            seq,
+            at: now,
+            method: req.head.method.clone(),
+            path: req.head.path.clone(),
+            query: req.head.query.clone(),
+            body: String::from_utf8_lossy(&req.body).into_owned(),
+            status: resp.status,
+            fault: fault.map(|f| format!("{f:?}")),
+        });
+        resp
+    }
+}
+
+fn choose_fault(w: &mut World, head: &Head) -> Option<Fault> {
+    if head.path.starts_with("/_fake/") {
+        return None;
+    }
+    let hit = w.script.iter().position(|r| {
+        r.method
+            .as_deref()
+            .is_none_or(|m| m.eq_ignore_ascii_case(&head.method))
+            && r.path_prefix
+                .as_deref()
+                .is_none_or(|p| head.path.starts_with(p))
+    });
+    if let Some(i) = hit {
+        return w.script.remove(i).map(|r| r.fault);
+    }
+    let rates = w.rates.clone();
+    let roll = w.rand();
+    let mut edge = rates.too_many_requests;
+    if roll < edge {
+        return Some(Fault::TooManyRequests {
+            retry_after_secs: rates.retry_after_secs,
+        });
+    }
+    edge += rates.server_error;
+    if roll < edge {
+        return Some(Fault::ServerError);
+    }
+    edge += rates.slow;
+    if roll < edge {
+        return Some(Fault::Slow {
+            millis: rates.slow_millis,
+        });
+    }
+    edge += rates.truncate;
+    if roll < edge {
+        return Some(Fault::Truncate);
+    }
+    None
+}
+
+fn authorized(w: &World, head: &Head) -> bool {
+    use base64::Engine;
+    let Some(h) = head.header("authorization") else {
+        return false;
+    };
+    let Some(b64) = h.strip_prefix("Basic ") else {
+        return false;
+    };
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+        return false;
+    };
+    let Ok(text) = String::from_utf8(raw) else {
+        return false;
+    };
+    let Some((user, pass)) = text.split_once(':') else {
+        return false;
+    };
+    pass.is_empty() && w.api_keys.iter().any(|k| k == user)
+}
+
+fn route(w: &mut World, req: &Request, now: Millis) -> Response {
+    let head = &req.head;
+    let segs: Vec<&str> = head.path.trim_matches('/').split('/').collect();
+    if segs.first() == Some(&"_fake") {
+        return control(w, req, &segs);
+    }
+    if !authorized(w, head) {
+        return error(401, "UNAUTHORIZED", "missing or invalid credentials");
+    }
+    let q = head.query_pairs();
+    match (head.method.as_str(), segs.as_slice()) {
+        ("GET", ["v3", "export-jobs"]) => list_jobs(w, &q),
+        ("POST", ["v3", "export-jobs"]) => create_job(w, &req.body, now),
+        ("GET", ["v3", "export-jobs", id]) => get_job(w, id, now),
+        ("POST", ["v3", "export-job-events"]) => job_event(w, &req.body, now),
+        ("GET", ["v3", "export-jobs", id, "items"]) => list_items(w, id, &q),
+        ("PUT", ["v3", "export-jobs", id, "items"]) => put_items(w, id, &req.body, now),
+        ("GET", ["v3", "export-items"]) => list_export_items(w, &q),
+        (
+            _,
+            ["v3", "export-jobs"]
+            | ["v3", "export-jobs", _]
+            | ["v3", "export-job-events"]
+            | ["v3", "export-jobs", _, "items"]
+            | ["v3", "export-items"],
+        ) => error(405, "METHOD_NOT_ALLOWED", "method not allowed"),
+        _ => error(404, "NOT_FOUND", "no such endpoint"),
+    }
+}
+
+fn control(w: &mut World, req: &Request, segs: &[&str]) -> Response {
+    match (req.head.method.as_str(), segs) {
+        ("GET", ["_fake", "requests"]) => Response::json(200, &json!(w.requests)),
+        ("POST", ["_fake", "faults"]) => match serde_json::from_slice::<FaultRule>(&req.body) {
+            Ok(rule) => {
+                w.script.push_back(rule);
+                Response::empty(204)
+            }
+            Err(e) => error(400, "INVALID_BODY", &e.to_string()),
+        },
+        _ => error(404, "NOT_FOUND", "no such fake control endpoint"),
+    }
+}
+
+fn list_jobs(w: &World, q: &[(String, String)]) -> Response {
+    let company = q
+        .iter()
+        .find(|(k, _)| k == "company_id")
+        .map(|(_, v)| v.clone());
+    let mut statuses: Vec<String> = Vec::new();
+    for (k, v) in q {
+        if k == "statuses" {
+            statuses.extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_owned));
+        }
+    }
+    const KNOWN: [&str; 5] = [
+        "pending",
+        "in_progress",
+        "failed",
+        "completed",
+        "completed_with_errors",
+    ];
+    if let Some(bad) = statuses.iter().find(|s| !KNOWN.contains(&s.as_str())) {
+        return error(400, "INVALID_PARAMETER", &format!("unknown status {bad:?}"));
+    }
+    let matching: Vec<&FakeJob> = w
+        .jobs
+        .iter()
+        .filter(|j| company.as_ref().is_none_or(|c| &j.company_id == c))
+        .filter(|j| statuses.is_empty() || statuses.contains(&j.status))
+        .collect();
+    let mut params = Map::new();
+    if let Some(c) = &company {
+        params.insert("company_id".into(), json!([c]));
+    }
+    if !statuses.is_empty() {
+        params.insert("statuses".into(), json!(statuses));
+    }
+    match paginate(&matching, |j| j.id.clone(), q, params) {
+        Ok((page, pagination)) => Response::json(
+            200,
+            &json!({"data": page.iter().map(|j| j.to_json()).collect::<Vec<_>>(), "pagination": pagination}),
+        ),
+        Err(r) => r,
+    }
+}
+
+fn get_job(w: &mut World, id: &str, now: Millis) -> Response {
+    let Some(j) = w.jobs.iter().find(|j| j.id == id) else {
+        return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
+    };
+    let resp = Response::json(200, &json!({"data": j.to_json()}));
+    if w.steal_on_get.remove(id)
+        && let Some(j) = w.job_mut(id)
+        && j.status == "pending"
+    {
+        j.status = "in_progress".into();
+        j.started_at = Some(now);
+        j.last_updated_at = Some(now);
+    }
+    resp
+}
+
+fn create_job(w: &mut World, body: &[u8], now: Millis) -> Response {
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return error(400, "INVALID_BODY", &format!("body is not JSON: {e}")),
+    };
+    let Some(company) = v
+        .get("companyId")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return error(400, "INVALID_BODY", "companyId is required");
+    };
+    let Some(entries) = v.get("accountingEntryIds").and_then(Value::as_array) else {
+        return error(400, "INVALID_BODY", "accountingEntryIds is required");
+    };
+    let entries: Vec<String> = entries
+        .iter()
+        .filter_map(|e| e.as_str().map(str::to_owned))
+        .collect();
+    if w.jobs
+        .iter()
+        .any(|j| j.company_id == company && j.status == "in_progress")
+    {
+        return error(
+            409,
+            "EXPORT_ALREADY_IN_PROGRESS",
+            "Export Job already in progress for this company.",
+        );
+    }
+    let id = w.new_id(2);
+    let mut job = FakeJob {
+        id: id.clone(),
+        company_id: company,
+        status: "pending".into(),
+        created_at: now,
+        last_updated_at: Some(now),
+        started_at: None,
+        completed_at: None,
+        expired_at: None,
+        expires_in_secs: w.expires_in_secs,
+        is_interactive: v
+            .get("isInteractive")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
+        vendor_based_bookkeeping: false,
+        created_by: v
+            .get("employeeId")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        failure_reason: None,
+        failure_reason_type: None,
+        extra: Map::new(),
+        items: Vec::new(),
+        export_items: Vec::new(),
+    };
+    for (i, e) in entries.iter().enumerate() {
+        job.items.push(new_item(&id, e));
+        job.export_items.push(export_item(&job, e, i));
+    }
+    let out = json!({"data": job.to_json()});
+    w.jobs.push(job);
+    Response::json(201, &out)
+}
+
+fn job_event(w: &mut World, body: &[u8], now: Millis) -> Response {
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return error(400, "INVALID_BODY", &format!("body is not JSON: {e}")),
+    };
+    let (Some(event), Some(job_id)) = (
+        v.get("event").and_then(Value::as_str),
+        v.get("jobId").and_then(Value::as_str),
+    ) else {
+        return error(400, "INVALID_BODY", "event and jobId are required");
+    };
+    if !["started", "completed", "completed_with_errors", "failed"].contains(&event) {
+        return error(400, "INVALID_BODY", &format!("unknown event {event:?}"));
+    }
+    let Some(j) = w.job_mut(job_id) else {
+        return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
+    };
+    let to = match (j.status.as_str(), event) {
+        ("pending", "started") => "in_progress",
+        ("pending", "failed") => "failed",
+        ("in_progress", "completed") => "completed",
+        ("in_progress", "completed_with_errors") => "completed_with_errors",
+        ("in_progress", "failed") => "failed",
+        _ => {
+            return error(
+                422,
+                "INVALID_EXPORT_JOB_STATUS_CHANGE",
+                "Export Job status change failed",
+            );
+        }
+    };
+    j.status = to.into();
+    j.last_updated_at = Some(now);
+    if to == "in_progress" {
+        j.started_at = Some(now);
+    } else {
+        j.completed_at = Some(now);
+    }
+    if to == "failed" {
+        j.failure_reason = v
+            .get("failureReason")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        j.failure_reason_type = v
+            .get("failureReasonType")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+    }
+    Response::empty(202)
+}
+
+fn list_items(w: &World, id: &str, q: &[(String, String)]) -> Response {
+    let Some(j) = w.jobs.iter().find(|j| j.id == id) else {
+        return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
+    };
+    let status = q
+        .iter()
+        .find(|(k, _)| k == "status")
+        .map(|(_, v)| v.clone());
+    let items: Vec<&FakeItem> = j
+        .items
+        .iter()
+        .filter(|i| status.as_ref().is_none_or(|s| &i.status == s))
+        .collect();
+    let mut params = Map::new();
+    if let Some(s) = status {
+        params.insert("status".into(), json!([s]));
+    }
+    match paginate(&items, |i| i.accounting_entry_id.clone(), q, params) {
+        Ok((page, pagination)) => {
+            Response::json(200, &json!({"data": page, "pagination": pagination}))
+        }
+        Err(r) => r,
+    }
+}
+
+fn put_items(w: &mut World, id: &str, body: &[u8], now: Millis) -> Response {
+    let updates: Vec<Value> = match serde_json::from_slice(body) {
+        Ok(Value::Array(a)) => a,
+        Ok(_) => return error(400, "INVALID_BODY", "body must be a JSON array"),
+        Err(e) => return error(400, "INVALID_BODY", &format!("body is not JSON: {e}")),
+    };
+    let Some(j) = w.job_mut(id) else {
+        return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
+    };
+    if updates.len() > 100 {
+        return error(
+            413,
+            "EXPORT_JOB_ITEMS_UPDATE_LIMIT",
+            "Number of items to update is more than 100.",
+        );
+    }
+    if !j.is_open() {
+        return error(
+            422,
+            "EXPORT_JOB_STATUS_UNPROCESSABLE",
+            "Export job is finished.",
+        );
+    }
+    let mut data = Vec::new();
+    let mut errors = Vec::new();
+    for u in &updates {
+        let entry = u
+            .get("accountingEntryId")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let status = u.get("status").and_then(Value::as_str).unwrap_or("");
+        let Some(item) = j.items.iter_mut().find(|i| i.accounting_entry_id == entry) else {
+            errors.push(json!({"accountingEntryId": entry, "type": "ACCOUNTING_ENTRY_DOES_NOT_EXIST", "message": "Accounting entry does not exist."}));
+            continue;
+        };
+        if ![
+            "pending",
+            "in_progress",
+            "failed",
+            "successful",
+            "abandoned",
+        ]
+        .contains(&status)
+        {
+            errors.push(json!({"accountingEntryId": entry, "type": "EXPORT_ENTRY_STATUS_UPDATE_FAILED", "message": format!("unknown status {status:?}")}));
+            continue;
+        }
+        let s = |k: &str| u.get(k).and_then(Value::as_str).map(str::to_owned);
+        item.status = status.into();
+        item.exported_at = s("exportedAt").or(item.exported_at.take());
+        item.external_id = s("externalId").or(item.external_id.take());
+        item.external_url = s("externalUrl").or(item.external_url.take());
+        item.failure_reason = s("failureReason");
+        item.failure_reason_type = s("failureReasonType");
+        data.push(json!(item));
+    }
+    j.last_updated_at = Some(now);
+    Response::json(200, &json!({"data": data, "errors": errors}))
+}
+
+fn list_export_items(w: &World, q: &[(String, String)]) -> Response {
+    let Some(job_id) = q
+        .iter()
+        .find(|(k, _)| k == "job_id")
+        .map(|(_, v)| v.clone())
+    else {
+        return error(400, "INVALID_PARAMETER", "job_id is required");
+    };
+    let Some(j) = w.jobs.iter().find(|j| j.id == job_id) else {
+        return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
+    };
+    if !j.is_open() {
+        return error(
+            422,
+            "EXPORT_JOB_STATUS_UNPROCESSABLE",
+            "Export Job is finished and can no longer be processed.",
+        );
+    }
+    let mut params = Map::new();
+    params.insert("job_id".into(), json!([job_id]));
+    let key = |v: &Value| v["accountingEntryId"].as_str().unwrap_or("").to_owned();
+    match paginate(&j.export_items, key, q, params) {
+        Ok((page, pagination)) => {
+            Response::json(200, &json!({"data": page, "pagination": pagination}))
+        }
+        Err(r) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base32_round_trip_in_pleo_cursor_alphabet() {
+        for s in [
+            "",
+            "a",
+            "ab",
+            "abcde",
+            "00000000-0000-4000-8000-000000000001",
+        ] {
+            let c = base32(s.as_bytes());
+            assert!(
+                c.bytes()
+                    .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b) || b == b'=')
+            );
+            assert_eq!(unbase32(&c).unwrap(), s.as_bytes());
+        }
+        assert_eq!(base32(b"foobar"), "MZXW6YTBOI======");
+    }
+}

@@ -1,0 +1,15 @@
+//! jobmirror: mirrors Pleo export jobs into SQLite, claims them oldest-first (one at a time
+//! per company), resumes held jobs after a crash without claiming twice, and tracks every
+//! held job's expiry deadline. See ARCHITECTURE.md for the map.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod fake;
+pub mod httpd;
+pub mod mirror;
+pub mod pleo;
+pub mod processor;
+pub mod service;
+pub mod store;

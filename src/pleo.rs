@@ -1,0 +1,646 @@
+//! The Pleo Export API client and its wire types: the only module that knows Pleo's JSON.
+//!
+//! Invariants: every request has a connect and an overall timeout; 429, 5xx and transport
+//! errors are retried with capped exponential backoff and full jitter, honouring
+//! `Retry-After`, and nothing else is retried; Pleo's `{type, message}` error body is kept in
+//! the error; the credential never appears in a log line or an error message.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::clock::{Millis, SharedClock};
+
+/// A credential. Its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Job statuses as Pleo spells them.
+pub mod status {
+    pub const PENDING: &str = "pending";
+    pub const IN_PROGRESS: &str = "in_progress";
+    pub const FAILED: &str = "failed";
+    pub const COMPLETED: &str = "completed";
+    pub const COMPLETED_WITH_ERRORS: &str = "completed_with_errors";
+
+    pub fn is_terminal(s: &str) -> bool {
+        matches!(s, FAILED | COMPLETED | COMPLETED_WITH_ERRORS)
+    }
+}
+
+/// An export job: the fields jobmirror decides on, plus the raw JSON as Pleo sent it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub company_id: String,
+    pub status: String,
+    pub created_at: Millis,
+    pub last_updated_at: Option<Millis>,
+    pub expires_in_secs: i64,
+    pub number_of_items: i64,
+    pub failure_reason_type: Option<String>,
+    pub raw: Value,
+}
+
+impl Job {
+    /// Reads a job object; unknown fields are kept in `raw`, missing required ones are an error.
+    pub fn from_value(v: Value) -> Result<Job, PleoError> {
+        fn text(v: &Value, k: &str) -> Result<String, PleoError> {
+            v.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| PleoError::Decode(format!("export job lacks string field `{k}`")))
+        }
+        fn time(v: &Value, k: &str) -> Result<Option<Millis>, PleoError> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Millis::parse_rfc3339(s).map(Some).ok_or_else(|| {
+                    PleoError::Decode(format!("export job `{k}` is not RFC 3339: {s:?}"))
+                }),
+                Some(other) => Err(PleoError::Decode(format!(
+                    "export job `{k}` is not a string: {other}"
+                ))),
+            }
+        }
+        let id = text(&v, "id")?;
+        let company_id = text(&v, "companyId")?;
+        let status = text(&v, "status")?;
+        let created_at = time(&v, "createdAt")?
+            .ok_or_else(|| PleoError::Decode("export job lacks `createdAt`".into()))?;
+        let last_updated_at = time(&v, "lastUpdatedAt")?;
+        let expires_in_secs = v
+            .get("expiresIn")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| PleoError::Decode("export job lacks integer `expiresIn`".into()))?;
+        let number_of_items = v.get("numberOfItems").and_then(Value::as_i64).unwrap_or(0);
+        let failure_reason_type = v
+            .get("failureReasonType")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Ok(Job {
+            id,
+            company_id,
+            status,
+            created_at,
+            last_updated_at,
+            expires_in_secs,
+            number_of_items,
+            failure_reason_type,
+            raw: v,
+        })
+    }
+
+    /// When Pleo expires the job: `expiresIn` seconds after `lastUpdatedAt` (or `createdAt`).
+    pub fn expires_at(&self) -> Millis {
+        self.last_updated_at
+            .unwrap_or(self.created_at)
+            .plus_secs(self.expires_in_secs)
+    }
+}
+
+/// The events a job can be sent (`POST /v3/export-job-events`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobEventKind {
+    Started,
+    Completed,
+    CompletedWithErrors,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobEvent {
+    pub event: JobEventKind,
+    pub job_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_reason_type: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PleoError {
+    /// Pleo answered with an error status; `kind` and `message` come from its error body.
+    #[error("Pleo answered {status} {kind}: {message}")]
+    Api {
+        status: u16,
+        kind: String,
+        message: String,
+    },
+    /// No usable answer (connect, timeout, reset, truncated body).
+    #[error("transport error talking to Pleo: {0}")]
+    Transport(String),
+    /// An answer that does not match the contract.
+    #[error("unexpected answer from Pleo: {0}")]
+    Decode(String),
+    #[error("Pleo client configuration: {0}")]
+    Config(String),
+}
+
+impl PleoError {
+    /// Whether repeating the same request later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PleoError::Api { status, .. } => *status == 429 || *status >= 500,
+            PleoError::Transport(_) => true,
+            PleoError::Decode(_) | PleoError::Config(_) => false,
+        }
+    }
+    /// `422 INVALID_EXPORT_JOB_STATUS_CHANGE`: another claimer won, or the job moved on.
+    pub fn is_status_conflict(&self) -> bool {
+        matches!(self, PleoError::Api { status: 422, kind, .. } if kind == "INVALID_EXPORT_JOB_STATUS_CHANGE")
+    }
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            PleoError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// How requests are retried. Every bound carries its unit.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub attempts_max: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    /// A `Retry-After` longer than this is cut to it.
+    pub retry_after_cap_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts_max: 5,
+            backoff_base_ms: 500,
+            backoff_cap_ms: 30_000,
+            retry_after_cap_ms: 120_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// HTTP Basic with the key as user name and an empty password.
+    ApiKey(Secret),
+    /// OAuth 2.0 access token.
+    Bearer(Secret),
+}
+
+impl Auth {
+    fn header(&self) -> String {
+        use base64::Engine;
+        match self {
+            Auth::ApiKey(k) => format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{}:", k.expose()))
+            ),
+            Auth::Bearer(t) => format!("Bearer {}", t.expose()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub base_url: String,
+    pub auth: Auth,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// Jobs per listing page (ours: 100).
+    pub page_size: u32,
+    /// Seed for backoff jitter; fixed in replays so they are deterministic.
+    pub jitter_seed: u64,
+}
+
+impl ClientConfig {
+    pub fn new(base_url: &str, auth: Auth) -> ClientConfig {
+        ClientConfig {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            auth,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            page_size: 100,
+            jitter_seed: 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+}
+
+/// Refuses a base URL that is not HTTPS, unless its host is loopback.
+pub fn check_base_url(url: &str) -> Result<(), String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url:?} is not an absolute URL"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = if let Some(stripped) = authority.strip_prefix('[') {
+        stripped.split(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    match scheme {
+        "https" => Ok(()),
+        "http" if is_loopback_host(host) => Ok(()),
+        "http" => Err(format!(
+            "refusing plain http to {host}: Pleo must be reached over https (plain http is allowed only on loopback)"
+        )),
+        other => Err(format!("unsupported URL scheme {other:?}")),
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .map(|ip| ip.is_loopback())
+        .unwrap_or(false)
+}
+
+/// One page of a listing, and how many pages were read.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub jobs: Vec<Job>,
+    pub pages: u32,
+}
+
+pub struct PleoClient {
+    agent: ureq::Agent,
+    cfg: ClientConfig,
+    clock: SharedClock,
+    rng: Mutex<u64>,
+}
+
+impl fmt::Debug for PleoClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PleoClient")
+            .field("base_url", &self.cfg.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Reply {
+    status: u16,
+    body: String,
+}
+
+impl PleoClient {
+    pub fn new(cfg: ClientConfig, clock: SharedClock) -> Result<PleoClient, PleoError> {
+        check_base_url(&cfg.base_url).map_err(PleoError::Config)?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(cfg.connect_timeout))
+            .timeout_global(Some(cfg.request_timeout))
+            .max_redirects(0)
+            .user_agent(concat!("jobmirror/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        let seed = cfg.jitter_seed | 1;
+        Ok(PleoClient {
+            agent,
+            cfg,
+            clock,
+            rng: Mutex::new(seed),
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.cfg.base_url
+    }
+
+    /// Lists a company's jobs in the given statuses, following `after` cursors to the last page.
+    pub fn list_jobs(&self, company_id: &str, statuses: &[&str]) -> Result<Listing, PleoError> {
+        let mut listing = Listing::default();
+        let mut after: Option<String> = None;
+        // A bound on pages so a server that never says "last page" cannot loop us forever.
+        const PAGES_MAX: u32 = 100_000;
+        loop {
+            let mut query: Vec<(&str, String)> = vec![("company_id", company_id.to_owned())];
+            for s in statuses {
+                query.push(("statuses", (*s).to_owned()));
+            }
+            query.push(("limit", self.cfg.page_size.to_string()));
+            if let Some(a) = &after {
+                query.push(("after", a.clone()));
+            }
+            let reply = self.send("GET", "/v3/export-jobs", &query, None)?;
+            let page = ok_json(reply)?;
+            listing.pages += 1;
+            let data = page
+                .get("data")
+                .and_then(Value::as_array)
+                .ok_or_else(|| PleoError::Decode("job listing lacks `data` array".into()))?;
+            for j in data {
+                listing.jobs.push(Job::from_value(j.clone())?);
+            }
+            let pagination = page.get("pagination");
+            let has_next = pagination
+                .and_then(|p| p.get("hasNextPage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let end_cursor = pagination
+                .and_then(|p| p.get("endCursor"))
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            match (has_next, end_cursor) {
+                (true, Some(c)) if Some(&c) != after.as_ref() && !data.is_empty() => {
+                    after = Some(c)
+                }
+                (true, _) => {
+                    return Err(PleoError::Decode(
+                        "listing says hasNextPage but gives no new endCursor".into(),
+                    ));
+                }
+                (false, _) => return Ok(listing),
+            }
+            if listing.pages >= PAGES_MAX {
+                return Err(PleoError::Decode(format!(
+                    "listing exceeded {PAGES_MAX} pages"
+                )));
+            }
+        }
+    }
+
+    /// Reads one job.
+    pub fn get_job(&self, job_id: &str) -> Result<Job, PleoError> {
+        let path = format!("/v3/export-jobs/{}", path_segment(job_id)?);
+        let v = ok_json(self.send("GET", &path, &[], None)?)?;
+        let data = v
+            .get("data")
+            .cloned()
+            .ok_or_else(|| PleoError::Decode("job reply lacks `data`".into()))?;
+        Job::from_value(data)
+    }
+
+    /// Sends a job event. Success is 202 (any 2xx is accepted; no body is required).
+    pub fn post_event(&self, event: &JobEvent) -> Result<(), PleoError> {
+        let body = serde_json::to_vec(event).map_err(|e| PleoError::Decode(e.to_string()))?;
+        let reply = self.send("POST", "/v3/export-job-events", &[], Some(&body))?;
+        ok_status(reply).map(|_| ())
+    }
+
+    /// Sends one request with the retry policy. Returns the final reply (any status that is not
+    /// retried, or the last one) or the last transport error.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&[u8]>,
+    ) -> Result<Reply, PleoError> {
+        let policy = &self.cfg.retry;
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let outcome = self.send_once(method, path, query, body);
+            let (retry, wait) = match &outcome {
+                Ok((reply, retry_after)) if reply.status == 429 || reply.status >= 500 => (
+                    true,
+                    retry_after.map(|d| d.min(Duration::from_millis(policy.retry_after_cap_ms))),
+                ),
+                Ok(_) => (false, None),
+                Err(PleoError::Transport(_)) => (true, None),
+                Err(_) => (false, None),
+            };
+            if !retry || attempt >= policy.attempts_max.max(1) {
+                return outcome.map(|(r, _)| r);
+            }
+            let wait = wait.unwrap_or_else(|| self.backoff(attempt));
+            match &outcome {
+                Ok((reply, _)) => log::warn!(
+                    "{method} {path}: Pleo answered {}, retrying in {} ms (attempt {attempt} of {})",
+                    reply.status,
+                    wait.as_millis(),
+                    policy.attempts_max
+                ),
+                Err(e) => log::warn!(
+                    "{method} {path}: {e}, retrying in {} ms (attempt {attempt} of {})",
+                    wait.as_millis(),
+                    policy.attempts_max
+                ),
+            }
+            self.clock.sleep(wait);
+        }
+    }
+
+    /// Full jitter: uniform in [cap/2, cap] where cap = min(base * 2^(attempt-1), backoff cap).
+    fn backoff(&self, attempt: u32) -> Duration {
+        let p = &self.cfg.retry;
+        let exp = p
+            .backoff_base_ms
+            .saturating_mul(1u64 << (attempt - 1).min(30))
+            .min(p.backoff_cap_ms);
+        let mut s = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        // xorshift64*
+        *s ^= *s >> 12;
+        *s ^= *s << 25;
+        *s ^= *s >> 27;
+        let r = s.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        let half = exp / 2;
+        Duration::from_millis(half + if half == 0 { 0 } else { r % (exp - half + 1) })
+    }
+
+    fn send_once(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&[u8]>,
+    ) -> Result<(Reply, Option<Duration>), PleoError> {
+        let url = format!("{}{}", self.cfg.base_url, path);
+        let auth = self.cfg.auth.header();
+        let result = match method {
+            "GET" => {
+                let mut req = self.agent.get(&url).header("Authorization", &auth);
+                for (k, v) in query {
+                    req = req.query(*k, v);
+                }
+                req.header("Accept", "application/json").call()
+            }
+            "POST" | "PUT" => {
+                let mut req = if method == "POST" {
+                    self.agent.post(&url)
+                } else {
+                    self.agent.put(&url)
+                };
+                req = req.header("Authorization", &auth);
+                for (k, v) in query {
+                    req = req.query(*k, v);
+                }
+                req.header("Content-Type", "application/json")
+                    .header("Accept", "application/json")
+                    .send(body.unwrap_or(b""))
+            }
+            other => return Err(PleoError::Config(format!("unsupported method {other}"))),
+        };
+        let mut resp = result.map_err(|e| PleoError::Transport(describe_ureq_error(&e)))?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|h| h.to_str().ok())
+            .and_then(|s| parse_retry_after(s, self.clock.now()));
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_to_string()
+            .map_err(|e| {
+                PleoError::Transport(format!(
+                    "reading {method} {path} reply: {}",
+                    describe_ureq_error(&e)
+                ))
+            })?;
+        log::debug!("{method} {path} -> {status} ({} bytes)", body.len());
+        Ok((Reply { status, body }, retry_after))
+    }
+}
+
+fn describe_ureq_error(e: &ureq::Error) -> String {
+    // ureq's messages never contain request headers, so the credential cannot leak here.
+    e.to_string()
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(v: &str, now: Millis) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let t = time::PrimitiveDateTime::parse(
+        v,
+        &time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        ),
+    )
+    .ok()?
+    .assume_utc();
+    let at = Millis((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    Some(Duration::from_millis(now.until(at).max(0) as u64))
+}
+
+fn path_segment(id: &str) -> Result<&str, PleoError> {
+    if !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Ok(id)
+    } else {
+        Err(PleoError::Config(format!(
+            "job id {id:?} is not a valid path segment"
+        )))
+    }
+}
+
+fn api_error(reply: &Reply) -> PleoError {
+    let parsed: Option<Value> = serde_json::from_str(&reply.body).ok();
+    let field = |k: &str| {
+        parsed
+            .as_ref()
+            .and_then(|v| v.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    PleoError::Api {
+        status: reply.status,
+        kind: field("type").unwrap_or_else(|| "UNKNOWN".into()),
+        message: field("message").unwrap_or_else(|| truncate(&reply.body, 200)),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+fn ok_status(reply: Reply) -> Result<Reply, PleoError> {
+    if (200..300).contains(&reply.status) {
+        Ok(reply)
+    } else {
+        Err(api_error(&reply))
+    }
+}
+
+fn ok_json(reply: Reply) -> Result<Value, PleoError> {
+    let reply = ok_status(reply)?;
+    serde_json::from_str(&reply.body).map_err(|e| {
+        // A 2xx with a body that does not parse is most often a cut connection.
+        PleoError::Transport(format!("reply body is not complete JSON: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_rules() {
+        assert!(check_base_url("https://external.pleo.io").is_ok());
+        assert!(check_base_url("http://127.0.0.1:8080").is_ok());
+        assert!(check_base_url("http://localhost:1/v").is_ok());
+        assert!(check_base_url("http://[::1]:9000").is_ok());
+        let e = check_base_url("http://external.pleo.io").unwrap_err();
+        assert!(e.contains("https"), "{e}");
+        assert!(check_base_url("http://10.0.0.1").is_err());
+        assert!(check_base_url("ftp://x").is_err());
+        assert!(check_base_url("external.pleo.io").is_err());
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = Millis::parse_rfc3339("2026-11-24T10:00:00Z").unwrap();
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Tue, 24 Nov 2026 10:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn api_key_is_basic_with_empty_password_and_hidden_in_debug() {
+        let a = Auth::ApiKey(Secret::new("k3y"));
+        assert_eq!(a.header(), "Basic azN5Og==");
+        assert!(!format!("{a:?}").contains("k3y"));
+    }
+
+    #[test]
+    fn job_keeps_unknown_fields_and_computes_expiry() {
+        let v = serde_json::json!({
+            "id": "j1", "companyId": "c1", "status": "pending",
+            "createdAt": "2026-11-24T10:00:00Z", "lastUpdatedAt": "2026-11-24T10:05:00.5Z",
+            "expiresIn": 3600, "numberOfItems": 3, "isInteractive": true,
+            "vendorBasedBookkeeping": false, "somethingNew": {"x": 1}
+        });
+        let j = Job::from_value(v).unwrap();
+        assert_eq!(j.raw["somethingNew"]["x"], 1);
+        assert_eq!(j.expires_at().to_rfc3339(), "2026-11-24T11:05:00.500Z");
+        let bad = Job::from_value(serde_json::json!({"id": "j"})).unwrap_err();
+        assert!(bad.to_string().contains("companyId"));
+    }
+}

@@ -1,0 +1,941 @@
+//! The SQLite store: every SQL statement of jobmirror lives here, and so do the migrations.
+//!
+//! Invariants: the schema only changes through refinery migrations in `migrations/`
+//! (append-only); `job_events` is only ever appended to (triggers refuse UPDATE and DELETE);
+//! a job's row and the journal entries describing the change are written in one transaction;
+//! no function reads the clock: every time is passed in as `now`.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde_json::{Value, json};
+
+use crate::clock::Millis;
+use crate::pleo::{Job, status};
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database migration failed: {0}")]
+    Migrate(String),
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// jobmirror's own processing state of a job (`export_jobs.proc_state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProcState {
+    /// Pending at Pleo and not yet tried: a candidate for the pick query.
+    New,
+    /// Found `in_progress` by the start-up recovery pass: ours to resume, without `started`.
+    Resume,
+    /// `started` is being sent.
+    Claiming,
+    /// We hold the claim (Pleo says `in_progress` because of our `started`).
+    Claimed,
+    /// Handed to the processing stage.
+    Processing,
+    /// Another integration claimed it (422 on `started`, or seen `in_progress` outside recovery).
+    Conflict,
+    /// Left alone: less time before expiry than the configured minimum.
+    TooLate,
+    /// Pleo expired it (`failed` with `job_expired`).
+    Expired,
+    /// Finished at Pleo in any other way.
+    Done,
+}
+
+impl ProcState {
+    pub const ALL: [ProcState; 9] = [
+        ProcState::New,
+        ProcState::Resume,
+        ProcState::Claiming,
+        ProcState::Claimed,
+        ProcState::Processing,
+        ProcState::Conflict,
+        ProcState::TooLate,
+        ProcState::Expired,
+        ProcState::Done,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProcState::New => "new",
+            ProcState::Resume => "resume",
+            ProcState::Claiming => "claiming",
+            ProcState::Claimed => "claimed",
+            ProcState::Processing => "processing",
+            ProcState::Conflict => "conflict",
+            ProcState::TooLate => "too_late",
+            ProcState::Expired => "expired",
+            ProcState::Done => "done",
+        }
+    }
+    pub fn parse(s: &str) -> Option<ProcState> {
+        ProcState::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+    /// States in which jobmirror is working on the job (at most one per company).
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            ProcState::Resume | ProcState::Claiming | ProcState::Claimed | ProcState::Processing
+        )
+    }
+    pub fn is_final(self) -> bool {
+        matches!(self, ProcState::Expired | ProcState::Done)
+    }
+}
+
+/// What the journal records. Stored as text in `job_events.kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// First time the job was seen.
+    Detected,
+    /// Pleo's status for the job changed.
+    StatusChanged,
+    /// An open job was missing from the listing and was read again.
+    LeftListing,
+    /// Re-read before claiming; detail says what Pleo answered.
+    Verified,
+    ClaimSent,
+    Claimed,
+    /// 422 on `started`: someone else holds the job.
+    ClaimConflict,
+    /// `started` failed for another reason.
+    ClaimFailed,
+    /// Seen `in_progress` held by someone else.
+    ClaimedElsewhere,
+    /// An `in_progress` job taken back after a restart, without `started`.
+    Resumed,
+    /// Handed to the processing stage.
+    Ready,
+    DeadlineWarning,
+    Expired,
+    /// Reached a terminal status other than expiry.
+    Finished,
+    /// Not claimed: too little time left before expiry.
+    TooLate,
+    /// A sync pass over a company failed.
+    SyncFailed,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Detected => "detected",
+            EventKind::StatusChanged => "status_changed",
+            EventKind::LeftListing => "left_listing",
+            EventKind::Verified => "verified",
+            EventKind::ClaimSent => "claim_sent",
+            EventKind::Claimed => "claimed",
+            EventKind::ClaimConflict => "claim_conflict",
+            EventKind::ClaimFailed => "claim_failed",
+            EventKind::ClaimedElsewhere => "claimed_elsewhere",
+            EventKind::Resumed => "resumed",
+            EventKind::Ready => "ready",
+            EventKind::DeadlineWarning => "deadline_warning",
+            EventKind::Expired => "expired",
+            EventKind::Finished => "finished",
+            EventKind::TooLate => "too_late",
+            EventKind::SyncFailed => "sync_failed",
+        }
+    }
+}
+
+/// Why a job is being written: shapes the proc_state a newly `in_progress` job gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The start-up recovery pass: `in_progress` jobs are ours to resume.
+    Recovery,
+    /// A scheduled or triggered poll.
+    Poll,
+    /// A single-job read (left the listing, verify, deadline check).
+    Reread,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Recovery => "recovery",
+            Source::Poll => "poll",
+            Source::Reread => "reread",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upsert {
+    New,
+    Changed,
+    Unchanged,
+}
+
+/// A row of `export_jobs` as the processor needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub company_id: String,
+    pub status: String,
+    pub created_at: Millis,
+    pub last_updated_at: Option<Millis>,
+    pub expires_at: Millis,
+    pub number_of_items: i64,
+    pub proc_state: ProcState,
+    pub claim_attempts: i64,
+    pub warned_expires_at: Option<Millis>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRow {
+    pub seq: i64,
+    pub at: Millis,
+    pub job_id: Option<String>,
+    pub company_id: Option<String>,
+    pub kind: String,
+    pub detail: Value,
+}
+
+/// Counters of one listing pass, for `sync_runs`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncCounts {
+    pub pages: u32,
+    pub seen: u32,
+    pub new: u32,
+    pub changed: u32,
+    pub reread: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompanySummary {
+    pub company_id: String,
+    pub by_state: Vec<(String, i64)>,
+    pub last_poll_at: Option<Millis>,
+    pub last_poll_error: Option<String>,
+    pub next_deadline: Option<(String, Millis)>,
+}
+
+const JOB_COLUMNS: &str = "id, company_id, status, created_at, last_updated_at, expires_at, \
+     number_of_items, proc_state, claim_attempts, warned_expires_at";
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    let state: String = r.get(7)?;
+    Ok(JobRow {
+        id: r.get(0)?,
+        company_id: r.get(1)?,
+        status: r.get(2)?,
+        created_at: Millis(r.get(3)?),
+        last_updated_at: r.get::<_, Option<i64>>(4)?.map(Millis),
+        expires_at: Millis(r.get(5)?),
+        number_of_items: r.get(6)?,
+        proc_state: ProcState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                7,
+                rusqlite::types::Type::Text,
+                format!("unknown proc_state {state:?}").into(),
+            )
+        })?,
+        claim_attempts: r.get(8)?,
+        warned_expires_at: r.get::<_, Option<i64>>(9)?.map(Millis),
+    })
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating with mode 0600 if needed) the database, sets WAL, busy timeout and
+    /// foreign keys, and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Store> {
+        let shown = path.display().to_string();
+        if !path.exists() {
+            create_private_file(path).map_err(|source| StoreError::Io {
+                path: shown.clone(),
+                source,
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+        let mut store = Store { conn };
+        store.configure().map_err(|source| StoreError::Open {
+            path: shown,
+            source,
+        })?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens an existing database read-only (for `status` and audits); never migrates.
+    pub fn open_read_only(path: &Path) -> Result<Store> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Store { conn })
+    }
+
+    fn configure(&mut self) -> rusqlite::Result<()> {
+        self.conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            log::warn!("SQLite refused WAL mode (got {mode}); continuing in {mode} mode");
+        }
+        // FULL: a commit survives power loss, not only a crash of the process.
+        self.conn.execute_batch(
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
+        )?;
+        Ok(())
+    }
+
+    /// Applies pending migrations; returns the names of those applied now.
+    pub fn migrate(&mut self) -> Result<Vec<String>> {
+        let report = embedded::migrations::runner()
+            .run(&mut self.conn)
+            .map_err(|e| StoreError::Migrate(e.to_string()))?;
+        Ok(report
+            .applied_migrations()
+            .iter()
+            .map(|m| format!("V{}__{}", m.version(), m.name()))
+            .collect())
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Writes jobs read from Pleo, with the journal entries for what changed, in one transaction.
+    pub fn upsert_jobs(&self, jobs: &[Job], now: Millis, source: Source) -> Result<Vec<Upsert>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            out.push(upsert_one(&tx, job, now, source)?);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    pub fn upsert_job(&self, job: &Job, now: Millis, source: Source) -> Result<Upsert> {
+        Ok(self.upsert_jobs(std::slice::from_ref(job), now, source)?[0])
+    }
+
+    pub fn journal(
+        &self,
+        now: Millis,
+        job_id: Option<&str>,
+        company_id: Option<&str>,
+        kind: EventKind,
+        detail: Value,
+    ) -> Result<()> {
+        journal(&self.conn, now, job_id, company_id, kind, &detail)?;
+        Ok(())
+    }
+
+    /// The pick query: the company's oldest claimable job with more than `min_left_ms` to live.
+    pub fn pick_next(
+        &self,
+        company_id: &str,
+        now: Millis,
+        min_left_ms: i64,
+    ) -> Result<Option<JobRow>> {
+        Ok(self
+            .conn
+            .prepare_cached(PICK_SQL)?
+            .query_row(
+                params![company_id, now.0.saturating_add(min_left_ms)],
+                job_row,
+            )
+            .optional()?)
+    }
+
+    /// The job jobmirror is working on for this company, if any.
+    pub fn active_job(&self, company_id: &str) -> Result<Option<JobRow>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM export_jobs \
+             WHERE company_id = ?1 AND proc_state IN ('resume', 'claiming', 'claimed', 'processing') \
+             ORDER BY created_at, id LIMIT 1"
+        );
+        Ok(self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row([company_id], job_row)
+            .optional()?)
+    }
+
+    pub fn job(&self, job_id: &str) -> Result<Option<JobRow>> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM export_jobs WHERE id = ?1");
+        Ok(self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row([job_id], job_row)
+            .optional()?)
+    }
+
+    pub fn job_raw(&self, job_id: &str) -> Result<Option<Value>> {
+        let raw: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT raw_json FROM export_jobs WHERE id = ?1",
+                [job_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    /// Moves a job to `to`, journaling `kind` with `detail`, in one transaction.
+    pub fn transition(
+        &self,
+        job: &JobRow,
+        to: ProcState,
+        now: Millis,
+        kind: EventKind,
+        detail: Value,
+    ) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "UPDATE export_jobs SET proc_state = ?2, proc_state_at = ?3 WHERE id = ?1",
+            params![job.id, to.as_str(), now.0],
+        )?;
+        journal(
+            &tx,
+            now,
+            Some(&job.id),
+            Some(&job.company_id),
+            kind,
+            &detail,
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records that a `started` request is about to be sent.
+    pub fn begin_claim(&self, job: &JobRow, now: Millis) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "UPDATE export_jobs SET proc_state = 'claiming', proc_state_at = ?2, \
+             claim_attempts = claim_attempts + 1 WHERE id = ?1",
+            params![job.id, now.0],
+        )?;
+        journal(
+            &tx,
+            now,
+            Some(&job.id),
+            Some(&job.company_id),
+            EventKind::ClaimSent,
+            &json!({"attempt": job.claim_attempts + 1}),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records the deadline a warning was journaled for, so it is journaled once.
+    pub fn warn_deadline(&self, job: &JobRow, now: Millis) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "UPDATE export_jobs SET warned_expires_at = expires_at WHERE id = ?1",
+            [&job.id],
+        )?;
+        journal(
+            &tx,
+            now,
+            Some(&job.id),
+            Some(&job.company_id),
+            EventKind::DeadlineWarning,
+            &json!({"expires_at": job.expires_at.to_rfc3339(), "seconds_left": now.until(job.expires_at) / 1000}),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// New pending jobs with less than `min_left_ms` to live: marked `too_late` and journaled.
+    pub fn retire_too_late(&self, now: Millis, min_left_ms: i64) -> Result<Vec<JobRow>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM export_jobs \
+             WHERE status = 'pending' AND proc_state = 'new' AND expires_at <= ?1"
+        );
+        let rows: Vec<JobRow> = self
+            .conn
+            .prepare_cached(&sql)?
+            .query_map([now.0.saturating_add(min_left_ms)], job_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        for row in &rows {
+            self.transition(
+                row,
+                ProcState::TooLate,
+                now,
+                EventKind::TooLate,
+                json!({"expires_at": row.expires_at.to_rfc3339(), "seconds_left": now.until(row.expires_at) / 1000}),
+            )?;
+        }
+        Ok(rows)
+    }
+
+    /// Ids of the company's jobs the mirror holds as open (`pending`/`in_progress`) that are not
+    /// in `seen`, limited to the given statuses.
+    pub fn open_jobs_missing(
+        &self,
+        company_id: &str,
+        statuses: &[&str],
+        seen: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, status FROM export_jobs WHERE company_id = ?1 AND status IN ('pending', 'in_progress')",
+        )?;
+        let rows = stmt.query_map([company_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, st) = row?;
+            if statuses.contains(&st.as_str()) && !seen.contains(&id) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn begin_sync_run(&self, company_id: &str, kind: &str, now: Millis) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO sync_runs (company_id, kind, started_at) VALUES (?1, ?2, ?3)",
+            params![company_id, kind, now.0],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn finish_sync_run(
+        &self,
+        run_id: i64,
+        now: Millis,
+        counts: &SyncCounts,
+        error: Option<&str>,
+    ) -> Result<()> {
+        self.conn.execute(
+            "UPDATE sync_runs SET finished_at = ?2, pages = ?3, jobs_seen = ?4, jobs_new = ?5, \
+             jobs_changed = ?6, jobs_reread = ?7, error = ?8 WHERE id = ?1",
+            params![
+                run_id,
+                now.0,
+                counts.pages,
+                counts.seen,
+                counts.new,
+                counts.changed,
+                counts.reread,
+                error
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The journal, oldest first; for one job when `job_id` is given.
+    pub fn events(&self, job_id: Option<&str>) -> Result<Vec<EventRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, at, job_id, company_id, kind, detail FROM job_events \
+             WHERE ?1 IS NULL OR job_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([job_id], |r| {
+            let detail: String = r.get(5)?;
+            Ok(EventRow {
+                seq: r.get(0)?,
+                at: Millis(r.get(1)?),
+                job_id: r.get(2)?,
+                company_id: r.get(3)?,
+                kind: r.get(4)?,
+                detail: serde_json::from_str(&detail).unwrap_or(Value::Null),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Companies known to the mirror (from jobs and sync runs), sorted.
+    pub fn companies(&self) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT company_id FROM export_jobs UNION SELECT company_id FROM sync_runs ORDER BY 1",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn company_summary(&self, company_id: &str) -> Result<CompanySummary> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT proc_state, count(*) FROM export_jobs WHERE company_id = ?1 GROUP BY proc_state ORDER BY proc_state",
+        )?;
+        let by_state = stmt
+            .query_map([company_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let last: Option<(i64, Option<String>)> = self
+            .conn
+            .query_row(
+                "SELECT finished_at, error FROM sync_runs WHERE company_id = ?1 AND finished_at IS NOT NULL \
+                 ORDER BY finished_at DESC LIMIT 1",
+                [company_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let next_deadline: Option<(String, i64)> = self
+            .conn
+            .query_row(
+                "SELECT id, expires_at FROM export_jobs WHERE company_id = ?1 \
+                 AND proc_state IN ('new', 'resume', 'claiming', 'claimed', 'processing') \
+                 ORDER BY expires_at LIMIT 1",
+                [company_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(CompanySummary {
+            company_id: company_id.to_owned(),
+            by_state,
+            last_poll_at: last.as_ref().map(|(t, _)| Millis(*t)),
+            last_poll_error: last.and_then(|(_, e)| e),
+            next_deadline: next_deadline.map(|(id, t)| (id, Millis(t))),
+        })
+    }
+}
+
+/// The pick query. Kept as a constant so tests can `EXPLAIN QUERY PLAN` the exact text.
+pub const PICK_SQL: &str = "SELECT id, company_id, status, created_at, last_updated_at, expires_at, \
+     number_of_items, proc_state, claim_attempts, warned_expires_at FROM export_jobs \
+     WHERE company_id = ?1 AND status = 'pending' AND proc_state = 'new' AND expires_at > ?2 \
+     ORDER BY created_at, id LIMIT 1";
+
+fn journal(
+    conn: &Connection,
+    now: Millis,
+    job_id: Option<&str>,
+    company_id: Option<&str>,
+    kind: EventKind,
+    detail: &Value,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO job_events (at, job_id, company_id, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        now.0,
+        job_id,
+        company_id,
+        kind.as_str(),
+        detail.to_string()
+    ])?;
+    Ok(())
+}
+
+/// The proc_state a job's new Pleo status moves it to, and what to journal; `None` keeps it.
+fn next_state(
+    prev: Option<ProcState>,
+    job: &Job,
+    source: Source,
+) -> Option<(ProcState, Option<EventKind>)> {
+    if status::is_terminal(&job.status) {
+        let expired = job.failure_reason_type.as_deref() == Some("job_expired");
+        let to = if expired {
+            ProcState::Expired
+        } else {
+            ProcState::Done
+        };
+        return match prev {
+            Some(p) if p.is_final() => None,
+            _ => Some((
+                to,
+                Some(if expired {
+                    EventKind::Expired
+                } else {
+                    EventKind::Finished
+                }),
+            )),
+        };
+    }
+    match (job.status.as_str(), prev) {
+        (status::PENDING, None) => Some((ProcState::New, None)),
+        (status::IN_PROGRESS, None | Some(ProcState::New) | Some(ProcState::TooLate)) => {
+            if source == Source::Recovery && prev != Some(ProcState::TooLate) {
+                Some((ProcState::Resume, None))
+            } else {
+                Some((ProcState::Conflict, Some(EventKind::ClaimedElsewhere)))
+            }
+        }
+        (_, None) => Some((ProcState::New, None)),
+        _ => None,
+    }
+}
+
+fn upsert_one(conn: &Connection, job: &Job, now: Millis, source: Source) -> Result<Upsert> {
+    let raw = job.raw.to_string();
+    let prev: Option<(String, String, String)> = conn
+        .prepare_cached("SELECT status, proc_state, raw_json FROM export_jobs WHERE id = ?1")?
+        .query_row([&job.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let prev_state = prev.as_ref().and_then(|(_, p, _)| ProcState::parse(p));
+    let next = next_state(prev_state, job, source);
+    let company = Some(job.company_id.as_str());
+    let outcome = match &prev {
+        None => {
+            let state = next.map_or(ProcState::New, |(s, _)| s);
+            conn.prepare_cached(
+                "INSERT INTO export_jobs (id, company_id, status, created_at, last_updated_at, expires_in, \
+                 expires_at, number_of_items, raw_json, first_seen_at, last_seen_at, proc_state, proc_state_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?10)",
+            )?
+            .execute(params![
+                job.id,
+                job.company_id,
+                job.status,
+                job.created_at.0,
+                job.last_updated_at.map(|m| m.0),
+                job.expires_in_secs,
+                job.expires_at().0,
+                job.number_of_items,
+                raw,
+                now.0,
+                state.as_str(),
+            ])?;
+            journal(
+                conn,
+                now,
+                Some(&job.id),
+                company,
+                EventKind::Detected,
+                &json!({"status": job.status, "source": source.as_str(),
+                        "created_at": job.created_at.to_rfc3339(),
+                        "expires_at": job.expires_at().to_rfc3339()}),
+            )?;
+            Upsert::New
+        }
+        Some((prev_status, _, prev_raw)) => {
+            conn.prepare_cached(
+                "UPDATE export_jobs SET status = ?2, last_updated_at = ?3, expires_in = ?4, expires_at = ?5, \
+                 number_of_items = ?6, raw_json = ?7, last_seen_at = ?8 WHERE id = ?1",
+            )?
+            .execute(params![
+                job.id,
+                job.status,
+                job.last_updated_at.map(|m| m.0),
+                job.expires_in_secs,
+                job.expires_at().0,
+                job.number_of_items,
+                raw,
+                now.0,
+            ])?;
+            if *prev_status != job.status {
+                journal(
+                    conn,
+                    now,
+                    Some(&job.id),
+                    company,
+                    EventKind::StatusChanged,
+                    &json!({"from": prev_status, "to": job.status, "source": source.as_str()}),
+                )?;
+            }
+            if *prev_raw == raw {
+                Upsert::Unchanged
+            } else {
+                Upsert::Changed
+            }
+        }
+    };
+    if let Some((state, event)) = next {
+        if prev_state != Some(state) {
+            conn.prepare_cached(
+                "UPDATE export_jobs SET proc_state = ?2, proc_state_at = ?3 WHERE id = ?1",
+            )?
+            .execute(params![job.id, state.as_str(), now.0])?;
+        }
+        if let Some(kind) = event {
+            let mut detail = json!({"status": job.status, "source": source.as_str()});
+            if let Some(t) = &job.failure_reason_type {
+                detail["failure_reason_type"] = json!(t);
+            }
+            journal(conn, now, Some(&job.id), company, kind, &detail)?;
+        }
+    }
+    Ok(outcome)
+}
+
+#[cfg(unix)]
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(|_| ())
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+}
+
+#[cfg(not(unix))]
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .open(path)
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, company: &str, status: &str, created: &str) -> Job {
+        Job::from_value(json!({
+            "id": id, "companyId": company, "status": status, "createdAt": created,
+            "lastUpdatedAt": created, "expiresIn": 3600, "numberOfItems": 1,
+            "isInteractive": true, "vendorBasedBookkeeping": false
+        }))
+        .unwrap()
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("m.db")).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn migrations_apply_to_an_empty_database_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let mut s = Store::open(&path).unwrap();
+        assert!(
+            s.migrate().unwrap().is_empty(),
+            "second run applies nothing"
+        );
+        let mode: String = s
+            .conn()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let m = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(m & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn pick_is_oldest_first_then_id_and_respects_min_left() {
+        let (_d, s) = store();
+        let now = Millis::parse_rfc3339("2026-11-24T10:30:00Z").unwrap();
+        s.upsert_jobs(
+            &[
+                job("b", "c", "pending", "2026-11-24T10:20:00Z"),
+                job("a2", "c", "pending", "2026-11-24T10:01:00Z"),
+                job("a1", "c", "pending", "2026-11-24T10:01:00Z"),
+                job("x", "other", "pending", "2026-11-24T09:00:00Z"),
+            ],
+            now,
+            Source::Poll,
+        )
+        .unwrap();
+        assert_eq!(s.pick_next("c", now, 0).unwrap().unwrap().id, "a1");
+        // a1 and a2 expire at 11:01; with 40 minutes required they are not picked.
+        assert_eq!(s.pick_next("c", now, 40 * 60_000).unwrap().unwrap().id, "b");
+        assert!(s.pick_next("c", now, 55 * 60_000).unwrap().is_none());
+    }
+
+    #[test]
+    fn journal_refuses_update_and_delete() {
+        let (_d, s) = store();
+        s.journal(Millis(1), None, None, EventKind::SyncFailed, json!({}))
+            .unwrap();
+        assert!(
+            s.conn()
+                .execute("UPDATE job_events SET kind = 'x'", [])
+                .is_err()
+        );
+        assert!(s.conn().execute("DELETE FROM job_events", []).is_err());
+        assert_eq!(s.events(None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn in_progress_is_resume_in_recovery_and_conflict_otherwise() {
+        let (_d, s) = store();
+        let now = Millis(0);
+        s.upsert_job(
+            &job("r", "c", "in_progress", "2026-11-24T10:00:00Z"),
+            now,
+            Source::Recovery,
+        )
+        .unwrap();
+        s.upsert_job(
+            &job("o", "c", "pending", "2026-11-24T10:00:00Z"),
+            now,
+            Source::Poll,
+        )
+        .unwrap();
+        s.upsert_job(
+            &job("o", "c", "in_progress", "2026-11-24T10:00:00Z"),
+            now,
+            Source::Reread,
+        )
+        .unwrap();
+        assert_eq!(s.job("r").unwrap().unwrap().proc_state, ProcState::Resume);
+        assert_eq!(s.job("o").unwrap().unwrap().proc_state, ProcState::Conflict);
+        let kinds: Vec<String> = s
+            .events(Some("o"))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, ["detected", "status_changed", "claimed_elsewhere"]);
+    }
+
+    #[test]
+    fn unchanged_changed_new() {
+        let (_d, s) = store();
+        let j = job("a", "c", "pending", "2026-11-24T10:00:00Z");
+        assert_eq!(
+            s.upsert_job(&j, Millis(0), Source::Poll).unwrap(),
+            Upsert::New
+        );
+        assert_eq!(
+            s.upsert_job(&j, Millis(1), Source::Poll).unwrap(),
+            Upsert::Unchanged
+        );
+        let mut j2 = j.clone();
+        j2.raw["numberOfItems"] = json!(2);
+        assert_eq!(
+            s.upsert_job(&j2, Millis(2), Source::Poll).unwrap(),
+            Upsert::Changed
+        );
+    }
+}

@@ -105,6 +105,9 @@ pub fn init_logging(level: log::LevelFilter) {
         .set_time_format_rfc3339()
         .set_thread_level(log::LevelFilter::Off)
         .set_target_level(log::LevelFilter::Off)
+        // ureq and ureq-proto dump whole requests, headers included, at debug and trace
+        // level: that would put the credential in the log. Their errors reach us anyway.
+        .add_filter_ignore_str("ureq")
         .build();
     let _ = simplelog::WriteLogger::init(level, cfg, std::io::stderr());
 }

@@ -54,6 +54,8 @@ pub struct FakeItem {
     pub external_id: Option<String>,
     pub external_url: Option<String>,
     pub failure_reason: Option<String>,
+    /// Not nullable in Pleo's OpenAPI file: omitted when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_reason_type: Option<String>,
 }
 
@@ -84,10 +86,13 @@ impl FakeJob {
             "vendorBasedBookkeeping": self.vendor_based_bookkeeping,
             "createdBy": self.created_by,
             "failureReason": self.failure_reason,
-            "failureReasonType": self.failure_reason_type,
         });
         if let Value::Object(f) = fields {
             o.extend(f);
+        }
+        // Pleo's OpenAPI file does not mark failureReasonType nullable: leave it out when unset.
+        if let Some(t) = &self.failure_reason_type {
+            o.insert("failureReasonType".into(), json!(t));
         }
         Value::Object(o)
     }
@@ -420,14 +425,18 @@ impl FakePleo {
         ] {
             extra.remove(k);
         }
+        let status = if spec.status.is_empty() { "pending".to_owned() } else { spec.status.clone() };
+        if !["pending", "in_progress", "failed", "completed", "completed_with_errors"].contains(&status.as_str()) {
+            anyhow::bail!("job {id}: unknown status {status:?}");
+        }
         let n_items = spec.items.unwrap_or(1);
         let mut job = FakeJob {
             id: id.clone(),
             company_id: spec.company_id.clone(),
-            status: spec.status.clone(),
+            status: status.clone(),
             created_at,
             last_updated_at,
-            started_at: if spec.status == "in_progress" {
+            started_at: if status == "in_progress" {
                 started_at.or(last_updated_at)
             } else {
                 started_at
@@ -473,6 +482,22 @@ impl FakePleo {
             Some(j) if j.status == "pending" => {
                 j.status = "in_progress".into();
                 j.started_at = Some(now);
+                j.last_updated_at = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The holder of an `in_progress` job completes it (as its `completed` event would).
+    pub fn complete(&self, id: &str) -> bool {
+        let now = self.shared.clock.now();
+        let mut w = self.shared.lock();
+        w.expire_due(now);
+        match w.job_mut(id) {
+            Some(j) if j.status == "in_progress" => {
+                j.status = "completed".into();
+                j.completed_at = Some(now);
                 j.last_updated_at = Some(now);
                 true
             }
@@ -548,6 +573,8 @@ fn export_item(job: &FakeJob, entry: &str, i: usize) -> Value {
             "accountingEntryLineId": format!("{entry}-l1"),
             "lineAmount": {"inSupplierCurrency": {"currency": "DKK", "value": minor},
                            "inWalletCurrency": {"currency": "DKK", "value": minor}},
+            "netAmount": {"inSupplierCurrency": {"currency": "DKK", "value": minor * 4 / 5},
+                          "inWalletCurrency": {"currency": "DKK", "value": minor * 4 / 5}},
         }],
         "additionalInformation": {"reconciliationId": format!("rec-{}-{i}", &job.id)},
         "amount": {"inSupplierCurrency": {"currency": "DKK", "value": minor},

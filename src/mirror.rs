@@ -196,9 +196,10 @@ impl Mirror {
                 Upsert::Unchanged => {}
             }
         }
-        // Open jobs we hold that the listing no longer shows: read them again.
+        // Open jobs the mirror holds that this listing does not show (left it, or `in_progress`
+        // outside a recovery listing): read them again so the mirror stays true.
         let seen: HashSet<String> = mine.iter().map(|j| j.id.clone()).collect();
-        for id in self.store.open_jobs_missing(company, statuses, &seen)? {
+        for id in self.store.open_jobs_missing(company, &seen)? {
             counts.reread += 1;
             match self.client.get_job(&id) {
                 Ok(job) => {

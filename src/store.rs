@@ -502,23 +502,16 @@ impl Store {
     }
 
     /// Ids of the company's jobs the mirror holds as open (`pending`/`in_progress`) that are not
-    /// in `seen`, limited to the given statuses.
-    pub fn open_jobs_missing(
-        &self,
-        company_id: &str,
-        statuses: &[&str],
-        seen: &std::collections::HashSet<String>,
-    ) -> Result<Vec<String>> {
+    /// in `seen`.
+    pub fn open_jobs_missing(&self, company_id: &str, seen: &std::collections::HashSet<String>) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, status FROM export_jobs WHERE company_id = ?1 AND status IN ('pending', 'in_progress')",
+            "SELECT id FROM export_jobs WHERE company_id = ?1 AND status IN ('pending', 'in_progress')",
         )?;
-        let rows = stmt.query_map([company_id], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })?;
+        let rows = stmt.query_map([company_id], |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, st) = row?;
-            if statuses.contains(&st.as_str()) && !seen.contains(&id) {
+            let id = row?;
+            if !seen.contains(&id) {
                 out.push(id);
             }
         }

@@ -1,0 +1,252 @@
+//! The real binary: exit codes, signals, status, migrate, the demo and the fake server.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, unbounded};
+use jobmirror::clock::{SharedClock, SystemClock};
+use jobmirror::fake::{FakeConfig, FakePleo, JobSpec};
+
+const BIN: &str = env!("CARGO_BIN_EXE_jobmirror");
+
+fn cmd() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_clear();
+    if let Ok(p) = std::env::var("PATH") {
+        c.env("PATH", p);
+    }
+    c
+}
+
+/// Lines of a child's stream, as they come.
+fn lines(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = unbounded();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            match line {
+                Ok(l) => {
+                    if tx.send(l).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for a line containing `needle`; returns every line read so far.
+fn wait_for(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let hit = l.contains(needle);
+                seen.push(l);
+                if hit {
+                    return;
+                }
+            }
+            Err(_) => panic!("no line containing {needle:?} within 20 s; got:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// Kills the child if the test fails before it exits, so no orphan keeps cargo's pipes open.
+struct Reaper(Option<Child>);
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
+    assert!(ok.success());
+}
+
+fn wait_exit(mut child: Child, within: Duration) -> std::process::ExitStatus {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(within) {
+        Ok(s) => s.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            panic!("process did not exit within {within:?}");
+        }
+    }
+}
+
+#[test]
+fn configuration_errors_exit_2_with_one_line_naming_the_key() {
+    let out = cmd().arg("run").env("JOBMIRROR_PLEO_API_KEY", "k").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("company_ids") && err.contains("JOBMIRROR_COMPANY_IDS"), "{err}");
+
+    let out = cmd()
+        .arg("run")
+        .env("JOBMIRROR_PLEO_API_KEY", "k")
+        .env("JOBMIRROR_COMPANY_IDS", "c")
+        .env("JOBMIRROR_POLL_INTERVAL_SECS", "-5")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JOBMIRROR_POLL_INTERVAL_SECS"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.toml");
+    std::fs::write(&f, "pleo_api_key = \"k\"\ncompany_ids = \"c\"\npoll_interval = 5\n").unwrap();
+    let out = cmd().arg("--config").arg(&f).arg("run").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("poll_interval"));
+
+    let out = cmd().arg("no-such-command").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let secret = "sk-live-DO-NOT-LOG-4242";
+    let fake = FakePleo::start("127.0.0.1:0", FakeConfig { api_keys: vec![secret.into()], ..FakeConfig::default() }, clock).unwrap();
+    let company = "aaaaaaaa-0000-4000-8000-000000000001";
+    fake.add_job(JobSpec { id: Some("held".into()), company_id: company.into(), status: "in_progress".into(), created_secs_ago: Some(60), ..Default::default() })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state").join("jobmirror.db");
+    let mut child = cmd()
+        .arg("run")
+        .env("JOBMIRROR_DB", &db)
+        .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+        .env("JOBMIRROR_PLEO_API_KEY", secret)
+        .env("JOBMIRROR_COMPANY_IDS", company)
+        .env("JOBMIRROR_POLL_INTERVAL_SECS", "3600")
+        .env("JOBMIRROR_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(child.stderr.take().unwrap());
+    let mut reaper = Reaper(Some(child));
+    let mut seen = Vec::new();
+    wait_for(&rx, "recovery pass: 1 jobs seen, 1 new", &mut seen);
+    wait_for(&rx, "resumed in_progress job held", &mut seen);
+
+    // A job appears; with an hour between polls, SIGUSR1 makes jobmirror look now.
+    assert!(fake.complete("held"));
+    fake.add_job(JobSpec { id: Some("fresh".into()), company_id: company.into(), created_secs_ago: Some(5), ..Default::default() }).unwrap();
+    signal(reaper.0.as_ref().unwrap(), "USR1");
+    wait_for(&rx, "trigger pass: 1 jobs seen, 1 new", &mut seen);
+    wait_for(&rx, "claimed job fresh", &mut seen);
+    assert_eq!(fake.started_events_for("fresh"), 1);
+    assert_eq!(fake.started_events_for("held"), 0);
+
+    let child = reaper.0.take().unwrap();
+    signal(&child, "TERM");
+    let status = wait_exit(child, Duration::from_secs(15));
+    seen.extend(rx.iter());
+    assert_eq!(status.code(), Some(0), "{}", seen.join("\n"));
+    assert!(seen.iter().any(|l| l.contains("stopped cleanly")));
+    let all = seen.join("\n");
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{secret}:"));
+    assert!(!all.contains(secret) && !all.contains(&basic), "the API key reached the log");
+    assert!(all.contains("[TRACE]") || all.contains("[DEBUG]"), "the log really was verbose");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    // `status` reads the same database.
+    let out = cmd().arg("status").env("JOBMIRROR_DB", &db).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("company {company}")), "{text}");
+    assert!(text.contains("processing=1") && text.contains("done=1"), "{text}");
+    assert!(text.contains("next deadline: job fresh"), "{text}");
+    let out = cmd().args(["status", "--json"]).env("JOBMIRROR_DB", &db).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["companies"][0]["jobs_by_state"]["processing"], 1);
+    assert_eq!(v["companies"][0]["next_deadline"]["job_id"], "fresh");
+}
+
+#[test]
+fn migrate_creates_the_schema_and_status_refuses_a_missing_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let out = cmd().arg("migrate").env("JOBMIRROR_DB", &db).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    for t in ["export_jobs", "job_events", "sync_runs"] {
+        let n: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = ?1", [t], |r| r.get(0)).unwrap();
+        assert_eq!(n, 1, "{t}");
+    }
+    let out = cmd().arg("status").env("JOBMIRROR_DB", dir.path().join("none.db")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn demo_runs_to_the_end_against_the_bundled_fake() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("demo.db");
+    let out = cmd().arg("demo").arg("--db").arg(&db).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = |id: &str| text.lines().find(|l| l.contains(&format!("job {id}"))).unwrap_or_else(|| panic!("{id} missing:\n{text}")).to_owned();
+    // acme: resumed without started; bravo: conflict then next oldest; charlie: too late, then oldest.
+    assert!(line("a0000000-0000-4000-8000-000000000001").contains("jobmirror=processing started sent 0x"));
+    assert!(line("b0000000-0000-4000-8000-000000000001").contains("jobmirror=conflict"));
+    assert!(line("b0000000-0000-4000-8000-000000000002").contains("jobmirror=processing started sent 1x"));
+    assert!(line("c0000000-0000-4000-8000-000000000000").contains("jobmirror=too_late   started sent 0x"));
+    assert!(line("c0000000-0000-4000-8000-000000000001").contains("jobmirror=processing started sent 1x"));
+    assert!(text.contains(&db.display().to_string()));
+}
+
+#[test]
+fn fake_pleo_command_serves_a_fixture_and_stops_on_sigterm() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo.json");
+    let mut child = cmd()
+        .args(["fake-pleo", "--listen", "127.0.0.1:0", "--fixture"])
+        .arg(&fixture)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines(child.stdout.take().unwrap());
+    let mut reaper = Reaper(Some(child));
+    let mut seen = Vec::new();
+    wait_for(&rx, "listening on", &mut seen);
+    let url = seen.last().unwrap().rsplit(' ').next().unwrap().to_owned();
+    assert!(seen.iter().any(|l| l.contains("loaded 10 jobs")));
+    let clock: SharedClock = Arc::new(SystemClock);
+    let client = jobmirror::pleo::PleoClient::new(
+        jobmirror::pleo::ClientConfig::new(&url, jobmirror::pleo::Auth::ApiKey(jobmirror::pleo::Secret::new("demo-key"))),
+        clock,
+    )
+    .unwrap();
+    let listing = client.list_jobs("cccccccc-0000-4000-8000-00000charlie", &["pending"]).unwrap();
+    assert_eq!(listing.jobs.len(), 4);
+    let child = reaper.0.take().unwrap();
+    signal(&child, "TERM");
+    assert!(wait_exit(child, Duration::from_secs(10)).success());
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"version": 9, "jobs": []}"#).unwrap();
+    let out = cmd().args(["fake-pleo", "--listen", "127.0.0.1:0", "--fixture"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("version 9"));
+}

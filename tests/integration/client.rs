@@ -1,0 +1,69 @@
+//! The Pleo client's error handling against the fake.
+
+use jobmirror::pleo::{Auth, ClientConfig, JobEvent, JobEventKind, PleoClient, PleoError, Secret};
+
+use crate::harness::World;
+
+#[test]
+fn errors_keep_pleos_type_and_message_and_4xx_is_not_retried() {
+    let w = World::new();
+    let c = w.client();
+    match c.get_job("nope") {
+        Err(PleoError::Api { status, kind, message }) => {
+            assert_eq!((status, kind.as_str()), (404, "EXPORT_NOT_FOUND"));
+            assert_eq!(message, "Export job not found.");
+        }
+        other => panic!("{other:?}"),
+    }
+    w.pending("c", "j", 10);
+    c.post_event(&JobEvent { event: JobEventKind::Started, job_id: "j".into(), failure_reason: None, failure_reason_type: None })
+        .unwrap();
+    let e = c
+        .post_event(&JobEvent { event: JobEventKind::Started, job_id: "j".into(), failure_reason: None, failure_reason_type: None })
+        .unwrap_err();
+    assert!(e.is_status_conflict(), "{e}");
+    assert!(!e.is_retryable());
+    assert_eq!(w.fake.requests().len(), 3, "no retries of 404 or 422");
+    assert!(w.clock.sleeps().is_empty());
+}
+
+#[test]
+fn wrong_key_is_401_once_and_the_key_never_shows() {
+    let w = World::new();
+    let cfg = ClientConfig::new(&w.fake.base_url(), Auth::ApiKey(Secret::new("wrong-key-123")));
+    let c = PleoClient::new(cfg, w.shared_clock()).unwrap();
+    let e = c.list_jobs("c", &["pending"]).unwrap_err();
+    assert_eq!(e.status(), Some(401));
+    assert_eq!(w.fake.requests().len(), 1);
+    assert!(!e.to_string().contains("wrong-key-123"));
+    assert!(!format!("{c:?}").contains("wrong-key-123"));
+}
+
+#[test]
+fn plain_http_off_loopback_is_refused() {
+    let w = World::new();
+    let cfg = ClientConfig::new("http://pleo.example.com", Auth::ApiKey(Secret::new("k")));
+    let e = PleoClient::new(cfg, w.shared_clock()).unwrap_err();
+    assert!(matches!(e, PleoError::Config(_)), "{e}");
+}
+
+#[test]
+fn transport_errors_are_retried_a_bounded_number_of_times() {
+    let w = World::new();
+    // A port nobody listens on: connection refused every time.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    let mut cfg = ClientConfig::new(&format!("http://{addr}"), Auth::ApiKey(Secret::new("k")));
+    cfg.retry.attempts_max = 4;
+    let c = PleoClient::new(cfg, w.shared_clock()).unwrap();
+    let e = c.get_job("j").unwrap_err();
+    assert!(matches!(e, PleoError::Transport(_)), "{e}");
+    let sleeps = w.clock.sleeps();
+    assert_eq!(sleeps.len(), 3, "4 attempts, 3 waits");
+    // Exponential with a cap: each wait is within [cap/2, cap] of its step.
+    for (i, s) in sleeps.iter().enumerate() {
+        let cap = 500u128 << i;
+        assert!(s.as_millis() >= cap / 2 && s.as_millis() <= cap, "wait {i}: {s:?}");
+    }
+}

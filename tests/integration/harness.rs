@@ -1,0 +1,122 @@
+//! Shared set-up: a fake Pleo on a loopback port, a temp database, a manual clock.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use jobmirror::clock::{ManualClock, Millis, SharedClock};
+use jobmirror::fake::{FakeConfig, FakePleo, JobSpec};
+use jobmirror::mirror::Mirror;
+use jobmirror::pleo::{Auth, ClientConfig, PleoClient, Secret};
+use jobmirror::processor::{Processor, ProcessorConfig};
+use jobmirror::store::Store;
+
+pub const T0: &str = "2026-11-24T09:00:00Z";
+pub const KEY: &str = "test-key";
+
+pub struct World {
+    pub clock: Arc<ManualClock>,
+    pub fake: FakePleo,
+    pub _dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub page_size: u32,
+}
+
+impl World {
+    pub fn new() -> World {
+        let clock = ManualClock::new(Millis::parse_rfc3339(T0).unwrap());
+        let shared: SharedClock = clock.clone();
+        let fake = FakePleo::start(
+            "127.0.0.1:0",
+            FakeConfig { api_keys: vec![KEY.into()], ..FakeConfig::default() },
+            shared,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("jobmirror.db");
+        World { clock, fake, _dir: dir, db, page_size: 100 }
+    }
+
+    pub fn shared_clock(&self) -> SharedClock {
+        self.clock.clone()
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new(&self.fake.base_url(), Auth::ApiKey(Secret::new(KEY)));
+        c.page_size = self.page_size;
+        c
+    }
+
+    pub fn client(&self) -> Arc<PleoClient> {
+        Arc::new(PleoClient::new(self.client_config(), self.shared_clock()).unwrap())
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(&self.db).unwrap()
+    }
+
+    pub fn mirror(&self, companies: &[&str]) -> Mirror {
+        Mirror::new(self.store(), self.client(), self.shared_clock(), companies.iter().map(|s| s.to_string()).collect())
+    }
+
+    pub fn processor(&self, companies: &[&str], cfg: ProcessorConfig) -> Processor {
+        Processor::new(self.store(), self.client(), self.shared_clock(), companies.iter().map(|s| s.to_string()).collect(), cfg)
+    }
+
+    /// Adds a pending job created `secs_ago` seconds before now.
+    pub fn pending(&self, company: &str, id: &str, secs_ago: i64) -> String {
+        self.fake
+            .add_job(JobSpec {
+                id: Some(id.into()),
+                company_id: company.into(),
+                status: "pending".into(),
+                created_secs_ago: Some(secs_ago),
+                items: Some(1),
+                ..JobSpec::default()
+            })
+            .unwrap()
+    }
+
+    pub fn in_progress(&self, company: &str, id: &str, secs_ago: i64) -> String {
+        self.fake
+            .add_job(JobSpec {
+                id: Some(id.into()),
+                company_id: company.into(),
+                status: "in_progress".into(),
+                created_secs_ago: Some(secs_ago),
+                items: Some(1),
+                ..JobSpec::default()
+            })
+            .unwrap()
+    }
+
+    /// Journal kinds for one job, in order.
+    pub fn kinds(&self, job: &str) -> Vec<String> {
+        self.store().events(Some(job)).unwrap().into_iter().map(|e| e.kind).collect()
+    }
+
+    /// Bodies of every `POST /v3/export-job-events` the fake received, as (event, jobId).
+    pub fn job_events_sent(&self) -> Vec<(String, String)> {
+        self.fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.path == "/v3/export-job-events")
+            .map(|r| {
+                let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                (v["event"].as_str().unwrap().to_owned(), v["jobId"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    }
+
+    /// Finishes a job at the fake as its holder would (so the company can take the next one).
+    pub fn complete_at_pleo(&self, job: &str) {
+        use jobmirror::pleo::{JobEvent, JobEventKind};
+        self.client()
+            .post_event(&JobEvent {
+                event: JobEventKind::Completed,
+                job_id: job.into(),
+                failure_reason: None,
+                failure_reason_type: None,
+            })
+            .unwrap();
+    }
+}

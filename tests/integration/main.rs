@@ -1,0 +1,11 @@
+//! jobmirror's integration tests: one binary, real SQLite files, the real HTTP client talking
+//! to the fake Pleo over loopback, and a manual clock for everything time-dependent.
+
+mod harness;
+
+mod cli;
+mod client;
+mod mirror;
+mod openapi;
+mod processor;
+mod store;

@@ -1,0 +1,112 @@
+//! The sync thread's passes against the fake: paging, read-only detection, re-reads.
+
+use jobmirror::fake::{Fault, FaultRule};
+use jobmirror::mirror::PassKind;
+use jobmirror::store::ProcState;
+
+use crate::harness::World;
+
+const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+const B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
+
+#[test]
+fn two_hundred_fifty_jobs_across_pages_are_all_mirrored() {
+    let w = World::new();
+    for i in 0..250 {
+        w.pending(A, &format!("job-{i:03}"), 3000 - i);
+    }
+    let report = w.mirror(&[A]).pass(PassKind::Recovery);
+    assert_eq!(report.counts.seen, 250);
+    assert_eq!(report.counts.new, 250);
+    assert_eq!(report.counts.pages, 3, "page size 100");
+    let st = w.store();
+    let n: i64 = st.conn().query_row("SELECT count(*) FROM export_jobs WHERE company_id = ?1", [A], |r| r.get(0)).unwrap();
+    assert_eq!(n, 250);
+    let (pages, seen, new, err): (i64, i64, i64, Option<String>) = st
+        .conn()
+        .query_row("SELECT pages, jobs_seen, jobs_new, error FROM sync_runs WHERE kind = 'recovery'", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .unwrap();
+    assert_eq!((pages, seen, new, err), (3, 250, 250, None));
+    // The client followed `after` cursors, and asked for both statuses with a repeated key.
+    let lists: Vec<_> = w.fake.requests().into_iter().filter(|r| r.path == "/v3/export-jobs").collect();
+    assert_eq!(lists.len(), 3);
+    assert!(lists[0].query.contains("statuses=pending&statuses=in_progress"), "{}", lists[0].query);
+    assert!(!lists[0].query.contains("after="));
+    assert!(lists[1].query.contains("after=") && lists[2].query.contains("after="));
+    // A second pass finds nothing new.
+    let again = w.mirror(&[A]).pass(PassKind::Recovery);
+    assert_eq!((again.counts.new, again.counts.changed), (0, 0));
+}
+
+#[test]
+fn detection_only_reads() {
+    let w = World::new();
+    w.pending(A, "p1", 600);
+    w.pending(A, "p2", 500);
+    w.in_progress(B, "b-held", 900);
+    w.pending(B, "b-p", 100);
+    let mut m = w.mirror(&[A, B]);
+    m.pass(PassKind::Recovery);
+    // Jobs leave the listing in every way: claimed elsewhere, finished, expired.
+    assert!(w.fake.claim_as_other("p1"));
+    w.complete_at_pleo("b-held");
+    let before = w.fake.requests().len();
+    m.pass(PassKind::Poll);
+    assert_eq!(w.store().job("p1").unwrap().unwrap().proc_state, ProcState::Conflict);
+    assert_eq!(w.store().job("b-held").unwrap().unwrap().proc_state, ProcState::Done);
+    m.pass(PassKind::Trigger);
+    w.clock.advance(std::time::Duration::from_secs(3700));
+    m.pass(PassKind::Poll);
+    let reqs = w.fake.requests();
+    let mine = &reqs[before..];
+    assert!(!mine.is_empty());
+    assert!(mine.iter().all(|r| r.method == "GET"), "detection sent {:?}", mine.iter().map(|r| (&r.method, &r.path)).collect::<Vec<_>>());
+    // ... and the mirror followed every change.
+    let st = w.store();
+    assert_eq!(st.job("p1").unwrap().unwrap().status, "failed", "expired while held elsewhere");
+    assert_eq!(st.job("p2").unwrap().unwrap().proc_state, ProcState::Expired);
+    assert_eq!(st.job("b-p").unwrap().unwrap().status, "failed");
+}
+
+#[test]
+fn a_failed_pass_is_recorded_and_recovery_is_retried() {
+    let w = World::new();
+    w.in_progress(A, "held", 600);
+    // Every attempt of the first listing fails (5 attempts, all 500).
+    for _ in 0..5 {
+        w.fake.push_fault(FaultRule { method: Some("GET".into()), path_prefix: Some("/v3/export-jobs".into()), fault: Fault::ServerError });
+    }
+    let mut m = w.mirror(&[A]);
+    let r = m.pass(PassKind::Recovery);
+    assert_eq!(r.failed_companies, [A]);
+    let err: Option<String> = w.store().conn().query_row("SELECT error FROM sync_runs", [], |r| r.get(0)).unwrap();
+    assert!(err.unwrap().contains("500"));
+    // The next scheduled pass is still a recovery pass, so the held job is found.
+    m.pass(PassKind::Poll);
+    assert_eq!(w.store().job("held").unwrap().unwrap().proc_state, ProcState::Resume);
+    let kinds: Vec<String> = w
+        .store()
+        .conn()
+        .prepare("SELECT kind FROM sync_runs ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kinds, ["recovery", "recovery"]);
+}
+
+#[test]
+fn truncated_listing_is_retried_not_half_stored() {
+    let w = World::new();
+    for i in 0..5 {
+        w.pending(A, &format!("j{i}"), 100 + i);
+    }
+    w.fake.push_fault(FaultRule { method: Some("GET".into()), path_prefix: Some("/v3/export-jobs".into()), fault: Fault::Truncate });
+    let r = w.mirror(&[A]).pass(PassKind::Recovery);
+    assert!(r.failed_companies.is_empty());
+    assert_eq!(r.counts.new, 5);
+    assert_eq!(w.clock.sleeps().len(), 1, "one retry after the cut body");
+}

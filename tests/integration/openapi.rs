@@ -1,0 +1,175 @@
+//! The fake's answers checked against Pleo's own OpenAPI file (`../shared/pleo-openapi`).
+
+use serde_json::{Value, json};
+
+use crate::harness::{KEY, World};
+
+fn spec() -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/pleo-openapi/pleo-export-openapi.yml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (the shared folder must sit beside the checkout)", path.display()));
+    serde_norway::from_str(&text).unwrap()
+}
+
+fn resolve<'a>(spec: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let name = r.strip_prefix("#/components/schemas/").expect("local ref");
+            resolve(spec, &spec["components"]["schemas"][name])
+        }
+        None => schema,
+    }
+}
+
+/// Checks `v` against `schema`: types, required fields, enums, nullability, date-times.
+fn check(spec: &Value, schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>) {
+    let s = resolve(spec, schema);
+    if v.is_null() {
+        if s.get("nullable") != Some(&Value::Bool(true)) {
+            errors.push(format!("{at}: null but not nullable"));
+        }
+        return;
+    }
+    if let Some(all) = s.get("allOf").and_then(Value::as_array) {
+        for sub in all {
+            check(spec, sub, v, at, errors);
+        }
+    }
+    let ty = s.get("type").and_then(Value::as_str);
+    let ok = match ty {
+        Some("object") => v.is_object(),
+        Some("array") => v.is_array(),
+        Some("string") => v.is_string(),
+        Some("integer") => v.is_i64() || v.is_u64(),
+        Some("number") => v.is_number(),
+        Some("boolean") => v.is_boolean(),
+        _ => true,
+    };
+    if !ok {
+        errors.push(format!("{at}: expected {ty:?}, got {v}"));
+        return;
+    }
+    if let Some(e) = s.get("enum").and_then(Value::as_array)
+        && !e.contains(v)
+    {
+        errors.push(format!("{at}: {v} not in enum"));
+    }
+    if s.get("format").and_then(Value::as_str) == Some("date-time")
+        && jobmirror::clock::Millis::parse_rfc3339(v.as_str().unwrap_or("")).is_none()
+    {
+        errors.push(format!("{at}: {v} is not a date-time"));
+    }
+    if let (Some(req), Some(o)) = (s.get("required").and_then(Value::as_array), v.as_object()) {
+        for r in req {
+            let r = r.as_str().unwrap();
+            if !o.contains_key(r) {
+                errors.push(format!("{at}: missing required `{r}`"));
+            }
+        }
+    }
+    if let (Some(props), Some(o)) = (s.get("properties").and_then(Value::as_object), v.as_object()) {
+        for (k, sub) in props {
+            if let Some(x) = o.get(k) {
+                check(spec, sub, x, &format!("{at}.{k}"), errors);
+            }
+        }
+    }
+    if let (Some(items), Some(a)) = (s.get("items"), v.as_array()) {
+        for (i, x) in a.iter().enumerate() {
+            check(spec, items, x, &format!("{at}[{i}]"), errors);
+        }
+    }
+}
+
+struct Call {
+    method: &'static str,
+    path: String,
+    body: Option<Value>,
+    spec_path: &'static str,
+}
+
+fn send(base: &str, c: &Call) -> (u16, Value) {
+    use base64::Engine;
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:")));
+    let url = format!("{base}{}", c.path);
+    let mut resp = match (c.method, &c.body) {
+        ("GET", _) => agent.get(&url).header("Authorization", &auth).call().unwrap(),
+        ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b).unwrap(),
+        ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b).unwrap(),
+        _ => unreachable!(),
+    };
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap() })
+}
+
+#[test]
+fn fake_answers_match_pleos_openapi() {
+    let spec = spec();
+    let w = World::new();
+    w.fake
+        .add_job(jobmirror::fake::JobSpec {
+            id: Some("11111111-1111-4111-8111-111111111111".into()),
+            company_id: "22222222-2222-4222-8222-222222222222".into(),
+            status: "pending".into(),
+            created_secs_ago: Some(60),
+            items: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+    let job = "11111111-1111-4111-8111-111111111111";
+    let company = "22222222-2222-4222-8222-222222222222";
+    let item = w.fake.job(job).unwrap().items[0].accounting_entry_id.clone();
+    let calls = [
+        Call { method: "GET", path: format!("/v3/export-jobs?company_id={company}&statuses=pending&limit=1"), body: None, spec_path: "/v3/export-jobs" },
+        Call { method: "GET", path: format!("/v3/export-jobs/{job}"), body: None, spec_path: "/v3/export-jobs/{jobId}" },
+        Call { method: "GET", path: "/v3/export-jobs/33333333-3333-4333-8333-333333333333".into(), body: None, spec_path: "/v3/export-jobs/{jobId}" },
+        Call { method: "GET", path: format!("/v3/export-jobs/{job}/items?limit=2"), body: None, spec_path: "/v3/export-jobs/{jobId}/items" },
+        Call { method: "GET", path: format!("/v3/export-items?job_id={job}"), body: None, spec_path: "/v3/export-items" },
+        Call { method: "POST", path: "/v3/export-job-events".into(), body: Some(json!({"event": "started", "jobId": job})), spec_path: "/v3/export-job-events" },
+        Call { method: "POST", path: "/v3/export-job-events".into(), body: Some(json!({"event": "started", "jobId": job})), spec_path: "/v3/export-job-events" },
+        Call {
+            method: "PUT",
+            path: format!("/v3/export-jobs/{job}/items"),
+            body: Some(json!([{"accountingEntryId": item, "status": "successful", "externalId": "X-1"},
+                              {"accountingEntryId": "44444444-4444-4444-8444-444444444444", "status": "successful"}])),
+            spec_path: "/v3/export-jobs/{jobId}/items",
+        },
+        Call {
+            method: "PUT",
+            path: format!("/v3/export-jobs/{job}/items"),
+            body: Some(Value::Array(vec![json!({"accountingEntryId": item, "status": "successful"}); 101])),
+            spec_path: "/v3/export-jobs/{jobId}/items",
+        },
+        Call {
+            method: "POST",
+            path: "/v3/export-jobs".into(),
+            body: Some(json!({"companyId": "55555555-5555-4555-8555-555555555555", "accountingEntryIds": ["66666666-6666-4666-8666-666666666666"]})),
+            spec_path: "/v3/export-jobs",
+        },
+        Call { method: "POST", path: "/v3/export-job-events".into(), body: Some(json!({"event": "completed", "jobId": job})), spec_path: "/v3/export-job-events" },
+        Call { method: "GET", path: format!("/v3/export-items?job_id={job}"), body: None, spec_path: "/v3/export-items" },
+    ];
+    let expected_status = [200, 200, 404, 200, 200, 202, 422, 200, 413, 201, 202, 422];
+    let mut errors = Vec::new();
+    for (c, want) in calls.iter().zip(expected_status) {
+        let (status, body) = send(&w.fake.base_url(), c);
+        assert_eq!(status, want, "{} {}: {body}", c.method, c.path);
+        let op = &spec["paths"][c.spec_path][c.method.to_ascii_lowercase()];
+        assert!(op.is_object(), "no operation {} {} in the spec", c.method, c.spec_path);
+        let resp = &op["responses"][status.to_string()];
+        assert!(resp.is_object(), "{} {} answered {status}, which the spec does not list", c.method, c.spec_path);
+        match resp["content"].as_object().and_then(|m| m.values().next()) {
+            Some(content) => check(&spec, &content["schema"], &body, &format!("{} {} {status}", c.method, c.spec_path), &mut errors),
+            None => assert!(body.is_null(), "{} {} {status}: the spec lists no body", c.method, c.spec_path),
+        }
+        // Cursors use Pleo's cursor alphabet.
+        for k in ["startCursor", "endCursor"] {
+            if let Some(cur) = body["pagination"][k].as_str() {
+                assert!(cur.bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b) || b == b'=' || b == b'~'), "{cur}");
+            }
+        }
+    }
+    assert!(errors.is_empty(), "shape mismatches:\n{}", errors.join("\n"));
+}

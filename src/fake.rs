@@ -425,8 +425,20 @@ impl FakePleo {
         ] {
             extra.remove(k);
         }
-        let status = if spec.status.is_empty() { "pending".to_owned() } else { spec.status.clone() };
-        if !["pending", "in_progress", "failed", "completed", "completed_with_errors"].contains(&status.as_str()) {
+        let status = if spec.status.is_empty() {
+            "pending".to_owned()
+        } else {
+            spec.status.clone()
+        };
+        if ![
+            "pending",
+            "in_progress",
+            "failed",
+            "completed",
+            "completed_with_errors",
+        ]
+        .contains(&status.as_str())
+        {
             anyhow::bail!("job {id}: unknown status {status:?}");
         }
         let n_items = spec.items.unwrap_or(1);

@@ -503,7 +503,11 @@ impl Store {
 
     /// Ids of the company's jobs the mirror holds as open (`pending`/`in_progress`) that are not
     /// in `seen`.
-    pub fn open_jobs_missing(&self, company_id: &str, seen: &std::collections::HashSet<String>) -> Result<Vec<String>> {
+    pub fn open_jobs_missing(
+        &self,
+        company_id: &str,
+        seen: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id FROM export_jobs WHERE company_id = ?1 AND status IN ('pending', 'in_progress')",
         )?;

@@ -51,7 +51,10 @@ fn wait_for(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) {
                     return;
                 }
             }
-            Err(_) => panic!("no line containing {needle:?} within 20 s; got:\n{}", seen.join("\n")),
+            Err(_) => panic!(
+                "no line containing {needle:?} within 20 s; got:\n{}",
+                seen.join("\n")
+            ),
         }
     }
 }
@@ -68,7 +71,11 @@ impl Drop for Reaper {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
@@ -81,7 +88,10 @@ fn wait_exit(mut child: Child, within: Duration) -> std::process::ExitStatus {
     match rx.recv_timeout(within) {
         Ok(s) => s.unwrap(),
         Err(_) => {
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
             panic!("process did not exit within {within:?}");
         }
     }
@@ -89,11 +99,18 @@ fn wait_exit(mut child: Child, within: Duration) -> std::process::ExitStatus {
 
 #[test]
 fn configuration_errors_exit_2_with_one_line_naming_the_key() {
-    let out = cmd().arg("run").env("JOBMIRROR_PLEO_API_KEY", "k").output().unwrap();
+    let out = cmd()
+        .arg("run")
+        .env("JOBMIRROR_PLEO_API_KEY", "k")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("company_ids") && err.contains("JOBMIRROR_COMPANY_IDS"), "{err}");
+    assert!(
+        err.contains("company_ids") && err.contains("JOBMIRROR_COMPANY_IDS"),
+        "{err}"
+    );
 
     let out = cmd()
         .arg("run")
@@ -107,7 +124,11 @@ fn configuration_errors_exit_2_with_one_line_naming_the_key() {
 
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.toml");
-    std::fs::write(&f, "pleo_api_key = \"k\"\ncompany_ids = \"c\"\npoll_interval = 5\n").unwrap();
+    std::fs::write(
+        &f,
+        "pleo_api_key = \"k\"\ncompany_ids = \"c\"\npoll_interval = 5\n",
+    )
+    .unwrap();
     let out = cmd().arg("--config").arg(&f).arg("run").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("poll_interval"));
@@ -120,10 +141,24 @@ fn configuration_errors_exit_2_with_one_line_naming_the_key() {
 fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
     let clock: SharedClock = Arc::new(SystemClock);
     let secret = "sk-live-DO-NOT-LOG-4242";
-    let fake = FakePleo::start("127.0.0.1:0", FakeConfig { api_keys: vec![secret.into()], ..FakeConfig::default() }, clock).unwrap();
+    let fake = FakePleo::start(
+        "127.0.0.1:0",
+        FakeConfig {
+            api_keys: vec![secret.into()],
+            ..FakeConfig::default()
+        },
+        clock,
+    )
+    .unwrap();
     let company = "aaaaaaaa-0000-4000-8000-000000000001";
-    fake.add_job(JobSpec { id: Some("held".into()), company_id: company.into(), status: "in_progress".into(), created_secs_ago: Some(60), ..Default::default() })
-        .unwrap();
+    fake.add_job(JobSpec {
+        id: Some("held".into()),
+        company_id: company.into(),
+        status: "in_progress".into(),
+        created_secs_ago: Some(60),
+        ..Default::default()
+    })
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("state").join("jobmirror.db");
     let mut child = cmd()
@@ -146,7 +181,13 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
 
     // A job appears; with an hour between polls, SIGUSR1 makes jobmirror look now.
     assert!(fake.complete("held"));
-    fake.add_job(JobSpec { id: Some("fresh".into()), company_id: company.into(), created_secs_ago: Some(5), ..Default::default() }).unwrap();
+    fake.add_job(JobSpec {
+        id: Some("fresh".into()),
+        company_id: company.into(),
+        created_secs_ago: Some(5),
+        ..Default::default()
+    })
+    .unwrap();
     signal(reaper.0.as_ref().unwrap(), "USR1");
     wait_for(&rx, "trigger pass: 1 jobs seen, 1 new", &mut seen);
     wait_for(&rx, "claimed job fresh", &mut seen);
@@ -162,22 +203,42 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
     let all = seen.join("\n");
     use base64::Engine;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{secret}:"));
-    assert!(!all.contains(secret) && !all.contains(&basic), "the API key reached the log");
-    assert!(all.contains("[TRACE]") || all.contains("[DEBUG]"), "the log really was verbose");
+    assert!(
+        !all.contains(secret) && !all.contains(&basic),
+        "the API key reached the log"
+    );
+    assert!(
+        all.contains("[TRACE]") || all.contains("[DEBUG]"),
+        "the log really was verbose"
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&db).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     // `status` reads the same database.
-    let out = cmd().arg("status").env("JOBMIRROR_DB", &db).output().unwrap();
+    let out = cmd()
+        .arg("status")
+        .env("JOBMIRROR_DB", &db)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains(&format!("company {company}")), "{text}");
-    assert!(text.contains("processing=1") && text.contains("done=1"), "{text}");
+    assert!(
+        text.contains("processing=1") && text.contains("done=1"),
+        "{text}"
+    );
     assert!(text.contains("next deadline: job fresh"), "{text}");
-    let out = cmd().args(["status", "--json"]).env("JOBMIRROR_DB", &db).output().unwrap();
+    let out = cmd()
+        .args(["status", "--json"])
+        .env("JOBMIRROR_DB", &db)
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["companies"][0]["jobs_by_state"]["processing"], 1);
     assert_eq!(v["companies"][0]["next_deadline"]["job_id"], "fresh");
@@ -187,14 +248,32 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
 fn migrate_creates_the_schema_and_status_refuses_a_missing_database() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("m.db");
-    let out = cmd().arg("migrate").env("JOBMIRROR_DB", &db).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd()
+        .arg("migrate")
+        .env("JOBMIRROR_DB", &db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let conn = rusqlite::Connection::open(&db).unwrap();
     for t in ["export_jobs", "job_events", "sync_runs"] {
-        let n: i64 = conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = ?1", [t], |r| r.get(0)).unwrap();
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = ?1",
+                [t],
+                |r| r.get(0),
+            )
+            .unwrap();
         assert_eq!(n, 1, "{t}");
     }
-    let out = cmd().arg("status").env("JOBMIRROR_DB", dir.path().join("none.db")).output().unwrap();
+    let out = cmd()
+        .arg("status")
+        .env("JOBMIRROR_DB", dir.path().join("none.db"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -204,14 +283,35 @@ fn demo_runs_to_the_end_against_the_bundled_fake() {
     let db = dir.path().join("demo.db");
     let out = cmd().arg("demo").arg("--db").arg(&db).output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    let line = |id: &str| text.lines().find(|l| l.contains(&format!("job {id}"))).unwrap_or_else(|| panic!("{id} missing:\n{text}")).to_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |id: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!("job {id}")))
+            .unwrap_or_else(|| panic!("{id} missing:\n{text}"))
+            .to_owned()
+    };
     // acme: resumed without started; bravo: conflict then next oldest; charlie: too late, then oldest.
-    assert!(line("a0000000-0000-4000-8000-000000000001").contains("jobmirror=processing started sent 0x"));
+    assert!(
+        line("a0000000-0000-4000-8000-000000000001")
+            .contains("jobmirror=processing started sent 0x")
+    );
     assert!(line("b0000000-0000-4000-8000-000000000001").contains("jobmirror=conflict"));
-    assert!(line("b0000000-0000-4000-8000-000000000002").contains("jobmirror=processing started sent 1x"));
-    assert!(line("c0000000-0000-4000-8000-000000000000").contains("jobmirror=too_late   started sent 0x"));
-    assert!(line("c0000000-0000-4000-8000-000000000001").contains("jobmirror=processing started sent 1x"));
+    assert!(
+        line("b0000000-0000-4000-8000-000000000002")
+            .contains("jobmirror=processing started sent 1x")
+    );
+    assert!(
+        line("c0000000-0000-4000-8000-000000000000")
+            .contains("jobmirror=too_late   started sent 0x")
+    );
+    assert!(
+        line("c0000000-0000-4000-8000-000000000001")
+            .contains("jobmirror=processing started sent 1x")
+    );
     assert!(text.contains(&db.display().to_string()));
 }
 
@@ -233,11 +333,16 @@ fn fake_pleo_command_serves_a_fixture_and_stops_on_sigterm() {
     assert!(seen.iter().any(|l| l.contains("loaded 10 jobs")));
     let clock: SharedClock = Arc::new(SystemClock);
     let client = jobmirror::pleo::PleoClient::new(
-        jobmirror::pleo::ClientConfig::new(&url, jobmirror::pleo::Auth::ApiKey(jobmirror::pleo::Secret::new("demo-key"))),
+        jobmirror::pleo::ClientConfig::new(
+            &url,
+            jobmirror::pleo::Auth::ApiKey(jobmirror::pleo::Secret::new("demo-key")),
+        ),
         clock,
     )
     .unwrap();
-    let listing = client.list_jobs("cccccccc-0000-4000-8000-00000charlie", &["pending"]).unwrap();
+    let listing = client
+        .list_jobs("cccccccc-0000-4000-8000-00000charlie", &["pending"])
+        .unwrap();
     assert_eq!(listing.jobs.len(), 4);
     let child = reaper.0.take().unwrap();
     signal(&child, "TERM");
@@ -246,7 +351,11 @@ fn fake_pleo_command_serves_a_fixture_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"{"version": 9, "jobs": []}"#).unwrap();
-    let out = cmd().args(["fake-pleo", "--listen", "127.0.0.1:0", "--fixture"]).arg(&bad).output().unwrap();
+    let out = cmd()
+        .args(["fake-pleo", "--listen", "127.0.0.1:0", "--fixture"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("version 9"));
 }

@@ -9,17 +9,31 @@ fn errors_keep_pleos_type_and_message_and_4xx_is_not_retried() {
     let w = World::new();
     let c = w.client();
     match c.get_job("nope") {
-        Err(PleoError::Api { status, kind, message }) => {
+        Err(PleoError::Api {
+            status,
+            kind,
+            message,
+        }) => {
             assert_eq!((status, kind.as_str()), (404, "EXPORT_NOT_FOUND"));
             assert_eq!(message, "Export job not found.");
         }
         other => panic!("{other:?}"),
     }
     w.pending("c", "j", 10);
-    c.post_event(&JobEvent { event: JobEventKind::Started, job_id: "j".into(), failure_reason: None, failure_reason_type: None })
-        .unwrap();
+    c.post_event(&JobEvent {
+        event: JobEventKind::Started,
+        job_id: "j".into(),
+        failure_reason: None,
+        failure_reason_type: None,
+    })
+    .unwrap();
     let e = c
-        .post_event(&JobEvent { event: JobEventKind::Started, job_id: "j".into(), failure_reason: None, failure_reason_type: None })
+        .post_event(&JobEvent {
+            event: JobEventKind::Started,
+            job_id: "j".into(),
+            failure_reason: None,
+            failure_reason_type: None,
+        })
         .unwrap_err();
     assert!(e.is_status_conflict(), "{e}");
     assert!(!e.is_retryable());
@@ -30,7 +44,10 @@ fn errors_keep_pleos_type_and_message_and_4xx_is_not_retried() {
 #[test]
 fn wrong_key_is_401_once_and_the_key_never_shows() {
     let w = World::new();
-    let cfg = ClientConfig::new(&w.fake.base_url(), Auth::ApiKey(Secret::new("wrong-key-123")));
+    let cfg = ClientConfig::new(
+        &w.fake.base_url(),
+        Auth::ApiKey(Secret::new("wrong-key-123")),
+    );
     let c = PleoClient::new(cfg, w.shared_clock()).unwrap();
     let e = c.list_jobs("c", &["pending"]).unwrap_err();
     assert_eq!(e.status(), Some(401));
@@ -64,6 +81,9 @@ fn transport_errors_are_retried_a_bounded_number_of_times() {
     // Exponential with a cap: each wait is within [cap/2, cap] of its step.
     for (i, s) in sleeps.iter().enumerate() {
         let cap = 500u128 << i;
-        assert!(s.as_millis() >= cap / 2 && s.as_millis() <= cap, "wait {i}: {s:?}");
+        assert!(
+            s.as_millis() >= cap / 2 && s.as_millis() <= cap,
+            "wait {i}: {s:?}"
+        );
     }
 }

@@ -27,13 +27,22 @@ impl World {
         let shared: SharedClock = clock.clone();
         let fake = FakePleo::start(
             "127.0.0.1:0",
-            FakeConfig { api_keys: vec![KEY.into()], ..FakeConfig::default() },
+            FakeConfig {
+                api_keys: vec![KEY.into()],
+                ..FakeConfig::default()
+            },
             shared,
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("jobmirror.db");
-        World { clock, fake, _dir: dir, db, page_size: 100 }
+        World {
+            clock,
+            fake,
+            _dir: dir,
+            db,
+            page_size: 100,
+        }
     }
 
     pub fn shared_clock(&self) -> SharedClock {
@@ -55,11 +64,22 @@ impl World {
     }
 
     pub fn mirror(&self, companies: &[&str]) -> Mirror {
-        Mirror::new(self.store(), self.client(), self.shared_clock(), companies.iter().map(|s| s.to_string()).collect())
+        Mirror::new(
+            self.store(),
+            self.client(),
+            self.shared_clock(),
+            companies.iter().map(|s| s.to_string()).collect(),
+        )
     }
 
     pub fn processor(&self, companies: &[&str], cfg: ProcessorConfig) -> Processor {
-        Processor::new(self.store(), self.client(), self.shared_clock(), companies.iter().map(|s| s.to_string()).collect(), cfg)
+        Processor::new(
+            self.store(),
+            self.client(),
+            self.shared_clock(),
+            companies.iter().map(|s| s.to_string()).collect(),
+            cfg,
+        )
     }
 
     /// Adds a pending job created `secs_ago` seconds before now.
@@ -91,7 +111,12 @@ impl World {
 
     /// Journal kinds for one job, in order.
     pub fn kinds(&self, job: &str) -> Vec<String> {
-        self.store().events(Some(job)).unwrap().into_iter().map(|e| e.kind).collect()
+        self.store()
+            .events(Some(job))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
     }
 
     /// Bodies of every `POST /v3/export-job-events` the fake received, as (event, jobId).
@@ -102,7 +127,10 @@ impl World {
             .filter(|r| r.method == "POST" && r.path == "/v3/export-job-events")
             .map(|r| {
                 let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-                (v["event"].as_str().unwrap().to_owned(), v["jobId"].as_str().unwrap().to_owned())
+                (
+                    v["event"].as_str().unwrap().to_owned(),
+                    v["jobId"].as_str().unwrap().to_owned(),
+                )
             })
             .collect()
     }

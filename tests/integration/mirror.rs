@@ -20,19 +20,39 @@ fn two_hundred_fifty_jobs_across_pages_are_all_mirrored() {
     assert_eq!(report.counts.new, 250);
     assert_eq!(report.counts.pages, 3, "page size 100");
     let st = w.store();
-    let n: i64 = st.conn().query_row("SELECT count(*) FROM export_jobs WHERE company_id = ?1", [A], |r| r.get(0)).unwrap();
+    let n: i64 = st
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM export_jobs WHERE company_id = ?1",
+            [A],
+            |r| r.get(0),
+        )
+        .unwrap();
     assert_eq!(n, 250);
     let (pages, seen, new, err): (i64, i64, i64, Option<String>) = st
         .conn()
-        .query_row("SELECT pages, jobs_seen, jobs_new, error FROM sync_runs WHERE kind = 'recovery'", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
+        .query_row(
+            "SELECT pages, jobs_seen, jobs_new, error FROM sync_runs WHERE kind = 'recovery'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
         .unwrap();
     assert_eq!((pages, seen, new, err), (3, 250, 250, None));
     // The client followed `after` cursors, and asked for both statuses with a repeated key.
-    let lists: Vec<_> = w.fake.requests().into_iter().filter(|r| r.path == "/v3/export-jobs").collect();
+    let lists: Vec<_> = w
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/v3/export-jobs")
+        .collect();
     assert_eq!(lists.len(), 3);
-    assert!(lists[0].query.contains("statuses=pending&statuses=in_progress"), "{}", lists[0].query);
+    assert!(
+        lists[0]
+            .query
+            .contains("statuses=pending&statuses=in_progress"),
+        "{}",
+        lists[0].query
+    );
     assert!(!lists[0].query.contains("after="));
     assert!(lists[1].query.contains("after=") && lists[2].query.contains("after="));
     // A second pass finds nothing new.
@@ -54,19 +74,38 @@ fn detection_only_reads() {
     w.complete_at_pleo("b-held");
     let before = w.fake.requests().len();
     m.pass(PassKind::Poll);
-    assert_eq!(w.store().job("p1").unwrap().unwrap().proc_state, ProcState::Conflict);
-    assert_eq!(w.store().job("b-held").unwrap().unwrap().proc_state, ProcState::Done);
+    assert_eq!(
+        w.store().job("p1").unwrap().unwrap().proc_state,
+        ProcState::Conflict
+    );
+    assert_eq!(
+        w.store().job("b-held").unwrap().unwrap().proc_state,
+        ProcState::Done
+    );
     m.pass(PassKind::Trigger);
     w.clock.advance(std::time::Duration::from_secs(3700));
     m.pass(PassKind::Poll);
     let reqs = w.fake.requests();
     let mine = &reqs[before..];
     assert!(!mine.is_empty());
-    assert!(mine.iter().all(|r| r.method == "GET"), "detection sent {:?}", mine.iter().map(|r| (&r.method, &r.path)).collect::<Vec<_>>());
+    assert!(
+        mine.iter().all(|r| r.method == "GET"),
+        "detection sent {:?}",
+        mine.iter()
+            .map(|r| (&r.method, &r.path))
+            .collect::<Vec<_>>()
+    );
     // ... and the mirror followed every change.
     let st = w.store();
-    assert_eq!(st.job("p1").unwrap().unwrap().status, "failed", "expired while held elsewhere");
-    assert_eq!(st.job("p2").unwrap().unwrap().proc_state, ProcState::Expired);
+    assert_eq!(
+        st.job("p1").unwrap().unwrap().status,
+        "failed",
+        "expired while held elsewhere"
+    );
+    assert_eq!(
+        st.job("p2").unwrap().unwrap().proc_state,
+        ProcState::Expired
+    );
     assert_eq!(st.job("b-p").unwrap().unwrap().status, "failed");
 }
 
@@ -76,16 +115,27 @@ fn a_failed_pass_is_recorded_and_recovery_is_retried() {
     w.in_progress(A, "held", 600);
     // Every attempt of the first listing fails (5 attempts, all 500).
     for _ in 0..5 {
-        w.fake.push_fault(FaultRule { method: Some("GET".into()), path_prefix: Some("/v3/export-jobs".into()), fault: Fault::ServerError });
+        w.fake.push_fault(FaultRule {
+            method: Some("GET".into()),
+            path_prefix: Some("/v3/export-jobs".into()),
+            fault: Fault::ServerError,
+        });
     }
     let mut m = w.mirror(&[A]);
     let r = m.pass(PassKind::Recovery);
     assert_eq!(r.failed_companies, [A]);
-    let err: Option<String> = w.store().conn().query_row("SELECT error FROM sync_runs", [], |r| r.get(0)).unwrap();
+    let err: Option<String> = w
+        .store()
+        .conn()
+        .query_row("SELECT error FROM sync_runs", [], |r| r.get(0))
+        .unwrap();
     assert!(err.unwrap().contains("500"));
     // The next scheduled pass is still a recovery pass, so the held job is found.
     m.pass(PassKind::Poll);
-    assert_eq!(w.store().job("held").unwrap().unwrap().proc_state, ProcState::Resume);
+    assert_eq!(
+        w.store().job("held").unwrap().unwrap().proc_state,
+        ProcState::Resume
+    );
     let kinds: Vec<String> = w
         .store()
         .conn()
@@ -104,7 +154,11 @@ fn truncated_listing_is_retried_not_half_stored() {
     for i in 0..5 {
         w.pending(A, &format!("j{i}"), 100 + i);
     }
-    w.fake.push_fault(FaultRule { method: Some("GET".into()), path_prefix: Some("/v3/export-jobs".into()), fault: Fault::Truncate });
+    w.fake.push_fault(FaultRule {
+        method: Some("GET".into()),
+        path_prefix: Some("/v3/export-jobs".into()),
+        fault: Fault::Truncate,
+    });
     let r = w.mirror(&[A]).pass(PassKind::Recovery);
     assert!(r.failed_companies.is_empty());
     assert_eq!(r.counts.new, 5);

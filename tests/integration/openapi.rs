@@ -5,9 +5,14 @@ use serde_json::{Value, json};
 use crate::harness::{KEY, World};
 
 fn spec() -> Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/pleo-openapi/pleo-export-openapi.yml");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (the shared folder must sit beside the checkout)", path.display()));
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/pleo-openapi/pleo-export-openapi.yml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (the shared folder must sit beside the checkout)",
+            path.display()
+        )
+    });
     serde_norway::from_str(&text).unwrap()
 }
 
@@ -67,7 +72,10 @@ fn check(spec: &Value, schema: &Value, v: &Value, at: &str, errors: &mut Vec<Str
             }
         }
     }
-    if let (Some(props), Some(o)) = (s.get("properties").and_then(Value::as_object), v.as_object()) {
+    if let (Some(props), Some(o)) = (
+        s.get("properties").and_then(Value::as_object),
+        v.as_object(),
+    ) {
         for (k, sub) in props {
             if let Some(x) = o.get(k) {
                 check(spec, sub, x, &format!("{at}.{k}"), errors);
@@ -90,18 +98,43 @@ struct Call {
 
 fn send(base: &str, c: &Call) -> (u16, Value) {
     use base64::Engine;
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:")));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"))
+    );
     let url = format!("{base}{}", c.path);
     let mut resp = match (c.method, &c.body) {
-        ("GET", _) => agent.get(&url).header("Authorization", &auth).call().unwrap(),
-        ("POST", Some(b)) => agent.post(&url).header("Authorization", &auth).send_json(b).unwrap(),
-        ("PUT", Some(b)) => agent.put(&url).header("Authorization", &auth).send_json(b).unwrap(),
+        ("GET", _) => agent
+            .get(&url)
+            .header("Authorization", &auth)
+            .call()
+            .unwrap(),
+        ("POST", Some(b)) => agent
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_json(b)
+            .unwrap(),
+        ("PUT", Some(b)) => agent
+            .put(&url)
+            .header("Authorization", &auth)
+            .send_json(b)
+            .unwrap(),
         _ => unreachable!(),
     };
     let status = resp.status().as_u16();
     let text = resp.body_mut().read_to_string().unwrap();
-    (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap() })
+    (
+        status,
+        if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap()
+        },
+    )
 }
 
 #[test]
@@ -120,36 +153,90 @@ fn fake_answers_match_pleos_openapi() {
         .unwrap();
     let job = "11111111-1111-4111-8111-111111111111";
     let company = "22222222-2222-4222-8222-222222222222";
-    let item = w.fake.job(job).unwrap().items[0].accounting_entry_id.clone();
+    let item = w.fake.job(job).unwrap().items[0]
+        .accounting_entry_id
+        .clone();
     let calls = [
-        Call { method: "GET", path: format!("/v3/export-jobs?company_id={company}&statuses=pending&limit=1"), body: None, spec_path: "/v3/export-jobs" },
-        Call { method: "GET", path: format!("/v3/export-jobs/{job}"), body: None, spec_path: "/v3/export-jobs/{jobId}" },
-        Call { method: "GET", path: "/v3/export-jobs/33333333-3333-4333-8333-333333333333".into(), body: None, spec_path: "/v3/export-jobs/{jobId}" },
-        Call { method: "GET", path: format!("/v3/export-jobs/{job}/items?limit=2"), body: None, spec_path: "/v3/export-jobs/{jobId}/items" },
-        Call { method: "GET", path: format!("/v3/export-items?job_id={job}"), body: None, spec_path: "/v3/export-items" },
-        Call { method: "POST", path: "/v3/export-job-events".into(), body: Some(json!({"event": "started", "jobId": job})), spec_path: "/v3/export-job-events" },
-        Call { method: "POST", path: "/v3/export-job-events".into(), body: Some(json!({"event": "started", "jobId": job})), spec_path: "/v3/export-job-events" },
+        Call {
+            method: "GET",
+            path: format!("/v3/export-jobs?company_id={company}&statuses=pending&limit=1"),
+            body: None,
+            spec_path: "/v3/export-jobs",
+        },
+        Call {
+            method: "GET",
+            path: format!("/v3/export-jobs/{job}"),
+            body: None,
+            spec_path: "/v3/export-jobs/{jobId}",
+        },
+        Call {
+            method: "GET",
+            path: "/v3/export-jobs/33333333-3333-4333-8333-333333333333".into(),
+            body: None,
+            spec_path: "/v3/export-jobs/{jobId}",
+        },
+        Call {
+            method: "GET",
+            path: format!("/v3/export-jobs/{job}/items?limit=2"),
+            body: None,
+            spec_path: "/v3/export-jobs/{jobId}/items",
+        },
+        Call {
+            method: "GET",
+            path: format!("/v3/export-items?job_id={job}"),
+            body: None,
+            spec_path: "/v3/export-items",
+        },
+        Call {
+            method: "POST",
+            path: "/v3/export-job-events".into(),
+            body: Some(json!({"event": "started", "jobId": job})),
+            spec_path: "/v3/export-job-events",
+        },
+        Call {
+            method: "POST",
+            path: "/v3/export-job-events".into(),
+            body: Some(json!({"event": "started", "jobId": job})),
+            spec_path: "/v3/export-job-events",
+        },
         Call {
             method: "PUT",
             path: format!("/v3/export-jobs/{job}/items"),
-            body: Some(json!([{"accountingEntryId": item, "status": "successful", "externalId": "X-1"},
-                              {"accountingEntryId": "44444444-4444-4444-8444-444444444444", "status": "successful"}])),
+            body: Some(
+                json!([{"accountingEntryId": item, "status": "successful", "externalId": "X-1"},
+                              {"accountingEntryId": "44444444-4444-4444-8444-444444444444", "status": "successful"}]),
+            ),
             spec_path: "/v3/export-jobs/{jobId}/items",
         },
         Call {
             method: "PUT",
             path: format!("/v3/export-jobs/{job}/items"),
-            body: Some(Value::Array(vec![json!({"accountingEntryId": item, "status": "successful"}); 101])),
+            body: Some(Value::Array(vec![
+                json!({"accountingEntryId": item, "status": "successful"});
+                101
+            ])),
             spec_path: "/v3/export-jobs/{jobId}/items",
         },
         Call {
             method: "POST",
             path: "/v3/export-jobs".into(),
-            body: Some(json!({"companyId": "55555555-5555-4555-8555-555555555555", "accountingEntryIds": ["66666666-6666-4666-8666-666666666666"]})),
+            body: Some(
+                json!({"companyId": "55555555-5555-4555-8555-555555555555", "accountingEntryIds": ["66666666-6666-4666-8666-666666666666"]}),
+            ),
             spec_path: "/v3/export-jobs",
         },
-        Call { method: "POST", path: "/v3/export-job-events".into(), body: Some(json!({"event": "completed", "jobId": job})), spec_path: "/v3/export-job-events" },
-        Call { method: "GET", path: format!("/v3/export-items?job_id={job}"), body: None, spec_path: "/v3/export-items" },
+        Call {
+            method: "POST",
+            path: "/v3/export-job-events".into(),
+            body: Some(json!({"event": "completed", "jobId": job})),
+            spec_path: "/v3/export-job-events",
+        },
+        Call {
+            method: "GET",
+            path: format!("/v3/export-items?job_id={job}"),
+            body: None,
+            spec_path: "/v3/export-items",
+        },
     ];
     let expected_status = [200, 200, 404, 200, 200, 202, 422, 200, 413, 201, 202, 422];
     let mut errors = Vec::new();
@@ -157,19 +244,50 @@ fn fake_answers_match_pleos_openapi() {
         let (status, body) = send(&w.fake.base_url(), c);
         assert_eq!(status, want, "{} {}: {body}", c.method, c.path);
         let op = &spec["paths"][c.spec_path][c.method.to_ascii_lowercase()];
-        assert!(op.is_object(), "no operation {} {} in the spec", c.method, c.spec_path);
+        assert!(
+            op.is_object(),
+            "no operation {} {} in the spec",
+            c.method,
+            c.spec_path
+        );
         let resp = &op["responses"][status.to_string()];
-        assert!(resp.is_object(), "{} {} answered {status}, which the spec does not list", c.method, c.spec_path);
+        assert!(
+            resp.is_object(),
+            "{} {} answered {status}, which the spec does not list",
+            c.method,
+            c.spec_path
+        );
         match resp["content"].as_object().and_then(|m| m.values().next()) {
-            Some(content) => check(&spec, &content["schema"], &body, &format!("{} {} {status}", c.method, c.spec_path), &mut errors),
-            None => assert!(body.is_null(), "{} {} {status}: the spec lists no body", c.method, c.spec_path),
+            Some(content) => check(
+                &spec,
+                &content["schema"],
+                &body,
+                &format!("{} {} {status}", c.method, c.spec_path),
+                &mut errors,
+            ),
+            None => assert!(
+                body.is_null(),
+                "{} {} {status}: the spec lists no body",
+                c.method,
+                c.spec_path
+            ),
         }
         // Cursors use Pleo's cursor alphabet.
         for k in ["startCursor", "endCursor"] {
             if let Some(cur) = body["pagination"][k].as_str() {
-                assert!(cur.bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b) || b == b'=' || b == b'~'), "{cur}");
+                assert!(
+                    cur.bytes().all(|b| b.is_ascii_uppercase()
+                        || (b'2'..=b'7').contains(&b)
+                        || b == b'='
+                        || b == b'~'),
+                    "{cur}"
+                );
             }
         }
     }
-    assert!(errors.is_empty(), "shape mismatches:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "shape mismatches:\n{}",
+        errors.join("\n")
+    );
 }

@@ -49,12 +49,24 @@ fn oldest_first_per_company_with_the_listing_shuffled_and_paged() {
     let mut order_a = Vec::new();
     let mut order_b = Vec::new();
     for round in 0..8 {
-        mirror.pass(if round == 0 { PassKind::Recovery } else { PassKind::Poll });
+        mirror.pass(if round == 0 {
+            PassKind::Recovery
+        } else {
+            PassKind::Poll
+        });
         let r = processor.round();
         assert!(r.errors.is_empty(), "{:?}", r.errors);
-        assert!(r.claimed.len() <= 2, "at most one claim per company per round: {:?}", r.claimed);
+        assert!(
+            r.claimed.len() <= 2,
+            "at most one claim per company per round: {:?}",
+            r.claimed
+        );
         for id in &r.claimed {
-            if id.starts_with("a-") { order_a.push(id.clone()) } else { order_b.push(id.clone()) }
+            if id.starts_with("a-") {
+                order_a.push(id.clone())
+            } else {
+                order_b.push(id.clone())
+            }
             // Never two jobs in progress for one company at the fake.
             let company = if id.starts_with("a-") { A } else { B };
             let held = w.store().conn()
@@ -67,7 +79,12 @@ fn oldest_first_per_company_with_the_listing_shuffled_and_paged() {
     assert_eq!(order_a, ["a-1", "a-2", "a-3", "a-4", "a-5"]);
     assert_eq!(order_b, ["b-0a", "b-0z", "b-1", "b-2", "b-3"]);
     // Exactly one `started` per job.
-    let started: Vec<String> = w.job_events_sent().into_iter().filter(|(e, _)| e == "started").map(|(_, j)| j).collect();
+    let started: Vec<String> = w
+        .job_events_sent()
+        .into_iter()
+        .filter(|(e, _)| e == "started")
+        .map(|(_, j)| j)
+        .collect();
     assert_eq!(started.len(), 10);
     let mut dedup = started.clone();
     dedup.sort();
@@ -88,15 +105,29 @@ fn conflict_between_verify_and_claim_takes_the_next_job_quietly() {
     let r = p.round();
     assert_eq!(r.conflicts, ["old"]);
     assert_eq!(r.claimed, ["mid"]);
-    assert!(r.errors.is_empty(), "a conflict is not an error: {:?}", r.errors);
+    assert!(
+        r.errors.is_empty(),
+        "a conflict is not an error: {:?}",
+        r.errors
+    );
     assert_eq!(w.fake.started_events_for("old"), 1, "no retry of a 422");
     assert_eq!(w.fake.started_events_for("mid"), 1);
     assert_eq!(w.fake.started_events_for("new"), 0);
     let st = w.store();
-    assert_eq!(st.job("old").unwrap().unwrap().proc_state, ProcState::Conflict);
+    assert_eq!(
+        st.job("old").unwrap().unwrap().proc_state,
+        ProcState::Conflict
+    );
     assert_eq!(
         w.kinds("old"),
-        ["detected", "verified", "claim_sent", "claim_conflict", "status_changed", "claimed_elsewhere"]
+        [
+            "detected",
+            "verified",
+            "claim_sent",
+            "claim_conflict",
+            "status_changed",
+            "claimed_elsewhere"
+        ]
     );
     // Further rounds and polls never try the conflicted job again.
     for _ in 0..3 {
@@ -116,7 +147,11 @@ fn claim_attempts_are_bounded_when_every_job_is_taken_by_someone_else() {
     w.mirror(&[A]).pass(PassKind::Recovery);
     let mut p = w.processor(&[A], cfg());
     let r = p.round();
-    assert_eq!(r.conflicts, ["j1", "j2", "j3"], "claims_per_round_max bounds one round");
+    assert_eq!(
+        r.conflicts,
+        ["j1", "j2", "j3"],
+        "claims_per_round_max bounds one round"
+    );
     assert!(r.claimed.is_empty());
     let backoff_end = w.clock.now().plus(Duration::from_secs(30));
     assert_eq!(r.next_due, Some(backoff_end));
@@ -130,7 +165,11 @@ fn claim_attempts_are_bounded_when_every_job_is_taken_by_someone_else() {
     w.clock.advance(Duration::from_secs(31));
     let r = p.round();
     assert_eq!(r.conflicts, ["j4", "j5"]);
-    assert_eq!(w.job_events_sent().len(), 5, "one started per job, never more");
+    assert_eq!(
+        w.job_events_sent().len(),
+        5,
+        "one started per job, never more"
+    );
 }
 
 #[test]
@@ -142,12 +181,27 @@ fn in_progress_job_at_start_up_is_resumed_without_started() {
     let mut p = w.processor(&[A], cfg());
     let r = p.round();
     assert_eq!(r.resumed, ["held"]);
-    assert!(r.claimed.is_empty(), "the held job blocks the company: one job at a time");
+    assert!(
+        r.claimed.is_empty(),
+        "the held job blocks the company: one job at a time"
+    );
     assert_eq!(w.fake.started_events_for("held"), 0);
-    assert!(w.job_events_sent().is_empty(), "no job event at all was sent");
-    let resumed = w.store().events(Some("held")).unwrap().into_iter().find(|e| e.kind == "resumed").unwrap();
+    assert!(
+        w.job_events_sent().is_empty(),
+        "no job event at all was sent"
+    );
+    let resumed = w
+        .store()
+        .events(Some("held"))
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "resumed")
+        .unwrap();
     assert_eq!(resumed.detail["started_sent"], false);
-    assert_eq!(w.store().job("held").unwrap().unwrap().proc_state, ProcState::Processing);
+    assert_eq!(
+        w.store().job("held").unwrap().unwrap().proc_state,
+        ProcState::Processing
+    );
 }
 
 #[test]
@@ -165,7 +219,11 @@ fn a_claim_interrupted_by_a_crash_is_resumed_not_resent() {
     let mut p = w.processor(&[A], cfg());
     let r = p.round();
     assert_eq!(r.resumed, ["j"]);
-    assert_eq!(w.fake.started_events_for("j"), 0, "started is not sent again");
+    assert_eq!(
+        w.fake.started_events_for("j"),
+        0,
+        "started is not sent again"
+    );
 }
 
 #[test]
@@ -179,7 +237,11 @@ fn deadline_warning_then_expiry_on_a_manual_clock() {
     assert_eq!(r.claimed, ["j"]);
     let expires = claim_time.plus(Duration::from_secs(3600));
     let warn_at = claim_time.plus(Duration::from_secs(3000));
-    assert_eq!(w.store().job("j").unwrap().unwrap().expires_at, expires, "deadline = lastUpdatedAt (the claim) + expiresIn");
+    assert_eq!(
+        w.store().job("j").unwrap().unwrap().expires_at,
+        expires,
+        "deadline = lastUpdatedAt (the claim) + expiresIn"
+    );
     assert_eq!(r.next_due, Some(warn_at));
 
     w.clock.set(warn_at.plus_secs(-1));
@@ -191,7 +253,13 @@ fn deadline_warning_then_expiry_on_a_manual_clock() {
     assert_eq!(r.next_due, Some(expires));
     let r = p.round();
     assert!(r.warned.is_empty(), "warned once per deadline");
-    let warning = w.store().events(Some("j")).unwrap().into_iter().find(|e| e.kind == "deadline_warning").unwrap();
+    let warning = w
+        .store()
+        .events(Some("j"))
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "deadline_warning")
+        .unwrap();
     assert_eq!(warning.detail["seconds_left"], 600);
 
     w.clock.set(expires.plus_secs(1));
@@ -203,7 +271,11 @@ fn deadline_warning_then_expiry_on_a_manual_clock() {
     let fake_job = w.fake.job("j").unwrap();
     assert_eq!(fake_job.failure_reason_type.as_deref(), Some("job_expired"));
     let kinds = w.kinds("j");
-    assert_eq!(kinds.iter().filter(|k| *k == "expired").count(), 1, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "expired").count(),
+        1,
+        "{kinds:?}"
+    );
 }
 
 #[test]
@@ -215,7 +287,10 @@ fn jobs_with_too_little_time_left_are_not_claimed() {
     let r = w.processor(&[A], cfg()).round();
     assert_eq!(r.claimed, ["fine"]);
     assert_eq!(w.fake.started_events_for("almost-expired"), 0);
-    assert_eq!(w.store().job("almost-expired").unwrap().unwrap().proc_state, ProcState::TooLate);
+    assert_eq!(
+        w.store().job("almost-expired").unwrap().unwrap().proc_state,
+        ProcState::TooLate
+    );
 }
 
 #[test]
@@ -223,9 +298,15 @@ fn server_error_then_429_then_success_still_claims_and_honours_retry_after() {
     let w = World::new();
     w.pending(A, "j", 60);
     w.mirror(&[A]).pass(PassKind::Recovery);
-    let rule = |fault| FaultRule { method: Some("POST".into()), path_prefix: Some("/v3/export-job-events".into()), fault };
+    let rule = |fault| FaultRule {
+        method: Some("POST".into()),
+        path_prefix: Some("/v3/export-job-events".into()),
+        fault,
+    };
     w.fake.push_fault(rule(Fault::ServerError));
-    w.fake.push_fault(rule(Fault::TooManyRequests { retry_after_secs: 7 }));
+    w.fake.push_fault(rule(Fault::TooManyRequests {
+        retry_after_secs: 7,
+    }));
     let r = w.processor(&[A], cfg()).round();
     assert_eq!(r.claimed, ["j"]);
     let statuses: Vec<u16> = w
@@ -238,7 +319,10 @@ fn server_error_then_429_then_success_still_claims_and_honours_retry_after() {
     assert_eq!(statuses, [500, 429, 202]);
     let sleeps = w.clock.sleeps();
     assert_eq!(sleeps.len(), 2, "{sleeps:?}");
-    assert!(sleeps[0] >= Duration::from_millis(250) && sleeps[0] <= Duration::from_millis(500), "backoff with jitter: {sleeps:?}");
+    assert!(
+        sleeps[0] >= Duration::from_millis(250) && sleeps[0] <= Duration::from_millis(500),
+        "backoff with jitter: {sleeps:?}"
+    );
     assert_eq!(sleeps[1], Duration::from_secs(7), "Retry-After honoured");
     assert_eq!(w.fake.job("j").unwrap().status, "in_progress");
 }
@@ -256,6 +340,9 @@ fn a_job_finished_elsewhere_frees_the_company() {
     w.complete_at_pleo("first");
     let report = m.pass(PassKind::Poll);
     assert_eq!(report.counts.reread, 1, "the held job is read again");
-    assert_eq!(w.store().job("first").unwrap().unwrap().proc_state, ProcState::Done);
+    assert_eq!(
+        w.store().job("first").unwrap().unwrap().proc_state,
+        ProcState::Done
+    );
     assert_eq!(p.round().claimed, ["second"]);
 }

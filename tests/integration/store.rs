@@ -9,7 +9,13 @@ use serde_json::json;
 fn pick_query_uses_the_index_without_scan_or_temp_btree() {
     let dir = tempfile::tempdir().unwrap();
     let st = Store::open(&dir.path().join("m.db")).unwrap();
-    let statuses = ["pending", "in_progress", "completed", "failed", "completed_with_errors"];
+    let statuses = [
+        "pending",
+        "in_progress",
+        "completed",
+        "failed",
+        "completed_with_errors",
+    ];
     let mut jobs = Vec::new();
     for i in 0..2000 {
         jobs.push(
@@ -21,7 +27,8 @@ fn pick_query_uses_the_index_without_scan_or_temp_btree() {
             .unwrap(),
         );
     }
-    st.upsert_jobs(&jobs, Millis(1_700_000_000_000), Source::Poll).unwrap();
+    st.upsert_jobs(&jobs, Millis(1_700_000_000_000), Source::Poll)
+        .unwrap();
     st.conn().execute_batch("ANALYZE").unwrap();
     let plan: Vec<String> = st
         .conn()

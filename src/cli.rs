@@ -54,6 +54,20 @@ pub enum Command {
         #[arg(long, default_value = crate::fake::DEFAULT_API_KEY)]
         api_key: String,
     },
+    /// Register this service's webhook endpoint with Pleo and store the signing secret.
+    Subscribe {
+        /// The public HTTPS URL that reaches the receiver's /webhooks/pleo.
+        #[arg(long)]
+        url: String,
+        /// Where to write the secret (mode 0600); default: the webhook_secret_file setting.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        /// Event types to subscribe to.
+        #[arg(long = "event-type", default_value = "v1.export-job.created")]
+        event_types: Vec<String>,
+    },
+    /// Make the running service (recorded in the database) run detection now (SIGUSR1).
+    Trigger,
     /// Show jobmirror at work against a bundled fake Pleo; needs no credentials.
     Demo {
         /// Where to leave the demo database (default: a new folder under the temp dir).
@@ -167,8 +181,110 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             drop(fake);
             Ok(())
         }
+        Command::Subscribe {
+            url,
+            secret_file,
+            event_types,
+        } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            init_logging(cfg.log);
+            let file = secret_file
+                .or_else(|| std::env::var_os("JOBMIRROR_WEBHOOK_SECRET_FILE").map(PathBuf::from))
+                .or_else(|| {
+                    config_value(cli.config.as_deref(), "webhook_secret_file").map(PathBuf::from)
+                })
+                .ok_or_else(|| {
+                    UsageError(
+                        "subscribe needs --secret-file or the webhook_secret_file setting".into(),
+                    )
+                })?;
+            if !url.starts_with("https://")
+                && !url.starts_with("http://127.")
+                && !url.starts_with("http://localhost")
+            {
+                return Err(
+                    UsageError(format!("{url:?}: Pleo delivers only to https URLs")).into(),
+                );
+            }
+            let client = crate::pleo::PleoClient::new(cfg.client_config(), clock)?;
+            let (id, secret) = client.subscribe(&url, &event_types)?;
+            write_private(&file, &format!("{}\n", secret.expose()))?;
+            println!(
+                "subscribed {url} as subscription {id}; its secret is in {} (mode 0600)",
+                file.display()
+            );
+            Ok(())
+        }
+        Command::Trigger => {
+            let db = db_path(cli.config.as_deref())?;
+            if !db.exists() {
+                return Err(UsageError(format!("database {} does not exist", db.display())).into());
+            }
+            let pids = Store::open_read_only(&db)?.instances()?;
+            for pid in &pids {
+                if signal_usr1(*pid) {
+                    println!("asked jobmirror (pid {pid}) to run detection now");
+                    return Ok(());
+                }
+            }
+            anyhow::bail!(
+                "no running jobmirror is recorded in {} (tried {:?}); with systemd: systemctl kill -s USR1 jobmirror",
+                db.display(),
+                pids
+            )
+        }
         Command::Demo { db } => crate::demo::run(db),
     }
+}
+
+/// Sends SIGUSR1 to `pid` if it is a jobmirror process.
+fn signal_usr1(pid: u32) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !String::from_utf8_lossy(&cmdline).contains("jobmirror") {
+        return false;
+    }
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) with a valid signal number has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGUSR1) == 0 }
+}
+
+/// Writes `text` to `path` with mode 0600, atomically (temp file and rename).
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("secret")
+    ));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(&tmp)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// One string value from the config file, if any.
+fn config_value(file: Option<&std::path::Path>, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(file?).ok()?;
+    let t: toml::Table = text.parse().ok()?;
+    t.get(key).and_then(|v| v.as_str()).map(str::to_owned)
 }
 
 /// The database path alone (for commands that need no credentials).

@@ -93,7 +93,47 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         Some("10"),
         "how long a stop may take before threads are abandoned",
     ),
+    (
+        "webhook_listen",
+        None,
+        "address of the webhook receiver, e.g. 127.0.0.1:8383 (unset: no receiver)",
+    ),
+    (
+        "webhook_secret",
+        None,
+        "webhook signing secrets (whsec_...), whitespace- or comma-separated",
+    ),
+    (
+        "webhook_secret_file",
+        None,
+        "file holding webhook signing secrets (merged with webhook_secret)",
+    ),
+    (
+        "webhook_body_bytes_max",
+        Some("1048576"),
+        "largest webhook body accepted (larger: 413)",
+    ),
+    (
+        "webhook_connections_max",
+        Some("512"),
+        "webhook connections served at once (more: 503)",
+    ),
+    (
+        "webhook_queue_max",
+        Some("1024"),
+        "verified deliveries waiting for their commit (more: 503 with Retry-After)",
+    ),
 ];
+
+/// The webhook receiver's settings (present when `webhook_listen` is set).
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    pub listen: String,
+    pub secrets: crate::webhook::Secrets,
+    pub body_bytes_max: usize,
+    pub connections_max: usize,
+    pub queue_max: usize,
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("configuration error: {key} ({env}): {message}")]
@@ -132,6 +172,7 @@ pub struct Config {
     pub pleo_request_timeout: Duration,
     pub pleo_retry_attempts_max: u32,
     pub shutdown_timeout: Duration,
+    pub webhook: Option<WebhookConfig>,
 }
 
 impl Config {
@@ -296,7 +337,48 @@ impl Config {
             }
         };
 
+        let mut secret_text = values.get("webhook_secret").cloned().unwrap_or_default();
+        if let Some(f) = values.get("webhook_secret_file") {
+            let t = std::fs::read_to_string(f)
+                .map_err(|e| err("webhook_secret_file", format!("cannot read {f}: {e}")))?;
+            secret_text.push('\n');
+            secret_text.push_str(&t);
+        }
+        let webhook = match get("webhook_listen")
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+        {
+            None => None,
+            Some(listen) => {
+                if listen.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(err(
+                        "webhook_listen",
+                        format!("expected an address like 127.0.0.1:8383, got {listen:?}"),
+                    ));
+                }
+                let secrets = crate::webhook::Secrets::parse(&secret_text).map_err(|m| {
+                    let key = if values.contains_key("webhook_secret_file") {
+                        "webhook_secret_file"
+                    } else {
+                        "webhook_secret"
+                    };
+                    err(
+                        key,
+                        format!("{m}; a receiver needs the whsec_ secret of its Pleo subscription"),
+                    )
+                })?;
+                Some(WebhookConfig {
+                    listen,
+                    secrets,
+                    body_bytes_max: count("webhook_body_bytes_max")? as usize,
+                    connections_max: count("webhook_connections_max")? as usize,
+                    queue_max: count("webhook_queue_max")? as usize,
+                })
+            }
+        };
+
         Ok(Config {
+            webhook,
             db,
             pleo_base_url,
             pleo_api_key: Secret::new(key),

@@ -14,6 +14,8 @@ use crate::service::Service;
 use crate::store::Store;
 
 pub const DEMO_FIXTURE: &str = include_str!("../fixtures/demo.json");
+/// A company with no jobs at the start: its first job arrives by webhook during the demo.
+pub const WEBHOOK_COMPANY: &str = "dddddddd-0000-4000-8000-0000000delta";
 
 pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
     crate::cli::init_logging(log::LevelFilter::Warn);
@@ -22,6 +24,23 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
     let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock.clone())?;
     fake.load_fixture(&fixture)?;
     let companies = fixture.companies();
+    let mut served = companies.clone();
+    served.push(WEBHOOK_COMPANY.to_owned());
+
+    // Subscribe our receiver with the fake, as `jobmirror subscribe` does with Pleo.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let webhook_url = format!("http://127.0.0.1:{port}{}", crate::webhook::PATH);
+    let api = crate::pleo::PleoClient::new(
+        crate::pleo::ClientConfig::new(
+            &fake.base_url(),
+            crate::pleo::Auth::ApiKey(crate::pleo::Secret::new(fake.api_key())),
+        ),
+        clock.clone(),
+    )?;
+    let (_subscription, secret) =
+        api.subscribe(&webhook_url, &["v1.export-job.created".to_owned()])?;
 
     let db = match db {
         Some(p) => p,
@@ -45,8 +64,10 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
         ("JOBMIRROR_DB", db.display().to_string()),
         ("JOBMIRROR_PLEO_BASE_URL", fake.base_url()),
         ("JOBMIRROR_PLEO_API_KEY", fake.api_key()),
-        ("JOBMIRROR_COMPANY_IDS", companies.join(",")),
+        ("JOBMIRROR_COMPANY_IDS", served.join(",")),
         ("JOBMIRROR_POLL_INTERVAL_SECS", "300".to_owned()),
+        ("JOBMIRROR_WEBHOOK_LISTEN", format!("127.0.0.1:{port}")),
+        ("JOBMIRROR_WEBHOOK_SECRET", secret.expose().to_owned()),
     ];
     let cfg = Config::load_with(None, &|k| {
         env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
@@ -74,10 +95,39 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
         }
         settled = is_settled(&watcher, &companies, clock.now())?;
     }
-    service.stop(Duration::from_secs(10));
     if !settled {
+        service.stop(Duration::from_secs(10));
         anyhow::bail!("the demo did not settle within 30 s; see {}", db.display());
     }
+
+    // A user clicks Export for delta: the fake creates the job and sends a signed webhook.
+    // Polling is 5 minutes away, so a quick claim can only come from the webhook.
+    let t0 = monotonic();
+    let new_job = fake.add_job(crate::fake::JobSpec {
+        company_id: WEBHOOK_COMPANY.into(),
+        items: Some(3),
+        ..Default::default()
+    })?;
+    let mut webhook_claim_ms = None;
+    while webhook_claim_ms.is_none() {
+        let left = Duration::from_secs(10).saturating_sub(t0.elapsed());
+        match progress_rx.recv_timeout(left) {
+            Ok(report) if report.claimed.contains(&new_job) => {
+                webhook_claim_ms = Some(t0.elapsed().as_millis())
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    service.stop(Duration::from_secs(10));
+    let Some(webhook_claim_ms) = webhook_claim_ms else {
+        anyhow::bail!(
+            "the job announced by webhook was not claimed within 10 s; see {}",
+            db.display()
+        );
+    };
+    let mut companies = companies;
+    companies.push(WEBHOOK_COMPANY.to_owned());
 
     let store = Store::open_read_only(&db)?;
     for company in &companies {
@@ -136,6 +186,10 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
         "  - charlie: listed out of order; the oldest job had too little time left and was left alone,"
     );
     println!("    the next oldest was claimed.");
+    println!(
+        "  - delta: a job created while jobmirror ran was announced by a signed webhook and claimed"
+    );
+    println!("    {webhook_claim_ms} ms later (the next poll was 5 minutes away).");
     println!();
     println!("Inspect it yourself:");
     println!(

@@ -156,9 +156,116 @@ struct World {
     rng: u64,
     steal_on_get: HashSet<String>,
     next_id: u64,
+    subscriptions: Vec<Subscription>,
+    webhook_options: WebhookOptions,
+    webhook_log: Vec<WebhookAttempt>,
+    outbox: Option<crossbeam_channel::Sender<Outgoing>>,
+    next_msg: u64,
+}
+
+/// A webhook subscription held by the fake.
+#[derive(Clone, Debug)]
+struct Subscription {
+    id: String,
+    endpoint_url: String,
+    event_types: Vec<String>,
+    status: String,
+    secret: String,
+    created_at: Millis,
+}
+
+impl Subscription {
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.id, "endpointUrl": self.endpoint_url, "eventTypes": self.event_types,
+            "status": self.status, "createdAt": self.created_at.to_rfc3339(),
+            "updatedAt": self.created_at.to_rfc3339(),
+        })
+    }
+}
+
+/// How the fake delivers webhooks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "snake_case")]
+pub struct WebhookOptions {
+    /// Send every delivery twice (same webhook-id), as senders do after a lost 2xx.
+    pub duplicate: bool,
+    /// Wait this long before the first attempt.
+    pub delay_millis: u64,
+    /// Attempts per delivery before giving up.
+    pub attempts_max: u32,
+    /// The event type spelling to send (default: the subscription's first job-created type).
+    pub event_type: Option<String>,
+    /// Use `svix-*` header names instead of `webhook-*`.
+    pub svix_headers: bool,
+}
+
+impl Default for WebhookOptions {
+    fn default() -> Self {
+        WebhookOptions {
+            duplicate: false,
+            delay_millis: 0,
+            attempts_max: 5,
+            event_type: None,
+            svix_headers: false,
+        }
+    }
+}
+
+/// One delivery attempt, as the fake's log keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WebhookAttempt {
+    pub webhook_id: String,
+    pub url: String,
+    pub job_id: String,
+    /// The receiver's status, or None for a transport error.
+    pub status: Option<u16>,
+}
+
+struct Outgoing {
+    url: String,
+    secret: String,
+    webhook_id: String,
+    job_id: String,
+    body: String,
+    options: WebhookOptions,
 }
 
 impl World {
+    /// Queues `v1.export-job.created` (or the configured spelling) for every active subscription.
+    fn announce(&mut self, job: &FakeJob) {
+        let Some(outbox) = self.outbox.clone() else {
+            return;
+        };
+        let opts = self.webhook_options.clone();
+        for sub in self
+            .subscriptions
+            .clone()
+            .iter()
+            .filter(|s| s.status == "ACTIVE")
+        {
+            let event_type = opts.event_type.clone().or_else(|| {
+                sub.event_types
+                    .iter()
+                    .find(|t| crate::webhook::JOB_EVENT_TYPES.contains(&t.as_str()))
+                    .cloned()
+            });
+            let Some(event_type) = event_type else {
+                continue;
+            };
+            self.next_msg += 1;
+            let body = json!({"data": job.to_json(), "eventId": format!("evt_{:08}", self.next_msg), "eventType": event_type});
+            let _ = outbox.try_send(Outgoing {
+                url: sub.endpoint_url.clone(),
+                secret: sub.secret.clone(),
+                webhook_id: format!("msg_fake{:08}", self.next_msg),
+                job_id: job.id.clone(),
+                body: body.to_string(),
+                options: opts.clone(),
+            });
+        }
+    }
+
     fn rand(&mut self) -> f64 {
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
@@ -302,6 +409,13 @@ impl Shared {
     }
 }
 
+impl Drop for FakePleo {
+    fn drop(&mut self) {
+        // Closing the outbox ends the webhook sender thread.
+        self.shared.lock().outbox = None;
+    }
+}
+
 impl std::fmt::Debug for FakePleo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FakePleo")
@@ -326,9 +440,20 @@ impl FakePleo {
                 rng: cfg.seed | 1,
                 steal_on_get: HashSet::new(),
                 next_id: 0,
+                subscriptions: Vec::new(),
+                webhook_options: WebhookOptions::default(),
+                webhook_log: Vec::new(),
+                outbox: None,
+                next_msg: 0,
             }),
             clock,
         });
+        let (outbox_tx, outbox_rx) = crossbeam_channel::bounded::<Outgoing>(10_000);
+        shared.lock().outbox = Some(outbox_tx);
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("fake-pleo-webhooks".into())
+            .spawn(move || deliver_webhooks(outbox_rx, weak))?;
         let limits = httpd::Limits {
             connections_max: 512,
             body_bytes_max: 16 * 1024 * 1024,
@@ -473,6 +598,7 @@ impl FakePleo {
         if spec.steal_on_verify {
             w.steal_on_get.insert(id.clone());
         }
+        w.announce(&job);
         w.jobs.push(job);
         Ok(id)
     }
@@ -515,6 +641,15 @@ impl FakePleo {
             }
             _ => false,
         }
+    }
+
+    /// Every webhook delivery attempt so far.
+    pub fn webhook_log(&self) -> Vec<WebhookAttempt> {
+        self.shared.lock().webhook_log.clone()
+    }
+
+    pub fn set_webhook_options(&self, o: WebhookOptions) {
+        self.shared.lock().webhook_options = o;
     }
 
     /// After the next single-job GET of `id` is answered, another integration claims it.
@@ -855,6 +990,17 @@ fn route(w: &mut World, req: &Request, now: Millis) -> Response {
         ("GET", ["v3", "export-jobs", id, "items"]) => list_items(w, id, &q),
         ("PUT", ["v3", "export-jobs", id, "items"]) => put_items(w, id, &req.body, now),
         ("GET", ["v3", "export-items"]) => list_export_items(w, &q),
+        ("POST", ["v1", "subscriptions"]) => create_subscription(w, &req.body, now),
+        ("GET", ["v1", "subscriptions", id, "secret"]) => {
+            match w.subscriptions.iter().find(|s| s.id == *id) {
+                Some(sub) => Response::json(200, &json!({"data": {"secretKey": sub.secret}})),
+                None => error(
+                    404,
+                    "SUBSCRIPTION_NOT_FOUND",
+                    "The subscription secret record could not be found.",
+                ),
+            }
+        }
         (
             _,
             ["v3", "export-jobs"]
@@ -870,6 +1016,24 @@ fn route(w: &mut World, req: &Request, now: Millis) -> Response {
 fn control(w: &mut World, req: &Request, segs: &[&str]) -> Response {
     match (req.head.method.as_str(), segs) {
         ("GET", ["_fake", "requests"]) => Response::json(200, &json!(w.requests)),
+        ("GET", ["_fake", "webhooks"]) => Response::json(200, &json!(w.webhook_log)),
+        ("POST", ["_fake", "webhook-options"]) => {
+            match serde_json::from_slice::<WebhookOptions>(&req.body) {
+                Ok(o) => {
+                    w.webhook_options = o;
+                    Response::empty(204)
+                }
+                Err(e) => error(400, "INVALID_BODY", &e.to_string()),
+            }
+        }
+        ("POST", ["_fake", "fault-rates"]) => match serde_json::from_slice::<FaultRates>(&req.body)
+        {
+            Ok(r) => {
+                w.rates = r;
+                Response::empty(204)
+            }
+            Err(e) => error(400, "INVALID_BODY", &e.to_string()),
+        },
         ("POST", ["_fake", "faults"]) => match serde_json::from_slice::<FaultRule>(&req.body) {
             Ok(rule) => {
                 w.script.push_back(rule);
@@ -878,6 +1042,105 @@ fn control(w: &mut World, req: &Request, segs: &[&str]) -> Response {
             Err(e) => error(400, "INVALID_BODY", &e.to_string()),
         },
         _ => error(404, "NOT_FOUND", "no such fake control endpoint"),
+    }
+}
+
+fn create_subscription(w: &mut World, body: &[u8], now: Millis) -> Response {
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return error(400, "INVALID_BODY", &format!("body is not JSON: {e}")),
+    };
+    let Some(url) = v.get("endpointUrl").and_then(Value::as_str) else {
+        return error(400, "INVALID_BODY", "endpointUrl is required");
+    };
+    let Some(types) = v.get("eventTypes").and_then(Value::as_array) else {
+        return error(400, "INVALID_BODY", "eventTypes is required");
+    };
+    use base64::Engine;
+    let mut key = [0u8; 24];
+    for chunk in key.chunks_mut(8) {
+        let r = (w.rand() * u64::MAX as f64) as u64;
+        chunk.copy_from_slice(&r.to_le_bytes()[..chunk.len()]);
+    }
+    let sub = Subscription {
+        id: w.new_id(3),
+        endpoint_url: url.to_owned(),
+        event_types: types
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect(),
+        status: v
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("ACTIVE")
+            .to_owned(),
+        secret: format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(key)
+        ),
+        created_at: now,
+    };
+    let out = json!({"data": sub.to_json()});
+    w.subscriptions.push(sub);
+    Response::json(200, &out)
+}
+
+/// The fake's webhook sender: signs with the fake's clock, retries failures with a short
+/// real-time backoff (the fake is a test double; a real sender retries for a day).
+fn deliver_webhooks(
+    outbox: crossbeam_channel::Receiver<Outgoing>,
+    shared: std::sync::Weak<Shared>,
+) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    for out in outbox {
+        if out.options.delay_millis > 0 {
+            std::thread::sleep(Duration::from_millis(out.options.delay_millis));
+        }
+        let copies = if out.options.duplicate { 2 } else { 1 };
+        for _ in 0..copies {
+            for attempt in 0..out.options.attempts_max.max(1) {
+                let Some(world) = shared.upgrade() else {
+                    return;
+                };
+                let ts = world.clock.now().0.div_euclid(1000);
+                drop(world);
+                let key = crate::webhook::Secrets::parse(&out.secret).ok();
+                let sig = key
+                    .as_ref()
+                    .map(|k| crate::webhook::sign_with(k, &out.webhook_id, ts, out.body.as_bytes()))
+                    .unwrap_or_default();
+                let p = if out.options.svix_headers {
+                    "svix"
+                } else {
+                    "webhook"
+                };
+                let status = agent
+                    .post(&out.url)
+                    .header(format!("{p}-id"), &out.webhook_id)
+                    .header(format!("{p}-timestamp"), ts.to_string())
+                    .header(format!("{p}-signature"), &sig)
+                    .header("Content-Type", "application/json")
+                    .send(out.body.as_bytes())
+                    .ok()
+                    .map(|r| r.status().as_u16());
+                if let Some(world) = shared.upgrade() {
+                    world.lock().webhook_log.push(WebhookAttempt {
+                        webhook_id: out.webhook_id.clone(),
+                        url: out.url.clone(),
+                        job_id: out.job_id.clone(),
+                        status,
+                    });
+                }
+                if status.is_some_and(|s| (200..300).contains(&s)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50 << attempt.min(6)));
+            }
+        }
     }
 }
 
@@ -1000,6 +1263,7 @@ fn create_job(w: &mut World, body: &[u8], now: Millis) -> Response {
         job.export_items.push(export_item(&job, e, i));
     }
     let out = json!({"data": job.to_json()});
+    w.announce(&job);
     w.jobs.push(job);
     Response::json(201, &out)
 }

@@ -13,3 +13,4 @@ pub mod pleo;
 pub mod processor;
 pub mod service;
 pub mod store;
+pub mod webhook;

@@ -95,6 +95,64 @@ impl Mirror {
         &self.store
     }
 
+    /// Reads again every job named by a stored webhook delivery not handled yet (a webhook is
+    /// a hint, never the truth), and marks each delivery with what was found. Returns how many
+    /// deliveries were handled; stops at the first API failure (the rest wait for the next
+    /// nudge or pass).
+    pub fn process_deliveries(&mut self) -> Result<usize, SyncError> {
+        let mut handled = 0;
+        let mut woke = false;
+        let result = loop {
+            let batch = self.store.pending_deliveries(100)?;
+            if batch.is_empty() {
+                break Ok(handled);
+            }
+            let mut failed = None;
+            for d in batch {
+                let known = d
+                    .event_type
+                    .as_deref()
+                    .is_some_and(|t| crate::webhook::JOB_EVENT_TYPES.contains(&t));
+                let outcome = match (&d.job_id, known) {
+                    (None, _) => "ignored: names no job".to_owned(),
+                    (Some(_), false) => format!(
+                        "ignored: event type {:?}",
+                        d.event_type.as_deref().unwrap_or("")
+                    ),
+                    (Some(id), true) => match self.client.get_job(id) {
+                        Ok(job) if !self.companies.contains(&job.company_id) => {
+                            format!("ignored: company {} is not served here", job.company_id)
+                        }
+                        Ok(job) => {
+                            let up =
+                                self.store
+                                    .upsert_job(&job, self.clock.now(), Source::Webhook)?;
+                            woke |= up == Upsert::New && job.status == status::PENDING;
+                            format!("read: {}", job.status)
+                        }
+                        Err(PleoError::Api { status: 404, .. }) => {
+                            "job not found at Pleo (404)".to_owned()
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    },
+                };
+                self.store
+                    .mark_delivery(&d.webhook_id, self.clock.now(), &outcome)?;
+                handled += 1;
+            }
+            if let Some(e) = failed {
+                break Err(SyncError::Pleo(e));
+            }
+        };
+        if woke && let Some(w) = &self.wake {
+            let _ = w.try_send(());
+        }
+        result
+    }
+
     /// One pass over every company. Companies not yet recovered get a recovery pass whatever
     /// `kind` says.
     pub fn pass(&mut self, kind: PassKind) -> PassReport {
@@ -246,10 +304,15 @@ pub fn run(
     mut mirror: Mirror,
     interval: std::time::Duration,
     trigger: Receiver<()>,
+    nudge: Receiver<()>,
     shutdown: Receiver<()>,
 ) {
     let mut kind = PassKind::Recovery;
+    let mut nudge = nudge;
     loop {
+        if let Err(e) = mirror.process_deliveries() {
+            log::warn!("reading jobs named by webhooks failed: {e}; retrying later");
+        }
         let report = mirror.pass(kind);
         log::info!(
             "{} pass: {} jobs seen, {} new, {} changed, {} re-read, {} pages{}",
@@ -265,13 +328,33 @@ pub fn run(
                 format!(", failed for {}", report.failed_companies.join(", "))
             }
         );
-        select! {
-            recv(shutdown) -> _ => return,
-            recv(trigger) -> msg => {
-                if msg.is_err() { return; }
-                kind = PassKind::Trigger;
+        // Webhook nudges are handled without a listing pass; the poll timer keeps running.
+        let next_poll = crate::clock::monotonic() + interval;
+        'wait: loop {
+            let left = next_poll.saturating_duration_since(crate::clock::monotonic());
+            select! {
+                recv(shutdown) -> _ => return,
+                recv(trigger) -> msg => {
+                    if msg.is_err() { return; }
+                    kind = PassKind::Trigger;
+                    break 'wait;
+                }
+                recv(nudge) -> msg => {
+                    if msg.is_err() {
+                        // No webhook receiver (or it stopped): nothing will nudge again.
+                        nudge = crossbeam_channel::never();
+                        continue 'wait;
+                    }
+                    match mirror.process_deliveries() {
+                        Ok(n) => log::debug!("read {n} jobs named by webhooks"),
+                        Err(e) => log::warn!("reading jobs named by webhooks failed: {e}; retrying at the next poll"),
+                    }
+                }
+                default(left) => {
+                    kind = PassKind::Poll;
+                    break 'wait;
+                }
             }
-            default(interval) => kind = PassKind::Poll,
         }
     }
 }

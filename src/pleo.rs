@@ -401,6 +401,29 @@ impl PleoClient {
         ok_status(reply).map(|_| ())
     }
 
+    /// Creates a webhook subscription for `endpoint_url` and fetches its signing secret.
+    pub fn subscribe(
+        &self,
+        endpoint_url: &str,
+        event_types: &[String],
+    ) -> Result<(String, Secret), PleoError> {
+        let body = serde_json::to_vec(&serde_json::json!({
+            "endpointUrl": endpoint_url, "eventTypes": event_types, "status": "ACTIVE"
+        }))
+        .map_err(|e| PleoError::Decode(e.to_string()))?;
+        let created = ok_json(self.send("POST", "/v1/subscriptions", &[], Some(&body))?)?;
+        let id = created["data"]["id"]
+            .as_str()
+            .ok_or_else(|| PleoError::Decode("subscription reply lacks data.id".into()))?
+            .to_owned();
+        let path = format!("/v1/subscriptions/{}/secret", path_segment(&id)?);
+        let secret = ok_json(self.send("GET", &path, &[], None)?)?;
+        let key = secret["data"]["secretKey"]
+            .as_str()
+            .ok_or_else(|| PleoError::Decode("secret reply lacks data.secretKey".into()))?;
+        Ok((id, Secret::new(key)))
+    }
+
     /// Sends one request with the retry policy. Returns the final reply (any status that is not
     /// retried, or the last one) or the last transport error.
     fn send(

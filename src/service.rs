@@ -27,6 +27,9 @@ pub struct Service {
     shutdown: Option<Sender<()>>,
     trigger: Sender<()>,
     done: Receiver<&'static str>,
+    webhook_server: Option<crate::httpd::Server>,
+    webhook_counters: Option<Arc<crate::webhook::Counters>>,
+    instance_store: Store,
 }
 
 struct DoneGuard(&'static str, Sender<&'static str>);
@@ -54,11 +57,60 @@ impl Service {
     ) -> anyhow::Result<Service> {
         let sync_store = Store::open(&cfg.db)?;
         let proc_store = Store::open(&cfg.db)?;
+        let instance_store = Store::open(&cfg.db)?;
+        let started_at = clock.now();
         let client = Arc::new(PleoClient::new(cfg.client_config(), clock.clone())?);
         let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
         let (wake_tx, wake_rx) = bounded::<()>(1);
         let (trigger_tx, trigger_rx) = bounded::<()>(1);
-        let (done_tx, done_rx) = bounded::<&'static str>(4);
+        let (nudge_tx, nudge_rx) = bounded::<()>(1);
+        let (done_tx, done_rx) = bounded::<&'static str>(8);
+        let mut threads = Vec::new();
+
+        // The webhook edge first: if its port cannot be bound, nothing else starts.
+        let mut webhook_server = None;
+        let mut webhook_counters = None;
+        if let Some(wh) = &cfg.webhook {
+            let listener = std::net::TcpListener::bind(&wh.listen)
+                .map_err(|e| anyhow::anyhow!("cannot listen for webhooks on {}: {e}", wh.listen))?;
+            let events_store = Store::open(&cfg.db)?;
+            let (queue_tx, queue_rx) = bounded::<crate::webhook::Job>(wh.queue_max);
+            let counters = Arc::new(crate::webhook::Counters::default());
+            let receiver = crate::webhook::WebhookReceiver::new(
+                wh.secrets.clone(),
+                clock.clone(),
+                queue_tx,
+                counters.clone(),
+            );
+            let (sd, done, c) = (shutdown_rx.clone(), done_tx.clone(), clock.clone());
+            threads.push((
+                "jm-events",
+                std::thread::Builder::new()
+                    .name("jm-events".into())
+                    .spawn(move || {
+                        let _g = DoneGuard("jm-events", done);
+                        crate::webhook::run_event_thread(events_store, c, queue_rx, nudge_tx, sd);
+                    })?,
+            ));
+            let limits = crate::httpd::Limits {
+                connections_max: wh.connections_max,
+                body_bytes_max: wh.body_bytes_max,
+                header_bytes_max: 16 * 1024,
+                header_timeout: Duration::from_secs(10),
+                body_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(30),
+                write_timeout: Duration::from_secs(10),
+            };
+            let server =
+                crate::httpd::Server::start(listener, limits, Arc::new(receiver), "jm-webhook")?;
+            log::info!(
+                "webhook receiver listening on {}{}",
+                server.local_addr(),
+                crate::webhook::PATH
+            );
+            webhook_server = Some(server);
+            webhook_counters = Some(counters);
+        }
 
         let mirror = Mirror::new(
             sync_store,
@@ -76,7 +128,6 @@ impl Service {
             processor_config(cfg),
         );
 
-        let mut threads = Vec::new();
         let interval = cfg.poll_interval;
         let (sd, done) = (shutdown_rx.clone(), done_tx.clone());
         threads.push((
@@ -85,7 +136,7 @@ impl Service {
                 .name("jm-sync".into())
                 .spawn(move || {
                     let _g = DoneGuard("jm-sync", done);
-                    mirror::run(mirror, interval, trigger_rx, sd);
+                    mirror::run(mirror, interval, trigger_rx, nudge_rx, sd);
                 })?,
         ));
         let (sd, done) = (shutdown_rx, done_tx);
@@ -104,12 +155,27 @@ impl Service {
             cfg.poll_interval.as_secs(),
             cfg.db.display()
         );
+        if let Err(e) = instance_store.register_instance(std::process::id(), started_at) {
+            log::warn!("could not record this process for `jobmirror trigger`: {e}");
+        }
         Ok(Service {
             threads,
             shutdown: Some(shutdown_tx),
             trigger: trigger_tx,
             done: done_rx,
+            webhook_server,
+            webhook_counters,
+            instance_store,
         })
+    }
+
+    /// Where the webhook receiver listens, if it runs.
+    pub fn webhook_addr(&self) -> Option<std::net::SocketAddr> {
+        self.webhook_server.as_ref().map(|s| s.local_addr())
+    }
+
+    pub fn webhook_counters(&self) -> Option<Arc<crate::webhook::Counters>> {
+        self.webhook_counters.clone()
     }
 
     /// Asks the sync thread to run detection now (coalesced with a trigger already queued).
@@ -120,6 +186,12 @@ impl Service {
     /// Stops all threads; returns false if some did not stop within `timeout` (they are
     /// abandoned: every store write is a transaction, so nothing half-written remains).
     pub fn stop(mut self, timeout: Duration) -> bool {
+        // Stop taking webhooks first; deliveries already queued are still committed and
+        // answered before the event thread sees the shutdown.
+        if let Some(mut s) = self.webhook_server.take() {
+            s.shutdown();
+        }
+        let _ = self.instance_store.unregister_instance(std::process::id());
         drop(self.shutdown.take());
         let deadline = monotonic() + timeout;
         let mut finished = Vec::new();

@@ -133,6 +133,10 @@ pub enum EventKind {
     TooLate,
     /// A sync pass over a company failed.
     SyncFailed,
+    /// A verified webhook announcing a job was stored.
+    WebhookReceived,
+    /// A verified webhook of a type we do not act on (or naming no job) was stored.
+    WebhookIgnored,
 }
 
 impl EventKind {
@@ -154,6 +158,8 @@ impl EventKind {
             EventKind::Finished => "finished",
             EventKind::TooLate => "too_late",
             EventKind::SyncFailed => "sync_failed",
+            EventKind::WebhookReceived => "webhook_received",
+            EventKind::WebhookIgnored => "webhook_ignored",
         }
     }
 }
@@ -167,6 +173,8 @@ pub enum Source {
     Poll,
     /// A single-job read (left the listing, verify, deadline check).
     Reread,
+    /// A single-job read prompted by a webhook.
+    Webhook,
 }
 
 impl Source {
@@ -175,6 +183,7 @@ impl Source {
             Source::Recovery => "recovery",
             Source::Poll => "poll",
             Source::Reread => "reread",
+            Source::Webhook => "webhook",
         }
     }
 }
@@ -616,6 +625,118 @@ impl Store {
             last_poll_error: last.and_then(|(_, e)| e),
             next_deadline: next_deadline.map(|(id, t)| (id, Millis(t))),
         })
+    }
+}
+
+/// A stored webhook delivery whose job has not been read yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingDelivery {
+    pub webhook_id: String,
+    pub event_type: Option<String>,
+    pub job_id: Option<String>,
+}
+
+impl Store {
+    /// Commits verified deliveries in one transaction (duplicates of a stored `webhook_id` are
+    /// left as they are) with a journal entry for each new one.
+    pub fn insert_deliveries(
+        &self,
+        deliveries: &[&crate::webhook::Delivery],
+        now: Millis,
+    ) -> Result<Vec<crate::webhook::Stored>> {
+        use crate::webhook::{JOB_EVENT_TYPES, Stored};
+        let tx = self.conn.unchecked_transaction()?;
+        let mut out = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            let n = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO webhook_deliveries (webhook_id, received_at, signed_at, event_type, \
+                     event_id, job_id, company_id, body, headers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    d.webhook_id,
+                    now.0,
+                    d.signed_at.0,
+                    d.event_type,
+                    d.event_id,
+                    d.job_id,
+                    d.company_id,
+                    d.body,
+                    d.headers.to_string()
+                ])?;
+            if n == 0 {
+                out.push(Stored::Duplicate);
+                continue;
+            }
+            let known = d
+                .event_type
+                .as_deref()
+                .is_some_and(|t| JOB_EVENT_TYPES.contains(&t));
+            let kind = if known && d.job_id.is_some() {
+                EventKind::WebhookReceived
+            } else {
+                EventKind::WebhookIgnored
+            };
+            journal(
+                &tx,
+                now,
+                d.job_id.as_deref(),
+                d.company_id.as_deref(),
+                kind,
+                &json!({"webhook_id": d.webhook_id, "event_type": d.event_type, "event_id": d.event_id}),
+            )?;
+            out.push(Stored::New);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Deliveries whose job has not been read yet, oldest first.
+    pub fn pending_deliveries(&self, limit: usize) -> Result<Vec<PendingDelivery>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT webhook_id, event_type, job_id FROM webhook_deliveries WHERE processed_at IS NULL \
+             ORDER BY received_at, webhook_id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(PendingDelivery {
+                webhook_id: r.get(0)?,
+                event_type: r.get(1)?,
+                job_id: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn mark_delivery(&self, webhook_id: &str, now: Millis, outcome: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE webhook_deliveries SET processed_at = ?2, outcome = ?3 WHERE webhook_id = ?1",
+            params![webhook_id, now.0, outcome],
+        )?;
+        Ok(())
+    }
+
+    /// Records the process running the service on this database.
+    pub fn register_instance(&self, pid: u32, now: Millis) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO service_instances (pid, started_at, version) VALUES (?1, ?2, ?3)",
+            params![pid, now.0, env!("CARGO_PKG_VERSION")],
+        )?;
+        Ok(())
+    }
+
+    pub fn unregister_instance(&self, pid: u32) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM service_instances WHERE pid = ?1", [pid])?;
+        Ok(())
+    }
+
+    /// Pids recorded as running the service, newest first.
+    pub fn instances(&self) -> Result<Vec<u32>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pid FROM service_instances ORDER BY started_at DESC")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 }
 

@@ -1,0 +1,501 @@
+//! The webhook receiver (the event thread and its HTTP edge).
+//!
+//! `POST /webhooks/pleo` is checked in this order: method and path (405/404), body size (413),
+//! signature (401), JSON (400). A verified delivery goes through a bounded queue to the one
+//! `jm-events` thread, which commits a batch of deliveries in one transaction and only then
+//! lets their 2xx go out. A full queue is 503 with `Retry-After`; a failed commit is 503.
+//!
+//! Invariants: nothing is acknowledged before it is committed; a repeated `webhook-id` is
+//! acknowledged and stored once; signature checking is a pure function of secrets, headers,
+//! body and `now`, comparing in constant time; a webhook is only a hint: the named job is read
+//! again through the API (by the sync thread) before anything acts on it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::clock::{Millis, SharedClock};
+use crate::httpd::{Handler, Head, Request, Response};
+use crate::store::Store;
+
+pub const PATH: &str = "/webhooks/pleo";
+/// How far a `webhook-timestamp` may be from our clock.
+pub const TOLERANCE_SECS: i64 = 300;
+
+/// Event types that announce a new export job, in every spelling Pleo's pages use.
+pub const JOB_EVENT_TYPES: &[&str] = &[
+    "v1.export-job.created",
+    "v1.export.job-created",
+    "v2.export-job.created",
+    "export-job.created",
+];
+
+/// The signing secrets in force (several during a rotation). Never printed.
+#[derive(Clone, Default)]
+pub struct Secrets(Vec<Vec<u8>>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secrets({} keys)", self.0.len())
+    }
+}
+
+impl Secrets {
+    /// Parses `whsec_<base64>` entries separated by whitespace or commas.
+    pub fn parse(list: &str) -> Result<Secrets, String> {
+        let mut keys = Vec::new();
+        for (i, entry) in list
+            .split([',', ' ', '\n', '\t', '\r'])
+            .filter(|s| !s.is_empty())
+            .enumerate()
+        {
+            let b64 = entry
+                .strip_prefix("whsec_")
+                .ok_or_else(|| format!("secret #{} does not start with whsec_", i + 1))?;
+            let key = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| format!("secret #{} is not valid base64 after whsec_", i + 1))?;
+            if key.is_empty() {
+                return Err(format!("secret #{} is empty", i + 1));
+            }
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Err("no secret given".into());
+        }
+        Ok(Secrets(keys))
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Why a delivery was refused with 401. The reason text is short and fixed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    MissingHeaders,
+    BadTimestamp,
+    StaleTimestamp,
+    BadSignature,
+}
+
+impl Rejection {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejection::MissingHeaders => "missing signature headers",
+            Rejection::BadTimestamp => "invalid timestamp",
+            Rejection::StaleTimestamp => "timestamp outside tolerance",
+            Rejection::BadSignature => "invalid signature",
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::MissingHeaders => "missing_headers",
+            Rejection::BadTimestamp => "bad_timestamp",
+            Rejection::StaleTimestamp => "stale_timestamp",
+            Rejection::BadSignature => "bad_signature",
+        }
+    }
+}
+
+/// The three signature headers, under `webhook-*` or `svix-*` names.
+pub fn signature_headers(head: &Head) -> Result<(String, String, String), Rejection> {
+    let pick = |name: &str| {
+        head.header(&format!("webhook-{name}"))
+            .or_else(|| head.header(&format!("svix-{name}")))
+            .map(str::to_owned)
+    };
+    match (pick("id"), pick("timestamp"), pick("signature")) {
+        (Some(id), Some(ts), Some(sig)) if !id.is_empty() => Ok((id, ts, sig)),
+        _ => Err(Rejection::MissingHeaders),
+    }
+}
+
+/// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">` for one key.
+pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// Signs with the first of `secrets` (for senders: the fake and tests).
+pub fn sign_with(secrets: &Secrets, id: &str, timestamp: i64, body: &[u8]) -> String {
+    secrets
+        .0
+        .first()
+        .map(|k| sign(k, id, timestamp, body))
+        .unwrap_or_default()
+}
+
+/// Checks a delivery: timestamp within [`TOLERANCE_SECS`] of `now`, and some `v1,` entry of
+/// the signature header matching some secret (constant-time comparison).
+pub fn verify(
+    secrets: &Secrets,
+    id: &str,
+    timestamp: &str,
+    signature: &str,
+    body: &[u8],
+    now: Millis,
+) -> Result<i64, Rejection> {
+    let ts: i64 = timestamp
+        .trim()
+        .parse()
+        .map_err(|_| Rejection::BadTimestamp)?;
+    let now_secs = now.0.div_euclid(1000);
+    if (now_secs - ts).abs() > TOLERANCE_SECS {
+        return Err(Rejection::StaleTimestamp);
+    }
+    let candidates: Vec<Vec<u8>> = signature
+        .split(' ')
+        .filter_map(|entry| entry.strip_prefix("v1,"))
+        .filter(|b64| !b64.is_empty())
+        .filter_map(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+        .collect();
+    for key in &secrets.0 {
+        for sig in &candidates {
+            let mut mac =
+                <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+            mac.update(format!("{id}.{ts}.").as_bytes());
+            mac.update(body);
+            if mac.verify_slice(sig).is_ok() {
+                return Ok(ts);
+            }
+        }
+    }
+    Err(Rejection::BadSignature)
+}
+
+/// A verified delivery, ready to be committed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delivery {
+    pub webhook_id: String,
+    pub signed_at: Millis,
+    pub event_type: Option<String>,
+    pub event_id: Option<String>,
+    pub job_id: Option<String>,
+    pub company_id: Option<String>,
+    pub body: String,
+    pub headers: Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    New,
+    Duplicate,
+}
+
+/// Counters of the receiver (for logs now, metrics later).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected_missing_headers: AtomicU64,
+    pub rejected_bad_timestamp: AtomicU64,
+    pub rejected_stale_timestamp: AtomicU64,
+    pub rejected_bad_signature: AtomicU64,
+    pub malformed: AtomicU64,
+    pub queue_full: AtomicU64,
+    pub store_failed: AtomicU64,
+}
+
+impl Counters {
+    fn rejected(&self, r: Rejection) -> &AtomicU64 {
+        match r {
+            Rejection::MissingHeaders => &self.rejected_missing_headers,
+            Rejection::BadTimestamp => &self.rejected_bad_timestamp,
+            Rejection::StaleTimestamp => &self.rejected_stale_timestamp,
+            Rejection::BadSignature => &self.rejected_bad_signature,
+        }
+    }
+}
+
+/// A delivery and where to send the outcome of its commit.
+pub type Job = (Delivery, Sender<Result<Stored, String>>);
+
+/// The HTTP edge: verifies and enqueues; answers after the event thread's commit.
+pub struct WebhookReceiver {
+    secrets: Secrets,
+    clock: SharedClock,
+    queue: Sender<Job>,
+    pub counters: Arc<Counters>,
+    commit_wait: Duration,
+}
+
+impl WebhookReceiver {
+    pub fn new(
+        secrets: Secrets,
+        clock: SharedClock,
+        queue: Sender<Job>,
+        counters: Arc<Counters>,
+    ) -> WebhookReceiver {
+        WebhookReceiver {
+            secrets,
+            clock,
+            queue,
+            counters,
+            commit_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+fn reply(status: u16, message: &str) -> Response {
+    Response::json(status, &json!({"message": message}))
+}
+
+impl Handler for WebhookReceiver {
+    fn check_head(&self, head: &Head) -> Option<Response> {
+        if head.path != PATH {
+            return Some(reply(404, "not found"));
+        }
+        if head.method != "POST" {
+            return Some(reply(405, "method not allowed").with_header("Allow", "POST"));
+        }
+        None
+    }
+
+    fn handle(&self, req: Request) -> Response {
+        let now = self.clock.now();
+        let checked = signature_headers(&req.head).and_then(|(id, ts, sig)| {
+            verify(&self.secrets, &id, &ts, &sig, &req.body, now).map(|ts| (id, ts))
+        });
+        let (webhook_id, ts) = match checked {
+            Ok(x) => x,
+            Err(r) => {
+                self.counters.rejected(r).fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "webhook from {} refused: {}",
+                    req.head.peer.ip(),
+                    r.reason()
+                );
+                return reply(401, r.reason());
+            }
+        };
+        let parsed: Value = match serde_json::from_slice(&req.body) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) | Err(_) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                log::warn!("webhook {webhook_id}: body is not a JSON object");
+                return reply(400, "body is not a JSON object");
+            }
+        };
+        let text = |v: &Value| v.as_str().map(str::to_owned);
+        let headers: serde_json::Map<String, Value> = req
+            .head
+            .headers
+            .iter()
+            .filter(|(k, _)| {
+                !k.eq_ignore_ascii_case("authorization") && !k.eq_ignore_ascii_case("cookie")
+            })
+            .map(|(k, v)| (k.to_ascii_lowercase(), json!(v)))
+            .collect();
+        let delivery = Delivery {
+            webhook_id: webhook_id.clone(),
+            signed_at: Millis::from_secs(ts),
+            event_type: text(&parsed["eventType"]),
+            event_id: text(&parsed["eventId"]),
+            job_id: text(&parsed["data"]["id"]),
+            company_id: text(&parsed["data"]["companyId"]),
+            // from_slice succeeded, so the body is valid UTF-8.
+            body: String::from_utf8_lossy(&req.body).into_owned(),
+            headers: Value::Object(headers),
+        };
+        let (tx, rx) = bounded(1);
+        match self.queue.try_send((delivery, tx)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+                log::warn!("webhook {webhook_id}: queue full, answering 503");
+                return reply(503, "busy, retry later").with_header("Retry-After", "5");
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return reply(503, "shutting down, retry later").with_header("Retry-After", "5");
+            }
+        }
+        match rx.recv_timeout(self.commit_wait) {
+            Ok(Ok(stored)) => {
+                let c = if stored == Stored::New {
+                    &self.counters.accepted
+                } else {
+                    &self.counters.duplicates
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+                Response::json(
+                    200,
+                    &json!({"received": true, "duplicate": stored == Stored::Duplicate}),
+                )
+            }
+            Ok(Err(_)) | Err(_) => {
+                self.counters.store_failed.fetch_add(1, Ordering::Relaxed);
+                reply(503, "could not store the delivery, retry later")
+                    .with_header("Retry-After", "5")
+            }
+        }
+    }
+}
+
+/// Largest batch the event thread commits in one transaction.
+pub const BATCH_MAX: usize = 256;
+
+/// The event thread: commits deliveries in batches, answers each, then nudges the sync thread
+/// (capacity 1) to read the named jobs. Ends when the queue is closed or `shutdown` drops.
+pub fn run_event_thread(
+    store: Store,
+    clock: SharedClock,
+    queue: Receiver<Job>,
+    nudge: Sender<()>,
+    shutdown: Receiver<()>,
+) {
+    loop {
+        let first = crossbeam_channel::select! {
+            recv(queue) -> m => match m { Ok(j) => j, Err(_) => return },
+            recv(shutdown) -> _ => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX {
+            match queue.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let deliveries: Vec<&Delivery> = batch.iter().map(|(d, _)| d).collect();
+        match store.insert_deliveries(&deliveries, clock.now()) {
+            Ok(results) => {
+                let any_new = results.contains(&Stored::New);
+                for ((_, tx), stored) in batch.into_iter().zip(results) {
+                    let _ = tx.send(Ok(stored));
+                }
+                if any_new {
+                    let _ = nudge.try_send(());
+                }
+            }
+            Err(e) => {
+                log::error!("could not commit {} webhook deliveries: {e}", batch.len());
+                for (_, tx) in batch {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secrets(s: &str) -> Secrets {
+        Secrets::parse(s).unwrap()
+    }
+
+    #[test]
+    fn published_vector_one() {
+        let s = secrets("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let body = br#"{"test": 2432232314}"#;
+        let key = &s.0[0];
+        assert_eq!(
+            sign(key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        let now = Millis::from_secs(1614265330);
+        assert_eq!(
+            verify(
+                &s,
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                "1614265330",
+                "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+                body,
+                now
+            ),
+            Ok(1614265330)
+        );
+    }
+
+    #[test]
+    fn published_vector_two() {
+        let s = secrets("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
+        let body = br#"{"email":"test@example.com","username":"test_user"}"#;
+        let sig = "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=";
+        assert_eq!(
+            sign(&s.0[0], "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", 1649367553, body),
+            sig
+        );
+        assert!(
+            verify(
+                &s,
+                "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk",
+                "1649367553",
+                sig,
+                body,
+                Millis::from_secs(1649367553)
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn tolerance_is_300_seconds_either_way() {
+        let s = secrets("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let body = b"{}";
+        let sig = sign(&s.0[0], "m", 1_000_000, body);
+        let at = |secs| verify(&s, "m", "1000000", &sig, body, Millis::from_secs(secs));
+        assert!(at(1_000_299).is_ok());
+        assert_eq!(at(1_000_301), Err(Rejection::StaleTimestamp));
+        assert!(at(999_701).is_ok());
+        assert_eq!(at(999_699), Err(Rejection::StaleTimestamp));
+        assert_eq!(
+            verify(&s, "m", "soon", &sig, body, Millis::from_secs(1_000_000)),
+            Err(Rejection::BadTimestamp)
+        );
+    }
+
+    #[test]
+    fn entries_are_tried_in_turn_and_odd_ones_skipped() {
+        let s = secrets("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let body = b"{}";
+        let good = sign(&s.0[0], "m", 5, body);
+        let now = Millis::from_secs(5);
+        let header = format!("v1a,abc v2,xyz v1, v1,!!notbase64 v1,AAAA {good}");
+        assert!(verify(&s, "m", "5", &header, body, now).is_ok());
+        assert_eq!(
+            verify(&s, "m", "5", "v1,", body, now),
+            Err(Rejection::BadSignature)
+        );
+        assert_eq!(
+            verify(&s, "m", "5", &good, b"{ }", now),
+            Err(Rejection::BadSignature),
+            "tampered body"
+        );
+        assert_eq!(
+            verify(&s, "other", "5", &good, body, now),
+            Err(Rejection::BadSignature),
+            "other id"
+        );
+    }
+
+    #[test]
+    fn rotation_accepts_any_configured_secret() {
+        let old = secrets("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let both = secrets(
+            "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD, whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        );
+        let sig = sign(&old.0[0], "m", 5, b"{}");
+        assert!(verify(&both, "m", "5", &sig, b"{}", Millis::from_secs(5)).is_ok());
+        assert_eq!(both.len(), 2);
+        assert!(Secrets::parse("nope").is_err());
+        assert!(Secrets::parse("whsec_***").is_err());
+        assert!(!format!("{both:?}").contains("whsec"));
+    }
+}

@@ -401,6 +401,8 @@ pub struct FakePleo {
 struct Shared {
     world: Mutex<World>,
     clock: SharedClock,
+    /// Notified after every logged request, for [`FakePleo::wait_for_requests`].
+    logged: std::sync::Condvar,
 }
 
 impl Shared {
@@ -447,6 +449,7 @@ impl FakePleo {
                 next_msg: 0,
             }),
             clock,
+            logged: std::sync::Condvar::new(),
         });
         let (outbox_tx, outbox_rx) = crossbeam_channel::bounded::<Outgoing>(10_000);
         shared.lock().outbox = Some(outbox_tx);
@@ -668,6 +671,32 @@ impl FakePleo {
     /// Every request received so far, in order.
     pub fn requests(&self) -> Vec<LoggedRequest> {
         self.shared.lock().requests.clone()
+    }
+
+    /// Blocks until `pred` holds for the request log, or `timeout` passes; returns whether it
+    /// held. Woken by each request, so tests wait for events instead of sleeping.
+    pub fn wait_for_requests(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[LoggedRequest]) -> bool,
+    ) -> bool {
+        let deadline = crate::clock::monotonic() + timeout;
+        let mut w = self.shared.lock();
+        loop {
+            if pred(&w.requests) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(crate::clock::monotonic());
+            if left.is_zero() {
+                return false;
+            }
+            w = self
+                .shared
+                .logged
+                .wait_timeout(w, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// `started` events received for a job (whatever the answer).
@@ -908,6 +937,8 @@ impl Handler for FakeHandler {
             status: resp.status,
             fault: fault.map(|f| format!("{f:?}")),
         });
+        drop(w);
+        self.0.logged.notify_all();
         resp
     }
 }

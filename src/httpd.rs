@@ -390,14 +390,18 @@ fn serve_connection(
         if let Some(r) = guarded(|| handler.check_head(&head))
             .unwrap_or_else(|| Some(Response::text(500, "internal error\n")))
         {
-            return write_response(&mut stream, r, false);
+            write_response(&mut stream, r, false)?;
+            linger(&mut stream);
+            return Ok(());
         }
         if head.content_length > limits.body_bytes_max {
-            return write_response(
+            write_response(
                 &mut stream,
                 Response::text(413, "request body too large\n"),
                 false,
-            );
+            )?;
+            linger(&mut stream);
+            return Ok(());
         }
         // Body: what is already buffered, then the rest from the socket.
         let mut body = Vec::with_capacity(head.content_length);
@@ -439,6 +443,24 @@ fn serve_connection(
         write_response(&mut stream, resp, keep)?;
         if !keep {
             return Ok(());
+        }
+    }
+}
+
+/// After answering without reading the request body: read and drop what the client is still
+/// sending (at most 2 s and 16 MiB) so it sees our answer instead of a reset connection.
+fn linger(stream: &mut TcpStream) {
+    let deadline = monotonic() + Duration::from_secs(2);
+    let mut left: usize = 16 * 1024 * 1024;
+    let mut chunk = [0u8; 16 * 1024];
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(monotonic());
+        if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
         }
     }
 }

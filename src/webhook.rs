@@ -486,6 +486,52 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_is_503_with_retry_after_and_holds_nothing() {
+        use crate::clock::ManualClock;
+        use crate::httpd::{Handler, Head, Request};
+        let s = secrets("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let clock = ManualClock::new(Millis::from_secs(1_000));
+        let (tx, rx) = bounded(1);
+        let counters = Arc::new(Counters::default());
+        let r = WebhookReceiver::new(s.clone(), clock, tx.clone(), counters.clone());
+        // Nobody consumes: fill the only slot.
+        let (dummy, _keep) = bounded(1);
+        let filler = Delivery {
+            webhook_id: "x".into(),
+            signed_at: Millis(0),
+            event_type: None,
+            event_id: None,
+            job_id: None,
+            company_id: None,
+            body: "{}".into(),
+            headers: json!({}),
+        };
+        tx.try_send((filler, dummy)).unwrap();
+        let body = br#"{"eventType":"v1.export-job.created","data":{"id":"j"}}"#.to_vec();
+        let head = Head {
+            method: "POST".into(),
+            path: PATH.into(),
+            query: String::new(),
+            headers: vec![
+                ("webhook-id".into(), "m".into()),
+                ("webhook-timestamp".into(), "1000".into()),
+                ("webhook-signature".into(), sign_with(&s, "m", 1000, &body)),
+            ],
+            content_length: body.len(),
+            peer: "127.0.0.1:1".parse().unwrap(),
+        };
+        let resp = r.handle(Request { head, body });
+        assert_eq!(resp.status, 503);
+        assert!(
+            resp.headers
+                .iter()
+                .any(|(k, v)| k == "Retry-After" && v == "5")
+        );
+        assert_eq!(counters.queue_full.load(Ordering::Relaxed), 1);
+        assert_eq!(rx.len(), 1, "the queue never grows past its bound");
+    }
+
+    #[test]
     fn rotation_accepts_any_configured_secret() {
         let old = secrets("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
         let both = secrets(

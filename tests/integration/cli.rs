@@ -194,6 +194,27 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
     assert_eq!(fake.started_events_for("fresh"), 1);
     assert_eq!(fake.started_events_for("held"), 0);
 
+    // `jobmirror trigger` finds the running service through the database and does the same.
+    fake.add_job(JobSpec {
+        id: Some("third".into()),
+        company_id: company.into(),
+        created_secs_ago: Some(1),
+        ..Default::default()
+    })
+    .unwrap();
+    let out = cmd()
+        .arg("trigger")
+        .env("JOBMIRROR_DB", &db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("run detection now"));
+    wait_for(&rx, "trigger pass: 1 jobs seen, 1 new", &mut seen);
+
     let child = reaper.0.take().unwrap();
     signal(&child, "TERM");
     let status = wait_exit(child, Duration::from_secs(15));
@@ -233,7 +254,10 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
         text.contains("processing=1") && text.contains("done=1"),
         "{text}"
     );
-    assert!(text.contains("next deadline: job fresh"), "{text}");
+    assert!(
+        text.contains("next deadline: job ") && text.contains(" s left)"),
+        "{text}"
+    );
     let out = cmd()
         .args(["status", "--json"])
         .env("JOBMIRROR_DB", &db)
@@ -241,7 +265,11 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["companies"][0]["jobs_by_state"]["processing"], 1);
-    assert_eq!(v["companies"][0]["next_deadline"]["job_id"], "fresh");
+    let next = v["companies"][0]["next_deadline"]["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(next == "fresh" || next == "third", "{next}");
 }
 
 #[test]
@@ -358,4 +386,102 @@ fn fake_pleo_command_serves_a_fixture_and_stops_on_sigterm() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("version 9"));
+}
+
+#[test]
+fn subscribe_registers_the_endpoint_and_writes_the_secret_privately() {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let fake = FakePleo::start(
+        "127.0.0.1:0",
+        FakeConfig {
+            api_keys: vec!["k".into()],
+            ..FakeConfig::default()
+        },
+        clock,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("webhook-secret");
+    let out = cmd()
+        .args([
+            "subscribe",
+            "--url",
+            "https://jobmirror.example.com/webhooks/pleo",
+            "--secret-file",
+        ])
+        .arg(&secret_file)
+        .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+        .env("JOBMIRROR_PLEO_API_KEY", "k")
+        .env("JOBMIRROR_COMPANY_IDS", "c")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = std::fs::read_to_string(&secret_file).unwrap();
+    assert!(secret.starts_with("whsec_"));
+    assert!(jobmirror::webhook::Secrets::parse(&secret).is_ok());
+    assert!(!stdout.contains(secret.trim()), "the secret is not printed");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&secret_file)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+    let posted = fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/v1/subscriptions")
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&posted.body).unwrap();
+    assert_eq!(
+        body["endpointUrl"],
+        "https://jobmirror.example.com/webhooks/pleo"
+    );
+    assert_eq!(body["eventTypes"][0], "v1.export-job.created");
+    // A plain-http public URL is refused before anything is sent.
+    let out = cmd()
+        .args([
+            "subscribe",
+            "--url",
+            "http://jobmirror.example.com/webhooks/pleo",
+            "--secret-file",
+        ])
+        .arg(&secret_file)
+        .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+        .env("JOBMIRROR_PLEO_API_KEY", "k")
+        .env("JOBMIRROR_COMPANY_IDS", "c")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn trigger_without_a_running_service_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    assert!(
+        cmd()
+            .arg("migrate")
+            .env("JOBMIRROR_DB", &db)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = cmd()
+        .arg("trigger")
+        .env("JOBMIRROR_DB", &db)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no running jobmirror"));
 }

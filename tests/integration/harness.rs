@@ -148,3 +148,25 @@ impl World {
             .unwrap();
     }
 }
+
+impl World {
+    /// A service configuration pointing at this world's fake and database.
+    pub fn config(
+        &self,
+        companies: &[&str],
+        extra: &[(&str, String)],
+    ) -> jobmirror::config::Config {
+        let mut env: Vec<(String, String)> = vec![
+            ("JOBMIRROR_DB".into(), self.db.display().to_string()),
+            ("JOBMIRROR_PLEO_BASE_URL".into(), self.fake.base_url()),
+            ("JOBMIRROR_PLEO_API_KEY".into(), KEY.into()),
+            ("JOBMIRROR_COMPANY_IDS".into(), companies.join(",")),
+            ("JOBMIRROR_POLL_INTERVAL_SECS".into(), "3600".into()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        jobmirror::config::Config::load_with(None, &|k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+        .unwrap()
+    }
+}

@@ -9,3 +9,4 @@ mod mirror;
 mod openapi;
 mod processor;
 mod store;
+mod webhook;

@@ -1,0 +1,463 @@
+//! The webhook receiver over real HTTP: signatures, order of checks, durability, the
+//! webhook-to-claim path, and a listener that survives idle connections.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::bounded;
+use jobmirror::clock::{Clock, SharedClock, SystemClock};
+use jobmirror::service::Service;
+use jobmirror::webhook::{Secrets, sign_with};
+use serde_json::{Value, json};
+
+use crate::harness::World;
+
+const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const OTHER: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+struct Running {
+    w: World,
+    service: Option<Service>,
+    addr: SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.service.take() {
+            s.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+fn start(secrets: &str, extra: &[(&str, String)]) -> Running {
+    let w = World::new();
+    let mut env = vec![
+        ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0".to_owned()),
+        ("JOBMIRROR_WEBHOOK_SECRET", secrets.to_owned()),
+    ];
+    env.extend(extra.iter().cloned());
+    let cfg = w.config(&[A], &env);
+    let service = Service::start(&cfg, w.shared_clock(), None).unwrap();
+    let addr = service.webhook_addr().unwrap();
+    Running {
+        w,
+        service: Some(service),
+        addr,
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// Posts `body` with the given headers; returns status, body and the Retry-After header.
+fn post(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> (u16, String, Option<String>) {
+    let mut req = agent().post(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let mut resp = req
+        .header("Content-Type", "application/json")
+        .send(body)
+        .unwrap();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (
+        resp.status().as_u16(),
+        resp.body_mut().read_to_string().unwrap_or_default(),
+        retry,
+    )
+}
+
+fn signed(secret: &str, id: &str, ts: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+    let s = Secrets::parse(secret).unwrap();
+    vec![
+        ("webhook-id", id.to_owned()),
+        ("webhook-timestamp", ts.to_string()),
+        ("webhook-signature", sign_with(&s, id, ts, body)),
+    ]
+}
+
+fn job_body(job: &str, event_type: &str) -> Vec<u8> {
+    json!({"data": {"id": job, "companyId": A, "status": "pending"}, "eventId": "evt_1", "eventType": event_type})
+        .to_string()
+        .into_bytes()
+}
+
+fn stored(r: &Running) -> i64 {
+    r.w.store()
+        .conn()
+        .query_row("SELECT count(*) FROM webhook_deliveries", [], |x| x.get(0))
+        .unwrap()
+}
+
+fn now_secs(r: &Running) -> i64 {
+    r.w.clock.now().0 / 1000
+}
+
+#[test]
+fn a_signed_delivery_is_stored_once_and_duplicates_are_acknowledged() {
+    let r = start(SECRET, &[]);
+    let body = job_body("job-1", "v1.export-job.created");
+    let h = signed(SECRET, "msg_1", now_secs(&r), &body);
+    let (status, text, _) = post(r.addr, "/webhooks/pleo", &h, &body);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["duplicate"],
+        false
+    );
+    // Committed before the answer: visible to another connection right now.
+    assert_eq!(stored(&r), 1);
+    let (status, text, _) = post(r.addr, "/webhooks/pleo", &h, &body);
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["duplicate"],
+        true
+    );
+    assert_eq!(stored(&r), 1);
+    let (raw, headers, job): (String, String, String) =
+        r.w.store()
+            .conn()
+            .query_row(
+                "SELECT body, headers, job_id FROM webhook_deliveries",
+                [],
+                |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?)),
+            )
+            .unwrap();
+    assert_eq!(
+        raw.as_bytes(),
+        body.as_slice(),
+        "the raw body is kept exactly"
+    );
+    assert_eq!(job, "job-1");
+    let headers: Value = serde_json::from_str(&headers).unwrap();
+    assert_eq!(headers["webhook-id"], "msg_1");
+}
+
+#[test]
+fn bad_signatures_stale_times_and_missing_headers_are_401_and_store_nothing() {
+    let r = start(SECRET, &[]);
+    let body = job_body("job-1", "v1.export-job.created");
+    let now = now_secs(&r);
+    type Case = (&'static str, Vec<(&'static str, String)>, Vec<u8>);
+    let mut cases: Vec<Case> = vec![
+        (
+            "wrong secret",
+            signed(OTHER, "m1", now, &body),
+            body.clone(),
+        ),
+        (
+            "tampered body",
+            signed(SECRET, "m2", now, &body),
+            job_body("job-2", "v1.export-job.created"),
+        ),
+        (
+            "stale",
+            signed(SECRET, "m3", now - 301, &body),
+            body.clone(),
+        ),
+        (
+            "future",
+            signed(SECRET, "m4", now + 301, &body),
+            body.clone(),
+        ),
+        ("no headers", vec![], body.clone()),
+    ];
+    for missing in ["webhook-id", "webhook-timestamp", "webhook-signature"] {
+        let h: Vec<_> = signed(SECRET, "m5", now, &body)
+            .into_iter()
+            .filter(|(k, _)| *k != missing)
+            .collect();
+        cases.push(("missing one header", h, body.clone()));
+    }
+    // Another id than the one signed.
+    let mut h = signed(SECRET, "m6", now, &body);
+    h[0].1 = "m7".into();
+    cases.push(("other id", h, body.clone()));
+    for (what, headers, b) in cases {
+        let (status, text, _) = post(r.addr, "/webhooks/pleo", &headers, &b);
+        assert_eq!(status, 401, "{what}: {text}");
+        assert!(text.len() < 80, "a short fixed reason: {text}");
+    }
+    assert_eq!(stored(&r), 0);
+    // 299 s either way is still accepted.
+    for (id, ts) in [("ok-past", now - 299), ("ok-future", now + 299)] {
+        assert_eq!(
+            post(
+                r.addr,
+                "/webhooks/pleo",
+                &signed(SECRET, id, ts, &body),
+                &body
+            )
+            .0,
+            200
+        );
+    }
+    let c = r.service.as_ref().unwrap().webhook_counters().unwrap();
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(c.rejected_bad_signature.load(Relaxed), 3);
+    assert_eq!(c.rejected_stale_timestamp.load(Relaxed), 2);
+    assert_eq!(c.rejected_missing_headers.load(Relaxed), 4);
+    assert_eq!(c.accepted.load(Relaxed), 2);
+}
+
+#[test]
+fn checks_run_in_order_method_path_size_signature_json() {
+    let r = start(SECRET, &[]);
+    let now = now_secs(&r);
+    let resp = agent()
+        .get(format!("http://{}/webhooks/pleo", r.addr))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    assert_eq!(post(r.addr, "/webhooks/other", &[], b"{}").0, 404);
+    // 2 MiB: refused by size before its (missing) signature is looked at.
+    let big = vec![b' '; 2 * 1024 * 1024];
+    assert_eq!(post(r.addr, "/webhooks/pleo", &[], &big).0, 413);
+    // Signed but not JSON, or not an object: 400.
+    for body in [&b"{not json"[..], b"[1,2]"] {
+        let (status, _, _) = post(
+            r.addr,
+            "/webhooks/pleo",
+            &signed(SECRET, "m", now, body),
+            body,
+        );
+        assert_eq!(status, 400);
+    }
+    // Unsigned garbage is 401, not 400: the signature is checked before parsing.
+    assert_eq!(post(r.addr, "/webhooks/pleo", &[], b"{not json").0, 401);
+    assert_eq!(stored(&r), 0);
+}
+
+#[test]
+fn rotation_svix_names_and_every_event_type_spelling() {
+    let r = start(&format!("{OTHER},{SECRET}"), &[]);
+    let now = now_secs(&r);
+    let spellings = [
+        "v1.export-job.created",
+        "v1.export.job-created",
+        "v2.export-job.created",
+        "export-job.created",
+    ];
+    for (i, t) in spellings.iter().enumerate() {
+        let body = job_body(&format!("job-{i}"), t);
+        let secret = if i % 2 == 0 { SECRET } else { OTHER };
+        let mut h = signed(secret, &format!("msg_{i}"), now, &body);
+        if i == 3 {
+            for (k, _) in h.iter_mut() {
+                *k = match *k {
+                    "webhook-id" => "svix-id",
+                    "webhook-timestamp" => "svix-timestamp",
+                    _ => "svix-signature",
+                };
+            }
+        }
+        assert_eq!(post(r.addr, "/webhooks/pleo", &h, &body).0, 200, "{t}");
+    }
+    let body = job_body("job-x", "v1.expense.created");
+    assert_eq!(
+        post(
+            r.addr,
+            "/webhooks/pleo",
+            &signed(SECRET, "msg_other", now, &body),
+            &body
+        )
+        .0,
+        200
+    );
+    let kinds: Vec<String> =
+        r.w.store()
+            .events(None)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .filter(|k| k.starts_with("webhook"))
+            .collect();
+    assert_eq!(
+        kinds,
+        [
+            "webhook_received",
+            "webhook_received",
+            "webhook_received",
+            "webhook_received",
+            "webhook_ignored"
+        ]
+    );
+}
+
+#[test]
+fn a_failed_commit_is_503_and_nothing_is_lost_once_it_works_again() {
+    let r = start(SECRET, &[]);
+    let body = job_body("job-1", "v1.export-job.created");
+    let h = signed(SECRET, "msg_1", now_secs(&r), &body);
+    let st = r.w.store();
+    st.conn()
+        .execute_batch("CREATE TRIGGER fail_insert BEFORE INSERT ON webhook_deliveries BEGIN SELECT RAISE(ABORT, 'disk full'); END;")
+        .unwrap();
+    let (status, _, retry) = post(r.addr, "/webhooks/pleo", &h, &body);
+    assert_eq!(status, 503);
+    assert!(retry.is_some(), "503 carries Retry-After");
+    assert_eq!(stored(&r), 0);
+    st.conn().execute_batch("DROP TRIGGER fail_insert").unwrap();
+    // The sender retries with the same id.
+    assert_eq!(post(r.addr, "/webhooks/pleo", &h, &body).0, 200);
+    assert_eq!(stored(&r), 1);
+}
+
+#[test]
+fn the_listener_answers_a_webhook_within_a_second_with_200_idle_connections_open() {
+    let r = start(SECRET, &[]);
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let mut s = TcpStream::connect(r.addr).unwrap();
+        if i % 2 == 0 {
+            // Half send a partial head and stall.
+            s.write_all(b"POST /webhooks/pleo HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+        }
+        idle.push(s);
+    }
+    let body = job_body("job-1", "v1.export-job.created");
+    let h = signed(SECRET, "msg_idle", now_secs(&r), &body);
+    let t = std::time::Instant::now();
+    let (status, _, _) = post(r.addr, "/webhooks/pleo", &h, &body);
+    let took = t.elapsed();
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(1), "acknowledged in {took:?}");
+    drop(idle);
+}
+
+#[test]
+fn a_job_announced_by_webhook_is_claimed_within_two_seconds_with_hourly_polling() {
+    // Real time here: the figure is wall-clock latency.
+    let clock: SharedClock = Arc::new(SystemClock);
+    let w = World::new();
+    let fake = jobmirror::fake::FakePleo::start(
+        "127.0.0.1:0",
+        jobmirror::fake::FakeConfig {
+            api_keys: vec![crate::harness::KEY.into()],
+            ..Default::default()
+        },
+        clock.clone(),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/webhooks/pleo");
+    let api = jobmirror::pleo::PleoClient::new(
+        jobmirror::pleo::ClientConfig::new(
+            &fake.base_url(),
+            jobmirror::pleo::Auth::ApiKey(jobmirror::pleo::Secret::new(crate::harness::KEY)),
+        ),
+        clock.clone(),
+    )
+    .unwrap();
+    let (_id, secret) = api
+        .subscribe(&url, &["v1.export-job.created".into()])
+        .unwrap();
+    let env = [
+        ("JOBMIRROR_DB", w.db.display().to_string()),
+        ("JOBMIRROR_PLEO_BASE_URL", fake.base_url()),
+        ("JOBMIRROR_PLEO_API_KEY", crate::harness::KEY.to_owned()),
+        ("JOBMIRROR_COMPANY_IDS", A.to_owned()),
+        ("JOBMIRROR_POLL_INTERVAL_SECS", "3600".to_owned()),
+        ("JOBMIRROR_WEBHOOK_LISTEN", format!("127.0.0.1:{port}")),
+        ("JOBMIRROR_WEBHOOK_SECRET", secret.expose().to_owned()),
+    ];
+    let cfg = jobmirror::config::Config::load_with(None, &|k| {
+        env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    let (ptx, prx) = bounded(256);
+    let service = Service::start(&cfg, clock.clone(), Some(ptx)).unwrap();
+    // The start-up recovery listing has been answered (it finds nothing): from now on only the
+    // webhook can bring the new job in before the next poll, an hour away.
+    let is_listing =
+        |r: &jobmirror::fake::LoggedRequest| r.path == "/v3/export-jobs" && r.method == "GET";
+    assert!(fake.wait_for_requests(Duration::from_secs(10), |reqs| reqs.iter().any(is_listing)));
+    let listing = || fake.requests().iter().filter(|r| is_listing(r)).count();
+
+    // A user clicks Export: Pleo creates the job and sends the webhook.
+    let t = std::time::Instant::now();
+    let created: Value = agent()
+        .post(format!("{}/v3/export-jobs", fake.base_url()))
+        .header(
+            "Authorization",
+            &format!("Basic {}", {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:", crate::harness::KEY))
+            }),
+        )
+        .send_json(json!({"companyId": A, "accountingEntryIds": ["e1", "e2"]}))
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    let job = created["data"]["id"].as_str().unwrap().to_owned();
+    let mut claimed_after = None;
+    while t.elapsed() < Duration::from_secs(5) {
+        match prx.recv_timeout(Duration::from_secs(5).saturating_sub(t.elapsed())) {
+            Ok(rep) if rep.claimed.contains(&job) => {
+                claimed_after = Some(t.elapsed());
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    service.stop(Duration::from_secs(5));
+    let took = claimed_after.expect("the job was claimed");
+    assert!(
+        took < Duration::from_secs(2),
+        "claimed {took:?} after the click"
+    );
+    assert_eq!(fake.started_events_for(&job), 1);
+    assert_eq!(listing(), 1, "no poll happened: the webhook did it");
+    let log = fake.webhook_log();
+    assert!(
+        log.iter().any(|a| a.job_id == job && a.status == Some(200)),
+        "{log:?}"
+    );
+    let outcome: String = w
+        .store()
+        .conn()
+        .query_row("SELECT outcome FROM webhook_deliveries", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(outcome, "read: pending");
+}
+
+#[test]
+fn a_receiver_without_a_secret_is_a_configuration_error() {
+    let w = World::new();
+    let env = [("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0".to_owned())];
+    let cfg_env: Vec<(String, String)> = vec![
+        ("JOBMIRROR_PLEO_API_KEY".into(), "k".into()),
+        ("JOBMIRROR_COMPANY_IDS".into(), A.into()),
+        ("JOBMIRROR_WEBHOOK_LISTEN".into(), env[0].1.clone()),
+    ];
+    let e = jobmirror::config::Config::load_with(None, &|k| {
+        cfg_env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    })
+    .unwrap_err();
+    assert_eq!(e.key, "webhook_secret");
+    drop(w);
+}

@@ -699,6 +699,31 @@ impl FakePleo {
         }
     }
 
+    /// Blocks until `pred` holds for the webhook delivery log, or `timeout` passes.
+    pub fn wait_for_webhooks(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[WebhookAttempt]) -> bool,
+    ) -> bool {
+        let deadline = crate::clock::monotonic() + timeout;
+        let mut w = self.shared.lock();
+        loop {
+            if pred(&w.webhook_log) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(crate::clock::monotonic());
+            if left.is_zero() {
+                return false;
+            }
+            w = self
+                .shared
+                .logged
+                .wait_timeout(w, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// `started` events received for a job (whatever the answer).
     pub fn started_events_for(&self, job_id: &str) -> usize {
         self.requests()
@@ -1165,6 +1190,7 @@ fn deliver_webhooks(
                         job_id: out.job_id.clone(),
                         status,
                     });
+                    world.logged.notify_all();
                 }
                 if status.is_some_and(|s| (200..300).contains(&s)) {
                     break;

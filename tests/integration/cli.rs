@@ -341,6 +341,20 @@ fn demo_runs_to_the_end_against_the_bundled_fake() {
             .contains("jobmirror=processing started sent 1x")
     );
     assert!(text.contains(&db.display().to_string()));
+    // delta: its only job arrived by webhook and was claimed, with no poll due for 5 minutes.
+    assert!(
+        text.contains("announced by a signed webhook and claimed"),
+        "{text}"
+    );
+    let delta = text
+        .lines()
+        .skip_while(|l| !l.starts_with("company dddddddd"))
+        .nth(1)
+        .unwrap();
+    assert!(
+        delta.contains("jobmirror=processing started sent 1x"),
+        "{delta}"
+    );
 }
 
 #[test]

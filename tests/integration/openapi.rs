@@ -5,8 +5,13 @@ use serde_json::{Value, json};
 use crate::harness::{KEY, World};
 
 fn spec() -> Value {
+    spec_file("pleo-export-openapi.yml")
+}
+
+fn spec_file(name: &str) -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/pleo-openapi/pleo-export-openapi.yml");
+        .join("../shared/pleo-openapi")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e} (the shared folder must sit beside the checkout)",
@@ -289,5 +294,55 @@ fn fake_answers_match_pleos_openapi() {
         errors.is_empty(),
         "shape mismatches:\n{}",
         errors.join("\n")
+    );
+}
+
+#[test]
+fn fake_subscription_answers_match_pleos_openapi() {
+    let spec = spec_file("pleo-webhook-subscriptions-openapi.yml");
+    let w = World::new();
+    let (status, created) = send(
+        &w.fake.base_url(),
+        &Call {
+            method: "POST",
+            path: "/v1/subscriptions".into(),
+            body: Some(
+                json!({"endpointUrl": "https://example.com/webhooks/pleo", "eventTypes": ["v1.export-job.created"]}),
+            ),
+            spec_path: "/v1/subscriptions",
+        },
+    );
+    assert_eq!(status, 200);
+    let id = created["data"]["id"].as_str().unwrap().to_owned();
+    let (status2, secret) = send(
+        &w.fake.base_url(),
+        &Call {
+            method: "GET",
+            path: format!("/v1/subscriptions/{id}/secret"),
+            body: None,
+            spec_path: "/v1/subscriptions/{id}/secret",
+        },
+    );
+    assert_eq!(status2, 200);
+    let mut errors = Vec::new();
+    for (path, method, status, body) in [
+        ("/v1/subscriptions", "post", status, &created),
+        ("/v1/subscriptions/{id}/secret", "get", status2, &secret),
+    ] {
+        let resp = &spec["paths"][path][method]["responses"][status.to_string()];
+        let schema = &resp["content"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()["schema"];
+        check(&spec, schema, body, path, &mut errors);
+    }
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    assert!(
+        secret["data"]["secretKey"]
+            .as_str()
+            .unwrap()
+            .starts_with("whsec_")
     );
 }

@@ -461,3 +461,75 @@ fn a_receiver_without_a_secret_is_a_configuration_error() {
     assert_eq!(e.key, "webhook_secret");
     drop(w);
 }
+
+#[test]
+fn the_fakes_duplicate_and_retried_deliveries_are_stored_once() {
+    let w = World::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = w.client();
+    let (_sub, secret) = client
+        .subscribe(
+            &format!("http://127.0.0.1:{port}/webhooks/pleo"),
+            &["v2.export-job.created".into()],
+        )
+        .unwrap();
+    // A second subscription nobody listens on: the fake retries it, a bounded number of times.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    client
+        .subscribe(
+            &format!("http://{closed}/webhooks/pleo"),
+            &["v1.export-job.created".into()],
+        )
+        .unwrap();
+    let cfg = w.config(
+        &[A],
+        &[
+            ("JOBMIRROR_WEBHOOK_LISTEN", format!("127.0.0.1:{port}")),
+            ("JOBMIRROR_WEBHOOK_SECRET", secret.expose().to_owned()),
+        ],
+    );
+    let service = Service::start(&cfg, w.shared_clock(), None).unwrap();
+    w.fake.set_webhook_options(jobmirror::fake::WebhookOptions {
+        duplicate: true,
+        svix_headers: true,
+        attempts_max: 3,
+        ..Default::default()
+    });
+    let job = w.pending(A, "dup-job", 5);
+    let done = w.fake.wait_for_webhooks(Duration::from_secs(10), |log| {
+        let ok = log
+            .iter()
+            .filter(|a| {
+                a.job_id == job && a.url.contains(&format!(":{port}/")) && a.status == Some(200)
+            })
+            .count();
+        let failed = log
+            .iter()
+            .filter(|a| a.url.contains(&closed.to_string()))
+            .count();
+        ok == 2 && failed == 6
+    });
+    service.stop(Duration::from_secs(5));
+    assert!(done, "{:?}", w.fake.webhook_log());
+    let (n, event_type): (i64, String) = w
+        .store()
+        .conn()
+        .query_row(
+            "SELECT count(*), max(event_type) FROM webhook_deliveries WHERE job_id = ?1",
+            [&job],
+            |x| Ok((x.get(0)?, x.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (n, event_type.as_str()),
+        (1, "v2.export-job.created"),
+        "two copies, one row"
+    );
+}

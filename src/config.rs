@@ -123,6 +123,41 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         Some("1024"),
         "verified deliveries waiting for their commit (more: 503 with Retry-After)",
     ),
+    (
+        "handler_command",
+        None,
+        "the handler: a program (and arguments) speaking the handler protocol, or outbox:DIR",
+    ),
+    (
+        "handler_check_timeout_secs",
+        Some("60"),
+        "how long the handler's readiness check may take",
+    ),
+    (
+        "handler_item_timeout_secs",
+        Some("120"),
+        "longest wait for the handler's next result before the job is failed",
+    ),
+    (
+        "handler_job_timeout_secs",
+        Some("3000"),
+        "longest a handler may run for one job",
+    ),
+    (
+        "handler_attempts_max",
+        Some("3"),
+        "handler runs per job (after crashes) before open items fail",
+    ),
+    (
+        "report_flush_secs",
+        Some("5"),
+        "report results to Pleo at least this often while the handler runs",
+    ),
+    (
+        "finish_margin_secs",
+        Some("120"),
+        "stop the handler and fail the job when less than this is left before it expires",
+    ),
 ];
 
 /// The webhook receiver's settings (present when `webhook_listen` is set).
@@ -173,6 +208,9 @@ pub struct Config {
     pub pleo_retry_attempts_max: u32,
     pub shutdown_timeout: Duration,
     pub webhook: Option<WebhookConfig>,
+    /// Required by the service (see [`Config::require_handler`]); other commands do without.
+    pub handler: Option<crate::handler::HandlerSpec>,
+    pub pipeline: crate::pipeline::PipelineConfig,
 }
 
 impl Config {
@@ -377,7 +415,25 @@ impl Config {
             }
         };
 
+        let handler = match get("handler_command").filter(|h| !h.trim().is_empty()) {
+            Some(h) => Some(
+                crate::handler::HandlerSpec::parse(&h).map_err(|m| err("handler_command", m))?,
+            ),
+            None => None,
+        };
+        let pipeline = crate::pipeline::PipelineConfig {
+            item_timeout: secs("handler_item_timeout_secs", 1)?,
+            job_timeout: secs("handler_job_timeout_secs", 1)?,
+            attempts_max: count("handler_attempts_max")?,
+            flush_interval: secs("report_flush_secs", 1)?,
+            finish_margin: secs("finish_margin_secs", 0)?,
+            check_timeout: secs("handler_check_timeout_secs", 1)?,
+            wait_tick: Duration::from_millis(50),
+        };
+
         Ok(Config {
+            handler,
+            pipeline,
             webhook,
             db,
             pleo_base_url,
@@ -394,6 +450,16 @@ impl Config {
             pleo_request_timeout: secs("pleo_request_timeout_secs", 1)?,
             pleo_retry_attempts_max: count("pleo_retry_attempts_max")?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1)?,
+        })
+    }
+
+    /// The handler, which the service cannot run without.
+    pub fn require_handler(&self) -> Result<crate::handler::HandlerSpec, ConfigError> {
+        self.handler.clone().ok_or_else(|| {
+            err(
+                "handler_command",
+                "is required: a handler program, or outbox:DIR to write items as files",
+            )
         })
     }
 
@@ -425,6 +491,10 @@ mod tests {
     const MIN: &[(&str, &str)] = &[
         ("JOBMIRROR_PLEO_API_KEY", "k"),
         ("JOBMIRROR_COMPANY_IDS", "c1, c2"),
+        (
+            "JOBMIRROR_HANDLER_COMMAND",
+            "outbox:/tmp/jobmirror-test-outbox",
+        ),
     ];
 
     #[test]
@@ -448,8 +518,14 @@ mod tests {
             "poll_interval_secs = 60\ncompany_ids = [\"a\"]\npleo_api_key = \"x\"\n",
         )
         .unwrap();
-        let c =
-            Config::load_with(Some(&f), &env(&[("JOBMIRROR_POLL_INTERVAL_SECS", "7")])).unwrap();
+        let c = Config::load_with(
+            Some(&f),
+            &env(&[
+                ("JOBMIRROR_POLL_INTERVAL_SECS", "7"),
+                ("JOBMIRROR_HANDLER_COMMAND", "outbox:/tmp/o"),
+            ]),
+        )
+        .unwrap();
         assert_eq!(c.poll_interval, Duration::from_secs(7));
         assert_eq!(c.company_ids, ["a"]);
         std::fs::write(&f, "poll_intervall_secs = 60\n").unwrap();
@@ -482,6 +558,7 @@ mod tests {
             None,
             &env(&[
                 ("JOBMIRROR_PLEO_API_KEY_FILE", &fs),
+                ("JOBMIRROR_HANDLER_COMMAND", "outbox:/tmp/o"),
                 ("JOBMIRROR_COMPANY_IDS", "c"),
             ]),
         )

@@ -1,5 +1,6 @@
 //! `jobmirror demo`: the real service against a fake Pleo on a loopback port, with the
-//! bundled fixture (`fixtures/demo.json`), until every company has settled; then a report.
+//! bundled fixture (`fixtures/demo.json`) and the built-in `outbox:` handler, until every
+//! company has settled; then a job arrives by webhook; then a report.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,9 +8,10 @@ use std::time::Duration;
 
 use crossbeam_channel::bounded;
 
-use crate::clock::{SharedClock, SystemClock, monotonic};
+use crate::clock::{Millis, SharedClock, SystemClock, monotonic};
 use crate::config::Config;
 use crate::fake::{FakeConfig, FakePleo, Fixture};
+use crate::pleo::{Auth, ClientConfig, PleoClient, Secret};
 use crate::service::Service;
 use crate::store::Store;
 
@@ -23,24 +25,8 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
     let fixture: Fixture = serde_json::from_str(DEMO_FIXTURE)?;
     let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock.clone())?;
     fake.load_fixture(&fixture)?;
-    let companies = fixture.companies();
-    let mut served = companies.clone();
-    served.push(WEBHOOK_COMPANY.to_owned());
-
-    // Subscribe our receiver with the fake, as `jobmirror subscribe` does with Pleo.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let webhook_url = format!("http://127.0.0.1:{port}{}", crate::webhook::PATH);
-    let api = crate::pleo::PleoClient::new(
-        crate::pleo::ClientConfig::new(
-            &fake.base_url(),
-            crate::pleo::Auth::ApiKey(crate::pleo::Secret::new(fake.api_key())),
-        ),
-        clock.clone(),
-    )?;
-    let (_subscription, secret) =
-        api.subscribe(&webhook_url, &["v1.export-job.created".to_owned()])?;
+    let mut companies = fixture.companies();
+    companies.push(WEBHOOK_COMPANY.to_owned());
 
     let db = match db {
         Some(p) => p,
@@ -60,12 +46,32 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
             db.display()
         );
     }
+    let outbox = db
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("outbox");
+
+    // Subscribe our receiver with the fake, as `jobmirror subscribe` does with Pleo.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let api = PleoClient::new(
+        ClientConfig::new(&fake.base_url(), Auth::ApiKey(Secret::new(fake.api_key()))),
+        clock.clone(),
+    )?;
+    let url = format!("http://127.0.0.1:{port}{}", crate::webhook::PATH);
+    let (_subscription, secret) = api.subscribe(&url, &["v1.export-job.created".to_owned()])?;
+
     let env = [
         ("JOBMIRROR_DB", db.display().to_string()),
         ("JOBMIRROR_PLEO_BASE_URL", fake.base_url()),
         ("JOBMIRROR_PLEO_API_KEY", fake.api_key()),
-        ("JOBMIRROR_COMPANY_IDS", served.join(",")),
+        ("JOBMIRROR_COMPANY_IDS", companies.join(",")),
         ("JOBMIRROR_POLL_INTERVAL_SECS", "300".to_owned()),
+        (
+            "JOBMIRROR_HANDLER_COMMAND",
+            format!("outbox:{}", outbox.display()),
+        ),
         ("JOBMIRROR_WEBHOOK_LISTEN", format!("127.0.0.1:{port}")),
         ("JOBMIRROR_WEBHOOK_SECRET", secret.expose().to_owned()),
     ];
@@ -78,62 +84,61 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
         "  fake Pleo:  {} ({} jobs for {} companies)",
         fake.base_url(),
         fixture.jobs.len(),
-        companies.len()
+        companies.len() - 1
     );
     println!("  database:   {}", db.display());
+    println!(
+        "  handler:    outbox:{} (one JSON file per exported item)",
+        outbox.display()
+    );
     println!();
 
-    let (progress_tx, progress_rx) = bounded(64);
+    let (progress_tx, progress_rx) = bounded(256);
     let service = Service::start(&cfg, clock.clone(), Some(progress_tx))?;
     let watcher = Store::open_read_only(&db)?;
-    let deadline = monotonic() + Duration::from_secs(30);
-    let mut settled = false;
-    while !settled {
-        let left = deadline.saturating_duration_since(monotonic());
-        if left.is_zero() || progress_rx.recv_timeout(left).is_err() {
-            break;
+    let wait_until = |what: &str,
+                      done: &dyn Fn(&crate::processor::RoundReport) -> anyhow::Result<bool>|
+     -> anyhow::Result<()> {
+        let deadline = monotonic() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(monotonic());
+            match progress_rx.recv_timeout(left) {
+                Ok(r) if done(&r)? => return Ok(()),
+                Ok(_) => {}
+                Err(_) => anyhow::bail!(
+                    "the demo did not get to {what} within 30 s; see {}",
+                    db.display()
+                ),
+            }
         }
-        settled = is_settled(&watcher, &companies, clock.now())?;
-    }
-    if !settled {
-        service.stop(Duration::from_secs(10));
-        anyhow::bail!("the demo did not settle within 30 s; see {}", db.display());
-    }
+    };
+    let settled = wait_until("a settled state", &|_| {
+        is_settled(&watcher, &companies[..companies.len() - 1], clock.now())
+    });
 
     // A user clicks Export for delta: the fake creates the job and sends a signed webhook.
     // Polling is 5 minutes away, so a quick claim can only come from the webhook.
     let t0 = monotonic();
-    let new_job = fake.add_job(crate::fake::JobSpec {
-        company_id: WEBHOOK_COMPANY.into(),
-        items: Some(3),
-        ..Default::default()
-    })?;
-    let mut webhook_claim_ms = None;
-    while webhook_claim_ms.is_none() {
-        let left = Duration::from_secs(10).saturating_sub(t0.elapsed());
-        match progress_rx.recv_timeout(left) {
-            Ok(report) if report.claimed.contains(&new_job) => {
-                webhook_claim_ms = Some(t0.elapsed().as_millis())
-            }
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
+    let claimed = settled.and_then(|_| {
+        let job = fake.add_job(crate::fake::JobSpec {
+            company_id: WEBHOOK_COMPANY.into(),
+            items: Some(3),
+            ..Default::default()
+        })?;
+        wait_until("the webhook's job", &|r| Ok(r.claimed.contains(&job)))
+    });
+    let webhook_claim_ms = t0.elapsed().as_millis();
     service.stop(Duration::from_secs(10));
-    let Some(webhook_claim_ms) = webhook_claim_ms else {
-        anyhow::bail!(
-            "the job announced by webhook was not claimed within 10 s; see {}",
-            db.display()
-        );
-    };
-    let mut companies = companies;
-    companies.push(WEBHOOK_COMPANY.to_owned());
+    claimed?;
 
     let store = Store::open_read_only(&db)?;
     for company in &companies {
         println!("company {company}");
         let mut stmt = store.conn().prepare(
-            "SELECT id, status, proc_state, created_at FROM export_jobs WHERE company_id = ?1 ORDER BY created_at, id",
+            "SELECT id, status, proc_state, created_at, \
+             (SELECT count(*) FROM job_items i WHERE i.job_id = j.id AND our_status = 'successful'), \
+             (SELECT count(*) FROM job_items i WHERE i.job_id = j.id AND our_status = 'failed') \
+             FROM export_jobs j WHERE company_id = ?1 ORDER BY created_at, id",
         )?;
         let rows = stmt.query_map([company], |r| {
             Ok((
@@ -141,19 +146,21 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
             ))
         })?;
         for row in rows {
-            let (id, status, state, created) = row?;
+            let (id, status, state, created, ok, failed) = row?;
             let started = fake.started_events_for(&id);
             println!(
-                "  job {id}  created {}  pleo={status:<12} jobmirror={state:<10} started sent {started}x",
-                crate::clock::Millis(created)
+                "  job {id}  created {}  pleo={status:<21} jobmirror={state:<10} started sent {started}x  items ok {ok} failed {failed}",
+                Millis(created)
             );
         }
     }
     println!();
-    println!("journal (job_events):");
+    println!("journal (job_events), oldest first:");
     for e in store.events(None)? {
         println!(
             "  {}  {:<18} {}  {}",
@@ -175,17 +182,20 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
     println!();
     println!("What happened:");
     println!(
-        "  - acme: the in_progress job found at start-up was resumed without sending `started`;"
+        "  - acme: the in_progress job found at start-up was resumed without sending `started`, then"
     );
-    println!("    the younger jobs wait, one job at a time per company.");
+    println!("    the younger jobs were processed one at a time, oldest first.");
     println!(
         "  - bravo: another integration grabbed the oldest job between our check and our claim (422);"
     );
-    println!("    jobmirror journaled the conflict and claimed the next oldest.");
     println!(
-        "  - charlie: listed out of order; the oldest job had too little time left and was left alone,"
+        "    jobmirror journaled the conflict and took the next oldest. One of its items has no GL"
     );
-    println!("    the next oldest was claimed.");
+    println!("    account, so the outbox refused it: completed_with_errors.");
+    println!(
+        "  - charlie: listed out of order; the oldest job had too little time left and was left alone."
+    );
+    println!("    One job's only item has no account: failed, with the reason sent to Pleo.");
     println!(
         "  - delta: a job created while jobmirror ran was announced by a signed webhook and claimed"
     );
@@ -196,29 +206,25 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
         "  sqlite3 {} 'SELECT company_id, id, status, proc_state FROM export_jobs ORDER BY company_id, created_at'",
         db.display()
     );
-    println!("  jobmirror status  (with JOBMIRROR_DB={})", db.display());
+    println!(
+        "  sqlite3 {} 'SELECT job_id, accounting_entry_id, our_status, failure_reason_type, datetime(reported_at/1000, \"unixepoch\") FROM job_items'",
+        db.display()
+    );
+    println!("  ls {}", outbox.display());
+    println!("  JOBMIRROR_DB={} jobmirror status", db.display());
     Ok(())
 }
 
-/// Every company was recovered and has either a job in hand or nothing left to claim.
-fn is_settled(
-    store: &Store,
-    companies: &[String],
-    now: crate::clock::Millis,
-) -> anyhow::Result<bool> {
+/// Every company was recovered and has nothing in hand and nothing left to claim.
+fn is_settled(store: &Store, companies: &[String], now: Millis) -> anyhow::Result<bool> {
     for c in companies {
         let recovered: i64 = store.conn().query_row(
             "SELECT count(*) FROM sync_runs WHERE company_id = ?1 AND kind = 'recovery' AND finished_at IS NOT NULL AND error IS NULL",
             [c],
             |r| r.get(0),
         )?;
-        if recovered == 0 {
-            return Ok(false);
-        }
-        let busy = store
-            .active_job(c)?
-            .is_some_and(|j| j.proc_state == crate::store::ProcState::Processing);
-        if !busy && store.pick_next(c, now, 0)?.is_some() {
+        if recovered == 0 || store.active_job(c)?.is_some() || store.pick_next(c, now, 0)?.is_some()
+        {
             return Ok(false);
         }
     }

@@ -325,6 +325,9 @@ pub struct JobSpec {
     /// Another integration claims the job right after jobmirror reads it (the conflict path).
     #[serde(default)]
     pub steal_on_verify: bool,
+    /// The last this-many items have no GL account (an ERP import refuses them).
+    #[serde(default)]
+    pub items_without_account: usize,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -596,7 +599,9 @@ impl FakePleo {
         for i in 0..n_items {
             let entry = format!("{:08x}-{:04x}-4000-8000-{:012x}", hash32(&id), 0xe17u16, i);
             job.items.push(new_item(&id, &entry));
-            job.export_items.push(export_item(&job, &entry, i));
+            let with_account = i + spec.items_without_account < n_items;
+            job.export_items
+                .push(export_item(&job, &entry, i, with_account));
         }
         if spec.steal_on_verify {
             w.steal_on_get.insert(id.clone());
@@ -765,13 +770,19 @@ fn new_item(job_id: &str, entry: &str) -> FakeItem {
     }
 }
 
-fn export_item(job: &FakeJob, entry: &str, i: usize) -> Value {
+fn export_item(job: &FakeJob, entry: &str, i: usize, with_account: bool) -> Value {
     let minor = 1_000 + (i as i64 * 137) % 90_000;
+    let account = if with_account {
+        json!({"id": "0000acc0-0000-4000-8000-000000004000", "code": "4000", "identifier": "4000", "name": "Office supplies"})
+    } else {
+        Value::Null
+    };
     json!({
         "_links": {"self": {"href": format!("/v3/export-items/{entry}")}},
         "accountingEntryId": entry,
         "accountingEntryLines": [{
             "accountingEntryLineId": format!("{entry}-l1"),
+            "account": account,
             "lineAmount": {"inSupplierCurrency": {"currency": "DKK", "value": minor},
                            "inWalletCurrency": {"currency": "DKK", "value": minor}},
             "netAmount": {"inSupplierCurrency": {"currency": "DKK", "value": minor * 4 / 5},
@@ -1317,7 +1328,7 @@ fn create_job(w: &mut World, body: &[u8], now: Millis) -> Response {
     };
     for (i, e) in entries.iter().enumerate() {
         job.items.push(new_item(&id, e));
-        job.export_items.push(export_item(&job, e, i));
+        job.export_items.push(export_item(&job, e, i, true));
     }
     let out = json!({"data": job.to_json()});
     w.announce(&job);

@@ -279,6 +279,13 @@ fn is_loopback_host(host: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// What `PUT /v3/export-jobs/{id}/items` answered: the items it updated and per-item errors.
+#[derive(Debug, Default, Clone)]
+pub struct ItemUpdateOutcome {
+    pub updated: Vec<Value>,
+    pub errors: Vec<Value>,
+}
+
 /// One page of a listing, and how many pages were read.
 #[derive(Debug, Default)]
 pub struct Listing {
@@ -332,29 +339,85 @@ impl PleoClient {
 
     /// Lists a company's jobs in the given statuses, following `after` cursors to the last page.
     pub fn list_jobs(&self, company_id: &str, statuses: &[&str]) -> Result<Listing, PleoError> {
-        let mut listing = Listing::default();
-        let mut after: Option<String> = None;
+        let mut query: Vec<(&str, String)> = vec![("company_id", company_id.to_owned())];
+        for s in statuses {
+            query.push(("statuses", (*s).to_owned()));
+        }
+        let (rows, pages) = self.all_pages("/v3/export-jobs", query, "job listing")?;
+        let jobs = rows
+            .into_iter()
+            .map(Job::from_value)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Listing { jobs, pages })
+    }
+
+    /// Every job item of a job (the control layer), all pages.
+    pub fn list_job_items(&self, job_id: &str) -> Result<Vec<Value>, PleoError> {
+        let path = format!("/v3/export-jobs/{}/items", path_segment(job_id)?);
+        Ok(self.all_pages(&path, Vec::new(), "job item listing")?.0)
+    }
+
+    /// Every export item of a job (the data layer), all pages.
+    pub fn list_export_items(&self, job_id: &str) -> Result<Vec<Value>, PleoError> {
+        let query = vec![("job_id", job_id.to_owned())];
+        Ok(self
+            .all_pages("/v3/export-items", query, "export item listing")?
+            .0)
+    }
+
+    /// Reports item results (at most 100). A 200 may still carry per-item `errors`.
+    pub fn put_items(
+        &self,
+        job_id: &str,
+        updates: &[Value],
+    ) -> Result<ItemUpdateOutcome, PleoError> {
+        if updates.len() > 100 {
+            return Err(PleoError::Config(format!(
+                "{} item updates in one request; the limit is 100",
+                updates.len()
+            )));
+        }
+        let path = format!("/v3/export-jobs/{}/items", path_segment(job_id)?);
+        let body = serde_json::to_vec(updates).map_err(|e| PleoError::Decode(e.to_string()))?;
+        let v = ok_json(self.send("PUT", &path, &[], Some(&body))?)?;
+        let list = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        Ok(ItemUpdateOutcome {
+            updated: list("data"),
+            errors: list("errors"),
+        })
+    }
+
+    /// GETs `path` page by page (`limit`, then `after` cursors) until the last page.
+    fn all_pages(
+        &self,
+        path: &str,
+        base: Vec<(&str, String)>,
+        what: &str,
+    ) -> Result<(Vec<Value>, u32), PleoError> {
         // A bound on pages so a server that never says "last page" cannot loop us forever.
         const PAGES_MAX: u32 = 100_000;
+        let mut rows = Vec::new();
+        let mut pages = 0u32;
+        let mut after: Option<String> = None;
         loop {
-            let mut query: Vec<(&str, String)> = vec![("company_id", company_id.to_owned())];
-            for s in statuses {
-                query.push(("statuses", (*s).to_owned()));
-            }
+            let mut query = base.clone();
             query.push(("limit", self.cfg.page_size.to_string()));
             if let Some(a) = &after {
                 query.push(("after", a.clone()));
             }
-            let reply = self.send("GET", "/v3/export-jobs", &query, None)?;
-            let page = ok_json(reply)?;
-            listing.pages += 1;
+            let page = ok_json(self.send("GET", path, &query, None)?)?;
+            pages += 1;
             let data = page
                 .get("data")
                 .and_then(Value::as_array)
-                .ok_or_else(|| PleoError::Decode("job listing lacks `data` array".into()))?;
-            for j in data {
-                listing.jobs.push(Job::from_value(j.clone())?);
-            }
+                .ok_or_else(|| PleoError::Decode(format!("{what} lacks `data` array")))?;
+            let empty = data.is_empty();
+            rows.extend(data.iter().cloned());
             let pagination = page.get("pagination");
             let has_next = pagination
                 .and_then(|p| p.get("hasNextPage"))
@@ -365,19 +428,17 @@ impl PleoClient {
                 .and_then(Value::as_str)
                 .map(str::to_owned);
             match (has_next, end_cursor) {
-                (true, Some(c)) if Some(&c) != after.as_ref() && !data.is_empty() => {
-                    after = Some(c)
-                }
+                (true, Some(c)) if Some(&c) != after.as_ref() && !empty => after = Some(c),
                 (true, _) => {
-                    return Err(PleoError::Decode(
-                        "listing says hasNextPage but gives no new endCursor".into(),
-                    ));
+                    return Err(PleoError::Decode(format!(
+                        "{what} says hasNextPage but gives no new endCursor"
+                    )));
                 }
-                (false, _) => return Ok(listing),
+                (false, _) => return Ok((rows, pages)),
             }
-            if listing.pages >= PAGES_MAX {
+            if pages >= PAGES_MAX {
                 return Err(PleoError::Decode(format!(
-                    "listing exceeded {PAGES_MAX} pages"
+                    "{what} exceeded {PAGES_MAX} pages"
                 )));
             }
         }

@@ -37,19 +37,24 @@ impl Default for ProcessorConfig {
     }
 }
 
-/// What happens to a job once it is held. The processing issue plugs the handler in here;
-/// until then [`ReadyStage`] only records that the job is ready.
+/// What happens to a job once it is held: [`crate::pipeline::HandlerStage`] in the service.
 pub trait Stage: Send {
-    /// Called once for a held job (claimed now, or resumed). Must move it out of `claimed`.
-    fn start(&mut self, store: &Store, job: &JobRow, now: Millis) -> Result<(), StoreError>;
+    /// Works on a held job (`claimed`, or `processing` after a restart or a pause). Returns
+    /// when the job is finished, or when it must wait (it stays `processing` and comes back
+    /// next round). Must move a `claimed` job on.
+    fn process(&mut self, store: &Store, job: &JobRow, now: Millis) -> Result<(), StoreError>;
 }
 
-/// Records that the job is ready for processing (`ready` in the journal, `processing` state).
+/// Only records that the job is ready (`ready` in the journal, `processing` state) and holds
+/// it: for tests of claiming and deadlines that need no handler.
 #[derive(Debug, Default)]
 pub struct ReadyStage;
 
 impl Stage for ReadyStage {
-    fn start(&mut self, store: &Store, job: &JobRow, now: Millis) -> Result<(), StoreError> {
+    fn process(&mut self, store: &Store, job: &JobRow, now: Millis) -> Result<(), StoreError> {
+        if job.proc_state != ProcState::Claimed {
+            return Ok(());
+        }
         store.transition(
             job,
             ProcState::Processing,
@@ -68,6 +73,8 @@ pub struct RoundReport {
     pub conflicts: Vec<String>,
     pub warned: Vec<String>,
     pub expired: Vec<String>,
+    /// Jobs the stage finished this round.
+    pub finished: Vec<String>,
     pub errors: Vec<String>,
     /// The earliest time something is due (a warning, an expiry, a backoff's end).
     pub next_due: Option<Millis>,
@@ -378,18 +385,25 @@ impl Processor {
                     _ => Ok(()),
                 }
             }
-            ProcState::Claimed => {
-                self.stage.start(&self.store, &job, self.clock.now())?;
+            ProcState::Claimed | ProcState::Processing => {
+                self.stage.process(&self.store, &job, self.clock.now())?;
                 let next = self
                     .store
                     .job(&job.id)?
                     .filter(|j| j.proc_state != ProcState::Claimed);
                 match next {
                     Some(j) if j.proc_state.is_active() => self.track_deadline(j, report),
-                    _ => Ok(()),
+                    Some(j) => {
+                        if j.proc_state.is_final() {
+                            report.finished.push(j.id.clone());
+                            // The company is free again: its next job can be taken at once.
+                            report.due(self.clock.now());
+                        }
+                        Ok(())
+                    }
+                    None => Ok(()),
                 }
             }
-            ProcState::Processing => self.track_deadline(job, report),
             _ => Ok(()),
         }
     }

@@ -55,6 +55,17 @@ impl Service {
         clock: SharedClock,
         progress: Option<Sender<RoundReport>>,
     ) -> anyhow::Result<Service> {
+        Service::start_observed(cfg, clock, progress, None)
+    }
+
+    /// As [`Service::start`], also sending processing milestones (tests, the demo).
+    pub fn start_observed(
+        cfg: &Config,
+        clock: SharedClock,
+        progress: Option<Sender<RoundReport>>,
+        milestones: Option<Sender<crate::pipeline::Milestone>>,
+    ) -> anyhow::Result<Service> {
+        let handler = cfg.require_handler()?;
         let sync_store = Store::open(&cfg.db)?;
         let proc_store = Store::open(&cfg.db)?;
         let instance_store = Store::open(&cfg.db)?;
@@ -120,13 +131,24 @@ impl Service {
         )
         .with_wake(wake_tx)
         .with_resume_unknown_in_progress(cfg.resume_unknown_in_progress);
+        let stage = crate::pipeline::HandlerStage::new(
+            client.clone(),
+            clock.clone(),
+            handler,
+            cfg.pipeline.clone(),
+        );
+        let stage = match milestones {
+            Some(tx) => stage.with_milestones(tx),
+            None => stage,
+        };
         let processor = Processor::new(
             proc_store,
             client,
             clock,
             cfg.company_ids.clone(),
             processor_config(cfg),
-        );
+        )
+        .with_stage(Box::new(stage));
 
         let interval = cfg.poll_interval;
         let (sd, done) = (shutdown_rx.clone(), done_tx.clone());

@@ -129,6 +129,22 @@ pub enum EventKind {
     Expired,
     /// Reached a terminal status other than expiry.
     Finished,
+    /// The processing stage began (or resumed) work on a held job.
+    ProcessingStarted,
+    /// The handler's readiness check failed.
+    NotReady,
+    /// A handler run ended without answering every item (crash, garbage); it may be retried.
+    HandlerFailed,
+    /// The handler gave no result in time, or the job would expire first.
+    HandlerTimedOut,
+    /// Results reported with a PUT (detail: counts).
+    ItemsReported,
+    /// Pleo refused some item updates inside a 200.
+    ItemReportFailed,
+    /// Processing hit an error it will retry (Pleo unreachable, ...).
+    ProcessingError,
+    /// jobmirror sent the final event (completed, completed_with_errors, failed).
+    FinishSent,
     /// Not claimed: too little time left before expiry.
     TooLate,
     /// A sync pass over a company failed.
@@ -156,6 +172,14 @@ impl EventKind {
             EventKind::DeadlineWarning => "deadline_warning",
             EventKind::Expired => "expired",
             EventKind::Finished => "finished",
+            EventKind::ProcessingStarted => "processing_started",
+            EventKind::NotReady => "not_ready",
+            EventKind::HandlerFailed => "handler_failed",
+            EventKind::HandlerTimedOut => "handler_timed_out",
+            EventKind::ItemsReported => "items_reported",
+            EventKind::ItemReportFailed => "item_report_failed",
+            EventKind::ProcessingError => "processing_error",
+            EventKind::FinishSent => "finish_sent",
             EventKind::TooLate => "too_late",
             EventKind::SyncFailed => "sync_failed",
             EventKind::WebhookReceived => "webhook_received",
@@ -1055,5 +1079,219 @@ mod tests {
             s.upsert_job(&j2, Millis(2), Source::Poll).unwrap(),
             Upsert::Changed
         );
+    }
+}
+
+/// A handler's result for one item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemResult {
+    pub accounting_entry_id: String,
+    pub successful: bool,
+    pub external_id: Option<String>,
+    pub external_url: Option<String>,
+    pub failure_reason: Option<String>,
+    pub failure_reason_type: Option<String>,
+}
+
+/// A recorded result waiting to be reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreportedItem {
+    pub result: ItemResult,
+    pub handled_at: Millis,
+    pub report_attempts: i64,
+}
+
+/// Item totals of one job, by our status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ItemCounts {
+    pub todo: i64,
+    pub successful: i64,
+    pub failed: i64,
+    pub unreported: i64,
+}
+
+impl Store {
+    /// Records the job's items as Pleo lists them. New items Pleo already shows finished are
+    /// recorded as finished and reported; existing rows only get Pleo's status.
+    pub fn sync_job_items(
+        &self,
+        job_id: &str,
+        items: &[(String, String, Option<String>)],
+        now: Millis,
+    ) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        for (entry, pleo_status, reconciliation) in items {
+            let done = matches!(pleo_status.as_str(), "successful" | "failed" | "abandoned");
+            let ours = match pleo_status.as_str() {
+                "successful" => "successful",
+                "failed" | "abandoned" => "failed",
+                _ => "todo",
+            };
+            tx.prepare_cached(
+                "INSERT INTO job_items (job_id, accounting_entry_id, pleo_status, our_status, reconciliation_id, handled_at, reported_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) \
+                 ON CONFLICT (job_id, accounting_entry_id) DO UPDATE SET pleo_status = excluded.pleo_status, \
+                 reconciliation_id = coalesce(excluded.reconciliation_id, job_items.reconciliation_id)",
+            )?
+            .execute(params![job_id, entry, pleo_status, ours, reconciliation, if done { Some(now.0) } else { None }])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Items still to be given to the handler: open at Pleo and without a recorded result.
+    pub fn todo_items(&self, job_id: &str) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT accounting_entry_id FROM job_items WHERE job_id = ?1 AND our_status = 'todo' \
+             AND pleo_status IN ('pending', 'in_progress')",
+        )?;
+        let rows = stmt.query_map([job_id], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Commits results in one transaction. A result never replaces one already recorded.
+    /// Returns the entries that were recorded now.
+    pub fn record_results(
+        &self,
+        job_id: &str,
+        results: &[ItemResult],
+        now: Millis,
+    ) -> Result<Vec<String>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let mut recorded = Vec::new();
+        for r in results {
+            let n = tx
+                .prepare_cached(
+                    "UPDATE job_items SET our_status = ?3, external_id = ?4, external_url = ?5, failure_reason = ?6, \
+                     failure_reason_type = ?7, handled_at = ?8 \
+                     WHERE job_id = ?1 AND accounting_entry_id = ?2 AND our_status = 'todo'",
+                )?
+                .execute(params![
+                    job_id,
+                    r.accounting_entry_id,
+                    if r.successful { "successful" } else { "failed" },
+                    r.external_id,
+                    r.external_url,
+                    r.failure_reason,
+                    r.failure_reason_type,
+                    now.0
+                ])?;
+            if n == 1 {
+                recorded.push(r.accounting_entry_id.clone());
+            }
+        }
+        tx.commit()?;
+        Ok(recorded)
+    }
+
+    /// Recorded results not yet acknowledged by Pleo, oldest first.
+    pub fn unreported_items(&self, job_id: &str, limit: usize) -> Result<Vec<UnreportedItem>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT accounting_entry_id, our_status, external_id, external_url, failure_reason, failure_reason_type, \
+             handled_at, report_attempts FROM job_items \
+             WHERE job_id = ?1 AND handled_at IS NOT NULL AND reported_at IS NULL \
+             ORDER BY handled_at, accounting_entry_id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![job_id, limit as i64], |r| {
+            Ok(UnreportedItem {
+                result: ItemResult {
+                    accounting_entry_id: r.get(0)?,
+                    successful: r.get::<_, String>(1)? == "successful",
+                    external_id: r.get(2)?,
+                    external_url: r.get(3)?,
+                    failure_reason: r.get(4)?,
+                    failure_reason_type: r.get(5)?,
+                },
+                handled_at: Millis(r.get(6)?),
+                report_attempts: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Pleo acknowledged these items with the given status.
+    pub fn mark_reported(
+        &self,
+        job_id: &str,
+        acknowledged: &[(String, String)],
+        now: Millis,
+    ) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        for (entry, status) in acknowledged {
+            tx.prepare_cached(
+                "UPDATE job_items SET reported_at = ?3, pleo_status = ?4, report_error = NULL, \
+                 report_attempts = report_attempts + 1 WHERE job_id = ?1 AND accounting_entry_id = ?2",
+            )?
+            .execute(params![job_id, entry, now.0, status])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Pleo refused this item's update; after `give_up` it is not sent again.
+    pub fn mark_report_error(
+        &self,
+        job_id: &str,
+        entry: &str,
+        error: &str,
+        give_up: bool,
+        now: Millis,
+    ) -> Result<()> {
+        self.conn.execute(
+            "UPDATE job_items SET report_attempts = report_attempts + 1, report_error = ?3, \
+             reported_at = CASE WHEN ?4 THEN ?5 ELSE reported_at END WHERE job_id = ?1 AND accounting_entry_id = ?2",
+            params![job_id, entry, error, give_up, now.0],
+        )?;
+        Ok(())
+    }
+
+    /// Items without a result are failed with this reason (they count as handled).
+    pub fn fail_open_items(
+        &self,
+        job_id: &str,
+        failure_type: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<usize> {
+        Ok(self.conn.execute(
+            "UPDATE job_items SET our_status = 'failed', failure_reason_type = ?2, failure_reason = ?3, handled_at = ?4 \
+             WHERE job_id = ?1 AND our_status = 'todo'",
+            params![job_id, failure_type, reason, now.0],
+        )?)
+    }
+
+    pub fn item_counts(&self, job_id: &str) -> Result<ItemCounts> {
+        Ok(self.conn.query_row(
+            "SELECT coalesce(sum(our_status = 'todo'), 0), coalesce(sum(our_status = 'successful'), 0), \
+             coalesce(sum(our_status = 'failed'), 0), \
+             coalesce(sum(handled_at IS NOT NULL AND reported_at IS NULL), 0) FROM job_items WHERE job_id = ?1",
+            [job_id],
+            |r| Ok(ItemCounts { todo: r.get(0)?, successful: r.get(1)?, failed: r.get(2)?, unreported: r.get(3)? }),
+        )?)
+    }
+
+    /// The most common failure of a job's failed items, for the job's own failure reason.
+    pub fn first_item_failure(
+        &self,
+        job_id: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT failure_reason_type, failure_reason FROM job_items WHERE job_id = ?1 AND our_status = 'failed' \
+                 GROUP BY failure_reason_type ORDER BY count(*) DESC, failure_reason_type LIMIT 1",
+                [job_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// A state-changing call was accepted at `at`: Pleo's `lastUpdatedAt` moved, and so the deadline.
+    pub fn touch_job(&self, job_id: &str, at: Millis) -> Result<()> {
+        self.conn.execute(
+            "UPDATE export_jobs SET last_updated_at = ?2, expires_at = ?2 + expires_in * 1000 WHERE id = ?1",
+            params![job_id, at.0],
+        )?;
+        Ok(())
     }
 }

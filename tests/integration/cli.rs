@@ -116,6 +116,7 @@ fn configuration_errors_exit_2_with_one_line_naming_the_key() {
         .arg("run")
         .env("JOBMIRROR_PLEO_API_KEY", "k")
         .env("JOBMIRROR_COMPANY_IDS", "c")
+        .env("JOBMIRROR_HANDLER_COMMAND", "outbox:/tmp/x")
         .env("JOBMIRROR_POLL_INTERVAL_SECS", "-5")
         .output()
         .unwrap();
@@ -168,6 +169,10 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
         .env("JOBMIRROR_PLEO_API_KEY", secret)
         .env("JOBMIRROR_COMPANY_IDS", company)
         .env("JOBMIRROR_POLL_INTERVAL_SECS", "3600")
+        .env(
+            "JOBMIRROR_HANDLER_COMMAND",
+            format!("outbox:{}", dir.path().join("outbox").display()),
+        )
         .env("JOBMIRROR_LOG", "trace")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -178,9 +183,13 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
     let mut seen = Vec::new();
     wait_for(&rx, "recovery pass: 1 jobs seen, 1 new", &mut seen);
     wait_for(&rx, "resumed in_progress job held", &mut seen);
+    wait_for(
+        &rx,
+        "job held of company aaaaaaaa-0000-4000-8000-000000000001: sent completed",
+        &mut seen,
+    );
 
     // A job appears; with an hour between polls, SIGUSR1 makes jobmirror look now.
-    assert!(fake.complete("held"));
     fake.add_job(JobSpec {
         id: Some("fresh".into()),
         company_id: company.into(),
@@ -191,6 +200,11 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
     signal(reaper.0.as_ref().unwrap(), "USR1");
     wait_for(&rx, "trigger pass: 1 jobs seen, 1 new", &mut seen);
     wait_for(&rx, "claimed job fresh", &mut seen);
+    wait_for(
+        &rx,
+        "job fresh of company aaaaaaaa-0000-4000-8000-000000000001: sent completed",
+        &mut seen,
+    );
     assert_eq!(fake.started_events_for("fresh"), 1);
     assert_eq!(fake.started_events_for("held"), 0);
 
@@ -214,6 +228,18 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("run detection now"));
     wait_for(&rx, "trigger pass: 1 jobs seen, 1 new", &mut seen);
+    wait_for(
+        &rx,
+        "job third of company aaaaaaaa-0000-4000-8000-000000000001: sent completed",
+        &mut seen,
+    );
+    for job in ["held", "fresh", "third"] {
+        let files = std::fs::read_dir(dir.path().join("outbox").join(job))
+            .unwrap()
+            .count();
+        assert_eq!(files, 1, "the outbox holds the item of {job}");
+        assert_eq!(fake.job(job).unwrap().status, "completed");
+    }
 
     let child = reaper.0.take().unwrap();
     signal(&child, "TERM");
@@ -250,26 +276,16 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains(&format!("company {company}")), "{text}");
-    assert!(
-        text.contains("processing=1") && text.contains("done=1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("next deadline: job ") && text.contains(" s left)"),
-        "{text}"
-    );
+    assert!(text.contains("jobs:          done=3"), "{text}");
+    assert!(text.contains("next deadline: none"), "{text}");
     let out = cmd()
         .args(["status", "--json"])
         .env("JOBMIRROR_DB", &db)
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["companies"][0]["jobs_by_state"]["processing"], 1);
-    let next = v["companies"][0]["next_deadline"]["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(next == "fresh" || next == "third", "{next}");
+    assert_eq!(v["companies"][0]["jobs_by_state"]["done"], 3);
+    assert!(v["companies"][0]["next_deadline"].is_null());
 }
 
 #[test]
@@ -322,24 +338,40 @@ fn demo_runs_to_the_end_against_the_bundled_fake() {
             .unwrap_or_else(|| panic!("{id} missing:\n{text}"))
             .to_owned()
     };
-    // acme: resumed without started; bravo: conflict then next oldest; charlie: too late, then oldest.
-    assert!(
-        line("a0000000-0000-4000-8000-000000000001")
-            .contains("jobmirror=processing started sent 0x")
-    );
-    assert!(line("b0000000-0000-4000-8000-000000000001").contains("jobmirror=conflict"));
-    assert!(
-        line("b0000000-0000-4000-8000-000000000002")
-            .contains("jobmirror=processing started sent 1x")
-    );
-    assert!(
-        line("c0000000-0000-4000-8000-000000000000")
-            .contains("jobmirror=too_late   started sent 0x")
-    );
-    assert!(
-        line("c0000000-0000-4000-8000-000000000001")
-            .contains("jobmirror=processing started sent 1x")
-    );
+    // acme: resumed without started; bravo: conflict, then the rest; charlie: too late, then the rest.
+    let expect = [
+        (
+            "a0000000-0000-4000-8000-000000000001",
+            "pleo=completed             jobmirror=done       started sent 0x  items ok 2 failed 0",
+        ),
+        (
+            "a0000000-0000-4000-8000-000000000002",
+            "pleo=completed             jobmirror=done       started sent 1x  items ok 4 failed 0",
+        ),
+        (
+            "b0000000-0000-4000-8000-000000000001",
+            "pleo=in_progress           jobmirror=conflict   started sent 1x",
+        ),
+        (
+            "b0000000-0000-4000-8000-000000000002",
+            "pleo=completed_with_errors jobmirror=done       started sent 1x  items ok 2 failed 1",
+        ),
+        (
+            "c0000000-0000-4000-8000-000000000000",
+            "pleo=pending               jobmirror=too_late   started sent 0x",
+        ),
+        (
+            "c0000000-0000-4000-8000-000000000001",
+            "pleo=completed             jobmirror=done       started sent 1x  items ok 7 failed 0",
+        ),
+        (
+            "c0000000-0000-4000-8000-000000000002",
+            "pleo=failed                jobmirror=done       started sent 1x  items ok 0 failed 1",
+        ),
+    ];
+    for (id, want) in expect {
+        assert!(line(id).contains(want), "{id}: {}", line(id));
+    }
     assert!(text.contains(&db.display().to_string()));
     // delta: its only job arrived by webhook and was claimed, with no poll due for 5 minutes.
     assert!(
@@ -352,9 +384,18 @@ fn demo_runs_to_the_end_against_the_bundled_fake() {
         .nth(1)
         .unwrap();
     assert!(
-        delta.contains("jobmirror=processing started sent 1x"),
+        delta.contains("pleo=completed") && delta.contains("started sent 1x  items ok 3 failed 0"),
         "{delta}"
     );
+    // The outbox holds one file per exported item.
+    let files = std::fs::read_dir(
+        dir.path()
+            .join("outbox")
+            .join("c0000000-0000-4000-8000-000000000001"),
+    )
+    .unwrap()
+    .count();
+    assert_eq!(files, 7);
 }
 
 #[test]

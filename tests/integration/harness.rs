@@ -150,6 +150,11 @@ impl World {
 }
 
 impl World {
+    /// Where the `outbox:` handler of this world writes.
+    pub fn outbox(&self) -> PathBuf {
+        self.db.parent().unwrap().join("outbox")
+    }
+
     /// A service configuration pointing at this world's fake and database.
     pub fn config(
         &self,
@@ -162,6 +167,10 @@ impl World {
             ("JOBMIRROR_PLEO_API_KEY".into(), KEY.into()),
             ("JOBMIRROR_COMPANY_IDS".into(), companies.join(",")),
             ("JOBMIRROR_POLL_INTERVAL_SECS".into(), "3600".into()),
+            (
+                "JOBMIRROR_HANDLER_COMMAND".into(),
+                format!("outbox:{}", self.outbox().display()),
+            ),
         ];
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         jobmirror::config::Config::load_with(None, &|k| {

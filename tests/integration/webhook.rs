@@ -379,6 +379,10 @@ fn a_job_announced_by_webhook_is_claimed_within_two_seconds_with_hourly_polling(
         ("JOBMIRROR_PLEO_API_KEY", crate::harness::KEY.to_owned()),
         ("JOBMIRROR_COMPANY_IDS", A.to_owned()),
         ("JOBMIRROR_POLL_INTERVAL_SECS", "3600".to_owned()),
+        (
+            "JOBMIRROR_HANDLER_COMMAND",
+            format!("outbox:{}", w.outbox().display()),
+        ),
         ("JOBMIRROR_WEBHOOK_LISTEN", format!("127.0.0.1:{port}")),
         ("JOBMIRROR_WEBHOOK_SECRET", secret.expose().to_owned()),
     ];

@@ -1,0 +1,553 @@
+//! Handlers: the accounting-system side of processing, behind one protocol.
+//!
+//! A command handler is a program started once per job with `JOBMIRROR_JOB_ID` and
+//! `JOBMIRROR_COMPANY_ID` in its environment. Its stdin gets JSON lines, `{"type":"job",...}`
+//! then one `{"type":"item",...}` per item to do, then EOF; it answers one JSON line per item
+//! on stdout, in any order. Started with `--check` it answers readiness by its exit status.
+//! `outbox:DIR` is the built-in handler: it writes each item to `DIR/<jobId>/<entry>.json`.
+//!
+//! Invariants: a handler runs in its own process group and is killed with the whole group;
+//! its stderr goes to our log line by line; an output line that is not a valid result is
+//! reported as garbage, never guessed at; nothing here touches the database or Pleo.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, bounded};
+use serde_json::{Value, json};
+
+use crate::store::ItemResult;
+
+/// Job failure types Pleo accepts (`ExportJobFailureReasonType`).
+pub const JOB_FAILURE_TYPES: &[&str] = &[
+    "invalid_configuration",
+    "missing_configuration",
+    "authentication_failure",
+    "accounting_system_authentication_failure",
+    "pleo_rate_limit",
+    "accounting_system_rate_limit",
+    "service_unreachable",
+    "accounting_system_unreachable",
+    "validation_failure",
+    "authorization_failure",
+    "integration_unusable",
+    "job_expired",
+    "service_timeout",
+    "accounting_system_timeout",
+    "canceled_by_user",
+];
+
+/// Item failure types Pleo accepts (`ExportJobItemFailureReasonType`).
+pub const ITEM_FAILURE_TYPES: &[&str] = &[
+    "receipt_upload_failure",
+    "receipt_download_failure",
+    "receipt_file_size_limit_exceeded",
+    "receipt_conversion_failure",
+    "unexpected_failure",
+    "invalid_configuration",
+    "missing_configuration",
+    "accounting_system_authentication_failure",
+    "accounting_system_rate_limit",
+    "accounting_system_unreachable",
+    "validation_failure",
+    "accounting_system_validation_failure",
+    "authorization_failure",
+    "accounting_system_timeout",
+    "vendor_unknown",
+    "account_unknown",
+    "tax_code_unknown",
+    "tag_unknown",
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandlerSpec {
+    /// A program and its arguments (split on whitespace; no shell).
+    Command { program: String, args: Vec<String> },
+    /// The built-in file handler.
+    Outbox(PathBuf),
+}
+
+impl HandlerSpec {
+    pub fn parse(s: &str) -> Result<HandlerSpec, String> {
+        let s = s.trim();
+        if let Some(dir) = s.strip_prefix("outbox:") {
+            if dir.is_empty() {
+                return Err(
+                    "outbox: needs a directory, e.g. outbox:/var/lib/jobmirror/outbox".into(),
+                );
+            }
+            return Ok(HandlerSpec::Outbox(PathBuf::from(dir)));
+        }
+        let mut parts = s.split_whitespace().map(str::to_owned);
+        let program = parts.next().ok_or("is empty")?;
+        Ok(HandlerSpec::Command {
+            program,
+            args: parts.collect(),
+        })
+    }
+}
+
+/// The answer to a readiness check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    NotReady {
+        failure_reason_type: String,
+        failure_reason: String,
+    },
+}
+
+/// What a running handler tells the pipeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandlerMsg {
+    Result(ItemResult),
+    /// An output line that is not a result (kept short for the log).
+    Garbage(String),
+    /// The handler closed its output; [`Running::wait_exit`] gives its exit status.
+    Eof,
+}
+
+/// A started handler. Dropping it kills the handler.
+pub struct Running {
+    pub messages: Receiver<HandlerMsg>,
+    child: Option<Child>,
+}
+
+impl Running {
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_group(&c);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn kill_group(child: &Child) {
+    #[cfg(unix)]
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on our own child's process group; no memory is involved.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Parses one output line of a handler.
+pub fn parse_result(line: &str) -> Option<ItemResult> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let entry = v.get("accountingEntryId")?.as_str()?.to_owned();
+    let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    match v.get("status")?.as_str()? {
+        "successful" => Some(ItemResult {
+            accounting_entry_id: entry,
+            successful: true,
+            external_id: text("externalId"),
+            external_url: text("externalUrl"),
+            failure_reason: None,
+            failure_reason_type: None,
+        }),
+        "failed" => {
+            let given = text("failureReasonType");
+            let (kind, reason) = match given {
+                Some(t) if ITEM_FAILURE_TYPES.contains(&t.as_str()) => (t, text("failureReason")),
+                other => (
+                    "unexpected_failure".to_owned(),
+                    Some(format!(
+                        "{}{}",
+                        text("failureReason").unwrap_or_default(),
+                        other
+                            .map(|t| format!(" (handler said failureReasonType {t:?})"))
+                            .unwrap_or_default()
+                    )),
+                ),
+            };
+            Some(ItemResult {
+                accounting_entry_id: entry,
+                successful: false,
+                external_id: None,
+                external_url: None,
+                failure_reason: reason.filter(|r| !r.is_empty()),
+                failure_reason_type: Some(kind),
+            })
+        }
+        _ => None,
+    }
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+impl HandlerSpec {
+    /// Asks the handler whether the accounting system is ready, within `timeout`.
+    pub fn check(&self, job: &Value, timeout: Duration) -> Readiness {
+        match self {
+            HandlerSpec::Outbox(dir) => {
+                match std::fs::create_dir_all(dir).and_then(|_| probe_writable(dir)) {
+                    Ok(()) => Readiness::Ready,
+                    Err(e) => Readiness::NotReady {
+                        failure_reason_type: "invalid_configuration".into(),
+                        failure_reason: format!(
+                            "outbox directory {} is not writable: {e}",
+                            dir.display()
+                        ),
+                    },
+                }
+            }
+            HandlerSpec::Command { program, args } => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg("--check");
+                set_env(&mut cmd, job);
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                own_group(&mut cmd);
+                let mut child = match cmd.spawn() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return Readiness::NotReady {
+                            failure_reason_type: "integration_unusable".into(),
+                            failure_reason: format!("cannot start the handler {program}: {e}"),
+                        };
+                    }
+                };
+                let stdout = child.stdout.take();
+                let stderr = child.stderr.take();
+                let job_id = job["id"].as_str().unwrap_or("").to_owned();
+                if let Some(e) = stderr {
+                    forward_stderr(e, job_id.clone());
+                }
+                let (tx, rx) = bounded(1);
+                std::thread::spawn(move || {
+                    let mut last = None;
+                    if let Some(out) = stdout {
+                        for line in BufReader::new(out).lines().map_while(Result::ok) {
+                            if !line.trim().is_empty() {
+                                last = Some(line);
+                            }
+                        }
+                    }
+                    let _ = tx.send(last);
+                });
+                let last = match rx.recv_timeout(timeout) {
+                    Ok(l) => l,
+                    Err(_) => {
+                        kill_group(&child);
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Readiness::NotReady {
+                            failure_reason_type: "accounting_system_timeout".into(),
+                            failure_reason: format!(
+                                "the handler's readiness check did not answer within {} s",
+                                timeout.as_secs()
+                            ),
+                        };
+                    }
+                };
+                let status = child.wait();
+                match status {
+                    Ok(s) if s.success() => Readiness::Ready,
+                    other => {
+                        let said: Option<Value> =
+                            last.as_deref().and_then(|l| serde_json::from_str(l).ok());
+                        let given = said
+                            .as_ref()
+                            .and_then(|v| v["failureReasonType"].as_str())
+                            .map(str::to_owned);
+                        let reason = said
+                            .as_ref()
+                            .and_then(|v| v["failureReason"].as_str())
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| {
+                                format!(
+                                    "the handler's readiness check failed ({})",
+                                    describe_status(&other)
+                                )
+                            });
+                        let failure_reason_type = match given {
+                            Some(t) if JOB_FAILURE_TYPES.contains(&t.as_str()) => t,
+                            _ => "accounting_system_unreachable".into(),
+                        };
+                        Readiness::NotReady {
+                            failure_reason_type,
+                            failure_reason: reason,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the handler for `job` with `items` (export items) to do.
+    pub fn start(&self, job: &Value, items: Vec<Value>) -> std::io::Result<Running> {
+        let (tx, rx) = bounded::<HandlerMsg>(4096);
+        match self {
+            HandlerSpec::Outbox(dir) => {
+                let dir = dir.clone();
+                let job_id = job["id"].as_str().unwrap_or("").to_owned();
+                std::thread::Builder::new()
+                    .name("jm-outbox".into())
+                    .spawn(move || {
+                        for item in items {
+                            let msg = HandlerMsg::Result(outbox_write(&dir, &job_id, &item));
+                            if tx.send(msg).is_err() {
+                                return;
+                            }
+                        }
+                        let _ = tx.send(HandlerMsg::Eof);
+                    })?;
+                Ok(Running {
+                    messages: rx,
+                    child: None,
+                })
+            }
+            HandlerSpec::Command { program, args } => {
+                let mut cmd = Command::new(program);
+                cmd.args(args);
+                set_env(&mut cmd, job);
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                own_group(&mut cmd);
+                let mut child = cmd.spawn()?;
+                let stdin = child.stdin.take();
+                let stdout = child.stdout.take();
+                if let Some(e) = child.stderr.take() {
+                    forward_stderr(e, job["id"].as_str().unwrap_or("").to_owned());
+                }
+                let job_line = json!({"type": "job", "job": job}).to_string();
+                std::thread::Builder::new()
+                    .name("jm-handler-in".into())
+                    .spawn(move || {
+                        let Some(mut stdin) = stdin else { return };
+                        let mut w = std::io::BufWriter::new(&mut stdin);
+                        // A handler that exits early closes the pipe: stop writing, quietly.
+                        let _ = writeln!(w, "{job_line}").and_then(|_| {
+                            for item in &items {
+                                writeln!(w, "{}", json!({"type": "item", "item": item}))?;
+                            }
+                            w.flush()
+                        });
+                    })?;
+                std::thread::Builder::new()
+                    .name("jm-handler-out".into())
+                    .spawn(move || {
+                        if let Some(out) = stdout {
+                            for line in BufReader::new(out).lines() {
+                                let Ok(line) = line else { break };
+                                if line.trim().is_empty() {
+                                    continue;
+                                }
+                                let msg = match parse_result(&line) {
+                                    Some(r) => HandlerMsg::Result(r),
+                                    None => HandlerMsg::Garbage(short(&line)),
+                                };
+                                if tx.send(msg).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        let _ = tx.send(HandlerMsg::Eof);
+                    })?;
+                Ok(Running {
+                    messages: rx,
+                    child: Some(child),
+                })
+            }
+        }
+    }
+}
+
+impl Running {
+    /// After the handler's stdout closed: its exit status (killing it if it lingers 5 s).
+    pub fn wait_exit(&mut self) -> Result<(), String> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        for _ in 0..100 {
+            match child.try_wait() {
+                Ok(Some(s)) if s.success() => return Ok(()),
+                Ok(Some(s)) => return Err(describe_status(&Ok(s))),
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        self.kill();
+        Err("closed its output but did not exit; killed".into())
+    }
+}
+
+fn describe_status(s: &std::io::Result<std::process::ExitStatus>) -> String {
+    match s {
+        Ok(s) => match s.code() {
+            Some(c) => format!("exit status {c}"),
+            None => "killed by a signal".into(),
+        },
+        Err(e) => e.to_string(),
+    }
+}
+
+fn set_env(cmd: &mut Command, job: &Value) {
+    cmd.env("JOBMIRROR_JOB_ID", job["id"].as_str().unwrap_or(""));
+    cmd.env(
+        "JOBMIRROR_COMPANY_ID",
+        job["companyId"].as_str().unwrap_or(""),
+    );
+    // The handler gets no Pleo credential: it never talks to Pleo.
+    cmd.env_remove("JOBMIRROR_PLEO_API_KEY");
+    cmd.env_remove("JOBMIRROR_WEBHOOK_SECRET");
+}
+
+fn own_group(cmd: &mut Command) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+}
+
+fn forward_stderr(stderr: std::process::ChildStderr, job_id: String) {
+    let _ = std::thread::Builder::new()
+        .name("jm-handler-err".into())
+        .spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log::info!("handler[{job_id}]: {}", short(&line));
+            }
+        });
+}
+
+fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    let p = dir.join(".jobmirror-probe");
+    std::fs::write(&p, b"")?;
+    std::fs::remove_file(p)
+}
+
+/// The outbox handler's work for one item: validate, then write the file atomically.
+fn outbox_write(dir: &Path, job_id: &str, item: &Value) -> ItemResult {
+    let entry = item["accountingEntryId"].as_str().unwrap_or("").to_owned();
+    let fail = |kind: &str, reason: String| ItemResult {
+        accounting_entry_id: entry.clone(),
+        successful: false,
+        external_id: None,
+        external_url: None,
+        failure_reason: Some(reason),
+        failure_reason_type: Some(kind.to_owned()),
+    };
+    let safe = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !safe(&entry) || !safe(job_id) {
+        return fail(
+            "validation_failure",
+            "accountingEntryId or job id is not a safe file name".into(),
+        );
+    }
+    // An import file needs an account on every line.
+    let lines = item["accountingEntryLines"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if lines.is_empty() {
+        return fail(
+            "validation_failure",
+            "the entry has no accounting lines".into(),
+        );
+    }
+    if let Some(i) = lines
+        .iter()
+        .position(|l| l.get("account").is_none_or(Value::is_null))
+    {
+        return fail(
+            "account_unknown",
+            format!("accounting line {} has no account", i + 1),
+        );
+    }
+    let job_dir = dir.join(job_id);
+    let path = job_dir.join(format!("{entry}.json"));
+    let tmp = job_dir.join(format!(".{entry}.json.tmp"));
+    let written = std::fs::create_dir_all(&job_dir).and_then(|_| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(
+            serde_json::to_string_pretty(item)
+                .unwrap_or_default()
+                .as_bytes(),
+        )?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, &path)
+    });
+    match written {
+        Ok(()) => ItemResult {
+            accounting_entry_id: entry.clone(),
+            successful: true,
+            external_id: Some(format!("{job_id}/{entry}.json")),
+            external_url: Some(format!("file://{}", path.display())),
+            failure_reason: None,
+            failure_reason_type: None,
+        },
+        Err(e) => fail(
+            "unexpected_failure",
+            format!("cannot write {}: {e}", path.display()),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines() {
+        let ok = parse_result(r#"{"accountingEntryId":"e1","status":"successful","externalId":"X","externalUrl":"https://erp/X"}"#).unwrap();
+        assert!(ok.successful);
+        assert_eq!(ok.external_id.as_deref(), Some("X"));
+        let bad = parse_result(r#"{"accountingEntryId":"e2","status":"failed","failureReasonType":"vendor_unknown","failureReason":"no vendor"}"#).unwrap();
+        assert_eq!(bad.failure_reason_type.as_deref(), Some("vendor_unknown"));
+        let odd = parse_result(
+            r#"{"accountingEntryId":"e3","status":"failed","failureReasonType":"nope"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            odd.failure_reason_type.as_deref(),
+            Some("unexpected_failure")
+        );
+        assert!(odd.failure_reason.unwrap().contains("nope"));
+        for garbage in [
+            "",
+            "hello",
+            "{}",
+            r#"{"accountingEntryId":"e","status":"maybe"}"#,
+            r#"{"status":"successful"}"#,
+            "[1]",
+        ] {
+            assert!(parse_result(garbage).is_none(), "{garbage}");
+        }
+    }
+
+    #[test]
+    fn handler_spec_forms() {
+        assert_eq!(
+            HandlerSpec::parse("outbox:/tmp/x").unwrap(),
+            HandlerSpec::Outbox("/tmp/x".into())
+        );
+        assert_eq!(
+            HandlerSpec::parse("/usr/bin/erp-push --fast").unwrap(),
+            HandlerSpec::Command {
+                program: "/usr/bin/erp-push".into(),
+                args: vec!["--fast".into()]
+            }
+        );
+        assert!(HandlerSpec::parse("  ").is_err());
+        assert!(HandlerSpec::parse("outbox:").is_err());
+    }
+}

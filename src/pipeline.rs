@@ -1,0 +1,670 @@
+//! The processing stage: from a held job to a finished one, through a handler.
+//!
+//! Steps: readiness check (failing it sends `failed`); read every job item and export item;
+//! record the items in `job_items`; report results recorded earlier but not yet reported;
+//! run the handler on the items that are open at Pleo and have no result; commit each result
+//! as it arrives and report in batches of at most 100 (at 100 results or after
+//! `flush_interval`); finish exactly once with `completed`, `completed_with_errors` or `failed`.
+//!
+//! Invariants: a result is committed before it is reported; an item reported `successful` is
+//! never sent again; the handler never sees an item that already has a result; a handler that
+//! stalls, or a job that would expire before it can finish, is stopped and the job failed with
+//! `accounting_system_timeout` before its deadline; a crashing handler is retried at most
+//! `attempts_max` times; `started` is never sent here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use serde_json::{Value, json};
+
+use crate::clock::{Millis, SharedClock};
+use crate::handler::{HandlerMsg, HandlerSpec, Readiness};
+use crate::pleo::{JobEvent, JobEventKind, PleoClient, PleoError};
+use crate::processor::Stage;
+use crate::store::{EventKind, ItemResult, JobRow, ProcState, Source, Store, StoreError};
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// Longest wait for the next result before the handler counts as stalled.
+    pub item_timeout: Duration,
+    /// Longest a handler may run for one job.
+    pub job_timeout: Duration,
+    /// Handler runs per job (crashes, garbage) before open items fail.
+    pub attempts_max: u32,
+    /// Report results at least this often while the handler runs.
+    pub flush_interval: Duration,
+    /// Stop and fail the job when less than this is left before it expires.
+    pub finish_margin: Duration,
+    pub check_timeout: Duration,
+    /// Real-time cap on one wait for handler output (so a moved clock is noticed).
+    pub wait_tick: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            item_timeout: Duration::from_secs(120),
+            job_timeout: Duration::from_secs(3000),
+            attempts_max: 3,
+            flush_interval: Duration::from_secs(5),
+            finish_margin: Duration::from_secs(120),
+            check_timeout: Duration::from_secs(60),
+            wait_tick: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Milestones, for tests and the demo to wait on instead of sleeping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Milestone {
+    HandlerStarted { job_id: String, items: usize },
+    Finished { job_id: String, event: String },
+}
+
+pub struct HandlerStage {
+    client: Arc<PleoClient>,
+    clock: SharedClock,
+    handler: HandlerSpec,
+    cfg: PipelineConfig,
+    milestones: Option<Sender<Milestone>>,
+}
+
+impl HandlerStage {
+    pub fn new(
+        client: Arc<PleoClient>,
+        clock: SharedClock,
+        handler: HandlerSpec,
+        cfg: PipelineConfig,
+    ) -> HandlerStage {
+        HandlerStage {
+            client,
+            clock,
+            handler,
+            cfg,
+            milestones: None,
+        }
+    }
+
+    pub fn with_milestones(mut self, tx: Sender<Milestone>) -> HandlerStage {
+        self.milestones = Some(tx);
+        self
+    }
+
+    fn note(&self, m: Milestone) {
+        if let Some(tx) = &self.milestones {
+            let _ = tx.try_send(m);
+        }
+    }
+}
+
+/// Why a run stopped before finishing; the job stays `processing` for the next round.
+enum Pause {
+    Pleo(PleoError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Pause {
+    fn from(e: StoreError) -> Self {
+        Pause::Store(e)
+    }
+}
+impl From<PleoError> for Pause {
+    fn from(e: PleoError) -> Self {
+        Pause::Pleo(e)
+    }
+}
+
+/// How a job ends.
+struct Finish {
+    event: JobEventKind,
+    failure_reason_type: Option<String>,
+    failure_reason: Option<String>,
+}
+
+impl Stage for HandlerStage {
+    fn process(&mut self, store: &Store, job: &JobRow, now: Millis) -> Result<(), StoreError> {
+        if job.proc_state == ProcState::Claimed {
+            store.transition(
+                job,
+                ProcState::Processing,
+                now,
+                EventKind::ProcessingStarted,
+                json!({"number_of_items": job.number_of_items}),
+            )?;
+        } else {
+            store.journal(
+                now,
+                Some(&job.id),
+                Some(&job.company_id),
+                EventKind::ProcessingStarted,
+                json!({"resumed": true}),
+            )?;
+        }
+        match self.run(store, job) {
+            Ok(()) => Ok(()),
+            Err(Pause::Store(e)) => Err(e),
+            Err(Pause::Pleo(e)) => {
+                log::warn!("processing job {} paused: {e}", job.id);
+                store.journal(
+                    self.clock.now(),
+                    Some(&job.id),
+                    Some(&job.company_id),
+                    EventKind::ProcessingError,
+                    json!({"error": e.to_string()}),
+                )?;
+                // A finished job at Pleo (422 on items) is picked up by the re-read.
+                if let Ok(fresh) = self.client.get_job(&job.id) {
+                    store.upsert_job(&fresh, self.clock.now(), Source::Reread)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl HandlerStage {
+    fn run(&mut self, store: &Store, job: &JobRow) -> Result<(), Pause> {
+        let raw = store
+            .job_raw(&job.id)?
+            .unwrap_or_else(|| json!({"id": job.id, "companyId": job.company_id}));
+        let expires_in_ms = job.expires_at.0 - job.last_updated_at.unwrap_or(job.created_at).0;
+        let mut deadline = job.expires_at;
+
+        if let Readiness::NotReady {
+            failure_reason_type,
+            failure_reason,
+        } = self.handler.check(&raw, self.cfg.check_timeout)
+        {
+            store.journal(self.clock.now(), Some(&job.id), Some(&job.company_id), EventKind::NotReady, json!({"failure_reason_type": failure_reason_type, "failure_reason": failure_reason}))?;
+            return self.finish(
+                store,
+                job,
+                Finish {
+                    event: JobEventKind::Failed,
+                    failure_reason_type: Some(failure_reason_type),
+                    failure_reason: Some(failure_reason),
+                },
+            );
+        }
+
+        // Both layers, every page.
+        let job_items = self.client.list_job_items(&job.id)?;
+        let export_items = self.client.list_export_items(&job.id)?;
+        let by_entry: std::collections::HashMap<String, &Value> = export_items
+            .iter()
+            .filter_map(|i| i["accountingEntryId"].as_str().map(|e| (e.to_owned(), i)))
+            .collect();
+        let rows: Vec<(String, String, Option<String>)> = job_items
+            .iter()
+            .filter_map(|i| {
+                let entry = i["accountingEntryId"].as_str()?.to_owned();
+                let status = i["status"].as_str().unwrap_or("pending").to_owned();
+                let rec = by_entry
+                    .get(&entry)
+                    .and_then(|x| x["additionalInformation"]["reconciliationId"].as_str())
+                    .map(str::to_owned);
+                Some((entry, status, rec))
+            })
+            .collect();
+        store.sync_job_items(&job.id, &rows, self.clock.now())?;
+
+        // Results recorded before a crash are reported without asking the handler again.
+        self.flush(store, job, &mut deadline, expires_in_ms, usize::MAX)?;
+
+        let mut attempt = 0;
+        loop {
+            let todo = store.todo_items(&job.id)?;
+            if todo.is_empty() {
+                break;
+            }
+            if attempt >= self.cfg.attempts_max {
+                let reason = format!("the handler did not answer these items after {attempt} runs");
+                let n = store.fail_open_items(
+                    &job.id,
+                    "unexpected_failure",
+                    &reason,
+                    self.clock.now(),
+                )?;
+                log::warn!(
+                    "job {}: {n} items failed with unexpected_failure: {reason}",
+                    job.id
+                );
+                break;
+            }
+            attempt += 1;
+            let mut items: Vec<Value> = Vec::with_capacity(todo.len());
+            let mut missing = Vec::new();
+            for entry in &todo {
+                match by_entry.get(entry) {
+                    Some(v) => items.push((*v).clone()),
+                    None => missing.push(entry.clone()),
+                }
+            }
+            for entry in &missing {
+                // Pleo listed the job item but not its export item: nothing to give the handler.
+                store.record_results(
+                    &job.id,
+                    &[ItemResult {
+                        accounting_entry_id: entry.clone(),
+                        successful: false,
+                        external_id: None,
+                        external_url: None,
+                        failure_reason: Some("Pleo returned no export item for this entry".into()),
+                        failure_reason_type: Some("unexpected_failure".into()),
+                    }],
+                    self.clock.now(),
+                )?;
+            }
+            if items.is_empty() {
+                continue;
+            }
+            // Stable order for the handler: by entry id.
+            items.sort_by(|a, b| {
+                a["accountingEntryId"]
+                    .as_str()
+                    .cmp(&b["accountingEntryId"].as_str())
+            });
+            match self.run_handler(
+                store,
+                job,
+                &raw,
+                items,
+                attempt,
+                &mut deadline,
+                expires_in_ms,
+            )? {
+                RunEnd::AllAnswered | RunEnd::Crashed => continue,
+                RunEnd::TimedOut(reason) => {
+                    self.flush(store, job, &mut deadline, expires_in_ms, usize::MAX)?;
+                    return self.finish(
+                        store,
+                        job,
+                        Finish {
+                            event: JobEventKind::Failed,
+                            failure_reason_type: Some("accounting_system_timeout".into()),
+                            failure_reason: Some(reason),
+                        },
+                    );
+                }
+            }
+        }
+
+        self.flush(store, job, &mut deadline, expires_in_ms, usize::MAX)?;
+        let counts = store.item_counts(&job.id)?;
+        let finish = if counts.failed == 0 {
+            Finish {
+                event: JobEventKind::Completed,
+                failure_reason_type: None,
+                failure_reason: None,
+            }
+        } else if counts.successful > 0 {
+            Finish {
+                event: JobEventKind::CompletedWithErrors,
+                failure_reason_type: None,
+                failure_reason: None,
+            }
+        } else {
+            let (kind, reason) = store.first_item_failure(&job.id)?.unwrap_or((None, None));
+            let job_kind = kind
+                .filter(|k| crate::handler::JOB_FAILURE_TYPES.contains(&k.as_str()))
+                .unwrap_or_else(|| "validation_failure".into());
+            Finish {
+                event: JobEventKind::Failed,
+                failure_reason_type: Some(job_kind),
+                failure_reason: Some(format!(
+                    "all {} items failed; the most common reason: {}",
+                    counts.failed,
+                    reason.unwrap_or_else(|| "unknown".into())
+                )),
+            }
+        };
+        self.finish(store, job, finish)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_handler(
+        &mut self,
+        store: &Store,
+        job: &JobRow,
+        raw: &Value,
+        items: Vec<Value>,
+        attempt: u32,
+        deadline: &mut Millis,
+        expires_in_ms: i64,
+    ) -> Result<RunEnd, Pause> {
+        let n = items.len();
+        let started = self.clock.now();
+        let mut running = match self.handler.start(raw, items) {
+            Ok(r) => r,
+            Err(e) => {
+                store.journal(
+                    started,
+                    Some(&job.id),
+                    Some(&job.company_id),
+                    EventKind::HandlerFailed,
+                    json!({"attempt": attempt, "error": format!("cannot start: {e}")}),
+                )?;
+                return Ok(RunEnd::Crashed);
+            }
+        };
+        log::info!(
+            "job {}: handler started for {n} items (run {attempt})",
+            job.id
+        );
+        self.note(Milestone::HandlerStarted {
+            job_id: job.id.clone(),
+            items: n,
+        });
+        let mut last_progress = started;
+        let mut pending: Vec<ItemResult> = Vec::new();
+        let mut garbage = 0u32;
+        let mut first_unflushed: Option<Millis> = None;
+        let end = loop {
+            let now = self.clock.now();
+            // Limits first: the job must not expire silently.
+            let margin = Millis(deadline.0 - self.cfg.finish_margin.as_millis() as i64);
+            if now >= margin {
+                break Some(format!(
+                    "the handler could not finish before the job's deadline ({} left)",
+                    secs(now.until(*deadline))
+                ));
+            }
+            if now.until(started) <= -(self.cfg.job_timeout.as_millis() as i64) {
+                break Some(format!(
+                    "the handler ran longer than the per-job limit of {} s",
+                    self.cfg.job_timeout.as_secs()
+                ));
+            }
+            if now.until(last_progress) <= -(self.cfg.item_timeout.as_millis() as i64) {
+                break Some(format!(
+                    "the handler gave no result for {} s (per-item limit)",
+                    self.cfg.item_timeout.as_secs()
+                ));
+            }
+            let msg = match running.messages.recv_timeout(self.cfg.wait_tick) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => Some(HandlerMsg::Eof),
+            };
+            let mut eof = false;
+            if let Some(m) = msg {
+                eof |= absorb(m, &mut pending, &mut garbage, &job.id);
+                // Take everything already waiting, up to a batch.
+                while pending.len() < 100 && !eof {
+                    match running.messages.try_recv() {
+                        Ok(m) => eof |= absorb(m, &mut pending, &mut garbage, &job.id),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if !pending.is_empty() {
+                let now = self.clock.now();
+                let recorded = store.record_results(&job.id, &pending, now)?;
+                if !recorded.is_empty() {
+                    last_progress = now;
+                    first_unflushed.get_or_insert(now);
+                }
+                if recorded.len() < pending.len() {
+                    log::warn!(
+                        "job {}: {} results named unknown or already answered items; ignored",
+                        job.id,
+                        pending.len() - recorded.len()
+                    );
+                }
+                pending.clear();
+            }
+            let now = self.clock.now();
+            let unreported = store.item_counts(&job.id)?.unreported;
+            let due = first_unflushed
+                .is_some_and(|t| now.until(t) <= -(self.cfg.flush_interval.as_millis() as i64));
+            if unreported >= 100 || (unreported > 0 && due) {
+                self.flush(store, job, deadline, expires_in_ms, 100)?;
+                first_unflushed = if store.item_counts(&job.id)?.unreported > 0 {
+                    Some(self.clock.now())
+                } else {
+                    None
+                };
+            }
+            if eof {
+                break None;
+            }
+        };
+        match end {
+            Some(reason) => {
+                running.kill();
+                log::warn!("job {}: stopping the handler: {reason}", job.id);
+                store.journal(
+                    self.clock.now(),
+                    Some(&job.id),
+                    Some(&job.company_id),
+                    EventKind::HandlerTimedOut,
+                    json!({"attempt": attempt, "reason": reason}),
+                )?;
+                Ok(RunEnd::TimedOut(reason))
+            }
+            None => {
+                let exit = running.wait_exit();
+                let left = store.todo_items(&job.id)?.len();
+                if left == 0 && exit.is_ok() && garbage == 0 {
+                    Ok(RunEnd::AllAnswered)
+                } else if left == 0 {
+                    // Every item answered; an odd exit is only worth a journal line.
+                    store.journal(self.clock.now(), Some(&job.id), Some(&job.company_id), EventKind::HandlerFailed, json!({"attempt": attempt, "exit": exit.err(), "garbage_lines": garbage, "items_left": 0}))?;
+                    Ok(RunEnd::AllAnswered)
+                } else {
+                    log::warn!(
+                        "job {}: handler run {attempt} ended with {left} items unanswered",
+                        job.id
+                    );
+                    store.journal(self.clock.now(), Some(&job.id), Some(&job.company_id), EventKind::HandlerFailed, json!({"attempt": attempt, "exit": exit.err(), "garbage_lines": garbage, "items_left": left}))?;
+                    Ok(RunEnd::Crashed)
+                }
+            }
+        }
+    }
+
+    /// Reports recorded results in batches of at most 100 (at most `limit` items now).
+    fn flush(
+        &self,
+        store: &Store,
+        job: &JobRow,
+        deadline: &mut Millis,
+        expires_in_ms: i64,
+        limit: usize,
+    ) -> Result<(), Pause> {
+        const REPORT_ATTEMPTS_MAX: i64 = 3;
+        let mut sent = 0usize;
+        // Each round either acknowledges items or counts an attempt against them: bounded.
+        let mut rounds = 0;
+        while sent < limit && rounds < 10_000 {
+            rounds += 1;
+            let batch = store.unreported_items(&job.id, 100.min(limit - sent))?;
+            if batch.is_empty() {
+                break;
+            }
+            let updates: Vec<Value> = batch
+                .iter()
+                .map(|u| update_json(&u.result, u.handled_at))
+                .collect();
+            let at = self.clock.now();
+            let outcome = self.client.put_items(&job.id, &updates)?;
+            // The PUT changed state at Pleo: lastUpdatedAt (and so the deadline) moved.
+            *deadline = Millis(at.0 + expires_in_ms);
+            store.touch_job(&job.id, at)?;
+            let acked: Vec<(String, String)> = outcome
+                .updated
+                .iter()
+                .filter_map(|v| {
+                    Some((
+                        v["accountingEntryId"].as_str()?.to_owned(),
+                        v["status"].as_str().unwrap_or("").to_owned(),
+                    ))
+                })
+                .collect();
+            store.mark_reported(&job.id, &acked, self.clock.now())?;
+            let mut refused = Vec::new();
+            for e in &outcome.errors {
+                let entry = e["accountingEntryId"].as_str().unwrap_or("");
+                let kind = e["type"].as_str().unwrap_or("UNKNOWN");
+                let attempts = batch
+                    .iter()
+                    .find(|u| u.result.accounting_entry_id == entry)
+                    .map_or(REPORT_ATTEMPTS_MAX, |u| u.report_attempts + 1);
+                let give_up =
+                    kind == "ACCOUNTING_ENTRY_DOES_NOT_EXIST" || attempts >= REPORT_ATTEMPTS_MAX;
+                store.mark_report_error(
+                    &job.id,
+                    entry,
+                    &format!("{kind}: {}", e["message"].as_str().unwrap_or("")),
+                    give_up,
+                    self.clock.now(),
+                )?;
+                refused
+                    .push(json!({"accounting_entry_id": entry, "type": kind, "given_up": give_up}));
+            }
+            // Items Pleo neither updated nor refused: count an attempt so they cannot loop.
+            for u in &batch {
+                let id = &u.result.accounting_entry_id;
+                let seen = acked.iter().any(|(e, _)| e == id)
+                    || outcome
+                        .errors
+                        .iter()
+                        .any(|e| e["accountingEntryId"].as_str() == Some(id));
+                if !seen {
+                    let give_up = u.report_attempts + 1 >= REPORT_ATTEMPTS_MAX;
+                    store.mark_report_error(
+                        &job.id,
+                        id,
+                        "not acknowledged by Pleo",
+                        give_up,
+                        self.clock.now(),
+                    )?;
+                }
+            }
+            store.journal(self.clock.now(), Some(&job.id), Some(&job.company_id), EventKind::ItemsReported, json!({"sent": batch.len(), "acknowledged": acked.len(), "refused": outcome.errors.len()}))?;
+            if !refused.is_empty() {
+                store.journal(
+                    self.clock.now(),
+                    Some(&job.id),
+                    Some(&job.company_id),
+                    EventKind::ItemReportFailed,
+                    json!({"items": refused}),
+                )?;
+            }
+            sent += batch.len();
+        }
+        Ok(())
+    }
+
+    fn finish(&self, store: &Store, job: &JobRow, f: Finish) -> Result<(), Pause> {
+        let event = JobEvent {
+            event: f.event,
+            job_id: job.id.clone(),
+            failure_reason: f.failure_reason.clone(),
+            failure_reason_type: f.failure_reason_type.clone(),
+        };
+        let name = serde_json::to_value(f.event)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let counts = store.item_counts(&job.id)?;
+        match self.client.post_event(&event) {
+            Ok(()) => {}
+            Err(e) if e.is_status_conflict() => {
+                // Already finished or expired at Pleo: the re-read below says how.
+                log::warn!(
+                    "job {}: Pleo refused `{name}` (422); reading the job again",
+                    job.id
+                );
+            }
+            Err(e) => return Err(Pause::Pleo(e)),
+        }
+        let now = self.clock.now();
+        store.journal(
+            now,
+            Some(&job.id),
+            Some(&job.company_id),
+            EventKind::FinishSent,
+            json!({
+                "event": name, "successful": counts.successful, "failed": counts.failed,
+                "failure_reason_type": f.failure_reason_type, "failure_reason": f.failure_reason,
+            }),
+        )?;
+        match self.client.get_job(&job.id) {
+            Ok(fresh) => {
+                store.upsert_job(&fresh, self.clock.now(), Source::Reread)?;
+            }
+            Err(e) => log::warn!("job {}: could not read it back after `{name}`: {e}", job.id),
+        }
+        // Whatever Pleo said, jobmirror is done with this job.
+        if let Some(row) = store.job(&job.id)?.filter(|r| r.proc_state.is_active()) {
+            store.transition(
+                &row,
+                ProcState::Done,
+                self.clock.now(),
+                EventKind::Finished,
+                json!({"event": name}),
+            )?;
+        }
+        log::info!(
+            "job {} of company {}: sent {name} ({} successful, {} failed)",
+            job.id,
+            job.company_id,
+            counts.successful,
+            counts.failed
+        );
+        self.note(Milestone::Finished {
+            job_id: job.id.clone(),
+            event: name,
+        });
+        Ok(())
+    }
+}
+
+/// Takes one handler message; true at the end of its output.
+fn absorb(m: HandlerMsg, pending: &mut Vec<ItemResult>, garbage: &mut u32, job_id: &str) -> bool {
+    match m {
+        HandlerMsg::Result(r) => pending.push(r),
+        HandlerMsg::Garbage(line) => {
+            *garbage += 1;
+            log::warn!("job {job_id}: handler printed something that is not a result: {line}");
+        }
+        HandlerMsg::Eof => return true,
+    }
+    false
+}
+
+enum RunEnd {
+    AllAnswered,
+    Crashed,
+    TimedOut(String),
+}
+
+fn secs(ms: i64) -> String {
+    format!("{} s", ms / 1000)
+}
+
+fn update_json(r: &ItemResult, handled_at: Millis) -> Value {
+    let mut v = json!({
+        "accountingEntryId": r.accounting_entry_id,
+        "status": if r.successful { "successful" } else { "failed" },
+    });
+    if r.successful {
+        v["exportedAt"] = json!(handled_at.to_rfc3339());
+        if let Some(x) = &r.external_id {
+            v["externalId"] = json!(x);
+        }
+        if let Some(x) = &r.external_url {
+            v["externalUrl"] = json!(x);
+        }
+    } else {
+        if let Some(x) = &r.failure_reason {
+            v["failureReason"] = json!(x);
+        }
+        if let Some(x) = &r.failure_reason_type {
+            v["failureReasonType"] = json!(x);
+        }
+    }
+    v
+}

@@ -161,6 +161,8 @@ struct World {
     webhook_log: Vec<WebhookAttempt>,
     outbox: Option<crossbeam_channel::Sender<Outgoing>>,
     next_msg: u64,
+    /// Item updates to refuse inside a 200, by accounting entry id, and how many more times.
+    refuse_updates: std::collections::HashMap<String, u32>,
 }
 
 /// A webhook subscription held by the fake.
@@ -450,6 +452,7 @@ impl FakePleo {
                 webhook_log: Vec::new(),
                 outbox: None,
                 next_msg: 0,
+                refuse_updates: std::collections::HashMap::new(),
             }),
             clock,
             logged: std::sync::Condvar::new(),
@@ -658,6 +661,30 @@ impl FakePleo {
 
     pub fn set_webhook_options(&self, o: WebhookOptions) {
         self.shared.lock().webhook_options = o;
+    }
+
+    /// The next `times` updates of this item are refused inside a 200 (`errors`).
+    pub fn refuse_item_updates(&self, accounting_entry_id: &str, times: u32) {
+        self.shared
+            .lock()
+            .refuse_updates
+            .insert(accounting_entry_id.to_owned(), times);
+    }
+
+    /// Every item update the fake accepted a request for, in order: (entry, status).
+    pub fn item_updates(&self, job_id: &str) -> Vec<(String, String)> {
+        let path = format!("/v3/export-jobs/{job_id}/items");
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == "PUT" && r.path == path && r.status == 200)
+            .flat_map(|r| serde_json::from_str::<Vec<Value>>(&r.body).unwrap_or_default())
+            .map(|u| {
+                (
+                    u["accountingEntryId"].as_str().unwrap_or("").to_owned(),
+                    u["status"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
     }
 
     /// After the next single-job GET of `id` is answered, another integration claims it.
@@ -1418,6 +1445,19 @@ fn put_items(w: &mut World, id: &str, body: &[u8], now: Millis) -> Response {
         Ok(_) => return error(400, "INVALID_BODY", "body must be a JSON array"),
         Err(e) => return error(400, "INVALID_BODY", &format!("body is not JSON: {e}")),
     };
+    let mut refuse = std::mem::take(&mut w.refuse_updates);
+    let result = put_items_inner(w, id, &updates, now, &mut refuse);
+    w.refuse_updates = refuse;
+    result
+}
+
+fn put_items_inner(
+    w: &mut World,
+    id: &str,
+    updates: &[Value],
+    now: Millis,
+    refuse: &mut std::collections::HashMap<String, u32>,
+) -> Response {
     let Some(j) = w.job_mut(id) else {
         return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
     };
@@ -1437,11 +1477,16 @@ fn put_items(w: &mut World, id: &str, body: &[u8], now: Millis) -> Response {
     }
     let mut data = Vec::new();
     let mut errors = Vec::new();
-    for u in &updates {
+    for u in updates {
         let entry = u
             .get("accountingEntryId")
             .and_then(Value::as_str)
             .unwrap_or("");
+        if let Some(left) = refuse.get_mut(entry).filter(|n| **n > 0) {
+            *left -= 1;
+            errors.push(json!({"accountingEntryId": entry, "type": "EXPORT_ENTRY_STATUS_UPDATE_FAILED", "message": "injected failure"}));
+            continue;
+        }
         let status = u.get("status").and_then(Value::as_str).unwrap_or("");
         let Some(item) = j.items.iter_mut().find(|i| i.accounting_entry_id == entry) else {
             errors.push(json!({"accountingEntryId": entry, "type": "ACCOUNTING_ENTRY_DOES_NOT_EXIST", "message": "Accounting entry does not exist."}));

@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod mirror;
 mod openapi;
+mod processing;
 mod processor;
 mod store;
 mod webhook;

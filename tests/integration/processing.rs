@@ -1,0 +1,579 @@
+//! The processing stage against the fake: handlers, batches, outcomes, limits and restarts.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crossbeam_channel::unbounded;
+use jobmirror::clock::Clock;
+use jobmirror::fake::{Fault, FaultRule, JobSpec};
+use jobmirror::handler::HandlerSpec;
+use jobmirror::mirror::PassKind;
+use jobmirror::pipeline::{HandlerStage, Milestone, PipelineConfig};
+use jobmirror::processor::{Processor, ProcessorConfig, ReadyStage};
+use jobmirror::store::ProcState;
+use serde_json::Value;
+
+use crate::harness::World;
+
+const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+const B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
+
+fn pcfg() -> PipelineConfig {
+    PipelineConfig {
+        wait_tick: Duration::from_millis(10),
+        ..PipelineConfig::default()
+    }
+}
+
+fn processor_with(
+    w: &World,
+    companies: &[&str],
+    handler: HandlerSpec,
+    cfg: PipelineConfig,
+) -> Processor {
+    let stage = HandlerStage::new(w.client(), w.shared_clock(), handler, cfg);
+    w.processor(companies, ProcessorConfig::default())
+        .with_stage(Box::new(stage))
+}
+
+fn outbox(w: &World) -> HandlerSpec {
+    HandlerSpec::Outbox(w.outbox())
+}
+
+fn job(w: &World, company: &str, id: &str, items: usize, without_account: usize) -> String {
+    w.fake
+        .add_job(JobSpec {
+            id: Some(id.into()),
+            company_id: company.into(),
+            created_secs_ago: Some(60),
+            items: Some(items),
+            items_without_account: without_account,
+            ..JobSpec::default()
+        })
+        .unwrap()
+}
+
+/// A POSIX shell handler from a script body; `$1` is `--check` for the readiness check.
+fn script(dir: &Path, name: &str, body: &str) -> HandlerSpec {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    HandlerSpec::Command {
+        program: path.display().to_string(),
+        args: vec![],
+    }
+}
+
+/// Shell that answers every item line on stdin with the given status JSON tail.
+const ANSWER_ALL: &str = r#"[ "$1" = "--check" ] && exit 0
+while IFS= read -r line; do
+  case "$line" in
+    *'"type":"item"'*)
+      id=$(printf '%s' "$line" | sed -n 's/.*"accountingEntryId":"\([^"]*\)".*/\1/p')
+      echo "{\"accountingEntryId\":\"$id\",\"status\":\"successful\",\"externalId\":\"ERP-$id\"}" ;;
+  esac
+done"#;
+
+fn event_bodies(w: &World, job: &str) -> Vec<Value> {
+    w.fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/v3/export-job-events" && r.status == 202)
+        .map(|r| serde_json::from_str::<Value>(&r.body).unwrap())
+        .filter(|v| v["jobId"] == job)
+        .collect()
+}
+
+#[test]
+fn a_250_item_job_completes_with_put_batches_never_over_100() {
+    let w = World::new();
+    let j = job(&w, A, "big", 250, 0);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let r = processor_with(&w, &[A], outbox(&w), pcfg()).round();
+    assert_eq!(r.finished, ["big"], "{:?}", r.errors);
+    let puts: Vec<usize> = w
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| serde_json::from_str::<Vec<Value>>(&r.body).unwrap().len())
+        .collect();
+    assert!(puts.iter().all(|n| *n <= 100), "{puts:?}");
+    assert_eq!(puts.iter().sum::<usize>(), 250);
+    let updates = w.fake.item_updates(&j);
+    let mut per_entry: HashMap<String, usize> = HashMap::new();
+    for (e, s) in &updates {
+        assert_eq!(s, "successful");
+        *per_entry.entry(e.clone()).or_default() += 1;
+    }
+    assert_eq!(per_entry.len(), 250);
+    assert!(
+        per_entry.values().all(|n| *n == 1),
+        "each item reported once"
+    );
+    let fake_job = w.fake.job(&j).unwrap();
+    assert_eq!(fake_job.status, "completed");
+    assert!(
+        fake_job
+            .items
+            .iter()
+            .all(|i| i.status == "successful" && i.external_id.is_some())
+    );
+    assert_eq!(std::fs::read_dir(w.outbox().join(&j)).unwrap().count(), 250);
+    assert_eq!(w.fake.started_events_for(&j), 1);
+    assert_eq!(
+        event_bodies(&w, &j)
+            .iter()
+            .map(|v| v["event"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+        ["started", "completed"]
+    );
+}
+
+#[test]
+fn mixed_results_complete_with_errors_and_all_failed_fails_the_job() {
+    let w = World::new();
+    let mixed = job(&w, A, "mixed", 5, 2);
+    let bad = job(&w, B, "bad", 3, 3);
+    w.mirror(&[A, B]).pass(PassKind::Recovery);
+    let r = processor_with(&w, &[A, B], outbox(&w), pcfg()).round();
+    assert_eq!(r.finished, ["mixed", "bad"]);
+    let m = w.fake.job(&mixed).unwrap();
+    assert_eq!(m.status, "completed_with_errors");
+    assert_eq!(
+        m.items.iter().filter(|i| i.status == "successful").count(),
+        3
+    );
+    let failed: Vec<_> = m.items.iter().filter(|i| i.status == "failed").collect();
+    assert_eq!(failed.len(), 2);
+    assert!(
+        failed
+            .iter()
+            .all(|i| i.failure_reason_type.as_deref() == Some("account_unknown"))
+    );
+    let b = w.fake.job(&bad).unwrap();
+    assert_eq!(b.status, "failed");
+    assert_eq!(b.failure_reason_type.as_deref(), Some("validation_failure"));
+    assert!(
+        b.failure_reason
+            .as_deref()
+            .unwrap()
+            .contains("all 3 items failed"),
+        "{:?}",
+        b.failure_reason
+    );
+}
+
+#[test]
+fn a_failed_readiness_check_fails_the_job_with_the_handlers_reason() {
+    let w = World::new();
+    let j = job(&w, A, "j", 2, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let handler = script(
+        dir.path(),
+        "h",
+        r#"if [ "$1" = "--check" ]; then
+  echo "checking the ERP..." >&2
+  echo '{"failureReasonType":"accounting_system_authentication_failure","failureReason":"the ERP token expired; reconnect in settings"}'
+  exit 3
+fi
+echo "should not run" > "$0.ran""#,
+    );
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let r = processor_with(&w, &[A], handler, pcfg()).round();
+    assert_eq!(r.finished, ["j"]);
+    let f = w.fake.job(&j).unwrap();
+    assert_eq!(f.status, "failed");
+    assert_eq!(
+        f.failure_reason_type.as_deref(),
+        Some("accounting_system_authentication_failure")
+    );
+    assert_eq!(
+        f.failure_reason.as_deref(),
+        Some("the ERP token expired; reconnect in settings")
+    );
+    assert!(
+        !dir.path().join("h.ran").exists(),
+        "items never reached the handler"
+    );
+    assert!(w.fake.item_updates(&j).is_empty());
+    assert!(w.kinds(&j).contains(&"not_ready".to_owned()));
+}
+
+#[test]
+fn a_stalled_handler_is_stopped_and_the_job_failed_before_its_deadline() {
+    let w = World::new();
+    let j = job(&w, A, "j", 3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    // Takes its input, then hangs, holding its output open.
+    let handler = script(
+        dir.path(),
+        "h",
+        "[ \"$1\" = \"--check\" ] && exit 0\ncat >/dev/null\nsleep 3600",
+    );
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let (tx, rx) = unbounded();
+    let stage =
+        HandlerStage::new(w.client(), w.shared_clock(), handler, pcfg()).with_milestones(tx);
+    let mut p = w
+        .processor(&[A], ProcessorConfig::default())
+        .with_stage(Box::new(stage));
+    let round = std::thread::spawn(move || p.round());
+    match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+        Milestone::HandlerStarted { items, .. } => assert_eq!(items, 3),
+        other => panic!("{other:?}"),
+    }
+    // No result comes: two minutes pass on the clock.
+    let deadline = w.store().job(&j).unwrap().unwrap().expires_at;
+    w.clock.advance(Duration::from_secs(121));
+    let r = round.join().unwrap();
+    assert_eq!(r.finished, ["j"]);
+    let f = w.fake.job(&j).unwrap();
+    assert_eq!(f.status, "failed");
+    assert_eq!(
+        f.failure_reason_type.as_deref(),
+        Some("accounting_system_timeout")
+    );
+    assert!(
+        f.failure_reason
+            .as_deref()
+            .unwrap()
+            .contains("no result for 120 s"),
+        "{:?}",
+        f.failure_reason
+    );
+    assert!(
+        f.completed_at.unwrap() < deadline,
+        "failed before the deadline"
+    );
+    assert!(w.kinds(&j).contains(&"handler_timed_out".to_owned()));
+}
+
+#[test]
+fn a_job_about_to_expire_is_failed_with_a_reason_instead_of_expiring() {
+    let w = World::new();
+    let j = job(&w, A, "j", 2, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let handler = script(
+        dir.path(),
+        "h",
+        "[ \"$1\" = \"--check\" ] && exit 0\nsleep 3600",
+    );
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let (tx, rx) = unbounded();
+    let cfg = PipelineConfig {
+        item_timeout: Duration::from_secs(86_400),
+        ..pcfg()
+    };
+    let stage = HandlerStage::new(w.client(), w.shared_clock(), handler, cfg).with_milestones(tx);
+    let mut p = w
+        .processor(&[A], ProcessorConfig::default())
+        .with_stage(Box::new(stage));
+    let round = std::thread::spawn(move || p.round());
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        Milestone::HandlerStarted { .. }
+    ));
+    let expires = w.store().job(&j).unwrap().unwrap().expires_at;
+    // Within the 120 s finish margin.
+    w.clock.set(expires.plus_secs(-119));
+    let r = round.join().unwrap();
+    assert_eq!(r.finished, ["j"]);
+    let f = w.fake.job(&j).unwrap();
+    assert_eq!(
+        (f.status.as_str(), f.failure_reason_type.as_deref()),
+        ("failed", Some("accounting_system_timeout"))
+    );
+    assert!(
+        f.failure_reason
+            .as_deref()
+            .unwrap()
+            .contains("before the job's deadline")
+    );
+    assert!(f.expired_at.is_none(), "it never expired");
+    assert!(w.clock.now() < expires);
+}
+
+#[test]
+fn partial_errors_inside_a_200_are_retried_and_never_resend_a_success() {
+    let w = World::new();
+    let j = job(&w, A, "j", 4, 0);
+    let entries: Vec<String> = w
+        .fake
+        .job(&j)
+        .unwrap()
+        .items
+        .iter()
+        .map(|i| i.accounting_entry_id.clone())
+        .collect();
+    w.fake.refuse_item_updates(&entries[1], 1);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let r = processor_with(&w, &[A], outbox(&w), pcfg()).round();
+    assert_eq!(r.finished, ["j"]);
+    let sent = w.fake.item_updates(&j);
+    let count = |e: &str| sent.iter().filter(|(x, _)| x == e).count();
+    assert_eq!(count(&entries[1]), 2, "the refused item was sent again");
+    for e in [&entries[0], &entries[2], &entries[3]] {
+        assert_eq!(count(e), 1, "an acknowledged success is never sent again");
+    }
+    assert!(
+        w.fake
+            .job(&j)
+            .unwrap()
+            .items
+            .iter()
+            .all(|i| i.status == "successful")
+    );
+    assert_eq!(w.fake.job(&j).unwrap().status, "completed");
+    let failures = w
+        .store()
+        .events(Some(&j))
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "item_report_failed")
+        .count();
+    assert_eq!(failures, 1);
+}
+
+/// Counts what the fake accepted per item across the whole run.
+fn successes_per_item(w: &World, job: &str) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for (e, s) in w.fake.item_updates(job) {
+        if s == "successful" {
+            *m.entry(e).or_default() += 1;
+        }
+    }
+    m
+}
+
+#[test]
+fn after_a_crash_right_after_the_claim_the_job_is_processed_without_a_second_started() {
+    let w = World::new();
+    let j = job(&w, A, "j", 120, 0);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    // First life: claims, then dies before the handler ran (the job is left `processing`).
+    let mut first = w
+        .processor(&[A], ProcessorConfig::default())
+        .with_stage(Box::new(ReadyStage));
+    assert_eq!(first.round().claimed, ["j"]);
+    drop(first);
+    // Second life: the recovery pass finds it in_progress; the processor resumes it.
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let r = processor_with(&w, &[A], outbox(&w), pcfg()).round();
+    assert_eq!(r.finished, ["j"]);
+    assert_eq!(w.fake.started_events_for(&j), 1);
+    let s = successes_per_item(&w, &j);
+    assert_eq!(s.len(), 120);
+    assert!(s.values().all(|n| *n == 1));
+    assert_eq!(w.fake.job(&j).unwrap().status, "completed");
+}
+
+#[test]
+fn after_a_crash_between_results_and_report_the_results_are_reported_without_the_handler() {
+    let w = World::new();
+    let j = job(&w, A, "j", 30, 0);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    // First life: every PUT fails (5 attempts of 500), so results stay recorded, unreported.
+    for _ in 0..5 {
+        w.fake.push_fault(FaultRule {
+            method: Some("PUT".into()),
+            path_prefix: None,
+            fault: Fault::ServerError,
+        });
+    }
+    let r = processor_with(&w, &[A], outbox(&w), pcfg()).round();
+    assert!(r.finished.is_empty());
+    let st = w.store();
+    let counts = st.item_counts(&j).unwrap();
+    assert_eq!((counts.successful, counts.unreported), (30, 30));
+    assert_eq!(
+        st.job(&j).unwrap().unwrap().proc_state,
+        ProcState::Processing
+    );
+    // Second life: a handler that would leave a mark if it were started.
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("h.ran");
+    let handler = script(
+        dir.path(),
+        "h",
+        &format!(
+            "[ \"$1\" = \"--check\" ] && exit 0\ntouch {}\ncat >/dev/null",
+            marker.display()
+        ),
+    );
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let r = processor_with(&w, &[A], handler, pcfg()).round();
+    assert_eq!(r.finished, ["j"]);
+    assert!(!marker.exists(), "the handler was not asked again");
+    let s = successes_per_item(&w, &j);
+    assert_eq!(s.len(), 30);
+    assert!(s.values().all(|n| *n == 1), "{s:?}");
+    assert_eq!(w.fake.started_events_for(&j), 1);
+    assert_eq!(w.fake.job(&j).unwrap().status, "completed");
+}
+
+#[test]
+fn after_a_crash_between_reporting_and_completion_the_job_is_completed_once() {
+    let w = World::new();
+    let j = job(&w, A, "j", 10, 0);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let mut p = processor_with(&w, &[A], outbox(&w), pcfg());
+    // Claim with a ReadyStage first, so the faults below hit only the finishing event.
+    let mut claimer = w
+        .processor(&[A], ProcessorConfig::default())
+        .with_stage(Box::new(ReadyStage));
+    assert_eq!(claimer.round().claimed, ["j"]);
+    drop(claimer);
+    for _ in 0..5 {
+        w.fake.push_fault(FaultRule {
+            method: Some("POST".into()),
+            path_prefix: Some("/v3/export-job-events".into()),
+            fault: Fault::ServerError,
+        });
+    }
+    let r = p.round();
+    assert!(r.finished.is_empty());
+    assert_eq!(
+        w.store().item_counts(&j).unwrap().unreported,
+        0,
+        "all reported"
+    );
+    assert_eq!(w.fake.job(&j).unwrap().status, "in_progress");
+    // Restart.
+    drop(p);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let r = processor_with(&w, &[A], outbox(&w), pcfg()).round();
+    assert_eq!(r.finished, ["j"]);
+    let s = successes_per_item(&w, &j);
+    assert_eq!(s.len(), 10);
+    assert!(s.values().all(|n| *n == 1));
+    let events: Vec<String> = event_bodies(&w, &j)
+        .iter()
+        .map(|v| v["event"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        events,
+        ["started", "completed"],
+        "one started, one completed accepted"
+    );
+}
+
+#[test]
+fn a_crashing_handler_is_retried_then_its_open_items_fail() {
+    let w = World::new();
+    let ok = job(&w, A, "ok", 3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    // Answers only the first item it is given, then crashes; logs what it was given.
+    let log = dir.path().join("given.log");
+    let handler = script(
+        dir.path(),
+        "h",
+        &format!(
+            r#"[ "$1" = "--check" ] && exit 0
+IFS= read -r jobline
+IFS= read -r line
+printf '%s\n' "$line" | sed -n 's/.*"reconciliationId":"\([^"]*\)".*/\1/p' >> {log}
+id=$(printf '%s' "$line" | sed -n 's/.*"accountingEntryId":"\([^"]*\)".*/\1/p')
+echo "{{\"accountingEntryId\":\"$id\",\"status\":\"successful\"}}"
+echo "not json at all"
+exit 1"#,
+            log = log.display()
+        ),
+    );
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let r = processor_with(&w, &[A], handler.clone(), pcfg()).round();
+    assert_eq!(r.finished, ["ok"]);
+    // Three runs, one item each: all answered in the end.
+    assert_eq!(w.fake.job(&ok).unwrap().status, "completed");
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 3);
+    let failures = w
+        .store()
+        .events(Some(&ok))
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "handler_failed")
+        .count();
+    assert_eq!(failures, 3);
+
+    // A handler that never answers anything fails the items after 3 runs.
+    let w2 = World::new();
+    let j = job(&w2, A, "j", 2, 0);
+    let never = script(
+        dir.path(),
+        "never",
+        "[ \"$1\" = \"--check\" ] && exit 0\ncat >/dev/null\nexit 7",
+    );
+    w2.mirror(&[A]).pass(PassKind::Recovery);
+    let r = processor_with(&w2, &[A], never, pcfg()).round();
+    assert_eq!(r.finished, ["j"]);
+    let f = w2.fake.job(&j).unwrap();
+    assert_eq!(f.status, "failed");
+    assert!(
+        f.items
+            .iter()
+            .all(|i| i.failure_reason_type.as_deref() == Some("unexpected_failure"))
+    );
+}
+
+#[test]
+fn two_companies_never_have_two_jobs_in_progress_for_one_company() {
+    let w = World::new();
+    for (c, prefix) in [(A, "a"), (B, "b")] {
+        for i in 0..3 {
+            w.fake
+                .add_job(JobSpec {
+                    id: Some(format!("{prefix}{i}")),
+                    company_id: c.into(),
+                    created_secs_ago: Some(600 - i * 10),
+                    items: Some(5),
+                    ..JobSpec::default()
+                })
+                .unwrap();
+        }
+    }
+    let mut m = w.mirror(&[A, B]);
+    m.pass(PassKind::Recovery);
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = processor_with(&w, &[A, B], script(dir.path(), "h", ANSWER_ALL), pcfg());
+    for _ in 0..5 {
+        p.round();
+        m.pass(PassKind::Poll);
+    }
+    // Replay the fake's log: per company, the set of jobs in progress after every event.
+    let company = |j: &str| if j.starts_with('a') { A } else { B };
+    let mut open: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut max_open = 0;
+    for r in w
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/v3/export-job-events" && r.status == 202)
+    {
+        let v: Value = serde_json::from_str(&r.body).unwrap();
+        let j = v["jobId"].as_str().unwrap().to_owned();
+        let set = open.entry(company(&j)).or_default();
+        if v["event"] == "started" {
+            set.push(j);
+        } else {
+            set.retain(|x| *x != j);
+        }
+        max_open = max_open.max(set.len());
+    }
+    assert_eq!(max_open, 1);
+    for id in ["a0", "a1", "a2", "b0", "b1", "b2"] {
+        assert_eq!(w.fake.job(id).unwrap().status, "completed", "{id}");
+    }
+    // And oldest first within each company.
+    let started: Vec<String> = w
+        .job_events_sent()
+        .into_iter()
+        .filter(|(e, _)| e == "started")
+        .map(|(_, j)| j)
+        .collect();
+    assert_eq!(started, ["a0", "b0", "a1", "b1", "a2", "b2"]);
+}

@@ -108,6 +108,7 @@ impl Mirror {
                 break Ok(handled);
             }
             let mut failed = None;
+            let mut marks: Vec<(String, String)> = Vec::new();
             for d in batch {
                 let known = d
                     .event_type
@@ -139,10 +140,11 @@ impl Mirror {
                         }
                     },
                 };
-                self.store
-                    .mark_delivery(&d.webhook_id, self.clock.now(), &outcome)?;
+                marks.push((d.webhook_id.clone(), outcome));
                 handled += 1;
             }
+            // One commit for the batch, also when it stopped at a failure.
+            self.store.mark_deliveries(&marks, self.clock.now())?;
             if let Some(e) = failed {
                 break Err(SyncError::Pleo(e));
             }
@@ -307,12 +309,27 @@ pub fn run(
     nudge: Receiver<()>,
     shutdown: Receiver<()>,
 ) {
+    /// After a failure to read webhook-named jobs, try again this soon (not at the next poll).
+    const DELIVERY_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
     let mut kind = PassKind::Recovery;
     let mut nudge = nudge;
-    loop {
-        if let Err(e) = mirror.process_deliveries() {
-            log::warn!("reading jobs named by webhooks failed: {e}; retrying later");
+    let deliveries = |mirror: &mut Mirror| match mirror.process_deliveries() {
+        Ok(n) => {
+            if n > 0 {
+                log::debug!("read {n} jobs named by webhooks");
+            }
+            None
         }
+        Err(e) => {
+            log::warn!(
+                "reading jobs named by webhooks failed: {e}; retrying in {} s",
+                DELIVERY_RETRY.as_secs()
+            );
+            Some(crate::clock::monotonic() + DELIVERY_RETRY)
+        }
+    };
+    let mut retry_at = deliveries(&mut mirror);
+    loop {
         let report = mirror.pass(kind);
         log::info!(
             "{} pass: {} jobs seen, {} new, {} changed, {} re-read, {} pages{}",
@@ -331,7 +348,9 @@ pub fn run(
         // Webhook nudges are handled without a listing pass; the poll timer keeps running.
         let next_poll = crate::clock::monotonic() + interval;
         'wait: loop {
-            let left = next_poll.saturating_duration_since(crate::clock::monotonic());
+            let now = crate::clock::monotonic();
+            let left = next_poll.saturating_duration_since(now);
+            let wait = retry_at.map_or(left, |r| left.min(r.saturating_duration_since(now)));
             select! {
                 recv(shutdown) -> _ => return,
                 recv(trigger) -> msg => {
@@ -345,12 +364,14 @@ pub fn run(
                         nudge = crossbeam_channel::never();
                         continue 'wait;
                     }
-                    match mirror.process_deliveries() {
-                        Ok(n) => log::debug!("read {n} jobs named by webhooks"),
-                        Err(e) => log::warn!("reading jobs named by webhooks failed: {e}; retrying at the next poll"),
-                    }
+                    retry_at = deliveries(&mut mirror);
                 }
-                default(left) => {
+                default(wait) => {
+                    if crate::clock::monotonic() < next_poll {
+                        retry_at = deliveries(&mut mirror);
+                        continue 'wait;
+                    }
+                    retry_at = deliveries(&mut mirror);
                     kind = PassKind::Poll;
                     break 'wait;
                 }

@@ -67,6 +67,7 @@ impl Service {
     ) -> anyhow::Result<Service> {
         let handler = cfg.require_handler()?;
         let sync_store = Store::open(&cfg.db)?;
+        sync_store.relax_durability()?;
         let proc_store = Store::open(&cfg.db)?;
         let instance_store = Store::open(&cfg.db)?;
         let started_at = clock.now();

@@ -322,6 +322,26 @@ impl Store {
         Ok(store)
     }
 
+    /// Relaxes this connection's commits to `synchronous = NORMAL`: in WAL mode a commit still
+    /// survives a crash of the process, but not a power loss. Only for the mirror's own writes
+    /// (what Pleo says about jobs, which the next recovery pass reads again); webhook
+    /// deliveries and item results keep FULL.
+    pub fn relax_durability(&self) -> Result<()> {
+        self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        Ok(())
+    }
+
+    /// Marks handled deliveries in one transaction.
+    pub fn mark_deliveries(&self, marks: &[(String, String)], now: Millis) -> Result<()> {
+        let tx = self.write_tx()?;
+        for (id, outcome) in marks {
+            tx.prepare_cached("UPDATE webhook_deliveries SET processed_at = ?2, outcome = ?3 WHERE webhook_id = ?1")?
+                .execute(params![id, now.0, outcome])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Opens an existing database read-only (for `status` and audits); never migrates.
     pub fn open_read_only(path: &Path) -> Result<Store> {
         let conn = Connection::open_with_flags(
@@ -367,9 +387,16 @@ impl Store {
         &self.conn
     }
 
+    /// A write transaction that takes the write lock at BEGIN (waiting up to the busy timeout).
+    /// A deferred transaction that reads first could fail at its first write with
+    /// SQLITE_BUSY_SNAPSHOT when another connection wrote in between, which no timeout cures.
+    fn write_tx(&self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+        rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
+    }
+
     /// Writes jobs read from Pleo, with the journal entries for what changed, in one transaction.
     pub fn upsert_jobs(&self, jobs: &[Job], now: Millis, source: Source) -> Result<Vec<Upsert>> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         let mut out = Vec::with_capacity(jobs.len());
         for job in jobs {
             out.push(upsert_one(&tx, job, now, source)?);
@@ -455,7 +482,7 @@ impl Store {
         kind: EventKind,
         detail: Value,
     ) -> Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         tx.execute(
             "UPDATE export_jobs SET proc_state = ?2, proc_state_at = ?3 WHERE id = ?1",
             params![job.id, to.as_str(), now.0],
@@ -474,7 +501,7 @@ impl Store {
 
     /// Records that a `started` request is about to be sent.
     pub fn begin_claim(&self, job: &JobRow, now: Millis) -> Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         tx.execute(
             "UPDATE export_jobs SET proc_state = 'claiming', proc_state_at = ?2, \
              claim_attempts = claim_attempts + 1 WHERE id = ?1",
@@ -494,7 +521,7 @@ impl Store {
 
     /// Records the deadline a warning was journaled for, so it is journaled once.
     pub fn warn_deadline(&self, job: &JobRow, now: Millis) -> Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         tx.execute(
             "UPDATE export_jobs SET warned_expires_at = expires_at WHERE id = ?1",
             [&job.id],
@@ -669,7 +696,7 @@ impl Store {
         now: Millis,
     ) -> Result<Vec<crate::webhook::Stored>> {
         use crate::webhook::{JOB_EVENT_TYPES, Stored};
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         let mut out = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             let n = tx
@@ -1119,7 +1146,7 @@ impl Store {
         items: &[(String, String, Option<String>)],
         now: Millis,
     ) -> Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         for (entry, pleo_status, reconciliation) in items {
             let done = matches!(pleo_status.as_str(), "successful" | "failed" | "abandoned");
             let ours = match pleo_status.as_str() {
@@ -1157,7 +1184,7 @@ impl Store {
         results: &[ItemResult],
         now: Millis,
     ) -> Result<Vec<String>> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         let mut recorded = Vec::new();
         for r in results {
             let n = tx
@@ -1216,7 +1243,7 @@ impl Store {
         acknowledged: &[(String, String)],
         now: Millis,
     ) -> Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         for (entry, status) in acknowledged {
             tx.prepare_cached(
                 "UPDATE job_items SET reported_at = ?3, pleo_status = ?4, report_error = NULL, \

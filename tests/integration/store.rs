@@ -51,3 +51,40 @@ fn pick_query_uses_the_index_without_scan_or_temp_btree() {
         .unwrap();
     assert_eq!(got.id, want.id);
 }
+
+/// Regression: `busy_snapshot_on_concurrent_writers`. Write transactions used to begin
+/// DEFERRED, read, then write: when another connection committed in between, the first write
+/// failed at once with SQLITE_BUSY_SNAPSHOT (no busy timeout helps), and a webhook's job was
+/// left unread for an hour. Writers on separate connections must all succeed.
+#[test]
+fn busy_snapshot_on_concurrent_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.db");
+    Store::open(&path).unwrap();
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let st = Store::open(&path).unwrap();
+                for i in 0..300 {
+                    let j = Job::from_value(json!({
+                        "id": format!("w{w}-{}", i % 20), "companyId": "c", "status": "pending",
+                        "createdAt": Millis(1_700_000_000_000 + i).to_rfc3339(),
+                        "expiresIn": 3600, "numberOfItems": i, "isInteractive": true, "vendorBasedBookkeeping": false
+                    }))
+                    .unwrap();
+                    st.upsert_job(&j, Millis(i), Source::Poll).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("no writer failed");
+    }
+    let st = Store::open(&path).unwrap();
+    let n: i64 = st
+        .conn()
+        .query_row("SELECT count(*) FROM export_jobs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 60);
+}

@@ -163,6 +163,10 @@ struct World {
     next_msg: u64,
     /// Item updates to refuse inside a 200, by accounting entry id, and how many more times.
     refuse_updates: std::collections::HashMap<String, u32>,
+    /// Indexes into `jobs`, per company, in insertion order.
+    by_company: std::collections::HashMap<String, Vec<usize>>,
+    /// No open job expires before this (so most requests skip the expiry scan).
+    next_expiry: Millis,
 }
 
 /// A webhook subscription held by the fake.
@@ -285,6 +289,11 @@ impl World {
         )
     }
     fn expire_due(&mut self, now: Millis) {
+        // No open job can expire before `next_expiry`: skip the scan (listings stay cheap).
+        if now < self.next_expiry {
+            return;
+        }
+        let mut next = Millis(i64::MAX);
         for j in self.jobs.iter_mut().filter(|j| j.is_open()) {
             let at = j.expires_at();
             if now >= at {
@@ -298,8 +307,21 @@ impl World {
                         it.status = "abandoned".into();
                     }
                 }
+            } else {
+                next = next.min(at);
             }
         }
+        self.next_expiry = next;
+    }
+
+    /// Adds a job, keeping the company index and the expiry bound.
+    fn push_job(&mut self, job: FakeJob) {
+        self.next_expiry = self.next_expiry.min(job.expires_at());
+        self.by_company
+            .entry(job.company_id.clone())
+            .or_default()
+            .push(self.jobs.len());
+        self.jobs.push(job);
     }
 }
 
@@ -453,6 +475,8 @@ impl FakePleo {
                 outbox: None,
                 next_msg: 0,
                 refuse_updates: std::collections::HashMap::new(),
+                by_company: std::collections::HashMap::new(),
+                next_expiry: Millis(i64::MIN),
             }),
             clock,
             logged: std::sync::Condvar::new(),
@@ -610,7 +634,7 @@ impl FakePleo {
             w.steal_on_get.insert(id.clone());
         }
         w.announce(&job);
-        w.jobs.push(job);
+        w.push_job(job);
         Ok(id)
     }
 
@@ -1260,10 +1284,17 @@ fn list_jobs(w: &World, q: &[(String, String)]) -> Response {
     if let Some(bad) = statuses.iter().find(|s| !KNOWN.contains(&s.as_str())) {
         return error(400, "INVALID_PARAMETER", &format!("unknown status {bad:?}"));
     }
-    let matching: Vec<&FakeJob> = w
-        .jobs
-        .iter()
-        .filter(|j| company.as_ref().is_none_or(|c| &j.company_id == c))
+    let candidates: Box<dyn Iterator<Item = &FakeJob>> = match &company {
+        Some(c) => Box::new(
+            w.by_company
+                .get(c)
+                .into_iter()
+                .flatten()
+                .map(|i| &w.jobs[*i]),
+        ),
+        None => Box::new(w.jobs.iter()),
+    };
+    let matching: Vec<&FakeJob> = candidates
         .filter(|j| statuses.is_empty() || statuses.contains(&j.status))
         .collect();
     let mut params = Map::new();
@@ -1359,7 +1390,7 @@ fn create_job(w: &mut World, body: &[u8], now: Millis) -> Response {
     }
     let out = json!({"data": job.to_json()});
     w.announce(&job);
-    w.jobs.push(job);
+    w.push_job(job);
     Response::json(201, &out)
 }
 

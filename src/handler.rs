@@ -297,10 +297,46 @@ impl HandlerSpec {
                 std::thread::Builder::new()
                     .name("jm-outbox".into())
                     .spawn(move || {
-                        for item in items {
-                            let msg = HandlerMsg::Result(outbox_write(&dir, &job_id, &item));
-                            if tx.send(msg).is_err() {
-                                return;
+                        // Files are written in batches: every temp file of a batch is made
+                        // durable with one sync, then renamed into place, then the renames are
+                        // made durable; only then are the batch's results reported.
+                        for chunk in items.chunks(64) {
+                            let mut results = Vec::with_capacity(chunk.len());
+                            let mut staged = Vec::new();
+                            for item in chunk {
+                                match outbox_stage(&dir, &job_id, item) {
+                                    Staged::Written(tmp, path, ok) => staged.push((tmp, path, ok)),
+                                    Staged::Refused(failed) => results.push(failed),
+                                }
+                            }
+                            let job_dir = dir.join(&job_id);
+                            let synced = sync_filesystem(&job_dir);
+                            for (tmp, path, ok) in staged {
+                                let done = synced
+                                    .as_ref()
+                                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
+                                    .and_then(|_| std::fs::rename(&tmp, &path));
+                                results.push(match done {
+                                    Ok(()) => ok,
+                                    Err(e) => outbox_failure(
+                                        &ok.accounting_entry_id,
+                                        format!("cannot write {}: {e}", path.display()),
+                                    ),
+                                });
+                            }
+                            if let Err(e) = sync_filesystem(&job_dir) {
+                                log::error!("outbox: cannot sync {}: {e}", job_dir.display());
+                                for r in results.iter_mut().filter(|r| r.successful) {
+                                    *r = outbox_failure(
+                                        &r.accounting_entry_id,
+                                        format!("cannot sync {}: {e}", job_dir.display()),
+                                    );
+                                }
+                            }
+                            for r in results {
+                                if tx.send(HandlerMsg::Result(r)).is_err() {
+                                    return;
+                                }
                             }
                         }
                         let _ = tx.send(HandlerMsg::Eof);
@@ -431,8 +467,44 @@ fn probe_writable(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(p)
 }
 
-/// The outbox handler's work for one item: validate, then write the file atomically.
-fn outbox_write(dir: &Path, job_id: &str, item: &Value) -> ItemResult {
+fn outbox_failure(entry: &str, reason: String) -> ItemResult {
+    ItemResult {
+        accounting_entry_id: entry.to_owned(),
+        successful: false,
+        external_id: None,
+        external_url: None,
+        failure_reason: Some(reason),
+        failure_reason_type: Some("unexpected_failure".to_owned()),
+    }
+}
+
+/// Makes everything written under `dir` durable (one `syncfs` on Linux).
+fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
+    let f = std::fs::File::open(dir)?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs on a file descriptor we own for the duration of the call.
+        if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        f.sync_all()
+    }
+}
+
+/// One item of the outbox: written to a temp file beside its final name, or refused.
+enum Staged {
+    /// Temp path, final path, and the result once renamed.
+    Written(PathBuf, PathBuf, ItemResult),
+    Refused(ItemResult),
+}
+
+/// The outbox handler's work for one item: validate, then write it to a temp file.
+fn outbox_stage(dir: &Path, job_id: &str, item: &Value) -> Staged {
     let entry = item["accountingEntryId"].as_str().unwrap_or("").to_owned();
     let fail = |kind: &str, reason: String| ItemResult {
         accounting_entry_id: entry.clone(),
@@ -448,10 +520,10 @@ fn outbox_write(dir: &Path, job_id: &str, item: &Value) -> ItemResult {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     if !safe(&entry) || !safe(job_id) {
-        return fail(
+        return Staged::Refused(fail(
             "validation_failure",
             "accountingEntryId or job id is not a safe file name".into(),
-        );
+        ));
     }
     // An import file needs an account on every line.
     let lines = item["accountingEntryLines"]
@@ -459,19 +531,19 @@ fn outbox_write(dir: &Path, job_id: &str, item: &Value) -> ItemResult {
         .cloned()
         .unwrap_or_default();
     if lines.is_empty() {
-        return fail(
+        return Staged::Refused(fail(
             "validation_failure",
             "the entry has no accounting lines".into(),
-        );
+        ));
     }
     if let Some(i) = lines
         .iter()
         .position(|l| l.get("account").is_none_or(Value::is_null))
     {
-        return fail(
+        return Staged::Refused(fail(
             "account_unknown",
             format!("accounting line {} has no account", i + 1),
-        );
+        ));
     }
     let job_dir = dir.join(job_id);
     let path = job_dir.join(format!("{entry}.json"));
@@ -482,23 +554,25 @@ fn outbox_write(dir: &Path, job_id: &str, item: &Value) -> ItemResult {
             serde_json::to_string_pretty(item)
                 .unwrap_or_default()
                 .as_bytes(),
-        )?;
-        f.sync_data()?;
-        std::fs::rename(&tmp, &path)
+        )
     });
     match written {
-        Ok(()) => ItemResult {
-            accounting_entry_id: entry.clone(),
-            successful: true,
-            external_id: Some(format!("{job_id}/{entry}.json")),
-            external_url: Some(format!("file://{}", path.display())),
-            failure_reason: None,
-            failure_reason_type: None,
-        },
-        Err(e) => fail(
+        Ok(()) => Staged::Written(
+            tmp,
+            path.clone(),
+            ItemResult {
+                accounting_entry_id: entry.clone(),
+                successful: true,
+                external_id: Some(format!("{job_id}/{entry}.json")),
+                external_url: Some(format!("file://{}", path.display())),
+                failure_reason: None,
+                failure_reason_type: None,
+            },
+        ),
+        Err(e) => Staged::Refused(fail(
             "unexpected_failure",
             format!("cannot write {}: {e}", path.display()),
-        ),
+        )),
     }
 }
 

@@ -360,6 +360,7 @@ impl HandlerStage {
         let mut pending: Vec<ItemResult> = Vec::new();
         let mut garbage = 0u32;
         let mut first_unflushed: Option<Millis> = None;
+        let mut unreported: i64 = store.item_counts(&job.id)?.unreported;
         let end = loop {
             let now = self.clock.now();
             // Limits first: the job must not expire silently.
@@ -404,6 +405,7 @@ impl HandlerStage {
                 if !recorded.is_empty() {
                     last_progress = now;
                     first_unflushed.get_or_insert(now);
+                    unreported += recorded.len() as i64;
                 }
                 if recorded.len() < pending.len() {
                     log::warn!(
@@ -415,12 +417,13 @@ impl HandlerStage {
                 pending.clear();
             }
             let now = self.clock.now();
-            let unreported = store.item_counts(&job.id)?.unreported;
+            // Counted here rather than queried: a query per message would scan the job's items.
             let due = first_unflushed
                 .is_some_and(|t| now.until(t) <= -(self.cfg.flush_interval.as_millis() as i64));
             if unreported >= 100 || (unreported > 0 && due) {
                 self.flush(store, job, deadline, expires_in_ms, 100)?;
-                first_unflushed = if store.item_counts(&job.id)?.unreported > 0 {
+                unreported = store.item_counts(&job.id)?.unreported;
+                first_unflushed = if unreported > 0 {
                     Some(self.clock.now())
                 } else {
                     None

@@ -68,6 +68,15 @@ pub enum Command {
     },
     /// Make the running service (recorded in the database) run detection now (SIGUSR1).
     Trigger,
+    /// Measure throughput, latency and footprint against the fake (see BENCHMARKS.md).
+    Bench {
+        /// Tiny sizes: checks the harness runs (a test does this).
+        #[arg(long)]
+        smoke: bool,
+        /// Where to write the JSON summary.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Show jobmirror at work against a bundled fake Pleo; needs no credentials.
     Demo {
         /// Where to leave the demo database (default: a new folder under the temp dir).
@@ -234,6 +243,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Demo { db } => crate::demo::run(db),
+        Command::Bench { smoke, json } => crate::bench::run(smoke, json),
     }
 }
 

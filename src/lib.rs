@@ -2,6 +2,7 @@
 //! per company), resumes held jobs after a crash without claiming twice, and tracks every
 //! held job's expiry deadline. See ARCHITECTURE.md for the map.
 
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;

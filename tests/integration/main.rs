@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod bench;
 mod cli;
 mod client;
 mod mirror;

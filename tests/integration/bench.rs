@@ -1,0 +1,52 @@
+//! A short smoke run of the benchmark harness, so it cannot rot. The figures of a smoke run
+//! are not judged (debug build, tiny sizes); the harness must run end to end and report all.
+
+use std::process::Command;
+
+#[test]
+fn the_benchmark_harness_runs_end_to_end_and_reports_every_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_jobmirror"))
+        .args(["bench", "--smoke", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figures = jobmirror::bench::read_summary(&json).unwrap();
+    let names: Vec<String> = figures
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect();
+    for want in [
+        "webhook ingest (durable 2xx)",
+        "  baseline: SQLite row commits",
+        "  baseline: HTTP 204, no work",
+        "ack latency p99",
+        "mirror sync",
+        "store upserts vs plain INSERTs",
+        "pick query median",
+        "reaction webhook 2xx -> started p50",
+        "reaction webhook 2xx -> started p99",
+        "processing (",
+        "idle RSS",
+        "RSS under ingest load",
+        "binary size",
+        "start to ready",
+    ] {
+        assert!(
+            names.iter().any(|n| n.starts_with(want)),
+            "{want} missing from {names:?}"
+        );
+    }
+    for f in &figures {
+        let v = f["value"].as_f64().unwrap();
+        assert!(v.is_finite() && v > 0.0, "{f}");
+        assert!(f["unit"].as_str().is_some_and(|u| !u.is_empty()));
+    }
+}

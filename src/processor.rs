@@ -146,7 +146,24 @@ impl Processor {
             }
             Err(e) => report.errors.push(e.to_string()),
         }
+        // Only companies with something to do: with hundreds of companies a round must not
+        // cost two queries for each of them.
+        let with_work = match self.store.companies_with_work() {
+            Ok(c) => c,
+            Err(e) => {
+                report.errors.push(e.to_string());
+                return report;
+            }
+        };
+        let now = self.clock.now();
+        self.paused_until.retain(|_, until| *until > now);
+        for until in self.paused_until.values() {
+            report.due(*until);
+        }
         for company in self.companies.clone() {
+            if !with_work.contains(&company) {
+                continue;
+            }
             if let Err(e) = self.company_round(&company, &mut report) {
                 log::error!("processor: company {company}: {e}");
                 report.errors.push(format!("{company}: {e}"));

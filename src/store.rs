@@ -438,6 +438,16 @@ impl Store {
             .optional()?)
     }
 
+    /// Companies with a job in hand or a job to claim (both from partial indexes).
+    pub fn companies_with_work(&self) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT company_id FROM export_jobs WHERE proc_state IN ('resume', 'claiming', 'claimed', 'processing') \
+             UNION SELECT company_id FROM export_jobs WHERE status = 'pending' AND proc_state = 'new'",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// The job jobmirror is working on for this company, if any.
     pub fn active_job(&self, company_id: &str) -> Result<Option<JobRow>> {
         let sql = format!(

@@ -232,7 +232,11 @@ fn post_signed(agent: &ureq::Agent, url: &str, secrets: &Secrets, id: &str, body
         .header("webhook-signature", sign_with(secrets, id, ts, body))
         .header("Content-Type", "application/json")
         .send(body)
-        .map(|r| r.status().as_u16())
+        .map(|mut r| {
+            // Read the answer to the end, or ureq cannot reuse the connection (no keep-alive).
+            let _ = r.body_mut().read_to_string();
+            r.status().as_u16()
+        })
         .unwrap_or(0)
 }
 

@@ -869,46 +869,58 @@ fn next_state(
 
 fn upsert_one(conn: &Connection, job: &Job, now: Millis, source: Source) -> Result<Upsert> {
     let raw = job.raw.to_string();
+    let company = Some(job.company_id.as_str());
+    // Most jobs a listing brings are either new or unchanged: try the insert first, so a new
+    // job costs no lookup.
+    let if_new = next_state(None, job, source);
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO export_jobs (id, company_id, status, created_at, last_updated_at, expires_in, \
+             expires_at, number_of_items, raw_json, first_seen_at, last_seen_at, proc_state, proc_state_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?10) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![
+            job.id,
+            job.company_id,
+            job.status,
+            job.created_at.0,
+            job.last_updated_at.map(|m| m.0),
+            job.expires_in_secs,
+            job.expires_at().0,
+            job.number_of_items,
+            raw,
+            now.0,
+            if_new.map_or(ProcState::New, |(s, _)| s).as_str(),
+        ])?;
+    if inserted == 1 {
+        journal(
+            conn,
+            now,
+            Some(&job.id),
+            company,
+            EventKind::Detected,
+            &json!({"status": job.status, "source": source.as_str(),
+                    "created_at": job.created_at.to_rfc3339(),
+                    "expires_at": job.expires_at().to_rfc3339()}),
+        )?;
+        if let Some((_, Some(kind))) = if_new {
+            let mut detail = json!({"status": job.status, "source": source.as_str()});
+            if let Some(t) = &job.failure_reason_type {
+                detail["failure_reason_type"] = json!(t);
+            }
+            journal(conn, now, Some(&job.id), company, kind, &detail)?;
+        }
+        return Ok(Upsert::New);
+    }
     let prev: Option<(String, String, String)> = conn
         .prepare_cached("SELECT status, proc_state, raw_json FROM export_jobs WHERE id = ?1")?
         .query_row([&job.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let prev_state = prev.as_ref().and_then(|(_, p, _)| ProcState::parse(p));
     let next = next_state(prev_state, job, source);
-    let company = Some(job.company_id.as_str());
     let outcome = match &prev {
-        None => {
-            let state = next.map_or(ProcState::New, |(s, _)| s);
-            conn.prepare_cached(
-                "INSERT INTO export_jobs (id, company_id, status, created_at, last_updated_at, expires_in, \
-                 expires_at, number_of_items, raw_json, first_seen_at, last_seen_at, proc_state, proc_state_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?10)",
-            )?
-            .execute(params![
-                job.id,
-                job.company_id,
-                job.status,
-                job.created_at.0,
-                job.last_updated_at.map(|m| m.0),
-                job.expires_in_secs,
-                job.expires_at().0,
-                job.number_of_items,
-                raw,
-                now.0,
-                state.as_str(),
-            ])?;
-            journal(
-                conn,
-                now,
-                Some(&job.id),
-                company,
-                EventKind::Detected,
-                &json!({"status": job.status, "source": source.as_str(),
-                        "created_at": job.created_at.to_rfc3339(),
-                        "expires_at": job.expires_at().to_rfc3339()}),
-            )?;
-            Upsert::New
-        }
+        // The insert above found the row, so it exists (jobmirror never deletes jobs).
+        None => return Err(StoreError::Sql(rusqlite::Error::QueryReturnedNoRows)),
         Some((prev_status, _, prev_raw)) => {
             conn.prepare_cached(
                 "UPDATE export_jobs SET status = ?2, last_updated_at = ?3, expires_in = ?4, expires_at = ?5, \

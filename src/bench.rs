@@ -206,6 +206,47 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
+fn start_fake(clock: &SharedClock) -> anyhow::Result<FakePleo> {
+    FakePleo::start(
+        "127.0.0.1:0",
+        FakeConfig {
+            api_keys: vec![KEY.into()],
+            ..FakeConfig::default()
+        },
+        clock.clone(),
+    )
+}
+
+/// The service's environment: the fake, a database, the outbox handler and a webhook port.
+fn service_env(
+    fake: &FakePleo,
+    db: &Path,
+    outbox: &Path,
+    companies: &str,
+    port: u16,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("JOBMIRROR_DB", db.display().to_string()),
+        ("JOBMIRROR_PLEO_BASE_URL", fake.base_url()),
+        ("JOBMIRROR_PLEO_API_KEY", KEY.to_owned()),
+        ("JOBMIRROR_COMPANY_IDS", companies.to_owned()),
+        ("JOBMIRROR_POLL_INTERVAL_SECS", "3600".to_owned()),
+        (
+            "JOBMIRROR_HANDLER_COMMAND",
+            format!("outbox:{}", outbox.display()),
+        ),
+        ("JOBMIRROR_WEBHOOK_LISTEN", format!("127.0.0.1:{port}")),
+        ("JOBMIRROR_WEBHOOK_SECRET", SECRET.to_owned()),
+        ("JOBMIRROR_LOG", "info".to_owned()),
+    ]
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// A realistic (about 1.5 KiB) webhook body for a job id.
 fn body_for(job_id: &str, company: &str) -> Vec<u8> {
     json!({
@@ -262,32 +303,10 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>) -> anyhow::Result<()> {
     let clock: SharedClock = Arc::new(SystemClock);
 
     // --- 1 and 6: webhook ingest, its baselines, footprint -----------------------------------
-    let fake = FakePleo::start(
-        "127.0.0.1:0",
-        FakeConfig {
-            api_keys: vec![KEY.into()],
-            ..FakeConfig::default()
-        },
-        clock.clone(),
-    )?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let fake = start_fake(&clock)?;
+    let port = free_port()?;
     let db = dir.join("ingest.db");
-    let env = vec![
-        ("JOBMIRROR_DB", db.display().to_string()),
-        ("JOBMIRROR_PLEO_BASE_URL", fake.base_url()),
-        ("JOBMIRROR_PLEO_API_KEY", KEY.to_owned()),
-        ("JOBMIRROR_COMPANY_IDS", "bench-company".to_owned()),
-        ("JOBMIRROR_POLL_INTERVAL_SECS", "3600".to_owned()),
-        (
-            "JOBMIRROR_HANDLER_COMMAND",
-            format!("outbox:{}", dir.join("outbox").display()),
-        ),
-        ("JOBMIRROR_WEBHOOK_LISTEN", format!("127.0.0.1:{port}")),
-        ("JOBMIRROR_WEBHOOK_SECRET", SECRET.to_owned()),
-        ("JOBMIRROR_LOG", "info".to_owned()),
-    ];
+    let env = service_env(&fake, &db, &dir.join("outbox"), "bench-company", port);
     let (service, ready) = ServiceChild::start(&exe, &env)?;
     let idle_rss = service.rss_kib();
     let url = format!("http://127.0.0.1:{port}/webhooks/pleo");
@@ -495,14 +514,7 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>) -> anyhow::Result<()> {
     ));
 
     // --- 2: mirror sync ---------------------------------------------------------------------
-    let fake2 = FakePleo::start(
-        "127.0.0.1:0",
-        FakeConfig {
-            api_keys: vec![KEY.into()],
-            ..FakeConfig::default()
-        },
-        clock.clone(),
-    )?;
+    let fake2 = start_fake(&clock)?;
     let companies: Vec<String> = (0..sizes.sync_companies)
         .map(|c| format!("c{c:04}"))
         .collect();
@@ -638,37 +650,18 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>) -> anyhow::Result<()> {
     }
 
     // --- 4: reaction time, webhook 2xx to `started` at the fake -------------------------------
-    let fake3 = FakePleo::start(
-        "127.0.0.1:0",
-        FakeConfig {
-            api_keys: vec![KEY.into()],
-            ..FakeConfig::default()
-        },
-        clock.clone(),
-    )?;
-    let port3 = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let fake3 = start_fake(&clock)?;
+    let port3 = free_port()?;
     let rc: Vec<String> = (0..sizes.reaction_samples)
         .map(|i| format!("r{i:04}"))
         .collect();
-    let env3 = vec![
-        (
-            "JOBMIRROR_DB",
-            dir.join("reaction.db").display().to_string(),
-        ),
-        ("JOBMIRROR_PLEO_BASE_URL", fake3.base_url()),
-        ("JOBMIRROR_PLEO_API_KEY", KEY.to_owned()),
-        ("JOBMIRROR_COMPANY_IDS", rc.join(",")),
-        ("JOBMIRROR_POLL_INTERVAL_SECS", "3600".to_owned()),
-        (
-            "JOBMIRROR_HANDLER_COMMAND",
-            format!("outbox:{}", dir.join("outbox3").display()),
-        ),
-        ("JOBMIRROR_WEBHOOK_LISTEN", format!("127.0.0.1:{port3}")),
-        ("JOBMIRROR_WEBHOOK_SECRET", SECRET.to_owned()),
-        ("JOBMIRROR_LOG", "info".to_owned()),
-    ];
+    let env3 = service_env(
+        &fake3,
+        &dir.join("reaction.db"),
+        &dir.join("outbox3"),
+        &rc.join(","),
+        port3,
+    );
     let (service3, _) = ServiceChild::start(&exe, &env3)?;
     let url3 = format!("http://127.0.0.1:{port3}/webhooks/pleo");
     let a = agent();
@@ -727,14 +720,7 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>) -> anyhow::Result<()> {
     drop(fake3);
 
     // --- 5: processing one big job through outbox: ---------------------------------------------
-    let fake4 = FakePleo::start(
-        "127.0.0.1:0",
-        FakeConfig {
-            api_keys: vec![KEY.into()],
-            ..FakeConfig::default()
-        },
-        clock.clone(),
-    )?;
+    let fake4 = start_fake(&clock)?;
     fake4.add_job(JobSpec {
         id: Some("big".into()),
         company_id: "p".into(),

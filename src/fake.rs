@@ -736,23 +736,7 @@ impl FakePleo {
         timeout: Duration,
         pred: impl Fn(&[LoggedRequest]) -> bool,
     ) -> bool {
-        let deadline = crate::clock::monotonic() + timeout;
-        let mut w = self.shared.lock();
-        loop {
-            if pred(&w.requests) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(crate::clock::monotonic());
-            if left.is_zero() {
-                return false;
-            }
-            w = self
-                .shared
-                .logged
-                .wait_timeout(w, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        self.wait_until(timeout, |w| pred(&w.requests))
     }
 
     /// Blocks until `pred` holds for the webhook delivery log, or `timeout` passes.
@@ -761,10 +745,14 @@ impl FakePleo {
         timeout: Duration,
         pred: impl Fn(&[WebhookAttempt]) -> bool,
     ) -> bool {
+        self.wait_until(timeout, |w| pred(&w.webhook_log))
+    }
+
+    fn wait_until(&self, timeout: Duration, holds: impl Fn(&World) -> bool) -> bool {
         let deadline = crate::clock::monotonic() + timeout;
         let mut w = self.shared.lock();
         loop {
-            if pred(&w.webhook_log) {
+            if holds(&w) {
                 return true;
             }
             let left = deadline.saturating_duration_since(crate::clock::monotonic());

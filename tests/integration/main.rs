@@ -6,6 +6,7 @@ mod harness;
 mod bench;
 mod cli;
 mod client;
+mod httpd;
 mod mirror;
 mod openapi;
 mod processing;

@@ -146,10 +146,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => {
             let db = db_path(cli.config.as_deref())?;
             init_logging(log::LevelFilter::Info);
-            let mut store = Store::open(&db)?;
-            let applied = store.migrate()?;
+            let mut store = Store::connect(&db)?;
+            for name in store.migrate()? {
+                println!("applied {name}");
+            }
             println!("database {} is at the current schema", db.display());
-            let _ = applied;
             Ok(())
         }
         Command::Status { json } => {

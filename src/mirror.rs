@@ -367,13 +367,12 @@ pub fn run(
                     retry_at = deliveries(&mut mirror);
                 }
                 default(wait) => {
-                    if crate::clock::monotonic() < next_poll {
-                        retry_at = deliveries(&mut mirror);
-                        continue 'wait;
-                    }
+                    // A delivery retry fell due, or the poll did (deliveries first, then the pass).
                     retry_at = deliveries(&mut mirror);
-                    kind = PassKind::Poll;
-                    break 'wait;
+                    if crate::clock::monotonic() >= next_poll {
+                        kind = PassKind::Poll;
+                        break 'wait;
+                    }
                 }
             }
         }

@@ -68,8 +68,9 @@ impl Service {
         let handler = cfg.require_handler()?;
         let sync_store = Store::open(&cfg.db)?;
         sync_store.relax_durability()?;
-        let proc_store = Store::open(&cfg.db)?;
-        let instance_store = Store::open(&cfg.db)?;
+        // The first handle applied the migrations; the others only connect.
+        let proc_store = Store::connect(&cfg.db)?;
+        let instance_store = Store::connect(&cfg.db)?;
         let started_at = clock.now();
         let client = Arc::new(PleoClient::new(cfg.client_config(), clock.clone())?);
         let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
@@ -85,7 +86,7 @@ impl Service {
         if let Some(wh) = &cfg.webhook {
             let listener = std::net::TcpListener::bind(&wh.listen)
                 .map_err(|e| anyhow::anyhow!("cannot listen for webhooks on {}: {e}", wh.listen))?;
-            let events_store = Store::open(&cfg.db)?;
+            let events_store = Store::connect(&cfg.db)?;
             let (queue_tx, queue_rx) = bounded::<crate::webhook::Job>(wh.queue_max);
             let counters = Arc::new(crate::webhook::Counters::default());
             let receiver = crate::webhook::WebhookReceiver::new(

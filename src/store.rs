@@ -302,6 +302,14 @@ impl Store {
     /// Opens (creating with mode 0600 if needed) the database, sets WAL, busy timeout and
     /// foreign keys, and applies pending migrations.
     pub fn open(path: &Path) -> Result<Store> {
+        let mut store = Store::connect(path)?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// As [`Store::open`] without applying migrations: for further connections to a database
+    /// already opened (and so migrated) by this process, and for `jobmirror migrate`.
+    pub fn connect(path: &Path) -> Result<Store> {
         let shown = path.display().to_string();
         if !path.exists() {
             create_private_file(path).map_err(|source| StoreError::Io {
@@ -318,7 +326,6 @@ impl Store {
             path: shown,
             source,
         })?;
-        store.migrate()?;
         Ok(store)
     }
 
@@ -766,14 +773,6 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    pub fn mark_delivery(&self, webhook_id: &str, now: Millis, outcome: &str) -> Result<()> {
-        self.conn.execute(
-            "UPDATE webhook_deliveries SET processed_at = ?2, outcome = ?3 WHERE webhook_id = ?1",
-            params![webhook_id, now.0, outcome],
-        )?;
-        Ok(())
     }
 
     /// Records the process running the service on this database.

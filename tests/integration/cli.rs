@@ -302,6 +302,22 @@ fn migrate_creates_the_schema_and_status_refuses_a_missing_database() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    for m in [
+        "applied V1__core",
+        "applied V2__webhooks",
+        "applied V3__job_items",
+    ] {
+        assert!(said.contains(m), "{said}");
+    }
+    // A second run has nothing left to apply.
+    let again = cmd()
+        .arg("migrate")
+        .env("JOBMIRROR_DB", &db)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert!(!String::from_utf8_lossy(&again.stdout).contains("applied"));
     let conn = rusqlite::Connection::open(&db).unwrap();
     for t in ["export_jobs", "job_events", "sync_runs"] {
         let n: i64 = conn

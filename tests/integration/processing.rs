@@ -205,29 +205,39 @@ echo "should not run" > "$0.ran""#,
     assert!(w.kinds(&j).contains(&"not_ready".to_owned()));
 }
 
-#[test]
-fn a_stalled_handler_is_stopped_and_the_job_failed_before_its_deadline() {
-    let w = World::new();
-    let j = job(&w, A, "j", 3, 0);
-    let dir = tempfile::tempdir().unwrap();
-    // Takes its input, then hangs, holding its output open.
+/// Mirrors the world, then runs one processor round on a thread with a handler that takes its
+/// input and hangs (holding its output open); returns once the handler has started.
+fn round_with_a_hanging_handler(
+    w: &World,
+    dir: &Path,
+    cfg: PipelineConfig,
+    items: usize,
+) -> std::thread::JoinHandle<jobmirror::processor::RoundReport> {
     let handler = script(
-        dir.path(),
+        dir,
         "h",
         "[ \"$1\" = \"--check\" ] && exit 0\ncat >/dev/null\nsleep 3600",
     );
     w.mirror(&[A]).pass(PassKind::Recovery);
     let (tx, rx) = unbounded();
-    let stage =
-        HandlerStage::new(w.client(), w.shared_clock(), handler, pcfg()).with_milestones(tx);
+    let stage = HandlerStage::new(w.client(), w.shared_clock(), handler, cfg).with_milestones(tx);
     let mut p = w
         .processor(&[A], ProcessorConfig::default())
         .with_stage(Box::new(stage));
     let round = std::thread::spawn(move || p.round());
     match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
-        Milestone::HandlerStarted { items, .. } => assert_eq!(items, 3),
+        Milestone::HandlerStarted { items: n, .. } => assert_eq!(n, items),
         other => panic!("{other:?}"),
     }
+    round
+}
+
+#[test]
+fn a_stalled_handler_is_stopped_and_the_job_failed_before_its_deadline() {
+    let w = World::new();
+    let j = job(&w, A, "j", 3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let round = round_with_a_hanging_handler(&w, dir.path(), pcfg(), 3);
     // No result comes: two minutes pass on the clock.
     let deadline = w.store().job(&j).unwrap().unwrap().expires_at;
     w.clock.advance(Duration::from_secs(121));
@@ -259,26 +269,11 @@ fn a_job_about_to_expire_is_failed_with_a_reason_instead_of_expiring() {
     let w = World::new();
     let j = job(&w, A, "j", 2, 0);
     let dir = tempfile::tempdir().unwrap();
-    let handler = script(
-        dir.path(),
-        "h",
-        "[ \"$1\" = \"--check\" ] && exit 0\nsleep 3600",
-    );
-    w.mirror(&[A]).pass(PassKind::Recovery);
-    let (tx, rx) = unbounded();
     let cfg = PipelineConfig {
         item_timeout: Duration::from_secs(86_400),
         ..pcfg()
     };
-    let stage = HandlerStage::new(w.client(), w.shared_clock(), handler, cfg).with_milestones(tx);
-    let mut p = w
-        .processor(&[A], ProcessorConfig::default())
-        .with_stage(Box::new(stage));
-    let round = std::thread::spawn(move || p.round());
-    assert!(matches!(
-        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
-        Milestone::HandlerStarted { .. }
-    ));
+    let round = round_with_a_hanging_handler(&w, dir.path(), cfg, 2);
     let expires = w.store().job(&j).unwrap().unwrap().expires_at;
     // Within the 120 s finish margin.
     w.clock.set(expires.plus_secs(-119));

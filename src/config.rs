@@ -71,7 +71,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "resume_unknown_in_progress",
         Some("true"),
-        "at start-up, resume in_progress jobs the database has no record of",
+        "on a company's first pass in this database, resume in_progress jobs it has no record of",
     ),
     (
         "pleo_connect_timeout_secs",
@@ -126,7 +126,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "handler_command",
         None,
-        "the handler: a program (and arguments) speaking the handler protocol, or outbox:DIR",
+        "the handler: a program (and arguments) speaking the handler protocol, outbox:DIR, or dry-run",
     ),
     (
         "handler_check_timeout_secs",
@@ -178,7 +178,7 @@ pub struct ConfigError {
     pub message: String,
 }
 
-fn env_name(key: &str) -> String {
+pub(crate) fn env_name(key: &str) -> String {
     format!("JOBMIRROR_{}", key.to_ascii_uppercase())
 }
 
@@ -211,6 +211,11 @@ pub struct Config {
     /// Required by the service (see [`Config::require_handler`]); other commands do without.
     pub handler: Option<crate::handler::HandlerSpec>,
     pub pipeline: crate::pipeline::PipelineConfig,
+}
+
+/// Whether `name` is a configuration key.
+pub fn is_key(name: &str) -> bool {
+    KEYS.iter().any(|(k, _, _)| *k == name)
 }
 
 impl Config {

@@ -44,9 +44,10 @@ pub struct FakeJob {
     pub export_items: Vec<Value>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FakeItem {
+    #[serde(default)]
     pub export_job_id: String,
     pub accounting_entry_id: String,
     pub status: String,
@@ -110,6 +111,9 @@ pub enum Fault {
     Slow { millis: u64 },
     /// The request is applied; the answer's body is cut in half and the connection closed.
     Truncate,
+    /// The request is applied; the connection is closed with no answer at all (to the client
+    /// this is a timeout: it cannot know whether the request took effect).
+    HangUp,
 }
 
 /// A scripted fault: consumed by the first request that matches.
@@ -120,6 +124,13 @@ pub struct FaultRule {
     #[serde(default)]
     pub path_prefix: Option<String>,
     pub fault: Fault,
+    /// Let this many matching requests through first.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub skip: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Faults by rate, drawn from a seeded generator (so a run is repeatable).
@@ -129,8 +140,37 @@ pub struct FaultRates {
     pub server_error: f64,
     pub slow: f64,
     pub truncate: f64,
+    #[serde(default)]
+    pub hang_up: f64,
     pub retry_after_secs: u64,
     pub slow_millis: u64,
+}
+
+/// Who moved a job to `in_progress`, as the fake saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Claimant {
+    /// A `started` event through the API (jobmirror, in tests).
+    Api,
+    /// Another integration, between two of jobmirror's steps.
+    Other,
+    /// Another integration, right after jobmirror's single-job GET (the race the lock settles).
+    OtherAfterGet,
+}
+
+/// One claim as the fake saw it: every `started` that reached the transition table (faults
+/// that refuse a request never get there) and every claim by another integration.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClaimRecord {
+    pub at: Millis,
+    /// Requests logged before this claim (it affects requests with a larger `seq`).
+    pub after_requests: u64,
+    pub job_id: String,
+    pub by: Claimant,
+    pub prior_status: String,
+    /// Who held the job if it was `in_progress` (None: unknown, e.g. loaded that way).
+    pub prior_holder: Option<Claimant>,
+    pub accepted: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -155,6 +195,11 @@ struct World {
     rates: FaultRates,
     rng: u64,
     steal_on_get: HashSet<String>,
+    /// Requests left before the fake stops answering (a crash of its client, as Pleo sees
+    /// it: nothing more arrives). `Some(0)`: every request is dropped unapplied.
+    blackout_after: Option<u32>,
+    claims: Vec<ClaimRecord>,
+    holders: std::collections::HashMap<String, Claimant>,
     next_id: u64,
     subscriptions: Vec<Subscription>,
     webhook_options: WebhookOptions,
@@ -272,6 +317,37 @@ impl World {
         }
     }
 
+    /// `pending` -> `in_progress` by `by`, logged whatever the outcome (false: refused).
+    fn claim(&mut self, id: &str, by: Claimant, now: Millis) -> bool {
+        let prior_holder = self.holders.get(id).copied();
+        let Some(j) = self.job_mut(id) else {
+            return false;
+        };
+        let prior_status = j.status.clone();
+        let accepted = prior_status == "pending";
+        if accepted {
+            j.status = "in_progress".into();
+            j.started_at = Some(now);
+            j.last_updated_at = Some(now);
+            self.holders.insert(id.to_owned(), by);
+        }
+        let after_requests = self.requests.len() as u64;
+        self.claims.push(ClaimRecord {
+            at: now,
+            after_requests,
+            job_id: id.to_owned(),
+            by,
+            prior_status: prior_status.clone(),
+            prior_holder: if prior_status == "in_progress" {
+                prior_holder
+            } else {
+                None
+            },
+            accepted,
+        });
+        accepted
+    }
+
     fn rand(&mut self) -> f64 {
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
@@ -326,34 +402,44 @@ impl World {
 }
 
 /// Inputs for a fake job; unset times default from the clock.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobSpec {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     pub company_id: String,
     #[serde(default = "pending")]
     pub status: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
     /// Alternative to `createdAt`: this many seconds before the fake starts.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_secs_ago: Option<i64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_updated_secs_ago: Option<i64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_in: Option<i64>,
     /// How many items to generate.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<usize>,
     /// Another integration claims the job right after jobmirror reads it (the conflict path).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub steal_on_verify: bool,
     /// The last this-many items have no GL account (an ERP import refuses them).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub items_without_account: usize,
+    /// Recorded job items (as Pleo lists them), instead of generated ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_items: Option<Vec<Value>>,
+    /// Recorded export items (as Pleo lists them), instead of generated ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_items: Option<Vec<Value>>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn pending() -> String {
@@ -430,7 +516,12 @@ struct Shared {
     clock: SharedClock,
     /// Notified after every logged request, for [`FakePleo::wait_for_requests`].
     logged: std::sync::Condvar,
+    /// Called for each claim through the API, before the client gets its answer.
+    claim_hook: Mutex<Option<ClaimHook>>,
 }
+
+/// See [`FakePleo::on_api_claim`].
+pub type ClaimHook = Box<dyn Fn(&ClaimRecord) + Send + Sync>;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, World> {
@@ -468,6 +559,9 @@ impl FakePleo {
                 rates: FaultRates::default(),
                 rng: cfg.seed | 1,
                 steal_on_get: HashSet::new(),
+                claims: Vec::new(),
+                blackout_after: None,
+                holders: std::collections::HashMap::new(),
                 next_id: 0,
                 subscriptions: Vec::new(),
                 webhook_options: WebhookOptions::default(),
@@ -480,6 +574,7 @@ impl FakePleo {
             }),
             clock,
             logged: std::sync::Condvar::new(),
+            claim_hook: Mutex::new(None),
         });
         let (outbox_tx, outbox_rx) = crossbeam_channel::bounded::<Outgoing>(10_000);
         shared.lock().outbox = Some(outbox_tx);
@@ -623,12 +718,22 @@ impl FakePleo {
             items: Vec::new(),
             export_items: Vec::new(),
         };
-        for i in 0..n_items {
-            let entry = format!("{:08x}-{:04x}-4000-8000-{:012x}", hash32(&id), 0xe17u16, i);
-            job.items.push(new_item(&id, &entry));
-            let with_account = i + spec.items_without_account < n_items;
-            job.export_items
-                .push(export_item(&job, &entry, i, with_account));
+        if let Some(recorded) = &spec.job_items {
+            for v in recorded {
+                let mut item: FakeItem = serde_json::from_value(v.clone())
+                    .map_err(|e| anyhow::anyhow!("job {id}: bad job item: {e}"))?;
+                item.export_job_id = id.clone();
+                job.items.push(item);
+            }
+            job.export_items = spec.export_items.clone().unwrap_or_default();
+        } else {
+            for i in 0..n_items {
+                let entry = format!("{:08x}-{:04x}-4000-8000-{:012x}", hash32(&id), 0xe17u16, i);
+                job.items.push(new_item(&id, &entry));
+                let with_account = i + spec.items_without_account < n_items;
+                job.export_items
+                    .push(export_item(&job, &entry, i, with_account));
+            }
         }
         if spec.steal_on_verify {
             w.steal_on_get.insert(id.clone());
@@ -646,20 +751,41 @@ impl FakePleo {
         w.jobs.iter().find(|j| j.id == id).cloned()
     }
 
+    /// Every job, in insertion order (expiry applied).
+    pub fn jobs(&self) -> Vec<FakeJob> {
+        let now = self.shared.clock.now();
+        let mut w = self.shared.lock();
+        w.expire_due(now);
+        w.jobs.clone()
+    }
+
     /// Another integration claims the job now (as if it sent `started`).
     pub fn claim_as_other(&self, id: &str) -> bool {
         let now = self.shared.clock.now();
         let mut w = self.shared.lock();
         w.expire_due(now);
-        match w.job_mut(id) {
-            Some(j) if j.status == "pending" => {
-                j.status = "in_progress".into();
-                j.started_at = Some(now);
-                j.last_updated_at = Some(now);
-                true
-            }
-            _ => false,
-        }
+        w.claim(id, Claimant::Other, now)
+    }
+
+    /// After `n` more API requests, drop every request unapplied (what Pleo sees when its
+    /// client crashes mid-step); `None` ends it.
+    pub fn black_out_after(&self, n: Option<u32>) {
+        self.shared.lock().blackout_after = n;
+    }
+
+    /// Calls `hook` for every `started` that reaches the transition table, while its sender
+    /// still waits for the answer (so the sender's state can be inspected at that moment).
+    pub fn on_api_claim(&self, hook: ClaimHook) {
+        *self
+            .shared
+            .claim_hook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// Every claim the fake saw, in order.
+    pub fn claims(&self) -> Vec<ClaimRecord> {
+        self.shared.lock().claims.clone()
     }
 
     /// The holder of an `in_progress` job completes it (as its `completed` event would).
@@ -984,8 +1110,22 @@ impl Handler for FakeHandler {
     fn handle(&self, req: Request) -> Response {
         let now = self.0.clock.now();
         let mut w = self.0.lock();
-        let fault = choose_fault(&mut w, &req.head);
+        let claims_before = w.claims.len();
+        let dropped = match &mut w.blackout_after {
+            Some(0) => !req.head.path.starts_with("/_fake/"),
+            Some(n) if !req.head.path.starts_with("/_fake/") => {
+                *n -= 1;
+                false
+            }
+            _ => false,
+        };
+        let fault = if dropped {
+            Some(Fault::HangUp)
+        } else {
+            choose_fault(&mut w, &req.head)
+        };
         let mut resp = match &fault {
+            _ if dropped => Response::empty(0),
             Some(Fault::TooManyRequests { retry_after_secs }) => {
                 error(429, "TOO_MANY_REQUESTS", "rate limit exceeded")
                     .with_header("Retry-After", &retry_after_secs.to_string())
@@ -999,6 +1139,7 @@ impl Handler for FakeHandler {
         match &fault {
             Some(Fault::Slow { millis }) => resp.delay = Some(Duration::from_millis(*millis)),
             Some(Fault::Truncate) => resp.truncate_at = Some(resp.body.len() / 2),
+            Some(Fault::HangUp) => resp.hang_up = true,
             _ => {}
         }
         let seq = w.requests.len() as u64 + 1;
@@ -1010,9 +1151,30 @@ impl Handler for FakeHandler {
             query: req.head.query.clone(),
             body: String::from_utf8_lossy(&req.body).into_owned(),
             status: resp.status,
-            fault: fault.map(|f| format!("{f:?}")),
+            fault: if dropped {
+                Some("Blackout".into())
+            } else {
+                fault.map(|f| format!("{f:?}"))
+            },
         });
+        let new_claims: Vec<ClaimRecord> = w.claims[claims_before..]
+            .iter()
+            .filter(|c| c.by == Claimant::Api)
+            .cloned()
+            .collect();
         drop(w);
+        if !new_claims.is_empty()
+            && let Some(hook) = self
+                .0
+                .claim_hook
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+        {
+            for c in &new_claims {
+                hook(c);
+            }
+        }
         self.0.logged.notify_all();
         resp
     }
@@ -1031,7 +1193,11 @@ fn choose_fault(w: &mut World, head: &Head) -> Option<Fault> {
                 .is_none_or(|p| head.path.starts_with(p))
     });
     if let Some(i) = hit {
-        return w.script.remove(i).map(|r| r.fault);
+        if w.script[i].skip > 0 {
+            w.script[i].skip -= 1;
+        } else {
+            return w.script.remove(i).map(|r| r.fault);
+        }
     }
     let rates = w.rates.clone();
     let roll = w.rand();
@@ -1054,6 +1220,10 @@ fn choose_fault(w: &mut World, head: &Head) -> Option<Fault> {
     edge += rates.truncate;
     if roll < edge {
         return Some(Fault::Truncate);
+    }
+    edge += rates.hang_up;
+    if roll < edge {
+        return Some(Fault::HangUp);
     }
     None
 }
@@ -1306,13 +1476,8 @@ fn get_job(w: &mut World, id: &str, now: Millis) -> Response {
         return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
     };
     let resp = Response::json(200, &json!({"data": j.to_json()}));
-    if w.steal_on_get.remove(id)
-        && let Some(j) = w.job_mut(id)
-        && j.status == "pending"
-    {
-        j.status = "in_progress".into();
-        j.started_at = Some(now);
-        j.last_updated_at = Some(now);
+    if w.steal_on_get.remove(id) {
+        w.claim(id, Claimant::OtherAfterGet, now);
     }
     resp
 }
@@ -1395,6 +1560,19 @@ fn job_event(w: &mut World, body: &[u8], now: Millis) -> Response {
     };
     if !["started", "completed", "completed_with_errors", "failed"].contains(&event) {
         return error(400, "INVALID_BODY", &format!("unknown event {event:?}"));
+    }
+    if event == "started" {
+        return if w.claim(job_id, Claimant::Api, now) {
+            Response::empty(202)
+        } else if w.jobs.iter().any(|j| j.id == job_id) {
+            error(
+                422,
+                "INVALID_EXPORT_JOB_STATUS_CHANGE",
+                "Export Job status change failed",
+            )
+        } else {
+            error(404, "EXPORT_NOT_FOUND", "Export job not found.")
+        };
     }
     let Some(j) = w.job_mut(job_id) else {
         return error(404, "EXPORT_NOT_FOUND", "Export job not found.");

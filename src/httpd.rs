@@ -89,6 +89,8 @@ pub struct Response {
     pub delay: Option<Duration>,
     /// Fault injection: announce the whole body but send only this many bytes, then close.
     pub truncate_at: Option<usize>,
+    /// Fault injection: close the connection without answering at all.
+    pub hang_up: bool,
 }
 
 impl Response {
@@ -99,6 +101,7 @@ impl Response {
             body: Vec::new(),
             delay: None,
             truncate_at: None,
+            hang_up: false,
         }
     }
     pub fn json(status: u16, v: &serde_json::Value) -> Response {
@@ -439,6 +442,10 @@ fn serve_connection(
         let req = Request { head, body };
         let resp = guarded(|| handler.handle(req))
             .unwrap_or_else(|| Response::text(500, "internal error\n"));
+        if resp.hang_up {
+            let _ = stream.shutdown(Shutdown::Both);
+            return Ok(());
+        }
         let keep = keep_alive && resp.truncate_at.is_none();
         write_response(&mut stream, resp, keep)?;
         if !keep {

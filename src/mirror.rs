@@ -227,7 +227,13 @@ impl Mirror {
         let listing = self.client.list_jobs(company, statuses)?;
         counts.pages = listing.pages;
         counts.seen = listing.jobs.len() as u32;
-        let source = if kind == PassKind::Recovery && self.resume_unknown_in_progress {
+        // A job we hold was recorded (`claiming`) before its `started` was sent, so once the
+        // database has history for the company an unknown `in_progress` job is someone
+        // else's. Only a company's first pass (a new or lost database) may resume one.
+        let source = if kind == PassKind::Recovery
+            && self.resume_unknown_in_progress
+            && !self.store.has_synced(company)?
+        {
             Source::Recovery
         } else {
             Source::Poll

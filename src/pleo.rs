@@ -293,6 +293,16 @@ pub struct Listing {
     pub pages: u32,
 }
 
+/// Which failures a request may be sent again after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// 429, 5xx and transport errors: for reads and requests that are safe to repeat.
+    Transient,
+    /// Only 429, which says the request was not applied. A 5xx or a lost answer leaves the
+    /// outcome unknown, and repeating would act twice.
+    UnappliedOnly,
+}
+
 pub struct PleoClient {
     agent: ureq::Agent,
     cfg: ClientConfig,
@@ -379,7 +389,9 @@ impl PleoClient {
         }
         let path = format!("/v3/export-jobs/{}/items", path_segment(job_id)?);
         let body = serde_json::to_vec(updates).map_err(|e| PleoError::Decode(e.to_string()))?;
-        let v = ok_json(self.send("PUT", &path, &[], Some(&body))?)?;
+        // Reporting an item twice is a fault: after an answer that leaves the outcome unknown
+        // the caller re-reads the job items instead of sending the batch again.
+        let v = ok_json(self.send_with("PUT", &path, &[], Some(&body), Retry::UnappliedOnly)?)?;
         let list = |k: &str| {
             v.get(k)
                 .and_then(Value::as_array)
@@ -458,7 +470,14 @@ impl PleoClient {
     /// Sends a job event. Success is 202 (any 2xx is accepted; no body is required).
     pub fn post_event(&self, event: &JobEvent) -> Result<(), PleoError> {
         let body = serde_json::to_vec(event).map_err(|e| PleoError::Decode(e.to_string()))?;
-        let reply = self.send("POST", "/v3/export-job-events", &[], Some(&body))?;
+        // `started` is the claim: a second one after an unknown outcome would meet our own claim
+        // (422) and read as a conflict. The processor re-reads the job instead.
+        let retry = if event.event == JobEventKind::Started {
+            Retry::UnappliedOnly
+        } else {
+            Retry::Transient
+        };
+        let reply = self.send_with("POST", "/v3/export-job-events", &[], Some(&body), retry)?;
         ok_status(reply).map(|_| ())
     }
 
@@ -494,18 +513,34 @@ impl PleoClient {
         query: &[(&str, String)],
         body: Option<&[u8]>,
     ) -> Result<Reply, PleoError> {
+        self.send_with(method, path, query, body, Retry::Transient)
+    }
+
+    fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&[u8]>,
+        mode: Retry,
+    ) -> Result<Reply, PleoError> {
         let policy = &self.cfg.retry;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
             let outcome = self.send_once(method, path, query, body);
             let (retry, wait) = match &outcome {
-                Ok((reply, retry_after)) if reply.status == 429 || reply.status >= 500 => (
-                    true,
-                    retry_after.map(|d| d.min(Duration::from_millis(policy.retry_after_cap_ms))),
-                ),
+                Ok((reply, retry_after))
+                    if reply.status == 429 || (reply.status >= 500 && mode == Retry::Transient) =>
+                {
+                    (
+                        true,
+                        retry_after
+                            .map(|d| d.min(Duration::from_millis(policy.retry_after_cap_ms))),
+                    )
+                }
                 Ok(_) => (false, None),
-                Err(PleoError::Transport(_)) => (true, None),
+                Err(PleoError::Transport(_)) => (mode == Retry::Transient, None),
                 Err(_) => (false, None),
             };
             if !retry || attempt >= policy.attempts_max.max(1) {

@@ -192,7 +192,13 @@ impl Processor {
             };
             match self.try_claim(candidate, report)? {
                 Claim::Held(job) => return self.tend(job, report),
-                Claim::Lost | Claim::Skipped => continue,
+                Claim::Lost | Claim::Skipped => {
+                    // Whatever happened, one job in hand per company: never pick past one.
+                    if let Some(active) = self.store.active_job(company)? {
+                        return self.tend(active, report);
+                    }
+                    continue;
+                }
                 Claim::Failed => {
                     self.pause(company, report);
                     return Ok(());
@@ -272,14 +278,13 @@ impl Processor {
         match self.client.post_event(&event) {
             Ok(()) => {
                 // Read back what Pleo now says (new lastUpdatedAt, so the new deadline).
-                let held = match self.client.get_job(&fresh.id) {
-                    Ok(j) => {
-                        self.store
-                            .upsert_job(&j, self.clock.now(), Source::Reread)?;
-                        self.store.job(&fresh.id)?.unwrap_or(fresh.clone())
-                    }
-                    Err(_) => fresh.clone(),
-                };
+                // Read back what Pleo now says (new lastUpdatedAt, so the new deadline). If
+                // that read fails the claim still stands: hold the job with the deadline known.
+                if let Ok(j) = self.client.get_job(&fresh.id) {
+                    self.store
+                        .upsert_job(&j, self.clock.now(), Source::Reread)?;
+                }
+                let held = self.store.job(&fresh.id)?.unwrap_or(fresh.clone());
                 if held.proc_state != ProcState::Claiming {
                     // It finished or expired in between: nothing to hold.
                     return Ok(Claim::Skipped);
@@ -338,14 +343,45 @@ impl Processor {
                 let now = self.clock.now();
                 log::warn!("claiming job {} failed: {e}", fresh.id);
                 report.errors.push(format!("{}: {e}", fresh.id));
-                // The outcome may be unknown (timeout): the next round re-reads it before acting.
-                self.store.journal(
-                    now,
-                    Some(&fresh.id),
-                    Some(&fresh.company_id),
-                    EventKind::ClaimFailed,
-                    json!({"error": e.to_string(), "retryable": e.is_retryable()}),
-                )?;
+                // A 429 says the claim was not applied: the job goes back to the queue, and an
+                // `in_progress` seen later is someone else's. Any other failure leaves the
+                // outcome unknown (a lost answer, a 5xx): ask Pleo at once, while no one else
+                // is likely to have claimed it, rather than at the next round.
+                let unapplied = matches!(e, PleoError::Api { status: 429, .. });
+                let detail = json!({
+                    "error": e.to_string(), "retryable": e.is_retryable(),
+                    "outcome": if unapplied { "not applied" } else { "unknown" },
+                });
+                match self
+                    .store
+                    .job(&fresh.id)?
+                    .filter(|r| r.proc_state == ProcState::Claiming)
+                {
+                    Some(row) if unapplied => self.store.transition(
+                        &row,
+                        ProcState::New,
+                        now,
+                        EventKind::ClaimFailed,
+                        detail,
+                    )?,
+                    Some(row) => {
+                        self.store.journal(
+                            now,
+                            Some(&fresh.id),
+                            Some(&fresh.company_id),
+                            EventKind::ClaimFailed,
+                            detail,
+                        )?;
+                        self.tend(row, report)?;
+                    }
+                    None => self.store.journal(
+                        now,
+                        Some(&fresh.id),
+                        Some(&fresh.company_id),
+                        EventKind::ClaimFailed,
+                        detail,
+                    )?,
+                }
                 Ok(Claim::Failed)
             }
         }

@@ -333,6 +333,13 @@ impl Store {
     /// survives a crash of the process, but not a power loss. Only for the mirror's own writes
     /// (what Pleo says about jobs, which the next recovery pass reads again); webhook
     /// deliveries and item results keep FULL.
+    /// No fsync at all: for replay and simulation databases, which are scratch copies
+    /// (a replay's crashes stop threads, not the machine).
+    pub fn scratch_durability(&self) -> Result<()> {
+        self.conn.execute_batch("PRAGMA synchronous = OFF")?;
+        Ok(())
+    }
+
     pub fn relax_durability(&self) -> Result<()> {
         self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
         Ok(())
@@ -514,6 +521,16 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Whether a listing pass over the company ever succeeded in this database.
+    pub fn has_synced(&self, company_id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT 1 FROM sync_runs WHERE company_id = ?1 AND finished_at IS NOT NULL AND error IS NULL LIMIT 1",
+            )?
+            .exists([company_id])?)
     }
 
     /// Records that a `started` request is about to be sent.
@@ -855,7 +872,8 @@ fn next_state(
     match (job.status.as_str(), prev) {
         (status::PENDING, None) => Some((ProcState::New, None)),
         (status::IN_PROGRESS, None | Some(ProcState::New) | Some(ProcState::TooLate)) => {
-            if source == Source::Recovery && prev != Some(ProcState::TooLate) {
+            // A job we knew and never claimed is someone else's, recovery or not.
+            if source == Source::Recovery && prev.is_none() {
                 Some((ProcState::Resume, None))
             } else {
                 Some((ProcState::Conflict, Some(EventKind::ClaimedElsewhere)))
@@ -1159,8 +1177,9 @@ pub struct ItemCounts {
 }
 
 impl Store {
-    /// Records the job's items as Pleo lists them. New items Pleo already shows finished are
-    /// recorded as finished and reported; existing rows only get Pleo's status.
+    /// Records the job's items as Pleo lists them. An item Pleo already shows finished counts as
+    /// reported (a batch whose answer was lost may have landed: it is never sent twice), and
+    /// takes Pleo's outcome if we had none.
     pub fn sync_job_items(
         &self,
         job_id: &str,
@@ -1179,6 +1198,9 @@ impl Store {
                 "INSERT INTO job_items (job_id, accounting_entry_id, pleo_status, our_status, reconciliation_id, handled_at, reported_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) \
                  ON CONFLICT (job_id, accounting_entry_id) DO UPDATE SET pleo_status = excluded.pleo_status, \
+                 our_status = CASE WHEN job_items.our_status = 'todo' THEN excluded.our_status ELSE job_items.our_status END, \
+                 handled_at = coalesce(job_items.handled_at, excluded.handled_at), \
+                 reported_at = coalesce(job_items.reported_at, excluded.reported_at), \
                  reconciliation_id = coalesce(excluded.reconciliation_id, job_items.reconciliation_id)",
             )?
             .execute(params![job_id, entry, pleo_status, ours, reconciliation, if done { Some(now.0) } else { None }])?;

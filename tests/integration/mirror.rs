@@ -116,6 +116,7 @@ fn a_failed_pass_is_recorded_and_recovery_is_retried() {
     // Every attempt of the first listing fails (5 attempts, all 500).
     for _ in 0..5 {
         w.fake.push_fault(FaultRule {
+            skip: 0,
             method: Some("GET".into()),
             path_prefix: Some("/v3/export-jobs".into()),
             fault: Fault::ServerError,
@@ -155,6 +156,7 @@ fn truncated_listing_is_retried_not_half_stored() {
         w.pending(A, &format!("j{i}"), 100 + i);
     }
     w.fake.push_fault(FaultRule {
+        skip: 0,
         method: Some("GET".into()),
         path_prefix: Some("/v3/export-jobs".into()),
         fault: Fault::Truncate,
@@ -163,4 +165,42 @@ fn truncated_listing_is_retried_not_half_stored() {
     assert!(r.failed_companies.is_empty());
     assert_eq!(r.counts.new, 5);
     assert_eq!(w.clock.sleeps().len(), 1, "one retry after the cut body");
+}
+
+#[test]
+fn a_job_claimed_elsewhere_while_we_were_down_was_resumed_as_ours() {
+    // Found by the simulation: after a restart, the recovery pass took every `in_progress` job
+    // it did not know for one of ours, including jobs another integration had claimed.
+    let w = World::new();
+    w.pending(A, "seen", 900);
+    let mut m = w.mirror(&[A]);
+    m.pass(PassKind::Recovery);
+    // While jobmirror is down, another integration claims the job it had seen, and one it
+    // never saw.
+    w.pending(A, "unseen", 300);
+    assert!(w.fake.claim_as_other("seen"));
+    assert!(w.fake.claim_as_other("unseen"));
+    // Restart: a new mirror on the same database.
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let st = w.store();
+    for id in ["seen", "unseen"] {
+        assert_eq!(
+            st.job(id).unwrap().unwrap().proc_state,
+            ProcState::Conflict,
+            "{id}"
+        );
+    }
+}
+
+#[test]
+fn on_a_new_database_an_unknown_in_progress_job_is_resumed() {
+    // The first pass of a company in a new (or lost) database has no record of its own claims:
+    // `resume_unknown_in_progress` (default true) takes `in_progress` jobs for ours.
+    let w = World::new();
+    w.in_progress(A, "held", 600);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    assert_eq!(
+        w.store().job("held").unwrap().unwrap().proc_state,
+        ProcState::Resume
+    );
 }

@@ -373,14 +373,14 @@ fn after_a_crash_between_results_and_report_the_results_are_reported_without_the
     let w = World::new();
     let j = job(&w, A, "j", 30, 0);
     w.mirror(&[A]).pass(PassKind::Recovery);
-    // First life: every PUT fails (5 attempts of 500), so results stay recorded, unreported.
-    for _ in 0..5 {
-        w.fake.push_fault(FaultRule {
-            method: Some("PUT".into()),
-            path_prefix: None,
-            fault: Fault::ServerError,
-        });
-    }
+    // First life: the PUT fails with a 500, which is not resent (its outcome is unknown), so
+    // the results stay recorded and unreported.
+    w.fake.push_fault(FaultRule {
+        skip: 0,
+        method: Some("PUT".into()),
+        path_prefix: None,
+        fault: Fault::ServerError,
+    });
     let r = processor_with(&w, &[A], outbox(&w), pcfg()).round();
     assert!(r.finished.is_empty());
     let st = w.store();
@@ -426,6 +426,7 @@ fn after_a_crash_between_reporting_and_completion_the_job_is_completed_once() {
     drop(claimer);
     for _ in 0..5 {
         w.fake.push_fault(FaultRule {
+            skip: 0,
             method: Some("POST".into()),
             path_prefix: Some("/v3/export-job-events".into()),
             fault: Fault::ServerError,
@@ -571,4 +572,28 @@ fn two_companies_never_have_two_jobs_in_progress_for_one_company() {
         .map(|(_, j)| j)
         .collect();
     assert_eq!(started, ["a0", "b0", "a1", "b1", "a2", "b2"]);
+}
+
+#[test]
+fn lost_answer_to_an_item_report_resent_it_and_reported_items_twice() {
+    // Found by the simulation: Pleo applied a PUT of results but the answer was lost; the
+    // batch was sent again, reporting each item `successful` twice.
+    let w = World::new();
+    let j = job(&w, A, "j", 30, 0);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    w.fake.push_fault(FaultRule {
+        skip: 0,
+        method: Some("PUT".into()),
+        path_prefix: None,
+        fault: Fault::HangUp,
+    });
+    let mut p = processor_with(&w, &[A], outbox(&w), pcfg());
+    let r = p.round();
+    assert!(r.finished.is_empty(), "paused after the lost answer: {r:?}");
+    let r = p.round();
+    assert_eq!(r.finished, ["j"]);
+    let s = successes_per_item(&w, &j);
+    assert_eq!(s.len(), 30);
+    assert!(s.values().all(|n| *n == 1), "{s:?}");
+    assert_eq!(w.fake.job(&j).unwrap().status, "completed");
 }

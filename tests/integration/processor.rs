@@ -294,11 +294,12 @@ fn jobs_with_too_little_time_left_are_not_claimed() {
 }
 
 #[test]
-fn server_error_then_429_then_success_still_claims_and_honours_retry_after() {
+fn a_started_answered_500_is_not_resent_blindly_and_a_429_is_retried_after_retry_after() {
     let w = World::new();
     w.pending(A, "j", 60);
     w.mirror(&[A]).pass(PassKind::Recovery);
     let rule = |fault| FaultRule {
+        skip: 0,
         method: Some("POST".into()),
         path_prefix: Some("/v3/export-job-events".into()),
         fault,
@@ -307,7 +308,34 @@ fn server_error_then_429_then_success_still_claims_and_honours_retry_after() {
     w.fake.push_fault(rule(Fault::TooManyRequests {
         retry_after_secs: 7,
     }));
-    let r = w.processor(&[A], cfg()).round();
+    let mut p = w.processor(&[A], cfg());
+    // A 500 may or may not have been applied: no second `started`; Pleo is asked at once and
+    // still says pending, so the job goes back to the queue and the company rests.
+    let r = p.round();
+    assert!(r.claimed.is_empty(), "{r:?}");
+    let row = w.store().job("j").unwrap().unwrap();
+    assert_eq!(row.proc_state, ProcState::New);
+    let kinds: Vec<String> = w
+        .store()
+        .events(Some("j"))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(
+        kinds.ends_with(&[
+            "claim_sent".into(),
+            "claim_failed".into(),
+            "claim_failed".into()
+        ]),
+        "{kinds:?}"
+    );
+    assert!(w.clock.sleeps().is_empty(), "no retry of the 500");
+    // After the rest, the claim is sent again: a 429 proves it was not applied, so it is
+    // retried after Retry-After.
+    w.clock
+        .advance(cfg().conflict_backoff + Duration::from_secs(1));
+    let r = p.round();
     assert_eq!(r.claimed, ["j"]);
     let statuses: Vec<u16> = w
         .fake
@@ -317,13 +345,11 @@ fn server_error_then_429_then_success_still_claims_and_honours_retry_after() {
         .map(|r| r.status)
         .collect();
     assert_eq!(statuses, [500, 429, 202]);
-    let sleeps = w.clock.sleeps();
-    assert_eq!(sleeps.len(), 2, "{sleeps:?}");
-    assert!(
-        sleeps[0] >= Duration::from_millis(250) && sleeps[0] <= Duration::from_millis(500),
-        "backoff with jitter: {sleeps:?}"
+    assert_eq!(
+        w.clock.sleeps(),
+        [Duration::from_secs(7)],
+        "Retry-After honoured"
     );
-    assert_eq!(sleeps[1], Duration::from_secs(7), "Retry-After honoured");
     assert_eq!(w.fake.job("j").unwrap().status, "in_progress");
 }
 
@@ -345,4 +371,118 @@ fn a_job_finished_elsewhere_frees_the_company() {
         ProcState::Done
     );
     assert_eq!(p.round().claimed, ["second"]);
+}
+
+// Regressions found by the simulation (`jobmirror simulate`), named after the bug.
+
+fn hang_up(method: &str, path: &str) -> FaultRule {
+    FaultRule {
+        skip: 0,
+        method: Some(method.into()),
+        path_prefix: Some(path.into()),
+        fault: Fault::HangUp,
+    }
+}
+
+#[test]
+fn lost_answer_to_started_was_resent_and_read_as_a_conflict() {
+    // The answer to `started` is lost after Pleo applied it. Resending it met our own claim
+    // (422) and the job was taken for someone else's, left to expire.
+    let w = World::new();
+    w.pending(A, "j", 60);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    w.fake.push_fault(hang_up("POST", "/v3/export-job-events"));
+    let r = w.processor(&[A], cfg()).round();
+    assert_eq!(w.fake.started_events_for("j"), 1, "never resent");
+    assert_eq!(r.resumed, ["j"], "{r:?}");
+    assert!(r.conflicts.is_empty());
+    assert_eq!(
+        w.store().job("j").unwrap().unwrap().proc_state,
+        ProcState::Processing
+    );
+    let detail = w
+        .store()
+        .events(Some("j"))
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "claim_failed")
+        .unwrap()
+        .detail;
+    assert_eq!(detail["outcome"], "unknown");
+}
+
+#[test]
+fn failed_read_back_after_started_let_a_second_job_be_picked() {
+    // `started` landed but reading the job back failed: the claim was treated as skipped,
+    // the job stayed `claiming`, and the next job of the company was claimed too.
+    let w = World::new();
+    w.pending(A, "old", 600);
+    w.pending(A, "new", 60);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    // The verify GET is answered; the read-back GET after `started` is refused.
+    let mut c = w.client_config();
+    c.retry.attempts_max = 1;
+    let client =
+        std::sync::Arc::new(jobmirror::pleo::PleoClient::new(c, w.shared_clock()).unwrap());
+    w.fake.push_fault(FaultRule {
+        skip: 1,
+        method: Some("GET".into()),
+        path_prefix: Some("/v3/export-jobs/old".into()),
+        fault: Fault::ServerError,
+    });
+    let mut p = jobmirror::processor::Processor::new(
+        w.store(),
+        client,
+        w.shared_clock(),
+        vec![A.into()],
+        cfg(),
+    );
+    let r = p.round();
+    assert_eq!(w.fake.started_events_for("new"), 0, "{r:?}");
+    assert_eq!(w.fake.started_events_for("old"), 1);
+    let held = w.store().job("old").unwrap().unwrap();
+    assert!(held.proc_state.is_active(), "{:?}", held.proc_state);
+    assert_eq!(w.fake.job("old").unwrap().status, "in_progress");
+}
+
+#[test]
+fn a_429_on_started_then_a_claim_elsewhere_was_resumed_as_ours() {
+    // A 429 proves `started` was not applied; another integration claimed the job right
+    // after our read. Re-reading found it in_progress and took it for our own claim.
+    let w = World::new();
+    w.pending(A, "j", 60);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    w.fake.steal_after_next_get("j");
+    let mut c = w.client_config();
+    c.retry.attempts_max = 1;
+    let client =
+        std::sync::Arc::new(jobmirror::pleo::PleoClient::new(c, w.shared_clock()).unwrap());
+    w.fake.push_fault(FaultRule {
+        skip: 0,
+        method: Some("POST".into()),
+        path_prefix: Some("/v3/export-job-events".into()),
+        fault: Fault::TooManyRequests {
+            retry_after_secs: 5,
+        },
+    });
+    let mut p = jobmirror::processor::Processor::new(
+        w.store(),
+        client,
+        w.shared_clock(),
+        vec![A.into()],
+        cfg(),
+    );
+    let r = p.round();
+    assert!(r.resumed.is_empty(), "{r:?}");
+    assert!(r.claimed.is_empty(), "{r:?}");
+    // Back in the queue; the next look finds it held elsewhere.
+    w.clock
+        .advance(cfg().conflict_backoff + Duration::from_secs(1));
+    let r = p.round();
+    assert!(r.resumed.is_empty() && r.claimed.is_empty(), "{r:?}");
+    assert_eq!(
+        w.store().job("j").unwrap().unwrap().proc_state,
+        ProcState::Conflict
+    );
+    assert!(w.job_events_sent().iter().all(|(e, _)| e == "started"));
 }

@@ -77,6 +77,45 @@ pub enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Replay a snapshot offline: the real workers against an in-process fake Pleo on a
+    /// virtual clock; prints a summary and leaves the database for sqlite3.
+    Replay {
+        /// The snapshot (JSON, version 2; see fixtures/README.md).
+        snapshot: PathBuf,
+        /// The database to create (default: <snapshot name>.replay.db here).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// The handler, as handler_command spells it.
+        #[arg(long, default_value = "dry-run")]
+        handler: String,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a snapshot of the configured companies' open jobs, read from the API (GETs only).
+    Record {
+        /// Where to write the snapshot (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace names, notes and file URLs with placeholders.
+        #[arg(long)]
+        redact: bool,
+        /// A description to put in the snapshot.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Generate and replay simulated histories with faults, checking the invariants.
+    Simulate {
+        /// The first seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// How many seeds, from --seed on.
+        #[arg(long, default_value_t = 1)]
+        seeds: u64,
+        /// Write the first seed's snapshot here instead of replaying (for `jobmirror replay`).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Show jobmirror at work against a bundled fake Pleo; needs no credentials.
     Demo {
         /// Where to leave the demo database (default: a new folder under the temp dir).
@@ -242,6 +281,89 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 db.display(),
                 pids
             )
+        }
+        Command::Replay {
+            snapshot,
+            db,
+            handler,
+            json,
+        } => {
+            init_logging(log::LevelFilter::Error);
+            let snap = crate::snapshot::Snapshot::load(&snapshot)
+                .map_err(|e| UsageError(format!("{e:#}")))?;
+            let db = db.unwrap_or_else(|| {
+                let stem = snapshot
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("snapshot");
+                PathBuf::from(format!("{stem}.replay.db"))
+            });
+            let mut opts = crate::replay::ReplayOptions::new(db.clone());
+            opts.handler = handler;
+            let summary = crate::replay::replay(snap, opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", summary.render());
+                println!(
+                    "  database: {} (try: sqlite3 {} 'SELECT * FROM job_events')",
+                    db.display(),
+                    db.display()
+                );
+            }
+            if !summary.violations.is_empty() {
+                anyhow::bail!("{} invariants violated", summary.violations.len());
+            }
+            Ok(())
+        }
+        Command::Record {
+            out,
+            redact,
+            description,
+        } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            init_logging(cfg.log);
+            let client = crate::pleo::PleoClient::new(cfg.client_config(), clock.clone())?;
+            let opts = crate::snapshot::RecordOptions {
+                redact,
+                description,
+            };
+            let snap = crate::snapshot::record(&client, &clock, &cfg.company_ids, &opts)?;
+            write_private(&out, &(serde_json::to_string_pretty(&snap)? + "\n"))?;
+            println!(
+                "recorded {} open jobs of {} companies into {}{}",
+                snap.jobs.len(),
+                snap.companies.len(),
+                out.display(),
+                if redact { " (redacted)" } else { "" }
+            );
+            Ok(())
+        }
+        Command::Simulate { seed, seeds, write } => {
+            init_logging(log::LevelFilter::Error);
+            if let Some(path) = write {
+                let snap = crate::simulate::generate(seed);
+                std::fs::write(&path, serde_json::to_string_pretty(&snap)? + "\n")?;
+                println!("wrote seed {seed} to {}", path.display());
+                return Ok(());
+            }
+            let dir = std::env::temp_dir().join(format!("jobmirror-sim-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let mut failed = Vec::new();
+            for s in seed..seed.saturating_add(seeds) {
+                let summary = crate::simulate::run_seed(s, &dir)?;
+                if !summary.violations.is_empty() {
+                    println!("seed {s}: {}", summary.violations.join("; "));
+                    println!("  reproduce: {}", crate::simulate::reproduce_command(s));
+                    failed.push(s);
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            println!("{} seeds, {} failed", seeds, failed.len());
+            if !failed.is_empty() {
+                anyhow::bail!("seeds {failed:?} violated invariants");
+            }
+            Ok(())
         }
         Command::Demo { db } => crate::demo::run(db),
         Command::Bench { smoke, json } => crate::bench::run(smoke, json),

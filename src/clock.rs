@@ -139,6 +139,40 @@ impl Clock for ManualClock {
     }
 }
 
+/// Another clock plus an offset that can jump: the host clock of a replay stepping forwards
+/// or backwards while Pleo's does not. Sleeping sleeps the inner clock.
+#[derive(Debug)]
+pub struct OffsetClock {
+    inner: SharedClock,
+    offset_ms: std::sync::atomic::AtomicI64,
+}
+
+impl OffsetClock {
+    pub fn new(inner: SharedClock) -> Arc<OffsetClock> {
+        Arc::new(OffsetClock {
+            inner,
+            offset_ms: std::sync::atomic::AtomicI64::new(0),
+        })
+    }
+    /// Moves this clock by `ms` (negative: backwards) relative to the inner one.
+    pub fn jump(&self, ms: i64) {
+        self.offset_ms
+            .fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+    pub fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> Millis {
+        Millis(self.inner.now().0.saturating_add(self.offset_ms()))
+    }
+    fn sleep(&self, d: Duration) {
+        self.inner.sleep(d);
+    }
+}
+
 /// Monotonic time for socket deadlines and measuring elapsed wall time. Never used for
 /// business decisions (those take a [`Clock`]).
 pub fn monotonic() -> std::time::Instant {
@@ -165,5 +199,18 @@ mod tests {
         c.advance(Duration::from_secs(1));
         assert_eq!(c.now(), Millis(2_250));
         assert_eq!(c.sleeps(), vec![Duration::from_millis(250)]);
+    }
+
+    #[test]
+    fn offset_clock_jumps_both_ways_and_sleeps_the_inner_clock() {
+        let base = ManualClock::new(Millis(10_000));
+        let skewed = OffsetClock::new(base.clone());
+        skewed.jump(5_000);
+        assert_eq!(skewed.now(), Millis(15_000));
+        skewed.jump(-8_000);
+        assert_eq!(skewed.now(), Millis(7_000));
+        skewed.sleep(Duration::from_secs(1));
+        assert_eq!(base.now(), Millis(11_000));
+        assert_eq!(skewed.now(), Millis(8_000));
     }
 }

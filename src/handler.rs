@@ -5,6 +5,7 @@
 //! then one `{"type":"item",...}` per item to do, then EOF; it answers one JSON line per item
 //! on stdout, in any order. Started with `--check` it answers readiness by its exit status.
 //! `outbox:DIR` is the built-in handler: it writes each item to `DIR/<jobId>/<entry>.json`.
+//! `dry-run` validates each item as the outbox does and writes nothing (replays, trials).
 //!
 //! Invariants: a handler runs in its own process group and is killed with the whole group;
 //! its stderr goes to our log line by line; an output line that is not a valid result is
@@ -67,11 +68,16 @@ pub enum HandlerSpec {
     Command { program: String, args: Vec<String> },
     /// The built-in file handler.
     Outbox(PathBuf),
+    /// Validates like the outbox, writes nothing, answers at once (replays, trials).
+    DryRun,
 }
 
 impl HandlerSpec {
     pub fn parse(s: &str) -> Result<HandlerSpec, String> {
         let s = s.trim();
+        if s == "dry-run" {
+            return Ok(HandlerSpec::DryRun);
+        }
         if let Some(dir) = s.strip_prefix("outbox:") {
             if dir.is_empty() {
                 return Err(
@@ -191,6 +197,7 @@ impl HandlerSpec {
     /// Asks the handler whether the accounting system is ready, within `timeout`.
     pub fn check(&self, job: &Value, timeout: Duration) -> Readiness {
         match self {
+            HandlerSpec::DryRun => Readiness::Ready,
             HandlerSpec::Outbox(dir) => {
                 match std::fs::create_dir_all(dir).and_then(|_| probe_writable(dir)) {
                     Ok(()) => Readiness::Ready,
@@ -291,6 +298,34 @@ impl HandlerSpec {
     pub fn start(&self, job: &Value, items: Vec<Value>) -> std::io::Result<Running> {
         let (tx, rx) = bounded::<HandlerMsg>(4096);
         match self {
+            HandlerSpec::DryRun => {
+                let job_id = job["id"].as_str().unwrap_or("").to_owned();
+                std::thread::Builder::new()
+                    .name("jm-dry-run".into())
+                    .spawn(move || {
+                        for item in &items {
+                            let result = match validate_item(&job_id, item) {
+                                (_, Some(refused)) => refused,
+                                (entry, None) => ItemResult {
+                                    external_id: Some(format!("dry-run/{job_id}/{entry}")),
+                                    external_url: None,
+                                    accounting_entry_id: entry,
+                                    successful: true,
+                                    failure_reason: None,
+                                    failure_reason_type: None,
+                                },
+                            };
+                            if tx.send(HandlerMsg::Result(result)).is_err() {
+                                return;
+                            }
+                        }
+                        let _ = tx.send(HandlerMsg::Eof);
+                    })?;
+                Ok(Running {
+                    messages: rx,
+                    child: None,
+                })
+            }
             HandlerSpec::Outbox(dir) => {
                 let dir = dir.clone();
                 let job_id = job["id"].as_str().unwrap_or("").to_owned();
@@ -503,8 +538,9 @@ enum Staged {
     Refused(ItemResult),
 }
 
-/// The outbox handler's work for one item: validate, then write it to a temp file.
-fn outbox_stage(dir: &Path, job_id: &str, item: &Value) -> Staged {
+/// What the built-in handlers check of an item before exporting it: a safe entry id and an
+/// account on every accounting line. Returns the entry id and, if refused, the failed result.
+fn validate_item(job_id: &str, item: &Value) -> (String, Option<ItemResult>) {
     let entry = item["accountingEntryId"].as_str().unwrap_or("").to_owned();
     let fail = |kind: &str, reason: String| ItemResult {
         accounting_entry_id: entry.clone(),
@@ -520,10 +556,13 @@ fn outbox_stage(dir: &Path, job_id: &str, item: &Value) -> Staged {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     if !safe(&entry) || !safe(job_id) {
-        return Staged::Refused(fail(
-            "validation_failure",
-            "accountingEntryId or job id is not a safe file name".into(),
-        ));
+        return (
+            entry.clone(),
+            Some(fail(
+                "validation_failure",
+                "accountingEntryId or job id is not a safe file name".into(),
+            )),
+        );
     }
     // An import file needs an account on every line.
     let lines = item["accountingEntryLines"]
@@ -531,19 +570,34 @@ fn outbox_stage(dir: &Path, job_id: &str, item: &Value) -> Staged {
         .cloned()
         .unwrap_or_default();
     if lines.is_empty() {
-        return Staged::Refused(fail(
-            "validation_failure",
-            "the entry has no accounting lines".into(),
-        ));
+        return (
+            entry.clone(),
+            Some(fail(
+                "validation_failure",
+                "the entry has no accounting lines".into(),
+            )),
+        );
     }
     if let Some(i) = lines
         .iter()
         .position(|l| l.get("account").is_none_or(Value::is_null))
     {
-        return Staged::Refused(fail(
-            "account_unknown",
-            format!("accounting line {} has no account", i + 1),
-        ));
+        return (
+            entry.clone(),
+            Some(fail(
+                "account_unknown",
+                format!("accounting line {} has no account", i + 1),
+            )),
+        );
+    }
+    (entry, None)
+}
+
+/// The outbox handler's work for one item: validate, then write it to a temp file.
+fn outbox_stage(dir: &Path, job_id: &str, item: &Value) -> Staged {
+    let (entry, refused) = validate_item(job_id, item);
+    if let Some(refused) = refused {
+        return Staged::Refused(refused);
     }
     let job_dir = dir.join(job_id);
     let path = job_dir.join(format!("{entry}.json"));
@@ -569,8 +623,8 @@ fn outbox_stage(dir: &Path, job_id: &str, item: &Value) -> Staged {
                 failure_reason_type: None,
             },
         ),
-        Err(e) => Staged::Refused(fail(
-            "unexpected_failure",
+        Err(e) => Staged::Refused(outbox_failure(
+            &entry,
             format!("cannot write {}: {e}", path.display()),
         )),
     }
@@ -623,5 +677,9 @@ mod tests {
         );
         assert!(HandlerSpec::parse("  ").is_err());
         assert!(HandlerSpec::parse("outbox:").is_err());
+        assert_eq!(
+            HandlerSpec::parse(" dry-run ").unwrap(),
+            HandlerSpec::DryRun
+        );
     }
 }

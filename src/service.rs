@@ -48,90 +48,63 @@ pub fn processor_config(cfg: &Config) -> ProcessorConfig {
     }
 }
 
-impl Service {
-    /// Opens the store (applying migrations), then starts the sync and processor threads.
-    pub fn start(
-        cfg: &Config,
-        clock: SharedClock,
-        progress: Option<Sender<RoundReport>>,
-    ) -> anyhow::Result<Service> {
-        Service::start_observed(cfg, clock, progress, None)
-    }
+/// The webhook edge, built but not yet listening: the receiver (verify, enqueue, wait for the
+/// commit) and what the event thread needs to commit.
+pub struct EventEdge {
+    pub store: Store,
+    pub receiver: crate::webhook::WebhookReceiver,
+    pub queue: Receiver<crate::webhook::Job>,
+    pub counters: Arc<crate::webhook::Counters>,
+}
 
-    /// As [`Service::start`], also sending processing milestones (tests, the demo).
-    pub fn start_observed(
+/// The workers, built from one configuration but not yet running. The service runs each on
+/// its own thread; `jobmirror replay` drives the same objects step by step on a virtual clock.
+pub struct Workers {
+    pub mirror: Mirror,
+    pub processor: Processor,
+    pub events: Option<EventEdge>,
+}
+
+impl Workers {
+    /// Opens the store (applying migrations) and builds the workers. New work found by the
+    /// mirror is signalled on `wake`.
+    pub fn build(
         cfg: &Config,
         clock: SharedClock,
-        progress: Option<Sender<RoundReport>>,
+        wake: Sender<()>,
         milestones: Option<Sender<crate::pipeline::Milestone>>,
-    ) -> anyhow::Result<Service> {
+    ) -> anyhow::Result<Workers> {
         let handler = cfg.require_handler()?;
         let sync_store = Store::open(&cfg.db)?;
         sync_store.relax_durability()?;
         // The first handle applied the migrations; the others only connect.
         let proc_store = Store::connect(&cfg.db)?;
-        let instance_store = Store::connect(&cfg.db)?;
-        let started_at = clock.now();
         let client = Arc::new(PleoClient::new(cfg.client_config(), clock.clone())?);
-        let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
-        let (wake_tx, wake_rx) = bounded::<()>(1);
-        let (trigger_tx, trigger_rx) = bounded::<()>(1);
-        let (nudge_tx, nudge_rx) = bounded::<()>(1);
-        let (done_tx, done_rx) = bounded::<&'static str>(8);
-        let mut threads = Vec::new();
-
-        // The webhook edge first: if its port cannot be bound, nothing else starts.
-        let mut webhook_server = None;
-        let mut webhook_counters = None;
-        if let Some(wh) = &cfg.webhook {
-            let listener = std::net::TcpListener::bind(&wh.listen)
-                .map_err(|e| anyhow::anyhow!("cannot listen for webhooks on {}: {e}", wh.listen))?;
-            let events_store = Store::connect(&cfg.db)?;
-            let (queue_tx, queue_rx) = bounded::<crate::webhook::Job>(wh.queue_max);
-            let counters = Arc::new(crate::webhook::Counters::default());
-            let receiver = crate::webhook::WebhookReceiver::new(
-                wh.secrets.clone(),
-                clock.clone(),
-                queue_tx,
-                counters.clone(),
-            );
-            let (sd, done, c) = (shutdown_rx.clone(), done_tx.clone(), clock.clone());
-            threads.push((
-                "jm-events",
-                std::thread::Builder::new()
-                    .name("jm-events".into())
-                    .spawn(move || {
-                        let _g = DoneGuard("jm-events", done);
-                        crate::webhook::run_event_thread(events_store, c, queue_rx, nudge_tx, sd);
-                    })?,
-            ));
-            let limits = crate::httpd::Limits {
-                connections_max: wh.connections_max,
-                body_bytes_max: wh.body_bytes_max,
-                header_bytes_max: 16 * 1024,
-                header_timeout: Duration::from_secs(10),
-                body_timeout: Duration::from_secs(10),
-                idle_timeout: Duration::from_secs(30),
-                write_timeout: Duration::from_secs(10),
-            };
-            let server =
-                crate::httpd::Server::start(listener, limits, Arc::new(receiver), "jm-webhook")?;
-            log::info!(
-                "webhook receiver listening on {}{}",
-                server.local_addr(),
-                crate::webhook::PATH
-            );
-            webhook_server = Some(server);
-            webhook_counters = Some(counters);
-        }
-
+        let events = match &cfg.webhook {
+            Some(wh) => {
+                let (queue_tx, queue) = bounded::<crate::webhook::Job>(wh.queue_max);
+                let counters = Arc::new(crate::webhook::Counters::default());
+                Some(EventEdge {
+                    store: Store::connect(&cfg.db)?,
+                    receiver: crate::webhook::WebhookReceiver::new(
+                        wh.secrets.clone(),
+                        clock.clone(),
+                        queue_tx,
+                        counters.clone(),
+                    ),
+                    queue,
+                    counters,
+                })
+            }
+            None => None,
+        };
         let mirror = Mirror::new(
             sync_store,
             client.clone(),
             clock.clone(),
             cfg.company_ids.clone(),
         )
-        .with_wake(wake_tx)
+        .with_wake(wake)
         .with_resume_unknown_in_progress(cfg.resume_unknown_in_progress);
         let stage = crate::pipeline::HandlerStage::new(
             client.clone(),
@@ -151,6 +124,90 @@ impl Service {
             processor_config(cfg),
         )
         .with_stage(Box::new(stage));
+        Ok(Workers {
+            mirror,
+            processor,
+            events,
+        })
+    }
+}
+
+impl Service {
+    /// Opens the store (applying migrations), then starts the sync and processor threads.
+    pub fn start(
+        cfg: &Config,
+        clock: SharedClock,
+        progress: Option<Sender<RoundReport>>,
+    ) -> anyhow::Result<Service> {
+        Service::start_observed(cfg, clock, progress, None)
+    }
+
+    /// As [`Service::start`], also sending processing milestones (tests, the demo).
+    pub fn start_observed(
+        cfg: &Config,
+        clock: SharedClock,
+        progress: Option<Sender<RoundReport>>,
+        milestones: Option<Sender<crate::pipeline::Milestone>>,
+    ) -> anyhow::Result<Service> {
+        cfg.require_handler()?;
+        // The webhook port first: if it cannot be bound, nothing else starts.
+        let listener = match &cfg.webhook {
+            Some(wh) => Some(std::net::TcpListener::bind(&wh.listen).map_err(|e| {
+                anyhow::anyhow!("cannot listen for webhooks on {}: {e}", wh.listen)
+            })?),
+            None => None,
+        };
+        let started_at = clock.now();
+        let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
+        let (wake_tx, wake_rx) = bounded::<()>(1);
+        let (trigger_tx, trigger_rx) = bounded::<()>(1);
+        let (nudge_tx, nudge_rx) = bounded::<()>(1);
+        let (done_tx, done_rx) = bounded::<&'static str>(8);
+        let Workers {
+            mirror,
+            processor,
+            events,
+        } = Workers::build(cfg, clock.clone(), wake_tx, milestones)?;
+        let instance_store = Store::connect(&cfg.db)?;
+        let mut threads = Vec::new();
+
+        let mut webhook_server = None;
+        let mut webhook_counters = None;
+        if let (Some(edge), Some(listener), Some(wh)) = (events, listener, &cfg.webhook) {
+            let (sd, done, c) = (shutdown_rx.clone(), done_tx.clone(), clock.clone());
+            let (events_store, queue_rx) = (edge.store, edge.queue);
+            threads.push((
+                "jm-events",
+                std::thread::Builder::new()
+                    .name("jm-events".into())
+                    .spawn(move || {
+                        let _g = DoneGuard("jm-events", done);
+                        crate::webhook::run_event_thread(events_store, c, queue_rx, nudge_tx, sd);
+                    })?,
+            ));
+            let limits = crate::httpd::Limits {
+                connections_max: wh.connections_max,
+                body_bytes_max: wh.body_bytes_max,
+                header_bytes_max: 16 * 1024,
+                header_timeout: Duration::from_secs(10),
+                body_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(30),
+                write_timeout: Duration::from_secs(10),
+            };
+            let server = crate::httpd::Server::start(
+                listener,
+                limits,
+                Arc::new(edge.receiver),
+                "jm-webhook",
+            )?;
+            log::info!(
+                "webhook receiver listening on {}{}",
+                server.local_addr(),
+                crate::webhook::PATH
+            );
+            webhook_server = Some(server);
+            webhook_counters = Some(edge.counters);
+        }
 
         let interval = cfg.poll_interval;
         let (sd, done) = (shutdown_rx.clone(), done_tx.clone());

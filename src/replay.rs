@@ -1,0 +1,993 @@
+//! `jobmirror replay`: plays a [`Snapshot`] offline. The real mirror, webhook edge and
+//! processor (built by [`Workers::build`], the code the service runs on its threads) are
+//! driven step by step on a virtual clock against an in-process fake Pleo seeded from the
+//! snapshot, as fast as the machine allows; after every step the invariants are checked.
+//!
+//! Invariants: one driver thread makes every API request, so the fake sees them in one order
+//! and a replay is deterministic (the event thread only commits what the driver hands it, and
+//! the driver waits for the commit); nothing here decides anything about jobs, the workers do;
+//! Pleo's clock never moves backwards (a clock jump moves only jobmirror's view of it).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::clock::{Clock, ManualClock, Millis, OffsetClock, SharedClock};
+use crate::config::Config;
+use crate::fake::{ClaimRecord, Claimant, FakeConfig, FakePleo};
+use crate::httpd::{Handler, Head, Request};
+use crate::mirror::{Mirror, PassKind};
+use crate::processor::Processor;
+use crate::service::Workers;
+use crate::snapshot::{Event, Snapshot};
+use crate::store::Store;
+use crate::webhook::WebhookReceiver;
+
+/// The longest the processor waits between rounds when nothing is due (as in the service).
+const IDLE_ROUND: Duration = Duration::from_secs(60);
+/// Rounds in one step at most (a round that keeps asking for another at once is cut here).
+const ROUNDS_PER_STEP_MAX: u32 = 50;
+/// Steps in one replay at most: a timeline that never settles is an error, not a hang.
+const STEPS_MAX: u64 = 1_000_000;
+
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    /// The database to create (it must not exist yet).
+    pub db: PathBuf,
+    /// The handler, as `handler_command` spells it (default `dry-run`).
+    pub handler: String,
+    /// Stop at the first invariant violation.
+    pub stop_on_violation: bool,
+}
+
+impl ReplayOptions {
+    pub fn new(db: PathBuf) -> ReplayOptions {
+        ReplayOptions {
+            db,
+            handler: "dry-run".into(),
+            stop_on_violation: false,
+        }
+    }
+}
+
+/// What a replay did, from the fake's log and the database.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Summary {
+    pub description: Option<String>,
+    pub virtual_secs: f64,
+    pub steps: u64,
+    /// Jobs of the served companies by Pleo's final status.
+    pub jobs_by_pleo_status: BTreeMap<String, u64>,
+    /// Jobs in the mirror by jobmirror's processing state.
+    pub jobs_by_state: BTreeMap<String, u64>,
+    /// `started` events Pleo accepted from jobmirror.
+    pub claims: u64,
+    /// `started` events Pleo refused with 422 (another integration was first).
+    pub conflicts: u64,
+    /// Jobs taken back after a restart without `started`.
+    pub resumed: u64,
+    /// Jobs that expired at Pleo.
+    pub expiries: u64,
+    pub crashes: u64,
+    pub webhooks: WebhookSummary,
+    /// API requests by method and path pattern.
+    pub api_calls: BTreeMap<String, u64>,
+    pub api_calls_total: u64,
+    pub violations: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct WebhookSummary {
+    pub delivered: u64,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub refused: u64,
+    /// Answered 503 or sent while jobmirror was down: the sender tries again.
+    pub deferred: u64,
+}
+
+/// The workers while jobmirror "runs".
+struct Running {
+    mirror: Mirror,
+    processor: Processor,
+    edge: Option<Edge>,
+    nudge: Receiver<()>,
+    _wake: Receiver<()>,
+    /// Pleo (base) times.
+    next_poll: Millis,
+    deliveries_due: Option<Millis>,
+    next_round: Millis,
+    trigger: bool,
+}
+
+struct Edge {
+    receiver: WebhookReceiver,
+    shutdown: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        drop(self.shutdown.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A webhook waiting to be delivered (the sender retries while jobmirror is down).
+struct Delivery {
+    webhook_id: String,
+    request: Request,
+}
+
+pub struct Replay {
+    snap: Snapshot,
+    opts: ReplayOptions,
+    start: Millis,
+    end: Millis,
+    base: Arc<ManualClock>,
+    clock: Arc<OffsetClock>,
+    fake: FakePleo,
+    cfg: Config,
+    running: Option<Running>,
+    restart_at: Option<Millis>,
+    crash_after_step: Option<f64>,
+    next_event: usize,
+    waiting: VecDeque<Delivery>,
+    acked: Vec<String>,
+    acked_checked: usize,
+    requests_checked: usize,
+    reported: HashMap<(String, String), u32>,
+    started_seen: HashMap<String, u32>,
+    violations: Arc<Mutex<Vec<String>>>,
+    summary: Summary,
+}
+
+fn setting_env(snap: &Snapshot, overrides: &[(&str, String)]) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = snap
+        .service
+        .keys()
+        .filter_map(|k| snap.setting(k).map(|v| (crate::config::env_name(k), v)))
+        .collect();
+    for (k, v) in overrides {
+        env.insert(crate::config::env_name(k), v.clone());
+    }
+    env
+}
+
+impl Replay {
+    /// Sets the world up: the fake seeded from the snapshot at its start time, the database.
+    pub fn new(snap: Snapshot, opts: ReplayOptions) -> anyhow::Result<Replay> {
+        if opts.db.exists() {
+            anyhow::bail!(
+                "{} already exists; a replay writes a fresh database",
+                opts.db.display()
+            );
+        }
+        let start = snap.start_millis()?;
+        let base = ManualClock::new(start);
+        let clock = OffsetClock::new(base.clone());
+        let base_shared: SharedClock = base.clone();
+        let fake = FakePleo::start(
+            "127.0.0.1:0",
+            FakeConfig {
+                api_keys: if snap.api_keys.is_empty() {
+                    vec!["replay-key".into()]
+                } else {
+                    snap.api_keys.clone()
+                },
+                expires_in_secs: snap.expires_in.unwrap_or(3600),
+                seed: snap.seed,
+            },
+            base_shared,
+        )?;
+        for job in &snap.jobs {
+            fake.add_job(job.clone())?;
+        }
+        let has_secret = snap.service.contains_key("webhook_secret");
+        let has_webhooks = snap
+            .timeline
+            .iter()
+            .any(|s| matches!(s.event, Event::Webhook { .. }));
+        if has_webhooks && !has_secret {
+            anyhow::bail!("the timeline has webhooks but service.webhook_secret is not set");
+        }
+        let mut overrides = vec![
+            ("db", opts.db.display().to_string()),
+            ("pleo_base_url", fake.base_url()),
+            ("pleo_api_key", fake.api_key()),
+            ("company_ids", snap.companies.join(",")),
+            ("handler_command", opts.handler.clone()),
+        ];
+        if has_secret {
+            // Never bound: the replay hands requests to the receiver itself.
+            overrides.push(("webhook_listen", "127.0.0.1:9".into()));
+        }
+        let env = setting_env(&snap, &overrides);
+        let cfg = Config::load_with(None, &|k| env.get(k).cloned())
+            .map_err(|e| anyhow::anyhow!("snapshot service settings: {e}"))?;
+        let end = start.plus(Duration::from_secs_f64(
+            snap.end(cfg.poll_interval.as_secs_f64()),
+        ));
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let summary = Summary {
+            description: snap.description.clone(),
+            ..Summary::default()
+        };
+        let replay = Replay {
+            snap,
+            opts,
+            start,
+            end,
+            base,
+            clock,
+            fake,
+            cfg,
+            running: None,
+            restart_at: Some(start),
+            crash_after_step: None,
+            next_event: 0,
+            waiting: VecDeque::new(),
+            acked: Vec::new(),
+            acked_checked: 0,
+            requests_checked: 0,
+            reported: HashMap::new(),
+            started_seen: HashMap::new(),
+            violations,
+            summary,
+        };
+        Ok(replay)
+    }
+
+    /// The fake Pleo of this replay (tests look at its log).
+    pub fn fake(&self) -> &FakePleo {
+        &self.fake
+    }
+
+    pub fn db(&self) -> &std::path::Path {
+        &self.opts.db
+    }
+
+    /// Runs to the end of the timeline; `after_step` sees the replay after every step.
+    pub fn run(
+        &mut self,
+        after_step: &mut dyn FnMut(&Replay) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Summary> {
+        let mut now = self.start;
+        let mut stopped = false;
+        loop {
+            self.base.set(now.max(self.base.now()));
+            self.apply_events()?;
+            if self.running.is_none() && self.restart_at.is_some_and(|t| t <= self.base.now()) {
+                self.start_service()?;
+            }
+            if self.running.is_some() {
+                self.service_step()?;
+            }
+            if let Some(_down) = self.crash_after_step {
+                self.crash();
+            }
+            self.summary.steps += 1;
+            self.check_step();
+            after_step(self)?;
+            if self.opts.stop_on_violation && !self.violations().is_empty() {
+                stopped = true;
+                break;
+            }
+            if self.summary.steps >= STEPS_MAX {
+                anyhow::bail!("the replay did not settle within {STEPS_MAX} steps");
+            }
+            let base_now = self.base.now();
+            let Some(next) = self.next_time(base_now) else {
+                break;
+            };
+            if next > self.end {
+                break;
+            }
+            now = next.max(Millis(base_now.0 + 1));
+        }
+        if !stopped {
+            self.base.set(self.end.max(self.base.now()));
+            self.check_final();
+        }
+        Ok(self.finish_summary())
+    }
+
+    fn at(&self, secs: f64) -> Millis {
+        self.start.plus(Duration::from_secs_f64(secs.max(0.0)))
+    }
+
+    /// Applies every timeline event due by now.
+    fn apply_events(&mut self) -> anyhow::Result<()> {
+        while let Some(step) = self.snap.timeline.get(self.next_event) {
+            if self.at(step.at) > self.base.now() {
+                break;
+            }
+            let step = step.clone();
+            self.next_event += 1;
+            match step.event {
+                Event::JobCreated { job } => {
+                    self.fake.add_job(job)?;
+                }
+                Event::Webhook {
+                    webhook_id,
+                    headers,
+                    body,
+                    signed_at,
+                } => {
+                    let d = self.webhook_request(webhook_id, headers, body, signed_at)?;
+                    self.waiting.push_back(d);
+                }
+                Event::Faults { rates } => self.fake.set_fault_rates(rates),
+                Event::Fault { rule } => self.fake.push_fault(rule),
+                Event::ClaimedByOther { job_id } => {
+                    self.fake.claim_as_other(&job_id);
+                }
+                Event::StealAfterGet { job_id } => self.fake.steal_after_next_get(&job_id),
+                Event::CompletedByOther { job_id } => {
+                    self.fake.complete(&job_id);
+                }
+                Event::Crash {
+                    after_requests,
+                    down_secs,
+                } => match after_requests {
+                    Some(n) if self.running.is_some() => {
+                        self.fake.black_out_after(Some(n));
+                        self.crash_after_step = Some(down_secs);
+                    }
+                    _ => {
+                        self.crash_after_step = Some(down_secs);
+                        self.crash();
+                    }
+                },
+                Event::ClockJump { secs } => self.clock.jump((secs * 1000.0) as i64),
+                Event::Trigger => {
+                    if let Some(r) = &mut self.running {
+                        r.trigger = true;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn webhook_request(
+        &self,
+        webhook_id: Option<String>,
+        headers: BTreeMap<String, String>,
+        body: Value,
+        signed_at: Option<f64>,
+    ) -> anyhow::Result<Delivery> {
+        let (raw, headers, id) = match body {
+            Value::String(raw) => {
+                let id = headers
+                    .iter()
+                    .find(|(k, _)| {
+                        k.eq_ignore_ascii_case("webhook-id") || k.eq_ignore_ascii_case("svix-id")
+                    })
+                    .map(|(_, v)| v.clone())
+                    .or(webhook_id)
+                    .unwrap_or_default();
+                let headers: Vec<(String, String)> = headers.into_iter().collect();
+                (raw.into_bytes(), headers, id)
+            }
+            body => {
+                let id = webhook_id.unwrap_or_default();
+                let raw = serde_json::to_vec(&body)?;
+                let ts = signed_at.map_or(self.clock.now(), |s| {
+                    Millis(self.at(s).0 + self.clock.offset_ms())
+                });
+                let secrets = self
+                    .cfg
+                    .webhook
+                    .as_ref()
+                    .map(|w| w.secrets.clone())
+                    .ok_or_else(|| anyhow::anyhow!("no webhook_secret to sign with"))?;
+                let sig = crate::webhook::sign_with(&secrets, &id, ts.0 / 1000, &raw);
+                let headers = vec![
+                    ("webhook-id".to_owned(), id.clone()),
+                    ("webhook-timestamp".to_owned(), (ts.0 / 1000).to_string()),
+                    ("webhook-signature".to_owned(), sig),
+                    ("content-type".to_owned(), "application/json".to_owned()),
+                ];
+                (raw, headers, id)
+            }
+        };
+        let request = Request {
+            head: Head {
+                method: "POST".into(),
+                path: crate::webhook::PATH.into(),
+                query: String::new(),
+                headers,
+                content_length: raw.len(),
+                peer: std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
+            },
+            body: raw,
+        };
+        Ok(Delivery {
+            webhook_id: id,
+            request,
+        })
+    }
+
+    fn start_service(&mut self) -> anyhow::Result<()> {
+        let (wake_tx, wake_rx) = bounded::<()>(1);
+        let clock: SharedClock = self.clock.clone();
+        let workers = Workers::build(&self.cfg, clock.clone(), wake_tx, None)?;
+        workers.mirror.store().scratch_durability()?;
+        workers.processor.store().scratch_durability()?;
+        let (nudge_tx, nudge_rx) = bounded::<()>(1);
+        let edge = match workers.events {
+            Some(e) => {
+                e.store.scratch_durability()?;
+                let (sd_tx, sd_rx) = bounded::<()>(0);
+                let (store, queue) = (e.store, e.queue);
+                let thread =
+                    std::thread::Builder::new()
+                        .name("jm-events".into())
+                        .spawn(move || {
+                            crate::webhook::run_event_thread(store, clock, queue, nudge_tx, sd_rx)
+                        })?;
+                Some(Edge {
+                    receiver: e.receiver,
+                    shutdown: Some(sd_tx),
+                    thread: Some(thread),
+                })
+            }
+            None => None,
+        };
+        if self.summary.steps == 0 {
+            self.install_claim_check()?;
+        }
+        let now = self.base.now();
+        self.running = Some(Running {
+            mirror: workers.mirror,
+            processor: workers.processor,
+            edge,
+            nudge: nudge_rx,
+            _wake: wake_rx,
+            next_poll: now,
+            deliveries_due: Some(now),
+            next_round: now,
+            trigger: false,
+        });
+        self.restart_at = None;
+        Ok(())
+    }
+
+    fn crash(&mut self) {
+        let down = self.crash_after_step.take().unwrap_or(0.0);
+        self.fake.black_out_after(None);
+        if self.running.take().is_some() {
+            self.summary.crashes += 1;
+        }
+        let now = self.base.now();
+        self.restart_at = Some(now.plus(Duration::from_secs_f64(down.max(0.0))));
+    }
+
+    /// Base (Pleo) time of a time read from jobmirror's clock.
+    fn to_base(&self, t: Millis) -> Millis {
+        Millis(t.0.saturating_sub(self.clock.offset_ms()))
+    }
+
+    fn service_step(&mut self) -> anyhow::Result<()> {
+        let interval = self.cfg.poll_interval;
+        let base_now = self.base.now();
+        // Webhooks first: the sender is waiting for its answer.
+        let mut refused_retry = VecDeque::new();
+        while let Some(d) = self.waiting.pop_front() {
+            let Some(edge) = self.running.as_ref().and_then(|r| r.edge.as_ref()) else {
+                self.summary.webhooks.deferred += 1;
+                refused_retry.push_back(d);
+                break;
+            };
+            self.summary.webhooks.delivered += 1;
+            let resp = edge.receiver.handle(d.request.clone());
+            match resp.status {
+                200..=299 => {
+                    let dup = String::from_utf8_lossy(&resp.body).contains("\"duplicate\":true");
+                    if dup {
+                        self.summary.webhooks.duplicates += 1;
+                    } else {
+                        self.summary.webhooks.accepted += 1;
+                    }
+                    self.acked.push(d.webhook_id.clone());
+                }
+                503 => {
+                    self.summary.webhooks.deferred += 1;
+                    refused_retry.push_back(d);
+                }
+                _ => self.summary.webhooks.refused += 1,
+            }
+        }
+        self.waiting.extend(refused_retry);
+        let r = self.running.as_mut().expect("running");
+        let nudged = r.nudge.try_recv().is_ok();
+        if nudged || r.deliveries_due.is_some_and(|t| t <= base_now) {
+            r.deliveries_due = match r.mirror.process_deliveries() {
+                Ok(_) => None,
+                Err(_) => Some(self.base.now().plus(Duration::from_secs(2))),
+            };
+        }
+        if r.trigger || r.next_poll <= base_now {
+            let kind = if r.trigger {
+                PassKind::Trigger
+            } else {
+                PassKind::Poll
+            };
+            r.trigger = false;
+            r.mirror.pass(kind);
+            r.next_poll = self.base.now().plus(interval);
+        }
+        let mut rounds = 0;
+        let next_due = loop {
+            let report = r.processor.round();
+            rounds += 1;
+            self.summary.resumed += report.resumed.len() as u64;
+            let svc_now = self.clock.now();
+            match report.next_due {
+                Some(t) if t <= svc_now && rounds < ROUNDS_PER_STEP_MAX => continue,
+                other => break other,
+            }
+        };
+        let idle = self.base.now().plus(IDLE_ROUND);
+        let due = next_due.map_or(idle, |t| self.to_base(t).min(idle));
+        let r = self.running.as_mut().expect("running");
+        r.next_round = due;
+        Ok(())
+    }
+
+    fn next_time(&self, now: Millis) -> Option<Millis> {
+        let mut next: Option<Millis> = None;
+        let mut consider = |t: Option<Millis>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n: Millis| n.min(t)));
+            }
+        };
+        consider(
+            self.snap
+                .timeline
+                .get(self.next_event)
+                .map(|s| self.at(s.at)),
+        );
+        consider(self.restart_at);
+        if let Some(r) = &self.running {
+            consider(Some(r.next_poll));
+            consider(r.deliveries_due);
+            consider(Some(r.next_round));
+            if !self.waiting.is_empty() {
+                // Deferred webhooks: the sender tries again (Svix: 5 s, then longer).
+                consider(Some(now.plus(Duration::from_secs(5))));
+            }
+        }
+        next
+    }
+
+    /// Violations found so far.
+    pub fn violations(&self) -> Vec<String> {
+        self.violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn violate(&self, v: String) {
+        self.violations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(v);
+    }
+
+    /// Checks each `started` at the moment it reaches Pleo, against the database as it is then.
+    fn install_claim_check(&self) -> anyhow::Result<()> {
+        let reader = Mutex::new(Store::open_read_only(&self.opts.db)?);
+        let clock = self.clock.clone();
+        let min_left = self.cfg.claim_min_left.as_millis() as i64;
+        let violations = self.violations.clone();
+        self.fake.on_api_claim(Box::new(move |c: &ClaimRecord| {
+            let mut found = Vec::new();
+            if c.prior_status == "in_progress" && c.prior_holder != Some(Claimant::OtherAfterGet) {
+                found.push(format!(
+                    "`started` sent for job {} which was already in_progress (held by {})",
+                    c.job_id,
+                    c.prior_holder
+                        .map_or("an unknown holder, e.g. us before a restart".into(), |h| {
+                            format!("{h:?}")
+                        })
+                ));
+            }
+            let store = reader.lock().unwrap_or_else(|p| p.into_inner());
+            let older: rusqlite::Result<Vec<String>> = store
+                .conn()
+                .prepare(
+                    "SELECT o.id FROM export_jobs j JOIN export_jobs o ON o.company_id = j.company_id \
+                     WHERE j.id = ?1 AND o.status = 'pending' AND o.proc_state = 'new' \
+                     AND (o.created_at < j.created_at OR (o.created_at = j.created_at AND o.id < j.id)) \
+                     AND o.expires_at > ?2",
+                )
+                .and_then(|mut s| {
+                    s.query_map(
+                        rusqlite::params![c.job_id, clock.now().0.saturating_add(min_left)],
+                        |r| r.get(0),
+                    )?
+                    .collect()
+                });
+            match older {
+                Ok(ids) if !ids.is_empty() => found.push(format!(
+                    "claimed job {} while older eligible jobs of its company waited: {}",
+                    c.job_id,
+                    ids.join(", ")
+                )),
+                Ok(_) => {}
+                Err(e) => found.push(format!("cannot read the database at a claim: {e}")),
+            }
+            let active: rusqlite::Result<i64> = store.conn().query_row(
+                "SELECT count(*) FROM export_jobs a JOIN export_jobs j ON a.company_id = j.company_id \
+                 WHERE j.id = ?1 AND a.id <> j.id AND a.proc_state IN ('resume', 'claimed', 'processing')",
+                [&c.job_id],
+                |r| r.get(0),
+            );
+            if let Ok(n) = active
+                && n > 0
+            {
+                found.push(format!(
+                    "claimed job {} while another job of its company was in hand",
+                    c.job_id
+                ));
+            }
+            if !found.is_empty() {
+                violations
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(found);
+            }
+        }));
+        Ok(())
+    }
+
+    /// After every step: acknowledged webhooks stored, items reported once, `started` reaching
+    /// Pleo at most once per job, at most one job in hand per company.
+    fn check_step(&mut self) {
+        let store = match Store::open_read_only(&self.opts.db) {
+            Ok(s) => s,
+            Err(e) => {
+                if self.summary.steps > 1 || self.running.is_some() {
+                    self.violate(format!("cannot open the database: {e}"));
+                }
+                return;
+            }
+        };
+        for id in &self.acked[self.acked_checked..] {
+            let stored: rusqlite::Result<i64> = store.conn().query_row(
+                "SELECT count(*) FROM webhook_deliveries WHERE webhook_id = ?1",
+                [id],
+                |r| r.get(0),
+            );
+            if !matches!(stored, Ok(1)) {
+                self.violate(format!(
+                    "webhook {id} was acknowledged but is not stored ({stored:?})"
+                ));
+            }
+        }
+        self.acked_checked = self.acked.len();
+        let requests = self.fake.requests();
+        let claims = self.fake.claims();
+        let holder_at = |job: &str, seq: u64| {
+            claims
+                .iter()
+                .rfind(|c| c.accepted && c.job_id == job && c.after_requests < seq)
+                .map(|c| c.by)
+        };
+        for r in &requests[self.requests_checked..] {
+            // Status 0: dropped unapplied; 429 and 5xx from a fault: refused unapplied.
+            let applied = r.status != 0
+                && !matches!(
+                    r.fault.as_deref(),
+                    Some(f) if f.starts_with("TooManyRequests") || f.starts_with("ServerError")
+                );
+            if !applied {
+                continue;
+            }
+            let acted_on = if r.method == "PUT" && r.path.ends_with("/items") {
+                Some(
+                    r.path
+                        .trim_start_matches("/v3/export-jobs/")
+                        .trim_end_matches("/items")
+                        .to_owned(),
+                )
+            } else if r.method == "POST" && r.path == "/v3/export-job-events" {
+                let v: Value = serde_json::from_str(&r.body).unwrap_or_default();
+                (v["event"] != "started").then(|| v["jobId"].as_str().unwrap_or("").to_owned())
+            } else {
+                None
+            };
+            if let Some(job) = &acted_on
+                && let Some(h @ (Claimant::Other | Claimant::OtherAfterGet)) = holder_at(job, r.seq)
+            {
+                self.violate(format!(
+                    "{} {} (request {}) acted on job {job}, which another integration holds ({h:?})",
+                    r.method, r.path, r.seq
+                ));
+            }
+            if r.method == "PUT" && r.path.ends_with("/items") {
+                let job = acted_on.clone().unwrap_or_default();
+                let updates: Vec<Value> = serde_json::from_str(&r.body).unwrap_or_default();
+                for u in updates.iter().filter(|u| u["status"] == "successful") {
+                    let entry = u["accountingEntryId"].as_str().unwrap_or("").to_owned();
+                    let n = self
+                        .reported
+                        .entry((job.clone(), entry.clone()))
+                        .or_insert(0);
+                    *n += 1;
+                    if *n == 2 {
+                        self.violations
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(format!(
+                                "item {entry} of job {job} was reported successful twice"
+                            ));
+                    }
+                }
+            }
+            if r.method == "POST" && r.path == "/v3/export-job-events" {
+                let v: Value = serde_json::from_str(&r.body).unwrap_or_default();
+                if v["event"] == "started" {
+                    let job = v["jobId"].as_str().unwrap_or("").to_owned();
+                    let n = self.started_seen.entry(job.clone()).or_insert(0);
+                    *n += 1;
+                    if *n == 2 {
+                        self.violations
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(format!("`started` reached Pleo twice for job {job}"));
+                    }
+                }
+            }
+        }
+        self.requests_checked = requests.len();
+        let doubled: rusqlite::Result<Vec<String>> = store
+            .conn()
+            .prepare(
+                "SELECT company_id FROM export_jobs WHERE proc_state IN ('resume', 'claiming', 'claimed', 'processing') \
+                 GROUP BY company_id HAVING count(*) > 1",
+            )
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect());
+        if let Ok(companies) = doubled {
+            for c in companies {
+                self.violate(format!("company {c} has more than one job in hand"));
+            }
+        }
+    }
+
+    /// At the end: every job of a served company is finished, held by someone else, or its
+    /// state is explained in the journal; jobmirror holds nothing Pleo has finished.
+    fn check_final(&mut self) {
+        self.check_step();
+        let Ok(store) = Store::open_read_only(&self.opts.db) else {
+            self.violate("no database at the end of the replay".into());
+            return;
+        };
+        let holders = holders(&self.fake.claims());
+        let served: HashSet<&String> = self.snap.companies.iter().collect();
+        let now = self.clock.now();
+        let min_left = self.cfg.claim_min_left.as_millis() as i64;
+        for job in self.fake.jobs() {
+            if !served.contains(&job.company_id) {
+                continue;
+            }
+            let row = store.job(&job.id).ok().flatten();
+            let events = store.events(Some(&job.id)).unwrap_or_default();
+            match job.status.as_str() {
+                "in_progress" => {
+                    let holder = holders.get(&job.id).copied();
+                    if !matches!(holder, Some(Claimant::Other | Claimant::OtherAfterGet)) {
+                        self.violate(format!(
+                            "job {} is still in_progress, held by jobmirror, at the end",
+                            job.id
+                        ));
+                    }
+                }
+                "pending" => {
+                    let explained = row.as_ref().is_some_and(|r| {
+                        r.proc_state.is_final()
+                            || now.until(r.expires_at) <= min_left
+                            || events.iter().any(|e| {
+                                matches!(
+                                    e.kind.as_str(),
+                                    "claim_failed" | "not_ready" | "processing_error"
+                                )
+                            })
+                    });
+                    if !explained {
+                        self.violate(format!(
+                            "job {} is still pending at the end with nothing in the journal saying why{}",
+                            job.id,
+                            if row.is_none() { " (never seen)" } else { "" }
+                        ));
+                    }
+                }
+                _ => {
+                    if let Some(r) = row.filter(|r| r.proc_state.is_active()) {
+                        self.violate(format!(
+                            "jobmirror still holds job {} ({}) but Pleo says {}",
+                            r.id,
+                            r.proc_state.as_str(),
+                            job.status
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_summary(&mut self) -> Summary {
+        let mut s = std::mem::take(&mut self.summary);
+        s.virtual_secs = self.start.until(self.base.now()) as f64 / 1000.0;
+        let served: HashSet<&String> = self.snap.companies.iter().collect();
+        for job in self.fake.jobs() {
+            if !served.contains(&job.company_id) {
+                continue;
+            }
+            let status = if job.failure_reason_type.as_deref() == Some("job_expired") {
+                s.expiries += 1;
+                "failed (expired)".to_owned()
+            } else {
+                job.status.clone()
+            };
+            *s.jobs_by_pleo_status.entry(status).or_default() += 1;
+        }
+        for c in self.fake.claims().iter().filter(|c| c.by == Claimant::Api) {
+            if c.accepted {
+                s.claims += 1;
+            } else {
+                s.conflicts += 1;
+            }
+        }
+        for r in self.fake.requests() {
+            if r.path.starts_with("/_fake/") {
+                continue;
+            }
+            *s.api_calls
+                .entry(api_pattern(&r.method, &r.path))
+                .or_default() += 1;
+            s.api_calls_total += 1;
+        }
+        if let Ok(store) = Store::open_read_only(&self.opts.db)
+            && let Ok(mut stmt) = store
+                .conn()
+                .prepare("SELECT proc_state, count(*) FROM export_jobs GROUP BY proc_state")
+            && let Ok(rows) =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        {
+            for (state, n) in rows.flatten() {
+                s.jobs_by_state.insert(state, n as u64);
+            }
+        }
+        s.violations = self.violations();
+        s
+    }
+}
+
+/// Who holds each job now, from the claim log.
+fn holders(claims: &[ClaimRecord]) -> HashMap<String, Claimant> {
+    let mut h = HashMap::new();
+    for c in claims.iter().filter(|c| c.accepted) {
+        h.insert(c.job_id.clone(), c.by);
+    }
+    h
+}
+
+/// `GET /v3/export-jobs/{id}` from `GET /v3/export-jobs/8c1e...`.
+fn api_pattern(method: &str, path: &str) -> String {
+    let parts: Vec<&str> = path
+        .split('/')
+        .enumerate()
+        .map(|(i, p)| match (i, p) {
+            (3, p) if !p.is_empty() && path.starts_with("/v3/export-jobs/") => "{id}",
+            (3, p) if !p.is_empty() && path.starts_with("/v1/subscriptions/") => "{id}",
+            _ => p,
+        })
+        .collect();
+    format!("{method} {}", parts.join("/"))
+}
+
+impl Summary {
+    /// The summary as text, for `jobmirror replay`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let line = |out: &mut String, s: String| {
+            out.push_str(&s);
+            out.push('\n');
+        };
+        if let Some(d) = &self.description {
+            line(&mut out, format!("replay: {d}"));
+        }
+        line(
+            &mut out,
+            format!(
+                "  virtual time {:.0} s in {} steps, {} crashes",
+                self.virtual_secs, self.steps, self.crashes
+            ),
+        );
+        let by = |m: &BTreeMap<String, u64>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        line(
+            &mut out,
+            format!("  jobs at Pleo:   {}", by(&self.jobs_by_pleo_status)),
+        );
+        line(
+            &mut out,
+            format!("  jobs in mirror: {}", by(&self.jobs_by_state)),
+        );
+        line(
+            &mut out,
+            format!(
+                "  claims {}, conflicts {}, resumed {}, expiries {}",
+                self.claims, self.conflicts, self.resumed, self.expiries
+            ),
+        );
+        let w = &self.webhooks;
+        line(
+            &mut out,
+            format!(
+                "  webhooks: {} delivered, {} accepted, {} duplicates, {} refused, {} deferred",
+                w.delivered, w.accepted, w.duplicates, w.refused, w.deferred
+            ),
+        );
+        line(&mut out, format!("  API calls: {}", self.api_calls_total));
+        for (k, v) in &self.api_calls {
+            line(&mut out, format!("    {v:>6}  {k}"));
+        }
+        if self.violations.is_empty() {
+            line(&mut out, "  invariants: all held".into());
+        } else {
+            line(
+                &mut out,
+                format!("  invariants: {} violated", self.violations.len()),
+            );
+            for v in &self.violations {
+                line(&mut out, format!("    - {v}"));
+            }
+        }
+        out
+    }
+}
+
+/// Replays `snap` into `opts.db` to the end of its timeline.
+pub fn replay(snap: Snapshot, opts: ReplayOptions) -> anyhow::Result<Summary> {
+    let mut r = Replay::new(snap, opts)?;
+    r.run(&mut |_| Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_patterns_hide_ids() {
+        assert_eq!(
+            api_pattern("GET", "/v3/export-jobs/abc"),
+            "GET /v3/export-jobs/{id}"
+        );
+        assert_eq!(
+            api_pattern("PUT", "/v3/export-jobs/abc/items"),
+            "PUT /v3/export-jobs/{id}/items"
+        );
+        assert_eq!(api_pattern("GET", "/v3/export-jobs"), "GET /v3/export-jobs");
+        assert_eq!(
+            api_pattern("POST", "/v3/export-job-events"),
+            "POST /v3/export-job-events"
+        );
+    }
+}

@@ -70,8 +70,8 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     ),
     (
         "resume_unknown_in_progress",
-        Some("true"),
-        "on a company's first pass in this database, resume in_progress jobs it has no record of",
+        Some("false"),
+        "on a company's first pass in this database, take in_progress jobs it has no record of for ours (only after losing the database)",
     ),
     (
         "pleo_connect_timeout_secs",

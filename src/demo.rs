@@ -74,6 +74,8 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
         ),
         ("JOBMIRROR_WEBHOOK_LISTEN", format!("127.0.0.1:{port}")),
         ("JOBMIRROR_WEBHOOK_SECRET", secret.expose().to_owned()),
+        // acme's job was claimed by a previous run whose database is gone: take it back.
+        ("JOBMIRROR_RESUME_UNKNOWN_IN_PROGRESS", "true".to_owned()),
     ];
     let cfg = Config::load_with(None, &|k| {
         env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())

@@ -75,7 +75,7 @@ impl Mirror {
             clock,
             companies,
             recovered: HashSet::new(),
-            resume_unknown_in_progress: true,
+            resume_unknown_in_progress: false,
             wake: None,
         }
     }

@@ -169,6 +169,8 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
         .env("JOBMIRROR_PLEO_API_KEY", secret)
         .env("JOBMIRROR_COMPANY_IDS", company)
         .env("JOBMIRROR_POLL_INTERVAL_SECS", "3600")
+        // A new database for a job held before: as after losing the database.
+        .env("JOBMIRROR_RESUME_UNKNOWN_IN_PROGRESS", "true")
         .env(
             "JOBMIRROR_HANDLER_COMMAND",
             format!("outbox:{}", dir.path().join("outbox").display()),

@@ -122,7 +122,8 @@ fn a_failed_pass_is_recorded_and_recovery_is_retried() {
             fault: Fault::ServerError,
         });
     }
-    let mut m = w.mirror(&[A]);
+    // A new database: the held job is taken for ours (the database was lost).
+    let mut m = w.mirror(&[A]).with_resume_unknown_in_progress(true);
     let r = m.pass(PassKind::Recovery);
     assert_eq!(r.failed_companies, [A]);
     let err: Option<String> = w
@@ -193,12 +194,22 @@ fn a_job_claimed_elsewhere_while_we_were_down_was_resumed_as_ours() {
 }
 
 #[test]
-fn on_a_new_database_an_unknown_in_progress_job_is_resumed() {
-    // The first pass of a company in a new (or lost) database has no record of its own claims:
-    // `resume_unknown_in_progress` (default true) takes `in_progress` jobs for ours.
+fn an_unknown_in_progress_job_is_ours_only_when_told_the_database_was_lost() {
+    // The first pass of a company in a new database has no record of its own claims. By
+    // default an `in_progress` job is someone else's; `resume_unknown_in_progress` (set after
+    // losing the database) takes it for ours.
+    let w = World::new();
+    w.in_progress(A, "theirs", 600);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    assert_eq!(
+        w.store().job("theirs").unwrap().unwrap().proc_state,
+        ProcState::Conflict
+    );
     let w = World::new();
     w.in_progress(A, "held", 600);
-    w.mirror(&[A]).pass(PassKind::Recovery);
+    w.mirror(&[A])
+        .with_resume_unknown_in_progress(true)
+        .pass(PassKind::Recovery);
     assert_eq!(
         w.store().job("held").unwrap().unwrap().proc_state,
         ProcState::Resume

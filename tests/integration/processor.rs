@@ -177,7 +177,10 @@ fn in_progress_job_at_start_up_is_resumed_without_started() {
     let w = World::new();
     w.in_progress(A, "held", 1200);
     w.pending(A, "older-pending", 2000);
-    w.mirror(&[A]).pass(PassKind::Recovery);
+    // A new database for a job held before: as after losing the database.
+    w.mirror(&[A])
+        .with_resume_unknown_in_progress(true)
+        .pass(PassKind::Recovery);
     let mut p = w.processor(&[A], cfg());
     let r = p.round();
     assert_eq!(r.resumed, ["held"]);

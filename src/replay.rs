@@ -264,10 +264,11 @@ impl Replay {
         let mut stopped = false;
         loop {
             self.base.set(now.max(self.base.now()));
-            self.apply_events()?;
+            // A restart due now comes first: events at the same moment meet a running service.
             if self.running.is_none() && self.restart_at.is_some_and(|t| t <= self.base.now()) {
                 self.start_service()?;
             }
+            self.apply_events()?;
             if self.running.is_some() {
                 self.service_step()?;
             }

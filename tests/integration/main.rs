@@ -11,5 +11,6 @@ mod mirror;
 mod openapi;
 mod processing;
 mod processor;
+mod replay;
 mod store;
 mod webhook;

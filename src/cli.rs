@@ -350,8 +350,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let dir = std::env::temp_dir().join(format!("jobmirror-sim-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
             let mut failed = Vec::new();
+            let mut total = crate::replay::Summary::default();
             for s in seed..seed.saturating_add(seeds) {
                 let summary = crate::simulate::run_seed(s, &dir)?;
+                total.add(&summary);
                 if !summary.violations.is_empty() {
                     println!("seed {s}: {}", summary.violations.join("; "));
                     println!("  reproduce: {}", crate::simulate::reproduce_command(s));
@@ -359,6 +361,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             let _ = std::fs::remove_dir_all(&dir);
+            total.description = Some(format!("{seeds} simulated histories from seed {seed}"));
+            print!("{}", total.render());
             println!("{} seeds, {} failed", seeds, failed.len());
             if !failed.is_empty() {
                 anyhow::bail!("seeds {failed:?} violated invariants");

@@ -156,7 +156,17 @@ pub enum PleoError {
     Config(String),
 }
 
+/// Statuses that answer "not done, try later": the request was not applied. (A 504 is a
+/// gateway giving up waiting, so whatever was behind it may have happened.)
+pub fn refuses(status: u16) -> bool {
+    matches!(status, 429 | 500 | 502 | 503)
+}
+
 impl PleoError {
+    /// Pleo answered, and the answer says the request was not applied (see [`refuses`]).
+    pub fn is_unapplied(&self) -> bool {
+        matches!(self, PleoError::Api { status, .. } if refuses(*status))
+    }
     /// Whether repeating the same request later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -298,8 +308,9 @@ pub struct Listing {
 enum Retry {
     /// 429, 5xx and transport errors: for reads and requests that are safe to repeat.
     Transient,
-    /// Only 429, which says the request was not applied. A 5xx or a lost answer leaves the
-    /// outcome unknown, and repeating would act twice.
+    /// Only after an answer that says the request was not applied ([`refuses`]). A lost
+    /// answer (timeout, reset, cut-off body) or a 504 leaves the outcome unknown, and
+    /// repeating would act twice.
     UnappliedOnly,
 }
 
@@ -531,7 +542,8 @@ impl PleoClient {
             let outcome = self.send_once(method, path, query, body);
             let (retry, wait) = match &outcome {
                 Ok((reply, retry_after))
-                    if reply.status == 429 || (reply.status >= 500 && mode == Retry::Transient) =>
+                    if refuses(reply.status)
+                        || (reply.status >= 500 && mode == Retry::Transient) =>
                 {
                     (
                         true,

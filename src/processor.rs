@@ -343,11 +343,12 @@ impl Processor {
                 let now = self.clock.now();
                 log::warn!("claiming job {} failed: {e}", fresh.id);
                 report.errors.push(format!("{}: {e}", fresh.id));
-                // A 429 says the claim was not applied: the job goes back to the queue, and an
-                // `in_progress` seen later is someone else's. Any other failure leaves the
-                // outcome unknown (a lost answer, a 5xx): ask Pleo at once, while no one else
-                // is likely to have claimed it, rather than at the next round.
-                let unapplied = matches!(e, PleoError::Api { status: 429, .. });
+                // A 429 or 5xx answer says the claim was not applied: the job goes back to the
+                // queue, and an `in_progress` seen later is someone else's. A lost answer
+                // leaves the outcome unknown: ask Pleo at once, while no one else is likely to
+                // have claimed it, rather than at the next round. (Pleo's job data does not
+                // say who holds a job, so `in_progress` then is taken for ours.)
+                let unapplied = e.is_unapplied();
                 let detail = json!({
                     "error": e.to_string(), "retryable": e.is_retryable(),
                     "outcome": if unapplied { "not applied" } else { "unknown" },

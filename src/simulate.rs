@@ -130,6 +130,13 @@ pub fn generate(seed: u64) -> Snapshot {
                     at,
                     event: Event::JobCreated { job },
                 });
+                if rng.chance(0.15) {
+                    // Another integration races us for it: it claims right after our read.
+                    timeline.push(Step {
+                        at,
+                        event: Event::StealAfterGet { job_id: id.clone() },
+                    });
+                }
                 if rng.chance(0.8) {
                     event_no += 1;
                     let body = created_body(&id, &company, event_no);
@@ -218,7 +225,9 @@ pub fn generate(seed: u64) -> Snapshot {
                 }
             }
             54..=61 => {
-                let Some((id, _)) = rng.pick(&ids).cloned() else {
+                // Mostly one of the newest jobs, which may still be pending.
+                let recent = &ids[ids.len().saturating_sub(3)..];
+                let Some((id, _)) = rng.pick(recent).cloned() else {
                     continue;
                 };
                 if rng.chance(0.5) {

@@ -373,14 +373,15 @@ fn after_a_crash_between_results_and_report_the_results_are_reported_without_the
     let w = World::new();
     let j = job(&w, A, "j", 30, 0);
     w.mirror(&[A]).pass(PassKind::Recovery);
-    // First life: the PUT fails with a 500, which is not resent (its outcome is unknown), so
-    // the results stay recorded and unreported.
-    w.fake.push_fault(FaultRule {
-        skip: 0,
-        method: Some("PUT".into()),
-        path_prefix: None,
-        fault: Fault::ServerError,
-    });
+    // First life: every PUT fails (5 attempts of 500), so results stay recorded, unreported.
+    for _ in 0..5 {
+        w.fake.push_fault(FaultRule {
+            skip: 0,
+            method: Some("PUT".into()),
+            path_prefix: None,
+            fault: Fault::ServerError,
+        });
+    }
     let r = processor_with(&w, &[A], outbox(&w), pcfg()).round();
     assert!(r.finished.is_empty());
     let st = w.store();

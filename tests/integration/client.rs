@@ -87,3 +87,38 @@ fn transport_errors_are_retried_a_bounded_number_of_times() {
         );
     }
 }
+
+#[test]
+fn a_read_that_times_out_is_retried_and_a_claim_that_times_out_is_not() {
+    // Real socket timeouts (the simulation models them as lost answers, which cost no time).
+    let w = World::new();
+    w.pending("c", "j", 60);
+    let mut cfg = w.client_config();
+    cfg.request_timeout = std::time::Duration::from_millis(300);
+    let c = PleoClient::new(cfg, w.shared_clock()).unwrap();
+    let slow = |method: &str, path: &str| jobmirror::fake::FaultRule {
+        skip: 0,
+        method: Some(method.into()),
+        path_prefix: Some(path.into()),
+        fault: jobmirror::fake::Fault::Slow { millis: 1_500 },
+    };
+    w.fake.push_fault(slow("GET", "/v3/export-jobs/j"));
+    let job = c.get_job("j").unwrap();
+    assert_eq!(job.status, "pending");
+    assert_eq!(w.clock.sleeps().len(), 1, "one timeout, one retry");
+    w.fake.push_fault(slow("POST", "/v3/export-job-events"));
+    let e = c
+        .post_event(&JobEvent {
+            event: JobEventKind::Started,
+            job_id: "j".into(),
+            failure_reason: None,
+            failure_reason_type: None,
+        })
+        .unwrap_err();
+    assert!(matches!(e, PleoError::Transport(_)), "{e}");
+    assert!(!e.is_unapplied(), "a timeout leaves the outcome unknown");
+    assert_eq!(w.fake.started_events_for("j"), 1, "not resent");
+    assert_eq!(w.clock.sleeps().len(), 1);
+    // The fake applied it before its slow answer: the claim landed.
+    assert_eq!(w.fake.job("j").unwrap().status, "in_progress");
+}

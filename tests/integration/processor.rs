@@ -353,6 +353,15 @@ fn a_job_finished_elsewhere_frees_the_company() {
 
 // Regressions found by the simulation (`jobmirror simulate`), named after the bug.
 
+/// A processor for company A whose client sends each request once (no retries).
+fn single_attempt_processor(w: &World) -> jobmirror::processor::Processor {
+    let mut c = w.client_config();
+    c.retry.attempts_max = 1;
+    let client =
+        std::sync::Arc::new(jobmirror::pleo::PleoClient::new(c, w.shared_clock()).unwrap());
+    jobmirror::processor::Processor::new(w.store(), client, w.shared_clock(), vec![A.into()], cfg())
+}
+
 fn hang_up(method: &str, path: &str) -> FaultRule {
     FaultRule {
         skip: 0,
@@ -398,23 +407,13 @@ fn failed_read_back_after_started_let_a_second_job_be_picked() {
     w.pending(A, "new", 60);
     w.mirror(&[A]).pass(PassKind::Recovery);
     // The verify GET is answered; the read-back GET after `started` is refused.
-    let mut c = w.client_config();
-    c.retry.attempts_max = 1;
-    let client =
-        std::sync::Arc::new(jobmirror::pleo::PleoClient::new(c, w.shared_clock()).unwrap());
     w.fake.push_fault(FaultRule {
         skip: 1,
         method: Some("GET".into()),
         path_prefix: Some("/v3/export-jobs/old".into()),
         fault: Fault::ServerError,
     });
-    let mut p = jobmirror::processor::Processor::new(
-        w.store(),
-        client,
-        w.shared_clock(),
-        vec![A.into()],
-        cfg(),
-    );
+    let mut p = single_attempt_processor(&w);
     let r = p.round();
     assert_eq!(w.fake.started_events_for("new"), 0, "{r:?}");
     assert_eq!(w.fake.started_events_for("old"), 1);
@@ -431,10 +430,6 @@ fn a_429_on_started_then_a_claim_elsewhere_was_resumed_as_ours() {
     w.pending(A, "j", 60);
     w.mirror(&[A]).pass(PassKind::Recovery);
     w.fake.steal_after_next_get("j");
-    let mut c = w.client_config();
-    c.retry.attempts_max = 1;
-    let client =
-        std::sync::Arc::new(jobmirror::pleo::PleoClient::new(c, w.shared_clock()).unwrap());
     w.fake.push_fault(FaultRule {
         skip: 0,
         method: Some("POST".into()),
@@ -443,13 +438,7 @@ fn a_429_on_started_then_a_claim_elsewhere_was_resumed_as_ours() {
             retry_after_secs: 5,
         },
     });
-    let mut p = jobmirror::processor::Processor::new(
-        w.store(),
-        client,
-        w.shared_clock(),
-        vec![A.into()],
-        cfg(),
-    );
+    let mut p = single_attempt_processor(&w);
     let r = p.round();
     assert!(r.resumed.is_empty(), "{r:?}");
     assert!(r.claimed.is_empty(), "{r:?}");

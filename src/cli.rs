@@ -34,11 +34,57 @@ pub enum Command {
     Run,
     /// Create or upgrade the database schema, then exit.
     Migrate,
-    /// Summarise the database per company (read-only).
+    /// Per company: jobs by state, last poll, last webhook, next deadline (read-only).
     Status {
-        /// Print JSON instead of text.
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// Jobs in pick order per company (read-only).
+    Jobs {
+        #[arg(long)]
+        company: Option<String>,
+        /// Only jobs in this state (new, resume, claiming, claimed, processing, conflict,
+        /// too_late, expired, done).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// One job: its state, items and timeline (read-only).
+    Show {
+        job: String,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// Which rule keeps a job from being processed now (read-only).
+    Why {
+        job: String,
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// Integrity, WAL size, poll and webhook freshness, pending deadlines; exit 1 on a failure.
+    Doctor {
+        #[command(flatten)]
+        report: ReportArgs,
+    },
+    /// An online copy of the database (SQLite backup API), safe while the service runs.
+    Backup {
+        file: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Remove details past their retention (prune_* settings); the journal is kept.
+    Prune {
+        /// Count what would go, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        /// Prune as of this time (RFC 3339) instead of now.
+        #[arg(long)]
+        at: Option<String>,
     },
     /// Run a fake Pleo Export API server (for tests and demos).
     FakePleo {
@@ -124,6 +170,17 @@ pub enum Command {
     },
 }
 
+/// Options every read-only report takes.
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Evaluate as of this time (RFC 3339) instead of now.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+}
+
 /// Errors that are the user's to fix (exit 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -192,18 +249,63 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("database {} is at the current schema", db.display());
             Ok(())
         }
-        Command::Status { json } => {
-            let db = db_path(cli.config.as_deref())?;
-            if !db.exists() {
-                return Err(UsageError(format!(
-                    "database {} does not exist (run `jobmirror migrate` or `jobmirror run` first)",
-                    db.display()
-                ))
-                .into());
+        Command::Status { report } => {
+            let (store, _, now) = open_report(cli.config.as_deref(), &report, &clock)?;
+            emit(
+                &report,
+                &crate::ops::status(&store, now)?,
+                crate::ops::status_text,
+            )
+        }
+        Command::Jobs {
+            company,
+            state,
+            limit,
+            report,
+        } => {
+            let (store, _, now) = open_report(cli.config.as_deref(), &report, &clock)?;
+            let v = crate::ops::jobs(&store, now, company.as_deref(), state.as_deref(), limit)?;
+            emit(&report, &v, crate::ops::jobs_text)
+        }
+        Command::Show { job, report } => {
+            let (store, _, now) = open_report(cli.config.as_deref(), &report, &clock)?;
+            emit(
+                &report,
+                &crate::ops::show(&store, now, &job)?,
+                crate::ops::show_text,
+            )
+        }
+        Command::Why { job, report } => {
+            let (store, _, now) = open_report(cli.config.as_deref(), &report, &clock)?;
+            let settings = operator_settings(cli.config.as_deref())?;
+            let v = crate::ops::why(&store, now, &job, &settings)?;
+            emit(&report, &v, crate::ops::why_text)
+        }
+        Command::Doctor { report } => {
+            let (store, db, now) = open_report(cli.config.as_deref(), &report, &clock)?;
+            let settings = operator_settings(cli.config.as_deref())?;
+            let v = crate::ops::doctor(&store, &db, now, &settings)?;
+            emit(&report, &v, crate::ops::doctor_text)?;
+            if v["result"] == "fail" {
+                anyhow::bail!("doctor found problems");
             }
-            let store = Store::open_read_only(&db)?;
-            print!("{}", status_text(&store, clock.now(), json)?);
             Ok(())
+        }
+        Command::Backup { file, json } => {
+            let db = existing_db(cli.config.as_deref())?;
+            let store = Store::open_read_only(&db)?;
+            let v = crate::ops::backup(&store, &file)?;
+            let args = ReportArgs { json, at: None };
+            emit(&args, &v, crate::ops::backup_text)
+        }
+        Command::Prune { dry_run, json, at } => {
+            let db = existing_db(cli.config.as_deref())?;
+            let cfg = operator_config(cli.config.as_deref())?.0;
+            let args = ReportArgs { json, at };
+            let now = report_time(&args, &clock)?;
+            let store = Store::connect(&db)?;
+            let r = store.prune(now, cfg.retention, dry_run)?;
+            emit(&args, &serde_json::to_value(&r)?, crate::ops::prune_text)
         }
         Command::FakePleo {
             listen,
@@ -445,52 +547,81 @@ fn db_path(file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(db.unwrap_or_else(|| "jobmirror.db".into())))
 }
 
-/// The `status` report, text or JSON.
-pub fn status_text(store: &Store, now: crate::clock::Millis, json: bool) -> anyhow::Result<String> {
-    let mut out = String::new();
-    let mut all = Vec::new();
-    for company in store.companies()? {
-        let s = store.company_summary(&company)?;
-        if json {
-            all.push(serde_json::json!({
-                "company_id": s.company_id,
-                "jobs_by_state": s.by_state.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-                "last_poll_at": s.last_poll_at.map(|t| t.to_rfc3339()),
-                "last_poll_error": s.last_poll_error,
-                "next_deadline": s.next_deadline.as_ref().map(|(id, t)| serde_json::json!({"job_id": id, "expires_at": t.to_rfc3339(), "seconds_left": now.until(*t) / 1000})),
-            }));
-            continue;
+/// The database named by the configuration, which must exist.
+fn existing_db(file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    let db = db_path(file)?;
+    if !db.exists() {
+        return Err(UsageError(format!(
+            "database {} does not exist (run `jobmirror migrate` or `jobmirror run` first)",
+            db.display()
+        ))
+        .into());
+    }
+    Ok(db)
+}
+
+/// `--at`, or now.
+fn report_time(args: &ReportArgs, clock: &SharedClock) -> anyhow::Result<crate::clock::Millis> {
+    match &args.at {
+        None => Ok(clock.now()),
+        Some(s) => crate::clock::Millis::parse_rfc3339(s)
+            .ok_or_else(|| UsageError(format!("--at {s:?} is not an RFC 3339 time")).into()),
+    }
+}
+
+/// A read-only store, its path, and the report time.
+fn open_report(
+    file: Option<&std::path::Path>,
+    args: &ReportArgs,
+    clock: &SharedClock,
+) -> anyhow::Result<(Store, PathBuf, crate::clock::Millis)> {
+    let db = existing_db(file)?;
+    let now = report_time(args, clock)?;
+    Ok((Store::open_read_only(&db)?, db, now))
+}
+
+/// The configuration for commands that never talk to Pleo: the credential and company list
+/// may be absent (then the companies are unknown). Returns whether the companies were named.
+fn operator_config(file: Option<&std::path::Path>) -> anyhow::Result<(Config, bool)> {
+    let env = |k: &str| std::env::var(k).ok();
+    let named =
+        env("JOBMIRROR_COMPANY_IDS").is_some() || config_value_any(file, "company_ids").is_some();
+    let cfg = Config::load_with(file, &|k| {
+        // Placeholders only where neither the environment nor the file says anything.
+        let unset = |key: &str| env(k).is_none() && config_value_any(file, key).is_none();
+        match k {
+            "JOBMIRROR_PLEO_API_KEY" if unset("pleo_api_key") && unset("pleo_api_key_file") => {
+                Some("-".into())
+            }
+            "JOBMIRROR_COMPANY_IDS" if !named => Some("-".into()),
+            _ => env(k),
         }
-        out.push_str(&format!("company {}\n", s.company_id));
-        let states: Vec<String> = s.by_state.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        out.push_str(&format!(
-            "  jobs:          {}\n",
-            if states.is_empty() {
-                "none".into()
-            } else {
-                states.join(" ")
-            }
-        ));
-        out.push_str(&format!(
-            "  last poll:     {}\n",
-            match (&s.last_poll_at, &s.last_poll_error) {
-                (None, _) => "never".to_owned(),
-                (Some(t), None) => format!("{t} (ok)"),
-                (Some(t), Some(e)) => format!("{t} (failed: {e})"),
-            }
-        ));
-        out.push_str(&format!(
-            "  next deadline: {}\n",
-            match &s.next_deadline {
-                None => "none".to_owned(),
-                Some((id, t)) => format!("job {id} expires {t} ({} s left)", now.until(*t) / 1000),
-            }
-        ));
+    })?;
+    Ok((cfg, named))
+}
+
+fn operator_settings(file: Option<&std::path::Path>) -> anyhow::Result<crate::ops::Settings> {
+    let (cfg, named) = operator_config(file)?;
+    Ok(crate::ops::Settings::from_config(&cfg, named))
+}
+
+/// Whether the config file sets `key` (any type).
+fn config_value_any(file: Option<&std::path::Path>, key: &str) -> Option<toml::Value> {
+    let text = std::fs::read_to_string(file?).ok()?;
+    let t: toml::Table = text.parse().ok()?;
+    t.get(key).cloned()
+}
+
+/// Prints a report as JSON or text.
+fn emit(
+    args: &ReportArgs,
+    v: &serde_json::Value,
+    text: fn(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        print!("{}", text(v));
     }
-    if json {
-        out = serde_json::to_string_pretty(&serde_json::json!({"companies": all}))? + "\n";
-    } else if out.is_empty() {
-        out.push_str("no companies in the database yet\n");
-    }
-    Ok(out)
+    Ok(())
 }

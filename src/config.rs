@@ -49,6 +49,36 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "log level: error, warn, info, debug, trace",
     ),
     (
+        "lanes",
+        Some("1"),
+        "processor threads; each company belongs to one lane, so its jobs stay strictly sequential",
+    ),
+    (
+        "admin_listen",
+        Some("127.0.0.1:9187"),
+        "address of the admin listener (/metrics, /healthz); empty: none",
+    ),
+    (
+        "prune_jobs_after_days",
+        Some("90"),
+        "jobmirror prune: drop items and raw JSON of jobs finished this many days ago",
+    ),
+    (
+        "prune_webhook_bodies_after_days",
+        Some("7"),
+        "jobmirror prune: clear bodies and headers of handled webhook deliveries this old",
+    ),
+    (
+        "prune_webhook_ids_after_days",
+        Some("30"),
+        "jobmirror prune: delete handled delivery rows this old (at least 4: senders retry for days)",
+    ),
+    (
+        "prune_sync_runs_after_days",
+        Some("30"),
+        "jobmirror prune: delete sync_runs rows this old",
+    ),
+    (
         "deadline_warning_secs",
         Some("600"),
         "journal a deadline_warning this many seconds before a held job expires",
@@ -207,6 +237,11 @@ pub struct Config {
     pub pleo_request_timeout: Duration,
     pub pleo_retry_attempts_max: u32,
     pub shutdown_timeout: Duration,
+    /// Processor threads (companies are spread over them).
+    pub lanes: u32,
+    /// The admin listener (`/metrics`, `/healthz`), if any.
+    pub admin_listen: Option<String>,
+    pub retention: crate::store::Retention,
     pub webhook: Option<WebhookConfig>,
     /// Required by the service (see [`Config::require_handler`]); other commands do without.
     pub handler: Option<crate::handler::HandlerSpec>,
@@ -426,6 +461,34 @@ impl Config {
             ),
             None => None,
         };
+        let admin_listen = get("admin_listen")
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+        if let Some(a) = &admin_listen
+            && a.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(err(
+                "admin_listen",
+                format!("expected an address like 127.0.0.1:9187, got {a:?}"),
+            ));
+        }
+        let days = |k: &str, min: u32| -> Result<u32, ConfigError> {
+            let v = get(k).unwrap_or_default();
+            match v.trim().parse::<u32>() {
+                Ok(n) if n >= min => Ok(n),
+                _ => Err(err(
+                    k,
+                    format!("expected a whole number of days, at least {min}, got {v:?}"),
+                )),
+            }
+        };
+        let retention = crate::store::Retention {
+            jobs_days: days("prune_jobs_after_days", 1)?,
+            webhook_bodies_days: days("prune_webhook_bodies_after_days", 1)?,
+            // Senders retry for more than a day, and duplicates must still be recognised.
+            webhook_ids_days: days("prune_webhook_ids_after_days", 4)?,
+            sync_runs_days: days("prune_sync_runs_after_days", 1)?,
+        };
         let pipeline = crate::pipeline::PipelineConfig {
             item_timeout: secs("handler_item_timeout_secs", 1)?,
             job_timeout: secs("handler_job_timeout_secs", 1)?,
@@ -455,6 +518,9 @@ impl Config {
             pleo_request_timeout: secs("pleo_request_timeout_secs", 1)?,
             pleo_retry_attempts_max: count("pleo_retry_attempts_max")?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1)?,
+            lanes: count("lanes")?,
+            admin_listen,
+            retention,
         })
     }
 

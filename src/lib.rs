@@ -11,6 +11,7 @@ pub mod fake;
 pub mod handler;
 pub mod httpd;
 pub mod mirror;
+pub mod ops;
 pub mod pipeline;
 pub mod pleo;
 pub mod processor;

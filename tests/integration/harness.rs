@@ -59,6 +59,11 @@ impl World {
         Arc::new(PleoClient::new(self.client_config(), self.shared_clock()).unwrap())
     }
 
+    pub fn clock_now(&self) -> jobmirror::clock::Millis {
+        use jobmirror::clock::Clock;
+        self.clock.now()
+    }
+
     pub fn store(&self) -> Store {
         Store::open(&self.db).unwrap()
     }

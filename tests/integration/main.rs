@@ -9,6 +9,7 @@ mod client;
 mod httpd;
 mod mirror;
 mod openapi;
+mod ops;
 mod processing;
 mod processor;
 mod replay;

@@ -1,0 +1,522 @@
+//! Operator commands over the database: `status`, `jobs`, `show`, `why`, `doctor`, `backup`
+//! and `prune`. Each report is built once as JSON and rendered as text from it, so the two
+//! forms never disagree.
+//!
+//! Invariants: everything but `backup` (which writes only its target) and `prune` opens the
+//! database read-only; nothing here talks to Pleo; "now" is a parameter (`--at` in the CLI),
+//! so a report can be reproduced for any moment.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::clock::Millis;
+use crate::config::Config;
+use crate::store::{JobRow, ProcState, Store};
+
+/// The settings the reports need, from the configuration when it loads.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub claim_min_left_ms: i64,
+    pub poll_interval_ms: i64,
+    pub deadline_warning_ms: i64,
+    /// The companies served, when the configuration names them.
+    pub companies: Option<Vec<String>>,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &Config, companies_known: bool) -> Settings {
+        Settings {
+            claim_min_left_ms: cfg.claim_min_left.as_millis() as i64,
+            poll_interval_ms: cfg.poll_interval.as_millis() as i64,
+            deadline_warning_ms: cfg.deadline_warning.as_millis() as i64,
+            companies: companies_known.then(|| cfg.company_ids.clone()),
+        }
+    }
+}
+
+fn t(m: Millis) -> String {
+    m.to_rfc3339()
+}
+
+fn left(now: Millis, at: Millis) -> i64 {
+    now.until(at) / 1000
+}
+
+fn job_json(j: &JobRow, now: Millis) -> Value {
+    json!({
+        "job_id": j.id, "company_id": j.company_id, "pleo_status": j.status,
+        "state": j.proc_state.as_str(), "created_at": t(j.created_at),
+        "expires_at": t(j.expires_at), "seconds_left": left(now, j.expires_at),
+        "claim_attempts": j.claim_attempts, "number_of_items": j.number_of_items,
+    })
+}
+
+/// `jobmirror status`: per company, jobs by state, last poll, last webhook, next deadline.
+pub fn status(store: &Store, now: Millis) -> anyhow::Result<Value> {
+    let mut companies = Vec::new();
+    for company in store.companies()? {
+        let s = store.company_summary(&company)?;
+        companies.push(json!({
+            "company_id": s.company_id,
+            "jobs_by_state": s.by_state.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "last_poll_at": s.last_poll_at.map(t),
+            "last_poll_error": s.last_poll_error,
+            "last_webhook_at": store.last_webhook_at(&company)?.map(t),
+            "next_deadline": s.next_deadline.as_ref().map(|(id, at)| json!({"job_id": id, "expires_at": t(*at), "seconds_left": left(now, *at)})),
+        }));
+    }
+    Ok(json!({"at": t(now), "companies": companies}))
+}
+
+pub fn status_text(v: &Value) -> String {
+    let mut out = String::new();
+    let companies = v["companies"].as_array().cloned().unwrap_or_default();
+    if companies.is_empty() {
+        return "no companies in the database yet\n".into();
+    }
+    for c in companies {
+        out.push_str(&format!(
+            "company {}\n",
+            c["company_id"].as_str().unwrap_or("")
+        ));
+        let states: Vec<String> = c["jobs_by_state"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, n)| format!("{k}={n}")).collect())
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  jobs:          {}\n",
+            if states.is_empty() {
+                "none".into()
+            } else {
+                states.join(" ")
+            }
+        ));
+        let poll = match (c["last_poll_at"].as_str(), c["last_poll_error"].as_str()) {
+            (None, _) => "never".to_owned(),
+            (Some(at), None) => format!("{at} (ok)"),
+            (Some(at), Some(e)) => format!("{at} (failed: {e})"),
+        };
+        out.push_str(&format!("  last poll:     {poll}\n"));
+        out.push_str(&format!(
+            "  last webhook:  {}\n",
+            c["last_webhook_at"].as_str().unwrap_or("never")
+        ));
+        let d = &c["next_deadline"];
+        out.push_str(&format!(
+            "  next deadline: {}\n",
+            if d.is_null() {
+                "none".to_owned()
+            } else {
+                format!(
+                    "job {} expires {} ({} s left)",
+                    d["job_id"].as_str().unwrap_or(""),
+                    d["expires_at"].as_str().unwrap_or(""),
+                    d["seconds_left"]
+                )
+            }
+        ));
+    }
+    out
+}
+
+/// `jobmirror jobs`: jobs in pick order per company.
+pub fn jobs(
+    store: &Store,
+    now: Millis,
+    company: Option<&str>,
+    state: Option<&str>,
+    limit: usize,
+) -> anyhow::Result<Value> {
+    if let Some(s) = state
+        && ProcState::parse(s).is_none()
+    {
+        anyhow::bail!(crate::cli::UsageError(format!(
+            "unknown state {s:?}; states: {}",
+            ProcState::ALL.map(|p| p.as_str()).join(", ")
+        )));
+    }
+    let rows = store.list_jobs(company, state, limit)?;
+    Ok(json!({"at": t(now), "jobs": rows.iter().map(|j| job_json(j, now)).collect::<Vec<_>>()}))
+}
+
+pub fn jobs_text(v: &Value) -> String {
+    let rows = v["jobs"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        return "no jobs\n".into();
+    }
+    let mut out = format!(
+        "{:<38} {:<38} {:<10} {:<21} {:<25} {:>8}\n",
+        "company", "job", "state", "pleo status", "created", "left s"
+    );
+    for j in rows {
+        out.push_str(&format!(
+            "{:<38} {:<38} {:<10} {:<21} {:<25} {:>8}\n",
+            j["company_id"].as_str().unwrap_or(""),
+            j["job_id"].as_str().unwrap_or(""),
+            j["state"].as_str().unwrap_or(""),
+            j["pleo_status"].as_str().unwrap_or(""),
+            j["created_at"].as_str().unwrap_or(""),
+            j["seconds_left"].as_i64().unwrap_or(0)
+        ));
+    }
+    out
+}
+
+fn unknown_job(id: &str) -> anyhow::Error {
+    crate::cli::UsageError(format!("no job {id:?} in the database")).into()
+}
+
+/// `jobmirror show JOB`: the job, its items and its timeline.
+pub fn show(store: &Store, now: Millis, id: &str) -> anyhow::Result<Value> {
+    let j = store.job(id)?.ok_or_else(|| unknown_job(id))?;
+    let items = store.item_counts(id)?;
+    let events: Vec<Value> = store
+        .events(Some(id))?
+        .into_iter()
+        .map(|e| json!({"seq": e.seq, "at": t(e.at), "kind": e.kind, "detail": e.detail}))
+        .collect();
+    Ok(json!({
+        "at": t(now),
+        "job": job_json(&j, now),
+        "items": {"todo": items.todo, "successful": items.successful, "failed": items.failed, "unreported": items.unreported},
+        "timeline": events,
+    }))
+}
+
+pub fn show_text(v: &Value) -> String {
+    let j = &v["job"];
+    let i = &v["items"];
+    let mut out = format!(
+        "job {} of company {}\n  pleo status:  {}\n  state:        {}\n  created:      {}\n  expires:      {} ({} s left)\n  claims sent:  {}\n  items:        {} in all: {} successful, {} failed, {} to do, {} not yet reported\ntimeline:\n",
+        j["job_id"].as_str().unwrap_or(""),
+        j["company_id"].as_str().unwrap_or(""),
+        j["pleo_status"].as_str().unwrap_or(""),
+        j["state"].as_str().unwrap_or(""),
+        j["created_at"].as_str().unwrap_or(""),
+        j["expires_at"].as_str().unwrap_or(""),
+        j["seconds_left"],
+        j["claim_attempts"],
+        j["number_of_items"],
+        i["successful"],
+        i["failed"],
+        i["todo"],
+        i["unreported"],
+    );
+    for e in v["timeline"].as_array().cloned().unwrap_or_default() {
+        out.push_str(&format!(
+            "  {:>5}  {}  {:<18} {}\n",
+            e["seq"].as_i64().unwrap_or(0),
+            e["at"].as_str().unwrap_or(""),
+            e["kind"].as_str().unwrap_or(""),
+            e["detail"]
+        ));
+    }
+    out
+}
+
+/// `jobmirror why JOB`: which rule keeps the job from being processed now.
+pub fn why(store: &Store, now: Millis, id: &str, s: &Settings) -> anyhow::Result<Value> {
+    let j = store.job(id)?.ok_or_else(|| unknown_job(id))?;
+    let last = store.events(Some(id))?.into_iter().last();
+    let (verdict, rule, detail): (&str, &str, String) = if s
+        .companies
+        .as_ref()
+        .is_some_and(|c| !c.contains(&j.company_id))
+    {
+        (
+            "ignored",
+            "company_not_served",
+            format!(
+                "company {} is not in company_ids of this configuration",
+                j.company_id
+            ),
+        )
+    } else {
+        match j.proc_state {
+            ProcState::Done => ("finished", "finished", format!("Pleo says {}", j.status)),
+            ProcState::Expired => (
+                "finished",
+                "expired",
+                "it expired (expiresIn passed without an update)".into(),
+            ),
+            ProcState::Conflict => (
+                "not ours",
+                "held_elsewhere",
+                "another integration claimed it (422 on `started`, or seen in_progress)".into(),
+            ),
+            ProcState::TooLate => (
+                "not claimed",
+                "too_late",
+                format!(
+                    "it had less than claim_min_left_secs ({} s) to live when its turn came",
+                    s.claim_min_left_ms / 1000
+                ),
+            ),
+            ProcState::Resume
+            | ProcState::Claiming
+            | ProcState::Claimed
+            | ProcState::Processing => (
+                "in hand",
+                "being_processed",
+                format!(
+                    "jobmirror holds it ({}); {} s to its deadline",
+                    j.proc_state.as_str(),
+                    left(now, j.expires_at)
+                ),
+            ),
+            ProcState::New if j.status != "pending" => (
+                "waiting",
+                "not_pending",
+                format!(
+                    "Pleo said {} when last read; the next pass reads it again",
+                    j.status
+                ),
+            ),
+            ProcState::New => {
+                let active = store.active_job(&j.company_id)?;
+                let ahead = store.jobs_ahead(&j)?;
+                if let Some(a) = active {
+                    (
+                        "waiting",
+                        "company_busy",
+                        format!(
+                            "one job per company: {} ({}) is in hand; {} older jobs wait too",
+                            a.id,
+                            a.proc_state.as_str(),
+                            ahead.len()
+                        ),
+                    )
+                } else if now.until(j.expires_at) <= s.claim_min_left_ms {
+                    (
+                        "not claimed",
+                        "too_late",
+                        format!(
+                            "{} s left, under claim_min_left_secs ({} s)",
+                            left(now, j.expires_at),
+                            s.claim_min_left_ms / 1000
+                        ),
+                    )
+                } else if !ahead.is_empty() {
+                    (
+                        "waiting",
+                        "older_jobs_first",
+                        format!(
+                            "oldest first: {} older jobs of the company come before it ({})",
+                            ahead.len(),
+                            ahead.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                } else {
+                    match last.as_ref().map(|e| e.kind.as_str()) {
+                        Some("claim_failed") => (
+                            "waiting",
+                            "claim_failed_backoff",
+                            "its last claim failed; the company rests conflict_backoff_secs, then it is claimed".into(),
+                        ),
+                        _ => (
+                            "next",
+                            "next_in_line",
+                            "it is next: the processor claims it at its next round".into(),
+                        ),
+                    }
+                }
+            }
+        }
+    };
+    Ok(json!({
+        "at": t(now),
+        "job": job_json(&j, now),
+        "verdict": verdict,
+        "rule": rule,
+        "detail": detail,
+        "last_event": last.map(|e| json!({"seq": e.seq, "at": t(e.at), "kind": e.kind, "detail": e.detail})),
+    }))
+}
+
+pub fn why_text(v: &Value) -> String {
+    let mut out = format!(
+        "job {}: {} ({})\n  {}\n",
+        v["job"]["job_id"].as_str().unwrap_or(""),
+        v["verdict"].as_str().unwrap_or(""),
+        v["rule"].as_str().unwrap_or(""),
+        v["detail"].as_str().unwrap_or("")
+    );
+    if let Some(e) = v["last_event"].as_object() {
+        out.push_str(&format!(
+            "  last journal entry: {} {} {}\n",
+            e["at"].as_str().unwrap_or(""),
+            e["kind"].as_str().unwrap_or(""),
+            e["detail"]
+        ));
+    }
+    out
+}
+
+/// `jobmirror doctor`: integrity, WAL size, poll and webhook freshness, pending deadlines.
+/// Each check is `ok`, `warn` or `fail`.
+pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Result<Value> {
+    let mut checks = Vec::new();
+    let mut check = |name: &str, level: &str, detail: String| {
+        checks.push(json!({"check": name, "level": level, "detail": detail}));
+    };
+    let qc = store.quick_check()?;
+    if qc == ["ok"] {
+        check("integrity", "ok", "PRAGMA quick_check: ok".into());
+    } else {
+        check("integrity", "fail", qc.join("; "));
+    }
+    let wal = std::fs::metadata(format!("{}-wal", db.display()))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let wal_level = if wal > 256 * 1024 * 1024 {
+        "warn"
+    } else {
+        "ok"
+    };
+    check(
+        "wal_size",
+        wal_level,
+        format!(
+            "{} KiB (a long-held read transaction stops checkpoints)",
+            wal / 1024
+        ),
+    );
+    let stale_ms = 3 * s.poll_interval_ms;
+    let companies = match &s.companies {
+        Some(c) => c.clone(),
+        None => store.companies()?,
+    };
+    for c in &companies {
+        let sum = store.company_summary(c)?;
+        let (level, detail) = match (sum.last_poll_at, &sum.last_poll_error) {
+            (None, _) => ("fail", format!("company {c}: never polled")),
+            (Some(at), Some(e)) => ("warn", format!("company {c}: last pass {at} failed: {e}")),
+            (Some(at), None) if now.until(at) < -stale_ms => (
+                "fail",
+                format!(
+                    "company {c}: last poll {at}, {} s ago (more than 3 poll intervals)",
+                    -now.until(at) / 1000
+                ),
+            ),
+            (Some(at), None) => ("ok", format!("company {c}: last poll {at}")),
+        };
+        check("poll", level, detail);
+    }
+    let b = store.delivery_backlog()?;
+    let (level, detail) = match b.oldest_unprocessed {
+        Some(o) if now.until(o) < -60_000 => (
+            "warn",
+            format!(
+                "{} deliveries not read yet, the oldest {} s old",
+                b.unprocessed,
+                -now.until(o) / 1000
+            ),
+        ),
+        _ => (
+            "ok",
+            format!(
+                "{} deliveries waiting; last received {}",
+                b.unprocessed,
+                b.last_received.map_or("never".into(), t)
+            ),
+        ),
+    };
+    check("webhooks", level, detail);
+    let held = store.in_flight()?;
+    if held.is_empty() {
+        check("deadlines", "ok", "no job in hand".into());
+    }
+    for j in held {
+        let l = now.until(j.expires_at);
+        let level = if l <= 0 {
+            "fail"
+        } else if l <= s.deadline_warning_ms {
+            "warn"
+        } else {
+            "ok"
+        };
+        check(
+            "deadlines",
+            level,
+            format!(
+                "job {} of company {} ({}): {} s left",
+                j.id,
+                j.company_id,
+                j.proc_state.as_str(),
+                l / 1000
+            ),
+        );
+    }
+    let worst = ["fail", "warn", "ok"]
+        .into_iter()
+        .find(|w| checks.iter().any(|c| c["level"] == *w))
+        .unwrap_or("ok");
+    Ok(json!({"at": t(now), "result": worst, "checks": checks}))
+}
+
+pub fn doctor_text(v: &Value) -> String {
+    let mut out = String::new();
+    for c in v["checks"].as_array().cloned().unwrap_or_default() {
+        out.push_str(&format!(
+            "{:<4}  {:<10} {}\n",
+            c["level"].as_str().unwrap_or(""),
+            c["check"].as_str().unwrap_or(""),
+            c["detail"].as_str().unwrap_or("")
+        ));
+    }
+    out.push_str(&format!("doctor: {}\n", v["result"].as_str().unwrap_or("")));
+    out
+}
+
+/// `jobmirror backup FILE`: an online copy, created with mode 0600; refuses to overwrite.
+pub fn backup(store: &Store, dest: &Path) -> anyhow::Result<Value> {
+    if dest.exists() {
+        anyhow::bail!(crate::cli::UsageError(format!(
+            "{} already exists; backup writes a new file",
+            dest.display()
+        )));
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(dest)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dest.display()))?;
+    if let Err(e) = store.backup_to(dest) {
+        let _ = std::fs::remove_file(dest);
+        return Err(e.into());
+    }
+    let bytes = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+    let copy = Store::open_read_only(dest)?;
+    let check = copy.quick_check()?;
+    Ok(json!({"file": dest.display().to_string(), "bytes": bytes, "quick_check": check.join("; ")}))
+}
+
+pub fn backup_text(v: &Value) -> String {
+    format!(
+        "backed up to {} ({} bytes; quick_check: {})\n",
+        v["file"].as_str().unwrap_or(""),
+        v["bytes"],
+        v["quick_check"].as_str().unwrap_or("")
+    )
+}
+
+pub fn prune_text(v: &Value) -> String {
+    format!(
+        "{}{} jobs trimmed ({} item rows), {} webhook bodies cleared, {} delivery rows and {} sync runs deleted\n",
+        if v["dry_run"] == true {
+            "would prune: "
+        } else {
+            "pruned: "
+        },
+        v["jobs_trimmed"],
+        v["job_items_deleted"],
+        v["webhook_bodies_cleared"],
+        v["webhook_rows_deleted"],
+        v["sync_runs_deleted"]
+    )
+}

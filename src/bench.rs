@@ -231,6 +231,9 @@ fn service_env(
         ("JOBMIRROR_PLEO_API_KEY", KEY.to_owned()),
         ("JOBMIRROR_COMPANY_IDS", companies.to_owned()),
         ("JOBMIRROR_POLL_INTERVAL_SECS", "3600".to_owned()),
+        ("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
+        // The bench measures jobmirror, not its pacing of Pleo.
+        ("JOBMIRROR_PLEO_REQUESTS_PER_SEC_MAX", "0".to_owned()),
         (
             "JOBMIRROR_HANDLER_COMMAND",
             format!("outbox:{}", outbox.display()),

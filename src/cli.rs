@@ -237,7 +237,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run => {
             let cfg = Config::load(cli.config.as_deref())?;
             init_logging(cfg.log);
-            crate::service::run(&cfg, clock)
+            crate::service::run(&cfg, cli.config.as_deref(), clock)
         }
         Command::Migrate => {
             let db = db_path(cli.config.as_deref())?;

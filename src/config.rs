@@ -54,6 +54,16 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "processor threads; each company belongs to one lane, so its jobs stay strictly sequential",
     ),
     (
+        "pleo_requests_per_sec_max",
+        Some("20"),
+        "at most this many Pleo API requests per second (0: no limit), so a thousand companies never burst",
+    ),
+    (
+        "health_stale_secs",
+        Some("300"),
+        "a worker thread silent this long makes /healthz 503 and stops the systemd watchdog pings",
+    ),
+    (
         "admin_listen",
         Some("127.0.0.1:9187"),
         "address of the admin listener (/metrics, /healthz); empty: none",
@@ -239,6 +249,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Processor threads (companies are spread over them).
     pub lanes: u32,
+    /// Client-side pace of API requests (0: none).
+    pub pleo_requests_per_sec_max: u32,
+    /// A worker thread silent this long is wedged.
+    pub health_stale: Duration,
     /// The admin listener (`/metrics`, `/healthz`), if any.
     pub admin_listen: Option<String>,
     pub retention: crate::store::Retention,
@@ -519,6 +533,16 @@ impl Config {
             pleo_retry_attempts_max: count("pleo_retry_attempts_max")?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1)?,
             lanes: count("lanes")?,
+            pleo_requests_per_sec_max: {
+                let v = get("pleo_requests_per_sec_max").unwrap_or_default();
+                v.trim().parse::<u32>().map_err(|_| {
+                    err(
+                        "pleo_requests_per_sec_max",
+                        format!("expected a whole number (0: no limit), got {v:?}"),
+                    )
+                })?
+            },
+            health_stale: secs("health_stale_secs", 1)?,
             admin_listen,
             retention,
         })
@@ -542,6 +566,8 @@ impl Config {
         c.connect_timeout = self.pleo_connect_timeout;
         c.request_timeout = self.pleo_request_timeout;
         c.retry.attempts_max = self.pleo_retry_attempts_max;
+        c.requests_per_sec_max = (self.pleo_requests_per_sec_max > 0)
+            .then_some(f64::from(self.pleo_requests_per_sec_max));
         c
     }
 }

@@ -68,6 +68,7 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
         ("JOBMIRROR_PLEO_API_KEY", fake.api_key()),
         ("JOBMIRROR_COMPANY_IDS", companies.join(",")),
         ("JOBMIRROR_POLL_INTERVAL_SECS", "300".to_owned()),
+        ("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
         (
             "JOBMIRROR_HANDLER_COMMAND",
             format!("outbox:{}", outbox.display()),

@@ -35,6 +35,71 @@ impl PassKind {
     }
 }
 
+/// When each company is next due for a listing pass. Each company gets its own offset within
+/// the interval (from a hash of its id), and each pass lands within 5% of one interval after
+/// the previous, so a thousand companies poll evenly spread instead of all at once. Times are
+/// milliseconds on any monotonic scale the caller uses.
+#[derive(Clone, Debug)]
+pub struct PollSchedule {
+    interval_ms: i64,
+    due: std::collections::BTreeMap<String, (i64, u64)>,
+}
+
+fn mix(company: &str, n: u64) -> u64 {
+    // FNV-1a then a splitmix finaliser: a stable, well-spread number per (company, pass).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in company.bytes().chain(n.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^ (h >> 31)
+}
+
+impl PollSchedule {
+    /// First polls spread over `[start, start + interval)`.
+    pub fn new(companies: &[String], interval: std::time::Duration, start_ms: i64) -> Self {
+        let interval_ms = (interval.as_millis() as i64).max(1);
+        let due = companies
+            .iter()
+            .map(|c| {
+                let offset = (mix(c, 0) % interval_ms as u64) as i64;
+                (c.clone(), (start_ms + offset, 0))
+            })
+            .collect();
+        PollSchedule { interval_ms, due }
+    }
+
+    /// Companies due at `now_ms`, in due order.
+    pub fn due(&self, now_ms: i64) -> Vec<String> {
+        let mut d: Vec<(&i64, &String)> = self
+            .due
+            .iter()
+            .filter(|(_, (t, _))| *t <= now_ms)
+            .map(|(c, (t, _))| (t, c))
+            .collect();
+        d.sort();
+        d.into_iter().map(|(_, c)| c.clone()).collect()
+    }
+
+    /// The company was polled at `now_ms`: its next pass is one interval (±5%) after its due time.
+    pub fn done(&mut self, company: &str, now_ms: i64) {
+        let interval = self.interval_ms;
+        if let Some((t, n)) = self.due.get_mut(company) {
+            *n += 1;
+            let span = (interval / 10).max(1) as u64;
+            let jitter = (mix(company, *n) % span) as i64 - span as i64 / 2;
+            // Never in the past: a late pass (a long outage) does not cause a burst of catch-ups.
+            *t = (*t + interval + jitter).max(now_ms + interval / 2);
+        }
+    }
+
+    pub fn next_due(&self) -> Option<i64> {
+        self.due.values().map(|(t, _)| *t).min()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]
@@ -59,7 +124,8 @@ pub struct Mirror {
     companies: Vec<String>,
     recovered: HashSet<String>,
     resume_unknown_in_progress: bool,
-    wake: Option<Sender<()>>,
+    wake: Vec<Sender<()>>,
+    metrics: Option<Arc<crate::health::Metrics>>,
 }
 
 impl Mirror {
@@ -76,14 +142,28 @@ impl Mirror {
             companies,
             recovered: HashSet::new(),
             resume_unknown_in_progress: false,
-            wake: None,
+            wake: Vec::new(),
+            metrics: None,
         }
     }
 
-    /// Where to signal new work (a bounded channel; a full one means a wake is already queued).
-    pub fn with_wake(mut self, wake: Sender<()>) -> Mirror {
-        self.wake = Some(wake);
+    /// Where to signal new work (bounded channels, one per processor lane; a full one means a
+    /// wake is already queued).
+    pub fn with_wake(mut self, wake: Vec<Sender<()>>) -> Mirror {
+        self.wake = wake;
         self
+    }
+
+    /// Counts passes and their durations.
+    pub fn with_metrics(mut self, metrics: Arc<crate::health::Metrics>) -> Mirror {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn wake_processors(&self) {
+        for w in &self.wake {
+            let _ = w.try_send(());
+        }
     }
 
     pub fn with_resume_unknown_in_progress(mut self, yes: bool) -> Mirror {
@@ -149,8 +229,8 @@ impl Mirror {
                 break Err(SyncError::Pleo(e));
             }
         };
-        if woke && let Some(w) = &self.wake {
-            let _ = w.try_send(());
+        if woke {
+            self.wake_processors();
         }
         result
     }
@@ -158,8 +238,23 @@ impl Mirror {
     /// One pass over every company. Companies not yet recovered get a recovery pass whatever
     /// `kind` says.
     pub fn pass(&mut self, kind: PassKind) -> PassReport {
+        let all = self.companies.clone();
+        self.pass_companies(kind, &all)
+    }
+
+    /// Companies that still need their start-up recovery pass.
+    pub fn unrecovered(&self) -> Vec<String> {
+        self.companies
+            .iter()
+            .filter(|c| !self.recovered.contains(*c))
+            .cloned()
+            .collect()
+    }
+
+    /// One pass over the given companies (as [`Mirror::pass`]).
+    pub fn pass_companies(&mut self, kind: PassKind, companies: &[String]) -> PassReport {
         let mut report = PassReport::default();
-        for company in self.companies.clone() {
+        for company in companies.iter().cloned() {
             let k = if self.recovered.contains(&company) {
                 kind
             } else {
@@ -179,10 +274,8 @@ impl Mirror {
                 }
             }
         }
-        if report.woke
-            && let Some(w) = &self.wake
-        {
-            let _ = w.try_send(());
+        if report.woke {
+            self.wake_processors();
         }
         report
     }
@@ -195,7 +288,11 @@ impl Mirror {
         let now = self.clock.now();
         let run = self.store.begin_sync_run(company, kind.as_str(), now)?;
         let mut counts = SyncCounts::default();
+        let started = crate::clock::monotonic();
         let result = self.list_and_store(company, kind, &mut counts);
+        if let Some(m) = &self.metrics {
+            m.poll_done(started.elapsed(), result.is_err());
+        }
         let end = self.clock.now();
         match &result {
             Ok(_) => self.store.finish_sync_run(run, end, &counts, None)?,
@@ -306,18 +403,58 @@ fn add(total: &mut SyncCounts, c: &SyncCounts) {
     total.reread += c.reread;
 }
 
-/// The sync thread's loop: a recovery pass at once, then a poll every `interval`, or at once on
-/// a trigger. Ends when `shutdown` is closed or sends.
+/// How often the sync thread shows it is alive when nothing else wakes it.
+pub const TICK: std::time::Duration = std::time::Duration::from_secs(20);
+
+fn log_pass(kind: PassKind, companies: usize, report: &PassReport) {
+    let line = format!(
+        "{} pass over {companies} companies: {} jobs seen, {} new, {} changed, {} re-read, {} pages{}",
+        kind.as_str(),
+        report.counts.seen,
+        report.counts.new,
+        report.counts.changed,
+        report.counts.reread,
+        report.counts.pages,
+        if report.failed_companies.is_empty() {
+            String::new()
+        } else {
+            format!(", failed for {}", report.failed_companies.join(", "))
+        }
+    );
+    // With many companies polled one by one, quiet passes would flood the log.
+    if kind == PassKind::Poll
+        && report.counts.new == 0
+        && report.counts.changed == 0
+        && report.failed_companies.is_empty()
+    {
+        log::debug!("{line}");
+    } else {
+        log::info!("{line}");
+    }
+}
+
+/// The sync thread's loop: a recovery pass over every company at once, then each company's
+/// polls on a [`PollSchedule`] (spread over the interval), everything at once on a trigger,
+/// and the jobs named by webhooks whenever the event thread nudges. Ends when `shutdown` is
+/// closed or sends. Beats `progress` at least every [`TICK`].
 pub fn run(
     mut mirror: Mirror,
     interval: std::time::Duration,
     trigger: Receiver<()>,
     nudge: Receiver<()>,
     shutdown: Receiver<()>,
+    progress: Option<Arc<crate::health::Progress>>,
 ) {
     /// After a failure to read webhook-named jobs, try again this soon (not at the next poll).
     const DELIVERY_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
-    let mut kind = PassKind::Recovery;
+    let origin = crate::clock::monotonic();
+    let ms = || origin.elapsed().as_millis() as i64;
+    let tick = progress.as_ref().map_or(TICK, |p| p.tick());
+    let beat = || {
+        if let Some(p) = &progress {
+            p.beat();
+        }
+    };
     let mut nudge = nudge;
     let deliveries = |mirror: &mut Mirror| match mirror.process_deliveries() {
         Ok(n) => {
@@ -331,56 +468,89 @@ pub fn run(
                 "reading jobs named by webhooks failed: {e}; retrying in {} s",
                 DELIVERY_RETRY.as_secs()
             );
-            Some(crate::clock::monotonic() + DELIVERY_RETRY)
+            Some(ms() + DELIVERY_RETRY.as_millis() as i64)
         }
     };
+    beat();
     let mut retry_at = deliveries(&mut mirror);
+    let all = mirror.companies.clone();
+    let report = mirror.pass(PassKind::Recovery);
+    log_pass(PassKind::Recovery, all.len(), &report);
+    let mut schedule = PollSchedule::new(&all, interval, ms());
     loop {
-        let report = mirror.pass(kind);
-        log::info!(
-            "{} pass: {} jobs seen, {} new, {} changed, {} re-read, {} pages{}",
-            kind.as_str(),
-            report.counts.seen,
-            report.counts.new,
-            report.counts.changed,
-            report.counts.reread,
-            report.counts.pages,
-            if report.failed_companies.is_empty() {
-                String::new()
-            } else {
-                format!(", failed for {}", report.failed_companies.join(", "))
+        beat();
+        let now = ms();
+        let next = schedule.next_due().unwrap_or(now + tick.as_millis() as i64);
+        let next = retry_at.map_or(next, |r| next.min(r));
+        let wait = std::time::Duration::from_millis((next - now).max(0) as u64).min(tick);
+        select! {
+            recv(shutdown) -> _ => return,
+            recv(trigger) -> msg => {
+                if msg.is_err() { return; }
+                beat();
+                let report = mirror.pass(PassKind::Trigger);
+                log_pass(PassKind::Trigger, all.len(), &report);
+                let now = ms();
+                for c in &all {
+                    schedule.done(c, now);
+                }
             }
-        );
-        // Webhook nudges are handled without a listing pass; the poll timer keeps running.
-        let next_poll = crate::clock::monotonic() + interval;
-        'wait: loop {
-            let now = crate::clock::monotonic();
-            let left = next_poll.saturating_duration_since(now);
-            let wait = retry_at.map_or(left, |r| left.min(r.saturating_duration_since(now)));
-            select! {
-                recv(shutdown) -> _ => return,
-                recv(trigger) -> msg => {
-                    if msg.is_err() { return; }
-                    kind = PassKind::Trigger;
-                    break 'wait;
+            recv(nudge) -> msg => {
+                if msg.is_err() {
+                    // No webhook receiver (or it stopped): nothing will nudge again.
+                    nudge = crossbeam_channel::never();
+                    continue;
                 }
-                recv(nudge) -> msg => {
-                    if msg.is_err() {
-                        // No webhook receiver (or it stopped): nothing will nudge again.
-                        nudge = crossbeam_channel::never();
-                        continue 'wait;
-                    }
+                retry_at = deliveries(&mut mirror);
+            }
+            default(wait) => {
+                // A delivery retry fell due, or some companies' polls did (deliveries first).
+                if retry_at.is_some_and(|r| r <= ms()) {
                     retry_at = deliveries(&mut mirror);
                 }
-                default(wait) => {
-                    // A delivery retry fell due, or the poll did (deliveries first, then the pass).
-                    retry_at = deliveries(&mut mirror);
-                    if crate::clock::monotonic() >= next_poll {
-                        kind = PassKind::Poll;
-                        break 'wait;
+                let due = schedule.due(ms());
+                if !due.is_empty() {
+                    // Companies whose recovery failed get it again with their poll.
+                    let report = mirror.pass_companies(PassKind::Poll, &due);
+                    log_pass(PassKind::Poll, due.len(), &report);
+                    let now = ms();
+                    for c in &due {
+                        schedule.done(c, now);
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thousand_companies_are_spread_over_the_interval_and_stay_spread() {
+        let companies: Vec<String> = (0..1000).map(|i| format!("company-{i:04}")).collect();
+        let interval = std::time::Duration::from_secs(300);
+        let mut s = PollSchedule::new(&companies, interval, 0);
+        // Count passes per 10 s bucket over an hour, polling every second.
+        let mut buckets = vec![0u32; 360];
+        let mut per_company = std::collections::HashMap::new();
+        for now in (0..3_600_000).step_by(1000) {
+            let due = s.due(now);
+            buckets[(now / 10_000) as usize] += due.len() as u32;
+            for c in due {
+                *per_company.entry(c.clone()).or_insert(0) += 1;
+                s.done(&c, now);
+            }
+        }
+        // Even spread: 1000 companies / 300 s = 33 per 10 s.
+        let max = *buckets.iter().max().unwrap();
+        let min = *buckets.iter().min().unwrap();
+        assert!(max <= 66 && min >= 10, "min {min}, max {max} per 10 s");
+        assert_eq!(per_company.len(), 1000);
+        assert!(
+            per_company.values().all(|n| (11..=13).contains(n)),
+            "about 12 passes each"
+        );
     }
 }

@@ -68,6 +68,7 @@ pub struct HandlerStage {
     handler: HandlerSpec,
     cfg: PipelineConfig,
     milestones: Option<Sender<Milestone>>,
+    health: Option<(Arc<crate::health::Progress>, Arc<crate::health::Metrics>)>,
 }
 
 impl HandlerStage {
@@ -83,7 +84,18 @@ impl HandlerStage {
             handler,
             cfg,
             milestones: None,
+            health: None,
         }
+    }
+
+    /// Beats `progress` while a handler runs and counts its results in `metrics`.
+    pub fn with_health(
+        mut self,
+        progress: Arc<crate::health::Progress>,
+        metrics: Arc<crate::health::Metrics>,
+    ) -> HandlerStage {
+        self.health = Some((progress, metrics));
+        self
     }
 
     pub fn with_milestones(mut self, tx: Sender<Milestone>) -> HandlerStage {
@@ -383,6 +395,9 @@ impl HandlerStage {
                     self.cfg.item_timeout.as_secs()
                 ));
             }
+            if let Some((p, _)) = &self.health {
+                p.beat();
+            }
             let msg = match running.messages.recv_timeout(self.cfg.wait_tick) {
                 Ok(m) => Some(m),
                 Err(RecvTimeoutError::Timeout) => None,
@@ -402,6 +417,14 @@ impl HandlerStage {
             if !pending.is_empty() {
                 let now = self.clock.now();
                 let recorded = store.record_results(&job.id, &pending, now)?;
+                if let Some((_, m)) = &self.health {
+                    for r in pending
+                        .iter()
+                        .filter(|r| recorded.contains(&r.accounting_entry_id))
+                    {
+                        m.handler_result(r.successful);
+                    }
+                }
                 if !recorded.is_empty() {
                     last_progress = now;
                     first_unflushed.get_or_insert(now);

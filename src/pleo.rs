@@ -240,6 +240,9 @@ pub struct ClientConfig {
     pub page_size: u32,
     /// Seed for backoff jitter; fixed in replays so they are deterministic.
     pub jitter_seed: u64,
+    /// At most this many requests per second (a token bucket holding one second's worth);
+    /// `None`: unpaced.
+    pub requests_per_sec_max: Option<f64>,
 }
 
 impl ClientConfig {
@@ -252,6 +255,7 @@ impl ClientConfig {
             retry: RetryPolicy::default(),
             page_size: 100,
             jitter_seed: 0x9E37_79B9_7F4A_7C15,
+            requests_per_sec_max: None,
         }
     }
 }
@@ -319,6 +323,10 @@ pub struct PleoClient {
     cfg: ClientConfig,
     clock: SharedClock,
     rng: Mutex<u64>,
+    /// Token bucket for `requests_per_sec_max`: (tokens, when last refilled).
+    bucket: Mutex<(f64, Millis)>,
+    progress: Option<std::sync::Arc<crate::health::Progress>>,
+    metrics: Option<std::sync::Arc<crate::health::Metrics>>,
 }
 
 impl fmt::Debug for PleoClient {
@@ -334,6 +342,10 @@ struct Reply {
     body: String,
 }
 
+fn cfg_rate_burst(cfg: &ClientConfig) -> f64 {
+    cfg.requests_per_sec_max.unwrap_or(1.0).max(1.0)
+}
+
 impl PleoClient {
     pub fn new(cfg: ClientConfig, clock: SharedClock) -> Result<PleoClient, PleoError> {
         check_base_url(&cfg.base_url).map_err(PleoError::Config)?;
@@ -346,12 +358,27 @@ impl PleoClient {
             .build()
             .into();
         let seed = cfg.jitter_seed | 1;
+        let bucket = Mutex::new((cfg_rate_burst(&cfg), clock.now()));
         Ok(PleoClient {
             agent,
             cfg,
             clock,
             rng: Mutex::new(seed),
+            bucket,
+            progress: None,
+            metrics: None,
         })
+    }
+
+    /// Beats `progress` before each attempt and counts each answer in `metrics`.
+    pub fn with_health(
+        mut self,
+        progress: std::sync::Arc<crate::health::Progress>,
+        metrics: std::sync::Arc<crate::health::Metrics>,
+    ) -> PleoClient {
+        self.progress = Some(progress);
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn base_url(&self) -> &str {
@@ -539,7 +566,18 @@ impl PleoClient {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
+            self.pace();
+            if let Some(p) = &self.progress {
+                p.beat();
+            }
             let outcome = self.send_once(method, path, query, body);
+            if let Some(m) = &self.metrics {
+                let status = match &outcome {
+                    Ok((reply, _)) => Some(reply.status),
+                    Err(_) => None,
+                };
+                m.api_request(method, path, status);
+            }
             let (retry, wait) = match &outcome {
                 Ok((reply, retry_after))
                     if refuses(reply.status)
@@ -573,6 +611,28 @@ impl PleoClient {
                 ),
             }
             self.clock.sleep(wait);
+        }
+    }
+
+    /// Waits for a token of the request budget (on the injected clock, so replays stay fast).
+    /// The bucket is shared by every thread using this client: together they keep the pace.
+    fn pace(&self) {
+        let Some(rate) = self.cfg.requests_per_sec_max.filter(|r| *r > 0.0) else {
+            return;
+        };
+        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.clock.now();
+        // A clock stepping backwards refills nothing.
+        let elapsed = (now.0 - b.1.0).max(0);
+        b.0 = (b.0 + elapsed as f64 / 1000.0 * rate).min(rate.max(1.0));
+        b.1 = now.max(b.1);
+        if b.0 < 1.0 {
+            let wait = Duration::from_secs_f64((1.0 - b.0) / rate);
+            self.clock.sleep(wait);
+            b.0 = 0.0;
+            b.1 = b.1.plus(wait);
+        } else {
+            b.0 -= 1.0;
         }
     }
 

@@ -526,8 +526,12 @@ pub fn run(
     shutdown: Receiver<()>,
     progress: Option<Sender<RoundReport>>,
     idle_max: Duration,
+    alive: Option<Arc<crate::health::Progress>>,
 ) {
     loop {
+        if let Some(a) = &alive {
+            a.beat();
+        }
         let report = processor.round();
         let now = processor.clock.now();
         let wait = report

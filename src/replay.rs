@@ -22,7 +22,7 @@ use crate::clock::{Clock, ManualClock, Millis, OffsetClock, SharedClock};
 use crate::config::Config;
 use crate::fake::{ClaimRecord, Claimant, FakeConfig, FakePleo};
 use crate::httpd::{Handler, Head, Request};
-use crate::mirror::{Mirror, PassKind};
+use crate::mirror::{Mirror, PassKind, PollSchedule};
 use crate::processor::Processor;
 use crate::service::Workers;
 use crate::snapshot::{Event, Snapshot};
@@ -101,12 +101,11 @@ pub struct WebhookSummary {
 /// The workers while jobmirror "runs".
 struct Running {
     mirror: Mirror,
-    processor: Processor,
+    lanes: Vec<Processor>,
     edge: Option<Edge>,
     nudge: Receiver<()>,
-    _wake: Receiver<()>,
-    /// Pleo (base) times.
-    next_poll: Millis,
+    /// Pleo (base) times. `None`: the start-up recovery pass is still to do.
+    schedule: Option<PollSchedule>,
     deliveries_due: Option<Millis>,
     next_round: Millis,
     trigger: bool,
@@ -425,11 +424,12 @@ impl Replay {
     }
 
     fn start_service(&mut self) -> anyhow::Result<()> {
-        let (wake_tx, wake_rx) = bounded::<()>(1);
         let clock: SharedClock = self.clock.clone();
-        let workers = Workers::build(&self.cfg, clock.clone(), wake_tx, None)?;
+        let workers = Workers::build(&self.cfg, clock.clone(), None)?;
         workers.mirror.store().scratch_durability()?;
-        workers.processor.store().scratch_durability()?;
+        for lane in &workers.lanes {
+            lane.processor.store().scratch_durability()?;
+        }
         let (nudge_tx, nudge_rx) = bounded::<()>(1);
         let edge = match workers.events {
             Some(e) => {
@@ -440,7 +440,9 @@ impl Replay {
                     std::thread::Builder::new()
                         .name("jm-events".into())
                         .spawn(move || {
-                            crate::webhook::run_event_thread(store, clock, queue, nudge_tx, sd_rx)
+                            crate::webhook::run_event_thread(
+                                store, clock, queue, nudge_tx, sd_rx, None,
+                            )
                         })?;
                 Some(Edge {
                     receiver: e.receiver,
@@ -456,11 +458,10 @@ impl Replay {
         let now = self.base.now();
         self.running = Some(Running {
             mirror: workers.mirror,
-            processor: workers.processor,
+            lanes: workers.lanes.into_iter().map(|l| l.processor).collect(),
             edge,
             nudge: nudge_rx,
-            _wake: wake_rx,
-            next_poll: now,
+            schedule: None,
             deliveries_due: Some(now),
             next_round: now,
             trigger: false,
@@ -489,6 +490,7 @@ impl Replay {
         let base_now = self.base.now();
         // Webhooks first: the sender is waiting for its answer.
         let mut refused_retry = VecDeque::new();
+        let mut stored_now = false;
         while let Some(d) = self.waiting.pop_front() {
             let Some(edge) = self.running.as_ref().and_then(|r| r.edge.as_ref()) else {
                 self.summary.webhooks.deferred += 1;
@@ -504,6 +506,7 @@ impl Replay {
                         self.summary.webhooks.duplicates += 1;
                     } else {
                         self.summary.webhooks.accepted += 1;
+                        stored_now = true;
                     }
                     self.acked.push(d.webhook_id.clone());
                 }
@@ -516,34 +519,58 @@ impl Replay {
         }
         self.waiting.extend(refused_retry);
         let r = self.running.as_mut().expect("running");
+        // The event thread nudges after it answers, so the nudge may not be there yet: a
+        // delivery stored in this step is read in this step whatever the channel says.
         let nudged = r.nudge.try_recv().is_ok();
-        if nudged || r.deliveries_due.is_some_and(|t| t <= base_now) {
+        if stored_now || nudged || r.deliveries_due.is_some_and(|t| t <= base_now) {
             r.deliveries_due = match r.mirror.process_deliveries() {
                 Ok(_) => None,
                 Err(_) => Some(self.base.now().plus(Duration::from_secs(2))),
             };
         }
-        if r.trigger || r.next_poll <= base_now {
-            let kind = if r.trigger {
-                PassKind::Trigger
-            } else {
-                PassKind::Poll
-            };
-            r.trigger = false;
-            r.mirror.pass(kind);
-            r.next_poll = self.base.now().plus(interval);
-        }
-        let mut rounds = 0;
-        let next_due = loop {
-            let report = r.processor.round();
-            rounds += 1;
-            self.summary.resumed += report.resumed.len() as u64;
-            let svc_now = self.clock.now();
-            match report.next_due {
-                Some(t) if t <= svc_now && rounds < ROUNDS_PER_STEP_MAX => continue,
-                other => break other,
+        // As `mirror::run`: a recovery pass over everyone first, then polls on the schedule.
+        let all = self.cfg.company_ids.clone();
+        match &mut r.schedule {
+            None => {
+                r.mirror.pass(PassKind::Recovery);
+                r.schedule = Some(PollSchedule::new(&all, interval, self.base.now().0));
             }
-        };
+            Some(schedule) if r.trigger => {
+                r.trigger = false;
+                r.mirror.pass(PassKind::Trigger);
+                let now = self.base.now().0;
+                for c in &all {
+                    schedule.done(c, now);
+                }
+            }
+            Some(schedule) => {
+                let due = schedule.due(base_now.0);
+                if !due.is_empty() {
+                    r.mirror.pass_companies(PassKind::Poll, &due);
+                    let now = self.base.now().0;
+                    for c in &due {
+                        schedule.done(c, now);
+                    }
+                }
+            }
+        }
+        let mut next_due: Option<Millis> = None;
+        for lane in &mut r.lanes {
+            let mut rounds = 0;
+            let due = loop {
+                let report = lane.round();
+                rounds += 1;
+                self.summary.resumed += report.resumed.len() as u64;
+                let svc_now = self.clock.now();
+                match report.next_due {
+                    Some(t) if t <= svc_now && rounds < ROUNDS_PER_STEP_MAX => continue,
+                    other => break other,
+                }
+            };
+            if let Some(d) = due {
+                next_due = Some(next_due.map_or(d, |n| n.min(d)));
+            }
+        }
         let idle = self.base.now().plus(IDLE_ROUND);
         let due = next_due.map_or(idle, |t| self.to_base(t).min(idle));
         let r = self.running.as_mut().expect("running");
@@ -566,7 +593,10 @@ impl Replay {
         );
         consider(self.restart_at);
         if let Some(r) = &self.running {
-            consider(Some(r.next_poll));
+            consider(Some(match &r.schedule {
+                None => now,
+                Some(s) => s.next_due().map_or(now, Millis),
+            }));
             consider(r.deliveries_due);
             consider(Some(r.next_round));
             if !self.waiting.is_empty() {
@@ -874,7 +904,7 @@ impl Replay {
                 continue;
             }
             *s.api_calls
-                .entry(api_pattern(&r.method, &r.path))
+                .entry(crate::health::endpoint_pattern(&r.method, &r.path))
                 .or_default() += 1;
             s.api_calls_total += 1;
             s.api_faults += u64::from(r.fault.is_some());
@@ -902,20 +932,6 @@ fn holders(claims: &[ClaimRecord]) -> HashMap<String, Claimant> {
         h.insert(c.job_id.clone(), c.by);
     }
     h
-}
-
-/// `GET /v3/export-jobs/{id}` from `GET /v3/export-jobs/8c1e...`.
-fn api_pattern(method: &str, path: &str) -> String {
-    let parts: Vec<&str> = path
-        .split('/')
-        .enumerate()
-        .map(|(i, p)| match (i, p) {
-            (3, p) if !p.is_empty() && path.starts_with("/v3/export-jobs/") => "{id}",
-            (3, p) if !p.is_empty() && path.starts_with("/v1/subscriptions/") => "{id}",
-            _ => p,
-        })
-        .collect();
-    format!("{method} {}", parts.join("/"))
 }
 
 impl Summary {
@@ -1033,26 +1049,4 @@ impl Summary {
 pub fn replay(snap: Snapshot, opts: ReplayOptions) -> anyhow::Result<Summary> {
     let mut r = Replay::new(snap, opts)?;
     r.run(&mut |_| Ok(()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn api_patterns_hide_ids() {
-        assert_eq!(
-            api_pattern("GET", "/v3/export-jobs/abc"),
-            "GET /v3/export-jobs/{id}"
-        );
-        assert_eq!(
-            api_pattern("PUT", "/v3/export-jobs/abc/items"),
-            "PUT /v3/export-jobs/{id}/items"
-        );
-        assert_eq!(api_pattern("GET", "/v3/export-jobs"), "GET /v3/export-jobs");
-        assert_eq!(
-            api_pattern("POST", "/v3/export-job-events"),
-            "POST /v3/export-job-events"
-        );
-    }
 }

@@ -1,13 +1,15 @@
-//! Wiring: the one place that opens the store for each thread, builds the client, spawns the
-//! named threads and connects them with bounded channels.
+//! Wiring: the one place that builds the workers from a configuration, opens the store for each
+//! thread, spawns the named threads and connects them with bounded channels; and `run`, the
+//! service under systemd (notify, watchdog, signals).
 //!
-//! Threads: `jm-sync` (mirror), `jm-processor` (processor), and in `run` the main thread
-//! waiting on signals. Channels: `wake` (sync -> processor, capacity 1: wakes coalesce),
-//! `trigger` (signal/CLI -> sync, capacity 1), `shutdown` (closed to stop everyone),
+//! Threads: `jm-sync` (mirror), `jm-processor` (or `jm-processor-N` per lane), `jm-events` and
+//! the webhook listener when configured, the admin listener, `jm-watchdog`, and in `run` the
+//! main thread waiting on signals. Channels: `wake` (sync -> each lane, capacity 1: wakes
+//! coalesce), `trigger` (signal/CLI -> sync, capacity 1), `shutdown` (closed to stop everyone),
 //! `done` (each thread reports its exit, so a stop is bounded in time).
 //!
 //! Invariant: nothing here decides anything about jobs; a stop never waits longer than the
-//! configured bound.
+//! configured bound; `WATCHDOG=1` is sent only while every worker thread makes progress.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,25 +19,28 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::clock::{SharedClock, monotonic};
 use crate::config::Config;
+use crate::health::{Metrics, Progress};
 use crate::mirror::{self, Mirror};
 use crate::pleo::PleoClient;
 use crate::processor::{self, Processor, ProcessorConfig, RoundReport};
 use crate::store::Store;
 
 pub struct Service {
-    threads: Vec<(&'static str, JoinHandle<()>)>,
+    threads: Vec<(String, JoinHandle<()>)>,
     shutdown: Option<Sender<()>>,
     trigger: Sender<()>,
-    done: Receiver<&'static str>,
+    done: Receiver<String>,
     webhook_server: Option<crate::httpd::Server>,
     webhook_counters: Option<Arc<crate::webhook::Counters>>,
+    admin_server: Option<crate::httpd::Server>,
     instance_store: Store,
+    progress: Arc<Progress>,
 }
 
-struct DoneGuard(&'static str, Sender<&'static str>);
+struct DoneGuard(String, Sender<String>);
 impl Drop for DoneGuard {
     fn drop(&mut self) {
-        let _ = self.1.send(self.0);
+        let _ = self.1.send(self.0.clone());
     }
 }
 
@@ -57,34 +62,56 @@ pub struct EventEdge {
     pub counters: Arc<crate::webhook::Counters>,
 }
 
+/// One processor lane and the channel that wakes it.
+pub struct Lane {
+    pub name: String,
+    pub processor: Processor,
+    pub wake: Receiver<()>,
+}
+
 /// The workers, built from one configuration but not yet running. The service runs each on
 /// its own thread; `jobmirror replay` drives the same objects step by step on a virtual clock.
 pub struct Workers {
     pub mirror: Mirror,
-    pub processor: Processor,
+    pub lanes: Vec<Lane>,
     pub events: Option<EventEdge>,
+    pub progress: Arc<Progress>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Company `i` (in configuration order) goes to lane `i % lanes`: a company's jobs always run
+/// on one lane, so they stay strictly sequential.
+pub fn split_lanes(companies: &[String], lanes: u32) -> Vec<Vec<String>> {
+    let n = (lanes.max(1) as usize).min(companies.len().max(1));
+    let mut out = vec![Vec::new(); n];
+    for (i, c) in companies.iter().enumerate() {
+        out[i % n].push(c.clone());
+    }
+    out
 }
 
 impl Workers {
-    /// Opens the store (applying migrations) and builds the workers. New work found by the
-    /// mirror is signalled on `wake`.
+    /// Opens the store (applying migrations) and builds the workers.
     pub fn build(
         cfg: &Config,
         clock: SharedClock,
-        wake: Sender<()>,
         milestones: Option<Sender<crate::pipeline::Milestone>>,
     ) -> anyhow::Result<Workers> {
         let handler = cfg.require_handler()?;
         let sync_store = Store::open(&cfg.db)?;
         sync_store.relax_durability()?;
-        // The first handle applied the migrations; the others only connect.
-        let proc_store = Store::connect(&cfg.db)?;
-        let client = Arc::new(PleoClient::new(cfg.client_config(), clock.clone())?);
+        let progress = Arc::new(Progress::new(cfg.health_stale));
+        let metrics = Arc::new(Metrics::default());
+        let client = Arc::new(
+            PleoClient::new(cfg.client_config(), clock.clone())?
+                .with_health(progress.clone(), metrics.clone()),
+        );
         let events = match &cfg.webhook {
             Some(wh) => {
                 let (queue_tx, queue) = bounded::<crate::webhook::Job>(wh.queue_max);
                 let counters = Arc::new(crate::webhook::Counters::default());
                 Some(EventEdge {
+                    // The first handle applied the migrations; the others only connect.
                     store: Store::connect(&cfg.db)?,
                     receiver: crate::webhook::WebhookReceiver::new(
                         wh.secrets.clone(),
@@ -98,42 +125,63 @@ impl Workers {
             }
             None => None,
         };
-        let mirror = Mirror::new(
-            sync_store,
-            client.clone(),
-            clock.clone(),
-            cfg.company_ids.clone(),
-        )
-        .with_wake(wake)
-        .with_resume_unknown_in_progress(cfg.resume_unknown_in_progress);
-        let stage = crate::pipeline::HandlerStage::new(
-            client.clone(),
-            clock.clone(),
-            handler,
-            cfg.pipeline.clone(),
-        );
-        let stage = match milestones {
-            Some(tx) => stage.with_milestones(tx),
-            None => stage,
-        };
-        let processor = Processor::new(
-            proc_store,
-            client,
-            clock,
-            cfg.company_ids.clone(),
-            processor_config(cfg),
-        )
-        .with_stage(Box::new(stage));
+        let groups = split_lanes(&cfg.company_ids, cfg.lanes);
+        let mut lanes = Vec::new();
+        let mut wakes = Vec::new();
+        for (i, companies) in groups.into_iter().enumerate() {
+            let (wake_tx, wake_rx) = bounded::<()>(1);
+            wakes.push(wake_tx);
+            let stage = crate::pipeline::HandlerStage::new(
+                client.clone(),
+                clock.clone(),
+                handler.clone(),
+                cfg.pipeline.clone(),
+            )
+            .with_health(progress.clone(), metrics.clone());
+            let stage = match &milestones {
+                Some(tx) => stage.with_milestones(tx.clone()),
+                None => stage,
+            };
+            let processor = Processor::new(
+                Store::connect(&cfg.db)?,
+                client.clone(),
+                clock.clone(),
+                companies,
+                processor_config(cfg),
+            )
+            .with_stage(Box::new(stage));
+            let name = if cfg.lanes <= 1 {
+                "jm-processor".to_owned()
+            } else {
+                format!("jm-processor-{i}")
+            };
+            lanes.push(Lane {
+                name,
+                processor,
+                wake: wake_rx,
+            });
+        }
+        let mirror = Mirror::new(sync_store, client, clock, cfg.company_ids.clone())
+            .with_wake(wakes)
+            .with_metrics(metrics.clone())
+            .with_resume_unknown_in_progress(cfg.resume_unknown_in_progress);
         Ok(Workers {
             mirror,
-            processor,
+            lanes,
             events,
+            progress,
+            metrics,
         })
     }
 }
 
+fn bind(what: &str, addr: &str) -> anyhow::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen for {what} on {addr}: {e}"))
+}
+
 impl Service {
-    /// Opens the store (applying migrations), then starts the sync and processor threads.
+    /// Opens the store (applying migrations), then starts the threads.
     pub fn start(
         cfg: &Config,
         clock: SharedClock,
@@ -146,45 +194,65 @@ impl Service {
     pub fn start_observed(
         cfg: &Config,
         clock: SharedClock,
-        progress: Option<Sender<RoundReport>>,
+        rounds: Option<Sender<RoundReport>>,
         milestones: Option<Sender<crate::pipeline::Milestone>>,
     ) -> anyhow::Result<Service> {
         cfg.require_handler()?;
-        // The webhook port first: if it cannot be bound, nothing else starts.
-        let listener = match &cfg.webhook {
-            Some(wh) => Some(std::net::TcpListener::bind(&wh.listen).map_err(|e| {
-                anyhow::anyhow!("cannot listen for webhooks on {}: {e}", wh.listen)
-            })?),
+        // Ports first: if one cannot be bound, nothing else starts.
+        let webhook_listener = match &cfg.webhook {
+            Some(wh) => Some(bind("webhooks", &wh.listen)?),
+            None => None,
+        };
+        let admin_listener = match &cfg.admin_listen {
+            Some(a) => Some(bind("the admin listener", a)?),
             None => None,
         };
         let started_at = clock.now();
         let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
-        let (wake_tx, wake_rx) = bounded::<()>(1);
         let (trigger_tx, trigger_rx) = bounded::<()>(1);
         let (nudge_tx, nudge_rx) = bounded::<()>(1);
-        let (done_tx, done_rx) = bounded::<&'static str>(8);
+        let (done_tx, done_rx) = bounded::<String>(64);
         let Workers {
             mirror,
-            processor,
+            lanes,
             events,
-        } = Workers::build(cfg, clock.clone(), wake_tx, milestones)?;
+            progress,
+            metrics,
+        } = Workers::build(cfg, clock.clone(), milestones)?;
         let instance_store = Store::connect(&cfg.db)?;
         let mut threads = Vec::new();
+        let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| -> anyhow::Result<()> {
+            let done = done_tx.clone();
+            let n = name.clone();
+            let h = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || {
+                    let _g = DoneGuard(n, done);
+                    f();
+                })?;
+            threads.push((name, h));
+            Ok(())
+        };
 
         let mut webhook_server = None;
         let mut webhook_counters = None;
-        if let (Some(edge), Some(listener), Some(wh)) = (events, listener, &cfg.webhook) {
-            let (sd, done, c) = (shutdown_rx.clone(), done_tx.clone(), clock.clone());
+        if let (Some(edge), Some(listener), Some(wh)) = (events, webhook_listener, &cfg.webhook) {
+            let (sd, c, alive) = (shutdown_rx.clone(), clock.clone(), progress.clone());
             let (events_store, queue_rx) = (edge.store, edge.queue);
-            threads.push((
-                "jm-events",
-                std::thread::Builder::new()
-                    .name("jm-events".into())
-                    .spawn(move || {
-                        let _g = DoneGuard("jm-events", done);
-                        crate::webhook::run_event_thread(events_store, c, queue_rx, nudge_tx, sd);
-                    })?,
-            ));
+            progress.expect("jm-events");
+            spawn(
+                "jm-events".into(),
+                Box::new(move || {
+                    crate::webhook::run_event_thread(
+                        events_store,
+                        c,
+                        queue_rx,
+                        nudge_tx,
+                        sd,
+                        Some(alive),
+                    )
+                }),
+            )?;
             let limits = crate::httpd::Limits {
                 connections_max: wh.connections_max,
                 body_bytes_max: wh.body_bytes_max,
@@ -210,29 +278,62 @@ impl Service {
         }
 
         let interval = cfg.poll_interval;
-        let (sd, done) = (shutdown_rx.clone(), done_tx.clone());
-        threads.push((
-            "jm-sync",
-            std::thread::Builder::new()
-                .name("jm-sync".into())
-                .spawn(move || {
-                    let _g = DoneGuard("jm-sync", done);
-                    mirror::run(mirror, interval, trigger_rx, nudge_rx, sd);
-                })?,
-        ));
-        let (sd, done) = (shutdown_rx, done_tx);
-        threads.push((
-            "jm-processor",
-            std::thread::Builder::new()
-                .name("jm-processor".into())
-                .spawn(move || {
-                    let _g = DoneGuard("jm-processor", done);
-                    processor::run(processor, wake_rx, sd, progress, Duration::from_secs(60));
-                })?,
-        ));
+        let (sd, alive) = (shutdown_rx.clone(), progress.clone());
+        progress.expect("jm-sync");
+        spawn(
+            "jm-sync".into(),
+            Box::new(move || {
+                mirror::run(mirror, interval, trigger_rx, nudge_rx, sd, Some(alive));
+            }),
+        )?;
+        for lane in lanes {
+            let (sd, alive, rounds) = (shutdown_rx.clone(), progress.clone(), rounds.clone());
+            progress.expect(&lane.name);
+            let (processor, wake) = (lane.processor, lane.wake);
+            spawn(
+                lane.name,
+                Box::new(move || {
+                    processor::run(
+                        processor,
+                        wake,
+                        sd,
+                        rounds,
+                        alive.tick().min(Duration::from_secs(60)),
+                        Some(alive),
+                    );
+                }),
+            )?;
+        }
+
+        let admin_server = match admin_listener {
+            Some(listener) => {
+                let admin = crate::health::Admin {
+                    progress: progress.clone(),
+                    metrics,
+                    webhooks: webhook_counters.clone(),
+                    store: std::sync::Mutex::new(Store::open_read_only(&cfg.db)?),
+                };
+                let server = crate::httpd::Server::start(
+                    listener,
+                    crate::httpd::Limits {
+                        connections_max: 16,
+                        ..crate::httpd::Limits::default()
+                    },
+                    Arc::new(admin),
+                    "jm-admin",
+                )?;
+                log::info!(
+                    "admin listener on http://{} (/metrics, /healthz)",
+                    server.local_addr()
+                );
+                Some(server)
+            }
+            None => None,
+        };
         log::info!(
-            "jobmirror started: {} companies, poll every {} s, database {}",
+            "jobmirror started: {} companies on {} lanes, poll every {} s, database {}",
             cfg.company_ids.len(),
+            cfg.lanes.max(1).min(cfg.company_ids.len().max(1) as u32),
             cfg.poll_interval.as_secs(),
             cfg.db.display()
         );
@@ -246,7 +347,9 @@ impl Service {
             done: done_rx,
             webhook_server,
             webhook_counters,
+            admin_server,
             instance_store,
+            progress,
         })
     }
 
@@ -255,8 +358,18 @@ impl Service {
         self.webhook_server.as_ref().map(|s| s.local_addr())
     }
 
+    /// Where the admin listener listens, if it runs.
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin_server.as_ref().map(|s| s.local_addr())
+    }
+
     pub fn webhook_counters(&self) -> Option<Arc<crate::webhook::Counters>> {
         self.webhook_counters.clone()
+    }
+
+    /// Whether every worker thread has made progress recently.
+    pub fn healthy(&self) -> bool {
+        self.progress.healthy()
     }
 
     /// Asks the sync thread to run detection now (coalesced with a trigger already queued).
@@ -270,6 +383,9 @@ impl Service {
         // Stop taking webhooks first; deliveries already queued are still committed and
         // answered before the event thread sees the shutdown.
         if let Some(mut s) = self.webhook_server.take() {
+            s.shutdown();
+        }
+        if let Some(mut s) = self.admin_server.take() {
             s.shutdown();
         }
         let _ = self.instance_store.unregister_instance(std::process::id());
@@ -299,30 +415,144 @@ impl Service {
     }
 }
 
-/// `jobmirror run`: the service until SIGTERM or SIGINT; SIGUSR1 runs detection now.
-pub fn run(cfg: &Config, clock: SharedClock) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+/// A one-line status for systemd (`systemctl status` shows it).
+fn status_line(store: &Store, companies: usize) -> String {
+    let held = store.in_flight().map(|v| v.len()).unwrap_or(0);
+    let queued: i64 = store
+        .state_counts()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(s, _)| s == "new")
+        .map(|(_, n)| n)
+        .sum();
+    format!("{companies} companies; {held} jobs in hand, {queued} waiting")
+}
+
+/// What ended `run`'s wait for signals.
+enum Stop {
+    Terminate,
+    Reload,
+}
+
+/// `jobmirror run`: the service until SIGTERM or SIGINT; SIGUSR1 runs detection now; SIGHUP
+/// reloads the configuration (checked first; a broken one is refused and the service goes on).
+pub fn run(
+    cfg: &Config,
+    config_file: Option<&std::path::Path>,
+    clock: SharedClock,
+) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
+    let notifier = crate::notify::Notifier::from_env().map(Arc::new);
     let service = Service::start(cfg, clock, None)?;
+    let status_store = Store::open_read_only(&cfg.db)?;
+    let companies = cfg.company_ids.len();
+    if let Some(n) = &notifier {
+        n.send(&format!(
+            "READY=1\nSTATUS={}",
+            status_line(&status_store, companies)
+        ));
+    }
+    // The watchdog thread: pings only while every worker thread makes progress.
+    let (wd_stop_tx, wd_stop_rx) = bounded::<()>(0);
+    let watchdog = {
+        let (notifier, progress) = (notifier.clone(), service.progress.clone());
+        let every = crate::notify::watchdog_interval();
+        std::thread::Builder::new()
+            .name("jm-watchdog".into())
+            .spawn(move || {
+                let tick = every
+                    .unwrap_or(Duration::from_secs(30))
+                    .min(Duration::from_secs(30));
+                let mut was_stale = false;
+                loop {
+                    match wd_stop_rx.recv_timeout(tick) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    let stale = progress.stale(monotonic());
+                    let Some(n) = &notifier else { continue };
+                    if stale.is_empty() {
+                        if every.is_some() {
+                            n.send("WATCHDOG=1");
+                        }
+                        n.send(&format!("STATUS={}", status_line(&status_store, companies)));
+                        was_stale = false;
+                    } else if !was_stale {
+                        log::error!(
+                            "threads not making progress: {}; withholding the watchdog ping",
+                            stale.join(", ")
+                        );
+                        n.send(&format!("STATUS=stalled: {}", stale.join(", ")));
+                        was_stale = true;
+                    }
+                }
+            })?
+    };
+    let mut stop = Stop::Terminate;
     for sig in signals.forever() {
         match sig {
             SIGUSR1 => {
                 log::info!("SIGUSR1: running detection now");
                 service.trigger();
             }
+            SIGHUP => match Config::load(config_file) {
+                Ok(_) => {
+                    log::info!(
+                        "SIGHUP: the configuration is valid; restarting in place to apply it"
+                    );
+                    stop = Stop::Reload;
+                    break;
+                }
+                Err(e) => {
+                    log::error!(
+                        "SIGHUP: the new configuration is refused, going on with the old one: {e}"
+                    );
+                    if let Some(n) = &notifier {
+                        n.send(&format!("STATUS=reload refused: {e}"));
+                    }
+                }
+            },
             _ => {
                 log::info!("signal {sig}: stopping");
                 break;
             }
         }
     }
-    if service.stop(cfg.shutdown_timeout) {
-        log::info!("stopped cleanly");
-        Ok(())
-    } else {
+    drop(wd_stop_tx);
+    let _ = watchdog.join();
+    if let Some(n) = &notifier {
+        n.send(match stop {
+            Stop::Reload => "RELOADING=1",
+            Stop::Terminate => "STOPPING=1",
+        });
+    }
+    let clean = service.stop(cfg.shutdown_timeout);
+    if !clean {
         anyhow::bail!(
             "some threads did not stop within {} s",
             cfg.shutdown_timeout.as_secs()
-        )
+        );
     }
+    log::info!("stopped cleanly");
+    if let Stop::Reload = stop {
+        reexec()?;
+    }
+    Ok(())
+}
+
+/// Replaces this process with a fresh start of the same command line (same pid, so systemd
+/// keeps tracking it), which reads the configuration again.
+fn reexec() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe()?;
+        let err = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .exec();
+        anyhow::bail!("cannot restart in place: {err}")
+    }
+    #[cfg(not(unix))]
+    anyhow::bail!("reload needs Unix; restart the service instead")
 }

@@ -358,11 +358,17 @@ pub fn run_event_thread(
     queue: Receiver<Job>,
     nudge: Sender<()>,
     shutdown: Receiver<()>,
+    alive: Option<Arc<crate::health::Progress>>,
 ) {
+    let tick = alive.as_ref().map_or(crate::mirror::TICK, |a| a.tick());
     loop {
+        if let Some(a) = &alive {
+            a.beat();
+        }
         let first = crossbeam_channel::select! {
             recv(queue) -> m => match m { Ok(j) => j, Err(_) => return },
             recv(shutdown) -> _ => return,
+            default(tick) => continue,
         };
         // Group commit: everything already queued shares one fsync. (A short wait for more
         // was measured and made 4-client ingest slower: see BENCHMARKS.md.)

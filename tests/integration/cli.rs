@@ -11,7 +11,7 @@ use jobmirror::fake::{FakeConfig, FakePleo, JobSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_jobmirror");
 
-fn cmd() -> Command {
+pub(crate) fn cmd() -> Command {
     let mut c = Command::new(BIN);
     c.env_clear();
     if let Ok(p) = std::env::var("PATH") {
@@ -21,7 +21,7 @@ fn cmd() -> Command {
 }
 
 /// Lines of a child's stream, as they come.
-fn lines(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
+pub(crate) fn lines(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = unbounded();
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
@@ -39,7 +39,7 @@ fn lines(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
 }
 
 /// Waits (bounded) for a line containing `needle`; returns every line read so far.
-fn wait_for(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) {
+pub(crate) fn wait_for(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -60,7 +60,7 @@ fn wait_for(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) {
 }
 
 /// Kills the child if the test fails before it exits, so no orphan keeps cargo's pipes open.
-struct Reaper(Option<Child>);
+pub(crate) struct Reaper(pub Option<Child>);
 impl Drop for Reaper {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
@@ -70,7 +70,7 @@ impl Drop for Reaper {
     }
 }
 
-fn signal(child: &Child, sig: &str) {
+pub(crate) fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(child.id().to_string())
@@ -79,7 +79,7 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok.success());
 }
 
-fn wait_exit(mut child: Child, within: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(mut child: Child, within: Duration) -> std::process::ExitStatus {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let pid = child.id();
     std::thread::spawn(move || {
@@ -169,6 +169,7 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
         .env("JOBMIRROR_PLEO_API_KEY", secret)
         .env("JOBMIRROR_COMPANY_IDS", company)
         .env("JOBMIRROR_POLL_INTERVAL_SECS", "3600")
+        .env("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0")
         // A new database for a job held before: as after losing the database.
         .env("JOBMIRROR_RESUME_UNKNOWN_IN_PROGRESS", "true")
         .env(
@@ -183,7 +184,11 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
     let rx = lines(child.stderr.take().unwrap());
     let mut reaper = Reaper(Some(child));
     let mut seen = Vec::new();
-    wait_for(&rx, "recovery pass: 1 jobs seen, 1 new", &mut seen);
+    wait_for(
+        &rx,
+        "recovery pass over 1 companies: 1 jobs seen, 1 new",
+        &mut seen,
+    );
     wait_for(&rx, "resumed in_progress job held", &mut seen);
     wait_for(
         &rx,
@@ -200,7 +205,11 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
     })
     .unwrap();
     signal(reaper.0.as_ref().unwrap(), "USR1");
-    wait_for(&rx, "trigger pass: 1 jobs seen, 1 new", &mut seen);
+    wait_for(
+        &rx,
+        "trigger pass over 1 companies: 1 jobs seen, 1 new",
+        &mut seen,
+    );
     wait_for(&rx, "claimed job fresh", &mut seen);
     wait_for(
         &rx,
@@ -229,7 +238,11 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("run detection now"));
-    wait_for(&rx, "trigger pass: 1 jobs seen, 1 new", &mut seen);
+    wait_for(
+        &rx,
+        "trigger pass over 1 companies: 1 jobs seen, 1 new",
+        &mut seen,
+    );
     wait_for(
         &rx,
         "job third of company aaaaaaaa-0000-4000-8000-000000000001: sent completed",

@@ -172,6 +172,7 @@ impl World {
             ("JOBMIRROR_PLEO_API_KEY".into(), KEY.into()),
             ("JOBMIRROR_COMPANY_IDS".into(), companies.join(",")),
             ("JOBMIRROR_POLL_INTERVAL_SECS".into(), "3600".into()),
+            ("JOBMIRROR_ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
             (
                 "JOBMIRROR_HANDLER_COMMAND".into(),
                 format!("outbox:{}", self.outbox().display()),
@@ -179,7 +180,8 @@ impl World {
         ];
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         jobmirror::config::Config::load_with(None, &|k| {
-            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+            // Later entries (the extras) win.
+            env.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.clone())
         })
         .unwrap()
     }

@@ -9,6 +9,7 @@ mod client;
 mod httpd;
 mod mirror;
 mod openapi;
+mod operations;
 mod ops;
 mod processing;
 mod processor;

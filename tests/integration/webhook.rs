@@ -58,7 +58,7 @@ fn agent() -> ureq::Agent {
 }
 
 /// Posts `body` with the given headers; returns status, body and the Retry-After header.
-fn post(
+pub(crate) fn post(
     addr: SocketAddr,
     path: &str,
     headers: &[(&str, String)],
@@ -84,7 +84,7 @@ fn post(
     )
 }
 
-fn signed(secret: &str, id: &str, ts: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+pub(crate) fn signed(secret: &str, id: &str, ts: i64, body: &[u8]) -> Vec<(&'static str, String)> {
     let s = Secrets::parse(secret).unwrap();
     vec![
         ("webhook-id", id.to_owned()),
@@ -379,6 +379,7 @@ fn a_job_announced_by_webhook_is_claimed_within_two_seconds_with_hourly_polling(
         ("JOBMIRROR_PLEO_API_KEY", crate::harness::KEY.to_owned()),
         ("JOBMIRROR_COMPANY_IDS", A.to_owned()),
         ("JOBMIRROR_POLL_INTERVAL_SECS", "3600".to_owned()),
+        ("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
         (
             "JOBMIRROR_HANDLER_COMMAND",
             format!("outbox:{}", w.outbox().display()),

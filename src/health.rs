@@ -1,0 +1,414 @@
+//! Liveness and metrics: per-thread progress beats, counters the workers bump, and the admin
+//! listener serving `/metrics` (Prometheus text) and `/healthz`.
+//!
+//! Invariants: a beat is a timestamp per thread name, taken on monotonic time, never business
+//! time; a service is healthy only while every thread it expects has beaten recently (so a
+//! wedged thread stops the systemd watchdog pings); counters only grow; scraping reads the
+//! database through its own read-only connection and never writes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::httpd::{Handler, Head, Request, Response};
+use crate::store::Store;
+use crate::webhook::Counters;
+
+/// When each thread last showed it was making progress.
+#[derive(Debug)]
+pub struct Progress {
+    beats: Mutex<HashMap<String, Instant>>,
+    expected: Mutex<Vec<String>>,
+    stale_after: Duration,
+}
+
+impl Progress {
+    pub fn new(stale_after: Duration) -> Progress {
+        Progress {
+            beats: Mutex::new(HashMap::new()),
+            expected: Mutex::new(Vec::new()),
+            stale_after,
+        }
+    }
+
+    /// Names a thread that must keep beating for the service to be healthy.
+    pub fn expect(&self, thread: &str) {
+        let mut e = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        if !e.iter().any(|t| t == thread) {
+            e.push(thread.to_owned());
+        }
+    }
+
+    /// The calling thread made progress now.
+    pub fn beat(&self) {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_owned();
+        self.beats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, crate::clock::monotonic());
+    }
+
+    /// Expected threads that have not beaten within the bound at `now` (never: also stale).
+    pub fn stale(&self, now: Instant) -> Vec<String> {
+        let beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+        let expected = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        expected
+            .iter()
+            .filter(|t| {
+                beats
+                    .get(*t)
+                    .is_none_or(|b| now.saturating_duration_since(*b) > self.stale_after)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// How often an idle thread should beat: well inside the staleness bound.
+    pub fn tick(&self) -> Duration {
+        (self.stale_after / 3).clamp(Duration::from_millis(50), Duration::from_secs(20))
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.stale(crate::clock::monotonic()).is_empty()
+    }
+}
+
+/// Counters the workers bump. (Webhook counters live in [`Counters`].)
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// (endpoint pattern, status or "error") -> requests.
+    api: Mutex<BTreeMap<(String, String), u64>>,
+    pub polls: AtomicU64,
+    pub polls_failed: AtomicU64,
+    /// Sum of pass durations, microseconds.
+    pub poll_micros: AtomicU64,
+    pub handler_successful: AtomicU64,
+    pub handler_failed: AtomicU64,
+}
+
+impl Metrics {
+    pub fn api_request(&self, method: &str, path: &str, status: Option<u16>) {
+        let key = (
+            endpoint_pattern(method, path),
+            status.map_or("error".to_owned(), |s| s.to_string()),
+        );
+        *self
+            .api
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default() += 1;
+    }
+
+    pub fn poll_done(&self, took: Duration, failed: bool) {
+        self.polls.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.polls_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.poll_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn handler_result(&self, successful: bool) {
+        if successful {
+            &self.handler_successful
+        } else {
+            &self.handler_failed
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// `GET /v3/export-jobs/{id}` from `GET /v3/export-jobs/8c1e...` (ids never become labels).
+pub fn endpoint_pattern(method: &str, path: &str) -> String {
+    let ids = path.starts_with("/v3/export-jobs/") || path.starts_with("/v1/subscriptions/");
+    let parts: Vec<&str> = path
+        .split('/')
+        .enumerate()
+        .map(|(i, p)| {
+            if i == 3 && ids && !p.is_empty() {
+                "{id}"
+            } else {
+                p
+            }
+        })
+        .collect();
+    format!("{method} {}", parts.join("/"))
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The admin listener's handler.
+pub struct Admin {
+    pub progress: std::sync::Arc<Progress>,
+    pub metrics: std::sync::Arc<Metrics>,
+    pub webhooks: Option<std::sync::Arc<Counters>>,
+    pub store: Mutex<Store>,
+}
+
+impl Admin {
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        family(
+            &mut o,
+            "jobmirror_jobs",
+            "gauge",
+            "Jobs in the mirror by processing state.",
+        );
+        for (state, n) in store.state_counts().unwrap_or_default() {
+            let _ = writeln!(o, "jobmirror_jobs{{state=\"{}\"}} {n}", escape(&state));
+        }
+        let events: HashMap<String, i64> = store
+            .event_counts()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        drop(store);
+        for (name, kind, help) in [
+            (
+                "jobmirror_claims_total",
+                "claimed",
+                "Jobs claimed with `started` (from the journal).",
+            ),
+            (
+                "jobmirror_conflicts_total",
+                "claim_conflict",
+                "`started` answered 422: another integration was first.",
+            ),
+            (
+                "jobmirror_resumed_total",
+                "resumed",
+                "Jobs taken back after a restart without `started`.",
+            ),
+            ("jobmirror_expiries_total", "expired", "Jobs that expired."),
+            (
+                "jobmirror_too_late_total",
+                "too_late",
+                "Jobs left alone: too close to expiry to claim.",
+            ),
+            (
+                "jobmirror_finished_total",
+                "finish_sent",
+                "Final events sent (completed, completed_with_errors, failed).",
+            ),
+        ] {
+            family(&mut o, name, "counter", help);
+            let _ = writeln!(o, "{name} {}", events.get(kind).copied().unwrap_or(0));
+        }
+        if let Some(w) = &self.webhooks {
+            family(
+                &mut o,
+                "jobmirror_webhooks_accepted_total",
+                "counter",
+                "Webhook deliveries stored and acknowledged.",
+            );
+            let _ = writeln!(
+                o,
+                "jobmirror_webhooks_accepted_total {}",
+                w.accepted.load(Ordering::Relaxed)
+            );
+            family(
+                &mut o,
+                "jobmirror_webhooks_duplicates_total",
+                "counter",
+                "Deliveries of a webhook-id already stored (acknowledged).",
+            );
+            let _ = writeln!(
+                o,
+                "jobmirror_webhooks_duplicates_total {}",
+                w.duplicates.load(Ordering::Relaxed)
+            );
+            family(
+                &mut o,
+                "jobmirror_webhooks_rejected_total",
+                "counter",
+                "Webhook deliveries refused, by reason.",
+            );
+            for (reason, c) in [
+                ("missing_headers", &w.rejected_missing_headers),
+                ("bad_timestamp", &w.rejected_bad_timestamp),
+                ("stale_timestamp", &w.rejected_stale_timestamp),
+                ("bad_signature", &w.rejected_bad_signature),
+                ("malformed", &w.malformed),
+                ("queue_full", &w.queue_full),
+                ("store_failed", &w.store_failed),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "jobmirror_webhooks_rejected_total{{reason=\"{reason}\"}} {}",
+                    c.load(Ordering::Relaxed)
+                );
+            }
+        }
+        family(
+            &mut o,
+            "jobmirror_api_requests_total",
+            "counter",
+            "Pleo API requests by endpoint and status (\"error\": no answer).",
+        );
+        for ((endpoint, status), n) in self
+            .metrics
+            .api
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                o,
+                "jobmirror_api_requests_total{{endpoint=\"{}\",status=\"{}\"}} {n}",
+                escape(endpoint),
+                escape(status)
+            );
+        }
+        let m = &self.metrics;
+        family(
+            &mut o,
+            "jobmirror_poll_duration_seconds",
+            "summary",
+            "Listing passes over one company.",
+        );
+        let _ = writeln!(
+            o,
+            "jobmirror_poll_duration_seconds_sum {:.6}",
+            m.poll_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            o,
+            "jobmirror_poll_duration_seconds_count {}",
+            m.polls.load(Ordering::Relaxed)
+        );
+        family(
+            &mut o,
+            "jobmirror_poll_failures_total",
+            "counter",
+            "Listing passes that failed.",
+        );
+        let _ = writeln!(
+            o,
+            "jobmirror_poll_failures_total {}",
+            m.polls_failed.load(Ordering::Relaxed)
+        );
+        family(
+            &mut o,
+            "jobmirror_handler_results_total",
+            "counter",
+            "Item results the handler gave, by outcome.",
+        );
+        let _ = writeln!(
+            o,
+            "jobmirror_handler_results_total{{outcome=\"successful\"}} {}",
+            m.handler_successful.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "jobmirror_handler_results_total{{outcome=\"failed\"}} {}",
+            m.handler_failed.load(Ordering::Relaxed)
+        );
+        family(
+            &mut o,
+            "jobmirror_up",
+            "gauge",
+            "1 while every thread makes progress.",
+        );
+        let _ = writeln!(o, "jobmirror_up {}", u8::from(self.progress.healthy()));
+        o
+    }
+}
+
+impl Handler for Admin {
+    fn check_head(&self, head: &Head) -> Option<Response> {
+        if head.method != "GET" {
+            return Some(Response::text(405, "GET only\n").with_header("Allow", "GET"));
+        }
+        None
+    }
+
+    fn handle(&self, req: Request) -> Response {
+        match req.head.path.as_str() {
+            "/metrics" => {
+                let mut r = Response::text(200, &self.render());
+                r.headers
+                    .retain(|(k, _)| !k.eq_ignore_ascii_case("content-type"));
+                r.with_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            }
+            "/healthz" => {
+                let stale = self.progress.stale(crate::clock::monotonic());
+                if stale.is_empty() {
+                    Response::text(200, "ok\n")
+                } else {
+                    Response::text(503, &format!("not making progress: {}\n", stale.join(", ")))
+                }
+            }
+            _ => Response::text(404, "not found: try /metrics or /healthz\n"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_that_stops_beating_makes_the_service_unhealthy() {
+        let p = Progress::new(Duration::from_secs(10));
+        p.expect("jm-test-a");
+        p.expect("jm-test-b");
+        let start = crate::clock::monotonic();
+        assert_eq!(p.stale(start).len(), 2, "never beaten: stale");
+        let a = std::thread::Builder::new().name("jm-test-a".into()).spawn({
+            let p = std::sync::Arc::new(Progress::new(Duration::from_secs(10)));
+            move || {
+                p.expect("jm-test-a");
+                p.beat();
+                p.stale(crate::clock::monotonic())
+            }
+        });
+        assert!(a.unwrap().join().unwrap().is_empty());
+        let p = std::sync::Arc::new(p);
+        for name in ["jm-test-a", "jm-test-b"] {
+            let p = p.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || p.beat())
+                .unwrap()
+                .join()
+                .unwrap();
+        }
+        let now = crate::clock::monotonic();
+        assert!(p.stale(now).is_empty());
+        assert_eq!(
+            p.stale(now + Duration::from_secs(11)),
+            ["jm-test-a", "jm-test-b"]
+        );
+    }
+
+    #[test]
+    fn endpoint_patterns_hide_ids() {
+        assert_eq!(
+            endpoint_pattern("GET", "/v3/export-jobs/abc"),
+            "GET /v3/export-jobs/{id}"
+        );
+        assert_eq!(
+            endpoint_pattern("PUT", "/v3/export-jobs/abc/items"),
+            "PUT /v3/export-jobs/{id}/items"
+        );
+        assert_eq!(
+            endpoint_pattern("GET", "/v3/export-jobs"),
+            "GET /v3/export-jobs"
+        );
+    }
+}

@@ -1,0 +1,458 @@
+//! Running under systemd and at scale: the notify protocol and watchdog, health and metrics
+//! on the admin listener, SIGHUP, lanes, and a thousand companies polled without a burst.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jobmirror::clock::{SharedClock, SystemClock};
+use jobmirror::fake::{FakeConfig, FakePleo, JobSpec};
+
+use crate::cli::{Reaper, cmd, lines, signal, wait_exit, wait_for};
+
+const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+const B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
+
+fn fake() -> FakePleo {
+    let clock: SharedClock = Arc::new(SystemClock);
+    FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap()
+}
+
+/// Datagrams sent to a notify socket, as text, until `pred` holds or `within` passes.
+fn notes_until(
+    sock: &UnixDatagram,
+    within: Duration,
+    pred: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !pred(&got) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "notify messages so far: {got:?}");
+        sock.set_read_timeout(Some(left)).unwrap();
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    got
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `jobmirror run` against `base_url` with a notify socket; returns the child, its log lines,
+/// the socket and the admin address (from the log).
+fn start(
+    dir: &std::path::Path,
+    base_url: &str,
+    extra: &[(&str, &str)],
+) -> (
+    Reaper,
+    crossbeam_channel::Receiver<String>,
+    UnixDatagram,
+    String,
+    Vec<String>,
+) {
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut c = cmd();
+    c.arg("run")
+        .env("JOBMIRROR_DB", dir.join("jm.db"))
+        .env("JOBMIRROR_PLEO_BASE_URL", base_url)
+        .env("JOBMIRROR_PLEO_API_KEY", jobmirror::fake::DEFAULT_API_KEY)
+        .env("JOBMIRROR_COMPANY_IDS", A)
+        .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
+        .env("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("JOBMIRROR_LOG", "info")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().unwrap();
+    let rx = lines(child.stderr.take().unwrap());
+    let reaper = Reaper(Some(child));
+    let mut seen = Vec::new();
+    wait_for(&rx, "admin listener on http://", &mut seen);
+    let addr = seen
+        .last()
+        .unwrap()
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    (reaper, rx, sock, addr, seen)
+}
+
+#[test]
+fn notify_protocol_ready_status_watchdog_and_stopping() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut reaper, _rx, sock, addr, _) =
+        start(dir.path(), &f.base_url(), &[("WATCHDOG_USEC", "400000")]);
+    let notes = notes_until(&sock, Duration::from_secs(20), |n| {
+        n.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2
+    });
+    assert!(notes[0].starts_with("READY=1\nSTATUS="), "{notes:?}");
+    assert!(notes[0].contains("1 companies"), "{notes:?}");
+    assert!(notes.iter().any(|m| m.starts_with("STATUS=")));
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));
+    let child = reaper.0.take().unwrap();
+    signal(&child, "TERM");
+    let notes = notes_until(&sock, Duration::from_secs(20), |n| {
+        n.iter().any(|m| m == "STOPPING=1")
+    });
+    assert!(notes.contains(&"STOPPING=1".to_owned()));
+    assert!(wait_exit(child, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn a_wedged_thread_stops_the_watchdog_and_fails_healthz() {
+    // A Pleo that accepts connections and never answers: the sync thread hangs in its first
+    // listing (request timeout 60 s), while the other threads go on beating.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", hole.local_addr().unwrap());
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    std::thread::spawn(move || {
+        for s in hole.incoming().flatten() {
+            h.lock().unwrap().push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (reaper, _rx, sock, addr, _) = start(
+        dir.path(),
+        &url,
+        &[
+            ("WATCHDOG_USEC", "200000"),
+            ("JOBMIRROR_HEALTH_STALE_SECS", "1"),
+            ("JOBMIRROR_PLEO_REQUEST_TIMEOUT_SECS", "60"),
+        ],
+    );
+    let notes = notes_until(&sock, Duration::from_secs(20), |n| {
+        n.iter().any(|m| m.starts_with("STATUS=stalled"))
+    });
+    let stalled = notes
+        .iter()
+        .position(|m| m.starts_with("STATUS=stalled"))
+        .unwrap();
+    assert_eq!(notes[stalled], "STATUS=stalled: jm-sync", "{notes:?}");
+    let (status, body) = http_get(&addr, "/healthz");
+    assert_eq!(status, 503);
+    assert_eq!(body, "not making progress: jm-sync\n");
+    // While it stays wedged, no more pings (a window of 5 ping periods).
+    let after = notes_for(&sock, Duration::from_secs(1));
+    assert!(!after.iter().any(|m| m == "WATCHDOG=1"), "{after:?}");
+    drop(reaper);
+}
+
+/// Every datagram that arrives within `d`.
+fn notes_for(sock: &UnixDatagram, d: Duration) -> Vec<String> {
+    let deadline = Instant::now() + d;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return got;
+        }
+        sock.set_read_timeout(Some(left)).unwrap();
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+}
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+#[test]
+fn metrics_expose_jobs_claims_api_calls_webhooks_and_handler_results() {
+    let f = fake();
+    f.add_job(JobSpec {
+        id: Some("m-1".into()),
+        company_id: A.into(),
+        created_secs_ago: Some(60),
+        items: Some(3),
+        items_without_account: 1,
+        ..JobSpec::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (reaper, rx, _sock, addr, mut seen) = start(
+        dir.path(),
+        &f.base_url(),
+        &[
+            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
+            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
+        ],
+    );
+    wait_for(&rx, "sent completed_with_errors", &mut seen);
+    let hook: std::net::SocketAddr = seen
+        .iter()
+        .find_map(|l| l.split("webhook receiver listening on ").nth(1))
+        .unwrap()
+        .trim_end_matches("/webhooks/pleo")
+        .parse()
+        .unwrap();
+    let body = br#"{"data":{"id":"m-2","companyId":"x"},"eventType":"v1.export-job.created","eventId":"e"}"#;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let good = crate::webhook::signed(SECRET, "msg_ok", now, body);
+    assert_eq!(
+        crate::webhook::post(hook, "/webhooks/pleo", &good, body).0,
+        200
+    );
+    let mut bad = good.clone();
+    bad[0].1 = "msg_forged".into();
+    assert_eq!(
+        crate::webhook::post(hook, "/webhooks/pleo", &bad, body).0,
+        401
+    );
+
+    let (status, text) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "jobmirror_jobs{state=\"done\"} 1",
+        "jobmirror_claims_total 1",
+        "jobmirror_conflicts_total 0",
+        "jobmirror_finished_total 1",
+        "jobmirror_webhooks_accepted_total 1",
+        "jobmirror_webhooks_rejected_total{reason=\"bad_signature\"} 1",
+        "jobmirror_api_requests_total{endpoint=\"POST /v3/export-job-events\",status=\"202\"} 2",
+        "jobmirror_api_requests_total{endpoint=\"PUT /v3/export-jobs/{id}/items\",status=\"200\"} 1",
+        "jobmirror_handler_results_total{outcome=\"successful\"} 2",
+        "jobmirror_handler_results_total{outcome=\"failed\"} 1",
+        "jobmirror_up 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in:\n{text}"
+        );
+    }
+    assert!(text.contains("# TYPE jobmirror_poll_duration_seconds summary"));
+    assert!(
+        text.lines().filter(|l| !l.starts_with('#')).all(|l| l
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .is_ok()),
+        "every sample ends with a number"
+    );
+    // No job id ever becomes a label.
+    assert!(!text.contains("m-1"), "{text}");
+    assert_eq!(http_get(&addr, "/nope").0, 404);
+    drop(reaper);
+}
+
+#[test]
+fn sighup_restarts_in_place_with_a_valid_config_and_refuses_a_broken_one() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("jobmirror.toml");
+    let write = |poll: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "db = {:?}\npleo_base_url = {:?}\npleo_api_key = {:?}\ncompany_ids = [{A:?}]\nhandler_command = \"dry-run\"\nadmin_listen = \"127.0.0.1:0\"\npoll_interval_secs = {poll}\n",
+                dir.path().join("jm.db").display().to_string(),
+                f.base_url(),
+                jobmirror::fake::DEFAULT_API_KEY,
+            ),
+        )
+        .unwrap();
+    };
+    write("3600");
+    let mut child = cmd()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(child.stderr.take().unwrap());
+    let pid = child.id();
+    let mut reaper = Reaper(Some(child));
+    let mut seen = Vec::new();
+    wait_for(&rx, "poll every 3600 s", &mut seen);
+    write("1800");
+    signal(reaper.0.as_ref().unwrap(), "HUP");
+    wait_for(&rx, "restarting in place", &mut seen);
+    wait_for(&rx, "poll every 1800 s", &mut seen);
+    // The same process (systemd keeps tracking its main pid).
+    assert_eq!(reaper.0.as_ref().unwrap().id(), pid);
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    write("\"soon\"");
+    signal(reaper.0.as_ref().unwrap(), "HUP");
+    wait_for(&rx, "new configuration is refused", &mut seen);
+    let line = seen.last().unwrap();
+    assert!(line.contains("poll_interval_secs"), "{line}");
+    // Still running on the old configuration: it stops cleanly on SIGTERM.
+    let child = reaper.0.take().unwrap();
+    signal(&child, "TERM");
+    assert!(wait_exit(child, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn lanes_let_two_companies_run_their_handlers_at_once() {
+    let w = crate::harness::World::new();
+    for (id, company) in [("la", A), ("lb", B)] {
+        w.fake
+            .add_job(JobSpec {
+                id: Some(id.into()),
+                company_id: company.into(),
+                created_secs_ago: Some(60),
+                items: Some(2),
+                ..JobSpec::default()
+            })
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    // Each run marks that it started, then waits (at most 10 s) until both have started.
+    let script = dir.path().join("barrier.sh");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+[ "$1" = "--check" ] && exit 0
+M={m}
+touch "$M/started-$JOBMIRROR_COMPANY_ID"
+i=0
+while [ "$(ls "$M" | grep -c '^started-')" -lt 2 ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+ls "$M" | grep -c '^started-' > "$M/saw-$JOBMIRROR_COMPANY_ID"
+while read -r line; do
+  e=$(printf '%s' "$line" | sed -n 's/.*"accountingEntryId":"\([^"]*\)".*/\1/p')
+  [ -n "$e" ] && printf '{{"accountingEntryId":"%s","status":"successful"}}\n' "$e"
+done
+"#,
+            m = marks.display()
+        ),
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let cfg = w.config(
+        &[A, B],
+        &[
+            ("JOBMIRROR_LANES", "2".into()),
+            ("JOBMIRROR_HANDLER_COMMAND", script.display().to_string()),
+        ],
+    );
+    let service = jobmirror::service::Service::start(&cfg, w.shared_clock(), None).unwrap();
+    let done = w.fake.wait_for_requests(Duration::from_secs(30), |r| {
+        r.iter()
+            .filter(|q| q.path == "/v3/export-job-events" && q.body.contains("\"completed\""))
+            .count()
+            == 2
+    });
+    assert!(service.stop(Duration::from_secs(10)));
+    assert!(done, "both jobs completed");
+    let listing: Vec<String> = std::fs::read_dir(&marks)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for c in [A, B] {
+        let saw = std::fs::read_to_string(marks.join(format!("saw-{c}")))
+            .unwrap_or_else(|e| panic!("{e}: {listing:?}"));
+        assert_eq!(
+            saw.trim(),
+            "2",
+            "company {c}'s handler ran while the other's did"
+        );
+    }
+}
+
+#[test]
+fn a_thousand_companies_are_polled_paced_and_spread_without_a_burst() {
+    let companies: Vec<String> = (0..1000).map(|i| format!("co-{i:04}")).collect();
+    let snap = jobmirror::snapshot::Snapshot::parse(
+        &serde_json::json!({
+            "version": 2,
+            "start": "2026-11-24T08:00:00Z",
+            "endSecs": 1800,
+            "companies": companies,
+            "service": {"poll_interval_secs": 300, "pleo_requests_per_sec_max": 20},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = jobmirror::replay::Replay::new(
+        snap,
+        jobmirror::replay::ReplayOptions::new(dir.path().join("r.db")),
+    )
+    .unwrap();
+    let s = r.run(&mut |_| Ok(())).unwrap();
+    assert!(s.violations.is_empty(), "{}", s.render());
+    let start = jobmirror::clock::Millis::parse_rfc3339("2026-11-24T08:00:00Z").unwrap();
+    let times: Vec<i64> = r
+        .fake()
+        .requests()
+        .iter()
+        .filter(|q| q.method == "GET" && q.path == "/v3/export-jobs")
+        .map(|q| start.until(q.at))
+        .collect();
+    // Paced: a full bucket (20) plus 20 per second at most, in any one-second window.
+    let mut worst = 0;
+    let mut j = 0;
+    for i in 0..times.len() {
+        while times[i] - times[j] >= 1000 {
+            j += 1;
+        }
+        worst = worst.max(i - j + 1);
+    }
+    assert!(worst <= 40, "{worst} listings within one second");
+    // The start-up recovery pass over 1,000 companies is paced out, not a burst.
+    assert!(times[999] >= 45_000, "recovery took {} ms", times[999]);
+    // Afterwards, polls are spread: per 10 s, close to 1000 / 300 s * 10 s = 33.
+    let mut buckets = std::collections::BTreeMap::new();
+    for t in times
+        .iter()
+        .skip(1000)
+        .filter(|t| **t >= 400_000 && **t < 1_700_000)
+    {
+        *buckets.entry(t / 10_000).or_insert(0) += 1;
+    }
+    let (min, max) = (
+        *buckets.values().min().unwrap(),
+        *buckets.values().max().unwrap(),
+    );
+    assert!(buckets.len() >= 125, "{} ten-second buckets", buckets.len());
+    assert!(min >= 15 && max <= 60, "per 10 s: min {min}, max {max}");
+    // Every company is polled about every 300 s.
+    let per_company = times.len() as f64 / 1000.0;
+    assert!(
+        (6.0..=8.0).contains(&per_company),
+        "{per_company} listings per company in 30 minutes"
+    );
+}

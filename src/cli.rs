@@ -357,7 +357,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     UsageError(format!("{url:?}: Pleo delivers only to https URLs")).into(),
                 );
             }
-            let client = crate::pleo::PleoClient::new(cfg.client_config(), clock)?;
+            let client = cfg.client(clock)?;
             let (id, secret) = client.subscribe(&url, &event_types)?;
             write_private(&file, &format!("{}\n", secret.expose()))?;
             println!(
@@ -425,7 +425,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg = Config::load(cli.config.as_deref())?;
             init_logging(cfg.log);
-            let client = crate::pleo::PleoClient::new(cfg.client_config(), clock.clone())?;
+            let client = cfg.client(clock.clone())?;
             let opts = crate::snapshot::RecordOptions {
                 redact,
                 description,

@@ -29,6 +29,33 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "Pleo API key (Basic auth user, empty password)",
     ),
     (
+        "pleo_auth",
+        Some("api_key"),
+        "api_key (HTTP Basic with pleo_api_key) or oauth (access tokens refreshed and rotated)",
+    ),
+    (
+        "pleo_oauth_token_url",
+        Some("https://auth.pleo.io/oauth/token"),
+        "the OAuth token endpoint",
+    ),
+    ("pleo_oauth_client_id", None, "the OAuth client id"),
+    ("pleo_oauth_client_secret", None, "the OAuth client secret"),
+    (
+        "pleo_oauth_client_secret_file",
+        None,
+        "file holding the OAuth client secret, instead of pleo_oauth_client_secret",
+    ),
+    (
+        "pleo_oauth_refresh_token_file",
+        None,
+        "file holding a refresh token: read when the database has none, or after the stored one is refused",
+    ),
+    (
+        "pleo_oauth_refresh_margin_secs",
+        Some("300"),
+        "refresh the access token this long before it expires",
+    ),
+    (
         "pleo_api_key_file",
         None,
         "file holding the API key (instead of pleo_api_key)",
@@ -249,6 +276,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Processor threads (companies are spread over them).
     pub lanes: u32,
+    /// OAuth 2.0 instead of the API key (`pleo_auth = "oauth"`).
+    pub oauth: Option<crate::oauth::OAuthConfig>,
     /// Client-side pace of API requests (0: none).
     pub pleo_requests_per_sec_max: u32,
     /// A worker thread silent this long is wedged.
@@ -355,7 +384,19 @@ impl Config {
             .to_owned();
         pleo::check_base_url(&pleo_base_url).map_err(|m| err("pleo_base_url", m))?;
 
+        let auth_mode = get("pleo_auth").unwrap_or_default();
+        let oauth_mode = match auth_mode.trim() {
+            "api_key" => false,
+            "oauth" => true,
+            other => {
+                return Err(err(
+                    "pleo_auth",
+                    format!("expected api_key or oauth, got {other:?}"),
+                ));
+            }
+        };
         let key = match (values.get("pleo_api_key"), values.get("pleo_api_key_file")) {
+            (None, None) if oauth_mode => "-".to_owned(),
             (Some(_), Some(_)) => {
                 return Err(err(
                     "pleo_api_key",
@@ -376,6 +417,47 @@ impl Config {
             return Err(err("pleo_api_key", "contains control characters"));
         }
 
+        let oauth = if oauth_mode {
+            let need = |k: &str| -> Result<String, ConfigError> {
+                get(k)
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| err(k, "is required when pleo_auth = \"oauth\""))
+            };
+            let client_secret = match (
+                values.get("pleo_oauth_client_secret"),
+                values.get("pleo_oauth_client_secret_file"),
+            ) {
+                (Some(s), None) => s.trim().to_owned(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .map_err(|e| {
+                        err(
+                            "pleo_oauth_client_secret_file",
+                            format!("cannot read {f}: {e}"),
+                        )
+                    })?
+                    .trim()
+                    .to_owned(),
+                _ => {
+                    return Err(err(
+                        "pleo_oauth_client_secret",
+                        "set exactly one of pleo_oauth_client_secret and pleo_oauth_client_secret_file",
+                    ));
+                }
+            };
+            let token_url = need("pleo_oauth_token_url")?;
+            pleo::check_base_url(&token_url).map_err(|m| err("pleo_oauth_token_url", m))?;
+            Some(crate::oauth::OAuthConfig {
+                token_url,
+                client_id: need("pleo_oauth_client_id")?,
+                client_secret: Secret::new(client_secret),
+                refresh_token_file: Some(PathBuf::from(need("pleo_oauth_refresh_token_file")?)),
+                refresh_margin: secs("pleo_oauth_refresh_margin_secs", 0)?,
+                timeout: secs("pleo_request_timeout_secs", 1)?,
+            })
+        } else {
+            None
+        };
         let company_ids: Vec<String> = get("company_ids")
             .unwrap_or_default()
             .split([',', ' ', '\n', '\t'])
@@ -533,6 +615,7 @@ impl Config {
             pleo_retry_attempts_max: count("pleo_retry_attempts_max")?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1)?,
             lanes: count("lanes")?,
+            oauth,
             pleo_requests_per_sec_max: {
                 let v = get("pleo_requests_per_sec_max").unwrap_or_default();
                 v.trim().parse::<u32>().map_err(|_| {
@@ -556,6 +639,21 @@ impl Config {
                 "is required: a handler program, or outbox:DIR to write items as files",
             )
         })
+    }
+
+    /// The Pleo client this configuration describes (API key, or OAuth tokens kept in the
+    /// database).
+    pub fn client(&self, clock: crate::clock::SharedClock) -> anyhow::Result<pleo::PleoClient> {
+        let mut c = self.client_config();
+        if let Some(o) = &self.oauth {
+            let store = crate::store::Store::open(&self.db)?;
+            c.auth = pleo::Auth::OAuth(std::sync::Arc::new(crate::oauth::TokenSource::new(
+                o.clone(),
+                store,
+                clock.clone(),
+            )?));
+        }
+        Ok(pleo::PleoClient::new(c, clock)?)
     }
 
     pub fn client_config(&self) -> pleo::ClientConfig {

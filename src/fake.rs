@@ -146,6 +146,68 @@ pub struct FaultRates {
     pub slow_millis: u64,
 }
 
+/// The fake's OAuth token endpoint: refresh tokens rotate, each works once.
+#[derive(Debug, Default)]
+struct FakeOAuth {
+    client_id: String,
+    client_secret: String,
+    refresh_tokens: HashSet<String>,
+    access: std::collections::HashMap<String, Millis>,
+    ttl_secs: i64,
+    issued: u64,
+    grants: Vec<TokenGrant>,
+}
+
+/// One call of the token endpoint, as the fake saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TokenGrant {
+    pub at: Millis,
+    /// The refresh token offered (the fake's own tokens are not secrets).
+    pub refresh_token: String,
+    pub ok: bool,
+}
+
+fn form_pairs(body: &[u8]) -> std::collections::HashMap<String, String> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (httpd::percent_decode(k), httpd::percent_decode(v)))
+        .collect()
+}
+
+fn token_endpoint(w: &mut World, body: &[u8], now: Millis) -> Response {
+    let Some(o) = w.oauth.as_mut() else {
+        return error(404, "NOT_FOUND", "OAuth is not enabled on this fake");
+    };
+    let f = form_pairs(body);
+    let get = |k: &str| f.get(k).cloned().unwrap_or_default();
+    if get("client_id") != o.client_id || get("client_secret") != o.client_secret {
+        return Response::json(401, &json!({"error": "invalid_client"}));
+    }
+    if get("grant_type") != "refresh_token" {
+        return Response::json(400, &json!({"error": "unsupported_grant_type"}));
+    }
+    let offered = get("refresh_token");
+    let ok = o.refresh_tokens.remove(&offered);
+    o.grants.push(TokenGrant {
+        at: now,
+        refresh_token: offered,
+        ok,
+    });
+    if !ok {
+        return Response::json(400, &json!({"error": "invalid_grant"}));
+    }
+    o.issued += 1;
+    let access = format!("fake-access-{:04}", o.issued);
+    let refresh = format!("fake-refresh-{:04}", o.issued);
+    o.access.insert(access.clone(), now.plus_secs(o.ttl_secs));
+    o.refresh_tokens.insert(refresh.clone());
+    Response::json(
+        200,
+        &json!({"access_token": access, "refresh_token": refresh, "token_type": "bearer", "expires_in": o.ttl_secs}),
+    )
+}
+
 /// Who moved a job to `in_progress`, as the fake saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -195,6 +257,8 @@ struct World {
     rates: FaultRates,
     rng: u64,
     steal_on_get: HashSet<String>,
+    /// The OAuth token endpoint's state, when enabled.
+    oauth: Option<FakeOAuth>,
     /// Requests left before the fake stops answering (a crash of its client, as Pleo sees
     /// it: nothing more arrives). `Some(0)`: every request is dropped unapplied.
     blackout_after: Option<u32>,
@@ -561,6 +625,7 @@ impl FakePleo {
                 steal_on_get: HashSet::new(),
                 claims: Vec::new(),
                 blackout_after: None,
+                oauth: None,
                 holders: std::collections::HashMap::new(),
                 next_id: 0,
                 subscriptions: Vec::new(),
@@ -781,6 +846,51 @@ impl FakePleo {
             .claim_hook
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// Turns the token endpoint on (`POST /oauth/token`): `refresh_token` works once, and so
+    /// does every refresh token it issues; access tokens live `access_ttl_secs`.
+    pub fn enable_oauth(
+        &self,
+        client_id: &str,
+        client_secret: &str,
+        refresh_token: &str,
+        access_ttl_secs: i64,
+    ) {
+        self.shared.lock().oauth = Some(FakeOAuth {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            refresh_tokens: [refresh_token.to_owned()].into(),
+            ttl_secs: access_ttl_secs,
+            ..FakeOAuth::default()
+        });
+    }
+
+    /// Every call of the token endpoint.
+    pub fn token_grants(&self) -> Vec<TokenGrant> {
+        self.shared
+            .lock()
+            .oauth
+            .as_ref()
+            .map(|o| o.grants.clone())
+            .unwrap_or_default()
+    }
+
+    /// Revokes every access token issued so far (the API answers 401 to them).
+    pub fn revoke_access_tokens(&self) {
+        if let Some(o) = self.shared.lock().oauth.as_mut() {
+            o.access.clear();
+        }
+    }
+
+    /// Issues a fresh refresh token, as an operator re-authorizing would get one.
+    pub fn authorize_again(&self) -> Option<String> {
+        let mut w = self.shared.lock();
+        let o = w.oauth.as_mut()?;
+        o.issued += 1;
+        let t = format!("fake-refresh-{:04}", o.issued);
+        o.refresh_tokens.insert(t.clone());
+        Some(t)
     }
 
     /// Every claim the fake saw, in order.
@@ -1228,11 +1338,14 @@ fn choose_fault(w: &mut World, head: &Head) -> Option<Fault> {
     None
 }
 
-fn authorized(w: &World, head: &Head) -> bool {
+fn authorized(w: &World, head: &Head, now: Millis) -> bool {
     use base64::Engine;
     let Some(h) = head.header("authorization") else {
         return false;
     };
+    if let (Some(t), Some(o)) = (h.strip_prefix("Bearer "), &w.oauth) {
+        return o.access.get(t.trim()).is_some_and(|exp| *exp > now);
+    }
     let Some(b64) = h.strip_prefix("Basic ") else {
         return false;
     };
@@ -1254,7 +1367,10 @@ fn route(w: &mut World, req: &Request, now: Millis) -> Response {
     if segs.first() == Some(&"_fake") {
         return control(w, req, &segs);
     }
-    if !authorized(w, head) {
+    if head.method == "POST" && segs == ["oauth", "token"] {
+        return token_endpoint(w, &req.body, now);
+    }
+    if !authorized(w, head, now) {
         return error(401, "UNAUTHORIZED", "missing or invalid credentials");
     }
     let q = head.query_pairs();

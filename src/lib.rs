@@ -13,6 +13,7 @@ pub mod health;
 pub mod httpd;
 pub mod mirror;
 pub mod notify;
+pub mod oauth;
 pub mod ops;
 pub mod pipeline;
 pub mod pleo;

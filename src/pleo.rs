@@ -212,20 +212,23 @@ impl Default for RetryPolicy {
 pub enum Auth {
     /// HTTP Basic with the key as user name and an empty password.
     ApiKey(Secret),
-    /// OAuth 2.0 access token.
+    /// A fixed OAuth 2.0 access token.
     Bearer(Secret),
+    /// OAuth 2.0 with refresh and rotation.
+    OAuth(std::sync::Arc<crate::oauth::TokenSource>),
 }
 
 impl Auth {
-    fn header(&self) -> String {
+    fn header(&self) -> Result<String, PleoError> {
         use base64::Engine;
-        match self {
+        Ok(match self {
             Auth::ApiKey(k) => format!(
                 "Basic {}",
                 base64::engine::general_purpose::STANDARD.encode(format!("{}:", k.expose()))
             ),
             Auth::Bearer(t) => format!("Bearer {}", t.expose()),
-        }
+            Auth::OAuth(src) => format!("Bearer {}", src.bearer()?.expose()),
+        })
     }
 }
 
@@ -564,6 +567,7 @@ impl PleoClient {
     ) -> Result<Reply, PleoError> {
         let policy = &self.cfg.retry;
         let mut attempt: u32 = 0;
+        let mut refreshed = false;
         loop {
             attempt += 1;
             self.pace();
@@ -577,6 +581,15 @@ impl PleoClient {
                     Err(_) => None,
                 };
                 m.api_request(method, path, status);
+            }
+            // An access token refused before it expired (revoked, clock skew): refresh it once.
+            if let (Ok((reply, _)), Auth::OAuth(src)) = (&outcome, &self.cfg.auth)
+                && reply.status == 401
+                && !refreshed
+            {
+                refreshed = true;
+                src.invalidate();
+                continue;
             }
             let (retry, wait) = match &outcome {
                 Ok((reply, retry_after))
@@ -661,7 +674,7 @@ impl PleoClient {
         body: Option<&[u8]>,
     ) -> Result<(Reply, Option<Duration>), PleoError> {
         let url = format!("{}{}", self.cfg.base_url, path);
-        let auth = self.cfg.auth.header();
+        let auth = self.cfg.auth.header()?;
         let result = match method {
             "GET" => {
                 let mut req = self.agent.get(&url).header("Authorization", &auth);
@@ -816,7 +829,7 @@ mod tests {
     #[test]
     fn api_key_is_basic_with_empty_password_and_hidden_in_debug() {
         let a = Auth::ApiKey(Secret::new("k3y"));
-        assert_eq!(a.header(), "Basic azN5Og==");
+        assert_eq!(a.header().unwrap(), "Basic azN5Og==");
         assert!(!format!("{a:?}").contains("k3y"));
     }
 

@@ -21,7 +21,6 @@ use crate::clock::{SharedClock, monotonic};
 use crate::config::Config;
 use crate::health::{Metrics, Progress};
 use crate::mirror::{self, Mirror};
-use crate::pleo::PleoClient;
 use crate::processor::{self, Processor, ProcessorConfig, RoundReport};
 use crate::store::Store;
 
@@ -103,7 +102,7 @@ impl Workers {
         let progress = Arc::new(Progress::new(cfg.health_stale));
         let metrics = Arc::new(Metrics::default());
         let client = Arc::new(
-            PleoClient::new(cfg.client_config(), clock.clone())?
+            cfg.client(clock.clone())?
                 .with_health(progress.clone(), metrics.clone()),
         );
         let events = match &cfg.webhook {

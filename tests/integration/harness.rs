@@ -181,7 +181,10 @@ impl World {
         env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         jobmirror::config::Config::load_with(None, &|k| {
             // Later entries (the extras) win.
-            env.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+            env.iter()
+                .rev()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
         })
         .unwrap()
     }

@@ -8,6 +8,7 @@ mod cli;
 mod client;
 mod httpd;
 mod mirror;
+mod oauth;
 mod openapi;
 mod operations;
 mod ops;

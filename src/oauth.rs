@@ -1,0 +1,276 @@
+//! OAuth 2.0 access tokens for the Pleo client: use, refresh before expiry, rotation.
+//!
+//! Invariants: one refresher per process (a lock; the service is the only process using the
+//! database's tokens); every refresh rotates the pair and the old refresh token stops working,
+//! so the new pair is committed to `oauth_tokens` before it is used, and a pair that cannot be
+//! committed is never used; the intent to refresh is committed before the request, so after a
+//! crash between the token endpoint's answer and the commit jobmirror can say what happened;
+//! tokens never reach a log or an error message.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::clock::{Millis, SharedClock};
+use crate::pleo::{PleoError, Secret};
+use crate::store::Store;
+
+#[derive(Clone, Debug)]
+pub struct OAuthConfig {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Where the operator puts a refresh token: read when the database has none, or when the
+    /// stored one is refused (after re-authorizing).
+    pub refresh_token_file: Option<PathBuf>,
+    /// Refresh this long before the access token expires.
+    pub refresh_margin: Duration,
+    pub timeout: Duration,
+}
+
+/// Hands out a valid access token, refreshing it when due.
+pub struct TokenSource {
+    cfg: OAuthConfig,
+    credential: String,
+    store: Mutex<Store>,
+    clock: SharedClock,
+    agent: ureq::Agent,
+    cached: Mutex<Option<(Secret, Millis)>>,
+    refresh_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("token_url", &self.cfg.token_url)
+            .field("credential", &self.credential)
+            .finish_non_exhaustive()
+    }
+}
+
+fn auth_error(message: String) -> PleoError {
+    PleoError::Api {
+        status: 401,
+        kind: "OAUTH_REFRESH_FAILED".into(),
+        message,
+    }
+}
+
+impl TokenSource {
+    pub fn new(
+        cfg: OAuthConfig,
+        store: Store,
+        clock: SharedClock,
+    ) -> Result<TokenSource, PleoError> {
+        crate::pleo::check_base_url(&cfg.token_url).map_err(PleoError::Config)?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(cfg.timeout))
+            .max_redirects(0)
+            .build()
+            .into();
+        Ok(TokenSource {
+            cfg,
+            credential: "default".into(),
+            store: Mutex::new(store),
+            clock,
+            agent,
+            cached: Mutex::new(None),
+            refresh_lock: Mutex::new(()),
+        })
+    }
+
+    fn fresh(&self, exp: Millis) -> bool {
+        self.clock.now().plus(self.cfg.refresh_margin) < exp
+    }
+
+    /// A valid access token (refreshed first if it expires within the margin).
+    pub fn bearer(&self) -> Result<Secret, PleoError> {
+        if let Some((t, exp)) = self
+            .cached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            && self.fresh(exp)
+        {
+            return Ok(t);
+        }
+        // One refresher: others wait here and then find the new token.
+        let _one = self.refresh_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((t, exp)) = self
+            .cached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            && self.fresh(exp)
+        {
+            return Ok(t);
+        }
+        let row = self.stored()?;
+        if let (Some(t), Some(exp)) = (&row.access_token, row.access_expires_at)
+            && self.fresh(exp)
+        {
+            *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((t.clone(), exp));
+            return Ok(t.clone());
+        }
+        let interrupted = row.refresh_started_at;
+        self.refresh(row, true, interrupted)
+    }
+
+    /// The API refused the token (401): forget it, so the next call refreshes.
+    pub fn invalidate(&self) {
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(Some(row)) = store.oauth_get(&self.credential) {
+            // Expire the stored access token (keeping the refresh token).
+            let _ = store.oauth_commit(
+                &self.credential,
+                "",
+                Millis(0),
+                row.refresh_token.expose(),
+                self.clock.now(),
+            );
+        }
+    }
+
+    fn file_token(&self) -> Option<String> {
+        let path = self.cfg.refresh_token_file.as_ref()?;
+        let t = std::fs::read_to_string(path).ok()?;
+        let t = t.trim().to_owned();
+        (!t.is_empty()).then_some(t)
+    }
+
+    fn stored(&self) -> Result<crate::store::TokenRow, PleoError> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let db = |e: crate::store::StoreError| PleoError::Config(format!("OAuth token store: {e}"));
+        if let Some(row) = store.oauth_get(&self.credential).map_err(db)? {
+            return Ok(row);
+        }
+        let Some(t) = self.file_token() else {
+            return Err(auth_error(
+                "no OAuth refresh token yet: put one in the file named by pleo_oauth_refresh_token_file".into(),
+            ));
+        };
+        store
+            .oauth_seed(&self.credential, &t, self.clock.now())
+            .map_err(db)?;
+        store
+            .oauth_get(&self.credential)
+            .map_err(db)?
+            .ok_or_else(|| auth_error("the OAuth token row vanished".into()))
+    }
+
+    /// `interrupted`: when an earlier refresh began that never stored its answer, if one did.
+    fn refresh(
+        &self,
+        row: crate::store::TokenRow,
+        may_reseed: bool,
+        interrupted: Option<Millis>,
+    ) -> Result<Secret, PleoError> {
+        let db = |e: crate::store::StoreError| PleoError::Config(format!("OAuth token store: {e}"));
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .oauth_begin_refresh(&self.credential, self.clock.now())
+            .map_err(db)?;
+        let form = format!(
+            "grant_type=refresh_token&refresh_token={}&client_id={}&client_secret={}",
+            enc(row.refresh_token.expose()),
+            enc(&self.cfg.client_id),
+            enc(self.cfg.client_secret.expose())
+        );
+        let resp = self
+            .agent
+            .post(&self.cfg.token_url)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .header("Accept", "application/json")
+            .send(form.as_bytes());
+        let mut resp =
+            resp.map_err(|e| PleoError::Transport(format!("OAuth token endpoint: {e}")))?;
+        let status = resp.status().as_u16();
+        let body: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
+        if status == 200 {
+            let (Some(access), Some(refresh)) = (
+                body["access_token"].as_str(),
+                body["refresh_token"].as_str(),
+            ) else {
+                return Err(PleoError::Decode(
+                    "the token endpoint's answer lacks access_token or refresh_token".into(),
+                ));
+            };
+            let now = self.clock.now();
+            let expires = now.plus_secs(body["expires_in"].as_i64().unwrap_or(3600));
+            // Committed before use: if this fails, the new pair is not used at all.
+            self.store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .oauth_commit(&self.credential, access, expires, refresh, now)
+                .map_err(|e| {
+                    PleoError::Config(format!(
+                        "the refreshed OAuth tokens could not be stored, so they are not used: {e}"
+                    ))
+                })?;
+            log::info!("OAuth access token refreshed; valid until {expires}");
+            let token = Secret::new(access);
+            *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((token.clone(), expires));
+            return Ok(token);
+        }
+        let code = body["error"].as_str().unwrap_or("").to_owned();
+        if status == 400 || status == 401 {
+            // The operator may have authorized again and left a new refresh token in the file.
+            if may_reseed
+                && let Some(t) = self.file_token()
+                && t != row.refresh_token.expose()
+            {
+                log::warn!(
+                    "the stored OAuth refresh token was refused ({code}); using the one in pleo_oauth_refresh_token_file"
+                );
+                let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+                store
+                    .oauth_seed(&self.credential, &t, self.clock.now())
+                    .map_err(db)?;
+                let row = store
+                    .oauth_get(&self.credential)
+                    .map_err(db)?
+                    .ok_or_else(|| auth_error("the OAuth token row vanished".into()))?;
+                drop(store);
+                return self.refresh(row, false, interrupted);
+            }
+            let why = match interrupted {
+                Some(at) => format!(
+                    "the OAuth refresh token was refused ({code}). A refresh started at {at} never stored its answer (jobmirror stopped in between), so the token endpoint has already rotated the pair; authorize again and put the new refresh token in pleo_oauth_refresh_token_file"
+                ),
+                None => format!(
+                    "the OAuth refresh token was refused ({code}); authorize again and put the new refresh token in pleo_oauth_refresh_token_file"
+                ),
+            };
+            let _ = self
+                .store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .oauth_error(&self.credential, &why, self.clock.now());
+            log::error!("{why}");
+            return Err(auth_error(why));
+        }
+        Err(PleoError::Api {
+            status,
+            kind: "OAUTH_TOKEN_ENDPOINT".into(),
+            message: format!("the token endpoint answered {status} {code}"),
+        })
+    }
+}
+
+/// `application/x-www-form-urlencoded` value encoding.
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -540,7 +540,7 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>) -> anyhow::Result<()> {
     let sync_db = dir.join("sync.db");
     let mut mirror = crate::mirror::Mirror::new(
         Store::open(&sync_db)?,
-        client.clone(),
+        crate::pleo::Clients::single(client.clone()),
         clock.clone(),
         companies.clone(),
     );
@@ -738,20 +738,20 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>) -> anyhow::Result<()> {
     let pdb = dir.join("processing.db");
     crate::mirror::Mirror::new(
         Store::open(&pdb)?,
-        client4.clone(),
+        crate::pleo::Clients::single(client4.clone()),
         clock.clone(),
         vec!["p".into()],
     )
     .pass(crate::mirror::PassKind::Recovery);
     let stage = crate::pipeline::HandlerStage::new(
-        client4.clone(),
+        crate::pleo::Clients::single(client4.clone()),
         clock.clone(),
         crate::handler::HandlerSpec::Outbox(dir.join("outbox4")),
         crate::pipeline::PipelineConfig::default(),
     );
     let mut p = crate::processor::Processor::new(
         Store::open(&pdb)?,
-        client4,
+        crate::pleo::Clients::single(client4),
         clock.clone(),
         vec!["p".into()],
         crate::processor::ProcessorConfig::default(),

@@ -29,6 +29,11 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "Pleo API key (Basic auth user, empty password)",
     ),
     (
+        "company_api_keys_file",
+        None,
+        "TOML file of \"company id\" = \"API key\" lines: companies with credentials of their own",
+    ),
+    (
         "pleo_auth",
         Some("api_key"),
         "api_key (HTTP Basic with pleo_api_key) or oauth (access tokens refreshed and rotated)",
@@ -276,6 +281,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Processor threads (companies are spread over them).
     pub lanes: u32,
+    /// Companies with API keys of their own (`company_api_keys_file`).
+    pub company_api_keys: BTreeMap<String, Secret>,
     /// OAuth 2.0 instead of the API key (`pleo_auth = "oauth"`).
     pub oauth: Option<crate::oauth::OAuthConfig>,
     /// Client-side pace of API requests (0: none).
@@ -458,6 +465,27 @@ impl Config {
         } else {
             None
         };
+        let company_api_keys: BTreeMap<String, Secret> = match get("company_api_keys_file")
+            .filter(|f| !f.trim().is_empty())
+        {
+            None => BTreeMap::new(),
+            Some(f) => {
+                let k = "company_api_keys_file";
+                let text = std::fs::read_to_string(&f)
+                    .map_err(|e| err(k, format!("cannot read {f}: {e}")))?;
+                let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                    err(k, format!("{f} is not valid TOML: {}", e.message()))
+                })?;
+                let mut out = BTreeMap::new();
+                for (company, v) in table {
+                    let key = v.as_str().map(str::trim).filter(|s| !s.is_empty()).ok_or_else(|| {
+                        err(k, format!("{f}: the key for company {company:?} must be a non-empty string"))
+                    })?;
+                    out.insert(company, Secret::new(key));
+                }
+                out
+            }
+        };
         let company_ids: Vec<String> = get("company_ids")
             .unwrap_or_default()
             .split([',', ' ', '\n', '\t'])
@@ -465,6 +493,12 @@ impl Config {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect();
+        if let Some(c) = company_api_keys.keys().find(|c| !company_ids.contains(c)) {
+            return Err(err(
+                "company_api_keys_file",
+                format!("company {c} has a key but is not in company_ids"),
+            ));
+        }
         if company_ids.is_empty() {
             return Err(err(
                 "company_ids",
@@ -615,6 +649,7 @@ impl Config {
             pleo_retry_attempts_max: count("pleo_retry_attempts_max")?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1)?,
             lanes: count("lanes")?,
+            company_api_keys,
             oauth,
             pleo_requests_per_sec_max: {
                 let v = get("pleo_requests_per_sec_max").unwrap_or_default();
@@ -639,6 +674,33 @@ impl Config {
                 "is required: a handler program, or outbox:DIR to write items as files",
             )
         })
+    }
+
+    /// Every client the service needs: the default credential, and one per company named in
+    /// `company_api_keys_file`. Each paces its own requests.
+    pub fn clients(
+        &self,
+        clock: crate::clock::SharedClock,
+        progress: &std::sync::Arc<crate::health::Progress>,
+        metrics: &std::sync::Arc<crate::health::Metrics>,
+    ) -> anyhow::Result<std::sync::Arc<pleo::Clients>> {
+        let default = std::sync::Arc::new(
+            self.client(clock.clone())?
+                .with_health(progress.clone(), metrics.clone()),
+        );
+        let mut by_company = std::collections::HashMap::new();
+        for (company, key) in &self.company_api_keys {
+            let mut c = self.client_config();
+            c.auth = pleo::Auth::ApiKey(key.clone());
+            by_company.insert(
+                company.clone(),
+                std::sync::Arc::new(
+                    pleo::PleoClient::new(c, clock.clone())?
+                        .with_health(progress.clone(), metrics.clone()),
+                ),
+            );
+        }
+        Ok(pleo::Clients::new(default, by_company))
     }
 
     /// The Pleo client this configuration describes (API key, or OAuth tokens kept in the

@@ -259,6 +259,8 @@ struct World {
     steal_on_get: HashSet<String>,
     /// The OAuth token endpoint's state, when enabled.
     oauth: Option<FakeOAuth>,
+    /// API keys that belong to one company (403 for any other company's jobs).
+    key_companies: std::collections::HashMap<String, String>,
     /// Requests left before the fake stops answering (a crash of its client, as Pleo sees
     /// it: nothing more arrives). `Some(0)`: every request is dropped unapplied.
     blackout_after: Option<u32>,
@@ -626,6 +628,7 @@ impl FakePleo {
                 claims: Vec::new(),
                 blackout_after: None,
                 oauth: None,
+                key_companies: std::collections::HashMap::new(),
                 holders: std::collections::HashMap::new(),
                 next_id: 0,
                 subscriptions: Vec::new(),
@@ -874,6 +877,13 @@ impl FakePleo {
             .as_ref()
             .map(|o| o.grants.clone())
             .unwrap_or_default()
+    }
+
+    /// Accepts `key` too, for `company` only: other companies' jobs answer 403.
+    pub fn add_company_key(&self, key: &str, company: &str) {
+        let mut w = self.shared.lock();
+        w.api_keys.push(key.to_owned());
+        w.key_companies.insert(key.to_owned(), company.to_owned());
     }
 
     /// Revokes every access token issued so far (the API answers 401 to them).
@@ -1338,6 +1348,17 @@ fn choose_fault(w: &mut World, head: &Head) -> Option<Fault> {
     None
 }
 
+/// The API key of a Basic authorization header.
+fn basic_user(head: &Head) -> Option<String> {
+    use base64::Engine;
+    let b64 = head.header("authorization")?.strip_prefix("Basic ")?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    Some(text.split_once(':')?.0.to_owned())
+}
+
 fn authorized(w: &World, head: &Head, now: Millis) -> bool {
     use base64::Engine;
     let Some(h) = head.header("authorization") else {
@@ -1374,6 +1395,27 @@ fn route(w: &mut World, req: &Request, now: Millis) -> Response {
         return error(401, "UNAUTHORIZED", "missing or invalid credentials");
     }
     let q = head.query_pairs();
+    if let Some(allowed) = basic_user(head).and_then(|k| w.key_companies.get(&k).cloned()) {
+        let job_company = |id: &str| {
+            w.jobs
+                .iter()
+                .find(|j| j.id == id)
+                .map(|j| j.company_id.clone())
+        };
+        let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let touched = match segs.as_slice() {
+            ["v3", "export-jobs"] => param("company_id"),
+            ["v3", "export-jobs", id, ..] => job_company(id),
+            ["v3", "export-items"] => param("job_id").and_then(|j| job_company(&j)),
+            ["v3", "export-job-events"] => serde_json::from_slice::<Value>(&req.body)
+                .ok()
+                .and_then(|v| v["jobId"].as_str().and_then(job_company)),
+            _ => None,
+        };
+        if touched.is_some_and(|c| c != allowed) {
+            return error(403, "FORBIDDEN", "this API key belongs to another company");
+        }
+    }
     match (head.method.as_str(), segs.as_slice()) {
         ("GET", ["v3", "export-jobs"]) => list_jobs(w, &q),
         ("POST", ["v3", "export-jobs"]) => create_job(w, &req.body, now),

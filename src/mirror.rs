@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 use serde_json::json;
 
 use crate::clock::SharedClock;
-use crate::pleo::{PleoClient, PleoError, status};
+use crate::pleo::{Clients, PleoError, status};
 use crate::store::{EventKind, Source, Store, StoreError, SyncCounts, Upsert};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +119,7 @@ pub struct PassReport {
 
 pub struct Mirror {
     store: Store,
-    client: Arc<PleoClient>,
+    clients: Arc<Clients>,
     clock: SharedClock,
     companies: Vec<String>,
     recovered: HashSet<String>,
@@ -131,13 +131,13 @@ pub struct Mirror {
 impl Mirror {
     pub fn new(
         store: Store,
-        client: Arc<PleoClient>,
+        clients: Arc<Clients>,
         clock: SharedClock,
         companies: Vec<String>,
     ) -> Mirror {
         Mirror {
             store,
-            client,
+            clients,
             clock,
             companies,
             recovered: HashSet::new(),
@@ -200,7 +200,11 @@ impl Mirror {
                         "ignored: event type {:?}",
                         d.event_type.as_deref().unwrap_or("")
                     ),
-                    (Some(id), true) => match self.client.get_job(id) {
+                    (Some(id), true) => match self
+                        .clients
+                        .for_company(d.company_id.as_deref())
+                        .get_job(id)
+                    {
                         Ok(job) if !self.companies.contains(&job.company_id) => {
                             format!("ignored: company {} is not served here", job.company_id)
                         }
@@ -321,7 +325,8 @@ impl Mirror {
             PassKind::Recovery => &[status::PENDING, status::IN_PROGRESS],
             PassKind::Poll | PassKind::Trigger => &[status::PENDING],
         };
-        let listing = self.client.list_jobs(company, statuses)?;
+        let client = self.clients.for_company(Some(company));
+        let listing = client.list_jobs(company, statuses)?;
         counts.pages = listing.pages;
         counts.seen = listing.jobs.len() as u32;
         // A job we hold was recorded (`claiming`) before its `started` was sent, so once the
@@ -364,7 +369,7 @@ impl Mirror {
         let seen: HashSet<String> = mine.iter().map(|j| j.id.clone()).collect();
         for id in self.store.open_jobs_missing(company, &seen)? {
             counts.reread += 1;
-            match self.client.get_job(&id) {
+            match client.get_job(&id) {
                 Ok(job) => {
                     let now = self.clock.now();
                     self.store.journal(

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use crate::clock::{Millis, SharedClock};
 use crate::handler::{HandlerMsg, HandlerSpec, Readiness};
-use crate::pleo::{JobEvent, JobEventKind, PleoClient, PleoError};
+use crate::pleo::{Clients, JobEvent, JobEventKind, PleoClient, PleoError};
 use crate::processor::Stage;
 use crate::store::{EventKind, ItemResult, JobRow, ProcState, Source, Store, StoreError};
 
@@ -63,7 +63,7 @@ pub enum Milestone {
 }
 
 pub struct HandlerStage {
-    client: Arc<PleoClient>,
+    clients: Arc<Clients>,
     clock: SharedClock,
     handler: HandlerSpec,
     cfg: PipelineConfig,
@@ -73,19 +73,23 @@ pub struct HandlerStage {
 
 impl HandlerStage {
     pub fn new(
-        client: Arc<PleoClient>,
+        clients: Arc<Clients>,
         clock: SharedClock,
         handler: HandlerSpec,
         cfg: PipelineConfig,
     ) -> HandlerStage {
         HandlerStage {
-            client,
+            clients,
             clock,
             handler,
             cfg,
             milestones: None,
             health: None,
         }
+    }
+
+    fn client(&self, job: &JobRow) -> &PleoClient {
+        self.clients.for_company(Some(&job.company_id))
     }
 
     /// Beats `progress` while a handler runs and counts its results in `metrics`.
@@ -166,7 +170,7 @@ impl Stage for HandlerStage {
                     json!({"error": e.to_string()}),
                 )?;
                 // A finished job at Pleo (422 on items) is picked up by the re-read.
-                if let Ok(fresh) = self.client.get_job(&job.id) {
+                if let Ok(fresh) = self.client(job).get_job(&job.id) {
                     store.upsert_job(&fresh, self.clock.now(), Source::Reread)?;
                 }
                 Ok(())
@@ -201,8 +205,8 @@ impl HandlerStage {
         }
 
         // Both layers, every page.
-        let job_items = self.client.list_job_items(&job.id)?;
-        let export_items = self.client.list_export_items(&job.id)?;
+        let job_items = self.client(job).list_job_items(&job.id)?;
+        let export_items = self.client(job).list_export_items(&job.id)?;
         let by_entry: std::collections::HashMap<String, &Value> = export_items
             .iter()
             .filter_map(|i| i["accountingEntryId"].as_str().map(|e| (e.to_owned(), i)))
@@ -514,7 +518,7 @@ impl HandlerStage {
                 .map(|u| update_json(&u.result, u.handled_at))
                 .collect();
             let at = self.clock.now();
-            let outcome = self.client.put_items(&job.id, &updates)?;
+            let outcome = self.client(job).put_items(&job.id, &updates)?;
             // The PUT changed state at Pleo: lastUpdatedAt (and so the deadline) moved.
             *deadline = Millis(at.0 + expires_in_ms);
             store.touch_job(&job.id, at)?;
@@ -595,7 +599,7 @@ impl HandlerStage {
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
         let counts = store.item_counts(&job.id)?;
-        match self.client.post_event(&event) {
+        match self.client(job).post_event(&event) {
             Ok(()) => {}
             Err(e) if e.is_status_conflict() => {
                 // Already finished or expired at Pleo: the re-read below says how.
@@ -617,7 +621,7 @@ impl HandlerStage {
                 "failure_reason_type": f.failure_reason_type, "failure_reason": f.failure_reason,
             }),
         )?;
-        match self.client.get_job(&job.id) {
+        match self.client(job).get_job(&job.id) {
             Ok(fresh) => {
                 store.upsert_job(&fresh, self.clock.now(), Source::Reread)?;
             }

@@ -310,6 +310,38 @@ pub struct Listing {
     pub pages: u32,
 }
 
+/// The clients of a service, one per credential: companies with credentials of their own use
+/// theirs, all others the default.
+#[derive(Debug)]
+pub struct Clients {
+    default: std::sync::Arc<PleoClient>,
+    by_company: std::collections::HashMap<String, std::sync::Arc<PleoClient>>,
+}
+
+impl Clients {
+    pub fn new(
+        default: std::sync::Arc<PleoClient>,
+        by_company: std::collections::HashMap<String, std::sync::Arc<PleoClient>>,
+    ) -> std::sync::Arc<Clients> {
+        std::sync::Arc::new(Clients {
+            default,
+            by_company,
+        })
+    }
+
+    /// One client for every company.
+    pub fn single(client: std::sync::Arc<PleoClient>) -> std::sync::Arc<Clients> {
+        Clients::new(client, Default::default())
+    }
+
+    /// The client holding `company`'s credential (`None`: the default).
+    pub fn for_company(&self, company: Option<&str>) -> &PleoClient {
+        company
+            .and_then(|c| self.by_company.get(c))
+            .unwrap_or(&self.default)
+    }
+}
+
 /// Which failures a request may be sent again after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Retry {

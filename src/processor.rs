@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 use serde_json::json;
 
 use crate::clock::{Millis, SharedClock};
-use crate::pleo::{JobEvent, JobEventKind, PleoClient, PleoError, status};
+use crate::pleo::{Clients, JobEvent, JobEventKind, PleoError, status};
 use crate::store::{EventKind, JobRow, ProcState, Source, Store, StoreError};
 
 #[derive(Clone, Debug)]
@@ -88,7 +88,7 @@ impl RoundReport {
 
 pub struct Processor {
     store: Store,
-    client: Arc<PleoClient>,
+    clients: Arc<Clients>,
     clock: SharedClock,
     companies: Vec<String>,
     cfg: ProcessorConfig,
@@ -99,14 +99,14 @@ pub struct Processor {
 impl Processor {
     pub fn new(
         store: Store,
-        client: Arc<PleoClient>,
+        clients: Arc<Clients>,
         clock: SharedClock,
         companies: Vec<String>,
         cfg: ProcessorConfig,
     ) -> Processor {
         Processor {
             store,
-            client,
+            clients,
             clock,
             companies,
             cfg,
@@ -218,7 +218,11 @@ impl Processor {
 
     /// Re-reads the job and stores what Pleo says; `None` when Pleo could not be asked.
     fn reread(&self, job: &JobRow, report: &mut RoundReport) -> Result<Option<JobRow>, StoreError> {
-        match self.client.get_job(&job.id) {
+        match self
+            .clients
+            .for_company(Some(&job.company_id))
+            .get_job(&job.id)
+        {
             Ok(fresh) => {
                 self.store
                     .upsert_job(&fresh, self.clock.now(), Source::Reread)?;
@@ -275,12 +279,13 @@ impl Processor {
             failure_reason: None,
             failure_reason_type: None,
         };
-        match self.client.post_event(&event) {
+        let client = self.clients.for_company(Some(&fresh.company_id));
+        match client.post_event(&event) {
             Ok(()) => {
                 // Read back what Pleo now says (new lastUpdatedAt, so the new deadline).
                 // Read back what Pleo now says (new lastUpdatedAt, so the new deadline). If
                 // that read fails the claim still stands: hold the job with the deadline known.
-                if let Ok(j) = self.client.get_job(&fresh.id) {
+                if let Ok(j) = client.get_job(&fresh.id) {
                     self.store
                         .upsert_job(&j, self.clock.now(), Source::Reread)?;
                 }

@@ -101,10 +101,7 @@ impl Workers {
         sync_store.relax_durability()?;
         let progress = Arc::new(Progress::new(cfg.health_stale));
         let metrics = Arc::new(Metrics::default());
-        let client = Arc::new(
-            cfg.client(clock.clone())?
-                .with_health(progress.clone(), metrics.clone()),
-        );
+        let client = cfg.clients(clock.clone(), &progress, &metrics)?;
         let events = match &cfg.webhook {
             Some(wh) => {
                 let (queue_tx, queue) = bounded::<crate::webhook::Job>(wh.queue_max);

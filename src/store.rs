@@ -722,6 +722,8 @@ pub struct PendingDelivery {
     pub webhook_id: String,
     pub event_type: Option<String>,
     pub job_id: Option<String>,
+    /// The company the body names (a hint: it picks the credential to read the job with).
+    pub company_id: Option<String>,
 }
 
 impl Store {
@@ -782,7 +784,7 @@ impl Store {
     /// Deliveries whose job has not been read yet, oldest first.
     pub fn pending_deliveries(&self, limit: usize) -> Result<Vec<PendingDelivery>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT webhook_id, event_type, job_id FROM webhook_deliveries WHERE processed_at IS NULL \
+            "SELECT webhook_id, event_type, job_id, company_id FROM webhook_deliveries WHERE processed_at IS NULL \
              ORDER BY received_at, webhook_id LIMIT ?1",
         )?;
         let rows = stmt.query_map([limit as i64], |r| {
@@ -790,6 +792,7 @@ impl Store {
                 webhook_id: r.get(0)?,
                 event_type: r.get(1)?,
                 job_id: r.get(2)?,
+                company_id: r.get(3)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -64,6 +64,11 @@ impl World {
         self.clock.now()
     }
 
+    /// The world's client as the only credential.
+    pub fn clients(&self) -> Arc<jobmirror::pleo::Clients> {
+        jobmirror::pleo::Clients::single(self.client())
+    }
+
     pub fn store(&self) -> Store {
         Store::open(&self.db).unwrap()
     }
@@ -71,7 +76,7 @@ impl World {
     pub fn mirror(&self, companies: &[&str]) -> Mirror {
         Mirror::new(
             self.store(),
-            self.client(),
+            self.clients(),
             self.shared_clock(),
             companies.iter().map(|s| s.to_string()).collect(),
         )
@@ -80,7 +85,7 @@ impl World {
     pub fn processor(&self, companies: &[&str], cfg: ProcessorConfig) -> Processor {
         Processor::new(
             self.store(),
-            self.client(),
+            self.clients(),
             self.shared_clock(),
             companies.iter().map(|s| s.to_string()).collect(),
             cfg,

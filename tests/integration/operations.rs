@@ -456,3 +456,65 @@ fn a_thousand_companies_are_polled_paced_and_spread_without_a_burst() {
         "{per_company} listings per company in 30 minutes"
     );
 }
+
+#[test]
+fn a_company_with_its_own_api_key_is_served_with_it() {
+    let w = crate::harness::World::new();
+    // The world's key may touch only company A; company B has a key of its own.
+    w.fake.add_company_key(crate::harness::KEY, A);
+    w.fake.add_company_key("key-b", B);
+    for (id, company) in [("ka", A), ("kb", B)] {
+        w.fake
+            .add_job(JobSpec {
+                id: Some(id.into()),
+                company_id: company.into(),
+                created_secs_ago: Some(60),
+                items: Some(2),
+                ..JobSpec::default()
+            })
+            .unwrap();
+    }
+    let keys = w.db.parent().unwrap().join("company-keys.toml");
+    std::fs::write(&keys, format!("{B:?} = \"key-b\"\n")).unwrap();
+    let cfg = w.config(
+        &[A, B],
+        &[(
+            "JOBMIRROR_COMPANY_API_KEYS_FILE",
+            keys.display().to_string(),
+        )],
+    );
+    let service = jobmirror::service::Service::start(&cfg, w.shared_clock(), None).unwrap();
+    let done = w.fake.wait_for_requests(Duration::from_secs(30), |r| {
+        r.iter()
+            .filter(|q| q.path == "/v3/export-job-events" && q.body.contains("\"completed\""))
+            .count()
+            == 2
+    });
+    assert!(service.stop(Duration::from_secs(10)));
+    assert!(done, "both companies' jobs completed");
+    let refused: Vec<String> = w
+        .fake
+        .requests()
+        .iter()
+        .filter(|q| q.status == 403 || q.status == 401)
+        .map(|q| format!("{} {}?{}", q.method, q.path, q.query))
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+
+    // A key for a company that is not served is a configuration error.
+    std::fs::write(&keys, "\"other\" = \"key-x\"\n").unwrap();
+    let env = [
+        ("JOBMIRROR_PLEO_API_KEY", "k".to_owned()),
+        ("JOBMIRROR_COMPANY_IDS", A.to_owned()),
+        (
+            "JOBMIRROR_COMPANY_API_KEYS_FILE",
+            keys.display().to_string(),
+        ),
+    ];
+    let e = jobmirror::config::Config::load_with(None, &|k| {
+        env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    })
+    .unwrap_err();
+    assert_eq!(e.key, "company_api_keys_file");
+    assert!(e.message.contains("other"), "{}", e.message);
+}

@@ -32,7 +32,7 @@ fn processor_with(
     handler: HandlerSpec,
     cfg: PipelineConfig,
 ) -> Processor {
-    let stage = HandlerStage::new(w.client(), w.shared_clock(), handler, cfg);
+    let stage = HandlerStage::new(w.clients(), w.shared_clock(), handler, cfg);
     w.processor(companies, ProcessorConfig::default())
         .with_stage(Box::new(stage))
 }
@@ -220,7 +220,7 @@ fn round_with_a_hanging_handler(
     );
     w.mirror(&[A]).pass(PassKind::Recovery);
     let (tx, rx) = unbounded();
-    let stage = HandlerStage::new(w.client(), w.shared_clock(), handler, cfg).with_milestones(tx);
+    let stage = HandlerStage::new(w.clients(), w.shared_clock(), handler, cfg).with_milestones(tx);
     let mut p = w
         .processor(&[A], ProcessorConfig::default())
         .with_stage(Box::new(stage));

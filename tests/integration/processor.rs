@@ -359,7 +359,13 @@ fn single_attempt_processor(w: &World) -> jobmirror::processor::Processor {
     c.retry.attempts_max = 1;
     let client =
         std::sync::Arc::new(jobmirror::pleo::PleoClient::new(c, w.shared_clock()).unwrap());
-    jobmirror::processor::Processor::new(w.store(), client, w.shared_clock(), vec![A.into()], cfg())
+    jobmirror::processor::Processor::new(
+        w.store(),
+        jobmirror::pleo::Clients::single(client),
+        w.shared_clock(),
+        vec![A.into()],
+        cfg(),
+    )
 }
 
 fn hang_up(method: &str, path: &str) -> FaultRule {

@@ -191,6 +191,15 @@ fn backup_is_a_consistent_private_copy_and_never_overwrites() {
         copy.events(Some("a-held")).unwrap().len(),
         w.kinds("a-held").len()
     );
+    let text_dest = w.db.parent().unwrap().join("copy2.db");
+    let (code, out, err) = run(&w, &["backup", text_dest.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = std::fs::metadata(&text_dest).unwrap().len().to_string();
+    snapshot(
+        "backup.txt",
+        &out.replace(text_dest.to_str().unwrap(), "<FILE>")
+            .replace(&bytes, "<BYTES>"),
+    );
     let (code, _, err) = run(&w, &["backup", dest.to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(err.contains("already exists"), "{err}");

@@ -408,6 +408,10 @@ fn add(total: &mut SyncCounts, c: &SyncCounts) {
     total.reread += c.reread;
 }
 
+/// Webhook-named jobs are read at most this often while deliveries keep coming (a single
+/// delivery after a quiet spell is read at once).
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// How often the sync thread shows it is alive when nothing else wakes it.
 pub const TICK: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -478,6 +482,7 @@ pub fn run(
     };
     beat();
     let mut retry_at = deliveries(&mut mirror);
+    let mut last_pass = ms();
     let all = mirror.companies.clone();
     let report = mirror.pass(PassKind::Recovery);
     log_pass(PassKind::Recovery, all.len(), &report);
@@ -506,11 +511,21 @@ pub fn run(
                     nudge = crossbeam_channel::never();
                     continue;
                 }
+                // Under a stream of webhooks, read them in batches: each pass ends in one write
+                // transaction, and the event thread needs the same write lock for every commit.
+                let since = ms() - last_pass;
+                if since < COALESCE.as_millis() as i64 {
+                    let at = last_pass + COALESCE.as_millis() as i64;
+                    retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+                    continue;
+                }
+                last_pass = ms();
                 retry_at = deliveries(&mut mirror);
             }
             default(wait) => {
                 // A delivery retry fell due, or some companies' polls did (deliveries first).
                 if retry_at.is_some_and(|r| r <= ms()) {
+                    last_pass = ms();
                     retry_at = deliveries(&mut mirror);
                 }
                 let due = schedule.due(ms());

@@ -78,6 +78,21 @@ impl Progress {
     }
 }
 
+/// Set when the service is stopping: long loops (a pass over many companies, a backlog of
+/// webhook-named jobs, a handler run) check it between items and leave the rest, which is
+/// durable, for the next start.
+#[derive(Debug, Default)]
+pub struct Stopping(std::sync::atomic::AtomicBool);
+
+impl Stopping {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// Counters the workers bump. (Webhook counters live in [`Counters`].)
 #[derive(Debug, Default)]
 pub struct Metrics {

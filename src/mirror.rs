@@ -126,6 +126,7 @@ pub struct Mirror {
     resume_unknown_in_progress: bool,
     wake: Vec<Sender<()>>,
     metrics: Option<Arc<crate::health::Metrics>>,
+    stopping: Option<Arc<crate::health::Stopping>>,
 }
 
 impl Mirror {
@@ -144,6 +145,7 @@ impl Mirror {
             resume_unknown_in_progress: false,
             wake: Vec::new(),
             metrics: None,
+            stopping: None,
         }
     }
 
@@ -152,6 +154,16 @@ impl Mirror {
     pub fn with_wake(mut self, wake: Vec<Sender<()>>) -> Mirror {
         self.wake = wake;
         self
+    }
+
+    /// Long loops end early once `stopping` is set.
+    pub fn with_stopping(mut self, stopping: Arc<crate::health::Stopping>) -> Mirror {
+        self.stopping = Some(stopping);
+        self
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.as_ref().is_some_and(|s| s.is_set())
     }
 
     /// Counts passes and their durations.
@@ -183,6 +195,9 @@ impl Mirror {
         let mut handled = 0;
         let mut woke = false;
         let result = loop {
+            if self.stopping() {
+                break Ok(handled);
+            }
             let batch = self.store.pending_deliveries(100)?;
             if batch.is_empty() {
                 break Ok(handled);
@@ -190,6 +205,9 @@ impl Mirror {
             let mut failed = None;
             let mut marks: Vec<(String, String)> = Vec::new();
             for d in batch {
+                if self.stopping() {
+                    break;
+                }
                 let known = d
                     .event_type
                     .as_deref()
@@ -259,6 +277,9 @@ impl Mirror {
     pub fn pass_companies(&mut self, kind: PassKind, companies: &[String]) -> PassReport {
         let mut report = PassReport::default();
         for company in companies.iter().cloned() {
+            if self.stopping() {
+                break;
+            }
             let k = if self.recovered.contains(&company) {
                 kind
             } else {

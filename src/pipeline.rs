@@ -69,6 +69,7 @@ pub struct HandlerStage {
     cfg: PipelineConfig,
     milestones: Option<Sender<Milestone>>,
     health: Option<(Arc<crate::health::Progress>, Arc<crate::health::Metrics>)>,
+    stopping: Option<Arc<crate::health::Stopping>>,
 }
 
 impl HandlerStage {
@@ -85,11 +86,18 @@ impl HandlerStage {
             cfg,
             milestones: None,
             health: None,
+            stopping: None,
         }
     }
 
     fn client(&self, job: &JobRow) -> &PleoClient {
         self.clients.for_company(Some(&job.company_id))
+    }
+
+    /// A handler run is stopped (its results so far kept) once `stopping` is set.
+    pub fn with_stopping(mut self, stopping: Arc<crate::health::Stopping>) -> HandlerStage {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// Beats `progress` while a handler runs and counts its results in `metrics`.
@@ -118,6 +126,8 @@ impl HandlerStage {
 enum Pause {
     Pleo(PleoError),
     Store(StoreError),
+    /// The service is stopping: the handler was stopped; the job resumes at the next start.
+    Stopping,
 }
 
 impl From<StoreError> for Pause {
@@ -160,6 +170,13 @@ impl Stage for HandlerStage {
         match self.run(store, job) {
             Ok(()) => Ok(()),
             Err(Pause::Store(e)) => Err(e),
+            Err(Pause::Stopping) => {
+                log::info!(
+                    "job {}: handler stopped for shutdown; resumed at the next start",
+                    job.id
+                );
+                Ok(())
+            }
             Err(Pause::Pleo(e)) => {
                 log::warn!("processing job {} paused: {e}", job.id);
                 store.journal(
@@ -378,6 +395,10 @@ impl HandlerStage {
         let mut first_unflushed: Option<Millis> = None;
         let mut unreported: i64 = store.item_counts(&job.id)?.unreported;
         let end = loop {
+            if self.stopping.as_ref().is_some_and(|s| s.is_set()) {
+                // The job stays `processing`: the next start resumes it without `started`.
+                return Err(Pause::Stopping);
+            }
             let now = self.clock.now();
             // Limits first: the job must not expire silently.
             let margin = Millis(deadline.0 - self.cfg.finish_margin.as_millis() as i64);

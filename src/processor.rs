@@ -94,6 +94,7 @@ pub struct Processor {
     cfg: ProcessorConfig,
     stage: Box<dyn Stage>,
     paused_until: HashMap<String, Millis>,
+    stopping: Option<Arc<crate::health::Stopping>>,
 }
 
 impl Processor {
@@ -112,7 +113,14 @@ impl Processor {
             cfg,
             stage: Box::new(ReadyStage),
             paused_until: HashMap::new(),
+            stopping: None,
         }
+    }
+
+    /// A round ends early once `stopping` is set.
+    pub fn with_stopping(mut self, stopping: Arc<crate::health::Stopping>) -> Processor {
+        self.stopping = Some(stopping);
+        self
     }
 
     pub fn with_stage(mut self, stage: Box<dyn Stage>) -> Processor {
@@ -161,6 +169,9 @@ impl Processor {
             report.due(*until);
         }
         for company in self.companies.clone() {
+            if self.stopping.as_ref().is_some_and(|s| s.is_set()) {
+                break;
+            }
             if !with_work.contains(&company) {
                 continue;
             }

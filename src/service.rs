@@ -34,6 +34,7 @@ pub struct Service {
     admin_server: Option<crate::httpd::Server>,
     instance_store: Store,
     progress: Arc<Progress>,
+    stopping: Arc<crate::health::Stopping>,
 }
 
 struct DoneGuard(String, Sender<String>);
@@ -76,6 +77,7 @@ pub struct Workers {
     pub events: Option<EventEdge>,
     pub progress: Arc<Progress>,
     pub metrics: Arc<Metrics>,
+    pub stopping: Arc<crate::health::Stopping>,
 }
 
 /// Company `i` (in configuration order) goes to lane `i % lanes`: a company's jobs always run
@@ -100,6 +102,7 @@ impl Workers {
         let sync_store = Store::open(&cfg.db)?;
         sync_store.relax_durability()?;
         let progress = Arc::new(Progress::new(cfg.health_stale));
+        let stopping = Arc::new(crate::health::Stopping::default());
         let metrics = Arc::new(Metrics::default());
         let client = cfg.clients(clock.clone(), &progress, &metrics)?;
         let events = match &cfg.webhook {
@@ -133,7 +136,8 @@ impl Workers {
                 handler.clone(),
                 cfg.pipeline.clone(),
             )
-            .with_health(progress.clone(), metrics.clone());
+            .with_health(progress.clone(), metrics.clone())
+            .with_stopping(stopping.clone());
             let stage = match &milestones {
                 Some(tx) => stage.with_milestones(tx.clone()),
                 None => stage,
@@ -145,6 +149,7 @@ impl Workers {
                 companies,
                 processor_config(cfg),
             )
+            .with_stopping(stopping.clone())
             .with_stage(Box::new(stage));
             let name = if cfg.lanes <= 1 {
                 "jm-processor".to_owned()
@@ -160,6 +165,7 @@ impl Workers {
         let mirror = Mirror::new(sync_store, client, clock, cfg.company_ids.clone())
             .with_wake(wakes)
             .with_metrics(metrics.clone())
+            .with_stopping(stopping.clone())
             .with_resume_unknown_in_progress(cfg.resume_unknown_in_progress);
         Ok(Workers {
             mirror,
@@ -167,6 +173,7 @@ impl Workers {
             events,
             progress,
             metrics,
+            stopping,
         })
     }
 }
@@ -214,6 +221,7 @@ impl Service {
             events,
             progress,
             metrics,
+            stopping,
         } = Workers::build(cfg, clock.clone(), milestones)?;
         let instance_store = Store::connect(&cfg.db)?;
         let mut threads = Vec::new();
@@ -346,6 +354,7 @@ impl Service {
             admin_server,
             instance_store,
             progress,
+            stopping,
         })
     }
 
@@ -385,6 +394,7 @@ impl Service {
             s.shutdown();
         }
         let _ = self.instance_store.unregister_instance(std::process::id());
+        self.stopping.set();
         drop(self.shutdown.take());
         let deadline = monotonic() + timeout;
         let mut finished = Vec::new();

@@ -14,6 +14,7 @@ mod operations;
 mod ops;
 mod processing;
 mod processor;
+mod reliability;
 mod replay;
 mod store;
 mod webhook;

@@ -469,3 +469,411 @@ fn sigterm_with_a_backlog_of_webhook_named_jobs_overran_the_stop_bound() {
     let st = jobmirror::store::Store::open_read_only(&dir.path().join("backlog.db")).unwrap();
     assert!(st.delivery_backlog().unwrap().unprocessed > 0);
 }
+
+/// Sends raw bytes on a fresh connection; returns the status code (None: closed without one).
+fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(15))).ok()?;
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let line = String::from_utf8_lossy(&out);
+    line.get(9..12)?.parse().ok()
+}
+
+#[test]
+fn hostile_requests_get_the_right_status_and_never_break_the_listener() {
+    // Thousands of seeded cases over real HTTP: mutated heads, headers, bodies and
+    // signatures, invalid UTF-8, huge numbers, 10,000-deep JSON. No panic (a panic would be a
+    // 500), no hang (each answer within 15 s), only the statuses the contract allows, and
+    // after every 250 cases a genuine delivery is still stored.
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let r = crate::webhook::start(
+        SECRET,
+        &[("JOBMIRROR_WEBHOOK_BODY_BYTES_MAX", "65536".into())],
+    );
+    let secrets = jobmirror::webhook::Secrets::parse(SECRET).unwrap();
+    let now = r.w.clock_now().0 / 1000;
+    let mut rng = Rng(0x5eed_0004);
+    let cases = 3000 * scale();
+    let deep = "[".repeat(10_000) + &"]".repeat(10_000);
+    let mut seen = std::collections::BTreeMap::new();
+    for case in 0..cases {
+        let id = format!("msg_h{case}");
+        let mut body: Vec<u8> = match rng.range(0, 7) {
+            0 => br#"{"data":{"id":"j","companyId":"c"},"eventType":"v1.export-job.created"}"#
+                .to_vec(),
+            1 => deep.clone().into_bytes(),
+            2 => format!(
+                r#"{{"data":{{"id":1e99999999,"companyId":{}}},"eventType":"x"}}"#,
+                "9".repeat(5000)
+            )
+            .into_bytes(),
+            3 => vec![0xff, 0xfe, b'{', 0xc3, 0x28, b'}'],
+            4 => (0..rng.range(0, 3000)).map(|_| rng.next() as u8).collect(),
+            5 => br#"[1,2,3]"#.to_vec(),
+            6 => format!(
+                r#"{{"data":{{"id":"{}"}},"eventType":"v1.export-job.created"}}"#,
+                "\\ud800".repeat(50)
+            )
+            .into_bytes(),
+            _ => Vec::new(),
+        };
+        let ts = match rng.range(0, 5) {
+            0 => (now - 301).to_string(),
+            1 => "not-a-number".into(),
+            2 => "99999999999999999999999".into(),
+            _ => now.to_string(),
+        };
+        let mut sig = jobmirror::webhook::sign_with(&secrets, &id, ts.parse().unwrap_or(0), &body);
+        match rng.range(0, 6) {
+            0 => sig = "v1,".into(),
+            1 => sig = format!("v1a,{}", &sig[3..]),
+            2 => sig = "v1,!!!not base64!!!".into(),
+            3 => sig = " ".repeat(rng.range(0, 300) as usize),
+            _ => {}
+        }
+        let path = if rng.range(0, 9) == 0 {
+            "/other"
+        } else {
+            "/webhooks/pleo"
+        };
+        let method = if rng.range(0, 9) == 0 { "GET" } else { "POST" };
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n").into_bytes();
+        let flood = rng.range(0, 9) == 0;
+        if flood {
+            for i in 0..2000 {
+                head.extend(format!("X-Flood-{i}: {}\r\n", "a".repeat(20)).into_bytes());
+            }
+        }
+        if rng.range(0, 9) == 0 {
+            head.extend(b"X-Bad: \xff\xfe\xfd\r\n");
+        }
+        head.extend(
+            format!("webhook-id: {id}\r\nwebhook-timestamp: {ts}\r\nwebhook-signature: {sig}\r\n")
+                .into_bytes(),
+        );
+        let declared = match rng.range(0, 9) {
+            0 => "18446744073709551616".to_owned(),
+            1 => "-5".to_owned(),
+            2 => (body.len() + 10).to_string(),
+            _ => body.len().to_string(),
+        };
+        if rng.range(0, 19) == 0 {
+            head.extend(b"Transfer-Encoding: chunked\r\n");
+        }
+        head.extend(
+            format!("Content-Length: {declared}\r\nConnection: close\r\n\r\n").into_bytes(),
+        );
+        let full = body.len();
+        if rng.range(0, 9) == 0 {
+            body.truncate(body.len() / 2);
+        }
+        // The client stopped before the body it announced: closing without an answer is fine.
+        let incomplete = declared.parse::<usize>().is_ok_and(|d| d > body.len())
+            && body.len() < full
+            || declared.parse::<usize>().is_ok_and(|d| d > full);
+        head.extend(&body);
+        let status = raw(r.addr, &head);
+        assert!(
+            status.is_some() || incomplete,
+            "case {case}: closed without an answer"
+        );
+        *seen.entry(status).or_insert(0) += 1;
+        assert!(
+            matches!(
+                status,
+                Some(200 | 400 | 401 | 404 | 405 | 408 | 411 | 413 | 431 | 501 | 503) | None
+            ),
+            "case {case}: status {status:?}"
+        );
+        assert_ne!(status, Some(500), "case {case}: the handler panicked");
+        if case % 250 == 249 {
+            let body = format!(
+                r#"{{"data":{{"id":"ok-{case}","companyId":"c"}},"eventType":"v1.export-job.created"}}"#
+            );
+            let id = format!("msg_ok_{case}");
+            let h = crate::webhook::signed(SECRET, &id, now, body.as_bytes());
+            assert_eq!(
+                crate::webhook::post(r.addr, "/webhooks/pleo", &h, body.as_bytes()).0,
+                200,
+                "after case {case}"
+            );
+        }
+    }
+    let stored: i64 =
+        r.w.store()
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM webhook_deliveries WHERE webhook_id LIKE 'msg_ok_%'",
+                [],
+                |x| x.get(0),
+            )
+            .unwrap();
+    assert_eq!(stored as usize, cases / 250);
+    assert!(
+        seen.get(&Some(200)).copied().unwrap_or(0) > 0,
+        "some hostile-looking cases were valid: {seen:?}"
+    );
+    eprintln!("hostile input: {cases} cases, statuses {seen:?}");
+}
+
+#[test]
+fn trace_logs_never_show_a_secret_and_state_files_are_private() {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    fake.enable_oauth("cid", "client-secret-value-7", "R0-refresh-secret", 3600);
+    fake.add_job(JobSpec {
+        id: Some("sec-1".into()),
+        company_id: "sec-co".into(),
+        created_secs_ago: Some(30),
+        items: Some(2),
+        ..JobSpec::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let rt = dir.path().join("refresh");
+    std::fs::write(&rt, "R0-refresh-secret\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let token_url = format!("{}/oauth/token", fake.base_url());
+    let (mut r, rx) = instance(
+        dir.path(),
+        "secrets",
+        &fake,
+        &["sec-co".to_owned()],
+        &[
+            ("JOBMIRROR_LOG", "trace"),
+            ("JOBMIRROR_PLEO_AUTH", "oauth"),
+            ("JOBMIRROR_PLEO_OAUTH_TOKEN_URL", &token_url),
+            ("JOBMIRROR_PLEO_OAUTH_CLIENT_ID", "cid"),
+            (
+                "JOBMIRROR_PLEO_OAUTH_CLIENT_SECRET",
+                "client-secret-value-7",
+            ),
+            (
+                "JOBMIRROR_PLEO_OAUTH_REFRESH_TOKEN_FILE",
+                rt.to_str().unwrap(),
+            ),
+            ("JOBMIRROR_WEBHOOK_LISTEN", &listen),
+            ("JOBMIRROR_WEBHOOK_SECRET", HOOK_SECRET),
+        ],
+    );
+    let mut seen = Vec::new();
+    crate::cli::wait_for(&rx, "sent completed", &mut seen);
+    // A signed webhook and a forged one, so the receiver logs too.
+    let body =
+        br#"{"data":{"id":"sec-1","companyId":"sec-co"},"eventType":"v1.export-job.created"}"#;
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let h = crate::webhook::signed(HOOK_SECRET, "msg_sec", ts, body);
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    assert_eq!(
+        crate::webhook::post(addr, "/webhooks/pleo", &h, body).0,
+        200
+    );
+    let mut forged = h.clone();
+    forged[2].1 = "v1,AAAA".into();
+    assert_eq!(
+        crate::webhook::post(addr, "/webhooks/pleo", &forged, body).0,
+        401
+    );
+    let child = r.0.take().unwrap();
+    signal(&child, "TERM");
+    assert!(wait_exit(child, Duration::from_secs(20)).success());
+    std::thread::sleep(Duration::from_millis(100));
+    seen.extend(rx.try_iter());
+    let log = seen.join("\n");
+    assert!(
+        log.contains("[TRACE]") || log.contains("[DEBUG]"),
+        "trace level was on"
+    );
+    for secret in [
+        "client-secret-value-7",
+        "R0-refresh-secret",
+        "fake-access-",
+        "fake-refresh-",
+        HOOK_SECRET,
+        &HOOK_SECRET["whsec_".len()..],
+        "Bearer ",
+        "Authorization",
+    ] {
+        assert!(!log.contains(secret), "{secret:?} appears in the log");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["secrets.db", "secrets.db-wal", "secrets.db-shm"] {
+            let p = dir.path().join(f);
+            if let Ok(m) = std::fs::metadata(&p) {
+                assert_eq!(
+                    m.permissions().mode() & 0o077,
+                    0,
+                    "{f} is readable by others"
+                );
+            }
+        }
+        let m = std::fs::metadata(dir.path().join("secrets.db")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    }
+}
+
+#[test]
+fn a_corrupt_database_is_a_clear_error_and_doctor_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("corrupt.db");
+    std::fs::write(&db, vec![0x5a; 64 * 1024]).unwrap();
+    let clock: SharedClock = Arc::new(SystemClock);
+    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let (mut r, rx) = instance(dir.path(), "corrupt", &fake, &["c".to_owned()], &[]);
+    let child = r.0.take().unwrap();
+    let status = wait_exit(child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1));
+    std::thread::sleep(Duration::from_millis(50));
+    let err: Vec<String> = rx.try_iter().collect();
+    let err = err.join("\n");
+    assert!(
+        err.contains("corrupt.db") && err.contains("not a database"),
+        "{err}"
+    );
+    let o = cmd()
+        .args(["doctor"])
+        .env("JOBMIRROR_DB", &db)
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a database"));
+}
+
+#[test]
+fn a_full_disk_answers_503_keeps_every_acknowledged_delivery_and_recovers() {
+    // The service runs with a file size limit (SIGXFSZ ignored, so writes fail with EFBIG,
+    // as on a full disk). Deliveries are acknowledged until the database cannot grow, then
+    // answered 503 (the sender retries); after a restart without the limit, the retries are
+    // stored and everything acknowledged before is still there.
+    let clock: SharedClock = Arc::new(SystemClock);
+    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("full.db");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let exe = env!("CARGO_BIN_EXE_jobmirror");
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f 8000; exec {exe} run"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("JOBMIRROR_DB", &db)
+        .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+        .env("JOBMIRROR_PLEO_API_KEY", fake.api_key())
+        .env("JOBMIRROR_COMPANY_IDS", "full-co")
+        .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
+        .env("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("JOBMIRROR_POLL_INTERVAL_SECS", "3600")
+        .env("JOBMIRROR_WEBHOOK_LISTEN", &listen)
+        .env("JOBMIRROR_WEBHOOK_SECRET", HOOK_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(child.stderr.take().unwrap());
+    let mut reaper = Reaper(Some(child));
+    let mut seen = Vec::new();
+    crate::cli::wait_for(&rx, "webhook receiver listening", &mut seen);
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let send = |i: usize| -> u16 {
+        let id = format!("msg_full_{i}");
+        let body = format!(
+            r#"{{"data":{{"id":"j{i}","companyId":"full-co"}},"eventType":"v1.export-job.created","pad":"{}"}}"#,
+            "x".repeat(1500)
+        );
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let h = crate::webhook::signed(HOOK_SECRET, &id, ts, body.as_bytes());
+        crate::webhook::post(addr, "/webhooks/pleo", &h, body.as_bytes()).0
+    };
+    let mut acked = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..3000 {
+        match send(i) {
+            200 => acked.push(i),
+            503 => {
+                refused.push(i);
+                if refused.len() >= 20 {
+                    break;
+                }
+            }
+            other => panic!("delivery {i}: {other}"),
+        }
+    }
+    assert!(
+        !refused.is_empty(),
+        "the limit was reached ({} acknowledged)",
+        acked.len()
+    );
+    assert!(
+        acked.len() > 50,
+        "{} acknowledged before the disk filled",
+        acked.len()
+    );
+    let child = reaper.0.take().unwrap();
+    signal(&child, "TERM");
+    let _ = wait_exit(child, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(50));
+    seen.extend(rx.try_iter());
+    let log = seen.join("\n");
+    assert!(
+        log.contains("could not commit"),
+        "a clear error in the log:\n{log}"
+    );
+    // Restart without the limit: the sender's retries are stored.
+    let (r2, rx2) = instance(
+        dir.path(),
+        "full",
+        &fake,
+        &["full-co".to_owned()],
+        &[
+            ("JOBMIRROR_WEBHOOK_LISTEN", listen.as_str()),
+            ("JOBMIRROR_WEBHOOK_SECRET", HOOK_SECRET),
+            ("JOBMIRROR_POLL_INTERVAL_SECS", "3600"),
+        ],
+    );
+    let mut seen2 = Vec::new();
+    crate::cli::wait_for(&rx2, "webhook receiver listening", &mut seen2);
+    for i in &refused {
+        assert_eq!(send(*i), 200, "retry of {i}");
+    }
+    drop(r2);
+    let st = jobmirror::store::Store::open_read_only(&db).unwrap();
+    assert_eq!(st.quick_check().unwrap(), ["ok"]);
+    for i in acked.iter().chain(&refused) {
+        let n: i64 = st
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM webhook_deliveries WHERE webhook_id = ?1",
+                [format!("msg_full_{i}")],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1, "delivery {i}");
+    }
+    eprintln!(
+        "full disk: {} acknowledged, {} answered 503 then stored after the restart",
+        acked.len(),
+        refused.len()
+    );
+}

@@ -18,10 +18,10 @@ const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const OTHER: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
-struct Running {
-    w: World,
-    service: Option<Service>,
-    addr: SocketAddr,
+pub(crate) struct Running {
+    pub(crate) w: World,
+    pub(crate) service: Option<Service>,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Drop for Running {
@@ -32,7 +32,7 @@ impl Drop for Running {
     }
 }
 
-fn start(secrets: &str, extra: &[(&str, String)]) -> Running {
+pub(crate) fn start(secrets: &str, extra: &[(&str, String)]) -> Running {
     let w = World::new();
     let mut env = vec![
         ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0".to_owned()),

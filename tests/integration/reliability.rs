@@ -877,3 +877,115 @@ fn a_full_disk_answers_503_keeps_every_acknowledged_delivery_and_recovers() {
         refused.len()
     );
 }
+
+#[test]
+fn a_database_locked_by_another_writer_answers_503_then_recovers() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let r = crate::webhook::start(SECRET, &[]);
+    let now = r.w.clock_now().0 / 1000;
+    let body = br#"{"data":{"id":"lk","companyId":"c"},"eventType":"v1.export-job.created"}"#;
+    let h = crate::webhook::signed(SECRET, "msg_locked", now, body);
+    // Another process takes the write lock and keeps it past the 5 s the service waits.
+    let other = rusqlite::Connection::open(&r.w.db).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let t = std::time::Instant::now();
+    let (status, _, retry) = crate::webhook::post(r.addr, "/webhooks/pleo", &h, body);
+    assert_eq!(status, 503);
+    assert!(retry.is_some(), "503 carries Retry-After");
+    assert!(
+        t.elapsed() < Duration::from_secs(12),
+        "answered within the sender's patience"
+    );
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(
+        crate::webhook::post(r.addr, "/webhooks/pleo", &h, body).0,
+        200
+    );
+    let n: i64 =
+        r.w.store()
+            .conn()
+            .query_row("SELECT count(*) FROM webhook_deliveries", [], |x| x.get(0))
+            .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn kill_9_during_polls_the_mirror_converges() {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let companies: Vec<String> = (0..30).map(|i| format!("poll-{i:02}")).collect();
+    for i in 0..600 {
+        fake.add_job(JobSpec {
+            id: Some(format!("p{i:03}")),
+            company_id: companies[i % 30].clone(),
+            created_secs_ago: Some(900 - i as i64),
+            ..JobSpec::default()
+        })
+        .unwrap();
+    }
+    // A third of them are another integration's: jobmirror must mirror them, not take them.
+    for i in (0..600).step_by(3) {
+        assert!(fake.claim_as_other(&format!("p{i:03}")));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [("JOBMIRROR_PLEO_REQUESTS_PER_SEC_MAX", "0")];
+    let mut rng = Rng(0x5eed_0005);
+    let kills = 20 * scale();
+    for cycle in 0..kills {
+        let (mut r, rx) = instance(dir.path(), "polls", &fake, &companies, &extra);
+        let mut seen = Vec::new();
+        crate::cli::wait_for(&rx, "jobmirror started", &mut seen);
+        std::thread::sleep(Duration::from_millis(rng.range(1, 60)));
+        stop(&mut r, cycle, &rx);
+    }
+    let (r, _rx) = instance(dir.path(), "polls", &fake, &companies, &extra);
+    let settled = fake.wait_for_requests(Duration::from_secs(60), |q| {
+        q.iter()
+            .filter(|x| {
+                x.path == "/v3/export-job-events"
+                    && x.status == 202
+                    && x.body.contains("\"completed\"")
+            })
+            .count()
+            >= 400
+    });
+    assert!(settled, "{} of 400 completed", completions(&fake));
+    // The mirror catches up with its next passes: wait (bounded) until it agrees with Pleo.
+    let db = dir.path().join("polls.db");
+    let disagreements = || -> Vec<String> {
+        let st = jobmirror::store::Store::open_read_only(&db).unwrap();
+        fake.jobs()
+            .into_iter()
+            .filter_map(|job| match st.job(&job.id).unwrap() {
+                Some(row) if row.status == job.status => None,
+                other => Some(format!(
+                    "{}: fake {} mirror {:?}",
+                    job.id,
+                    job.status,
+                    other.map(|r| r.status)
+                )),
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut wrong = disagreements();
+    while !wrong.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        wrong = disagreements();
+    }
+    drop(r);
+    assert!(
+        wrong.is_empty(),
+        "{} not converged: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    for i in (0..600).step_by(3) {
+        assert_eq!(
+            fake.started_events_for(&format!("p{i:03}")),
+            0,
+            "never claims another's job"
+        );
+    }
+    eprintln!("kill -9 during polls: {kills} stops, 600 jobs over 30 companies, mirror converged");
+}

@@ -755,6 +755,25 @@ mod tests {
     ];
 
     #[test]
+    fn a_webhook_listener_without_a_secret_is_refused() {
+        let mut pairs = MIN.to_vec();
+        pairs.push(("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"));
+        let e = Config::load_with(None, &env(&pairs)).unwrap_err();
+        assert_eq!(e.key, "webhook_secret");
+        assert!(e.message.contains("whsec_"), "{}", e.message);
+        pairs.push((
+            "JOBMIRROR_WEBHOOK_SECRET",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ));
+        assert!(
+            Config::load_with(None, &env(&pairs))
+                .unwrap()
+                .webhook
+                .is_some()
+        );
+    }
+
+    #[test]
     fn defaults_and_env() {
         let c = Config::load_with(None, &env(MIN)).unwrap();
         assert_eq!(c.company_ids, ["c1", "c2"]);

@@ -315,6 +315,15 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
+/// Parses a request head, or says what to answer instead (for the fuzz target too).
+pub fn parse_head_bytes(bytes: &[u8]) -> Result<Head, Response> {
+    match parse_head(bytes, SocketAddr::from(([127, 0, 0, 1], 0))) {
+        HeadRead::Head(h) => Ok(h),
+        HeadRead::Reply(r) => Err(r),
+        HeadRead::Closed => Err(Response::empty(400)),
+    }
+}
+
 fn parse_head(bytes: &[u8], peer: SocketAddr) -> HeadRead {
     let mut headers = [httparse::EMPTY_HEADER; 100];
     let mut req = httparse::Request::new(&mut headers);

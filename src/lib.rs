@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod fake;
+pub mod fuzzing;
 pub mod handler;
 pub mod health;
 pub mod httpd;

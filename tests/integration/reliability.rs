@@ -989,3 +989,49 @@ fn kill_9_during_polls_the_mirror_converges() {
     }
     eprintln!("kill -9 during polls: {kills} stops, 600 jobs over 30 companies, mirror converged");
 }
+
+#[test]
+fn the_fuzz_entry_point_survives_arbitrary_bytes() {
+    // The entry point `fuzz/` drives under cargo fuzz, run here on seeded inputs: mutations of a
+    // valid signed request and plain random bytes. It must return for every input, and accept
+    // the genuine request.
+    let body = br#"{"data":{"id":"f","companyId":"c"},"eventType":"v1.export-job.created"}"#;
+    let secrets = jobmirror::webhook::Secrets::parse(jobmirror::fuzzing::FUZZ_SECRET).unwrap();
+    let ts = 1_795_507_200i64;
+    let sig = jobmirror::webhook::sign_with(&secrets, "msg_f", ts, body);
+    let mut valid = format!(
+        "POST /webhooks/pleo HTTP/1.1\r\nwebhook-id: msg_f\r\nwebhook-timestamp: {ts}\r\nwebhook-signature: {sig}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    valid.extend_from_slice(body);
+    assert_eq!(jobmirror::fuzzing::webhook_request(&valid), 200);
+    let mut rng = Rng(0x5eed_0006);
+    let mut outcomes = std::collections::BTreeMap::new();
+    for _ in 0..20_000 * scale() {
+        let mut d = valid.clone();
+        for _ in 0..rng.range(1, 8) {
+            let i = rng.range(0, d.len() as u64 - 1) as usize;
+            match rng.range(0, 3) {
+                0 => d[i] = rng.next() as u8,
+                1 => d.insert(i, rng.next() as u8),
+                2 => {
+                    d.remove(i);
+                }
+                _ => d.truncate(i),
+            }
+            if d.is_empty() {
+                break;
+            }
+        }
+        *outcomes
+            .entry(jobmirror::fuzzing::webhook_request(&d))
+            .or_insert(0) += 1;
+        let noise: Vec<u8> = (0..rng.range(0, 512)).map(|_| rng.next() as u8).collect();
+        *outcomes
+            .entry(jobmirror::fuzzing::webhook_request(&noise))
+            .or_insert(0) += 1;
+    }
+    assert!(!outcomes.contains_key(&500), "{outcomes:?}");
+    eprintln!("fuzz entry point: {outcomes:?}");
+}

@@ -1035,3 +1035,55 @@ fn the_fuzz_entry_point_survives_arbitrary_bytes() {
     assert!(!outcomes.contains_key(&500), "{outcomes:?}");
     eprintln!("fuzz entry point: {outcomes:?}");
 }
+
+#[test]
+fn a_database_directory_it_cannot_write_is_a_clear_error_until_fixed() {
+    use std::os::unix::fs::PermissionsExt;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o555)).unwrap();
+    // Root writes anywhere: run the service as nobody then (CI runs as root).
+    let root = unsafe { libc::geteuid() } == 0;
+    let run = || {
+        let mut c = if root {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(env!("CARGO_BIN_EXE_jobmirror"));
+            c
+        } else {
+            std::process::Command::new(env!("CARGO_BIN_EXE_jobmirror"))
+        };
+        c.arg("run")
+            .env_clear()
+            .env("JOBMIRROR_DB", state.join("jm.db"))
+            .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+            .env("JOBMIRROR_PLEO_API_KEY", fake.api_key())
+            .env("JOBMIRROR_COMPANY_IDS", "ro-co")
+            .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
+            .env("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let o = run().output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("jm.db") && err.contains("Permission denied"),
+        "{err}"
+    );
+    // Fixed: it starts.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut child = run().spawn().unwrap();
+    let rx = lines(child.stderr.take().unwrap());
+    let mut r = Reaper(Some(child));
+    let mut seen = Vec::new();
+    crate::cli::wait_for(&rx, "jobmirror started", &mut seen);
+    let child = r.0.take().unwrap();
+    signal(&child, "TERM");
+    assert!(wait_exit(child, Duration::from_secs(20)).success());
+}

@@ -18,24 +18,7 @@ fn oauth_client(w: &World) -> (PleoClient, std::path::PathBuf) {
     w.fake.enable_oauth("cid", "csecret", "R0", 600);
     let file = w.db.parent().unwrap().join("refresh-token");
     std::fs::write(&file, "R0\n").unwrap();
-    let cfg = w.config(
-        &[A],
-        &[
-            ("JOBMIRROR_PLEO_AUTH", "oauth".into()),
-            (
-                "JOBMIRROR_PLEO_OAUTH_TOKEN_URL",
-                format!("{}/oauth/token", w.fake.base_url()),
-            ),
-            ("JOBMIRROR_PLEO_OAUTH_CLIENT_ID", "cid".into()),
-            ("JOBMIRROR_PLEO_OAUTH_CLIENT_SECRET", "csecret".into()),
-            (
-                "JOBMIRROR_PLEO_OAUTH_REFRESH_TOKEN_FILE",
-                file.display().to_string(),
-            ),
-            ("JOBMIRROR_PLEO_OAUTH_REFRESH_MARGIN_SECS", "300".into()),
-        ],
-    );
-    (cfg.client(w.shared_clock()).unwrap(), file)
+    (oauth_client_again(w, &file), file)
 }
 
 fn grants(w: &World) -> Vec<(String, bool)> {
@@ -160,7 +143,7 @@ fn a_crash_between_a_refresh_and_its_commit_is_explained_and_recovers_once_autho
     assert_ne!(row.refresh_token.expose(), fresh, "rotated on use");
 }
 
-/// A second client on the same database and fake (a restarted process).
+/// A client on the world's database and fake (a second one: a restarted process).
 fn oauth_client_again(w: &World, file: &std::path::Path) -> PleoClient {
     let cfg = w.config(
         &[A],
@@ -176,6 +159,7 @@ fn oauth_client_again(w: &World, file: &std::path::Path) -> PleoClient {
                 "JOBMIRROR_PLEO_OAUTH_REFRESH_TOKEN_FILE",
                 file.display().to_string(),
             ),
+            ("JOBMIRROR_PLEO_OAUTH_REFRESH_MARGIN_SECS", "300".into()),
         ],
     );
     cfg.client(w.shared_clock()).unwrap()

@@ -318,10 +318,9 @@ fn sighup_restarts_in_place_with_a_valid_config_and_refuses_a_broken_one() {
     assert!(wait_exit(child, Duration::from_secs(20)).success());
 }
 
-#[test]
-fn lanes_let_two_companies_run_their_handlers_at_once() {
-    let w = crate::harness::World::new();
-    for (id, company) in [("la", A), ("lb", B)] {
+/// A two-item job for company A (`a`) and one for company B (`b`).
+fn one_job_each(w: &crate::harness::World, a: &str, b: &str) {
+    for (id, company) in [(a, A), (b, B)] {
         w.fake
             .add_job(JobSpec {
                 id: Some(id.into()),
@@ -332,6 +331,22 @@ fn lanes_let_two_companies_run_their_handlers_at_once() {
             })
             .unwrap();
     }
+}
+
+/// Waits (at most 30 s) until the fake has seen two `completed` events.
+fn both_completed(w: &crate::harness::World) -> bool {
+    w.fake.wait_for_requests(Duration::from_secs(30), |r| {
+        r.iter()
+            .filter(|q| q.path == "/v3/export-job-events" && q.body.contains("\"completed\""))
+            .count()
+            == 2
+    })
+}
+
+#[test]
+fn lanes_let_two_companies_run_their_handlers_at_once() {
+    let w = crate::harness::World::new();
+    one_job_each(&w, "la", "lb");
     let dir = tempfile::tempdir().unwrap();
     let marks = dir.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
@@ -369,12 +384,7 @@ done
         ],
     );
     let service = jobmirror::service::Service::start(&cfg, w.shared_clock(), None).unwrap();
-    let done = w.fake.wait_for_requests(Duration::from_secs(30), |r| {
-        r.iter()
-            .filter(|q| q.path == "/v3/export-job-events" && q.body.contains("\"completed\""))
-            .count()
-            == 2
-    });
+    let done = both_completed(&w);
     assert!(service.stop(Duration::from_secs(10)));
     assert!(done, "both jobs completed");
     let listing: Vec<String> = std::fs::read_dir(&marks)
@@ -463,17 +473,7 @@ fn a_company_with_its_own_api_key_is_served_with_it() {
     // The world's key may touch only company A; company B has a key of its own.
     w.fake.add_company_key(crate::harness::KEY, A);
     w.fake.add_company_key("key-b", B);
-    for (id, company) in [("ka", A), ("kb", B)] {
-        w.fake
-            .add_job(JobSpec {
-                id: Some(id.into()),
-                company_id: company.into(),
-                created_secs_ago: Some(60),
-                items: Some(2),
-                ..JobSpec::default()
-            })
-            .unwrap();
-    }
+    one_job_each(&w, "ka", "kb");
     let keys = w.db.parent().unwrap().join("company-keys.toml");
     std::fs::write(&keys, format!("{B:?} = \"key-b\"\n")).unwrap();
     let cfg = w.config(
@@ -484,12 +484,7 @@ fn a_company_with_its_own_api_key_is_served_with_it() {
         )],
     );
     let service = jobmirror::service::Service::start(&cfg, w.shared_clock(), None).unwrap();
-    let done = w.fake.wait_for_requests(Duration::from_secs(30), |r| {
-        r.iter()
-            .filter(|q| q.path == "/v3/export-job-events" && q.body.contains("\"completed\""))
-            .count()
-            == 2
-    });
+    let done = both_completed(&w);
     assert!(service.stop(Duration::from_secs(10)));
     assert!(done, "both companies' jobs completed");
     let refused: Vec<String> = w

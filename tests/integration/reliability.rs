@@ -88,6 +88,21 @@ use jobmirror::fake::{FakeConfig, FakePleo, JobSpec};
 
 use crate::cli::{Reaper, cmd, lines, signal, wait_exit};
 
+/// A fake Pleo on the real clock (the binaries under test run on it too).
+fn real_time_fake() -> FakePleo {
+    let clock: SharedClock = Arc::new(SystemClock);
+    FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap()
+}
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// `jobmirror run` on its own database against `fake`, for `companies`, with its log lines.
 fn instance(
     dir: &std::path::Path,
@@ -131,8 +146,7 @@ fn completions(fake: &FakePleo) -> usize {
 
 #[test]
 fn two_instances_on_the_same_companies_process_every_job_exactly_once() {
-    let clock: SharedClock = Arc::new(SystemClock);
-    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let fake = real_time_fake();
     let companies: Vec<String> = (0..4).map(|i| format!("two-{i}")).collect();
     let n = 40 * scale();
     for i in 0..n {
@@ -259,15 +273,10 @@ const HOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 #[test]
 fn kill_9_during_webhook_load_loses_no_acknowledged_delivery() {
-    let clock: SharedClock = Arc::new(SystemClock);
-    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let fake = real_time_fake();
     let companies = vec!["hook-co".to_owned()];
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let extra = [
         ("JOBMIRROR_WEBHOOK_LISTEN", listen.as_str()),
@@ -365,8 +374,7 @@ fn kill_9_during_webhook_load_loses_no_acknowledged_delivery() {
 
 #[test]
 fn kill_9_during_thousand_item_jobs_each_item_reported_once_and_started_once() {
-    let clock: SharedClock = Arc::new(SystemClock);
-    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let fake = real_time_fake();
     let companies: Vec<String> = vec!["items-co".into()];
     let jobs = 6;
     for i in 0..jobs {
@@ -427,8 +435,7 @@ fn sigterm_with_a_backlog_of_webhook_named_jobs_overran_the_stop_bound() {
     // Found by the kill test: with thousands of stored deliveries still to read (at 20
     // requests a second), the sync thread did not look at the stop until it had read them
     // all, and the service was abandoned after shutdown_timeout_secs (exit 1).
-    let clock: SharedClock = Arc::new(SystemClock);
-    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let fake = real_time_fake();
     let dir = tempfile::tempdir().unwrap();
     let st = jobmirror::store::Store::open(&dir.path().join("backlog.db")).unwrap();
     let ds: Vec<jobmirror::webhook::Delivery> = (0..2000)
@@ -622,8 +629,7 @@ fn hostile_requests_get_the_right_status_and_never_break_the_listener() {
 
 #[test]
 fn trace_logs_never_show_a_secret_and_state_files_are_private() {
-    let clock: SharedClock = Arc::new(SystemClock);
-    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let fake = real_time_fake();
     fake.enable_oauth("cid", "client-secret-value-7", "R0-refresh-secret", 3600);
     fake.add_job(JobSpec {
         id: Some("sec-1".into()),
@@ -636,11 +642,7 @@ fn trace_logs_never_show_a_secret_and_state_files_are_private() {
     let dir = tempfile::tempdir().unwrap();
     let rt = dir.path().join("refresh");
     std::fs::write(&rt, "R0-refresh-secret\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let token_url = format!("{}/oauth/token", fake.base_url());
     let (mut r, rx) = instance(
@@ -731,8 +733,7 @@ fn a_corrupt_database_is_a_clear_error_and_doctor_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("corrupt.db");
     std::fs::write(&db, vec![0x5a; 64 * 1024]).unwrap();
-    let clock: SharedClock = Arc::new(SystemClock);
-    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let fake = real_time_fake();
     let (mut r, rx) = instance(dir.path(), "corrupt", &fake, &["c".to_owned()], &[]);
     let child = r.0.take().unwrap();
     let status = wait_exit(child, Duration::from_secs(20));
@@ -759,15 +760,10 @@ fn a_full_disk_answers_503_keeps_every_acknowledged_delivery_and_recovers() {
     // as on a full disk). Deliveries are acknowledged until the database cannot grow, then
     // answered 503 (the sender retries); after a restart without the limit, the retries are
     // stored and everything acknowledged before is still there.
-    let clock: SharedClock = Arc::new(SystemClock);
-    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let fake = real_time_fake();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("full.db");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let exe = env!("CARGO_BIN_EXE_jobmirror");
     let mut child = std::process::Command::new("sh")
@@ -911,8 +907,7 @@ fn a_database_locked_by_another_writer_answers_503_then_recovers() {
 
 #[test]
 fn kill_9_during_polls_the_mirror_converges() {
-    let clock: SharedClock = Arc::new(SystemClock);
-    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let fake = real_time_fake();
     let companies: Vec<String> = (0..30).map(|i| format!("poll-{i:02}")).collect();
     for i in 0..600 {
         fake.add_job(JobSpec {
@@ -1039,8 +1034,7 @@ fn the_fuzz_entry_point_survives_arbitrary_bytes() {
 #[test]
 fn a_database_directory_it_cannot_write_is_a_clear_error_until_fixed() {
     use std::os::unix::fs::PermissionsExt;
-    let clock: SharedClock = Arc::new(SystemClock);
-    let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
+    let fake = real_time_fake();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let state = dir.path().join("state");

@@ -970,6 +970,12 @@ impl FakePleo {
         self.shared.lock().rates = rates;
     }
 
+    /// The requests received after the first `n`, in order.
+    pub fn requests_since(&self, n: usize) -> Vec<LoggedRequest> {
+        let w = self.shared.lock();
+        w.requests.get(n..).map(<[_]>::to_vec).unwrap_or_default()
+    }
+
     /// Every request received so far, in order.
     pub fn requests(&self) -> Vec<LoggedRequest> {
         self.shared.lock().requests.clone()

@@ -43,14 +43,17 @@ impl Progress {
 
     /// The calling thread made progress now.
     pub fn beat(&self) {
-        let name = std::thread::current()
-            .name()
-            .unwrap_or("unnamed")
-            .to_owned();
-        self.beats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name, crate::clock::monotonic());
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let now = crate::clock::monotonic();
+        let mut beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+        // Called on every API attempt and handler wait: no allocation once a thread is known.
+        match beats.get_mut(name) {
+            Some(t) => *t = now,
+            None => {
+                beats.insert(name.to_owned(), now);
+            }
+        }
     }
 
     /// Expected threads that have not beaten within the bound at `now` (never: also stale).
@@ -177,6 +180,13 @@ impl Admin {
         let family = |o: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
+        // A family with one unlabelled sample.
+        let single =
+            |o: &mut String, name: &str, kind: &str, help: &str, v: &dyn std::fmt::Display| {
+                family(o, name, kind, help);
+                let _ = writeln!(o, "{name} {v}");
+            };
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         family(
             &mut o,
@@ -221,31 +231,28 @@ impl Admin {
                 "Final events sent (completed, completed_with_errors, failed).",
             ),
         ] {
-            family(&mut o, name, "counter", help);
-            let _ = writeln!(o, "{name} {}", events.get(kind).copied().unwrap_or(0));
+            single(
+                &mut o,
+                name,
+                "counter",
+                help,
+                &events.get(kind).copied().unwrap_or(0),
+            );
         }
         if let Some(w) = &self.webhooks {
-            family(
+            single(
                 &mut o,
                 "jobmirror_webhooks_accepted_total",
                 "counter",
                 "Webhook deliveries stored and acknowledged.",
+                &load(&w.accepted),
             );
-            let _ = writeln!(
-                o,
-                "jobmirror_webhooks_accepted_total {}",
-                w.accepted.load(Ordering::Relaxed)
-            );
-            family(
+            single(
                 &mut o,
                 "jobmirror_webhooks_duplicates_total",
                 "counter",
                 "Deliveries of a webhook-id already stored (acknowledged).",
-            );
-            let _ = writeln!(
-                o,
-                "jobmirror_webhooks_duplicates_total {}",
-                w.duplicates.load(Ordering::Relaxed)
+                &load(&w.duplicates),
             );
             family(
                 &mut o,
@@ -265,7 +272,7 @@ impl Admin {
                 let _ = writeln!(
                     o,
                     "jobmirror_webhooks_rejected_total{{reason=\"{reason}\"}} {}",
-                    c.load(Ordering::Relaxed)
+                    load(c)
                 );
             }
         }
@@ -299,23 +306,19 @@ impl Admin {
         let _ = writeln!(
             o,
             "jobmirror_poll_duration_seconds_sum {:.6}",
-            m.poll_micros.load(Ordering::Relaxed) as f64 / 1e6
+            load(&m.poll_micros) as f64 / 1e6
         );
         let _ = writeln!(
             o,
             "jobmirror_poll_duration_seconds_count {}",
-            m.polls.load(Ordering::Relaxed)
+            load(&m.polls)
         );
-        family(
+        single(
             &mut o,
             "jobmirror_poll_failures_total",
             "counter",
             "Listing passes that failed.",
-        );
-        let _ = writeln!(
-            o,
-            "jobmirror_poll_failures_total {}",
-            m.polls_failed.load(Ordering::Relaxed)
+            &load(&m.polls_failed),
         );
         family(
             &mut o,
@@ -326,20 +329,20 @@ impl Admin {
         let _ = writeln!(
             o,
             "jobmirror_handler_results_total{{outcome=\"successful\"}} {}",
-            m.handler_successful.load(Ordering::Relaxed)
+            load(&m.handler_successful)
         );
         let _ = writeln!(
             o,
             "jobmirror_handler_results_total{{outcome=\"failed\"}} {}",
-            m.handler_failed.load(Ordering::Relaxed)
+            load(&m.handler_failed)
         );
-        family(
+        single(
             &mut o,
             "jobmirror_up",
             "gauge",
             "1 while every thread makes progress.",
+            &u8::from(self.progress.healthy()),
         );
-        let _ = writeln!(o, "jobmirror_up {}", u8::from(self.progress.healthy()));
         o
     }
 }

@@ -86,26 +86,24 @@ impl TokenSource {
         self.clock.now().plus(self.cfg.refresh_margin) < exp
     }
 
-    /// A valid access token (refreshed first if it expires within the margin).
-    pub fn bearer(&self) -> Result<Secret, PleoError> {
-        if let Some((t, exp)) = self
-            .cached
+    /// The cached access token, if it does not expire within the margin.
+    fn cached_fresh(&self) -> Option<Secret> {
+        self.cached
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            && self.fresh(exp)
-        {
+            .filter(|(_, exp)| self.fresh(*exp))
+            .map(|(t, _)| t)
+    }
+
+    /// A valid access token (refreshed first if it expires within the margin).
+    pub fn bearer(&self) -> Result<Secret, PleoError> {
+        if let Some(t) = self.cached_fresh() {
             return Ok(t);
         }
         // One refresher: others wait here and then find the new token.
         let _one = self.refresh_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((t, exp)) = self
-            .cached
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            && self.fresh(exp)
-        {
+        if let Some(t) = self.cached_fresh() {
             return Ok(t);
         }
         let row = self.stored()?;

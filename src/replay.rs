@@ -714,7 +714,8 @@ impl Replay {
             }
         }
         self.acked_checked = self.acked.len();
-        let requests = self.fake.requests();
+        // Only the requests since the last step (the log only grows).
+        let requests = self.fake.requests_since(self.requests_checked);
         let claims = self.fake.claims();
         let holder_at = |job: &str, seq: u64| {
             claims
@@ -722,7 +723,7 @@ impl Replay {
                 .rfind(|c| c.accepted && c.job_id == job && c.after_requests < seq)
                 .map(|c| c.by)
         };
-        for r in &requests[self.requests_checked..] {
+        for r in &requests {
             // Status 0: dropped unapplied; 429 and 5xx from a fault: refused unapplied.
             let applied = r.status != 0
                 && !matches!(
@@ -800,7 +801,7 @@ impl Replay {
                 }
             }
         }
-        self.requests_checked = requests.len();
+        self.requests_checked += requests.len();
         let doubled: rusqlite::Result<Vec<String>> = store
             .conn()
             .prepare(

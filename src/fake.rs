@@ -1531,11 +1531,12 @@ fn deliver_webhooks(
     outbox: crossbeam_channel::Receiver<Outgoing>,
     shared: std::sync::Weak<Shared>,
 ) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into();
+    let agent = crate::net::agent(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build(),
+    );
     for out in outbox {
         if out.options.delay_millis > 0 {
             std::thread::sleep(Duration::from_millis(out.options.delay_millis));

@@ -13,6 +13,7 @@ pub mod handler;
 pub mod health;
 pub mod httpd;
 pub mod mirror;
+pub mod net;
 pub mod notify;
 pub mod oauth;
 pub mod ops;

@@ -65,12 +65,13 @@ impl TokenSource {
         clock: SharedClock,
     ) -> Result<TokenSource, PleoError> {
         crate::pleo::check_base_url(&cfg.token_url).map_err(PleoError::Config)?;
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(cfg.timeout))
-            .max_redirects(0)
-            .build()
-            .into();
+        let agent = crate::net::agent(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(cfg.timeout))
+                .max_redirects(0)
+                .build(),
+        );
         Ok(TokenSource {
             cfg,
             credential: "default".into(),

@@ -384,14 +384,15 @@ fn cfg_rate_burst(cfg: &ClientConfig) -> f64 {
 impl PleoClient {
     pub fn new(cfg: ClientConfig, clock: SharedClock) -> Result<PleoClient, PleoError> {
         check_base_url(&cfg.base_url).map_err(PleoError::Config)?;
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(Some(cfg.connect_timeout))
-            .timeout_global(Some(cfg.request_timeout))
-            .max_redirects(0)
-            .user_agent(concat!("jobmirror/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+        let agent = crate::net::agent(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(cfg.connect_timeout))
+                .timeout_global(Some(cfg.request_timeout))
+                .max_redirects(0)
+                .user_agent(concat!("jobmirror/", env!("CARGO_PKG_VERSION")))
+                .build(),
+        );
         let seed = cfg.jitter_seed | 1;
         let bucket = Mutex::new((cfg_rate_burst(&cfg), clock.now()));
         Ok(PleoClient {

@@ -122,6 +122,10 @@ pub enum Command {
         /// Where to write the JSON summary.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Run only these sections (comma-separated: ingest, sync, pick, reaction,
+        /// processing); webhook ingest and the footprint always run.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Replay a snapshot offline: the real workers against an in-process fake Pleo on a
     /// virtual clock; prints a summary and leaves the database for sqlite3.
@@ -472,7 +476,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { db } => crate::demo::run(db),
-        Command::Bench { smoke, json } => crate::bench::run(smoke, json),
+        Command::Bench { smoke, json, only } => crate::bench::run(smoke, json, &only),
     }
 }
 

@@ -50,3 +50,19 @@ fn the_benchmark_harness_runs_end_to_end_and_reports_every_figure() {
         assert!(f["unit"].as_str().is_some_and(|u| !u.is_empty()));
     }
 }
+
+#[test]
+fn the_benchmark_refuses_an_unknown_section_before_measuring_anything() {
+    let out = Command::new(env!("CARGO_BIN_EXE_jobmirror"))
+        .args(["bench", "--smoke", "--only", "sync,ingst"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("\"ingst\"") && stderr.contains("ingest, sync, pick, reaction, processing"),
+        "{stderr}"
+    );
+    // Nothing was started: no figure was printed.
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("acks/s"));
+}

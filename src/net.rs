@@ -90,6 +90,43 @@ mod tests {
         assert_eq!(lit("http://[::1]:9/x"), Some("[::1]:9".parse().unwrap()));
     }
 
+    /// A server that answers every request with 204, keeping connections open.
+    fn answering_204() -> u16 {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut out) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut lines = BufReader::new(out.try_clone().unwrap());
+                    let mut line = String::new();
+                    while lines.read_line(&mut line).is_ok_and(|n| n > 0) {
+                        if line == "\r\n" {
+                            let _ = out.write_all(b"HTTP/1.1 204 No Content\r\n\r\n");
+                        }
+                        line.clear();
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn an_agent_reaches_a_server_by_address_and_by_name() {
+        let port = answering_204();
+        let agent = agent(
+            ureq::Agent::config_builder()
+                .timeout_global(Some(std::time::Duration::from_secs(5)))
+                .build(),
+        );
+        for host in ["127.0.0.1", "localhost", "127.0.0.1"] {
+            let got = agent.get(&format!("http://{host}:{port}/")).call();
+            assert_eq!(got.map(|r| r.status().as_u16()).ok(), Some(204), "{host}");
+        }
+    }
+
     #[test]
     fn names_are_left_to_the_lookup() {
         assert_eq!(lit("https://external.pleo.io/v3/export-jobs"), None);

@@ -3,7 +3,7 @@
 //!
 //! ureq resolves the host on every request, even when it then reuses a pooled connection, and
 //! when a timeout is set it runs each lookup on a new thread so that it can give up on it: one
-//! thread started and ended per request. `strace -f` and `perf sched` of webhook ingest showed
+//! thread started and ended per request. `perf sched` during webhook ingest showed
 //! about 4,500 such threads a second in the bench and 1,100 a second in the service's sync
 //! thread (see BENCHMARKS.md). A host written as an IP address needs no lookup, so
 //! [`LiteralFirst`] answers it in place; a name still goes to ureq's own resolver, with its

@@ -174,7 +174,7 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time the live threads of a process have run so far, in nanoseconds, from the
+/// CPU time the live threads of a process have run so far, from the
 /// scheduler's own clock (`/proc/<pid>/task/*/schedstat`). The tick-sampled utime and stime
 /// in `/proc/<pid>/stat` undercount on this VM: during ingest they added up to 36% of the two
 /// cores while `perf record -a` and `/proc/stat` both saw about 70% busy.

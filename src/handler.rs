@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 use serde_json::{Value, json};
 
 use crate::store::ItemResult;
@@ -300,85 +300,71 @@ impl HandlerSpec {
         match self {
             HandlerSpec::DryRun => {
                 let job_id = job["id"].as_str().unwrap_or("").to_owned();
-                std::thread::Builder::new()
-                    .name("jm-dry-run".into())
-                    .spawn(move || {
-                        for item in &items {
-                            let result = match validate_item(&job_id, item) {
-                                (_, Some(refused)) => refused,
-                                (entry, None) => ItemResult {
-                                    external_id: Some(format!("dry-run/{job_id}/{entry}")),
-                                    external_url: None,
-                                    accounting_entry_id: entry,
-                                    successful: true,
-                                    failure_reason: None,
-                                    failure_reason_type: None,
-                                },
-                            };
-                            if tx.send(HandlerMsg::Result(result)).is_err() {
-                                return;
-                            }
+                in_process("jm-dry-run", tx, rx, move |emit| {
+                    for item in &items {
+                        let result = match validate_item(&job_id, item) {
+                            (_, Some(refused)) => refused,
+                            (entry, None) => ItemResult {
+                                external_id: Some(format!("dry-run/{job_id}/{entry}")),
+                                external_url: None,
+                                accounting_entry_id: entry,
+                                successful: true,
+                                failure_reason: None,
+                                failure_reason_type: None,
+                            },
+                        };
+                        if !emit(result) {
+                            return;
                         }
-                        let _ = tx.send(HandlerMsg::Eof);
-                    })?;
-                Ok(Running {
-                    messages: rx,
-                    child: None,
+                    }
                 })
             }
             HandlerSpec::Outbox(dir) => {
                 let dir = dir.clone();
                 let job_id = job["id"].as_str().unwrap_or("").to_owned();
-                std::thread::Builder::new()
-                    .name("jm-outbox".into())
-                    .spawn(move || {
-                        // Files are written in batches: every temp file of a batch is made
-                        // durable with one sync, then renamed into place, then the renames are
-                        // made durable; only then are the batch's results reported.
-                        for chunk in items.chunks(64) {
-                            let mut results = Vec::with_capacity(chunk.len());
-                            let mut staged = Vec::new();
-                            for item in chunk {
-                                match outbox_stage(&dir, &job_id, item) {
-                                    Staged::Written(tmp, path, ok) => staged.push((tmp, path, ok)),
-                                    Staged::Refused(failed) => results.push(failed),
-                                }
-                            }
-                            let job_dir = dir.join(&job_id);
-                            let synced = sync_filesystem(&job_dir);
-                            for (tmp, path, ok) in staged {
-                                let done = synced
-                                    .as_ref()
-                                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
-                                    .and_then(|_| std::fs::rename(&tmp, &path));
-                                results.push(match done {
-                                    Ok(()) => ok,
-                                    Err(e) => outbox_failure(
-                                        &ok.accounting_entry_id,
-                                        format!("cannot write {}: {e}", path.display()),
-                                    ),
-                                });
-                            }
-                            if let Err(e) = sync_filesystem(&job_dir) {
-                                log::error!("outbox: cannot sync {}: {e}", job_dir.display());
-                                for r in results.iter_mut().filter(|r| r.successful) {
-                                    *r = outbox_failure(
-                                        &r.accounting_entry_id,
-                                        format!("cannot sync {}: {e}", job_dir.display()),
-                                    );
-                                }
-                            }
-                            for r in results {
-                                if tx.send(HandlerMsg::Result(r)).is_err() {
-                                    return;
-                                }
+                in_process("jm-outbox", tx, rx, move |emit| {
+                    // Files are written in batches: every temp file of a batch is made
+                    // durable with one sync, then renamed into place, then the renames are
+                    // made durable; only then are the batch's results reported.
+                    for chunk in items.chunks(64) {
+                        let mut results = Vec::with_capacity(chunk.len());
+                        let mut staged = Vec::new();
+                        for item in chunk {
+                            match outbox_stage(&dir, &job_id, item) {
+                                Staged::Written(tmp, path, ok) => staged.push((tmp, path, ok)),
+                                Staged::Refused(failed) => results.push(failed),
                             }
                         }
-                        let _ = tx.send(HandlerMsg::Eof);
-                    })?;
-                Ok(Running {
-                    messages: rx,
-                    child: None,
+                        let job_dir = dir.join(&job_id);
+                        let synced = sync_filesystem(&job_dir);
+                        for (tmp, path, ok) in staged {
+                            let done = synced
+                                .as_ref()
+                                .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
+                                .and_then(|_| std::fs::rename(&tmp, &path));
+                            results.push(match done {
+                                Ok(()) => ok,
+                                Err(e) => outbox_failure(
+                                    &ok.accounting_entry_id,
+                                    format!("cannot write {}: {e}", path.display()),
+                                ),
+                            });
+                        }
+                        if let Err(e) = sync_filesystem(&job_dir) {
+                            log::error!("outbox: cannot sync {}: {e}", job_dir.display());
+                            for r in results.iter_mut().filter(|r| r.successful) {
+                                *r = outbox_failure(
+                                    &r.accounting_entry_id,
+                                    format!("cannot sync {}: {e}", job_dir.display()),
+                                );
+                            }
+                        }
+                        for r in results {
+                            if !emit(r) {
+                                return;
+                            }
+                        }
+                    }
                 })
             }
             HandlerSpec::Command { program, args } => {
@@ -436,6 +422,26 @@ impl HandlerSpec {
             }
         }
     }
+}
+
+/// Runs an in-process handler (`dry-run`, `outbox:`) on a thread of its own: `work` hands
+/// each result to `emit` (false once nobody listens any more); the end of its output follows.
+fn in_process(
+    name: &str,
+    tx: Sender<HandlerMsg>,
+    rx: Receiver<HandlerMsg>,
+    work: impl FnOnce(&dyn Fn(ItemResult) -> bool) + Send + 'static,
+) -> std::io::Result<Running> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            work(&|r| tx.send(HandlerMsg::Result(r)).is_ok());
+            let _ = tx.send(HandlerMsg::Eof);
+        })?;
+    Ok(Running {
+        messages: rx,
+        child: None,
+    })
 }
 
 impl Running {

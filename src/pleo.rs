@@ -137,6 +137,18 @@ pub struct JobEvent {
     pub failure_reason_type: Option<String>,
 }
 
+impl JobEvent {
+    /// An event without a failure reason.
+    pub fn new(event: JobEventKind, job_id: &str) -> JobEvent {
+        JobEvent {
+            event,
+            job_id: job_id.to_owned(),
+            failure_reason: None,
+            failure_reason_type: None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PleoError {
     /// Pleo answered with an error status; `kind` and `message` come from its error body.

@@ -284,12 +284,7 @@ impl Processor {
             return Ok(Claim::Skipped);
         }
         self.store.begin_claim(&fresh, now)?;
-        let event = JobEvent {
-            event: JobEventKind::Started,
-            job_id: fresh.id.clone(),
-            failure_reason: None,
-            failure_reason_type: None,
-        };
+        let event = JobEvent::new(JobEventKind::Started, &fresh.id);
         let client = self.clients.for_company(Some(&fresh.company_id));
         match client.post_event(&event) {
             Ok(()) => {

@@ -347,34 +347,14 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_replay() {
         assert!(Snapshot::parse(&minimal("[]")).is_ok());
-        let v1 = r#"{"version":1,"jobs":[]}"#;
-        assert!(
-            Snapshot::parse(v1)
-                .unwrap_err()
-                .to_string()
-                .contains("version 1")
-        );
+        let refused = |text: &str| Snapshot::parse(text).unwrap_err().to_string();
+        assert!(refused(r#"{"version":1,"jobs":[]}"#).contains("version 1"));
         let unordered = minimal(r#"[{"at":5,"event":"trigger"},{"at":2,"event":"trigger"}]"#);
-        assert!(
-            Snapshot::parse(&unordered)
-                .unwrap_err()
-                .to_string()
-                .contains("timeline[1]")
-        );
+        assert!(refused(&unordered).contains("timeline[1]"));
         let unsigned = minimal(r#"[{"at":1,"event":"webhook","body":{"eventType":"x"}}]"#);
-        assert!(
-            Snapshot::parse(&unsigned)
-                .unwrap_err()
-                .to_string()
-                .contains("webhookId")
-        );
+        assert!(refused(&unsigned).contains("webhookId"));
         let owned = r#"{"version":2,"start":"2026-11-24T08:00:00Z","companies":["c1"],"service":{"db":"/tmp/x"}}"#;
-        assert!(
-            Snapshot::parse(owned)
-                .unwrap_err()
-                .to_string()
-                .contains("service.db")
-        );
+        assert!(refused(owned).contains("service.db"));
         let unknown = r#"{"version":2,"start":"2026-11-24T08:00:00Z","companies":["c1"],"service":{"pol_interval":"1"}}"#;
         assert!(Snapshot::parse(unknown).is_err());
     }

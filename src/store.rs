@@ -1387,11 +1387,11 @@ pub struct Retention {
 /// What a prune removed (or would remove, in a dry run).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PruneReport {
-    pub jobs_trimmed: i64,
-    pub job_items_deleted: i64,
-    pub webhook_bodies_cleared: i64,
-    pub webhook_rows_deleted: i64,
-    pub sync_runs_deleted: i64,
+    pub jobs_trimmed: usize,
+    pub job_items_deleted: usize,
+    pub webhook_bodies_cleared: usize,
+    pub webhook_rows_deleted: usize,
+    pub sync_runs_deleted: usize,
     pub dry_run: bool,
 }
 
@@ -1525,66 +1525,41 @@ impl Store {
     pub fn prune(&self, now: Millis, keep: Retention, dry_run: bool) -> Result<PruneReport> {
         let before = |days: u32| now.0 - i64::from(days) * DAY_MS;
         let tx = self.write_tx()?;
-        let jobs_cut = before(keep.jobs_days);
         let old_jobs = "SELECT id FROM export_jobs WHERE proc_state IN ('done', 'expired', 'conflict', 'too_late') \
              AND status NOT IN ('pending', 'in_progress') AND proc_state_at < ?1";
+        // Each change counts the rows it touched; a dry run makes them all and rolls back.
         let mut r = PruneReport {
             dry_run,
             ..PruneReport::default()
         };
-        r.job_items_deleted = tx.query_row(
-            &format!("SELECT count(*) FROM job_items WHERE job_id IN ({old_jobs})"),
-            [jobs_cut],
-            |x| x.get(0),
+        let cut_jobs = [before(keep.jobs_days)];
+        r.job_items_deleted = tx.execute(
+            &format!("DELETE FROM job_items WHERE job_id IN ({old_jobs})"),
+            cut_jobs,
         )?;
-        r.jobs_trimmed = tx.query_row(
+        r.jobs_trimmed = tx.execute(
             &format!(
-                "SELECT count(*) FROM export_jobs WHERE id IN ({old_jobs}) AND raw_json <> '{{}}'"
+                "UPDATE export_jobs SET raw_json = '{{}}' WHERE id IN ({old_jobs}) AND raw_json <> '{{}}'"
             ),
-            [jobs_cut],
-            |x| x.get(0),
+            cut_jobs,
         )?;
-        let bodies_cut = before(keep.webhook_bodies_days);
-        r.webhook_bodies_cleared = tx.query_row(
-            "SELECT count(*) FROM webhook_deliveries WHERE processed_at IS NOT NULL AND received_at < ?1 AND body <> ''",
-            [bodies_cut],
-            |x| x.get(0),
+        r.webhook_bodies_cleared = tx.execute(
+            "UPDATE webhook_deliveries SET body = '', headers = '{}' \
+             WHERE processed_at IS NOT NULL AND received_at < ?1 AND body <> ''",
+            [before(keep.webhook_bodies_days)],
         )?;
-        let ids_cut = before(keep.webhook_ids_days.max(4));
-        r.webhook_rows_deleted = tx.query_row(
-            "SELECT count(*) FROM webhook_deliveries WHERE processed_at IS NOT NULL AND received_at < ?1",
-            [ids_cut],
-            |x| x.get(0),
+        r.webhook_rows_deleted = tx.execute(
+            "DELETE FROM webhook_deliveries WHERE processed_at IS NOT NULL AND received_at < ?1",
+            [before(keep.webhook_ids_days.max(4))],
         )?;
-        let runs_cut = before(keep.sync_runs_days);
-        r.sync_runs_deleted = tx.query_row(
-            "SELECT count(*) FROM sync_runs WHERE started_at < ?1 AND finished_at IS NOT NULL",
-            [runs_cut],
-            |x| x.get(0),
+        r.sync_runs_deleted = tx.execute(
+            "DELETE FROM sync_runs WHERE started_at < ?1 AND finished_at IS NOT NULL",
+            [before(keep.sync_runs_days)],
         )?;
         if dry_run {
+            tx.rollback()?;
             return Ok(r);
         }
-        tx.execute(
-            &format!("DELETE FROM job_items WHERE job_id IN ({old_jobs})"),
-            [jobs_cut],
-        )?;
-        tx.execute(
-            &format!("UPDATE export_jobs SET raw_json = '{{}}' WHERE id IN ({old_jobs})"),
-            [jobs_cut],
-        )?;
-        tx.execute(
-            "UPDATE webhook_deliveries SET body = '', headers = '{}' WHERE processed_at IS NOT NULL AND received_at < ?1",
-            [bodies_cut],
-        )?;
-        tx.execute(
-            "DELETE FROM webhook_deliveries WHERE processed_at IS NOT NULL AND received_at < ?1",
-            [ids_cut],
-        )?;
-        tx.execute(
-            "DELETE FROM sync_runs WHERE started_at < ?1 AND finished_at IS NOT NULL",
-            [runs_cut],
-        )?;
         journal(
             &tx,
             now,

@@ -3,20 +3,16 @@
 
 use std::process::Command;
 
+use crate::cli::succeeds;
+
 #[test]
 fn the_benchmark_harness_runs_end_to_end_and_reports_every_figure() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_jobmirror"))
-        .args(["bench", "--smoke", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeds(
+        Command::new(env!("CARGO_BIN_EXE_jobmirror"))
+            .args(["bench", "--smoke", "--json"])
+            .arg(&json),
     );
     let figures = jobmirror::bench::read_summary(&json).unwrap();
     let names: Vec<String> = figures

@@ -20,6 +20,34 @@ pub(crate) fn cmd() -> Command {
     c
 }
 
+/// Runs a command to its end, asserts that it succeeded (showing both streams if it did not)
+/// and returns what it printed on stdout.
+pub(crate) fn succeeds(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Runs a command to its end, asserts that it failed and returns its exit code and stderr.
+pub(crate) fn fails(c: &mut Command) -> (Option<i32>, String) {
+    let out = c.output().unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Lines of a child's stream, as they come.
 pub(crate) fn lines(stream: impl std::io::Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = unbounded();
@@ -227,17 +255,8 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
         ..Default::default()
     })
     .unwrap();
-    let out = cmd()
-        .arg("trigger")
-        .env("JOBMIRROR_DB", &db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("run detection now"));
+    let said = succeeds(cmd().arg("trigger").env("JOBMIRROR_DB", &db));
+    assert!(said.contains("run detection now"));
     wait_for(
         &rx,
         "trigger pass over 1 companies: 1 jobs seen, 1 new",
@@ -307,17 +326,7 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
 fn migrate_creates_the_schema_and_status_refuses_a_missing_database() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("m.db");
-    let out = cmd()
-        .arg("migrate")
-        .env("JOBMIRROR_DB", &db)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let said = succeeds(cmd().arg("migrate").env("JOBMIRROR_DB", &db));
     for m in [
         "applied V1__core",
         "applied V2__webhooks",
@@ -356,13 +365,7 @@ fn migrate_creates_the_schema_and_status_refuses_a_missing_database() {
 fn demo_runs_to_the_end_against_the_bundled_fake() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("demo.db");
-    let out = cmd().arg("demo").arg("--db").arg(&db).output().unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = succeeds(cmd().arg("demo").arg("--db").arg(&db));
     let line = |id: &str| {
         text.lines()
             .find(|l| l.contains(&format!("job {id}")))
@@ -465,13 +468,13 @@ fn fake_pleo_command_serves_a_fixture_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"{"version": 9, "jobs": []}"#).unwrap();
-    let out = cmd()
-        .args(["fake-pleo", "--listen", "127.0.0.1:0", "--fixture"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("version 9"));
+    let (code, err) = fails(
+        cmd()
+            .args(["fake-pleo", "--listen", "127.0.0.1:0", "--fixture"])
+            .arg(&bad),
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("version 9"), "{err}");
 }
 
 #[test]
@@ -488,24 +491,18 @@ fn subscribe_registers_the_endpoint_and_writes_the_secret_privately() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("webhook-secret");
-    let out = cmd()
-        .args([
-            "subscribe",
-            "--url",
-            "https://jobmirror.example.com/webhooks/pleo",
-            "--secret-file",
-        ])
-        .arg(&secret_file)
-        .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
-        .env("JOBMIRROR_PLEO_API_KEY", "k")
-        .env("JOBMIRROR_COMPANY_IDS", "c")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeeds(
+        cmd()
+            .args([
+                "subscribe",
+                "--url",
+                "https://jobmirror.example.com/webhooks/pleo",
+                "--secret-file",
+            ])
+            .arg(&secret_file)
+            .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+            .env("JOBMIRROR_PLEO_API_KEY", "k")
+            .env("JOBMIRROR_COMPANY_IDS", "c"),
     );
     let secret = std::fs::read_to_string(&secret_file).unwrap();
     assert!(secret.starts_with("whsec_"));

@@ -20,20 +20,10 @@ fn errors_keep_pleos_type_and_message_and_4xx_is_not_retried() {
         other => panic!("{other:?}"),
     }
     w.pending("c", "j", 10);
-    c.post_event(&JobEvent {
-        event: JobEventKind::Started,
-        job_id: "j".into(),
-        failure_reason: None,
-        failure_reason_type: None,
-    })
-    .unwrap();
+    c.post_event(&JobEvent::new(JobEventKind::Started, "j"))
+        .unwrap();
     let e = c
-        .post_event(&JobEvent {
-            event: JobEventKind::Started,
-            job_id: "j".into(),
-            failure_reason: None,
-            failure_reason_type: None,
-        })
+        .post_event(&JobEvent::new(JobEventKind::Started, "j"))
         .unwrap_err();
     assert!(e.is_status_conflict(), "{e}");
     assert!(!e.is_retryable());
@@ -108,12 +98,7 @@ fn a_read_that_times_out_is_retried_and_a_claim_that_times_out_is_not() {
     assert_eq!(w.clock.sleeps().len(), 1, "one timeout, one retry");
     w.fake.push_fault(slow("POST", "/v3/export-job-events"));
     let e = c
-        .post_event(&JobEvent {
-            event: JobEventKind::Started,
-            job_id: "j".into(),
-            failure_reason: None,
-            failure_reason_type: None,
-        })
+        .post_event(&JobEvent::new(JobEventKind::Started, "j"))
         .unwrap_err();
     assert!(matches!(e, PleoError::Transport(_)), "{e}");
     assert!(!e.is_unapplied(), "a timeout leaves the outcome unknown");

@@ -145,16 +145,20 @@ impl World {
             .collect()
     }
 
+    /// The jobs `started` was sent for, in order.
+    pub fn started_sent(&self) -> Vec<String> {
+        self.job_events_sent()
+            .into_iter()
+            .filter(|(e, _)| e == "started")
+            .map(|(_, j)| j)
+            .collect()
+    }
+
     /// Finishes a job at the fake as its holder would (so the company can take the next one).
     pub fn complete_at_pleo(&self, job: &str) {
         use jobmirror::pleo::{JobEvent, JobEventKind};
         self.client()
-            .post_event(&JobEvent {
-                event: JobEventKind::Completed,
-                job_id: job.into(),
-                failure_reason: None,
-                failure_reason_type: None,
-            })
+            .post_event(&JobEvent::new(JobEventKind::Completed, job))
             .unwrap();
     }
 }

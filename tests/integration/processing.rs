@@ -566,12 +566,7 @@ fn two_companies_never_have_two_jobs_in_progress_for_one_company() {
         assert_eq!(w.fake.job(id).unwrap().status, "completed", "{id}");
     }
     // And oldest first within each company.
-    let started: Vec<String> = w
-        .job_events_sent()
-        .into_iter()
-        .filter(|(e, _)| e == "started")
-        .map(|(_, j)| j)
-        .collect();
+    let started = w.started_sent();
     assert_eq!(started, ["a0", "b0", "a1", "b1", "a2", "b2"]);
 }
 

@@ -79,12 +79,7 @@ fn oldest_first_per_company_with_the_listing_shuffled_and_paged() {
     assert_eq!(order_a, ["a-1", "a-2", "a-3", "a-4", "a-5"]);
     assert_eq!(order_b, ["b-0a", "b-0z", "b-1", "b-2", "b-3"]);
     // Exactly one `started` per job.
-    let started: Vec<String> = w
-        .job_events_sent()
-        .into_iter()
-        .filter(|(e, _)| e == "started")
-        .map(|(_, j)| j)
-        .collect();
+    let started = w.started_sent();
     assert_eq!(started.len(), 10);
     let mut dedup = started.clone();
     dedup.sort();

@@ -745,13 +745,8 @@ fn a_corrupt_database_is_a_clear_error_and_doctor_says_so() {
         err.contains("corrupt.db") && err.contains("not a database"),
         "{err}"
     );
-    let o = cmd()
-        .args(["doctor"])
-        .env("JOBMIRROR_DB", &db)
-        .output()
-        .unwrap();
-    assert_ne!(o.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not a database"));
+    let (_, err) = crate::cli::fails(cmd().args(["doctor"]).env("JOBMIRROR_DB", &db));
+    assert!(err.contains("not a database"), "{err}");
 }
 
 #[test]

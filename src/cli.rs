@@ -153,6 +153,11 @@ pub enum Command {
         /// A description to put in the snapshot.
         #[arg(long)]
         description: Option<String>,
+        /// The snapshot's start (RFC 3339): the moment the listing is taken, on Pleo's clock.
+        /// Default: now. Give it when this host's clock differs from Pleo's (each job's
+        /// remaining time at replay is `lastUpdatedAt + expiresIn - start`).
+        #[arg(long)]
+        at: Option<String>,
     },
     /// Generate and replay simulated histories with faults, checking the invariants.
     Simulate {
@@ -426,13 +431,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             out,
             redact,
             description,
+            at,
         } => {
+            let at = match at {
+                None => None,
+                Some(s) => Some(crate::clock::Millis::parse_rfc3339(&s).ok_or_else(|| {
+                    UsageError(format!("--at {s:?} is not an RFC 3339 time"))
+                })?),
+            };
             let cfg = Config::load(cli.config.as_deref())?;
             init_logging(cfg.log);
             let client = cfg.client(clock.clone())?;
             let opts = crate::snapshot::RecordOptions {
                 redact,
                 description,
+                at,
             };
             let snap = crate::snapshot::record(&client, &clock, &cfg.company_ids, &opts)?;
             write_private(&out, &(serde_json::to_string_pretty(&snap)? + "\n"))?;

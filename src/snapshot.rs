@@ -214,6 +214,8 @@ pub struct RecordOptions {
     /// Replace names, notes and file URLs.
     pub redact: bool,
     pub description: Option<String>,
+    /// The snapshot's start; default: the clock's now.
+    pub at: Option<Millis>,
 }
 
 /// Reads the open jobs of `companies` (with their items) through the API, GETs only.
@@ -223,7 +225,7 @@ pub fn record(
     companies: &[String],
     opts: &RecordOptions,
 ) -> anyhow::Result<Snapshot> {
-    let start = clock.now();
+    let start = opts.at.unwrap_or_else(|| clock.now());
     let mut jobs = Vec::new();
     for company in companies {
         let listing = client

@@ -271,8 +271,10 @@ fn cmd() -> Command {
 
 #[test]
 fn record_reads_the_fake_with_gets_only_and_the_snapshot_replays() {
-    let clock: SharedClock =
-        ManualClock::new(Millis::parse_rfc3339("2026-11-24T09:00:00Z").unwrap());
+    // The fake's clock is a week before any date this test may run on: `--at` puts the
+    // snapshot on Pleo's clock, so nothing here reads the host's date.
+    const PLEO_NOW: &str = "2026-11-24T09:00:00Z";
+    let clock: SharedClock = ManualClock::new(Millis::parse_rfc3339(PLEO_NOW).unwrap());
     let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
     let b = "b2b2b2b2-0000-4000-8000-0000000bravo";
     for (id, company, status, items) in [
@@ -297,6 +299,8 @@ fn record_reads_the_fake_with_gets_only_and_the_snapshot_replays() {
     let run = |redact: bool, out: &PathBuf| {
         let mut c = cmd();
         c.arg("record")
+            .arg("--at")
+            .arg(PLEO_NOW)
             .arg("--out")
             .arg(out)
             .env("JOBMIRROR_DB", dir.path().join("unused.db"))
@@ -327,6 +331,7 @@ fn record_reads_the_fake_with_gets_only_and_the_snapshot_replays() {
     let text = std::fs::read_to_string(&out).unwrap();
     let snap = Snapshot::parse(&text).unwrap();
     assert_eq!(snap.companies, [A, b]);
+    assert_eq!(snap.start, "2026-11-24T09:00:00.000Z");
     let r2 = snap
         .jobs
         .iter()

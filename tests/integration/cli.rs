@@ -13,9 +13,19 @@ const BIN: &str = env!("CARGO_BIN_EXE_jobmirror");
 
 pub(crate) fn cmd() -> Command {
     let mut c = Command::new(BIN);
+    clean_env(&mut c);
+    c
+}
+
+/// An empty environment but `PATH` and libfaketime's variables: a suite run under
+/// `faketime` (as CI does, a month ahead) gives the binary the same shifted clock as the tests.
+pub(crate) fn clean_env(c: &mut Command) -> &mut Command {
     c.env_clear();
-    if let Ok(p) = std::env::var("PATH") {
-        c.env("PATH", p);
+    for (k, v) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k == "PATH" || k == "LD_PRELOAD" || k.starts_with("FAKETIME") {
+            c.env(k, v);
+        }
     }
     c
 }

@@ -66,7 +66,7 @@ fn run(w: &World, args: &[&str]) -> (i32, String, String) {
     )
     .unwrap();
     let mut c = Command::new(BIN);
-    c.env_clear().arg("--config").arg(&cfg).args(args);
+    crate::cli::clean_env(&mut c).arg("--config").arg(&cfg).args(args);
     let o = c.output().unwrap();
     (
         o.status.code().unwrap_or(-1),

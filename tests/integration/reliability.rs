@@ -761,11 +761,10 @@ fn a_full_disk_answers_503_keeps_every_acknowledged_delivery_and_recovers() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let exe = env!("CARGO_BIN_EXE_jobmirror");
-    let mut child = std::process::Command::new("sh")
+    let mut sh = std::process::Command::new("sh");
+    let mut child = crate::cli::clean_env(&mut sh)
         .arg("-c")
         .arg(format!("trap '' XFSZ; ulimit -f 8000; exec {exe} run"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("JOBMIRROR_DB", &db)
         .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
         .env("JOBMIRROR_PLEO_API_KEY", fake.api_key())
@@ -1045,8 +1044,8 @@ fn a_database_directory_it_cannot_write_is_a_clear_error_until_fixed() {
         } else {
             std::process::Command::new(env!("CARGO_BIN_EXE_jobmirror"))
         };
-        c.arg("run")
-            .env_clear()
+        crate::cli::clean_env(&mut c)
+            .arg("run")
             .env("JOBMIRROR_DB", state.join("jm.db"))
             .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
             .env("JOBMIRROR_PLEO_API_KEY", fake.api_key())

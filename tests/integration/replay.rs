@@ -262,10 +262,7 @@ fn two_replays_of_one_snapshot_write_identical_journals() {
 
 fn cmd() -> Command {
     let mut c = Command::new(BIN);
-    c.env_clear();
-    if let Ok(p) = std::env::var("PATH") {
-        c.env("PATH", p);
-    }
+    crate::cli::clean_env(&mut c);
     c
 }
 

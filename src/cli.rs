@@ -435,9 +435,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => {
             let at = match at {
                 None => None,
-                Some(s) => Some(crate::clock::Millis::parse_rfc3339(&s).ok_or_else(|| {
-                    UsageError(format!("--at {s:?} is not an RFC 3339 time"))
-                })?),
+                Some(s) => Some(
+                    crate::clock::Millis::parse_rfc3339(&s)
+                        .ok_or_else(|| UsageError(format!("--at {s:?} is not an RFC 3339 time")))?,
+                ),
             };
             let cfg = Config::load(cli.config.as_deref())?;
             init_logging(cfg.log);

@@ -127,8 +127,13 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     ),
     (
         "claim_min_left_secs",
-        Some("300"),
-        "never claim a job with less time than this before it expires",
+        Some("10"),
+        "do not send `started` while less than this is left before the job's deadline (it could not land); wait for the deadline and read the job again",
+    ),
+    (
+        "not_ready_fail_margin_secs",
+        Some("180"),
+        "a job whose readiness check still fails this close to its deadline is sent `failed` with the check's reason instead of left to expire",
     ),
     (
         "claims_per_round_max",
@@ -142,8 +147,8 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     ),
     (
         "resume_unknown_in_progress",
-        Some("false"),
-        "on a company's first pass in this database, take in_progress jobs it has no record of for ours (only after losing the database)",
+        Some("true"),
+        "at every start's recovery pass, resume an in_progress job this database has no record of as ours (Pleo: an interrupted workflow); false where another integration may hold this company's jobs",
     ),
     (
         "pleo_connect_timeout_secs",
@@ -272,6 +277,7 @@ pub struct Config {
     pub log: log::LevelFilter,
     pub deadline_warning: Duration,
     pub claim_min_left: Duration,
+    pub not_ready_fail_margin: Duration,
     pub claims_per_round_max: u32,
     pub conflict_backoff: Duration,
     pub resume_unknown_in_progress: bool,
@@ -641,6 +647,7 @@ impl Config {
             log,
             deadline_warning: secs("deadline_warning_secs", 0)?,
             claim_min_left: secs("claim_min_left_secs", 0)?,
+            not_ready_fail_margin: secs("not_ready_fail_margin_secs", 0)?,
             claims_per_round_max: count("claims_per_round_max")?,
             conflict_backoff: secs("conflict_backoff_secs", 0)?,
             resume_unknown_in_progress,

@@ -116,7 +116,7 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
         }
     };
     let settled = wait_until("a settled state", &|_| {
-        is_settled(&watcher, &companies[..companies.len() - 1], clock.now())
+        is_settled(&watcher, &companies[..companies.len() - 1])
     });
 
     // A user clicks Export for delta: the fake creates the job and sends a signed webhook.
@@ -219,15 +219,14 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 /// Every company was recovered and has nothing in hand and nothing left to claim.
-fn is_settled(store: &Store, companies: &[String], now: Millis) -> anyhow::Result<bool> {
+fn is_settled(store: &Store, companies: &[String]) -> anyhow::Result<bool> {
     for c in companies {
         let recovered: i64 = store.conn().query_row(
             "SELECT count(*) FROM sync_runs WHERE company_id = ?1 AND kind = 'recovery' AND finished_at IS NOT NULL AND error IS NULL",
             [c],
             |r| r.get(0),
         )?;
-        if recovered == 0 || store.active_job(c)?.is_some() || store.pick_next(c, now, 0)?.is_some()
-        {
+        if recovered == 0 || store.active_job(c)?.is_some() || store.pick_next(c)?.is_some() {
             return Ok(false);
         }
     }

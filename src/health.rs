@@ -107,6 +107,10 @@ pub struct Metrics {
     pub poll_micros: AtomicU64,
     pub handler_successful: AtomicU64,
     pub handler_failed: AtomicU64,
+    /// Readiness checks that failed (the job was not started, or not resumed yet).
+    pub readiness_failures: AtomicU64,
+    /// Companies whose readiness check is failing now (set by the processor lanes).
+    pub companies_not_ready: AtomicU64,
 }
 
 impl Metrics {
@@ -130,6 +134,10 @@ impl Metrics {
         }
         self.poll_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn readiness_failed(&self) {
+        self.readiness_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn handler_result(&self, successful: bool) {
@@ -221,9 +229,14 @@ impl Admin {
             ),
             ("jobmirror_expiries_total", "expired", "Jobs that expired."),
             (
-                "jobmirror_too_late_total",
-                "too_late",
-                "Jobs left alone: too close to expiry to claim.",
+                "jobmirror_claims_deferred_total",
+                "claim_deferred",
+                "Claims put off: too little time left for `started` to land before the deadline.",
+            ),
+            (
+                "jobmirror_not_ready_total",
+                "not_ready",
+                "Readiness failures journaled (once per job and reason): the job was not started.",
             ),
             (
                 "jobmirror_finished_total",
@@ -239,6 +252,20 @@ impl Admin {
                 &events.get(kind).copied().unwrap_or(0),
             );
         }
+        single(
+            &mut o,
+            "jobmirror_readiness_failures_total",
+            "counter",
+            "Readiness checks that failed (each check; the job was not started).",
+            &load(&self.metrics.readiness_failures),
+        );
+        single(
+            &mut o,
+            "jobmirror_companies_not_ready",
+            "gauge",
+            "Companies whose readiness check is failing now.",
+            &load(&self.metrics.companies_not_ready),
+        );
         if let Some(w) = &self.webhooks {
             single(
                 &mut o,

@@ -100,6 +100,26 @@ impl PollSchedule {
     }
 }
 
+/// Companies whose start-up recovery pass has completed in this process: shared by the sync
+/// thread (which fills it) and the processor lanes (which serve only these companies).
+#[derive(Debug, Default)]
+pub struct Recovered(std::sync::Mutex<HashSet<String>>);
+
+impl Recovered {
+    pub fn insert(&self, company: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(company.to_owned());
+    }
+    pub fn contains(&self, company: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(company)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]
@@ -123,6 +143,7 @@ pub struct Mirror {
     clock: SharedClock,
     companies: Vec<String>,
     recovered: HashSet<String>,
+    shared_recovered: Option<Arc<Recovered>>,
     resume_unknown_in_progress: bool,
     wake: Vec<Sender<()>>,
     metrics: Option<Arc<crate::health::Metrics>>,
@@ -142,7 +163,8 @@ impl Mirror {
             clock,
             companies,
             recovered: HashSet::new(),
-            resume_unknown_in_progress: false,
+            shared_recovered: None,
+            resume_unknown_in_progress: true,
             wake: Vec::new(),
             metrics: None,
             stopping: None,
@@ -176,6 +198,12 @@ impl Mirror {
         for w in &self.wake {
             let _ = w.try_send(());
         }
+    }
+
+    /// Where to record each company whose recovery pass completed (the processor waits for it).
+    pub fn with_recovered(mut self, recovered: Arc<Recovered>) -> Mirror {
+        self.shared_recovered = Some(recovered);
+        self
     }
 
     pub fn with_resume_unknown_in_progress(mut self, yes: bool) -> Mirror {
@@ -289,6 +317,9 @@ impl Mirror {
                 Ok((counts, woke)) => {
                     if k == PassKind::Recovery {
                         self.recovered.insert(company.clone());
+                        if let Some(r) = &self.shared_recovered {
+                            r.insert(&company);
+                        }
                     }
                     report.woke |= woke;
                     add(&mut report.counts, &counts);
@@ -350,13 +381,10 @@ impl Mirror {
         let listing = client.list_jobs(company, statuses)?;
         counts.pages = listing.pages;
         counts.seen = listing.jobs.len() as u32;
-        // A job we hold was recorded (`claiming`) before its `started` was sent, so once the
-        // database has history for the company an unknown `in_progress` job is someone
-        // else's. Only a company's first pass (a new or lost database) may resume one.
-        let source = if kind == PassKind::Recovery
-            && self.resume_unknown_in_progress
-            && !self.store.has_synced(company)?
-        {
+        // Pleo: an `in_progress` job found during recovery is an interrupted workflow of ours,
+        // to resume without `started`. That holds at every start (a new, lost or restored
+        // database alike), unless this database recorded the job as someone else's.
+        let source = if kind == PassKind::Recovery && self.resume_unknown_in_progress {
             Source::Recovery
         } else {
             Source::Poll

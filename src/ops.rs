@@ -248,10 +248,7 @@ pub fn why(store: &Store, now: Millis, id: &str, s: &Settings) -> anyhow::Result
             ProcState::TooLate => (
                 "not claimed",
                 "too_late",
-                format!(
-                    "it had less than claim_min_left_secs ({} s) to live when its turn came",
-                    s.claim_min_left_ms / 1000
-                ),
+                "an earlier version left it alone as too close to expiry; it is eligible again while Pleo lists it pending".into(),
             ),
             ProcState::Resume
             | ProcState::Claiming
@@ -287,12 +284,18 @@ pub fn why(store: &Store, now: Millis, id: &str, s: &Settings) -> anyhow::Result
                             ahead.len()
                         ),
                     )
+                } else if now.until(j.expires_at) <= 0 {
+                    (
+                        "waiting",
+                        "deadline_passed",
+                        "by this host's clock its deadline has passed; Pleo decides: the next read shows it expired, or it is claimed (a claim refreshes the deadline)".into(),
+                    )
                 } else if now.until(j.expires_at) <= s.claim_min_left_ms {
                     (
-                        "not claimed",
-                        "too_late",
+                        "waiting",
+                        "claim_cannot_land",
                         format!(
-                            "{} s left, under claim_min_left_secs ({} s)",
+                            "{} s left, under claim_min_left_secs ({} s): `started` could not land in time; it is read again at its deadline",
                             left(now, j.expires_at),
                             s.claim_min_left_ms / 1000
                         ),
@@ -309,6 +312,16 @@ pub fn why(store: &Store, now: Millis, id: &str, s: &Settings) -> anyhow::Result
                     )
                 } else {
                     match last.as_ref().map(|e| e.kind.as_str()) {
+                        Some("not_ready") => (
+                            "waiting",
+                            "not_ready",
+                            format!(
+                                "the readiness check failed ({}): it is not started until the check passes, checked again every poll interval; failed with that reason if it is about to expire",
+                                last.as_ref()
+                                    .and_then(|e| e.detail["failure_reason"].as_str())
+                                    .unwrap_or("no reason given")
+                            ),
+                        ),
                         Some("claim_failed") => (
                             "waiting",
                             "claim_failed_backoff",

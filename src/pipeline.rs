@@ -1,6 +1,7 @@
 //! The processing stage: from a held job to a finished one, through a handler.
 //!
-//! Steps: readiness check (failing it sends `failed`); read every job item and export item;
+//! Steps (the processor ran the readiness check before `started`, or before a resume): read
+//! every job item and export item;
 //! record the items in `job_items`; report results recorded earlier but not yet reported;
 //! run the handler on the items that are open at Pleo and have no result; commit each result
 //! as it arrives and report in batches of at most 100 (at 100 results or after
@@ -149,6 +150,15 @@ struct Finish {
 }
 
 impl Stage for HandlerStage {
+    /// The handler's `--check` (or the outbox probe), with the job's JSON, before `started`
+    /// and before a resumed job's items.
+    fn ready(&mut self, store: &Store, job: &JobRow) -> Result<Readiness, StoreError> {
+        let raw = store
+            .job_raw(&job.id)?
+            .unwrap_or_else(|| json!({"id": job.id, "companyId": job.company_id}));
+        Ok(self.handler.check(&raw, self.cfg.check_timeout))
+    }
+
     fn process(&mut self, store: &Store, job: &JobRow, now: Millis) -> Result<(), StoreError> {
         if job.proc_state == ProcState::Claimed {
             store.transition(
@@ -201,25 +211,7 @@ impl HandlerStage {
         let raw = store
             .job_raw(&job.id)?
             .unwrap_or_else(|| json!({"id": job.id, "companyId": job.company_id}));
-        let expires_in_ms = job.expires_at.0 - job.last_updated_at.unwrap_or(job.created_at).0;
         let mut deadline = job.expires_at;
-
-        if let Readiness::NotReady {
-            failure_reason_type,
-            failure_reason,
-        } = self.handler.check(&raw, self.cfg.check_timeout)
-        {
-            store.journal(self.clock.now(), Some(&job.id), Some(&job.company_id), EventKind::NotReady, json!({"failure_reason_type": failure_reason_type, "failure_reason": failure_reason}))?;
-            return self.finish(
-                store,
-                job,
-                Finish {
-                    event: JobEventKind::Failed,
-                    failure_reason_type: Some(failure_reason_type),
-                    failure_reason: Some(failure_reason),
-                },
-            );
-        }
 
         // Both layers, every page.
         let job_items = self.client(job).list_job_items(&job.id)?;
@@ -243,7 +235,7 @@ impl HandlerStage {
         store.sync_job_items(&job.id, &rows, self.clock.now())?;
 
         // Results recorded before a crash are reported without asking the handler again.
-        self.flush(store, job, &mut deadline, expires_in_ms, usize::MAX)?;
+        self.flush(store, job, &mut deadline, usize::MAX)?;
 
         let mut attempt = 0;
         loop {
@@ -298,18 +290,10 @@ impl HandlerStage {
                     .as_str()
                     .cmp(&b["accountingEntryId"].as_str())
             });
-            match self.run_handler(
-                store,
-                job,
-                &raw,
-                items,
-                attempt,
-                &mut deadline,
-                expires_in_ms,
-            )? {
+            match self.run_handler(store, job, &raw, items, attempt, &mut deadline)? {
                 RunEnd::AllAnswered | RunEnd::Crashed => continue,
                 RunEnd::TimedOut(reason) => {
-                    self.flush(store, job, &mut deadline, expires_in_ms, usize::MAX)?;
+                    self.flush(store, job, &mut deadline, usize::MAX)?;
                     return self.finish(
                         store,
                         job,
@@ -323,7 +307,7 @@ impl HandlerStage {
             }
         }
 
-        self.flush(store, job, &mut deadline, expires_in_ms, usize::MAX)?;
+        self.flush(store, job, &mut deadline, usize::MAX)?;
         let counts = store.item_counts(&job.id)?;
         let finish = if counts.failed == 0 {
             Finish {
@@ -364,7 +348,6 @@ impl HandlerStage {
         items: Vec<Value>,
         attempt: u32,
         deadline: &mut Millis,
-        expires_in_ms: i64,
     ) -> Result<RunEnd, Pause> {
         let n = items.len();
         let started = self.clock.now();
@@ -469,7 +452,7 @@ impl HandlerStage {
             let due = first_unflushed
                 .is_some_and(|t| now.until(t) <= -(self.cfg.flush_interval.as_millis() as i64));
             if unreported >= 100 || (unreported > 0 && due) {
-                self.flush(store, job, deadline, expires_in_ms, 100)?;
+                self.flush(store, job, deadline, 100)?;
                 unreported = store.item_counts(&job.id)?.unreported;
                 first_unflushed = if unreported > 0 {
                     Some(self.clock.now())
@@ -521,7 +504,6 @@ impl HandlerStage {
         store: &Store,
         job: &JobRow,
         deadline: &mut Millis,
-        expires_in_ms: i64,
         limit: usize,
     ) -> Result<(), Pause> {
         const REPORT_ATTEMPTS_MAX: i64 = 3;
@@ -538,11 +520,7 @@ impl HandlerStage {
                 .iter()
                 .map(|u| update_json(&u.result, u.handled_at))
                 .collect();
-            let at = self.clock.now();
             let outcome = self.client(job).put_items(&job.id, &updates)?;
-            // The PUT changed state at Pleo: lastUpdatedAt (and so the deadline) moved.
-            *deadline = Millis(at.0 + expires_in_ms);
-            store.touch_job(&job.id, at)?;
             let acked: Vec<(String, String)> = outcome
                 .updated
                 .iter()
@@ -604,6 +582,17 @@ impl HandlerStage {
                 )?;
             }
             sent += batch.len();
+        }
+        if sent > 0 {
+            // Whether item reports refresh `lastUpdatedAt` is not published: read the job, and
+            // take its deadline (and status) from Pleo instead of guessing.
+            match self.client(job).get_job(&job.id) {
+                Ok(fresh) => {
+                    store.upsert_job(&fresh, self.clock.now(), Source::Reread)?;
+                    *deadline = fresh.expires_at();
+                }
+                Err(e) => log::debug!("job {}: re-read after a report failed: {e}", job.id),
+            }
         }
         Ok(())
     }

@@ -1,13 +1,20 @@
 //! The processor thread: per company, one job at a time, oldest `createdAt` first.
 //!
-//! Invariants: a job is claimed only after it was read again and found `pending` with more
-//! than `claim_min_left` to live; `started` is never sent for a job the mirror holds as
-//! `in_progress` (those are resumed); at most one job per company is active; a 422 on
-//! `started` is a conflict, journaled and never retried for that job; claim attempts per
-//! company per round are bounded, and a conflict or failure pauses the company for
-//! `conflict_backoff`; every decision reads the time from the injected clock.
+//! Invariants: nothing of a company is claimed before its recovery pass has completed; the
+//! company's oldest pending job is the only candidate (whatever time it has left: `started`
+//! refreshes `lastUpdatedAt`); the readiness check passes before `started` is sent, and a job
+//! not ready stays pending (no job event) unless it would expire first, when it is `failed`
+//! with the check's reason; a job is claimed only after it was read again and found `pending`,
+//! and not while fewer than `claim_min_left` remain before its deadline (then the company
+//! waits for that deadline and reads again: nothing is sticky); `started` is never sent for a
+//! job the mirror holds as `in_progress` (those are resumed, after a readiness check); at most
+//! one job per company is active; a 422 on `started` is a conflict, journaled and never
+//! retried for that job; claim attempts per company per round are bounded, and a conflict or
+//! failure pauses the company for `conflict_backoff`; our clock may warn about a deadline but
+//! only a fresh read from Pleo ends a job; every decision reads the time from the injected
+//! clock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,24 +22,34 @@ use crossbeam_channel::{Receiver, Sender, select};
 use serde_json::json;
 
 use crate::clock::{Millis, SharedClock};
+use crate::handler::Readiness;
 use crate::pleo::{Clients, JobEvent, JobEventKind, PleoError, status};
 use crate::store::{EventKind, JobRow, ProcState, Source, Store, StoreError};
 
 #[derive(Clone, Debug)]
 pub struct ProcessorConfig {
     pub deadline_warning: Duration,
+    /// A claim is not sent while less than this is left before the deadline (it could not
+    /// land in time); the company waits for the deadline and reads the job again.
     pub claim_min_left: Duration,
     pub claims_per_round_max: u32,
     pub conflict_backoff: Duration,
+    /// A failed readiness check is tried again after this long (or at once on a wake).
+    pub readiness_retry: Duration,
+    /// A job whose readiness check still fails with this little left before its deadline is
+    /// failed with the check's reason instead of left to expire.
+    pub not_ready_fail_margin: Duration,
 }
 
 impl Default for ProcessorConfig {
     fn default() -> Self {
         ProcessorConfig {
             deadline_warning: Duration::from_secs(600),
-            claim_min_left: Duration::from_secs(300),
+            claim_min_left: Duration::from_secs(10),
             claims_per_round_max: 3,
             conflict_backoff: Duration::from_secs(30),
+            readiness_retry: Duration::from_secs(60),
+            not_ready_fail_margin: Duration::from_secs(180),
         }
     }
 }
@@ -43,6 +60,12 @@ pub trait Stage: Send {
     /// when the job is finished, or when it must wait (it stays `processing` and comes back
     /// next round). Must move a `claimed` job on.
     fn process(&mut self, store: &Store, job: &JobRow, now: Millis) -> Result<(), StoreError>;
+
+    /// The accounting side's readiness for this job: run before `started` is sent, and before
+    /// a resumed job's items are touched. Sends nothing to Pleo.
+    fn ready(&mut self, _store: &Store, _job: &JobRow) -> Result<Readiness, StoreError> {
+        Ok(Readiness::Ready)
+    }
 }
 
 /// Only records that the job is ready (`ready` in the journal, `processing` state) and holds
@@ -73,6 +96,10 @@ pub struct RoundReport {
     pub conflicts: Vec<String>,
     pub warned: Vec<String>,
     pub expired: Vec<String>,
+    /// Jobs whose readiness check failed this round (they stay as they were).
+    pub not_ready: Vec<String>,
+    /// Jobs failed because the readiness check still failed close to their deadline.
+    pub failed_not_ready: Vec<String>,
     /// Jobs the stage finished this round.
     pub finished: Vec<String>,
     pub errors: Vec<String>,
@@ -94,7 +121,22 @@ pub struct Processor {
     cfg: ProcessorConfig,
     stage: Box<dyn Stage>,
     paused_until: HashMap<String, Millis>,
+    /// Companies whose readiness check failed: (retry at, the job and reason last journaled).
+    not_ready: HashMap<String, NotReadyHold>,
+    /// Held jobs whose readiness check passed in this process (a resumed job is checked first).
+    checked: HashSet<String>,
+    recovered: Option<Arc<crate::mirror::Recovered>>,
+    metrics: Option<Arc<crate::health::Metrics>>,
+    /// What this lane last added to `companies_not_ready`.
+    not_ready_shown: u64,
     stopping: Option<Arc<crate::health::Stopping>>,
+}
+
+#[derive(Clone, Debug)]
+struct NotReadyHold {
+    until: Millis,
+    job_id: String,
+    reason: String,
 }
 
 impl Processor {
@@ -113,8 +155,39 @@ impl Processor {
             cfg,
             stage: Box::new(ReadyStage),
             paused_until: HashMap::new(),
+            not_ready: HashMap::new(),
+            checked: HashSet::new(),
+            recovered: None,
+            metrics: None,
+            not_ready_shown: 0,
             stopping: None,
         }
+    }
+
+    /// Companies are served only once the sync thread's recovery pass over them completed.
+    pub fn with_recovered(mut self, recovered: Arc<crate::mirror::Recovered>) -> Processor {
+        self.recovered = Some(recovered);
+        self
+    }
+
+    /// Counts readiness failures.
+    pub fn with_metrics(mut self, metrics: Arc<crate::health::Metrics>) -> Processor {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Something new was detected (a poll, a trigger, a webhook): readiness checks that
+    /// failed are tried again at the next round instead of after `readiness_retry`.
+    pub fn recheck_now(&mut self) {
+        let now = self.clock.now();
+        for h in self.not_ready.values_mut() {
+            h.until = h.until.min(now);
+        }
+    }
+
+    /// Companies whose readiness check is failing now.
+    pub fn not_ready_companies(&self) -> usize {
+        self.not_ready.len()
     }
 
     /// A round ends early once `stopping` is set.
@@ -139,21 +212,6 @@ impl Processor {
     /// One round over every company.
     pub fn round(&mut self) -> RoundReport {
         let mut report = RoundReport::default();
-        let now = self.clock.now();
-        let min_left = Self::ms(self.cfg.claim_min_left);
-        match self.store.retire_too_late(now, min_left) {
-            Ok(rows) => {
-                for r in rows {
-                    log::warn!(
-                        "job {} of company {} expires at {} and is too close to expiry to claim",
-                        r.id,
-                        r.company_id,
-                        r.expires_at
-                    );
-                }
-            }
-            Err(e) => report.errors.push(e.to_string()),
-        }
         // Only companies with something to do: with hundreds of companies a round must not
         // cost two queries for each of them.
         let with_work = match self.store.companies_with_work() {
@@ -173,12 +231,38 @@ impl Processor {
                 break;
             }
             if !with_work.contains(&company) {
+                self.not_ready.remove(&company);
+                continue;
+            }
+            if self
+                .recovered
+                .as_ref()
+                .is_some_and(|r| !r.contains(&company))
+            {
+                // Its recovery pass has not completed: an older job may not be known yet, and
+                // an `in_progress` one of ours may be waiting to be resumed.
                 continue;
             }
             if let Err(e) = self.company_round(&company, &mut report) {
                 log::error!("processor: company {company}: {e}");
                 report.errors.push(format!("{company}: {e}"));
             }
+        }
+        if let Some(m) = &self.metrics {
+            let now_shown = self.not_ready.len() as u64;
+            let g = &m.companies_not_ready;
+            if now_shown >= self.not_ready_shown {
+                g.fetch_add(
+                    now_shown - self.not_ready_shown,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            } else {
+                g.fetch_sub(
+                    self.not_ready_shown - now_shown,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            self.not_ready_shown = now_shown;
         }
         report
     }
@@ -195,14 +279,25 @@ impl Processor {
             }
             self.paused_until.remove(company);
         }
-        let min_left = Self::ms(self.cfg.claim_min_left);
         for _ in 0..self.cfg.claims_per_round_max {
-            let now = self.clock.now();
-            let Some(candidate) = self.store.pick_next(company, now, min_left)? else {
+            let Some(candidate) = self.store.pick_next(company)? else {
+                self.not_ready.remove(company);
                 return Ok(());
             };
+            if let Some(h) = self.not_ready.get(company)
+                && h.job_id == candidate.id
+                && self.clock.now() < h.until
+            {
+                report.due(h.until);
+                return Ok(());
+            }
+            // Pleo: a job is started only after the pre-processing checks have completed.
+            if !self.check_ready(&candidate, report)? {
+                return Ok(());
+            }
             match self.try_claim(candidate, report)? {
                 Claim::Held(job) => return self.tend(job, report),
+                Claim::Wait => return Ok(()),
                 Claim::Lost | Claim::Skipped => {
                     // Whatever happened, one job in hand per company: never pick past one.
                     if let Some(active) = self.store.active_job(company)? {
@@ -218,6 +313,185 @@ impl Processor {
         }
         // The bound was reached (conflicts, skips): let the company rest before trying again.
         self.pause(company, report);
+        Ok(())
+    }
+
+    /// Runs the readiness check for `job` (pending, or held and not yet checked here). Not
+    /// ready: journaled (once per job and reason), the company waits `readiness_retry` (or a
+    /// wake), and a job that would expire first is failed with the check's reason. Returns
+    /// whether the job may go on.
+    fn check_ready(&mut self, job: &JobRow, report: &mut RoundReport) -> Result<bool, StoreError> {
+        let readiness = self.stage.ready(&self.store, job)?;
+        let now = self.clock.now();
+        let (failure_reason_type, failure_reason) = match readiness {
+            Readiness::Ready => {
+                if let Some(h) = self.not_ready.remove(&job.company_id) {
+                    self.store.journal(
+                        now,
+                        Some(&job.id),
+                        Some(&job.company_id),
+                        EventKind::ReadinessRestored,
+                        json!({"was": h.reason}),
+                    )?;
+                    log::info!(
+                        "company {}: the readiness check passes again (job {})",
+                        job.company_id,
+                        job.id
+                    );
+                }
+                if job.proc_state.is_active() {
+                    self.checked.insert(job.id.clone());
+                }
+                return Ok(true);
+            }
+            Readiness::NotReady {
+                failure_reason_type,
+                failure_reason,
+            } => (failure_reason_type, failure_reason),
+        };
+        report.not_ready.push(job.id.clone());
+        if let Some(m) = &self.metrics {
+            m.readiness_failed();
+        }
+        let same = self
+            .not_ready
+            .get(&job.company_id)
+            .is_some_and(|h| h.job_id == job.id && h.reason == failure_reason);
+        if !same {
+            self.store.journal(
+                now,
+                Some(&job.id),
+                Some(&job.company_id),
+                EventKind::NotReady,
+                json!({"failure_reason_type": failure_reason_type, "failure_reason": failure_reason,
+                       "status": job.status, "action": "not started; checked again later"}),
+            )?;
+            log::warn!(
+                "job {} of company {}: the readiness check failed ({failure_reason_type}: {failure_reason}); not starting it, checking again in {} s",
+                job.id,
+                job.company_id,
+                self.cfg.readiness_retry.as_secs()
+            );
+        }
+        // Close to the deadline? Ask Pleo first: the deadline is Pleo's, not our guess.
+        let margin = Self::ms(self.cfg.not_ready_fail_margin);
+        let mut deadline = job.expires_at;
+        if now.until(deadline) <= margin {
+            match self.reread(job, report)? {
+                Some(fresh)
+                    if fresh.status == job.status
+                        && (fresh.proc_state == ProcState::New || fresh.proc_state.is_active()) =>
+                {
+                    deadline = fresh.expires_at;
+                    if now.until(deadline) <= margin {
+                        self.fail_not_ready(&fresh, &failure_reason_type, &failure_reason, report)?;
+                        self.not_ready.remove(&job.company_id);
+                        return Ok(false);
+                    }
+                }
+                Some(_) => {
+                    // It changed at Pleo (taken, finished, expired): the next round sees it.
+                    self.not_ready.remove(&job.company_id);
+                    report.due(self.clock.now());
+                    return Ok(false);
+                }
+                None => {}
+            }
+        }
+        // Try again after `readiness_retry`, and in any case once inside the failing margin.
+        let retry = now.plus(self.cfg.readiness_retry);
+        let last_chance = Millis(deadline.0 - margin);
+        let until = if last_chance > now {
+            retry.min(last_chance)
+        } else {
+            retry.min(now.plus(Duration::from_secs(5)))
+        };
+        self.not_ready.insert(
+            job.company_id.clone(),
+            NotReadyHold {
+                until,
+                job_id: job.id.clone(),
+                reason: failure_reason,
+            },
+        );
+        report.due(until);
+        Ok(false)
+    }
+
+    /// Sends `failed` with the readiness check's reason (Pleo allows it from `pending` and
+    /// `in_progress`), so the user sees why in Pleo instead of a silent expiry.
+    fn fail_not_ready(
+        &mut self,
+        job: &JobRow,
+        failure_reason_type: &str,
+        failure_reason: &str,
+        report: &mut RoundReport,
+    ) -> Result<(), StoreError> {
+        let reason = format!(
+            "the accounting system was not ready before this export would expire: {failure_reason}. Fix it, then export again from Pleo."
+        );
+        let kind = if crate::handler::JOB_FAILURE_TYPES.contains(&failure_reason_type) {
+            failure_reason_type.to_owned()
+        } else {
+            "accounting_system_unreachable".to_owned()
+        };
+        let event = JobEvent {
+            event: JobEventKind::Failed,
+            job_id: job.id.clone(),
+            failure_reason: Some(reason.clone()),
+            failure_reason_type: Some(kind.clone()),
+        };
+        let client = self.clients.for_company(Some(&job.company_id));
+        match client.post_event(&event) {
+            Ok(()) => {}
+            Err(e) if e.is_status_conflict() => {
+                log::warn!(
+                    "job {}: Pleo refused `failed` (422); reading it again",
+                    job.id
+                );
+            }
+            Err(e) => {
+                log::warn!("job {}: sending `failed` (not ready) failed: {e}", job.id);
+                report.errors.push(format!("{}: {e}", job.id));
+                report.due(self.clock.now().plus(Duration::from_secs(5)));
+                return Ok(());
+            }
+        }
+        let now = self.clock.now();
+        self.store.journal(
+            now,
+            Some(&job.id),
+            Some(&job.company_id),
+            EventKind::FinishSent,
+            json!({"event": "failed", "failure_reason_type": kind, "failure_reason": reason,
+                   "why": "not ready before the deadline", "from": job.status}),
+        )?;
+        log::error!(
+            "job {} of company {}: sent failed ({kind}): the readiness check kept failing and the job was about to expire",
+            job.id,
+            job.company_id
+        );
+        if let Ok(fresh) = client.get_job(&job.id) {
+            self.store
+                .upsert_job(&fresh, self.clock.now(), Source::Reread)?;
+        }
+        if let Some(row) = self
+            .store
+            .job(&job.id)?
+            .filter(|r| !r.proc_state.is_final())
+        {
+            self.store.transition(
+                &row,
+                ProcState::Done,
+                self.clock.now(),
+                EventKind::Finished,
+                json!({"event": "failed", "why": "not ready"}),
+            )?;
+        }
+        self.checked.remove(&job.id);
+        report.failed_not_ready.push(job.id.clone());
+        report.finished.push(job.id.clone());
+        report.due(self.clock.now());
         Ok(())
     }
 
@@ -278,10 +552,21 @@ impl Processor {
             }
             return Ok(Claim::Skipped);
         }
-        if now.until(fresh.expires_at) <= Self::ms(self.cfg.claim_min_left) {
-            self.store
-                .retire_too_late(now, Self::ms(self.cfg.claim_min_left))?;
-            return Ok(Claim::Skipped);
+        let left = now.until(fresh.expires_at);
+        if left > 0 && left <= Self::ms(self.cfg.claim_min_left) {
+            // A claim could not land before the deadline. Nothing is decided for good: at the
+            // deadline Pleo says whether it expired (journaled `expired`) or is still pending
+            // (our clock was off: then it is claimed).
+            self.store.journal(
+                now,
+                Some(&fresh.id),
+                Some(&fresh.company_id),
+                EventKind::ClaimDeferred,
+                json!({"seconds_left": left / 1000, "expires_at": fresh.expires_at.to_rfc3339(),
+                       "claim_min_left_secs": self.cfg.claim_min_left.as_secs()}),
+            )?;
+            report.due(fresh.expires_at.plus(Duration::from_secs(1)));
+            return Ok(Claim::Wait);
         }
         self.store.begin_claim(&fresh, now)?;
         let event = JobEvent::new(JobEventKind::Started, &fresh.id);
@@ -308,6 +593,8 @@ impl Processor {
                     json!({"expires_at": held.expires_at.to_rfc3339()}),
                 )?;
                 log::info!("claimed job {} of company {}", held.id, held.company_id);
+                // Its readiness check passed just before the claim.
+                self.checked.insert(held.id.clone());
                 report.claimed.push(held.id.clone());
                 Ok(Claim::Held(self.store.job(&held.id)?.unwrap_or(held)))
             }
@@ -451,6 +738,12 @@ impl Processor {
                 }
             }
             ProcState::Claimed | ProcState::Processing => {
+                // A job resumed in this process (after a restart, or found by recovery) is
+                // checked before its items are touched; a claimed one was checked before
+                // `started`.
+                if !self.checked.contains(&job.id) && !self.check_ready(&job, report)? {
+                    return Ok(());
+                }
                 self.stage.process(&self.store, &job, self.clock.now())?;
                 let next = self
                     .store
@@ -460,6 +753,7 @@ impl Processor {
                     Some(j) if j.proc_state.is_active() => self.track_deadline(j, report),
                     Some(j) => {
                         if j.proc_state.is_final() {
+                            self.checked.remove(&j.id);
                             report.finished.push(j.id.clone());
                             // The company is free again: its next job can be taken at once.
                             report.due(self.clock.now());
@@ -476,26 +770,35 @@ impl Processor {
     fn track_deadline(&mut self, job: JobRow, report: &mut RoundReport) -> Result<(), StoreError> {
         let now = self.clock.now();
         if now >= job.expires_at {
-            // Our clock says it has expired: confirm with Pleo (someone may have refreshed it).
-            let fresh = self.reread(&job, report)?;
-            match fresh {
+            // Our clock says it has expired: only Pleo can say so. Read it; a job Pleo still
+            // shows open is never abandoned on our clock's word.
+            match self.reread(&job, report)? {
                 Some(f) if f.proc_state.is_final() => {
+                    self.checked.remove(&f.id);
                     if f.proc_state == ProcState::Expired {
                         report.expired.push(f.id.clone());
                     }
                     Ok(())
                 }
                 Some(f) if f.expires_at > now => self.track_deadline(f, report),
-                other => {
-                    let row = other.unwrap_or(job);
-                    self.store.transition(
-                        &row,
-                        ProcState::Expired,
-                        now,
-                        EventKind::Expired,
-                        json!({"expires_at": row.expires_at.to_rfc3339(), "observed": "local clock", "pleo_status": row.status}),
-                    )?;
-                    report.expired.push(row.id.clone());
+                Some(f) => {
+                    if f.warned_expires_at != Some(f.expires_at) {
+                        self.store.warn_deadline(&f, now)?;
+                        log::warn!(
+                            "job {} of company {}: past its deadline by our clock ({}), but Pleo still says {}; carrying on",
+                            f.id,
+                            f.company_id,
+                            f.expires_at,
+                            f.status
+                        );
+                        report.warned.push(f.id.clone());
+                    }
+                    // Ask again in a while (the stage's own reads also refresh it).
+                    report.due(now.plus(Duration::from_secs(30)));
+                    Ok(())
+                }
+                None => {
+                    report.due(now.plus(Duration::from_secs(5)));
                     Ok(())
                 }
             }
@@ -524,6 +827,8 @@ impl Processor {
 
 enum Claim {
     Held(JobRow),
+    /// Too close to the deadline for a claim to land: wait for it, then read again.
+    Wait,
     Lost,
     Skipped,
     Failed,
@@ -555,7 +860,10 @@ pub fn run(
         }
         select! {
             recv(shutdown) -> _ => return,
-            recv(wake) -> msg => if msg.is_err() { return; },
+            recv(wake) -> msg => {
+                if msg.is_err() { return; }
+                processor.recheck_now();
+            },
             default(wait) => {}
         }
     }

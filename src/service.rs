@@ -50,6 +50,9 @@ pub fn processor_config(cfg: &Config) -> ProcessorConfig {
         claim_min_left: cfg.claim_min_left,
         claims_per_round_max: cfg.claims_per_round_max,
         conflict_backoff: cfg.conflict_backoff,
+        // At least every poll interval (and at once on a wake: a poll, trigger or webhook).
+        readiness_retry: cfg.poll_interval.min(std::time::Duration::from_secs(300)),
+        not_ready_fail_margin: cfg.not_ready_fail_margin,
     }
 }
 
@@ -124,6 +127,7 @@ impl Workers {
             }
             None => None,
         };
+        let recovered = Arc::new(crate::mirror::Recovered::default());
         let groups = split_lanes(&cfg.company_ids, cfg.lanes);
         let mut lanes = Vec::new();
         let mut wakes = Vec::new();
@@ -149,6 +153,8 @@ impl Workers {
                 companies,
                 processor_config(cfg),
             )
+            .with_recovered(recovered.clone())
+            .with_metrics(metrics.clone())
             .with_stopping(stopping.clone())
             .with_stage(Box::new(stage));
             let name = if cfg.lanes <= 1 {
@@ -166,6 +172,7 @@ impl Workers {
             .with_wake(wakes)
             .with_metrics(metrics.clone())
             .with_stopping(stopping.clone())
+            .with_recovered(recovered)
             .with_resume_unknown_in_progress(cfg.resume_unknown_in_progress);
         Ok(Workers {
             mirror,

@@ -282,6 +282,17 @@ pub fn generate(seed: u64) -> Snapshot {
         });
     }
     timeline.sort_by(|a, b| a.at.total_cmp(&b.at));
+    // Where another integration claims this company's jobs, an `in_progress` job found at a
+    // start may be theirs: such a deployment opts out of resuming unknown jobs (README). The
+    // other seeds run with the default, and must resume what their recovery passes find.
+    if timeline.iter().any(|s| {
+        matches!(
+            s.event,
+            Event::ClaimedByOther { .. } | Event::StealAfterGet { .. }
+        )
+    }) {
+        service.insert("resume_unknown_in_progress".to_owned(), json!(false));
+    }
     Snapshot {
         version: VERSION,
         description: Some(format!("simulation seed {seed}")),

@@ -145,8 +145,12 @@ pub enum EventKind {
     ProcessingError,
     /// jobmirror sent the final event (completed, completed_with_errors, failed).
     FinishSent,
-    /// Not claimed: too little time left before expiry.
+    /// Not claimed (databases before the claim rules changed): too little time left.
     TooLate,
+    /// A claim was put off: too little time left for it to land; read again at the deadline.
+    ClaimDeferred,
+    /// The readiness check passes again after failing.
+    ReadinessRestored,
     /// A sync pass over a company failed.
     SyncFailed,
     /// A verified webhook announcing a job was stored.
@@ -183,6 +187,8 @@ impl EventKind {
             EventKind::ProcessingError => "processing_error",
             EventKind::FinishSent => "finish_sent",
             EventKind::TooLate => "too_late",
+            EventKind::ClaimDeferred => "claim_deferred",
+            EventKind::ReadinessRestored => "readiness_restored",
             EventKind::SyncFailed => "sync_failed",
             EventKind::WebhookReceived => "webhook_received",
             EventKind::WebhookIgnored => "webhook_ignored",
@@ -438,20 +444,13 @@ impl Store {
         Ok(())
     }
 
-    /// The pick query: the company's oldest claimable job with more than `min_left_ms` to live.
-    pub fn pick_next(
-        &self,
-        company_id: &str,
-        now: Millis,
-        min_left_ms: i64,
-    ) -> Result<Option<JobRow>> {
+    /// The pick query: the company's oldest pending job not yet taken, whatever time it has
+    /// left (a claim refreshes its deadline).
+    pub fn pick_next(&self, company_id: &str) -> Result<Option<JobRow>> {
         Ok(self
             .conn
             .prepare_cached(PICK_SQL)?
-            .query_row(
-                params![company_id, now.0.saturating_add(min_left_ms)],
-                job_row,
-            )
+            .query_row(params![company_id], job_row)
             .optional()?)
     }
 
@@ -573,29 +572,6 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(())
-    }
-
-    /// New pending jobs with less than `min_left_ms` to live: marked `too_late` and journaled.
-    pub fn retire_too_late(&self, now: Millis, min_left_ms: i64) -> Result<Vec<JobRow>> {
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM export_jobs \
-             WHERE status = 'pending' AND proc_state = 'new' AND expires_at <= ?1"
-        );
-        let rows: Vec<JobRow> = self
-            .conn
-            .prepare_cached(&sql)?
-            .query_map([now.0.saturating_add(min_left_ms)], job_row)?
-            .collect::<rusqlite::Result<_>>()?;
-        for row in &rows {
-            self.transition(
-                row,
-                ProcState::TooLate,
-                now,
-                EventKind::TooLate,
-                json!({"expires_at": row.expires_at.to_rfc3339(), "seconds_left": now.until(row.expires_at) / 1000}),
-            )?;
-        }
-        Ok(rows)
     }
 
     /// Ids of the company's jobs the mirror holds as open (`pending`/`in_progress`) that are not
@@ -826,7 +802,7 @@ impl Store {
 /// The pick query. Kept as a constant so tests can `EXPLAIN QUERY PLAN` the exact text.
 pub const PICK_SQL: &str = "SELECT id, company_id, status, created_at, last_updated_at, expires_at, \
      number_of_items, proc_state, claim_attempts, warned_expires_at FROM export_jobs \
-     WHERE company_id = ?1 AND status = 'pending' AND proc_state = 'new' AND expires_at > ?2 \
+     WHERE company_id = ?1 AND status = 'pending' AND proc_state = 'new' \
      ORDER BY created_at, id LIMIT 1";
 
 fn journal(
@@ -878,8 +854,10 @@ fn next_state(
     match (job.status.as_str(), prev) {
         (status::PENDING, None) => Some((ProcState::New, None)),
         (status::IN_PROGRESS, None | Some(ProcState::New) | Some(ProcState::TooLate)) => {
-            // A job we knew and never claimed is someone else's, recovery or not.
-            if source == Source::Recovery && prev.is_none() {
+            // Found by a recovery pass: an interrupted workflow of ours (a lost database, or a
+            // backup older than the claim), resumed without `started`. Seen taken while we
+            // ran: someone else's. A job recorded as someone else's (`conflict`) stays theirs.
+            if source == Source::Recovery {
                 Some((ProcState::Resume, None))
             } else {
                 Some((ProcState::Conflict, Some(EventKind::ClaimedElsewhere)))
@@ -935,10 +913,23 @@ fn upsert_one(conn: &Connection, job: &Job, now: Millis, source: Source) -> Resu
         }
         return Ok(Upsert::New);
     }
-    let prev: Option<(String, String, String)> = conn
-        .prepare_cached("SELECT status, proc_state, raw_json FROM export_jobs WHERE id = ?1")?
-        .query_row([&job.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    let prev: Option<(String, String, String, Option<i64>)> = conn
+        .prepare_cached(
+            "SELECT status, proc_state, raw_json, last_updated_at FROM export_jobs WHERE id = ?1",
+        )?
+        .query_row([&job.id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
+    // Keep the newest observation: every change of a job at Pleo moves its `lastUpdatedAt`,
+    // so an answer with an older one (a slow listing that began before our `started`) is
+    // older news and changes nothing.
+    if let Some((_, _, _, Some(stored))) = &prev
+        && job.last_updated_at.is_none_or(|t| t.0 < *stored)
+    {
+        return Ok(Upsert::Unchanged);
+    }
+    let prev = prev.map(|(a, b, c, _)| (a, b, c));
     let prev_state = prev.as_ref().and_then(|(_, p, _)| ProcState::parse(p));
     let next = next_state(prev_state, job, source);
     let outcome = match &prev {
@@ -1066,7 +1057,7 @@ mod tests {
     }
 
     #[test]
-    fn pick_is_oldest_first_then_id_and_respects_min_left() {
+    fn pick_is_oldest_first_then_id_whatever_time_is_left() {
         let (_d, s) = store();
         let now = Millis::parse_rfc3339("2026-11-24T10:30:00Z").unwrap();
         s.upsert_jobs(
@@ -1080,10 +1071,72 @@ mod tests {
             Source::Poll,
         )
         .unwrap();
-        assert_eq!(s.pick_next("c", now, 0).unwrap().unwrap().id, "a1");
-        // a1 and a2 expire at 11:01; with 40 minutes required they are not picked.
-        assert_eq!(s.pick_next("c", now, 40 * 60_000).unwrap().unwrap().id, "b");
-        assert!(s.pick_next("c", now, 55 * 60_000).unwrap().is_none());
+        // a1 and a2 expire at 11:01, b at 11:20: a claim refreshes the deadline, so the
+        // oldest stays first however little time it has left.
+        assert_eq!(s.pick_next("c").unwrap().unwrap().id, "a1");
+        assert_eq!(
+            s.job("a1").unwrap().unwrap().expires_at.to_rfc3339(),
+            "2026-11-24T11:01:00.000Z"
+        );
+    }
+
+    #[test]
+    fn an_older_observation_never_overwrites_a_newer_one() {
+        let (_d, s) = store();
+        let mut pending = job("j", "c", "pending", "2026-11-24T10:00:00Z");
+        pending.last_updated_at = Some(Millis::parse_rfc3339("2026-11-24T10:00:00Z").unwrap());
+        let mut started = job("j", "c", "in_progress", "2026-11-24T10:00:00Z");
+        started.last_updated_at = Some(Millis::parse_rfc3339("2026-11-24T10:30:00Z").unwrap());
+        s.upsert_job(&pending, Millis(1), Source::Poll).unwrap();
+        s.upsert_job(&started, Millis(2), Source::Reread).unwrap();
+        // A slow listing that was read before `started` answers last.
+        assert_eq!(
+            s.upsert_job(&pending, Millis(3), Source::Poll).unwrap(),
+            Upsert::Unchanged
+        );
+        let row = s.job("j").unwrap().unwrap();
+        assert_eq!(row.status, "in_progress");
+        assert_eq!(row.expires_at.to_rfc3339(), "2026-11-24T11:30:00.000Z");
+    }
+
+    #[test]
+    fn recovery_resumes_a_job_seen_pending_but_never_one_recorded_as_someone_elses() {
+        let (_d, s) = store();
+        // Seen pending (e.g. a backup taken before our claim), in_progress at recovery: ours.
+        s.upsert_job(
+            &job("b", "c", "pending", "2026-11-24T10:00:00Z"),
+            Millis(0),
+            Source::Poll,
+        )
+        .unwrap();
+        s.upsert_job(
+            &job("b", "c", "in_progress", "2026-11-24T10:00:00Z"),
+            Millis(1),
+            Source::Recovery,
+        )
+        .unwrap();
+        assert_eq!(s.job("b").unwrap().unwrap().proc_state, ProcState::Resume);
+        // Recorded as someone else's while we ran: it stays theirs at the next recovery.
+        s.upsert_job(
+            &job("t", "c", "pending", "2026-11-24T10:00:00Z"),
+            Millis(0),
+            Source::Poll,
+        )
+        .unwrap();
+        s.upsert_job(
+            &job("t", "c", "in_progress", "2026-11-24T10:00:00Z"),
+            Millis(1),
+            Source::Poll,
+        )
+        .unwrap();
+        assert_eq!(s.job("t").unwrap().unwrap().proc_state, ProcState::Conflict);
+        s.upsert_job(
+            &job("t", "c", "in_progress", "2026-11-24T10:00:00Z"),
+            Millis(2),
+            Source::Recovery,
+        )
+        .unwrap();
+        assert_eq!(s.job("t").unwrap().unwrap().proc_state, ProcState::Conflict);
     }
 
     #[test]
@@ -1360,15 +1413,6 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?)
-    }
-
-    /// A state-changing call was accepted at `at`: Pleo's `lastUpdatedAt` moved, and so the deadline.
-    pub fn touch_job(&self, job_id: &str, at: Millis) -> Result<()> {
-        self.conn.execute(
-            "UPDATE export_jobs SET last_updated_at = ?2, expires_at = ?2 + expires_in * 1000 WHERE id = ?1",
-            params![job_id, at.0],
-        )?;
-        Ok(())
     }
 }
 

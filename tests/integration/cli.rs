@@ -402,7 +402,7 @@ fn demo_runs_to_the_end_against_the_bundled_fake() {
         ),
         (
             "c0000000-0000-4000-8000-000000000000",
-            "pleo=pending               jobmirror=too_late   started sent 0x",
+            "pleo=completed             jobmirror=done       started sent 1x  items ok 2 failed 0",
         ),
         (
             "c0000000-0000-4000-8000-000000000001",

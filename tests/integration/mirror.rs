@@ -169,47 +169,62 @@ fn truncated_listing_is_retried_not_half_stored() {
 }
 
 #[test]
-fn a_job_claimed_elsewhere_while_we_were_down_was_resumed_as_ours() {
-    // Found by the simulation: after a restart, the recovery pass took every `in_progress` job
-    // it did not know for one of ours, including jobs another integration had claimed.
+fn recovery_resumes_every_in_progress_job_it_finds_unless_recorded_as_someone_elses() {
+    // Pleo: "An in_progress job found during recovery indicates a previously interrupted
+    // workflow: the integration should resume it without sending a started event again."
+    // At every start, a job seen pending before (a backup older than the claim) and one never
+    // seen (a lost database) are resumed; one this database saw taken while it ran stays
+    // someone else's.
     let w = World::new();
     w.pending(A, "seen", 900);
+    w.pending(A, "taken", 800);
     let mut m = w.mirror(&[A]);
     m.pass(PassKind::Recovery);
-    // While jobmirror is down, another integration claims the job it had seen, and one it
-    // never saw.
+    assert!(w.fake.claim_as_other("taken"));
+    m.pass(PassKind::Poll);
+    assert_eq!(
+        w.store().job("taken").unwrap().unwrap().proc_state,
+        ProcState::Conflict
+    );
+    // Down: the job it had seen and one it never saw are in_progress when it starts again.
     w.pending(A, "unseen", 300);
     assert!(w.fake.claim_as_other("seen"));
     assert!(w.fake.claim_as_other("unseen"));
-    // Restart: a new mirror on the same database.
     w.mirror(&[A]).pass(PassKind::Recovery);
     let st = w.store();
-    for id in ["seen", "unseen"] {
-        assert_eq!(
-            st.job(id).unwrap().unwrap().proc_state,
-            ProcState::Conflict,
-            "{id}"
-        );
+    for (id, want) in [
+        ("seen", ProcState::Resume),
+        ("unseen", ProcState::Resume),
+        ("taken", ProcState::Conflict),
+    ] {
+        assert_eq!(st.job(id).unwrap().unwrap().proc_state, want, "{id}");
     }
+    // The journal says how each was found.
+    let kinds: Vec<String> = st
+        .events(Some("taken"))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(kinds.contains(&"claimed_elsewhere".to_owned()), "{kinds:?}");
 }
 
 #[test]
-fn an_unknown_in_progress_job_is_ours_only_when_told_the_database_was_lost() {
-    // The first pass of a company in a new database has no record of its own claims. By
-    // default an `in_progress` job is someone else's; `resume_unknown_in_progress` (set after
-    // losing the database) takes it for ours.
+fn resume_unknown_in_progress_false_leaves_unknown_in_progress_jobs_to_others() {
+    // The opt-out, for a deployment where another integration may hold a company's jobs.
     let w = World::new();
     w.in_progress(A, "theirs", 600);
-    w.mirror(&[A]).pass(PassKind::Recovery);
+    w.mirror(&[A])
+        .with_resume_unknown_in_progress(false)
+        .pass(PassKind::Recovery);
     assert_eq!(
         w.store().job("theirs").unwrap().unwrap().proc_state,
         ProcState::Conflict
     );
+    // The default resumes it.
     let w = World::new();
     w.in_progress(A, "held", 600);
-    w.mirror(&[A])
-        .with_resume_unknown_in_progress(true)
-        .pass(PassKind::Recovery);
+    w.mirror(&[A]).pass(PassKind::Recovery);
     assert_eq!(
         w.store().job("held").unwrap().unwrap().proc_state,
         ProcState::Resume

@@ -66,7 +66,10 @@ fn run(w: &World, args: &[&str]) -> (i32, String, String) {
     )
     .unwrap();
     let mut c = Command::new(BIN);
-    crate::cli::clean_env(&mut c).arg("--config").arg(&cfg).args(args);
+    crate::cli::clean_env(&mut c)
+        .arg("--config")
+        .arg(&cfg)
+        .args(args);
     let o = c.output().unwrap();
     (
         o.status.code().unwrap_or(-1),
@@ -149,7 +152,7 @@ fn why_names_each_rule() {
     };
     assert_eq!(rule("a-held"), "being_processed");
     assert_eq!(rule("a-waiting-1"), "company_busy");
-    assert_eq!(rule("b-late"), "too_late");
+    assert_eq!(rule("b-late"), "deadline_passed");
     assert_eq!(rule("c-next"), "next_in_line");
     let (code, _, err) = run(&w, &["why", "nope"]);
     assert_eq!(code, 2);
@@ -275,6 +278,8 @@ fn the_views_answer_the_operators_questions() {
         [
             format!("{A}|1|a-waiting-1"),
             format!("{A}|2|a-waiting-2"),
+            // Past its deadline by our clock but still pending when last read: Pleo decides.
+            format!("{B}|1|b-late"),
             format!("{C}|1|c-next"),
         ]
     );

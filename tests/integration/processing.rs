@@ -169,40 +169,137 @@ fn mixed_results_complete_with_errors_and_all_failed_fails_the_job() {
     );
 }
 
+/// A handler whose readiness check passes only while `DIR/ready` exists; every check appends
+/// a line to `DIR/checks`; items are answered successful.
+fn flaky_erp(dir: &Path) -> HandlerSpec {
+    let d = dir.display();
+    script(
+        dir,
+        "h",
+        &format!(
+            r#"if [ "$1" = "--check" ]; then
+  echo check >> {d}/checks
+  [ -e {d}/ready ] && exit 0
+  echo '{{"failureReasonType":"accounting_system_authentication_failure","failureReason":"the ERP token expired; reconnect in settings"}}'
+  exit 3
+fi
+while read -r line; do
+  e=$(printf '%s' "$line" | sed 's/.*"accountingEntryId":"\([^"]*\)".*/\1/')
+  printf '{{"accountingEntryId":"%s","status":"successful"}}\n' "$e"
+done"#
+        ),
+    )
+}
+
+fn checks(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("checks"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
 #[test]
-fn a_failed_readiness_check_fails_the_job_with_the_handlers_reason() {
+fn a_job_is_started_only_after_the_readiness_check_passes() {
+    // Pleo: "An Export Job must only be started after ... pre-processing checks (e.g.
+    // validation readiness) have completed."
     let w = World::new();
     let j = job(&w, A, "j", 2, 0);
     let dir = tempfile::tempdir().unwrap();
-    let handler = script(
-        dir.path(),
-        "h",
-        r#"if [ "$1" = "--check" ]; then
-  echo "checking the ERP..." >&2
-  echo '{"failureReasonType":"accounting_system_authentication_failure","failureReason":"the ERP token expired; reconnect in settings"}'
-  exit 3
-fi
-echo "should not run" > "$0.ran""#,
-    );
     w.mirror(&[A]).pass(PassKind::Recovery);
-    let r = processor_with(&w, &[A], handler, pcfg()).round();
+    let mut p = processor_with(&w, &[A], flaky_erp(dir.path()), pcfg());
+    let r = p.round();
+    assert_eq!(r.not_ready, ["j"]);
+    assert!(
+        w.job_events_sent().is_empty(),
+        "no job event while not ready"
+    );
+    assert_eq!(w.fake.job(&j).unwrap().status, "pending");
+    assert_eq!(checks(dir.path()), 1);
+    assert!(w.kinds(&j).contains(&"not_ready".to_owned()));
+    // The next round within readiness_retry does not run the check again...
+    p.round();
+    assert_eq!(checks(dir.path()), 1);
+    // ...a wake (a poll, a trigger, a webhook) does, and so does the retry interval.
+    p.recheck_now();
+    p.round();
+    assert_eq!(checks(dir.path()), 2);
+    w.clock.advance(Duration::from_secs(61));
+    p.round();
+    assert_eq!(checks(dir.path()), 3);
+    assert!(w.job_events_sent().is_empty());
+    // Journaled once for the same reason, not at every check.
+    assert_eq!(w.kinds(&j).iter().filter(|k| *k == "not_ready").count(), 1);
+    // The accounting side is back: checked, then started, then processed.
+    std::fs::write(dir.path().join("ready"), "").unwrap();
+    w.clock.advance(Duration::from_secs(61));
+    let r = p.round();
+    assert_eq!(r.claimed, ["j"]);
     assert_eq!(r.finished, ["j"]);
+    assert_eq!(w.fake.job(&j).unwrap().status, "completed");
+    let kinds = w.kinds(&j);
+    let pos = |k: &str| kinds.iter().position(|x| x == k).unwrap();
+    assert!(pos("readiness_restored") < pos("claim_sent"), "{kinds:?}");
+}
+
+#[test]
+fn a_job_about_to_expire_while_not_ready_is_failed_with_the_checks_reason() {
+    let w = World::new();
+    let j = job(&w, A, "j", 2, 0);
+    let dir = tempfile::tempdir().unwrap();
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let mut p = processor_with(&w, &[A], flaky_erp(dir.path()), pcfg());
+    p.round();
+    // Still failing as the deadline nears: the next check falls due inside the margin.
+    let deadline = w.store().job(&j).unwrap().unwrap().expires_at;
+    let r = loop {
+        let r = p.round();
+        if !r.finished.is_empty() {
+            break r;
+        }
+        let due = r.next_due.expect("a next check is due");
+        assert!(due < deadline, "the check is retried before the deadline");
+        w.clock.set(due);
+    };
+    assert_eq!(r.failed_not_ready, ["j"]);
     let f = w.fake.job(&j).unwrap();
-    assert_eq!(f.status, "failed");
+    assert_eq!(f.status, "failed", "pending -> failed, not expired");
     assert_eq!(
         f.failure_reason_type.as_deref(),
         Some("accounting_system_authentication_failure")
     );
-    assert_eq!(
-        f.failure_reason.as_deref(),
-        Some("the ERP token expired; reconnect in settings")
-    );
     assert!(
-        !dir.path().join("h.ran").exists(),
-        "items never reached the handler"
+        f.failure_reason
+            .as_deref()
+            .unwrap()
+            .contains("the ERP token expired; reconnect in settings"),
+        "{:?}",
+        f.failure_reason
     );
-    assert!(w.fake.item_updates(&j).is_empty());
-    assert!(w.kinds(&j).contains(&"not_ready".to_owned()));
+    assert_eq!(w.started_sent(), Vec::<String>::new(), "never started");
+    assert!(w.clock_now() < deadline);
+    assert_eq!(
+        w.store().job(&j).unwrap().unwrap().proc_state,
+        jobmirror::store::ProcState::Done
+    );
+}
+
+#[test]
+fn a_resumed_job_runs_the_readiness_check_before_its_items() {
+    let w = World::new();
+    w.in_progress(A, "held", 60);
+    let dir = tempfile::tempdir().unwrap();
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let mut p = processor_with(&w, &[A], flaky_erp(dir.path()), pcfg());
+    let r = p.round();
+    assert_eq!(r.resumed, ["held"]);
+    assert_eq!(r.not_ready, ["held"]);
+    assert!(w.fake.item_updates("held").is_empty());
+    assert!(w.job_events_sent().is_empty());
+    std::fs::write(dir.path().join("ready"), "").unwrap();
+    p.recheck_now();
+    let r = p.round();
+    assert_eq!(r.finished, ["held"]);
+    assert_eq!(w.fake.job("held").unwrap().status, "completed");
+    assert_eq!(w.started_sent(), Vec::<String>::new());
 }
 
 /// Mirrors the world, then runs one processor round on a thread with a handler that takes its

@@ -16,9 +16,10 @@ const B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
 fn cfg() -> ProcessorConfig {
     ProcessorConfig {
         deadline_warning: Duration::from_secs(600),
-        claim_min_left: Duration::from_secs(300),
+        claim_min_left: Duration::from_secs(10),
         claims_per_round_max: 3,
         conflict_backoff: Duration::from_secs(30),
+        ..ProcessorConfig::default()
     }
 }
 
@@ -277,18 +278,111 @@ fn deadline_warning_then_expiry_on_a_manual_clock() {
 }
 
 #[test]
-fn jobs_with_too_little_time_left_are_not_claimed() {
+fn the_oldest_job_is_claimed_whatever_time_it_has_left_and_its_deadline_refreshed() {
+    // `started` refreshes lastUpdatedAt: a pending job with four minutes left gets a fresh
+    // expiresIn when claimed, so it is never skipped for a younger one.
     let w = World::new();
-    w.pending(A, "almost-expired", 3600 - 200); // 200 s left < 300 s minimum
-    w.pending(A, "fine", 100);
+    w.pending(A, "old", 3600 - 240); // 240 s left
+    w.pending(A, "young", 100);
     w.mirror(&[A]).pass(PassKind::Recovery);
     let r = w.processor(&[A], cfg()).round();
-    assert_eq!(r.claimed, ["fine"]);
-    assert_eq!(w.fake.started_events_for("almost-expired"), 0);
+    assert_eq!(r.claimed, ["old"]);
+    assert_eq!(w.started_sent(), ["old"]);
+    let row = w.store().job("old").unwrap().unwrap();
     assert_eq!(
-        w.store().job("almost-expired").unwrap().unwrap().proc_state,
-        ProcState::TooLate
+        row.expires_at,
+        w.clock_now().plus_secs(3600),
+        "the deadline Pleo gave"
     );
+}
+
+#[test]
+fn a_claim_that_cannot_land_waits_for_the_deadline_and_nothing_is_sticky() {
+    let w = World::new();
+    w.pending(A, "last-seconds", 3600 - 5); // 5 s left, under the 10 s claim margin
+    w.pending(A, "young", 100);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let mut p = w.processor(&[A], cfg());
+    let r = p.round();
+    assert!(r.claimed.is_empty(), "neither: oldest first");
+    assert!(w.started_sent().is_empty());
+    let due = r.next_due.unwrap();
+    // At the deadline Pleo expires it; it is journaled `expired` with Pleo's reason, and the
+    // next job is taken.
+    w.clock.set(due);
+    w.mirror(&[A]).pass(PassKind::Poll);
+    let r = p.round();
+    assert_eq!(r.claimed, ["young"]);
+    let st = w.store();
+    assert_eq!(
+        st.job("last-seconds").unwrap().unwrap().proc_state,
+        ProcState::Expired
+    );
+    let expired = st
+        .events(Some("last-seconds"))
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "expired")
+        .unwrap();
+    assert_eq!(expired.detail["failure_reason_type"], "job_expired");
+    assert!(
+        w.kinds("last-seconds")
+            .contains(&"claim_deferred".to_owned())
+    );
+}
+
+#[test]
+fn a_fast_host_clock_never_makes_a_healthy_job_unclaimable() {
+    // Our clock 620 s ahead of Pleo's: by it, a job with 300 s left has expired. Pleo still
+    // lists it pending, so it is claimed (Pleo is the judge of its own deadline).
+    use jobmirror::clock::{OffsetClock, SharedClock};
+    let w = World::new();
+    w.pending(A, "healthy", 3600 - 300);
+    w.pending(A, "young", 100);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let fast = OffsetClock::new(w.shared_clock());
+    fast.jump(620_000);
+    let fast: SharedClock = fast;
+    let mut p = jobmirror::processor::Processor::new(
+        w.store(),
+        w.clients(),
+        fast,
+        vec![A.to_owned()],
+        cfg(),
+    );
+    let r = p.round();
+    assert_eq!(r.claimed, ["healthy"]);
+    assert!(r.expired.is_empty());
+    assert_eq!(w.fake.job("healthy").unwrap().status, "in_progress");
+    assert_eq!(
+        w.store().job("healthy").unwrap().unwrap().proc_state,
+        ProcState::Processing
+    );
+}
+
+#[test]
+fn a_held_job_past_its_deadline_by_our_clock_is_kept_while_pleo_says_in_progress() {
+    use jobmirror::clock::{OffsetClock, SharedClock};
+    let w = World::new();
+    w.pending(A, "j", 60);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let skewed = OffsetClock::new(w.shared_clock());
+    let clock: SharedClock = skewed.clone();
+    let mut p = jobmirror::processor::Processor::new(
+        w.store(),
+        w.clients(),
+        clock,
+        vec![A.to_owned()],
+        cfg(),
+    );
+    assert_eq!(p.round().claimed, ["j"]);
+    // The host clock jumps 10 minutes past the deadline; Pleo's has not moved.
+    skewed.jump(3_600_000 + 600_000);
+    let r = p.round();
+    assert!(r.expired.is_empty(), "{r:?}");
+    let row = w.store().job("j").unwrap().unwrap();
+    assert_eq!(row.proc_state, ProcState::Processing);
+    assert_eq!(row.status, "in_progress");
 }
 
 #[test]

@@ -34,7 +34,7 @@ fn pick_query_uses_the_index_without_scan_or_temp_btree() {
         .conn()
         .prepare(&format!("EXPLAIN QUERY PLAN {PICK_SQL}"))
         .unwrap()
-        .query_map(rusqlite::params!["c3", 0i64], |r| r.get::<_, String>(3))
+        .query_map(rusqlite::params!["c3"], |r| r.get::<_, String>(3))
         .unwrap()
         .map(Result::unwrap)
         .collect();
@@ -43,7 +43,7 @@ fn pick_query_uses_the_index_without_scan_or_temp_btree() {
     assert!(!text.contains("SCAN"), "{text}");
     assert!(!text.contains("TEMP B-TREE"), "{text}");
     // And it answers correctly: the oldest pending job of c3.
-    let got = st.pick_next("c3", Millis(0), 0).unwrap().unwrap();
+    let got = st.pick_next("c3").unwrap().unwrap();
     let want = jobs
         .iter()
         .filter(|j| j.company_id == "c3" && j.status == "pending")

@@ -296,6 +296,18 @@ impl HandlerSpec {
 
     /// Starts the handler for `job` with `items` (export items) to do.
     pub fn start(&self, job: &Value, items: Vec<Value>) -> std::io::Result<Running> {
+        self.start_marked(job, items, None)
+    }
+
+    /// As [`HandlerSpec::start`]; with a `marker` (see [`handler_marker`]), every process
+    /// still carrying that marker (a handler of the same job left by a killed service, and its
+    /// children) is killed first, and the new handler carries it.
+    pub fn start_marked(
+        &self,
+        job: &Value,
+        items: Vec<Value>,
+        marker: Option<&str>,
+    ) -> std::io::Result<Running> {
         let (tx, rx) = bounded::<HandlerMsg>(4096);
         match self {
             HandlerSpec::DryRun => {
@@ -371,6 +383,16 @@ impl HandlerSpec {
                 let mut cmd = Command::new(program);
                 cmd.args(args);
                 set_env(&mut cmd, job);
+                if let Some(m) = marker {
+                    let n = stop_earlier_handlers(m);
+                    if n > 0 {
+                        log::warn!(
+                            "job {}: killed {n} processes of an earlier handler run still alive",
+                            job["id"].as_str().unwrap_or("")
+                        );
+                    }
+                    cmd.env(MARKER_VAR, m);
+                }
                 cmd.stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped());
@@ -489,6 +511,91 @@ fn own_group(cmd: &mut Command) {
     {
         use std::os::unix::process::CommandExt;
         cmd.process_group(0);
+    }
+    // A handler never outlives the service that started it: the kernel kills it when the
+    // starting thread (a processor lane, which lives as long as the service) dies, kill -9
+    // included. Its own children are found by their marker at the next start.
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The service died between fork and prctl: do not run orphaned.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// The environment variable that marks a handler's processes with the job (and database) it
+/// works for.
+pub const MARKER_VAR: &str = "JOBMIRROR_HANDLER_OF";
+
+/// The marker of `job_id`'s handler runs for the service on `db`.
+pub fn handler_marker(db: &std::path::Path, job_id: &str) -> String {
+    let db = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_path_buf());
+    format!("{job_id} {}", db.display())
+}
+
+/// Kills (SIGKILL) every process whose environment carries `MARKER_VAR=marker`, other than
+/// this one, and waits (at most 2 s) until they are gone. Returns how many were found.
+pub fn stop_earlier_handlers(marker: &str) -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        let want = format!("{MARKER_VAR}={marker}").into_bytes();
+        let me = std::process::id();
+        let mut found = Vec::new();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for e in dir.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if pid == me {
+                    continue;
+                }
+                // Unreadable (another user's, or gone): not ours.
+                let Ok(env) = std::fs::read(e.path().join("environ")) else {
+                    continue;
+                };
+                if env.split(|b| *b == 0).any(|kv| kv == want.as_slice()) {
+                    found.push(pid);
+                }
+            }
+        }
+        for pid in &found {
+            // SAFETY: a plain kill(2) of a pid whose environment names this job and database.
+            unsafe {
+                libc::kill(*pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(2)
+            && found.iter().any(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                    !s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+            })
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        found.len()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = marker;
+        0
     }
 }
 

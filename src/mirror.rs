@@ -530,11 +530,13 @@ pub fn run(
         }
     };
     beat();
-    let mut retry_at = deliveries(&mut mirror);
-    let mut last_pass = ms();
     let all = mirror.companies.clone();
+    // Recovery first: stored webhooks are acted on only after it (and the processor serves a
+    // company only once its recovery pass has completed).
     let report = mirror.pass(PassKind::Recovery);
     log_pass(PassKind::Recovery, all.len(), &report);
+    let mut retry_at = deliveries(&mut mirror);
+    let mut last_pass = ms();
     let mut schedule = PollSchedule::new(&all, interval, ms());
     loop {
         beat();

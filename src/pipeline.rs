@@ -71,6 +71,8 @@ pub struct HandlerStage {
     milestones: Option<Sender<Milestone>>,
     health: Option<(Arc<crate::health::Progress>, Arc<crate::health::Metrics>)>,
     stopping: Option<Arc<crate::health::Stopping>>,
+    /// The database whose service runs the handlers (marks their processes).
+    marker_scope: Option<std::path::PathBuf>,
 }
 
 impl HandlerStage {
@@ -88,7 +90,15 @@ impl HandlerStage {
             milestones: None,
             health: None,
             stopping: None,
+            marker_scope: None,
         }
+    }
+
+    /// Marks handler processes with the job and `db`, so that a restarted service kills any
+    /// handler of the same job left alive (its children included) before starting another.
+    pub fn with_marker_scope(mut self, db: &std::path::Path) -> HandlerStage {
+        self.marker_scope = Some(db.to_path_buf());
+        self
     }
 
     fn client(&self, job: &JobRow) -> &PleoClient {
@@ -351,7 +361,11 @@ impl HandlerStage {
     ) -> Result<RunEnd, Pause> {
         let n = items.len();
         let started = self.clock.now();
-        let mut running = match self.handler.start(raw, items) {
+        let marker = self
+            .marker_scope
+            .as_ref()
+            .map(|db| crate::handler::handler_marker(db, &job.id));
+        let mut running = match self.handler.start_marked(raw, items, marker.as_deref()) {
             Ok(r) => r,
             Err(e) => {
                 store.journal(

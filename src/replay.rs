@@ -153,6 +153,7 @@ pub struct Replay {
     started_seen: HashMap<String, u32>,
     violations: Arc<Mutex<Vec<String>>>,
     summary: Summary,
+    _lock: crate::store::DbLock,
 }
 
 fn setting_env(snap: &Snapshot, overrides: &[(&str, String)]) -> HashMap<String, String> {
@@ -176,6 +177,7 @@ impl Replay {
                 opts.db.display()
             );
         }
+        let lock = crate::store::DbLock::acquire(&opts.db).map_err(|e| anyhow::anyhow!(e))?;
         let start = snap.start_millis()?;
         let base = ManualClock::new(start);
         let clock = OffsetClock::new(base.clone());
@@ -247,6 +249,7 @@ impl Replay {
             started_seen: HashMap::new(),
             violations,
             summary,
+            _lock: lock,
         };
         Ok(replay)
     }

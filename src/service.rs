@@ -35,6 +35,8 @@ pub struct Service {
     instance_store: Store,
     progress: Arc<Progress>,
     stopping: Arc<crate::health::Stopping>,
+    /// One service per database, for as long as this value lives.
+    _lock: crate::store::DbLock,
 }
 
 struct DoneGuard(String, Sender<String>);
@@ -141,7 +143,8 @@ impl Workers {
                 cfg.pipeline.clone(),
             )
             .with_health(progress.clone(), metrics.clone())
-            .with_stopping(stopping.clone());
+            .with_stopping(stopping.clone())
+            .with_marker_scope(&cfg.db);
             let stage = match &milestones {
                 Some(tx) => stage.with_milestones(tx.clone()),
                 None => stage,
@@ -208,6 +211,8 @@ impl Service {
         milestones: Option<Sender<crate::pipeline::Milestone>>,
     ) -> anyhow::Result<Service> {
         cfg.require_handler()?;
+        // One service per database: a second one would process the same jobs twice.
+        let lock = crate::store::DbLock::acquire(&cfg.db).map_err(|e| anyhow::anyhow!(e))?;
         // Ports first: if one cannot be bound, nothing else starts.
         let webhook_listener = match &cfg.webhook {
             Some(wh) => Some(bind("webhooks", &wh.listen)?),
@@ -362,6 +367,7 @@ impl Service {
             instance_store,
             progress,
             stopping,
+            _lock: lock,
         })
     }
 

@@ -985,6 +985,69 @@ fn upsert_one(conn: &Connection, job: &Job, now: Millis, source: Source) -> Resu
     Ok(outcome)
 }
 
+/// One service per database: an exclusive `flock` on `<db>.lock`, held for the life of the
+/// value. The kernel releases it when the holder dies (kill -9 leaves no stale lock); the file
+/// names the holder's pid for the refusal message.
+#[derive(Debug)]
+pub struct DbLock {
+    _file: std::fs::File,
+    pub path: std::path::PathBuf,
+}
+
+impl DbLock {
+    pub fn path_for(db: &Path) -> std::path::PathBuf {
+        let mut p = db.as_os_str().to_owned();
+        p.push(".lock");
+        std::path::PathBuf::from(p)
+    }
+
+    /// Takes the lock or says who holds it.
+    pub fn acquire(db: &Path) -> std::result::Result<DbLock, String> {
+        use std::io::{Read, Seek, Write};
+        let path = Self::path_for(db);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut file = opts
+            .open(&path)
+            .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock on a file descriptor we own; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc != 0 {
+                let err = std::io::Error::last_os_error();
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    format!(
+                        "database {} is held by a running jobmirror (pid {}); one service per database (lock {})",
+                        db.display(),
+                        if holder.is_empty() { "unknown" } else { holder },
+                        path.display()
+                    )
+                } else {
+                    format!("cannot lock {}: {err}", path.display())
+                });
+            }
+        }
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = writeln!(file, "{}", std::process::id());
+        let _ = file.flush();
+        Ok(DbLock { _file: file, path })
+    }
+}
+
 #[cfg(unix)]
 fn create_private_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;

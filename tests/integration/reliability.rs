@@ -1074,3 +1074,124 @@ fn a_database_directory_it_cannot_write_is_a_clear_error_until_fixed() {
     signal(&child, "TERM");
     assert!(wait_exit(child, Duration::from_secs(20)).success());
 }
+
+/// Waits (bounded) until `pid` is gone or a zombie; false if it still runs after `within`.
+fn process_ends(pid: u32, within: Duration) -> bool {
+    let t0 = std::time::Instant::now();
+    loop {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        });
+        if !alive {
+            return true;
+        }
+        if t0.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (bounded) for a file to hold a pid.
+fn pid_in(path: &std::path::Path, within: Duration) -> u32 {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(p) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return p;
+        }
+        assert!(t0.elapsed() < within, "{} never got a pid", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn one_service_per_database_and_kill_9_leaves_no_stale_lock() {
+    // Two services on one database both processed one job (each item posted twice).
+    let fake = real_time_fake();
+    let dir = tempfile::tempdir().unwrap();
+    let companies = vec!["lock-co".to_owned()];
+    let (mut first, rx) = instance(dir.path(), "held", &fake, &companies, &[]);
+    let mut seen = Vec::new();
+    crate::cli::wait_for(&rx, "recovery pass", &mut seen);
+    let pid = first.0.as_ref().unwrap().id();
+    let second = cmd()
+        .arg("run")
+        .env("JOBMIRROR_DB", dir.path().join("held.db"))
+        .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+        .env("JOBMIRROR_PLEO_API_KEY", fake.api_key())
+        .env("JOBMIRROR_COMPANY_IDS", "lock-co")
+        .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
+        .env("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("held by a running jobmirror (pid {pid})")),
+        "{err}"
+    );
+    // kill -9: the kernel drops the lock with the process.
+    let child = first.0.as_ref().unwrap();
+    signal(child, "KILL");
+    let _ = first.0.take().unwrap().wait();
+    let (_again, rx) = instance(dir.path(), "held", &fake, &companies, &[]);
+    crate::cli::wait_for(&rx, "recovery pass", &mut seen);
+}
+
+#[test]
+fn a_handler_dies_with_its_service_and_a_restart_kills_what_it_left() {
+    // After a kill -9 the handler's process group ran on while the restarted service started a
+    // second handler for the same items.
+    let fake = real_time_fake();
+    fake.add_job(JobSpec {
+        id: Some("pd-1".into()),
+        company_id: "pd-co".into(),
+        created_secs_ago: Some(60),
+        items: Some(2),
+        ..JobSpec::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let handler = d.join("h");
+    // The run writes its pid, leaves a child of its own, and hangs.
+    std::fs::write(
+        &handler,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = --check ] && exit 0\nn=$(ls {d}/run-* 2>/dev/null | wc -l)\necho $$ > {d}/run-$n\nsleep 300 &\necho $! > {d}/child-$n\nwait\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let h = handler.display().to_string();
+    let extra = [("JOBMIRROR_HANDLER_COMMAND", h.as_str())];
+    let companies = vec!["pd-co".to_owned()];
+    let (mut svc, _rx) = instance(d, "pd", &fake, &companies, &extra);
+    let run0 = pid_in(&d.join("run-0"), Duration::from_secs(30));
+    let child0 = pid_in(&d.join("child-0"), Duration::from_secs(30));
+    signal(svc.0.as_ref().unwrap(), "KILL");
+    let _ = svc.0.take().unwrap().wait();
+    assert!(
+        process_ends(run0, Duration::from_secs(10)),
+        "the handler outlived its service"
+    );
+    // Its own child is still there (the parent-death signal reaches only the handler)...
+    assert!(!process_ends(child0, Duration::from_millis(200)));
+    // ...until a restarted service, before starting the job's handler again, kills it.
+    let (_svc, _rx) = instance(d, "pd", &fake, &companies, &extra);
+    let run1 = pid_in(&d.join("run-1"), Duration::from_secs(30));
+    assert_ne!(run1, run0);
+    assert!(
+        process_ends(child0, Duration::from_secs(5)),
+        "a process of the earlier run was alive beside the new handler"
+    );
+}

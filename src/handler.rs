@@ -545,6 +545,18 @@ pub fn handler_marker(db: &std::path::Path, job_id: &str) -> String {
     format!("{job_id} {}", db.display())
 }
 
+/// Whether `pid` exists and is not a zombie (read from `/proc`; false where there is none).
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
 /// Kills (SIGKILL) every process whose environment carries `MARKER_VAR=marker`, other than
 /// this one, and waits (at most 2 s) until they are gone. Returns how many were found.
 pub fn stop_earlier_handlers(marker: &str) -> usize {
@@ -577,17 +589,7 @@ pub fn stop_earlier_handlers(marker: &str) -> usize {
             }
         }
         let t0 = std::time::Instant::now();
-        while t0.elapsed() < Duration::from_secs(2)
-            && found.iter().any(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
-                    !s.rsplit(')')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start()
-                        .starts_with('Z')
-                })
-            })
-        {
+        while t0.elapsed() < Duration::from_secs(2) && found.iter().any(|p| process_running(*p)) {
             std::thread::sleep(Duration::from_millis(10));
         }
         found.len()

@@ -615,52 +615,13 @@ impl HandlerStage {
         let event = JobEvent {
             event: f.event,
             job_id: job.id.clone(),
-            failure_reason: f.failure_reason.clone(),
-            failure_reason_type: f.failure_reason_type.clone(),
+            failure_reason: f.failure_reason,
+            failure_reason_type: f.failure_reason_type,
         };
-        let name = serde_json::to_value(f.event)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
         let counts = store.item_counts(&job.id)?;
-        match self.client(job).post_event(&event) {
-            Ok(()) => {}
-            Err(e) if e.is_status_conflict() => {
-                // Already finished or expired at Pleo: the re-read below says how.
-                log::warn!(
-                    "job {}: Pleo refused `{name}` (422); reading the job again",
-                    job.id
-                );
-            }
-            Err(e) => return Err(Pause::Pleo(e)),
-        }
-        let now = self.clock.now();
-        store.journal(
-            now,
-            Some(&job.id),
-            Some(&job.company_id),
-            EventKind::FinishSent,
-            json!({
-                "event": name, "successful": counts.successful, "failed": counts.failed,
-                "failure_reason_type": f.failure_reason_type, "failure_reason": f.failure_reason,
-            }),
-        )?;
-        match self.client(job).get_job(&job.id) {
-            Ok(fresh) => {
-                store.upsert_job(&fresh, self.clock.now(), Source::Reread)?;
-            }
-            Err(e) => log::warn!("job {}: could not read it back after `{name}`: {e}", job.id),
-        }
-        // Whatever Pleo said, jobmirror is done with this job.
-        if let Some(row) = store.job(&job.id)?.filter(|r| r.proc_state.is_active()) {
-            store.transition(
-                &row,
-                ProcState::Done,
-                self.clock.now(),
-                EventKind::Finished,
-                json!({"event": name}),
-            )?;
-        }
+        let detail = json!({"successful": counts.successful, "failed": counts.failed});
+        crate::processor::send_final(self.client(job), store, &self.clock, job, &event, detail)??;
+        let name = f.event.as_str();
         log::info!(
             "job {} of company {}: sent {name} ({} successful, {} failed)",
             job.id,
@@ -670,7 +631,7 @@ impl HandlerStage {
         );
         self.note(Milestone::Finished {
             job_id: job.id.clone(),
-            event: name,
+            event: name.to_owned(),
         });
         Ok(())
     }

@@ -126,6 +126,18 @@ pub enum JobEventKind {
     Failed,
 }
 
+impl JobEventKind {
+    /// The name on the wire (and in the journal).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobEventKind::Started => "started",
+            JobEventKind::Completed => "completed",
+            JobEventKind::CompletedWithErrors => "completed_with_errors",
+            JobEventKind::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobEvent {

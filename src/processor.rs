@@ -185,11 +185,6 @@ impl Processor {
         }
     }
 
-    /// Companies whose readiness check is failing now.
-    pub fn not_ready_companies(&self) -> usize {
-        self.not_ready.len()
-    }
-
     /// A round ends early once `stopping` is set.
     pub fn with_stopping(mut self, stopping: Arc<crate::health::Stopping>) -> Processor {
         self.stopping = Some(stopping);
@@ -249,20 +244,12 @@ impl Processor {
             }
         }
         if let Some(m) = &self.metrics {
-            let now_shown = self.not_ready.len() as u64;
+            // Each lane adds its own count to the shared gauge: move it by the difference.
+            let shown = self.not_ready.len() as u64;
             let g = &m.companies_not_ready;
-            if now_shown >= self.not_ready_shown {
-                g.fetch_add(
-                    now_shown - self.not_ready_shown,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-            } else {
-                g.fetch_sub(
-                    self.not_ready_shown - now_shown,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-            }
-            self.not_ready_shown = now_shown;
+            g.fetch_add(shown, std::sync::atomic::Ordering::Relaxed);
+            g.fetch_sub(self.not_ready_shown, std::sync::atomic::Ordering::Relaxed);
+            self.not_ready_shown = shown;
         }
         report
     }
@@ -284,15 +271,10 @@ impl Processor {
                 self.not_ready.remove(company);
                 return Ok(());
             };
-            if let Some(h) = self.not_ready.get(company)
-                && h.job_id == candidate.id
-                && self.clock.now() < h.until
-            {
-                report.due(h.until);
-                return Ok(());
-            }
             // Pleo: a job is started only after the pre-processing checks have completed.
-            if !self.check_ready(&candidate, report)? {
+            if self.waits_for_readiness(&candidate, report)
+                || !self.check_ready(&candidate, report)?
+            {
                 return Ok(());
             }
             match self.try_claim(candidate, report)? {
@@ -314,6 +296,17 @@ impl Processor {
         // The bound was reached (conflicts, skips): let the company rest before trying again.
         self.pause(company, report);
         Ok(())
+    }
+
+    /// Whether `job`'s failed readiness check is not due to run again yet.
+    fn waits_for_readiness(&self, job: &JobRow, report: &mut RoundReport) -> bool {
+        match self.not_ready.get(&job.company_id) {
+            Some(h) if h.job_id == job.id && self.clock.now() < h.until => {
+                report.due(h.until);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Runs the readiness check for `job` (pending, or held and not yet checked here). Not
@@ -419,7 +412,8 @@ impl Processor {
     }
 
     /// Sends `failed` with the readiness check's reason (Pleo allows it from `pending` and
-    /// `in_progress`), so the user sees why in Pleo instead of a silent expiry.
+    /// `in_progress`), so the user sees why in Pleo instead of a silent expiry. The check's
+    /// type was already mapped to one of Pleo's job failure types by the handler module.
     fn fail_not_ready(
         &mut self,
         job: &JobRow,
@@ -427,67 +421,27 @@ impl Processor {
         failure_reason: &str,
         report: &mut RoundReport,
     ) -> Result<(), StoreError> {
-        let reason = format!(
-            "the accounting system was not ready before this export would expire: {failure_reason}. Fix it, then export again from Pleo."
-        );
-        let kind = if crate::handler::JOB_FAILURE_TYPES.contains(&failure_reason_type) {
-            failure_reason_type.to_owned()
-        } else {
-            "accounting_system_unreachable".to_owned()
-        };
         let event = JobEvent {
             event: JobEventKind::Failed,
             job_id: job.id.clone(),
-            failure_reason: Some(reason.clone()),
-            failure_reason_type: Some(kind.clone()),
+            failure_reason: Some(format!(
+                "the accounting system was not ready before this export would expire: {failure_reason}. Fix it, then export again from Pleo."
+            )),
+            failure_reason_type: Some(failure_reason_type.to_owned()),
         };
         let client = self.clients.for_company(Some(&job.company_id));
-        match client.post_event(&event) {
-            Ok(()) => {}
-            Err(e) if e.is_status_conflict() => {
-                log::warn!(
-                    "job {}: Pleo refused `failed` (422); reading it again",
-                    job.id
-                );
-            }
-            Err(e) => {
-                log::warn!("job {}: sending `failed` (not ready) failed: {e}", job.id);
-                report.errors.push(format!("{}: {e}", job.id));
-                report.due(self.clock.now().plus(Duration::from_secs(5)));
-                return Ok(());
-            }
+        let detail = json!({"why": "not ready before the deadline", "from": job.status});
+        if let Err(e) = send_final(client, &self.store, &self.clock, job, &event, detail)? {
+            log::warn!("job {}: sending `failed` (not ready) failed: {e}", job.id);
+            report.errors.push(format!("{}: {e}", job.id));
+            report.due(self.clock.now().plus(Duration::from_secs(5)));
+            return Ok(());
         }
-        let now = self.clock.now();
-        self.store.journal(
-            now,
-            Some(&job.id),
-            Some(&job.company_id),
-            EventKind::FinishSent,
-            json!({"event": "failed", "failure_reason_type": kind, "failure_reason": reason,
-                   "why": "not ready before the deadline", "from": job.status}),
-        )?;
         log::error!(
-            "job {} of company {}: sent failed ({kind}): the readiness check kept failing and the job was about to expire",
+            "job {} of company {}: sent failed ({failure_reason_type}): the readiness check kept failing and the job was about to expire",
             job.id,
             job.company_id
         );
-        if let Ok(fresh) = client.get_job(&job.id) {
-            self.store
-                .upsert_job(&fresh, self.clock.now(), Source::Reread)?;
-        }
-        if let Some(row) = self
-            .store
-            .job(&job.id)?
-            .filter(|r| !r.proc_state.is_final())
-        {
-            self.store.transition(
-                &row,
-                ProcState::Done,
-                self.clock.now(),
-                EventKind::Finished,
-                json!({"event": "failed", "why": "not ready"}),
-            )?;
-        }
         self.checked.remove(&job.id);
         report.failed_not_ready.push(job.id.clone());
         report.finished.push(job.id.clone());
@@ -741,7 +695,10 @@ impl Processor {
                 // A job resumed in this process (after a restart, or found by recovery) is
                 // checked before its items are touched; a claimed one was checked before
                 // `started`.
-                if !self.checked.contains(&job.id) && !self.check_ready(&job, report)? {
+                if !self.checked.contains(&job.id)
+                    && (self.waits_for_readiness(&job, report)
+                        || !self.check_ready(&job, report)?)
+                {
                     return Ok(());
                 }
                 self.stage.process(&self.store, &job, self.clock.now())?;
@@ -823,6 +780,59 @@ impl Processor {
             Ok(())
         }
     }
+}
+
+/// Sends a job's final event (`completed`, `completed_with_errors`, `failed`) and settles the
+/// mirror: journals `finish_sent` (the event, its reason, and `detail`), reads the job back,
+/// and marks it `done` whatever Pleo then says (a 422 means it was already finished or
+/// expired: the read says how). The inner error is Pleo's answer when the event may not have
+/// landed; nothing is journaled then, and the caller decides when to try again.
+pub fn send_final(
+    client: &crate::pleo::PleoClient,
+    store: &Store,
+    clock: &SharedClock,
+    job: &JobRow,
+    event: &JobEvent,
+    mut detail: serde_json::Value,
+) -> Result<Result<(), PleoError>, StoreError> {
+    let name = event.event.as_str();
+    match client.post_event(event) {
+        Ok(()) => {}
+        Err(e) if e.is_status_conflict() => {
+            log::warn!(
+                "job {}: Pleo refused `{name}` (422); reading the job again",
+                job.id
+            );
+        }
+        Err(e) => return Ok(Err(e)),
+    }
+    detail["event"] = json!(name);
+    detail["failure_reason_type"] = json!(event.failure_reason_type);
+    detail["failure_reason"] = json!(event.failure_reason);
+    store.journal(
+        clock.now(),
+        Some(&job.id),
+        Some(&job.company_id),
+        EventKind::FinishSent,
+        detail,
+    )?;
+    match client.get_job(&job.id) {
+        Ok(fresh) => {
+            store.upsert_job(&fresh, clock.now(), Source::Reread)?;
+        }
+        Err(e) => log::warn!("job {}: could not read it back after `{name}`: {e}", job.id),
+    }
+    // Whatever Pleo said, jobmirror is done with this job.
+    if let Some(row) = store.job(&job.id)?.filter(|r| !r.proc_state.is_final()) {
+        store.transition(
+            &row,
+            ProcState::Done,
+            clock.now(),
+            EventKind::Finished,
+            json!({"event": name}),
+        )?;
+    }
+    Ok(Ok(()))
 }
 
 enum Claim {

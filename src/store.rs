@@ -525,16 +525,6 @@ impl Store {
         Ok(())
     }
 
-    /// Whether a listing pass over the company ever succeeded in this database.
-    pub fn has_synced(&self, company_id: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT 1 FROM sync_runs WHERE company_id = ?1 AND finished_at IS NOT NULL AND error IS NULL LIMIT 1",
-            )?
-            .exists([company_id])?)
-    }
-
     /// Records that a `started` request is about to be sent.
     pub fn begin_claim(&self, job: &JobRow, now: Millis) -> Result<()> {
         let tx = self.write_tx()?;

@@ -92,6 +92,27 @@ impl World {
         )
     }
 
+    /// A processor whose host clock runs `offset_ms` ahead of Pleo's (the fake's); the returned
+    /// clock can jump further.
+    pub fn processor_skewed(
+        &self,
+        companies: &[&str],
+        cfg: ProcessorConfig,
+        offset_ms: i64,
+    ) -> (Processor, Arc<jobmirror::clock::OffsetClock>) {
+        let host = jobmirror::clock::OffsetClock::new(self.shared_clock());
+        host.jump(offset_ms);
+        let clock: SharedClock = host.clone();
+        let p = Processor::new(
+            self.store(),
+            self.clients(),
+            clock,
+            companies.iter().map(|s| s.to_string()).collect(),
+            cfg,
+        );
+        (p, host)
+    }
+
     /// Adds a pending job created `secs_ago` seconds before now.
     pub fn pending(&self, company: &str, id: &str, secs_ago: i64) -> String {
         self.fake

@@ -294,6 +294,9 @@ fn a_resumed_job_runs_the_readiness_check_before_its_items() {
     assert_eq!(r.not_ready, ["held"]);
     assert!(w.fake.item_updates("held").is_empty());
     assert!(w.job_events_sent().is_empty());
+    // A held job waits like a pending one: no check again before the retry is due.
+    p.round();
+    assert_eq!(checks(dir.path()), 1);
     std::fs::write(dir.path().join("ready"), "").unwrap();
     p.recheck_now();
     let r = p.round();

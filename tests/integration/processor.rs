@@ -335,21 +335,11 @@ fn a_claim_that_cannot_land_waits_for_the_deadline_and_nothing_is_sticky() {
 fn a_fast_host_clock_never_makes_a_healthy_job_unclaimable() {
     // Our clock 620 s ahead of Pleo's: by it, a job with 300 s left has expired. Pleo still
     // lists it pending, so it is claimed (Pleo is the judge of its own deadline).
-    use jobmirror::clock::{OffsetClock, SharedClock};
     let w = World::new();
     w.pending(A, "healthy", 3600 - 300);
     w.pending(A, "young", 100);
     w.mirror(&[A]).pass(PassKind::Recovery);
-    let fast = OffsetClock::new(w.shared_clock());
-    fast.jump(620_000);
-    let fast: SharedClock = fast;
-    let mut p = jobmirror::processor::Processor::new(
-        w.store(),
-        w.clients(),
-        fast,
-        vec![A.to_owned()],
-        cfg(),
-    );
+    let (mut p, _) = w.processor_skewed(&[A], cfg(), 620_000);
     let r = p.round();
     assert_eq!(r.claimed, ["healthy"]);
     assert!(r.expired.is_empty());
@@ -362,19 +352,10 @@ fn a_fast_host_clock_never_makes_a_healthy_job_unclaimable() {
 
 #[test]
 fn a_held_job_past_its_deadline_by_our_clock_is_kept_while_pleo_says_in_progress() {
-    use jobmirror::clock::{OffsetClock, SharedClock};
     let w = World::new();
     w.pending(A, "j", 60);
     w.mirror(&[A]).pass(PassKind::Recovery);
-    let skewed = OffsetClock::new(w.shared_clock());
-    let clock: SharedClock = skewed.clone();
-    let mut p = jobmirror::processor::Processor::new(
-        w.store(),
-        w.clients(),
-        clock,
-        vec![A.to_owned()],
-        cfg(),
-    );
+    let (mut p, skewed) = w.processor_skewed(&[A], cfg(), 0);
     assert_eq!(p.round().claimed, ["j"]);
     // The host clock jumps 10 minutes past the deadline; Pleo's has not moved.
     skewed.jump(3_600_000 + 600_000);

@@ -1079,14 +1079,7 @@ fn a_database_directory_it_cannot_write_is_a_clear_error_until_fixed() {
 fn process_ends(pid: u32, within: Duration) -> bool {
     let t0 = std::time::Instant::now();
     loop {
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        });
-        if !alive {
+        if !jobmirror::handler::process_running(pid) {
             return true;
         }
         if t0.elapsed() > within {

@@ -215,74 +215,105 @@ impl Mirror {
         &self.store
     }
 
-    /// Reads again every job named by a stored webhook delivery not handled yet (a webhook is
-    /// a hint, never the truth), and marks each delivery with what was found. Returns how many
-    /// deliveries were handled; stops at the first API failure (the rest wait for the next
-    /// nudge or pass).
+    /// Acts on every stored webhook delivery not handled yet. Pleo: "when the event is
+    /// received, proceed to step 2": an export-job delivery triggers its company's detection,
+    /// the same listing as a poll (a recovery pass if the company has none yet), so the oldest
+    /// eligible job is taken whatever announced it. A batch of deliveries costs one listing per
+    /// company. The body is only a hint: the company it names picks the listing (if it names
+    /// none, or one not served here, the named job is read to learn its company), and only
+    /// what Pleo lists is acted on. Each delivery is marked with what happened; a failure
+    /// marks that company's deliveries (the next poll lists it again) and never holds up the
+    /// others. Returns how many deliveries were handled.
     pub fn process_deliveries(&mut self) -> Result<usize, SyncError> {
         let mut handled = 0;
-        let mut woke = false;
-        let result = loop {
+        let mut detected_any = false;
+        loop {
             if self.stopping() {
-                break Ok(handled);
+                break;
             }
             let batch = self.store.pending_deliveries(100)?;
             if batch.is_empty() {
-                break Ok(handled);
+                break;
             }
-            let mut failed = None;
             let mut marks: Vec<(String, String)> = Vec::new();
+            // company -> (webhook id, named job) of the deliveries that trigger its detection.
+            let mut by_company: std::collections::BTreeMap<String, Vec<(String, String)>> =
+                std::collections::BTreeMap::new();
             for d in batch {
                 if self.stopping() {
                     break;
                 }
+                handled += 1;
                 let known = d
                     .event_type
                     .as_deref()
                     .is_some_and(|t| crate::webhook::JOB_EVENT_TYPES.contains(&t));
-                let outcome = match (&d.job_id, known) {
-                    (None, _) => "ignored: names no job".to_owned(),
-                    (Some(_), false) => format!(
-                        "ignored: event type {:?}",
-                        d.event_type.as_deref().unwrap_or("")
-                    ),
-                    (Some(id), true) => match self
-                        .clients
-                        .for_company(d.company_id.as_deref())
-                        .get_job(id)
-                    {
-                        Ok(job) if !self.companies.contains(&job.company_id) => {
-                            format!("ignored: company {} is not served here", job.company_id)
-                        }
+                let id = match (&d.job_id, known) {
+                    (None, _) => {
+                        marks.push((d.webhook_id, "ignored: names no job".to_owned()));
+                        continue;
+                    }
+                    (Some(_), false) => {
+                        let t = d.event_type.as_deref().unwrap_or("").to_owned();
+                        marks.push((d.webhook_id, format!("ignored: event type {t:?}")));
+                        continue;
+                    }
+                    (Some(id), true) => id.clone(),
+                };
+                let company = match d.company_id.filter(|c| self.companies.contains(c)) {
+                    Some(c) => c,
+                    None => match self.clients.for_company(None).get_job(&id) {
+                        Ok(job) if self.companies.contains(&job.company_id) => job.company_id,
                         Ok(job) => {
-                            let up =
-                                self.store
-                                    .upsert_job(&job, self.clock.now(), Source::Webhook)?;
-                            woke |= up == Upsert::New && job.status == status::PENDING;
-                            format!("read: {}", job.status)
+                            let why =
+                                format!("ignored: company {} is not served here", job.company_id);
+                            marks.push((d.webhook_id, why));
+                            continue;
                         }
                         Err(PleoError::Api { status: 404, .. }) => {
-                            "job not found at Pleo (404)".to_owned()
+                            marks.push((d.webhook_id, "job not found at Pleo (404)".to_owned()));
+                            continue;
                         }
                         Err(e) => {
-                            failed = Some(e);
-                            break;
+                            let why = format!(
+                                "not acted on: reading job {id} to learn its company failed: {e}; polls cover the served companies"
+                            );
+                            marks.push((d.webhook_id, why));
+                            continue;
                         }
                     },
                 };
-                marks.push((d.webhook_id.clone(), outcome));
-                handled += 1;
+                by_company
+                    .entry(company)
+                    .or_default()
+                    .push((d.webhook_id, id));
             }
-            // One commit for the batch, also when it stopped at a failure.
+            for (company, deliveries) in by_company {
+                let report = self.pass_companies(PassKind::Poll, std::slice::from_ref(&company));
+                let listed = report.failed_companies.is_empty();
+                detected_any |= listed;
+                for (webhook_id, job_id) in deliveries {
+                    let outcome = if !listed {
+                        format!(
+                            "detection failed for company {company} (see sync_runs); the next poll lists it again"
+                        )
+                    } else {
+                        match self.store.job(&job_id)? {
+                            Some(j) => format!("detection: company listed; the named job is {}", j.status),
+                            None => "detection: company listed; the named job is not listed as open (yet): polls find it".to_owned(),
+                        }
+                    };
+                    marks.push((webhook_id, outcome));
+                }
+            }
+            // One commit for the batch.
             self.store.mark_deliveries(&marks, self.clock.now())?;
-            if let Some(e) = failed {
-                break Err(SyncError::Pleo(e));
-            }
-        };
-        if woke {
+        }
+        // A webhook also means "check again now" for a readiness check that failed.
+        if detected_any {
             self.wake_processors();
         }
-        result
+        Ok(handled)
     }
 
     /// One pass over every company. Companies not yet recovered get a recovery pass whatever
@@ -493,7 +524,7 @@ fn log_pass(kind: PassKind, companies: usize, report: &PassReport) {
 
 /// The sync thread's loop: a recovery pass over every company at once, then each company's
 /// polls on a [`PollSchedule`] (spread over the interval), everything at once on a trigger,
-/// and the jobs named by webhooks whenever the event thread nudges. Ends when `shutdown` is
+/// and the detection webhooks trigger whenever the event thread nudges. Ends when `shutdown` is
 /// closed or sends. Beats `progress` at least every [`TICK`].
 pub fn run(
     mut mirror: Mirror,
@@ -517,13 +548,13 @@ pub fn run(
     let deliveries = |mirror: &mut Mirror| match mirror.process_deliveries() {
         Ok(n) => {
             if n > 0 {
-                log::debug!("read {n} jobs named by webhooks");
+                log::debug!("acted on {n} webhook deliveries");
             }
             None
         }
         Err(e) => {
             log::warn!(
-                "reading jobs named by webhooks failed: {e}; retrying in {} s",
+                "acting on webhook deliveries failed: {e}; retrying in {} s",
                 DELIVERY_RETRY.as_secs()
             );
             Some(ms() + DELIVERY_RETRY.as_millis() as i64)
@@ -551,6 +582,8 @@ pub fn run(
                 beat();
                 let report = mirror.pass(PassKind::Trigger);
                 log_pass(PassKind::Trigger, all.len(), &report);
+                // "Check now" also means: run failed readiness checks again now.
+                mirror.wake_processors();
                 let now = ms();
                 for c in &all {
                     schedule.done(c, now);

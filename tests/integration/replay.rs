@@ -69,6 +69,48 @@ fn normal_day_completes_every_job_and_reports_refused_entries() {
     }
 }
 
+/// The jobs `started` reached the fake for, in order.
+fn started_order(r: &Replay) -> Vec<String> {
+    r.fake()
+        .requests()
+        .into_iter()
+        .filter(|q| q.method == "POST" && q.path == "/v3/export-job-events" && q.status == 202)
+        .filter_map(|q| {
+            let v: serde_json::Value = serde_json::from_str(&q.body).ok()?;
+            (v["event"] == "started").then(|| v["jobId"].as_str().unwrap_or("").to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn a_webhook_for_a_younger_job_runs_detection_and_the_older_job_goes_first() {
+    let (s, r, _d) = play(fixture("younger-job-announced-first"));
+    assert_eq!(started_order(&r), ["ya-older", "ya-younger"]);
+    assert_eq!(s.jobs_by_pleo_status, counts(&[("completed", 2)]));
+    // Both within seconds of the webhook, not at the poll five minutes later.
+    let claimed_at: Vec<_> = r
+        .fake()
+        .requests()
+        .into_iter()
+        .filter(|q| q.method == "POST" && q.body.contains("\"started\""))
+        .map(|q| q.at)
+        .collect();
+    let start = jobmirror::clock::Millis::parse_rfc3339("2026-11-24T08:00:00Z").unwrap();
+    assert!(
+        claimed_at.iter().all(|t| start.until(*t) < 120_000),
+        "{claimed_at:?}"
+    );
+}
+
+#[test]
+fn webhook_disorder_claims_in_creation_order() {
+    // wd-2's webhook comes before wd-1's: wd-1 (older) is still claimed first.
+    let (_s, r, _d) = play(fixture("webhook-disorder"));
+    let order = started_order(&r);
+    let pos = |id: &str| order.iter().position(|j| j == id).unwrap();
+    assert!(pos("wd-1") < pos("wd-2"), "{order:?}");
+}
+
 #[test]
 fn conflict_takes_the_next_oldest_and_leaves_the_other_integrations_job_alone() {
     let (s, r, d) = play(fixture("conflict"));
@@ -77,7 +119,9 @@ fn conflict_takes_the_next_oldest_and_leaves_the_other_integrations_job_alone() 
     assert_eq!(started_for(&r, "cf-3"), 0, "seen in_progress: nothing sent");
     let db = d.path().join("replay.db");
     assert!(journal_kinds(&db, "cf-1-oldest").contains(&"claim_conflict".to_owned()));
-    assert!(journal_kinds(&db, "cf-3").contains(&"claimed_elsewhere".to_owned()));
+    // Its webhook ran the company's listing, which does not show a job already in_progress
+    // elsewhere: it never enters the mirror (only its delivery is journaled), nothing is sent.
+    assert_eq!(journal_kinds(&db, "cf-3"), ["webhook_received"]);
     assert_eq!(
         s.jobs_by_pleo_status,
         counts(&[("completed", 3), ("failed (expired)", 1)])
@@ -165,7 +209,8 @@ fn webhook_disorder_is_deduplicated_and_stale_deliveries_refused() {
             |r| r.get(0),
         )
         .unwrap();
-    assert!(outcome.contains("404"), "{outcome}");
+    // Pleo does not list the announced job yet: the company's listing ran, a later poll finds it.
+    assert!(outcome.contains("not listed as open"), "{outcome}");
     let stored: i64 = store
         .conn()
         .query_row(

@@ -436,7 +436,12 @@ fn a_job_announced_by_webhook_is_claimed_within_two_seconds_with_hourly_polling(
         "claimed {took:?} after the click"
     );
     assert_eq!(fake.started_events_for(&job), 1);
-    assert_eq!(listing(), 1, "no poll happened: the webhook did it");
+    // The recovery listing, then the company's detection the webhook triggered: no poll.
+    assert_eq!(
+        listing(),
+        2,
+        "the webhook ran the company's listing, no poll happened"
+    );
     let log = fake.webhook_log();
     assert!(
         log.iter().any(|a| a.job_id == job && a.status == Some(200)),
@@ -447,7 +452,10 @@ fn a_job_announced_by_webhook_is_claimed_within_two_seconds_with_hourly_polling(
         .conn()
         .query_row("SELECT outcome FROM webhook_deliveries", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(outcome, "read: pending");
+    assert_eq!(
+        outcome,
+        "detection: company listed; the named job is pending"
+    );
 }
 
 #[test]

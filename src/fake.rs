@@ -40,6 +40,8 @@ pub struct FakeJob {
     pub failure_reason_type: Option<String>,
     /// Fields the fake does not model, passed through as given.
     pub extra: Map<String, Value>,
+    /// `createdAt` exactly as served, when a test wants a malformed one (e.g. no offset).
+    pub served_created_at: Option<String>,
     pub items: Vec<FakeItem>,
     pub export_items: Vec<Value>,
 }
@@ -90,6 +92,9 @@ impl FakeJob {
         });
         if let Value::Object(f) = fields {
             o.extend(f);
+        }
+        if let Some(c) = &self.served_created_at {
+            o.insert("createdAt".into(), json!(c));
         }
         // Pleo's OpenAPI file does not mark failureReasonType nullable: leave it out when unset.
         if let Some(t) = &self.failure_reason_type {
@@ -491,6 +496,10 @@ pub struct JobSpec {
     /// Another integration claims the job right after jobmirror reads it (the conflict path).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub steal_on_verify: bool,
+    /// Serve `createdAt` as this string (malformed-data tests); the fake's own clock uses
+    /// `createdAt`/`createdSecsAgo` as usual.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_created_at: Option<String>,
     /// The last this-many items have no GL account (an ERP import refuses them).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub items_without_account: usize,
@@ -783,6 +792,7 @@ impl FakePleo {
             failure_reason,
             failure_reason_type,
             extra,
+            served_created_at: spec.served_created_at.clone(),
             items: Vec::new(),
             export_items: Vec::new(),
         };
@@ -1699,6 +1709,7 @@ fn create_job(w: &mut World, body: &[u8], now: Millis) -> Response {
         failure_reason: None,
         failure_reason_type: None,
         extra: Map::new(),
+        served_created_at: None,
         items: Vec::new(),
         export_items: Vec::new(),
     };

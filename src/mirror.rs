@@ -412,6 +412,19 @@ impl Mirror {
         let listing = client.list_jobs(company, statuses)?;
         counts.pages = listing.pages;
         counts.seen = listing.jobs.len() as u32;
+        for (id, error) in &listing.rejected {
+            log::warn!(
+                "listing for company {company}: skipped an entry that is not a readable job ({}): {error}",
+                id.as_deref().unwrap_or("no id")
+            );
+            self.store.journal(
+                self.clock.now(),
+                id.as_deref(),
+                Some(company),
+                EventKind::ListingEntrySkipped,
+                json!({"error": error, "pass": kind.as_str()}),
+            )?;
+        }
         // Pleo: an `in_progress` job found during recovery is an interrupted workflow of ours,
         // to resume without `started`. That holds at every start (a new, lost or restored
         // database alike), unless this database recorded the job as someone else's.

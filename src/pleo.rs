@@ -332,6 +332,9 @@ pub struct ItemUpdateOutcome {
 pub struct Listing {
     pub jobs: Vec<Job>,
     pub pages: u32,
+    /// Entries that are not a readable job (the id if it has one, and why): skipped, so one
+    /// bad entry never hides the company's other jobs.
+    pub rejected: Vec<(Option<String>, String)>,
 }
 
 /// The clients of a service, one per credential: companies with credentials of their own use
@@ -452,11 +455,20 @@ impl PleoClient {
             query.push(("statuses", (*s).to_owned()));
         }
         let (rows, pages) = self.all_pages("/v3/export-jobs", query, "job listing")?;
-        let jobs = rows
-            .into_iter()
-            .map(Job::from_value)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Listing { jobs, pages })
+        let mut jobs = Vec::with_capacity(rows.len());
+        let mut rejected = Vec::new();
+        for row in rows {
+            let id = row.get("id").and_then(Value::as_str).map(str::to_owned);
+            match Job::from_value(row) {
+                Ok(j) => jobs.push(j),
+                Err(e) => rejected.push((id, e.to_string())),
+            }
+        }
+        Ok(Listing {
+            jobs,
+            pages,
+            rejected,
+        })
     }
 
     /// Every job item of a job (the control layer), all pages.

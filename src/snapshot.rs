@@ -231,6 +231,12 @@ pub fn record(
         let listing = client
             .list_jobs(company, &[status::PENDING, status::IN_PROGRESS])
             .map_err(|e| anyhow::anyhow!("listing jobs of company {company}: {e}"))?;
+        for (id, error) in &listing.rejected {
+            log::warn!(
+                "company {company}: not recorded, not a readable job ({}): {error}",
+                id.as_deref().unwrap_or("no id")
+            );
+        }
         for job in listing.jobs {
             let items = client
                 .list_job_items(&job.id)

@@ -153,6 +153,8 @@ pub enum EventKind {
     ReadinessRestored,
     /// A sync pass over a company failed.
     SyncFailed,
+    /// A listing entry that is not a readable job was skipped (the rest were stored).
+    ListingEntrySkipped,
     /// A verified webhook announcing a job was stored.
     WebhookReceived,
     /// A verified webhook of a type we do not act on (or naming no job) was stored.
@@ -190,6 +192,7 @@ impl EventKind {
             EventKind::ClaimDeferred => "claim_deferred",
             EventKind::ReadinessRestored => "readiness_restored",
             EventKind::SyncFailed => "sync_failed",
+            EventKind::ListingEntrySkipped => "listing_entry_skipped",
             EventKind::WebhookReceived => "webhook_received",
             EventKind::WebhookIgnored => "webhook_ignored",
             EventKind::Pruned => "pruned",

@@ -1,6 +1,6 @@
 //! The sync thread's passes against the fake: paging, read-only detection, re-reads.
 
-use jobmirror::fake::{Fault, FaultRule};
+use jobmirror::fake::{Fault, FaultRule, JobSpec};
 use jobmirror::mirror::PassKind;
 use jobmirror::store::ProcState;
 
@@ -229,4 +229,42 @@ fn resume_unknown_in_progress_false_leaves_unknown_in_progress_jobs_to_others() 
         w.store().job("held").unwrap().unwrap().proc_state,
         ProcState::Resume
     );
+}
+
+#[test]
+fn one_unreadable_job_in_a_listing_never_hides_the_companys_other_jobs() {
+    // A `createdAt` without an offset is not RFC 3339: that entry is skipped and journaled,
+    // the rest of the listing is stored, and the company's oldest readable job is claimed.
+    let w = World::new();
+    w.fake
+        .add_job(JobSpec {
+            id: Some("bad".into()),
+            company_id: A.into(),
+            created_secs_ago: Some(900),
+            served_created_at: Some("2026-11-24T08:45:00".into()),
+            ..JobSpec::default()
+        })
+        .unwrap();
+    w.pending(A, "good-old", 600);
+    w.pending(A, "good-young", 300);
+    let r = w.mirror(&[A]).pass(PassKind::Recovery);
+    assert!(r.failed_companies.is_empty(), "{r:?}");
+    assert_eq!(r.counts.new, 2);
+    let st = w.store();
+    assert!(st.job("bad").unwrap().is_none());
+    let skipped = st
+        .events(Some("bad"))
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "listing_entry_skipped")
+        .expect("journaled");
+    assert!(
+        skipped.detail["error"]
+            .as_str()
+            .unwrap()
+            .contains("createdAt"),
+        "{}",
+        skipped.detail
+    );
+    assert_eq!(st.pick_next(A).unwrap().unwrap().id, "good-old");
 }

@@ -41,10 +41,17 @@ impl Millis {
     }
     /// Parses an RFC 3339 time (any offset, optional fraction) into Unix milliseconds.
     pub fn parse_rfc3339(s: &str) -> Option<Millis> {
+        Self::parse_rfc3339_fine(s).map(|(m, _)| m)
+    }
+
+    /// As [`Millis::parse_rfc3339`], with the nanoseconds past the millisecond (0..1,000,000)
+    /// that the fraction carried: orders times that share a millisecond.
+    pub fn parse_rfc3339_fine(s: &str) -> Option<(Millis, i64)> {
         let t =
             time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-        let ms = t.unix_timestamp_nanos() / 1_000_000;
-        i64::try_from(ms).ok().map(Millis)
+        let nanos = t.unix_timestamp_nanos();
+        let ms = i64::try_from(nanos.div_euclid(1_000_000)).ok()?;
+        Some((Millis(ms), nanos.rem_euclid(1_000_000) as i64))
     }
 }
 

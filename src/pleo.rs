@@ -53,6 +53,9 @@ pub struct Job {
     pub company_id: String,
     pub status: String,
     pub created_at: Millis,
+    /// Nanoseconds of `createdAt` past `created_at` (its full precision, for ordering jobs
+    /// created within one millisecond).
+    pub created_at_sub_ns: i64,
     pub last_updated_at: Option<Millis>,
     pub expires_in_secs: i64,
     pub number_of_items: i64,
@@ -83,8 +86,13 @@ impl Job {
         let id = text(&v, "id")?;
         let company_id = text(&v, "companyId")?;
         let status = text(&v, "status")?;
-        let created_at = time(&v, "createdAt")?
-            .ok_or_else(|| PleoError::Decode("export job lacks `createdAt`".into()))?;
+        let created_text = text(&v, "createdAt")?;
+        let (created_at, created_at_sub_ns) = Millis::parse_rfc3339_fine(&created_text)
+            .ok_or_else(|| {
+                PleoError::Decode(format!(
+                    "export job `createdAt` is not RFC 3339: {created_text:?}"
+                ))
+            })?;
         let last_updated_at = time(&v, "lastUpdatedAt")?;
         let expires_in_secs = v
             .get("expiresIn")
@@ -100,6 +108,7 @@ impl Job {
             company_id,
             status,
             created_at,
+            created_at_sub_ns,
             last_updated_at,
             expires_in_secs,
             number_of_items,

@@ -649,7 +649,7 @@ impl Replay {
                 .prepare(
                     "SELECT o.id FROM export_jobs j JOIN export_jobs o ON o.company_id = j.company_id \
                      WHERE j.id = ?1 AND o.status = 'pending' AND o.proc_state = 'new' \
-                     AND (o.created_at < j.created_at OR (o.created_at = j.created_at AND o.id < j.id)) \
+                     AND (o.created_at, o.created_at_sub_ns, o.id) < (j.created_at, j.created_at_sub_ns, j.id) \
                      AND o.expires_at > ?2",
                 )
                 .and_then(|mut s| {

@@ -472,7 +472,7 @@ impl Store {
         let sql = format!(
             "SELECT {JOB_COLUMNS} FROM export_jobs \
              WHERE company_id = ?1 AND proc_state IN ('resume', 'claiming', 'claimed', 'processing') \
-             ORDER BY created_at, id LIMIT 1"
+             ORDER BY created_at, created_at_sub_ns, id LIMIT 1"
         );
         Ok(self
             .conn
@@ -796,7 +796,7 @@ impl Store {
 pub const PICK_SQL: &str = "SELECT id, company_id, status, created_at, last_updated_at, expires_at, \
      number_of_items, proc_state, claim_attempts, warned_expires_at FROM export_jobs \
      WHERE company_id = ?1 AND status = 'pending' AND proc_state = 'new' \
-     ORDER BY created_at, id LIMIT 1";
+     ORDER BY created_at, created_at_sub_ns, id LIMIT 1";
 
 fn journal(
     conn: &Connection,
@@ -870,8 +870,9 @@ fn upsert_one(conn: &Connection, job: &Job, now: Millis, source: Source) -> Resu
     let inserted = conn
         .prepare_cached(
             "INSERT INTO export_jobs (id, company_id, status, created_at, last_updated_at, expires_in, \
-             expires_at, number_of_items, raw_json, first_seen_at, last_seen_at, proc_state, proc_state_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?10) ON CONFLICT (id) DO NOTHING",
+             expires_at, number_of_items, raw_json, first_seen_at, last_seen_at, proc_state, proc_state_at, \
+             created_at_sub_ns) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?10, ?12) ON CONFLICT (id) DO NOTHING",
         )?
         .execute(params![
             job.id,
@@ -885,6 +886,7 @@ fn upsert_one(conn: &Connection, job: &Job, now: Millis, source: Source) -> Resu
             raw,
             now.0,
             if_new.map_or(ProcState::New, |(s, _)| s).as_str(),
+            job.created_at_sub_ns,
         ])?;
     if inserted == 1 {
         journal(
@@ -1134,6 +1136,33 @@ mod tests {
             s.job("a1").unwrap().unwrap().expires_at.to_rfc3339(),
             "2026-11-24T11:01:00.000Z"
         );
+    }
+
+    #[test]
+    fn jobs_created_within_one_millisecond_are_ordered_at_full_precision_then_id() {
+        let (_d, s) = store();
+        // "b" is 0.4 ms older than "a"; "c" and "d" share the instant: id decides.
+        s.upsert_jobs(
+            &[
+                job("a", "c", "pending", "2026-11-24T10:00:00.123900Z"),
+                job("b", "c", "pending", "2026-11-24T10:00:00.1235Z"),
+                job("d", "c", "pending", "2026-11-24T10:00:00.123456789Z"),
+                job("c", "c", "pending", "2026-11-24T10:00:00.123456789Z"),
+            ],
+            Millis(0),
+            Source::Poll,
+        )
+        .unwrap();
+        let order: Vec<String> = s
+            .list_jobs(Some("c"), None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(order, ["c", "d", "b", "a"]);
+        assert_eq!(s.pick_next("c").unwrap().unwrap().id, "c");
+        let a = s.job("a").unwrap().unwrap();
+        assert_eq!(s.jobs_ahead(&a).unwrap(), ["c", "d", "b"]);
     }
 
     #[test]
@@ -1516,7 +1545,7 @@ impl Store {
     ) -> Result<Vec<JobRow>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {JOB_COLUMNS} FROM export_jobs WHERE (?1 IS NULL OR company_id = ?1) \
-             AND (?2 IS NULL OR proc_state = ?2) ORDER BY company_id, created_at, id LIMIT ?3"
+             AND (?2 IS NULL OR proc_state = ?2) ORDER BY company_id, created_at, created_at_sub_ns, id LIMIT ?3"
         ))?;
         let rows = stmt.query_map(
             params![company, state, i64::try_from(limit).unwrap_or(i64::MAX)],
@@ -1538,12 +1567,12 @@ impl Store {
     /// Claimable jobs of the company that come before `job` in pick order.
     pub fn jobs_ahead(&self, job: &JobRow) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id FROM export_jobs WHERE company_id = ?1 AND status = 'pending' AND proc_state = 'new' \
-             AND (created_at < ?2 OR (created_at = ?2 AND id < ?3)) ORDER BY created_at, id",
+            "SELECT o.id FROM export_jobs o JOIN export_jobs j ON j.id = ?2 \
+             WHERE o.company_id = ?1 AND o.status = 'pending' AND o.proc_state = 'new' \
+             AND (o.created_at, o.created_at_sub_ns, o.id) < (j.created_at, j.created_at_sub_ns, j.id) \
+             ORDER BY o.created_at, o.created_at_sub_ns, o.id",
         )?;
-        let rows = stmt.query_map(params![job.company_id, job.created_at.0, job.id], |r| {
-            r.get(0)
-        })?;
+        let rows = stmt.query_map(params![job.company_id, job.id], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

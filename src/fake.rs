@@ -238,6 +238,12 @@ pub struct ClaimRecord {
     /// Who held the job if it was `in_progress` (None: unknown, e.g. loaded that way).
     pub prior_holder: Option<Claimant>,
     pub accepted: bool,
+    /// The company's other jobs that were `pending` at Pleo at that moment and older (by
+    /// `createdAt`, then id): (id, createdAt, expires at).
+    pub older_pending: Vec<(String, Millis, Millis)>,
+    /// The company's other jobs `in_progress` at that moment, with their holder (None: loaded
+    /// that way, i.e. an interrupted workflow of ours).
+    pub in_progress: Vec<(String, Option<Claimant>)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -391,6 +397,21 @@ impl World {
     /// `pending` -> `in_progress` by `by`, logged whatever the outcome (false: refused).
     fn claim(&mut self, id: &str, by: Claimant, now: Millis) -> bool {
         let prior_holder = self.holders.get(id).copied();
+        // What else the company had at Pleo at this moment (for invariants on claims).
+        let (mut older_pending, mut in_progress) = (Vec::new(), Vec::new());
+        if let Some(me) = self.jobs.iter().find(|j| j.id == id) {
+            for o in self
+                .jobs
+                .iter()
+                .filter(|o| o.company_id == me.company_id && o.id != id)
+            {
+                if o.status == "pending" && (o.created_at, &o.id) < (me.created_at, &me.id) {
+                    older_pending.push((o.id.clone(), o.created_at, o.expires_at()));
+                } else if o.status == "in_progress" {
+                    in_progress.push((o.id.clone(), self.holders.get(&o.id).copied()));
+                }
+            }
+        }
         let Some(j) = self.job_mut(id) else {
             return false;
         };
@@ -415,6 +436,8 @@ impl World {
                 None
             },
             accepted,
+            older_pending,
+            in_progress,
         });
         accepted
     }

@@ -81,9 +81,10 @@ pub struct Summary {
     pub api_calls_total: u64,
     /// API requests answered with an injected fault (429, 500, cut or lost answers).
     pub api_faults: u64,
-    /// Jobs taken for ours after the answer to our `started` was lost, which turned out to
-    /// be held by another integration: Pleo's job data names no holder, so jobmirror cannot
-    /// tell (see README, "Claims whose answer is lost").
+    /// Jobs acted on while another integration held them, in the two races jobmirror cannot
+    /// see: taken for ours after the answer to our `started` was lost (Pleo's job data names
+    /// no holder; README, "Claims whose answer is lost"), or sent `failed` from pending (a
+    /// readiness check that kept failing) just as someone claimed them.
     pub ambiguous: Vec<String>,
     pub violations: Vec<String>,
 }
@@ -148,7 +149,16 @@ pub struct Replay {
     waiting: VecDeque<Delivery>,
     acked: Vec<String>,
     acked_checked: usize,
+    /// (when, the company its body names) of each webhook stored: a trigger of detection.
+    acked_companies: Vec<(Millis, String)>,
+    /// While set, the readiness check fails (an `accounting_down` window); `started` then is a
+    /// violation.
+    accounting_down: Arc<std::sync::atomic::AtomicBool>,
+    accounting_up_at: Option<Millis>,
+    /// The `outbox:` directory of a snapshot with `accounting_down` windows.
+    outbox: Option<PathBuf>,
     requests_checked: usize,
+    claims_checked: usize,
     reported: HashMap<(String, String), u32>,
     started_seen: HashMap<String, u32>,
     violations: Arc<Mutex<Vec<String>>>,
@@ -206,12 +216,26 @@ impl Replay {
         if has_webhooks && !has_secret {
             anyhow::bail!("the timeline has webhooks but service.webhook_secret is not set");
         }
+        // Accounting outages need a handler whose readiness the replay controls.
+        let outbox = snap
+            .timeline
+            .iter()
+            .any(|s| matches!(s.event, Event::AccountingDown { .. }))
+            .then(|| {
+                let mut p = opts.db.as_os_str().to_owned();
+                p.push("-outbox");
+                PathBuf::from(p)
+            });
+        let handler = match &outbox {
+            Some(dir) => format!("outbox:{}", dir.display()),
+            None => opts.handler.clone(),
+        };
         let mut overrides = vec![
             ("db", opts.db.display().to_string()),
             ("pleo_base_url", fake.base_url()),
             ("pleo_api_key", fake.api_key()),
             ("company_ids", snap.companies.join(",")),
-            ("handler_command", opts.handler.clone()),
+            ("handler_command", handler),
         ];
         if has_secret {
             // Never bound: the replay hands requests to the receiver itself.
@@ -243,8 +267,13 @@ impl Replay {
             next_event: 0,
             waiting: VecDeque::new(),
             acked: Vec::new(),
+            acked_companies: Vec::new(),
+            accounting_down: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            accounting_up_at: None,
+            outbox,
             acked_checked: 0,
             requests_checked: 0,
+            claims_checked: 0,
             reported: HashMap::new(),
             started_seen: HashMap::new(),
             violations,
@@ -362,7 +391,20 @@ impl Replay {
                         r.trigger = true;
                     }
                 }
+                Event::AccountingDown { down_secs } => {
+                    let until = self
+                        .base
+                        .now()
+                        .plus(Duration::from_secs_f64(down_secs.max(0.0)));
+                    self.accounting_up_at =
+                        Some(self.accounting_up_at.map_or(until, |u| u.max(until)));
+                    self.set_accounting(false)?;
+                }
             }
+        }
+        if self.accounting_up_at.is_some_and(|t| t <= self.base.now()) {
+            self.accounting_up_at = None;
+            self.set_accounting(true)?;
         }
         Ok(())
     }
@@ -512,6 +554,15 @@ impl Replay {
                         stored_now = true;
                     }
                     self.acked.push(d.webhook_id.clone());
+                    let body: Value = serde_json::from_slice(&d.request.body).unwrap_or_default();
+                    let data = if body["payload"].is_object() {
+                        &body["payload"]["data"]
+                    } else {
+                        &body["data"]
+                    };
+                    if let Some(c) = data["companyId"].as_str() {
+                        self.acked_companies.push((base_now, c.to_owned()));
+                    }
                 }
                 503 => {
                     self.summary.webhooks.deferred += 1;
@@ -595,6 +646,7 @@ impl Replay {
                 .map(|s| self.at(s.at)),
         );
         consider(self.restart_at);
+        consider(self.accounting_up_at);
         if let Some(r) = &self.running {
             consider(Some(match &r.schedule {
                 None => now,
@@ -608,6 +660,33 @@ impl Replay {
             }
         }
         next
+    }
+
+    /// Takes the accounting side down (a file where the outbox directory belongs: the
+    /// readiness check fails) or brings it back.
+    fn set_accounting(&mut self, up: bool) -> anyhow::Result<()> {
+        let Some(dir) = &self.outbox else {
+            return Ok(());
+        };
+        let mut away = dir.as_os_str().to_owned();
+        away.push(".away");
+        let away = PathBuf::from(away);
+        if up {
+            if dir.is_file() {
+                std::fs::remove_file(dir)?;
+            }
+            if away.exists() {
+                std::fs::rename(&away, dir)?;
+            }
+        } else if !dir.is_file() {
+            if dir.exists() {
+                std::fs::rename(dir, &away)?;
+            }
+            std::fs::write(dir, "the accounting system is down (replay)\n")?;
+        }
+        self.accounting_down
+            .store(!up, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// Violations found so far.
@@ -631,8 +710,15 @@ impl Replay {
         let clock = self.clock.clone();
         let min_left = self.cfg.claim_min_left.as_millis() as i64;
         let violations = self.violations.clone();
+        let down = self.accounting_down.clone();
         self.fake.on_api_claim(Box::new(move |c: &ClaimRecord| {
             let mut found = Vec::new();
+            if down.load(std::sync::atomic::Ordering::SeqCst) {
+                found.push(format!(
+                    "`started` sent for job {} while the readiness check fails",
+                    c.job_id
+                ));
+            }
             if c.prior_status == "in_progress" && c.prior_holder != Some(Claimant::OtherAfterGet) {
                 found.push(format!(
                     "`started` sent for job {} which was already in_progress (held by {})",
@@ -754,9 +840,14 @@ impl Replay {
             {
                 // The one case jobmirror cannot tell apart: the answer to its `started` was
                 // lost and Pleo then showed the job in_progress (its data names no holder).
+                // The other: `failed` sent from pending (a readiness check that kept failing)
+                // right after a read, when someone claimed the job in between; `pending ->
+                // failed` is no lock, as `started` is (README).
                 let lost_answer = store.events(Some(job)).is_ok_and(|evs| {
-                    evs.iter()
-                        .any(|e| e.kind == "claim_failed" && e.detail["outcome"] == "unknown")
+                    evs.iter().any(|e| {
+                        (e.kind == "claim_failed" && e.detail["outcome"] == "unknown")
+                            || (e.kind == "finish_sent" && e.detail["from"] == "pending")
+                    })
                 });
                 if lost_answer {
                     if !self.summary.ambiguous.contains(job) {
@@ -805,6 +896,8 @@ impl Replay {
             }
         }
         self.requests_checked += requests.len();
+        self.check_claims_against_pleo(&claims);
+        self.check_nothing_abandoned(&store);
         let doubled: rusqlite::Result<Vec<String>> = store
             .conn()
             .prepare(
@@ -815,6 +908,116 @@ impl Replay {
         if let Ok(companies) = doubled {
             for c in companies {
                 self.violate(format!("company {c} has more than one job in hand"));
+            }
+        }
+    }
+
+    /// Our new claims, judged on Pleo's side (the fake's world at the moment of each claim),
+    /// not on what our database believed: no younger job started while an older one was
+    /// pending, listed to us and claimable; no job started while another of the company was
+    /// ours in progress, or was found in progress by a recovery pass and waited to be resumed.
+    fn check_claims_against_pleo(&mut self, claims: &[ClaimRecord]) {
+        let new: Vec<&ClaimRecord> = claims[self.claims_checked.min(claims.len())..]
+            .iter()
+            .filter(|c| c.by == Claimant::Api && c.accepted)
+            .collect();
+        self.claims_checked = claims.len();
+        if new.is_empty() {
+            return;
+        }
+        let company_of: HashMap<String, String> = self
+            .fake
+            .jobs()
+            .into_iter()
+            .map(|j| (j.id, j.company_id))
+            .collect();
+        let log = self.fake.requests();
+        // Claimable: time left for a `started` to land (of the order of one request), not
+        // our own `claim_min_left` (a claim refreshes the deadline).
+        let min_left = self.cfg.pleo_request_timeout.as_millis() as i64;
+        // The rule holds with the default settings: only an explicit opt-out lifts it.
+        let resume_unknown = self
+            .snap
+            .setting("resume_unknown_in_progress")
+            .is_none_or(|v| !matches!(v.trim(), "false" | "0" | "no"));
+        let mut found = Vec::new();
+        for c in new {
+            let company = company_of.get(&c.job_id).cloned().unwrap_or_default();
+            let key = format!("company_id={company}");
+            // Listings of the company that Pleo answered before this claim.
+            let listed_at: Vec<Millis> = log
+                .iter()
+                .filter(|r| {
+                    r.seq < c.after_requests
+                        && r.method == "GET"
+                        && r.path == "/v3/export-jobs"
+                        && r.status == 200
+                        && r.fault.is_none()
+                        && r.query.split('&').any(|kv| kv == key)
+                })
+                .map(|r| r.at)
+                .collect();
+            for (older, created, expires) in &c.older_pending {
+                // jobmirror had its chance: a listing of the company after the older job was
+                // created, or a webhook for the company (a trigger of that listing).
+                let listed = listed_at.iter().any(|t| t >= created);
+                let announced = self
+                    .acked_companies
+                    .iter()
+                    .any(|(t, co)| *co == company && t >= created && *t <= c.at);
+                if (listed || announced) && c.at.until(*expires) > min_left {
+                    found.push(format!(
+                        "started job {} while the older job {older} of its company was pending at Pleo and claimable ({})",
+                        c.job_id,
+                        if listed { "listed to us" } else { "a webhook for the company had arrived" }
+                    ));
+                }
+            }
+            for (other, holder) in &c.in_progress {
+                match holder {
+                    Some(Claimant::Api) => found.push(format!(
+                        "started job {} while job {other} of its company was ours in progress: two at once",
+                        c.job_id
+                    )),
+                    None if resume_unknown => found.push(format!(
+                        "started job {} while job {other} of its company, found in_progress (an interrupted workflow of ours), was not resumed first",
+                        c.job_id
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        for v in found {
+            self.violate(v);
+        }
+    }
+
+    /// No job is marked finished or expired by us while Pleo says it is ours in progress.
+    fn check_nothing_abandoned(&mut self, store: &Store) {
+        let ended: rusqlite::Result<Vec<(String, String)>> = store
+            .conn()
+            .prepare("SELECT id, proc_state FROM export_jobs WHERE proc_state IN ('done', 'expired') AND status = 'in_progress'")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect());
+        let Ok(ended) = ended else { return };
+        if ended.is_empty() {
+            return;
+        }
+        let holders = holders(&self.fake.claims());
+        let at_pleo: HashMap<String, String> = self
+            .fake
+            .jobs()
+            .into_iter()
+            .map(|j| (j.id, j.status))
+            .collect();
+        for (id, state) in ended {
+            let ours = !matches!(
+                holders.get(&id),
+                Some(Claimant::Other | Claimant::OtherAfterGet)
+            );
+            if ours && at_pleo.get(&id).is_some_and(|s| s == "in_progress") {
+                self.violate(format!(
+                    "job {id} is {state} in our database while Pleo says it is in_progress (ours)"
+                ));
             }
         }
     }
@@ -1029,7 +1232,7 @@ impl Summary {
             line(
                 &mut out,
                 format!(
-                    "  lost answers to `started` taken for ours, held elsewhere: {}",
+                    "  acted on while held elsewhere, in a race jobmirror cannot see (a lost answer to `started`, or `failed` from pending): {}",
                     self.ambiguous.join(", ")
                 ),
             );

@@ -99,7 +99,13 @@ pub fn generate(seed: u64) -> Snapshot {
     for company in &companies {
         for _ in 0..rng.range(0, 3) {
             let mut j = new_job(&mut rng, company, &mut ids);
-            j.created_secs_ago = Some(rng.range(0, 2400) as i64);
+            // Some close to expiry: a claim must still take the oldest (it refreshes the deadline).
+            j.created_secs_ago = Some(if rng.chance(0.2) {
+                let life = j.expires_in.unwrap_or(3600) as u64;
+                rng.range(life.saturating_sub(300), life.saturating_sub(20)) as i64
+            } else {
+                rng.range(0, 2400) as i64
+            });
             jobs.push(j);
         }
         // A job held before a crash: jobmirror finds it `in_progress` and must resume it.
@@ -280,6 +286,17 @@ pub fn generate(seed: u64) -> Snapshot {
             at: last + 1.0,
             event: Event::ClockJump { secs: -jump_back },
         });
+    }
+    // Accounting outages: the readiness check fails; nothing may be started meanwhile.
+    if rng.chance(0.2) {
+        for _ in 0..rng.range(1, 3) {
+            timeline.push(Step {
+                at: rng.range(0, last.max(1.0) as u64) as f64,
+                event: Event::AccountingDown {
+                    down_secs: rng.range(60, 1500) as f64,
+                },
+            });
+        }
     }
     timeline.sort_by(|a, b| a.at.total_cmp(&b.at));
     // Where another integration claims this company's jobs, an `in_progress` job found at a

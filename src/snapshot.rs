@@ -118,6 +118,10 @@ pub enum Event {
     ClockJump { secs: f64 },
     /// Someone runs `jobmirror trigger` (detection now).
     Trigger,
+    /// The accounting side is down for `downSecs`: the handler's readiness check fails (the
+    /// replay runs the `outbox:` handler and puts a file where its directory belongs).
+    #[serde(rename_all = "camelCase")]
+    AccountingDown { down_secs: f64 },
 }
 
 impl Snapshot {

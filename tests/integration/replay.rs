@@ -103,6 +103,75 @@ fn a_webhook_for_a_younger_job_runs_detection_and_the_older_job_goes_first() {
 }
 
 #[test]
+fn recovery_resumes_the_in_progress_job_before_starting_another() {
+    let (s, r, d) = play(fixture("recovery-in-progress-not-resumed"));
+    assert_eq!(s.resumed, 1);
+    assert_eq!(started_for(&r, "rr-held"), 0, "resumed without started");
+    assert_eq!(started_order(&r), ["rr-pending-old", "rr-pending-young"]);
+    assert_eq!(s.jobs_by_pleo_status, counts(&[("completed", 3)]));
+    let kinds = journal_kinds(&d.path().join("replay.db"), "rr-held");
+    assert!(kinds.contains(&"resumed".to_owned()), "{kinds:?}");
+}
+
+#[test]
+fn a_fast_host_clock_never_abandons_a_job_pleo_shows_in_progress() {
+    let (s, r, d) = play(fixture("host-clock-fast-while-processing"));
+    assert_eq!(s.jobs_by_pleo_status, counts(&[("completed", 1)]));
+    assert_eq!(s.expiries, 0);
+    assert_eq!(started_for(&r, "cf-held"), 1);
+    let kinds = journal_kinds(&d.path().join("replay.db"), "cf-held");
+    assert!(
+        kinds.contains(&"processing_error".to_owned()),
+        "held across the jump: {kinds:?}"
+    );
+    assert!(!kinds.contains(&"expired".to_owned()), "{kinds:?}");
+}
+
+#[test]
+fn nothing_is_started_while_the_accounting_system_is_down() {
+    let (s, r, d) = play(fixture("accounting-down-before-claim"));
+    assert_eq!(s.expiries, 0, "no silent expiry");
+    assert_eq!(
+        s.jobs_by_pleo_status,
+        counts(&[("completed", 1), ("failed", 1)])
+    );
+    assert_eq!(started_for(&r, "ad-short"), 0, "failed from pending");
+    let short = r.fake().job("ad-short").unwrap();
+    assert_eq!(
+        short.failure_reason_type.as_deref(),
+        Some("invalid_configuration")
+    );
+    assert!(
+        short
+            .failure_reason
+            .as_deref()
+            .unwrap()
+            .contains("not ready before this export would expire"),
+        "{:?}",
+        short.failure_reason
+    );
+    // ad-waits was started only after the outage (20 minutes in).
+    let started_at = r
+        .fake()
+        .claims()
+        .into_iter()
+        .find(|c| c.job_id == "ad-waits" && c.accepted)
+        .unwrap()
+        .at;
+    let start = jobmirror::clock::Millis::parse_rfc3339("2026-11-24T08:00:00Z").unwrap();
+    assert!(start.until(started_at) >= 1_200_000, "{started_at:?}");
+    let kinds = journal_kinds(&d.path().join("replay.db"), "ad-waits");
+    assert!(kinds.contains(&"not_ready".to_owned()), "{kinds:?}");
+}
+
+#[test]
+fn the_oldest_job_is_claimed_first_with_four_minutes_left() {
+    let (s, r, _d) = play(fixture("near-expiry-oldest-first"));
+    assert_eq!(started_order(&r), ["ne-old", "ne-young"]);
+    assert_eq!(s.jobs_by_pleo_status, counts(&[("completed", 2)]));
+}
+
+#[test]
 fn webhook_disorder_claims_in_creation_order() {
     // wd-2's webhook comes before wd-1's: wd-1 (older) is still claimed first.
     let (_s, r, _d) = play(fixture("webhook-disorder"));

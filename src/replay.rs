@@ -697,11 +697,12 @@ impl Replay {
             .clone()
     }
 
+    /// Records a violation once (a state checked after every step would repeat it).
     fn violate(&self, v: String) {
-        self.violations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(v);
+        let mut all = self.violations.lock().unwrap_or_else(|p| p.into_inner());
+        if !all.contains(&v) {
+            all.push(v);
+        }
     }
 
     /// Checks each `started` at the moment it reaches Pleo, against the database as it is then.

@@ -39,6 +39,35 @@ impl Millis {
             Err(_) => self.0.to_string(),
         }
     }
+    /// The HTTP date form (`Tue, 24 Nov 2026 09:00:00 GMT`, RFC 9110's IMF-fixdate).
+    pub fn to_http_date(self) -> String {
+        let nanos = i128::from(self.0) * 1_000_000;
+        time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::macros::format_description!(
+                    "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+                ))
+                .ok()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Parses an HTTP date (IMF-fixdate) into Unix milliseconds.
+    pub fn parse_http_date(v: &str) -> Option<Millis> {
+        let t = time::PrimitiveDateTime::parse(
+            v.trim(),
+            &time::macros::format_description!(
+                "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+            ),
+        )
+        .ok()?
+        .assume_utc();
+        i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+            .ok()
+            .map(Millis)
+    }
+
     /// Parses an RFC 3339 time (any offset, optional fraction) into Unix milliseconds.
     pub fn parse_rfc3339(s: &str) -> Option<Millis> {
         Self::parse_rfc3339_fine(s).map(|(m, _)| m)

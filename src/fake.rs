@@ -1295,6 +1295,8 @@ impl Handler for FakeHandler {
                 route(&mut w, &req, now)
             }
         };
+        // As any origin server with a clock: the time of the answer, on the fake's clock.
+        resp = resp.with_header("Date", &now.to_http_date());
         match &fault {
             Some(Fault::Slow { millis }) => resp.delay = Some(Duration::from_millis(*millis)),
             Some(Fault::Truncate) => resp.truncate_at = Some(resp.body.len() / 2),

@@ -397,12 +397,14 @@ impl HandlerStage {
                 return Err(Pause::Stopping);
             }
             let now = self.clock.now();
-            // Limits first: the job must not expire silently.
+            // Limits first: the job must not expire silently. Its deadline is Pleo's, so it is
+            // measured on Pleo's clock (a host clock that is off never ends a job early).
+            let pleo_now = self.client(job).pleo_now();
             let margin = Millis(deadline.0 - self.cfg.finish_margin.as_millis() as i64);
-            if now >= margin {
+            if pleo_now >= margin {
                 break Some(format!(
                     "the handler could not finish before the job's deadline ({} left)",
-                    secs(now.until(*deadline))
+                    secs(pleo_now.until(*deadline))
                 ));
             }
             if now.until(started) <= -(self.cfg.job_timeout.as_millis() as i64) {

@@ -398,6 +398,9 @@ pub struct PleoClient {
     bucket: Mutex<(f64, Millis)>,
     progress: Option<std::sync::Arc<crate::health::Progress>>,
     metrics: Option<std::sync::Arc<crate::health::Metrics>>,
+    /// Pleo's clock minus ours, in ms, from the `Date` of Pleo's last answer (`i64::MIN`:
+    /// no answer with a date yet).
+    pleo_offset_ms: std::sync::atomic::AtomicI64,
 }
 
 impl fmt::Debug for PleoClient {
@@ -439,7 +442,23 @@ impl PleoClient {
             bucket,
             progress: None,
             metrics: None,
+            pleo_offset_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         })
+    }
+
+    /// Now on Pleo's clock, as its last answer's `Date` showed it (second precision, so within
+    /// about a second), or our clock's now before any such answer. Deadlines are Pleo's
+    /// `lastUpdatedAt + expiresIn`: compared with this, a host clock that is off never makes
+    /// jobmirror give up on a job, nor claim one it thinks has time when it has none.
+    pub fn pleo_now(&self) -> Millis {
+        let now = self.clock.now();
+        match self
+            .pleo_offset_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            i64::MIN => now,
+            off => Millis(now.0.saturating_add(off)),
+        }
     }
 
     /// Beats `progress` before each attempt and counts each answer in `metrics`.
@@ -784,6 +803,17 @@ impl PleoClient {
             .get("retry-after")
             .and_then(|h| h.to_str().ok())
             .and_then(|s| parse_retry_after(s, self.clock.now()));
+        if let Some(date) = resp
+            .headers()
+            .get("date")
+            .and_then(|h| h.to_str().ok())
+            .and_then(Millis::parse_http_date)
+        {
+            // Cut to the second: this underestimates Pleo's now by less than a second.
+            let off = date.0 - self.clock.now().0;
+            self.pleo_offset_ms
+                .store(off, std::sync::atomic::Ordering::Relaxed);
+        }
         let body = resp
             .body_mut()
             .with_config()
@@ -811,15 +841,7 @@ pub fn parse_retry_after(v: &str, now: Millis) -> Option<Duration> {
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let t = time::PrimitiveDateTime::parse(
-        v,
-        &time::macros::format_description!(
-            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-        ),
-    )
-    .ok()?
-    .assume_utc();
-    let at = Millis((t.unix_timestamp_nanos() / 1_000_000) as i64);
+    let at = Millis::parse_http_date(v)?;
     Some(Duration::from_millis(now.until(at).max(0) as u64))
 }
 

@@ -366,17 +366,18 @@ impl Processor {
                 self.cfg.readiness_retry.as_secs()
             );
         }
-        // Close to the deadline? Ask Pleo first: the deadline is Pleo's, not our guess.
+        // Close to the deadline? Ask Pleo first: the deadline is Pleo's, not our guess, and
+        // measured on Pleo's clock.
         let margin = Self::ms(self.cfg.not_ready_fail_margin);
         let mut deadline = job.expires_at;
-        if now.until(deadline) <= margin {
+        if self.pleo_now(&job.company_id).until(deadline) <= margin {
             match self.reread(job, report)? {
                 Some(fresh)
                     if fresh.status == job.status
                         && (fresh.proc_state == ProcState::New || fresh.proc_state.is_active()) =>
                 {
                     deadline = fresh.expires_at;
-                    if now.until(deadline) <= margin {
+                    if self.pleo_now(&job.company_id).until(deadline) <= margin {
                         self.fail_not_ready(&fresh, &failure_reason_type, &failure_reason, report)?;
                         self.not_ready.remove(&job.company_id);
                         return Ok(false);
@@ -393,7 +394,8 @@ impl Processor {
         }
         // Try again after `readiness_retry`, and in any case once inside the failing margin.
         let retry = now.plus(self.cfg.readiness_retry);
-        let last_chance = Millis(deadline.0 - margin);
+        // Pleo's deadline on our clock (the hold is timed by our clock).
+        let last_chance = Millis(deadline.0 - margin - self.skew(&job.company_id));
         let until = if last_chance > now {
             retry.min(last_chance)
         } else {
@@ -447,6 +449,16 @@ impl Processor {
         report.finished.push(job.id.clone());
         report.due(self.clock.now());
         Ok(())
+    }
+
+    /// Now on Pleo's clock, as the company's client last saw it (deadlines are Pleo's).
+    fn pleo_now(&self, company: &str) -> Millis {
+        self.clients.for_company(Some(company)).pleo_now()
+    }
+
+    /// Pleo's clock minus ours, in ms: converts a Pleo time into a time on our clock.
+    fn skew(&self, company: &str) -> i64 {
+        self.pleo_now(company).0 - self.clock.now().0
     }
 
     fn pause(&mut self, company: &str, report: &mut RoundReport) {
@@ -506,7 +518,8 @@ impl Processor {
             }
             return Ok(Claim::Skipped);
         }
-        let left = now.until(fresh.expires_at);
+        // Time left on Pleo's clock (the fresh read just told us what it is).
+        let left = self.pleo_now(&fresh.company_id).until(fresh.expires_at);
         if left > 0 && left <= Self::ms(self.cfg.claim_min_left) {
             // A claim could not land before the deadline. Nothing is decided for good: at the
             // deadline Pleo says whether it expired (journaled `expired`) or is still pending
@@ -519,7 +532,9 @@ impl Processor {
                 json!({"seconds_left": left / 1000, "expires_at": fresh.expires_at.to_rfc3339(),
                        "claim_min_left_secs": self.cfg.claim_min_left.as_secs()}),
             )?;
-            report.due(fresh.expires_at.plus(Duration::from_secs(1)));
+            // Pleo's deadline, on our clock.
+            let skew = self.skew(&fresh.company_id);
+            report.due(Millis(fresh.expires_at.0 - skew).plus(Duration::from_secs(1)));
             return Ok(Claim::Wait);
         }
         self.store.begin_claim(&fresh, now)?;

@@ -107,3 +107,27 @@ fn a_read_that_times_out_is_retried_and_a_claim_that_times_out_is_not() {
     // The fake applied it before its slow answer: the claim landed.
     assert_eq!(w.fake.job("j").unwrap().status, "in_progress");
 }
+
+#[test]
+fn pleo_now_follows_the_date_of_pleos_answers_not_our_clock() {
+    use jobmirror::clock::{OffsetClock, SharedClock};
+    let w = World::new();
+    let host = OffsetClock::new(w.shared_clock());
+    host.jump(-600_000); // ten minutes slow
+    let host: SharedClock = host;
+    let c = jobmirror::pleo::PleoClient::new(w.client_config(), host.clone()).unwrap();
+    // Before any answer: our clock.
+    assert_eq!(c.pleo_now(), host.now());
+    c.list_jobs("x", &["pending"]).unwrap();
+    // After one: Pleo's (the fake's) clock, to the second its `Date` carries.
+    let pleo = w.clock_now();
+    assert!(
+        pleo.0 - c.pleo_now().0 < 1000 && c.pleo_now() <= pleo,
+        "{:?} vs {pleo:?}",
+        c.pleo_now()
+    );
+    assert_eq!(
+        jobmirror::clock::Millis::parse_http_date(&pleo.to_http_date()).unwrap(),
+        jobmirror::clock::Millis(pleo.0 - pleo.0 % 1000)
+    );
+}

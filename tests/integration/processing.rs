@@ -693,3 +693,20 @@ fn lost_answer_to_an_item_report_resent_it_and_reported_items_twice() {
     assert!(s.values().all(|n| *n == 1), "{s:?}");
     assert_eq!(w.fake.job(&j).unwrap().status, "completed");
 }
+
+#[test]
+fn a_host_clock_an_hour_fast_never_ends_a_job_early() {
+    // Deadlines are Pleo's (`lastUpdatedAt + expiresIn`) and measured on Pleo's clock (the
+    // `Date` of its answers): by our clock this job is past its deadline before it starts.
+    let w = World::new();
+    let j = job(&w, A, "j", 3, 0);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let (p, host) = w.processor_skewed(&[A], ProcessorConfig::default(), 3_700_000);
+    let host: jobmirror::clock::SharedClock = host;
+    let stage = HandlerStage::new(w.clients(), host, outbox(&w), pcfg());
+    let r = p.with_stage(Box::new(stage)).round();
+    assert_eq!(r.claimed, ["j"]);
+    assert_eq!(r.finished, ["j"]);
+    let f = w.fake.job(&j).unwrap();
+    assert_eq!(f.status, "completed", "{:?}", f.failure_reason);
+}

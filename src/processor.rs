@@ -217,6 +217,18 @@ impl Processor {
             }
         };
         let now = self.clock.now();
+        // Waits are instants on the host clock: one set back (or forward) must not stretch a
+        // wait beyond its length from now.
+        let (retry_max, backoff_max) = (
+            now.plus(self.cfg.readiness_retry),
+            now.plus(self.cfg.conflict_backoff),
+        );
+        for h in self.not_ready.values_mut() {
+            h.until = h.until.min(retry_max);
+        }
+        for until in self.paused_until.values_mut() {
+            *until = (*until).min(backoff_max);
+        }
         self.paused_until.retain(|_, until| *until > now);
         for until in self.paused_until.values() {
             report.due(*until);

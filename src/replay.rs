@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use crate::clock::{Clock, ManualClock, Millis, OffsetClock, SharedClock};
 use crate::config::Config;
-use crate::fake::{ClaimRecord, Claimant, FakeConfig, FakePleo};
+use crate::fake::{ClaimRecord, Claimant, FakeConfig, FakeJob, FakePleo, LoggedRequest};
 use crate::httpd::{Handler, Head, Request};
 use crate::mirror::{Mirror, PassKind, PollSchedule};
 use crate::processor::Processor;
@@ -133,6 +133,24 @@ struct Delivery {
     request: Request,
 }
 
+/// What the "no job left to expire" invariant remembers between steps.
+#[derive(Default)]
+struct ExpiryWatch {
+    /// When the service last started (base time): what it knew before does not count.
+    service_started: Option<Millis>,
+    /// When the readiness check last started to pass again after an outage.
+    accounting_up_since: Option<Millis>,
+    /// Per company, the last listing Pleo answered cleanly (base time).
+    listed: HashMap<String, Millis>,
+    /// Jobs pending, their company's oldest, no other integration's job in progress, at
+    /// every step since (base time): eligible as far as a listing would show.
+    visible_since: HashMap<String, Millis>,
+    /// Of those, listed to us since, no job of the company in progress: claimable since.
+    claimable_since: HashMap<String, Millis>,
+    /// Stored webhooks already counted in `listed`.
+    acked_seen: usize,
+}
+
 pub struct Replay {
     snap: Snapshot,
     opts: ReplayOptions,
@@ -161,6 +179,7 @@ pub struct Replay {
     claims_checked: usize,
     reported: HashMap<(String, String), u32>,
     started_seen: HashMap<String, u32>,
+    expiry_watch: ExpiryWatch,
     violations: Arc<Mutex<Vec<String>>>,
     summary: Summary,
     _lock: crate::store::DbLock,
@@ -276,6 +295,7 @@ impl Replay {
             claims_checked: 0,
             reported: HashMap::new(),
             started_seen: HashMap::new(),
+            expiry_watch: ExpiryWatch::default(),
             violations,
             summary,
             _lock: lock,
@@ -512,6 +532,7 @@ impl Replay {
             trigger: false,
         });
         self.restart_at = None;
+        self.expiry_watch.service_started = Some(now);
         Ok(())
     }
 
@@ -684,8 +705,12 @@ impl Replay {
             }
             std::fs::write(dir, "the accounting system is down (replay)\n")?;
         }
-        self.accounting_down
-            .store(!up, std::sync::atomic::Ordering::SeqCst);
+        let was_down = self
+            .accounting_down
+            .swap(!up, std::sync::atomic::Ordering::SeqCst);
+        if up && was_down {
+            self.expiry_watch.accounting_up_since = Some(self.base.now());
+        }
         Ok(())
     }
 
@@ -898,6 +923,7 @@ impl Replay {
         }
         self.requests_checked += requests.len();
         self.check_claims_against_pleo(&claims);
+        self.check_nothing_left_to_expire(&store, &requests, &claims);
         self.check_nothing_abandoned(&store);
         let doubled: rusqlite::Result<Vec<String>> = store
             .conn()
@@ -988,6 +1014,138 @@ impl Replay {
                 }
             }
         }
+        for v in found {
+            self.violate(v);
+        }
+    }
+
+    /// No job expires at Pleo after it was eligible and claimable for longer than a claim
+    /// takes. Judged conservatively, on Pleo's side, from what was true at every step: the
+    /// job was pending and its company's oldest pending job; no job of the company was
+    /// `in_progress`; the service ran, had listed the company (or stored a webhook naming it)
+    /// since the job appeared and since it started; the readiness check passed (and had
+    /// passed for one retry interval after an outage); the API answered without faults; a lane
+    /// was free. Our own settings (e.g. `claim_min_left_secs`) do not excuse an expiry: the
+    /// allowance is two request timeouts and a minute.
+    fn check_nothing_left_to_expire(
+        &mut self,
+        store: &Store,
+        requests: &[LoggedRequest],
+        claims: &[ClaimRecord],
+    ) {
+        let now = self.base.now();
+        let w = &mut self.expiry_watch;
+        let mut clean = true;
+        for r in requests {
+            let faulty = r.fault.is_some() || r.status == 0 || r.status == 429 || r.status >= 500;
+            clean &= !faulty;
+            if r.method == "GET"
+                && r.path == "/v3/export-jobs"
+                && r.status == 200
+                && !faulty
+                && let Some(co) = r
+                    .query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("company_id="))
+            {
+                w.listed.insert(co.to_owned(), r.at);
+            }
+        }
+        for (t, co) in &self.acked_companies[w.acked_seen.min(self.acked_companies.len())..] {
+            let e = w.listed.entry(co.clone()).or_insert(*t);
+            *e = (*e).max(*t);
+        }
+        w.acked_seen = self.acked_companies.len();
+        let down = self
+            .accounting_down
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let retry = self.cfg.poll_interval.min(Duration::from_secs(300));
+        let ready = !down && w.accounting_up_since.is_none_or(|t| t.plus(retry) <= now);
+        let in_hand: i64 = store
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM export_jobs WHERE proc_state IN ('resume', 'claiming', 'claimed', 'processing')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or(i64::MAX);
+        let lane_free = in_hand < i64::from(self.cfg.lanes);
+        let Some(started) = self.running.as_ref().and(w.service_started) else {
+            w.visible_since.clear();
+            w.claimable_since.clear();
+            return;
+        };
+        // Otherwise nothing is claimable now (what Pleo shows stays visible).
+        let judging = clean && ready && lane_free;
+        if !judging {
+            w.claimable_since.clear();
+        }
+        let allowance =
+            (self.cfg.pleo_request_timeout * 2 + Duration::from_secs(60)).as_millis() as i64;
+        let served: HashSet<&String> = self.snap.companies.iter().collect();
+        let jobs: Vec<FakeJob> = self
+            .fake
+            .jobs()
+            .into_iter()
+            .filter(|j| served.contains(&j.company_id))
+            .collect();
+        let mut found = Vec::new();
+        for j in &jobs {
+            if let (Some(at), Some(since)) = (j.expired_at, w.claimable_since.get(&j.id))
+                && since.until(at) > allowance
+            {
+                found.push(format!(
+                    "job {} expired at Pleo after {} s in which it was its company's oldest pending job and claimable",
+                    j.id,
+                    since.until(at) / 1000
+                ));
+            }
+        }
+        // Whose `in_progress` jobs end without a listing telling us: ours (claimed by us, or
+        // found in progress and ours to resume by default). Another integration's end is
+        // learnt only from a listing.
+        let holders = holders(claims);
+        let resume_unknown = self
+            .snap
+            .setting("resume_unknown_in_progress")
+            .is_none_or(|v| !matches!(v.trim(), "false" | "0" | "no"));
+        let ours = |id: &str| match holders.get(id) {
+            Some(Claimant::Api) => true,
+            Some(_) => false,
+            None => resume_unknown,
+        };
+        let mut by_company: HashMap<&str, Vec<&FakeJob>> = HashMap::new();
+        for j in &jobs {
+            by_company.entry(j.company_id.as_str()).or_default().push(j);
+        }
+        let mut visible = HashMap::new();
+        let mut claimable = HashMap::new();
+        for j in jobs.iter().filter(|j| j.status == "pending") {
+            let company = &by_company[j.company_id.as_str()];
+            let older_pending = company
+                .iter()
+                .any(|o| o.status == "pending" && (o.created_at, &o.id) < (j.created_at, &j.id));
+            let foreign = company
+                .iter()
+                .any(|o| o.status == "in_progress" && !ours(&o.id));
+            if older_pending || foreign {
+                continue;
+            }
+            // Eligible as far as a listing can show; we must have read the company since.
+            let seen = w.visible_since.get(&j.id).copied().unwrap_or(now);
+            visible.insert(j.id.clone(), seen);
+            let known = w
+                .listed
+                .get(&j.company_id)
+                .is_some_and(|t| *t >= seen && *t >= started && *t >= j.created_at);
+            let busy = company.iter().any(|o| o.status == "in_progress");
+            if judging && known && !busy {
+                let since = w.claimable_since.get(&j.id).copied().unwrap_or(now);
+                claimable.insert(j.id.clone(), since);
+            }
+        }
+        w.visible_since = visible;
+        w.claimable_since = claimable;
         for v in found {
             self.violate(v);
         }

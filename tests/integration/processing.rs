@@ -710,3 +710,35 @@ fn a_host_clock_an_hour_fast_never_ends_a_job_early() {
     let f = w.fake.job(&j).unwrap();
     assert_eq!(f.status, "completed", "{:?}", f.failure_reason);
 }
+
+#[test]
+fn a_host_clock_set_back_does_not_delay_the_next_readiness_check() {
+    // Found by the replay's "no job left to expire" invariant (simulation seed 304): the
+    // retry was timed at an instant on the host clock, so a clock set back 12 minutes delayed
+    // the next check by 12 minutes, and a job whose accounting system was back expired.
+    let w = World::new();
+    let j = job(&w, A, "j", 2, 0);
+    let dir = tempfile::tempdir().unwrap();
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let (p, host) = w.processor_skewed(&[A], ProcessorConfig::default(), 0);
+    let host_clock: jobmirror::clock::SharedClock = host.clone();
+    let stage = HandlerStage::new(w.clients(), host_clock, flaky_erp(dir.path()), pcfg());
+    let mut p = p.with_stage(Box::new(stage));
+    assert_eq!(p.round().not_ready, ["j"]);
+    assert_eq!(checks(dir.path()), 1);
+    host.jump(-720_000);
+    std::fs::write(dir.path().join("ready"), "").unwrap();
+    let r = p.round();
+    let due = r.next_due.expect("a next check is due");
+    assert!(
+        host.now().until(due) <= 60_000,
+        "the next check is due within readiness_retry (60 s) of the host's now, not {} s",
+        host.now().until(due) / 1000
+    );
+    // One retry interval later (on any clock), the check runs again and the job starts.
+    w.clock.advance(Duration::from_secs(61));
+    let r = p.round();
+    assert_eq!(checks(dir.path()), 2);
+    assert_eq!(r.claimed, ["j"]);
+    assert_eq!(w.fake.job(&j).unwrap().status, "completed");
+}

@@ -172,6 +172,56 @@ fn the_oldest_job_is_claimed_first_with_four_minutes_left() {
 }
 
 #[test]
+fn a_host_clock_set_back_while_not_ready_does_not_let_the_job_expire() {
+    let (s, r, d) = play(fixture("host-clock-set-back-while-not-ready"));
+    assert_eq!(s.jobs_by_pleo_status, counts(&[("completed", 1)]));
+    assert_eq!(s.expiries, 0);
+    // Started only once the accounting system was back (8 minutes in) and one retry
+    // interval (180 s) later at most.
+    let at = r
+        .fake()
+        .claims()
+        .into_iter()
+        .find(|c| c.job_id == "cb-job" && c.accepted)
+        .unwrap()
+        .at;
+    let start = jobmirror::clock::Millis::parse_rfc3339("2026-11-24T08:00:00Z").unwrap();
+    let secs = start.until(at) / 1000;
+    assert!((480..=480 + 180).contains(&secs), "started {secs} s in");
+    let kinds = journal_kinds(&d.path().join("replay.db"), "cb-job");
+    assert!(kinds.contains(&"not_ready".to_owned()), "{kinds:?}");
+}
+
+#[test]
+fn the_replay_reports_a_job_left_to_expire_while_it_was_claimable() {
+    // The invariant judges Pleo's side, not our settings: a service that defers claims of
+    // jobs with under ten minutes left (claim_min_left_secs = 600) lets the oldest job, four
+    // minutes from its deadline and claimable the whole time, expire.
+    let mut snap = fixture("near-expiry-oldest-first");
+    snap.service
+        .insert("claim_min_left_secs".into(), serde_json::json!(600));
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replay::new(snap, ReplayOptions::new(dir.path().join("replay.db"))).unwrap();
+    let s = r.run(&mut |_| Ok(())).unwrap();
+    assert_eq!(s.expiries, 1, "{}", s.render());
+    assert!(
+        s.violations
+            .iter()
+            .any(|v| v.starts_with("job ne-old expired at Pleo after")
+                && v.contains("oldest pending job and claimable")),
+        "{:?}",
+        s.violations
+    );
+    // The younger job, an hour from its deadline, is not judged: it was never the oldest
+    // pending job while the older one waited.
+    assert!(
+        !s.violations.iter().any(|v| v.contains("ne-young")),
+        "{:?}",
+        s.violations
+    );
+}
+
+#[test]
 fn webhook_disorder_claims_in_creation_order() {
     // wd-2's webhook comes before wd-1's: wd-1 (older) is still claimed first.
     let (_s, r, _d) = play(fixture("webhook-disorder"));

@@ -119,6 +119,8 @@ pub enum Fault {
     /// The request is applied; the connection is closed with no answer at all (to the client
     /// this is a timeout: it cannot know whether the request took effect).
     HangUp,
+    /// The request is applied; the answer is a 504 (a gateway gave up waiting for it).
+    GatewayTimeout,
 }
 
 /// A scripted fault: consumed by the first request that matches.
@@ -326,6 +328,10 @@ pub struct WebhookOptions {
     pub event_type: Option<String>,
     /// Use `svix-*` header names instead of `webhook-*`.
     pub svix_headers: bool,
+    /// Wrap the webhook object in `{"payload": {...}}`, as Pleo's events list shows it.
+    pub payload_envelope: bool,
+    /// Spell the job's status in upper case (`PENDING`), as some of Pleo's pages do.
+    pub upper_case_status: bool,
 }
 
 impl Default for WebhookOptions {
@@ -336,6 +342,8 @@ impl Default for WebhookOptions {
             attempts_max: 5,
             event_type: None,
             svix_headers: false,
+            payload_envelope: false,
+            upper_case_status: false,
         }
     }
 }
@@ -375,14 +383,21 @@ impl World {
             let event_type = opts.event_type.clone().or_else(|| {
                 sub.event_types
                     .iter()
-                    .find(|t| crate::webhook::JOB_EVENT_TYPES.contains(&t.as_str()))
+                    .find(|t| crate::webhook::is_job_event(t))
                     .cloned()
             });
             let Some(event_type) = event_type else {
                 continue;
             };
             self.next_msg += 1;
-            let body = json!({"data": job.to_json(), "eventId": format!("evt_{:08}", self.next_msg), "eventType": event_type});
+            let mut data = job.to_json();
+            if opts.upper_case_status {
+                data["status"] = json!(job.status.to_ascii_uppercase());
+            }
+            let mut body = json!({"data": data, "eventId": format!("evt_{:08}", self.next_msg), "eventType": event_type});
+            if opts.payload_envelope {
+                body = json!({ "payload": body });
+            }
             let _ = outbox.try_send(Outgoing {
                 url: sub.endpoint_url.clone(),
                 secret: sub.secret.clone(),
@@ -1301,6 +1316,10 @@ impl Handler for FakeHandler {
             Some(Fault::Slow { millis }) => resp.delay = Some(Duration::from_millis(*millis)),
             Some(Fault::Truncate) => resp.truncate_at = Some(resp.body.len() / 2),
             Some(Fault::HangUp) => resp.hang_up = true,
+            Some(Fault::GatewayTimeout) => {
+                resp = error(504, "GATEWAY_TIMEOUT", "the gateway gave up waiting")
+                    .with_header("Date", &now.to_http_date());
+            }
             _ => {}
         }
         let seq = w.requests.len() as u64 + 1;

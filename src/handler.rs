@@ -8,8 +8,10 @@
 //! `dry-run` validates each item as the outbox does and writes nothing (replays, trials).
 //!
 //! Invariants: a handler runs in its own process group and is killed with the whole group;
-//! its stderr goes to our log line by line; an output line that is not a valid result is
-//! reported as garbage, never guessed at; nothing here touches the database or Pleo.
+//! both its pipes are read to EOF whatever bytes arrive, holding at most a bounded part of one
+//! line; its stderr goes to our log line by line; an output line that is not a valid result
+//! (not UTF-8, cut, or not a result) is reported as garbage, never guessed at; nothing here
+//! touches the database or Pleo.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -103,6 +105,8 @@ pub enum Readiness {
         failure_reason_type: String,
         failure_reason: String,
     },
+    /// The service is stopping: the check was ended (its process group killed), no answer.
+    Stopped,
 }
 
 /// What a running handler tells the pipeline.
@@ -115,18 +119,59 @@ pub enum HandlerMsg {
     Eof,
 }
 
-/// A started handler. Dropping it kills the handler.
+/// A started handler. Dropping it kills the handler and its whole process group.
 pub struct Running {
     pub messages: Receiver<HandlerMsg>,
     child: Option<Child>,
+    /// Set once the handler was reaped.
+    status: Option<std::process::ExitStatus>,
 }
 
 impl Running {
+    /// Kills the handler's process group (children holding its pipes included) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // The group is signalled before the leader is reaped, so its id cannot have been
+            // reused by then.
             kill_group(&c);
             let _ = c.kill();
-            let _ = c.wait();
+            self.status = c.wait().ok();
+        }
+    }
+
+    /// Whether the handler process itself has exited (without reaping it; its children may
+    /// live on). In-process handlers never "exit": their end is [`HandlerMsg::Eof`].
+    pub fn exited(&self) -> bool {
+        match &self.child {
+            Some(c) => child_exited(c),
+            None => self.status.is_some(),
+        }
+    }
+
+    /// Ends the run: waits up to `grace` for the handler to exit by itself, then kills what is
+    /// left of its process group, and gives its exit status.
+    pub fn finish(&mut self, grace: Duration) -> Result<(), String> {
+        if self.child.is_none() && self.status.is_none() {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        let mut lingered = false;
+        while self.child.is_some() && !self.exited() {
+            if t0.elapsed() >= grace {
+                lingered = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+        match self.status {
+            _ if lingered => Err(format!(
+                "did not exit within {} s of its last answer; killed",
+                grace.as_secs()
+            )),
+            Some(s) if s.success() => Ok(()),
+            Some(s) => Err(describe_status(&Ok(s))),
+            None => Err("its exit status could not be read".into()),
         }
     }
 }
@@ -134,6 +179,30 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Whether `c` has exited, without reaping it (so its process group id stays reserved).
+fn child_exited(c: &Child) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let pid: libc::id_t = c.id();
+        // SAFETY: waitid(2) with WNOWAIT on our own child writes only into `info`.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let r = libc::waitid(
+                libc::P_PID,
+                pid,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            );
+            r == 0 && info.si_pid() != 0
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = c;
+        false
     }
 }
 
@@ -145,6 +214,89 @@ fn kill_group(child: &Child) {
             libc::kill(-pid, libc::SIGKILL);
         }
     }
+}
+
+/// The most of one stdout line kept (results are far shorter); the rest of a longer line is
+/// read and dropped, and the line reported as garbage.
+pub const STDOUT_LINE_MAX: usize = 1 << 20;
+/// The most of one stderr line kept for the log.
+pub const STDERR_LINE_MAX: usize = 8 << 10;
+
+/// One line read from a handler pipe: any bytes, at most `max` of them kept.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Line {
+    pub kept: Vec<u8>,
+    /// The line's whole length in bytes (more than `kept.len()` when it was cut).
+    pub len: usize,
+}
+
+impl Line {
+    pub fn cut(&self) -> bool {
+        self.len > self.kept.len()
+    }
+}
+
+/// Reads newline-terminated lines of any bytes, holding at most `max` bytes of one line
+/// whatever the writer sends; a last line without a newline is returned at EOF.
+pub struct LineReader<R> {
+    r: BufReader<R>,
+    max: usize,
+}
+
+impl<R: std::io::Read> LineReader<R> {
+    pub fn new(r: R, max: usize) -> Self {
+        LineReader {
+            r: BufReader::with_capacity(8 << 10, r),
+            max,
+        }
+    }
+
+    /// The next line without its newline (and a `\r` before it); `None` at EOF or on a read
+    /// error.
+    pub fn next_line(&mut self) -> Option<Line> {
+        let mut kept = Vec::new();
+        let mut len = 0usize;
+        loop {
+            let avail = match self.r.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => &[],
+            };
+            if avail.is_empty() {
+                return (len > 0).then(|| Self::done(kept, len));
+            }
+            let (chunk, used, found) = match avail.iter().position(|b| *b == b'\n') {
+                Some(i) => (&avail[..i], i + 1, true),
+                None => (avail, avail.len(), false),
+            };
+            let room = self.max.saturating_sub(kept.len());
+            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            len += chunk.len();
+            self.r.consume(used);
+            if found {
+                return Some(Self::done(kept, len));
+            }
+        }
+    }
+
+    fn done(mut kept: Vec<u8>, mut len: usize) -> Line {
+        if kept.len() == len && kept.last() == Some(&b'\r') {
+            kept.pop();
+            len -= 1;
+        }
+        Line { kept, len }
+    }
+}
+
+/// A line as text for the log: invalid UTF-8 shown with replacement characters, at most
+/// 200 characters, and a note when the line was cut.
+fn printable(line: &Line) -> String {
+    let text = String::from_utf8_lossy(&line.kept);
+    let mut s = short(&text);
+    if line.cut() {
+        s.push_str(&format!(" [line of {} bytes, cut]", line.len));
+    }
+    s
 }
 
 /// Parses one output line of a handler.
@@ -193,9 +345,32 @@ fn short(s: &str) -> String {
     s.chars().take(200).collect()
 }
 
+/// What one stdout line tells the pipeline: a result, garbage (not UTF-8, cut, or not a
+/// result; logged and ignored), or nothing (a blank line).
+pub fn output_message(line: &Line) -> Option<HandlerMsg> {
+    let text = match std::str::from_utf8(&line.kept) {
+        Ok(t) if !line.cut() => t,
+        Ok(_) => return Some(HandlerMsg::Garbage(printable(line))),
+        Err(_) => {
+            return Some(HandlerMsg::Garbage(format!(
+                "not UTF-8: {}",
+                printable(line)
+            )));
+        }
+    };
+    if text.trim().is_empty() {
+        return None;
+    }
+    Some(match parse_result(text) {
+        Some(r) => HandlerMsg::Result(r),
+        None => HandlerMsg::Garbage(short(text)),
+    })
+}
+
 impl HandlerSpec {
-    /// Asks the handler whether the accounting system is ready, within `timeout`.
-    pub fn check(&self, job: &Value, timeout: Duration) -> Readiness {
+    /// Asks the handler whether the accounting system is ready, within `timeout`. Once
+    /// `stopping` says so, the check is ended (its process group killed): `Stopped`.
+    pub fn check(&self, job: &Value, timeout: Duration, stopping: &dyn Fn() -> bool) -> Readiness {
         match self {
             HandlerSpec::DryRun => Readiness::Ready,
             HandlerSpec::Outbox(dir) => {
@@ -237,20 +412,34 @@ impl HandlerSpec {
                 std::thread::spawn(move || {
                     let mut last = None;
                     if let Some(out) = stdout {
-                        for line in BufReader::new(out).lines().map_while(Result::ok) {
-                            if !line.trim().is_empty() {
-                                last = Some(line);
+                        let mut lines = LineReader::new(out, STDOUT_LINE_MAX);
+                        while let Some(line) = lines.next_line() {
+                            let text = String::from_utf8_lossy(&line.kept);
+                            if !text.trim().is_empty() {
+                                last = Some(text.into_owned());
                             }
                         }
                     }
                     let _ = tx.send(last);
                 });
-                let last = match rx.recv_timeout(timeout) {
-                    Ok(l) => l,
-                    Err(_) => {
+                let t0 = std::time::Instant::now();
+                // The check has answered once its stdout closed, or once it exited (a child
+                // it left may hold stdout open: the group is killed, and what it wrote read).
+                let mut exited_at: Option<std::time::Instant> = None;
+                let last = loop {
+                    match rx.recv_timeout(Duration::from_millis(20)) {
+                        Ok(l) => break l,
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break None,
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    }
+                    let stop = stopping();
+                    if stop || t0.elapsed() >= timeout {
                         kill_group(&child);
                         let _ = child.kill();
                         let _ = child.wait();
+                        if stop {
+                            return Readiness::Stopped;
+                        }
                         return Readiness::NotReady {
                             failure_reason_type: "accounting_system_timeout".into(),
                             failure_reason: format!(
@@ -259,7 +448,12 @@ impl HandlerSpec {
                             ),
                         };
                     }
+                    if exited_at.is_none() && child_exited(&child) {
+                        exited_at = Some(std::time::Instant::now());
+                        kill_group(&child);
+                    }
                 };
+                kill_group(&child);
                 let status = child.wait();
                 match status {
                     Ok(s) if s.success() => Readiness::Ready,
@@ -421,14 +615,10 @@ impl HandlerSpec {
                     .name("jm-handler-out".into())
                     .spawn(move || {
                         if let Some(out) = stdout {
-                            for line in BufReader::new(out).lines() {
-                                let Ok(line) = line else { break };
-                                if line.trim().is_empty() {
+                            let mut lines = LineReader::new(out, STDOUT_LINE_MAX);
+                            while let Some(line) = lines.next_line() {
+                                let Some(msg) = output_message(&line) else {
                                     continue;
-                                }
-                                let msg = match parse_result(&line) {
-                                    Some(r) => HandlerMsg::Result(r),
-                                    None => HandlerMsg::Garbage(short(&line)),
                                 };
                                 if tx.send(msg).is_err() {
                                     return;
@@ -440,6 +630,7 @@ impl HandlerSpec {
                 Ok(Running {
                     messages: rx,
                     child: Some(child),
+                    status: None,
                 })
             }
         }
@@ -463,26 +654,8 @@ fn in_process(
     Ok(Running {
         messages: rx,
         child: None,
+        status: None,
     })
-}
-
-impl Running {
-    /// After the handler's stdout closed: its exit status (killing it if it lingers 5 s).
-    pub fn wait_exit(&mut self) -> Result<(), String> {
-        let Some(child) = self.child.as_mut() else {
-            return Ok(());
-        };
-        for _ in 0..100 {
-            match child.try_wait() {
-                Ok(Some(s)) if s.success() => return Ok(()),
-                Ok(Some(s)) => return Err(describe_status(&Ok(s))),
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        self.kill();
-        Err("closed its output but did not exit; killed".into())
-    }
 }
 
 fn describe_status(s: &std::io::Result<std::process::ExitStatus>) -> String {
@@ -601,12 +774,16 @@ pub fn stop_earlier_handlers(marker: &str) -> usize {
     }
 }
 
+/// Logs the handler's stderr line by line, any bytes (invalid UTF-8 shown with replacement
+/// characters), each line cut to a bounded length; reads to EOF, so the handler never meets
+/// a closed pipe.
 fn forward_stderr(stderr: std::process::ChildStderr, job_id: String) {
     let _ = std::thread::Builder::new()
         .name("jm-handler-err".into())
         .spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log::info!("handler[{job_id}]: {}", short(&line));
+            let mut lines = LineReader::new(stderr, STDERR_LINE_MAX);
+            while let Some(line) = lines.next_line() {
+                log::info!("handler[{job_id}]: {}", printable(&line));
             }
         });
 }
@@ -775,6 +952,63 @@ mod tests {
         ] {
             assert!(parse_result(garbage).is_none(), "{garbage}");
         }
+    }
+
+    fn read_all(bytes: &[u8], max: usize) -> Vec<Line> {
+        let mut r = LineReader::new(bytes, max);
+        std::iter::from_fn(|| r.next_line()).collect()
+    }
+
+    #[test]
+    fn lines_of_any_bytes_are_read_to_the_end_and_bounded() {
+        let mut input = b"caf\xe9\r\n".to_vec();
+        input.extend(vec![b'x'; 100_000]);
+        input.extend(b"\n\n{\"accountingEntryId\":\"e\",\"status\":\"successful\"}\nlast");
+        let lines = read_all(&input, 1000);
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert_eq!(
+            lines[0],
+            Line {
+                kept: b"caf\xe9".to_vec(),
+                len: 4
+            }
+        );
+        assert_eq!((lines[1].kept.len(), lines[1].len), (1000, 100_000));
+        assert!(lines[1].cut());
+        assert_eq!(
+            lines[2],
+            Line {
+                kept: vec![],
+                len: 0
+            }
+        );
+        assert!(lines[3].kept.starts_with(b"{"));
+        assert_eq!(
+            lines[4],
+            Line {
+                kept: b"last".to_vec(),
+                len: 4
+            }
+        );
+        // What the pipeline is told of each.
+        let msgs: Vec<Option<HandlerMsg>> = lines.iter().map(output_message).collect();
+        assert!(
+            matches!(&msgs[0], Some(HandlerMsg::Garbage(g)) if g.starts_with("not UTF-8: caf\u{fffd}")),
+            "{msgs:?}"
+        );
+        assert!(
+            matches!(&msgs[1], Some(HandlerMsg::Garbage(g)) if g.ends_with("[line of 100000 bytes, cut]")),
+            "{msgs:?}"
+        );
+        assert!(msgs[2].is_none(), "a blank line says nothing");
+        assert!(matches!(&msgs[3], Some(HandlerMsg::Result(r)) if r.accounting_entry_id == "e"));
+        assert!(
+            output_message(&Line {
+                kept: b"  ".to_vec(),
+                len: 2
+            })
+            .is_none()
+        );
     }
 
     #[test]

@@ -247,7 +247,7 @@ impl Mirror {
                 let known = d
                     .event_type
                     .as_deref()
-                    .is_some_and(|t| crate::webhook::JOB_EVENT_TYPES.contains(&t));
+                    .is_some_and(crate::webhook::is_job_event);
                 let id = match (&d.job_id, known) {
                     (None, _) => {
                         marks.push((d.webhook_id, "ignored: names no job".to_owned()));

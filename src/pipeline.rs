@@ -10,8 +10,10 @@
 //! Invariants: a result is committed before it is reported; an item reported `successful` is
 //! never sent again; the handler never sees an item that already has a result; a handler that
 //! stalls, or a job that would expire before it can finish, is stopped and the job failed with
-//! `accounting_system_timeout` before its deadline; a crashing handler is retried at most
-//! `attempts_max` times; `started` is never sent here.
+//! `accounting_system_timeout` before its deadline; the job's handler time (`job_timeout`)
+//! and failed runs (`attempts_max`) are counted in the database, across runs and restarts;
+//! every result the handler delivers is committed whatever a report does; `started` is never
+//! sent here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -166,7 +168,9 @@ impl Stage for HandlerStage {
         let raw = store
             .job_raw(&job.id)?
             .unwrap_or_else(|| json!({"id": job.id, "companyId": job.company_id}));
-        Ok(self.handler.check(&raw, self.cfg.check_timeout))
+        let stopping = self.stopping.clone();
+        let stop = move || stopping.as_ref().is_some_and(|s| s.is_set());
+        Ok(self.handler.check(&raw, self.cfg.check_timeout, &stop))
     }
 
     fn process(&mut self, store: &Store, job: &JobRow, now: Millis) -> Result<(), StoreError> {
@@ -247,14 +251,17 @@ impl HandlerStage {
         // Results recorded before a crash are reported without asking the handler again.
         self.flush(store, job, &mut deadline, usize::MAX)?;
 
-        let mut attempt = 0;
         loop {
             let todo = store.todo_items(&job.id)?;
             if todo.is_empty() {
                 break;
             }
-            if attempt >= self.cfg.attempts_max {
-                let reason = format!("the handler did not answer these items after {attempt} runs");
+            // Failed runs count across restarts of the service (the budget is stored).
+            let (_, failed_runs) = store.handler_budget(&job.id)?;
+            let attempt = failed_runs + 1;
+            if failed_runs >= self.cfg.attempts_max {
+                let reason =
+                    format!("the handler did not answer these items after {failed_runs} runs");
                 let n = store.fail_open_items(
                     &job.id,
                     "unexpected_failure",
@@ -267,7 +274,6 @@ impl HandlerStage {
                 );
                 break;
             }
-            attempt += 1;
             let mut items: Vec<Value> = Vec::with_capacity(todo.len());
             let mut missing = Vec::new();
             for entry in &todo {
@@ -349,6 +355,12 @@ impl HandlerStage {
         self.finish(store, job, finish)
     }
 
+    /// One handler run over `items`. The run ends when every item has a result, when the
+    /// handler process exits (what it wrote is read to the end, and its process group is
+    /// killed, so a child holding its pipes cannot keep the run open), at its end of output,
+    /// or at a limit. Every result the handler delivers is committed before anything else is
+    /// done about it, whatever a report does; a report that fails transiently pauses
+    /// reporting, never the recording.
     #[allow(clippy::too_many_arguments)]
     fn run_handler(
         &mut self,
@@ -359,7 +371,29 @@ impl HandlerStage {
         attempt: u32,
         deadline: &mut Millis,
     ) -> Result<RunEnd, Pause> {
+        /// After the handler exited: the longest wait for the end of its output.
+        const AFTER_EXIT: Duration = Duration::from_secs(5);
+        /// After every item was answered: the longest wait for the handler to exit.
+        const EXIT_GRACE: Duration = Duration::from_secs(5);
+        /// After killing the handler: the longest wait for what it wrote before.
+        const AFTER_KILL: Duration = Duration::from_secs(1);
+        /// Handler time is written to the database at least this often (a crash of the
+        /// service loses at most this much of the job's budget).
+        const BUDGET_EVERY_MS: i64 = 1000;
         let n = items.len();
+        let job_limit = Self::ms(self.cfg.job_timeout);
+        let (used_before, _) = store.handler_budget(&job.id)?;
+        if used_before >= job_limit {
+            let reason = self.over_budget(used_before);
+            store.journal(
+                self.clock.now(),
+                Some(&job.id),
+                Some(&job.company_id),
+                EventKind::HandlerTimedOut,
+                json!({"attempt": attempt, "reason": reason, "handler_ms": used_before}),
+            )?;
+            return Ok(RunEnd::TimedOut(reason));
+        }
         let started = self.clock.now();
         let marker = self
             .marker_scope
@@ -368,6 +402,7 @@ impl HandlerStage {
         let mut running = match self.handler.start_marked(raw, items, marker.as_deref()) {
             Ok(r) => r,
             Err(e) => {
+                store.add_handler_budget(&job.id, 0, true)?;
                 store.journal(
                     started,
                     Some(&job.id),
@@ -386,14 +421,24 @@ impl HandlerStage {
             job_id: job.id.clone(),
             items: n,
         });
-        let mut last_progress = started;
-        let mut pending: Vec<ItemResult> = Vec::new();
-        let mut garbage = 0u32;
-        let mut first_unflushed: Option<Millis> = None;
-        let mut unreported: i64 = store.item_counts(&job.id)?.unreported;
+        let mut run = RunState {
+            last_progress: started,
+            garbage: 0,
+            answered: 0,
+            first_unflushed: None,
+            unreported: store.item_counts(&job.id)?.unreported,
+            counted: started,
+            used: used_before,
+            report_retry: None,
+            report_backoff: self.cfg.flush_interval.max(Duration::from_secs(1)),
+        };
+        let mut exited_at: Option<std::time::Instant> = None;
         let end = loop {
             if self.stopping.as_ref().is_some_and(|s| s.is_set()) {
                 // The job stays `processing`: the next start resumes it without `started`.
+                running.kill();
+                self.drain_to_end(store, job, &mut running, &mut run, AFTER_KILL)?;
+                self.count_time(store, job, &mut run, false)?;
                 return Err(Pause::Stopping);
             }
             let now = self.clock.now();
@@ -407,13 +452,10 @@ impl HandlerStage {
                     secs(pleo_now.until(*deadline))
                 ));
             }
-            if now.until(started) <= -(self.cfg.job_timeout.as_millis() as i64) {
-                break Some(format!(
-                    "the handler ran longer than the per-job limit of {} s",
-                    self.cfg.job_timeout.as_secs()
-                ));
+            if run.used + run.counted.until(now).max(0) >= job_limit {
+                break Some(self.over_budget(run.used + run.counted.until(now).max(0)));
             }
-            if now.until(last_progress) <= -(self.cfg.item_timeout.as_millis() as i64) {
+            if now.until(run.last_progress) <= -(self.cfg.item_timeout.as_millis() as i64) {
                 break Some(format!(
                     "the handler gave no result for {} s (per-item limit)",
                     self.cfg.item_timeout.as_secs()
@@ -427,75 +469,91 @@ impl HandlerStage {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => Some(HandlerMsg::Eof),
             };
+            let mut pending = Vec::new();
             let mut eof = false;
             if let Some(m) = msg {
-                eof |= absorb(m, &mut pending, &mut garbage, &job.id);
+                eof |= absorb(m, &mut pending, &mut run.garbage, &job.id);
                 // Take everything already waiting, up to a batch.
                 while pending.len() < 100 && !eof {
                     match running.messages.try_recv() {
-                        Ok(m) => eof |= absorb(m, &mut pending, &mut garbage, &job.id),
+                        Ok(m) => eof |= absorb(m, &mut pending, &mut run.garbage, &job.id),
                         Err(_) => break,
                     }
                 }
             }
-            if !pending.is_empty() {
-                let now = self.clock.now();
-                let recorded = store.record_results(&job.id, &pending, now)?;
-                if let Some((_, m)) = &self.health {
-                    for r in pending
-                        .iter()
-                        .filter(|r| recorded.contains(&r.accounting_entry_id))
-                    {
-                        m.handler_result(r.successful);
-                    }
-                }
-                if !recorded.is_empty() {
-                    last_progress = now;
-                    first_unflushed.get_or_insert(now);
-                    unreported += recorded.len() as i64;
-                }
-                if recorded.len() < pending.len() {
-                    log::warn!(
-                        "job {}: {} results named unknown or already answered items; ignored",
-                        job.id,
-                        pending.len() - recorded.len()
-                    );
-                }
-                pending.clear();
-            }
+            self.record(store, job, &pending, &mut run)?;
             let now = self.clock.now();
             // Counted here rather than queried: a query per message would scan the job's items.
-            let due = first_unflushed
+            let due = run
+                .first_unflushed
                 .is_some_and(|t| now.until(t) <= -(self.cfg.flush_interval.as_millis() as i64));
-            if unreported >= 100 || (unreported > 0 && due) {
-                self.flush(store, job, deadline, 100)?;
-                unreported = store.item_counts(&job.id)?.unreported;
-                first_unflushed = if unreported > 0 {
-                    Some(self.clock.now())
-                } else {
-                    None
-                };
+            let may_report = run.report_retry.is_none_or(|t| now >= t);
+            if may_report && (run.unreported >= 100 || (run.unreported > 0 && due)) {
+                match self.flush(store, job, deadline, 100) {
+                    Ok(()) => {
+                        run.report_retry = None;
+                        run.report_backoff = self.cfg.flush_interval.max(Duration::from_secs(1));
+                    }
+                    Err(Pause::Pleo(e)) => {
+                        // Whatever the handler delivered meanwhile is committed first.
+                        self.drain(store, job, &mut running, &mut run)?;
+                        if !e.is_retryable() {
+                            running.kill();
+                            self.drain_to_end(store, job, &mut running, &mut run, AFTER_KILL)?;
+                            self.count_time(store, job, &mut run, false)?;
+                            return Err(Pause::Pleo(e));
+                        }
+                        log::warn!(
+                            "job {}: reporting results failed ({e}); results are still recorded, reporting again in {} s",
+                            job.id,
+                            run.report_backoff.as_secs()
+                        );
+                        run.report_retry = Some(self.clock.now().plus(run.report_backoff));
+                        run.report_backoff = (run.report_backoff * 2).min(Duration::from_secs(60));
+                    }
+                    Err(other) => return Err(other),
+                }
+                run.unreported = store.item_counts(&job.id)?.unreported;
+                run.first_unflushed = (run.unreported > 0).then(|| self.clock.now());
             }
-            if eof {
+            if self.clock.now().until(run.counted) <= -BUDGET_EVERY_MS {
+                self.count_time(store, job, &mut run, false)?;
+            }
+            if eof || run.answered >= n {
                 break None;
+            }
+            match exited_at {
+                None if running.exited() => {
+                    // The handler is gone; a child it left may hold its stdout. Kill the
+                    // group: the output it wrote is still read, then the pipe ends.
+                    running.kill();
+                    exited_at = Some(std::time::Instant::now());
+                }
+                Some(t) if t.elapsed() >= AFTER_EXIT => break None,
+                _ => {}
             }
         };
         match end {
             Some(reason) => {
                 running.kill();
+                self.drain_to_end(store, job, &mut running, &mut run, AFTER_KILL)?;
+                self.count_time(store, job, &mut run, false)?;
                 log::warn!("job {}: stopping the handler: {reason}", job.id);
                 store.journal(
                     self.clock.now(),
                     Some(&job.id),
                     Some(&job.company_id),
                     EventKind::HandlerTimedOut,
-                    json!({"attempt": attempt, "reason": reason}),
+                    json!({"attempt": attempt, "reason": reason, "handler_ms": run.used}),
                 )?;
                 Ok(RunEnd::TimedOut(reason))
             }
             None => {
-                let exit = running.wait_exit();
+                let exit = running.finish(EXIT_GRACE);
+                self.drain(store, job, &mut running, &mut run)?;
                 let left = store.todo_items(&job.id)?.len();
+                self.count_time(store, job, &mut run, left > 0)?;
+                let garbage = run.garbage;
                 if left == 0 && exit.is_ok() && garbage == 0 {
                     Ok(RunEnd::AllAnswered)
                 } else if left == 0 {
@@ -512,6 +570,120 @@ impl HandlerStage {
                 }
             }
         }
+    }
+
+    fn ms(d: Duration) -> i64 {
+        d.as_millis().min(i64::MAX as u128) as i64
+    }
+
+    fn over_budget(&self, used_ms: i64) -> String {
+        format!(
+            "the handler ran {} for this job in all (runs and restarts together), over the per-job limit of {} s",
+            secs(used_ms),
+            self.cfg.job_timeout.as_secs()
+        )
+    }
+
+    /// Commits `results` (those naming open items of the job) and counts them.
+    fn record(
+        &self,
+        store: &Store,
+        job: &JobRow,
+        results: &[ItemResult],
+        run: &mut RunState,
+    ) -> Result<(), Pause> {
+        if results.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.now();
+        let recorded = store.record_results(&job.id, results, now)?;
+        if let Some((_, m)) = &self.health {
+            for r in results
+                .iter()
+                .filter(|r| recorded.contains(&r.accounting_entry_id))
+            {
+                m.handler_result(r.successful);
+            }
+        }
+        if !recorded.is_empty() {
+            run.last_progress = now;
+            run.first_unflushed.get_or_insert(now);
+            run.unreported += recorded.len() as i64;
+            run.answered += recorded.len();
+        }
+        if recorded.len() < results.len() {
+            log::warn!(
+                "job {}: {} results named unknown or already answered items; ignored",
+                job.id,
+                results.len() - recorded.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// After the handler's group was killed: commits what it wrote before, up to the end of
+    /// its output (which comes at once, the writers being dead) or `within`.
+    fn drain_to_end(
+        &self,
+        store: &Store,
+        job: &JobRow,
+        running: &mut crate::handler::Running,
+        run: &mut RunState,
+        within: Duration,
+    ) -> Result<(), Pause> {
+        let until = std::time::Instant::now() + within;
+        let mut pending = Vec::new();
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match running.messages.recv_timeout(left) {
+                Ok(m) => {
+                    if absorb(m, &mut pending, &mut run.garbage, &job.id) {
+                        break;
+                    }
+                    if pending.len() >= 100 {
+                        self.record(store, job, &pending, run)?;
+                        pending.clear();
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        self.record(store, job, &pending, run)
+    }
+
+    /// Commits every result already waiting in the handler's output, without waiting.
+    fn drain(
+        &self,
+        store: &Store,
+        job: &JobRow,
+        running: &mut crate::handler::Running,
+        run: &mut RunState,
+    ) -> Result<(), Pause> {
+        let mut pending = Vec::new();
+        while let Ok(m) = running.messages.try_recv() {
+            absorb(m, &mut pending, &mut run.garbage, &job.id);
+            if pending.len() >= 100 {
+                self.record(store, job, &pending, run)?;
+                pending.clear();
+            }
+        }
+        self.record(store, job, &pending, run)
+    }
+
+    /// Adds the handler time since the last count to the job's budget in the database.
+    fn count_time(
+        &self,
+        store: &Store,
+        job: &JobRow,
+        run: &mut RunState,
+        failed_run: bool,
+    ) -> Result<(), Pause> {
+        let now = self.clock.now();
+        let ms = run.counted.until(now).max(0);
+        store.add_handler_budget(&job.id, ms, failed_run)?;
+        run.used += ms;
+        run.counted = now;
+        Ok(())
     }
 
     /// Reports recorded results in batches of at most 100 (at most `limit` items now).
@@ -650,6 +822,23 @@ fn absorb(m: HandlerMsg, pending: &mut Vec<ItemResult>, garbage: &mut u32, job_i
         HandlerMsg::Eof => return true,
     }
     false
+}
+
+/// What one handler run keeps track of.
+struct RunState {
+    last_progress: Millis,
+    garbage: u32,
+    /// Results of this run committed (new ones only).
+    answered: usize,
+    first_unflushed: Option<Millis>,
+    unreported: i64,
+    /// Handler time is counted in the budget up to here.
+    counted: Millis,
+    /// The job's handler time in all, as counted so far (ms).
+    used: i64,
+    /// Reporting paused after a failure until then.
+    report_retry: Option<Millis>,
+    report_backoff: Duration,
 }
 
 enum RunEnd {

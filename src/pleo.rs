@@ -608,14 +608,16 @@ impl PleoClient {
     /// Sends a job event. Success is 202 (any 2xx is accepted; no body is required).
     pub fn post_event(&self, event: &JobEvent) -> Result<(), PleoError> {
         let body = serde_json::to_vec(event).map_err(|e| PleoError::Decode(e.to_string()))?;
-        // `started` is the claim: a second one after an unknown outcome would meet our own claim
-        // (422) and read as a conflict. The processor re-reads the job instead.
-        let retry = if event.event == JobEventKind::Started {
-            Retry::UnappliedOnly
-        } else {
-            Retry::Transient
-        };
-        let reply = self.send_with("POST", "/v3/export-job-events", &[], Some(&body), retry)?;
+        // Never repeated after an unknown outcome (a lost answer, a 504): `started` is the
+        // claim, and a second one would meet our own claim (422) and read as a conflict; a
+        // terminal event may have landed. The caller reads the job instead.
+        let reply = self.send_with(
+            "POST",
+            "/v3/export-job-events",
+            &[],
+            Some(&body),
+            Retry::UnappliedOnly,
+        )?;
         ok_status(reply).map(|_| ())
     }
 

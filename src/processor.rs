@@ -353,6 +353,8 @@ impl Processor {
                 failure_reason_type,
                 failure_reason,
             } => (failure_reason_type, failure_reason),
+            // The service is stopping: no answer, nothing to journal; the job waits.
+            Readiness::Stopped => return Ok(false),
         };
         report.not_ready.push(job.id.clone());
         if let Some(m) = &self.metrics {
@@ -823,15 +825,50 @@ pub fn send_final(
     mut detail: serde_json::Value,
 ) -> Result<Result<(), PleoError>, StoreError> {
     let name = event.event.as_str();
-    match client.post_event(event) {
-        Ok(()) => {}
-        Err(e) if e.is_status_conflict() => {
-            log::warn!(
-                "job {}: Pleo refused `{name}` (422); reading the job again",
-                job.id
-            );
+    // Sent at most this often when each answer is lost and a read says the job is still open.
+    const SENDS_MAX: u32 = 3;
+    let mut sends = 0;
+    let mut read_back = false;
+    loop {
+        sends += 1;
+        match client.post_event(event) {
+            Ok(()) => break,
+            Err(e) if e.is_status_conflict() => {
+                log::warn!(
+                    "job {}: Pleo refused `{name}` (422); reading the job again",
+                    job.id
+                );
+                break;
+            }
+            Err(e) if e.is_unapplied() || !e.is_retryable() => return Ok(Err(e)),
+            Err(e) => {
+                // A lost answer or a 504: it may have landed. Read the job before anything
+                // else, never repeat the event blindly.
+                log::warn!(
+                    "job {}: the answer to `{name}` was lost ({e}); reading the job before sending it again",
+                    job.id
+                );
+                let fresh = match client.get_job(&job.id) {
+                    Ok(f) => f,
+                    Err(read) => {
+                        log::warn!(
+                            "job {}: reading it after a lost answer failed: {read}",
+                            job.id
+                        );
+                        return Ok(Err(e));
+                    }
+                };
+                store.upsert_job(&fresh, clock.now(), Source::Reread)?;
+                if crate::pleo::status::is_terminal(&fresh.status) {
+                    detail["outcome"] = json!("read after a lost answer");
+                    read_back = true;
+                    break;
+                }
+                if sends >= SENDS_MAX {
+                    return Ok(Err(e));
+                }
+            }
         }
-        Err(e) => return Ok(Err(e)),
     }
     detail["event"] = json!(name);
     detail["failure_reason_type"] = json!(event.failure_reason_type);
@@ -843,11 +880,13 @@ pub fn send_final(
         EventKind::FinishSent,
         detail,
     )?;
-    match client.get_job(&job.id) {
-        Ok(fresh) => {
-            store.upsert_job(&fresh, clock.now(), Source::Reread)?;
+    if !read_back {
+        match client.get_job(&job.id) {
+            Ok(fresh) => {
+                store.upsert_job(&fresh, clock.now(), Source::Reread)?;
+            }
+            Err(e) => log::warn!("job {}: could not read it back after `{name}`: {e}", job.id),
         }
-        Err(e) => log::warn!("job {}: could not read it back after `{name}`: {e}", job.id),
     }
     // Whatever Pleo said, jobmirror is done with this job.
     if let Some(row) = store.job(&job.id)?.filter(|r| !r.proc_state.is_final()) {

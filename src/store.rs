@@ -703,7 +703,7 @@ impl Store {
         deliveries: &[&crate::webhook::Delivery],
         now: Millis,
     ) -> Result<Vec<crate::webhook::Stored>> {
-        use crate::webhook::{JOB_EVENT_TYPES, Stored};
+        use crate::webhook::Stored;
         let tx = self.write_tx()?;
         let mut out = Vec::with_capacity(deliveries.len());
         for d in deliveries {
@@ -730,7 +730,7 @@ impl Store {
             let known = d
                 .event_type
                 .as_deref()
-                .is_some_and(|t| JOB_EVENT_TYPES.contains(&t));
+                .is_some_and(crate::webhook::is_job_event);
             let kind = if known && d.job_id.is_some() {
                 EventKind::WebhookReceived
             } else {
@@ -1354,6 +1354,30 @@ impl Store {
     }
 
     /// Items still to be given to the handler: open at Pleo and without a recorded result.
+    /// The handler's budget used for `job_id` so far: (milliseconds of handler runs, runs that
+    /// ended with items unanswered). Both survive restarts.
+    pub fn handler_budget(&self, job_id: &str) -> Result<(i64, u32)> {
+        let found = self
+            .conn
+            .prepare_cached(
+                "SELECT handler_ms, handler_failed_runs FROM export_jobs WHERE id = ?1",
+            )?
+            .query_row([job_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(found.unwrap_or((0, 0)))
+    }
+
+    /// Adds `ms` of handler time (and `failed_run` to the failed runs) to `job_id`'s budget.
+    pub fn add_handler_budget(&self, job_id: &str, ms: i64, failed_run: bool) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE export_jobs SET handler_ms = handler_ms + ?2, \
+                 handler_failed_runs = handler_failed_runs + ?3 WHERE id = ?1",
+            )?
+            .execute(rusqlite::params![job_id, ms.max(0), i64::from(failed_run)])?;
+        Ok(())
+    }
+
     pub fn todo_items(&self, job_id: &str) -> Result<std::collections::HashSet<String>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT accounting_entry_id FROM job_items WHERE job_id = ?1 AND our_status = 'todo' \

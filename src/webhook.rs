@@ -25,6 +25,14 @@ use crate::httpd::{Handler, Head, Request, Response};
 use crate::store::Store;
 
 pub const PATH: &str = "/webhooks/pleo";
+
+/// Standard base64, padding optional (a `whsec_` secret is taken with or without it).
+const SECRET_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::RequireNone)
+        .with_decode_allow_trailing_bits(true),
+);
 /// How far a `webhook-timestamp` may be from our clock.
 pub const TOLERANCE_SECS: i64 = 300;
 
@@ -35,6 +43,45 @@ pub const JOB_EVENT_TYPES: &[&str] = &[
     "v2.export-job.created",
     "export-job.created",
 ];
+
+/// Whether `event_type` announces a new export job (any spelling above, any letter case).
+pub fn is_job_event(event_type: &str) -> bool {
+    JOB_EVENT_TYPES
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(event_type.trim()))
+}
+
+/// The webhook object of a body: at the top level, or wrapped in `{"payload": {...}}` (Pleo's
+/// pages show both).
+pub fn event_object(body: &Value) -> &Value {
+    match body.get("payload") {
+        Some(p @ Value::Object(_)) if body.get("eventType").is_none() => p,
+        _ => body,
+    }
+}
+
+/// What a verified body names: (event type, event id, job id, company id). Only an export-job
+/// event names a job: another event's `data.id` (a vendor's, say) is never taken for one.
+pub fn describe(
+    body: &Value,
+) -> (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+) {
+    let ev = event_object(body);
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    let event_type = text(&ev["eventType"]);
+    let job_event = event_type.as_deref().is_some_and(is_job_event);
+    let job_id = if job_event {
+        text(&ev["data"]["id"])
+    } else {
+        None
+    };
+    let company_id = text(&ev["data"]["companyId"]);
+    (event_type, text(&ev["eventId"]), job_id, company_id)
+}
 
 /// The signing secrets in force (several during a rotation). Never printed.
 #[derive(Clone, Default)]
@@ -58,8 +105,9 @@ impl Secrets {
             let b64 = entry
                 .strip_prefix("whsec_")
                 .ok_or_else(|| format!("secret #{} does not start with whsec_", i + 1))?;
-            let key = base64::engine::general_purpose::STANDARD
-                .decode(b64)
+            // Padded or not, as the Standard Webhooks libraries take it.
+            let key = SECRET_BASE64
+                .decode(b64.trim_end_matches('='))
                 .map_err(|_| format!("secret #{} is not valid base64 after whsec_", i + 1))?;
             if key.is_empty() {
                 return Err(format!("secret #{} is empty", i + 1));
@@ -292,7 +340,7 @@ impl Handler for WebhookReceiver {
                 return reply(400, "body is not a JSON object");
             }
         };
-        let text = |v: &Value| v.as_str().map(str::to_owned);
+        let (event_type, event_id, job_id, company_id) = describe(&parsed);
         let headers: serde_json::Map<String, Value> = req
             .head
             .headers
@@ -305,10 +353,10 @@ impl Handler for WebhookReceiver {
         let delivery = Delivery {
             webhook_id: webhook_id.clone(),
             signed_at: Millis::from_secs(ts),
-            event_type: text(&parsed["eventType"]),
-            event_id: text(&parsed["eventId"]),
-            job_id: text(&parsed["data"]["id"]),
-            company_id: text(&parsed["data"]["companyId"]),
+            event_type,
+            event_id,
+            job_id,
+            company_id,
             // from_slice succeeded, so the body is valid UTF-8.
             body: String::from_utf8_lossy(&req.body).into_owned(),
             headers: Value::Object(headers),

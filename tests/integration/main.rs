@@ -6,6 +6,7 @@ mod harness;
 mod bench;
 mod cli;
 mod client;
+mod handler_boundary;
 mod httpd;
 mod mirror;
 mod oauth;

@@ -468,13 +468,9 @@ fn after_a_crash_right_after_the_claim_the_job_is_processed_without_a_second_sta
     assert_eq!(w.fake.job(&j).unwrap().status, "completed");
 }
 
-#[test]
-fn after_a_crash_between_results_and_report_the_results_are_reported_without_the_handler() {
-    let w = World::new();
-    let j = job(&w, A, "j", 30, 0);
-    w.mirror(&[A]).pass(PassKind::Recovery);
-    // First life: every PUT fails (5 attempts of 500), so results stay recorded, unreported.
-    for _ in 0..5 {
+/// The next `n` item reports are answered 500 (not applied).
+fn fail_puts(w: &World, n: usize) {
+    for _ in 0..n {
         w.fake.push_fault(FaultRule {
             skip: 0,
             method: Some("PUT".into()),
@@ -482,6 +478,15 @@ fn after_a_crash_between_results_and_report_the_results_are_reported_without_the
             fault: Fault::ServerError,
         });
     }
+}
+
+#[test]
+fn after_a_crash_between_results_and_report_the_results_are_reported_without_the_handler() {
+    let w = World::new();
+    let j = job(&w, A, "j", 30, 0);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    // First life: every PUT fails (5 attempts of 500), so results stay recorded, unreported.
+    fail_puts(&w, 5);
     let r = processor_with(&w, &[A], outbox(&w), pcfg()).round();
     assert!(r.finished.is_empty());
     let st = w.store();
@@ -741,4 +746,153 @@ fn a_host_clock_set_back_does_not_delay_the_next_readiness_check() {
     assert_eq!(checks(dir.path()), 2);
     assert_eq!(r.claimed, ["j"]);
     assert_eq!(w.fake.job(&j).unwrap().status, "completed");
+}
+
+/// A processor whose client retries quickly (a failing report costs milliseconds, not seconds).
+fn quick_retry_processor(w: &World, handler: HandlerSpec) -> Processor {
+    let mut c = w.client_config();
+    c.retry.backoff_base_ms = 1;
+    c.retry.backoff_cap_ms = 5;
+    let clients = jobmirror::pleo::Clients::single(std::sync::Arc::new(
+        jobmirror::pleo::PleoClient::new(c, w.shared_clock()).unwrap(),
+    ));
+    let stage = HandlerStage::new(clients.clone(), w.shared_clock(), handler, pcfg());
+    Processor::new(
+        w.store(),
+        clients,
+        w.shared_clock(),
+        vec![A.to_owned()],
+        ProcessorConfig::default(),
+    )
+    .with_stage(Box::new(stage))
+}
+
+/// A handler that answers every item successful, appending each entry it is handed to
+/// `DIR/seen` and a line per run to `DIR/runs`.
+fn recording_erp(dir: &Path) -> HandlerSpec {
+    let d = dir.display();
+    script(
+        dir,
+        "h",
+        &format!(
+            r#"[ "$1" = "--check" ] && exit 0
+echo run >> {d}/runs
+while read -r line; do
+  e=$(printf '%s' "$line" | sed -n 's/.*"accountingEntryId":"\([^"]*\)".*/\1/p')
+  [ -n "$e" ] || continue
+  echo "$e" >> {d}/seen
+  printf '{{"accountingEntryId":"%s","status":"successful"}}\n' "$e"
+done"#
+        ),
+    )
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn results_delivered_while_a_report_fails_are_recorded_and_never_handed_out_again() {
+    // A report batch that failed mid-run ended the run: results the handler had delivered
+    // were dropped, and it was started again for items it had already posted to the ERP.
+    let w = World::new();
+    let j = job(&w, A, "j", 150, 0);
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    // The first report (at 100 results) fails through every retry (5 attempts of 500).
+    fail_puts(&w, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = quick_retry_processor(&w, recording_erp(dir.path()));
+    let mut rounds = 0;
+    while w.fake.job(&j).unwrap().status != "completed" {
+        rounds += 1;
+        assert!(rounds <= 3, "not completed after 3 rounds");
+        p.round();
+    }
+    assert_eq!(
+        lines_of(&dir.path().join("runs")).len(),
+        1,
+        "one handler run"
+    );
+    let mut seen = lines_of(&dir.path().join("seen"));
+    assert_eq!(seen.len(), 150);
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 150, "no item handed to the handler twice");
+    let s = successes_per_item(&w, &j);
+    assert_eq!(s.len(), 150);
+    assert!(s.values().all(|n| *n == 1), "each reported once");
+    // The failed report was answered 500 five times before anything was acknowledged.
+    let puts: Vec<u16> = w
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(&puts[..5], &[500; 5], "{puts:?}");
+}
+
+/// The fake's requests for job events naming a terminal event, and the reads of `job` between
+/// them: ("event", status) or ("read", status).
+fn finishing_requests(w: &World, job: &str) -> Vec<(String, u16)> {
+    let path = format!("/v3/export-jobs/{job}");
+    w.fake
+        .requests()
+        .into_iter()
+        .filter_map(|r| {
+            if r.method == "POST" && r.path == "/v3/export-job-events" {
+                let v: Value = serde_json::from_str(&r.body).unwrap();
+                (v["event"] != "started")
+                    .then(|| (v["event"].as_str().unwrap().to_owned(), r.status))
+            } else if r.method == "GET" && r.path == path {
+                Some(("read".to_owned(), r.status))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_terminal_event_whose_answer_is_lost_is_not_sent_again_without_a_read() {
+    // After a lost answer or a 504 the event was sent again at once (and met a 422). (The
+    // fake's `Truncate` cuts a body; the answer to an event has none, so it is no loss here.)
+    for fault in [Fault::GatewayTimeout, Fault::HangUp] {
+        let w = World::new();
+        let j = job(&w, A, "j", 3, 0);
+        w.mirror(&[A]).pass(PassKind::Recovery);
+        w.fake.push_fault(FaultRule {
+            skip: 1, // `started` goes through
+            method: Some("POST".into()),
+            path_prefix: Some("/v3/export-job-events".into()),
+            fault: fault.clone(),
+        });
+        let mut p = quick_retry_processor(&w, outbox(&w));
+        let r = p.round();
+        assert_eq!(r.finished, ["j"], "{fault:?}");
+        assert_eq!(w.fake.job(&j).unwrap().status, "completed", "{fault:?}");
+        let seq = finishing_requests(&w, &j);
+        let events: Vec<&(String, u16)> = seq.iter().filter(|(k, _)| k != "read").collect();
+        assert_eq!(events.len(), 1, "{fault:?}: sent once: {seq:?}");
+        let at = seq.iter().position(|(k, _)| k == "completed").unwrap();
+        assert!(
+            seq[at + 1..].iter().any(|(k, s)| k == "read" && *s == 200),
+            "{fault:?}: read after the lost answer: {seq:?}"
+        );
+        let detail = w
+            .store()
+            .events(Some(&j))
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == "finish_sent")
+            .unwrap()
+            .detail;
+        assert_eq!(detail["outcome"], "read after a lost answer", "{fault:?}");
+        assert_eq!(
+            w.store().job(&j).unwrap().unwrap().proc_state,
+            ProcState::Done
+        );
+    }
 }

@@ -104,7 +104,7 @@ fn free_port() -> u16 {
 }
 
 /// `jobmirror run` on its own database against `fake`, for `companies`, with its log lines.
-fn instance(
+pub(crate) fn instance(
     dir: &std::path::Path,
     name: &str,
     fake: &FakePleo,
@@ -1076,7 +1076,7 @@ fn a_database_directory_it_cannot_write_is_a_clear_error_until_fixed() {
 }
 
 /// Waits (bounded) until `pid` is gone or a zombie; false if it still runs after `within`.
-fn process_ends(pid: u32, within: Duration) -> bool {
+pub(crate) fn process_ends(pid: u32, within: Duration) -> bool {
     let t0 = std::time::Instant::now();
     loop {
         if !jobmirror::handler::process_running(pid) {
@@ -1090,7 +1090,7 @@ fn process_ends(pid: u32, within: Duration) -> bool {
 }
 
 /// Waits (bounded) for a file to hold a pid.
-fn pid_in(path: &std::path::Path, within: Duration) -> u32 {
+pub(crate) fn pid_in(path: &std::path::Path, within: Duration) -> u32 {
     let t0 = std::time::Instant::now();
     loop {
         if let Some(p) = std::fs::read_to_string(path)

@@ -342,11 +342,9 @@ fn the_listener_answers_a_webhook_within_a_second_with_200_idle_connections_open
     drop(idle);
 }
 
-#[test]
-fn a_job_announced_by_webhook_is_claimed_within_two_seconds_with_hourly_polling() {
-    // Real time here: the figure is wall-clock latency.
+/// The real clock, a world for the database, and a fake Pleo on the real clock.
+fn real_time_world() -> (SharedClock, World, jobmirror::fake::FakePleo) {
     let clock: SharedClock = Arc::new(SystemClock);
-    let w = World::new();
     let fake = jobmirror::fake::FakePleo::start(
         "127.0.0.1:0",
         jobmirror::fake::FakeConfig {
@@ -356,6 +354,13 @@ fn a_job_announced_by_webhook_is_claimed_within_two_seconds_with_hourly_polling(
         clock.clone(),
     )
     .unwrap();
+    (clock, World::new(), fake)
+}
+
+#[test]
+fn a_job_announced_by_webhook_is_claimed_within_two_seconds_with_hourly_polling() {
+    // Real time here: the figure is wall-clock latency.
+    let (clock, w, fake) = real_time_world();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -509,10 +514,13 @@ fn the_fakes_duplicate_and_retried_deliveries_are_stored_once() {
         ],
     );
     let service = Service::start(&cfg, w.shared_clock(), None).unwrap();
+    // As Pleo's events list shows them: wrapped in `payload`, the status in upper case.
     w.fake.set_webhook_options(jobmirror::fake::WebhookOptions {
         duplicate: true,
         svix_headers: true,
         attempts_max: 3,
+        payload_envelope: true,
+        upper_case_status: true,
         ..Default::default()
     });
     let job = w.pending(A, "dup-job", 5);
@@ -545,4 +553,335 @@ fn the_fakes_duplicate_and_retried_deliveries_are_stored_once() {
         (1, "v2.export-job.created"),
         "two copies, one row"
     );
+    let body: Value = w
+        .store()
+        .conn()
+        .query_row(
+            "SELECT body FROM webhook_deliveries WHERE job_id = ?1",
+            [&job],
+            |x| x.get::<_, String>(0),
+        )
+        .map(|b| serde_json::from_str(&b).unwrap())
+        .unwrap();
+    assert_eq!(body["payload"]["data"]["status"], "PENDING", "{body}");
+}
+
+/// A Python with the `standardwebhooks` package (Standard Webhooks' own implementation), from
+/// `JOBMIRROR_TEST_PYTHON` (`.ci/run` makes a venv and sets it) or `python3` on PATH. `None`
+/// when there is none; `.ci/run` sets `JOBMIRROR_REQUIRE_INTEROP=1`, and then it is a failure.
+fn standard_webhooks_python() -> Option<String> {
+    let python = std::env::var("JOBMIRROR_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import standardwebhooks"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok && std::env::var("JOBMIRROR_REQUIRE_INTEROP").is_ok_and(|v| v == "1") {
+        panic!("{python} cannot import standardwebhooks (pip install standardwebhooks)");
+    }
+    ok.then_some(python)
+}
+
+/// Signs each (secret, webhook id, timestamp, body) with the `standardwebhooks` package.
+fn sign_with_standard_webhooks(
+    python: &str,
+    msgs: &[(String, String, i64, String)],
+) -> Vec<String> {
+    const SCRIPT: &str = r#"
+import datetime, json, sys
+from standardwebhooks import Webhook
+out = []
+for secret, msg_id, ts, body in json.load(sys.stdin):
+    at = datetime.datetime.fromtimestamp(ts, tz=datetime.timezone.utc)
+    out.append(Webhook(secret).sign(msg_id, at, body))
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new(python)
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(json!(msgs).to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits (bounded) until Pleo has accepted `started` for every job in `jobs`; returns the
+/// order in which the jobs were claimed.
+fn claimed_in_order(w: &World, jobs: &[&str]) -> Vec<String> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let order: Vec<String> = w
+            .fake
+            .claims()
+            .into_iter()
+            .filter(|c| c.accepted && jobs.contains(&c.job_id.as_str()))
+            .map(|c| c.job_id)
+            .collect();
+        if order.len() == jobs.len() {
+            return order;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "claimed so far: {order:?} of {jobs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn every_envelope_and_spelling_signed_by_standard_webhooks_runs_detection_oldest_first() {
+    let Some(python) = standard_webhooks_python() else {
+        eprintln!("skipped: no Python with standardwebhooks (set JOBMIRROR_TEST_PYTHON)");
+        return;
+    };
+    // A secret whose base64 has no padding: the Standard Webhooks libraries take it.
+    let padded = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(b"jobmirror interop key!!")
+    };
+    assert!(padded.ends_with('='), "{padded}");
+    let unpadded = format!("whsec_{}", padded.trim_end_matches('='));
+    let r = start(&unpadded, &[]);
+    let spellings = [
+        "v1.export-job.created",
+        "v1.export.job-created",
+        "v2.export-job.created",
+        "export-job.created",
+    ];
+    let mut cases = Vec::new();
+    for (n, spelling) in spellings.iter().enumerate() {
+        for wrapped in [false, true] {
+            cases.push((n * 2 + usize::from(wrapped), *spelling, wrapped));
+        }
+    }
+    let listings = || {
+        r.w.fake
+            .requests()
+            .iter()
+            .filter(|q| q.method == "GET" && q.path == "/v3/export-jobs")
+            .count()
+    };
+    // Polls are an hour apart: only a webhook brings a new job in.
+    assert!(r.w.fake.wait_for_requests(Duration::from_secs(10), |q| {
+        q.iter().any(|x| x.path == "/v3/export-jobs")
+    }));
+    for (n, spelling, wrapped) in cases {
+        // An older job nobody announces, and a younger one the webhook names.
+        let older = r.w.pending(A, &format!("env-old-{n}"), 120);
+        let younger = r.w.pending(A, &format!("env-new-{n}"), 5);
+        let event = json!({
+            "data": {"id": younger, "companyId": A, "status": "PENDING"},
+            "eventId": format!("evt_env_{n}"),
+            "eventType": spelling,
+        });
+        let body = if wrapped {
+            json!({ "payload": event })
+        } else {
+            event
+        }
+        .to_string();
+        let id = format!("msg_env_{n}");
+        let ts = now_secs(&r);
+        let sig = sign_with_standard_webhooks(
+            &python,
+            &[(unpadded.clone(), id.clone(), ts, body.clone())],
+        )
+        .remove(0);
+        let headers = vec![
+            ("webhook-id", id.clone()),
+            ("webhook-timestamp", ts.to_string()),
+            ("webhook-signature", sig),
+        ];
+        let before = listings();
+        for _ in 0..2 {
+            let (status, text, _) = post(r.addr, "/webhooks/pleo", &headers, body.as_bytes());
+            assert_eq!(status, 200, "{spelling} wrapped={wrapped}: {text}");
+        }
+        assert_eq!(
+            claimed_in_order(&r.w, &[&older, &younger]),
+            [older.clone(), younger.clone()],
+            "{spelling} wrapped={wrapped}: the oldest first"
+        );
+        assert!(listings() > before, "the company's detection ran");
+        let (rows, job_id, event_type): (i64, Option<String>, Option<String>) =
+            r.w.store()
+                .conn()
+                .query_row(
+                    "SELECT count(*), max(job_id), max(event_type) FROM webhook_deliveries WHERE webhook_id = ?1",
+                    [&id],
+                    |x| Ok((x.get(0)?, x.get(1)?, x.get(2)?)),
+                )
+                .unwrap();
+        assert_eq!(rows, 1, "stored once");
+        assert_eq!(job_id.as_deref(), Some(younger.as_str()));
+        assert_eq!(event_type.as_deref(), Some(spelling));
+    }
+}
+
+#[test]
+fn another_events_data_id_is_never_filed_as_a_job() {
+    let r = start(SECRET, &[]);
+    for (n, wrapped) in [(0, false), (1, true)] {
+        let event = json!({
+            "data": {"id": "vendor-123", "companyId": A, "name": "Café Noir"},
+            "eventId": format!("evt_vendor_{n}"),
+            "eventType": "v1.vendor.created",
+        });
+        let body = if wrapped {
+            json!({ "payload": event })
+        } else {
+            event
+        }
+        .to_string();
+        let id = format!("msg_vendor_{n}");
+        let headers = signed(SECRET, &id, now_secs(&r), body.as_bytes());
+        let (status, _, _) = post(r.addr, "/webhooks/pleo", &headers, body.as_bytes());
+        assert_eq!(status, 200);
+        let st = r.w.store();
+        let (event_type, job_id): (Option<String>, Option<String>) = st
+            .conn()
+            .query_row(
+                "SELECT event_type, job_id FROM webhook_deliveries WHERE webhook_id = ?1",
+                [&id],
+                |x| Ok((x.get(0)?, x.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(event_type.as_deref(), Some("v1.vendor.created"));
+        assert_eq!(job_id, None, "a vendor id is not a job id");
+        let filed: i64 = st
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM job_events WHERE job_id = 'vendor-123'",
+                [],
+                |x| x.get(0),
+            )
+            .unwrap();
+        assert_eq!(filed, 0);
+        let recent: i64 = st
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM recent_webhooks WHERE job_id = 'vendor-123'",
+                [],
+                |x| x.get(0),
+            )
+            .unwrap();
+        assert_eq!(recent, 0);
+    }
+}
+
+#[test]
+fn a_company_pleo_refuses_never_delays_another_companys_webhook() {
+    // One company's refused key (401) kept its stored delivery first in line, retried every
+    // 2 s, and every other company's webhooks waited for a poll.
+    const B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
+    let (clock, w, fake) = real_time_world();
+    let keys = w.outbox().with_file_name("company-keys.toml");
+    std::fs::write(&keys, format!("\"{B}\" = \"a-key-pleo-refuses\"\n")).unwrap();
+    let add = |company: &str, id: &str, secs_ago: i64| {
+        fake.add_job(jobmirror::fake::JobSpec {
+            id: Some(id.into()),
+            company_id: company.into(),
+            created_secs_ago: Some(secs_ago),
+            items: Some(2),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let b_job = add(B, "b-job", 30);
+    let env = [
+        ("JOBMIRROR_DB", w.db.display().to_string()),
+        ("JOBMIRROR_PLEO_BASE_URL", fake.base_url()),
+        ("JOBMIRROR_PLEO_API_KEY", crate::harness::KEY.to_owned()),
+        ("JOBMIRROR_COMPANY_IDS", format!("{A},{B}")),
+        (
+            "JOBMIRROR_COMPANY_API_KEYS_FILE",
+            keys.display().to_string(),
+        ),
+        ("JOBMIRROR_POLL_INTERVAL_SECS", "3600".to_owned()),
+        ("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
+        ("JOBMIRROR_HANDLER_COMMAND", "dry-run".to_owned()),
+        ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0".to_owned()),
+        ("JOBMIRROR_WEBHOOK_SECRET", SECRET.to_owned()),
+    ];
+    let cfg = jobmirror::config::Config::load_with(None, &|k| {
+        env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    let service = Service::start(&cfg, clock.clone(), None).unwrap();
+    let addr = service.webhook_addr().unwrap();
+    let deliver = |id: &str, company: &str, job: &str| {
+        let body = json!({"data": {"id": job, "companyId": company, "status": "pending"},
+                          "eventId": format!("evt_{id}"), "eventType": "v1.export-job.created"})
+        .to_string();
+        let headers = signed(SECRET, id, clock.now().0 / 1000, body.as_bytes());
+        let (status, text, _) = post(addr, "/webhooks/pleo", &headers, body.as_bytes());
+        assert_eq!(status, 200, "{text}");
+    };
+    // Five deliveries for the refused company first, then one for the other.
+    for n in 0..5 {
+        deliver(&format!("msg_b_{n}"), B, &b_job);
+    }
+    let a_old = add(A, "a-old", 120);
+    let a_new = add(A, "a-new", 1);
+    let t = std::time::Instant::now();
+    deliver("msg_a", A, &a_new);
+    let mut order = Vec::new();
+    while t.elapsed() < Duration::from_secs(5) && order.len() < 2 {
+        order = fake
+            .claims()
+            .into_iter()
+            .filter(|c| c.accepted && (c.job_id == a_old || c.job_id == a_new))
+            .map(|c| c.job_id)
+            .collect();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = t.elapsed();
+    assert_eq!(order, [a_old.clone(), a_new.clone()], "after {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "claimed {took:?} after its webhook"
+    );
+    // Every delivery of the refused company ended with an outcome an operator can read.
+    let t0 = std::time::Instant::now();
+    let outcomes = loop {
+        let rows: Vec<Option<String>> = w
+            .store()
+            .conn()
+            .prepare("SELECT outcome FROM webhook_deliveries WHERE company_id = ?1")
+            .unwrap()
+            .query_map([B], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        if rows.iter().all(Option::is_some) || t0.elapsed() > Duration::from_secs(10) {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    service.stop(Duration::from_secs(5));
+    assert_eq!(outcomes.len(), 5);
+    for o in &outcomes {
+        let o = o.as_deref().unwrap_or("none");
+        assert!(o.contains("detection failed for company"), "{o}");
+    }
+    // A bound on what the refused company cost: no blind retries of a 401.
+    let b_requests = fake
+        .requests()
+        .iter()
+        .filter(|r| r.query.contains(B) || r.path.contains(&b_job))
+        .count();
+    eprintln!("refused company: {b_requests} requests; the other's webhook claimed in {took:?}");
+    assert!(
+        b_requests <= 7,
+        "{b_requests} requests for the refused company"
+    );
+    assert_eq!(fake.job(&b_job).unwrap().status, "pending");
 }

@@ -29,6 +29,18 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum SubscriptionsAction {
+    /// Every subscription: id, status, endpoint URL, event types.
+    List {
+        /// As JSON (Pleo's subscription objects).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one subscription by id (Pleo stops delivering to its URL).
+    Delete { id: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the service until SIGTERM or SIGINT (SIGUSR1 runs detection now).
     Run,
@@ -111,6 +123,11 @@ pub enum Command {
         /// Event types to subscribe to.
         #[arg(long = "event-type", default_value = "v1.export-job.created")]
         event_types: Vec<String>,
+    },
+    /// List or delete this credential's webhook subscriptions at Pleo.
+    Subscriptions {
+        #[command(subcommand)]
+        action: SubscriptionsAction,
     },
     /// Make the running service (recorded in the database) run detection now (SIGUSR1).
     Trigger,
@@ -358,21 +375,54 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                         "subscribe needs --secret-file or the webhook_secret_file setting".into(),
                     )
                 })?;
-            if !url.starts_with("https://")
-                && !url.starts_with("http://127.")
-                && !url.starts_with("http://localhost")
-            {
-                return Err(
-                    UsageError(format!("{url:?}: Pleo delivers only to https URLs")).into(),
-                );
-            }
+            check_subscription_url(&url)?;
             let client = cfg.client(clock)?;
-            let (id, secret) = client.subscribe(&url, &event_types)?;
-            write_private(&file, &format!("{}\n", secret.expose()))?;
+            let (id, secret, change) = client.ensure_subscription(&url, &event_types)?;
+            let text = format!("{}\n", secret.expose());
+            let same = std::fs::read_to_string(&file).is_ok_and(|t| t == text);
+            if !same {
+                write_private(&file, &text)?;
+            }
             println!(
-                "subscribed {url} as subscription {id}; its secret is in {} (mode 0600)",
-                file.display()
+                "subscription {id} for {url} {}; its secret is in {} (mode 0600{})",
+                change.as_str(),
+                file.display(),
+                if same { ", unchanged" } else { "" }
             );
+            Ok(())
+        }
+        Command::Subscriptions { action } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            init_logging(cfg.log);
+            let client = cfg.client(clock)?;
+            match action {
+                SubscriptionsAction::List { json } => {
+                    let subs = client.list_subscriptions()?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&subs)?);
+                    } else if subs.is_empty() {
+                        println!("no subscriptions");
+                    } else {
+                        for s in &subs {
+                            let types: Vec<&str> = s["eventTypes"]
+                                .as_array()
+                                .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
+                                .unwrap_or_default();
+                            println!(
+                                "{}  {:<8}  {}  {}",
+                                s["id"].as_str().unwrap_or("?"),
+                                s["status"].as_str().unwrap_or("?"),
+                                s["endpointUrl"].as_str().unwrap_or("?"),
+                                types.join(",")
+                            );
+                        }
+                    }
+                }
+                SubscriptionsAction::Delete { id } => {
+                    client.delete_subscription(&id)?;
+                    println!("deleted subscription {id}");
+                }
+            }
             Ok(())
         }
         Command::Trigger => {
@@ -508,6 +558,29 @@ fn signal_usr1(pid: u32) -> bool {
 }
 
 /// Writes `text` to `path` with mode 0600, atomically (temp file and rename).
+/// A subscription URL must reach the receiver: https (or http on loopback, for tests), and
+/// the receiver's one path.
+fn check_subscription_url(url: &str) -> Result<(), UsageError> {
+    let rest = if let Some(r) = url.strip_prefix("https://") {
+        r
+    } else if url.starts_with("http://127.") || url.starts_with("http://localhost") {
+        url.trim_start_matches("http://")
+    } else {
+        return Err(UsageError(format!(
+            "{url:?}: Pleo delivers only to https URLs"
+        )));
+    };
+    let path = rest.find('/').map_or("", |i| &rest[i..]);
+    if path != crate::webhook::PATH {
+        return Err(UsageError(format!(
+            "{url:?}: the receiver serves only {} (got path {:?}); a proxy must pass that path through unchanged",
+            crate::webhook::PATH,
+            if path.is_empty() { "/" } else { path }
+        )));
+    }
+    Ok(())
+}
+
 fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let dir = path

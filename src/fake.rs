@@ -302,6 +302,7 @@ struct Subscription {
     status: String,
     secret: String,
     created_at: Millis,
+    updated_at: Millis,
 }
 
 impl Subscription {
@@ -309,7 +310,7 @@ impl Subscription {
         json!({
             "id": self.id, "endpointUrl": self.endpoint_url, "eventTypes": self.event_types,
             "status": self.status, "createdAt": self.created_at.to_rfc3339(),
-            "updatedAt": self.created_at.to_rfc3339(),
+            "updatedAt": self.updated_at.to_rfc3339(),
         })
     }
 }
@@ -1485,6 +1486,28 @@ fn route(w: &mut World, req: &Request, now: Millis) -> Response {
         ("PUT", ["v3", "export-jobs", id, "items"]) => put_items(w, id, &req.body, now),
         ("GET", ["v3", "export-items"]) => list_export_items(w, &q),
         ("POST", ["v1", "subscriptions"]) => create_subscription(w, &req.body, now),
+        ("GET", ["v1", "subscriptions"]) => list_subscriptions(w, &q),
+        ("GET", ["v1", "subscriptions", id]) => {
+            match w.subscriptions.iter().find(|s| s.id == *id) {
+                Some(sub) => Response::json(200, &json!({"data": sub.to_json()})),
+                None => subscription_not_found(),
+            }
+        }
+        ("PUT", ["v1", "subscriptions", id]) => update_subscription(w, id, &req.body, now),
+        ("DELETE", ["v1", "subscriptions", id]) => {
+            let before = w.subscriptions.len();
+            w.subscriptions.retain(|s| s.id != *id);
+            if w.subscriptions.len() < before {
+                Response::empty(204)
+            } else {
+                subscription_not_found()
+            }
+        }
+        (_, ["v1", "subscriptions"]) => {
+            error(405, "METHOD_NOT_ALLOWED", "method not allowed").with_header("Allow", "GET, POST")
+        }
+        (_, ["v1", "subscriptions", _]) => error(405, "METHOD_NOT_ALLOWED", "method not allowed")
+            .with_header("Allow", "GET, PUT, DELETE"),
         ("GET", ["v1", "subscriptions", id, "secret"]) => {
             match w.subscriptions.iter().find(|s| s.id == *id) {
                 Some(sub) => Response::json(200, &json!({"data": {"secretKey": sub.secret}})),
@@ -1494,6 +1517,9 @@ fn route(w: &mut World, req: &Request, now: Millis) -> Response {
                     "The subscription secret record could not be found.",
                 ),
             }
+        }
+        (_, ["v1", "subscriptions", _, "secret"]) => {
+            error(405, "METHOD_NOT_ALLOWED", "method not allowed").with_header("Allow", "GET")
         }
         (
             _,
@@ -1539,16 +1565,74 @@ fn control(w: &mut World, req: &Request, segs: &[&str]) -> Response {
     }
 }
 
+fn subscription_not_found() -> Response {
+    error(
+        404,
+        "SUBSCRIPTION_NOT_FOUND",
+        "The subscription record could not be found.",
+    )
+}
+
+/// A `SubscriptionRequest` as Pleo's OpenAPI file has it: `endpointUrl` (string) and
+/// `eventTypes` (unique strings) required, `status` ACTIVE (default) or INACTIVE,
+/// `customHeaders` an object of strings, `endpointAuth` an object with `type` NONE or BASIC.
+/// Returns (url, event types without duplicates, status) or a 400.
+fn subscription_request(body: &[u8]) -> Result<(String, Vec<String>, String), Response> {
+    let bad = |m: &str| error(400, "INVALID_BODY", m);
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| bad(&format!("body is not JSON: {e}")))?;
+    let url = match v.get("endpointUrl") {
+        Some(Value::String(u)) if !u.trim().is_empty() => u.clone(),
+        _ => {
+            return Err(bad(
+                "endpointUrl is required and must be a non-empty string",
+            ));
+        }
+    };
+    let mut types: Vec<String> = Vec::new();
+    match v.get("eventTypes") {
+        Some(Value::Array(a)) if !a.is_empty() => {
+            for t in a {
+                match t {
+                    Value::String(t) if !t.trim().is_empty() => {
+                        if !types.contains(t) {
+                            types.push(t.clone());
+                        }
+                    }
+                    _ => return Err(bad("eventTypes must hold non-empty strings")),
+                }
+            }
+        }
+        _ => return Err(bad("eventTypes is required and must be a non-empty array")),
+    }
+    let status = match v.get("status") {
+        None | Some(Value::Null) => "ACTIVE".to_owned(),
+        Some(Value::String(s)) if s == "ACTIVE" || s == "INACTIVE" => s.clone(),
+        _ => return Err(bad("status must be ACTIVE or INACTIVE")),
+    };
+    match v.get("customHeaders") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) if m.values().all(Value::is_string) => {}
+        _ => return Err(bad("customHeaders must be an object of strings")),
+    }
+    match v.get("endpointAuth") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m))
+            if m.get("type").is_none_or(|t| t == "NONE" || t == "BASIC")
+                && m.get("credentials").is_none_or(|c| c.is_object()) => {}
+        _ => {
+            return Err(bad(
+                "endpointAuth must be an object with type NONE or BASIC",
+            ));
+        }
+    }
+    Ok((url, types, status))
+}
+
 fn create_subscription(w: &mut World, body: &[u8], now: Millis) -> Response {
-    let v: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return error(400, "INVALID_BODY", &format!("body is not JSON: {e}")),
-    };
-    let Some(url) = v.get("endpointUrl").and_then(Value::as_str) else {
-        return error(400, "INVALID_BODY", "endpointUrl is required");
-    };
-    let Some(types) = v.get("eventTypes").and_then(Value::as_array) else {
-        return error(400, "INVALID_BODY", "eventTypes is required");
+    let (url, event_types, status) = match subscription_request(body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
     use base64::Engine;
     let mut key = [0u8; 24];
@@ -1558,25 +1642,78 @@ fn create_subscription(w: &mut World, body: &[u8], now: Millis) -> Response {
     }
     let sub = Subscription {
         id: w.new_id(3),
-        endpoint_url: url.to_owned(),
-        event_types: types
-            .iter()
-            .filter_map(|t| t.as_str().map(str::to_owned))
-            .collect(),
-        status: v
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("ACTIVE")
-            .to_owned(),
+        endpoint_url: url,
+        event_types,
+        status,
         secret: format!(
             "whsec_{}",
             base64::engine::general_purpose::STANDARD.encode(key)
         ),
         created_at: now,
+        updated_at: now,
     };
     let out = json!({"data": sub.to_json()});
     w.subscriptions.push(sub);
     Response::json(200, &out)
+}
+
+fn update_subscription(w: &mut World, id: &str, body: &[u8], now: Millis) -> Response {
+    let (url, event_types, status) = match subscription_request(body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let Some(sub) = w.subscriptions.iter_mut().find(|s| s.id == id) else {
+        return subscription_not_found();
+    };
+    sub.endpoint_url = url;
+    sub.event_types = event_types;
+    sub.status = status;
+    sub.updated_at = now;
+    Response::json(200, &json!({"data": sub.to_json()}))
+}
+
+/// `GET /v1/subscriptions`: filtered by `status` and `event_types` (repeated), in creation
+/// order, paginated as every listing.
+fn list_subscriptions(w: &World, q: &[(String, String)]) -> Response {
+    let status = q
+        .iter()
+        .find(|(k, _)| k == "status")
+        .map(|(_, v)| v.as_str());
+    if let Some(s) = status
+        && s != "ACTIVE"
+        && s != "INACTIVE"
+    {
+        return error(
+            400,
+            "INVALID_PARAMETER",
+            "status must be ACTIVE or INACTIVE",
+        );
+    }
+    let types: Vec<&str> = q
+        .iter()
+        .filter(|(k, _)| k == "event_types")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let subs: Vec<&Subscription> = w
+        .subscriptions
+        .iter()
+        .filter(|s| status.is_none_or(|st| s.status == st))
+        .filter(|s| types.is_empty() || s.event_types.iter().any(|t| types.contains(&t.as_str())))
+        .collect();
+    let mut params = Map::new();
+    if let Some(st) = status {
+        params.insert("status".into(), json!([st]));
+    }
+    if !types.is_empty() {
+        params.insert("event_types".into(), json!(types));
+    }
+    match paginate(&subs, |s| s.id.clone(), q, params) {
+        Ok((page, pagination)) => Response::json(
+            200,
+            &json!({"data": page.iter().map(|s| s.to_json()).collect::<Vec<_>>(), "pagination": pagination}),
+        ),
+        Err(resp) => resp,
+    }
 }
 
 /// The fake's webhook sender: signs with the fake's clock, retries failures with a short

@@ -378,6 +378,33 @@ impl Clients {
     }
 }
 
+/// What [`PleoClient::ensure_subscription`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubscriptionChange {
+    Created,
+    /// One for the URL existed, active, with every event type: used as it is.
+    Reused,
+    /// One for the URL existed: made ACTIVE and given the missing event types.
+    Updated,
+}
+
+impl SubscriptionChange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionChange::Created => "created",
+            SubscriptionChange::Reused => "reused",
+            SubscriptionChange::Updated => "updated",
+        }
+    }
+}
+
+fn text_field(v: &Value, k: &str) -> Result<String, PleoError> {
+    v.get(k)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| PleoError::Decode(format!("subscription lacks string field `{k}`")))
+}
+
 /// Which failures a request may be sent again after.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Retry {
@@ -621,27 +648,93 @@ impl PleoClient {
         ok_status(reply).map(|_| ())
     }
 
-    /// Creates a webhook subscription for `endpoint_url` and fetches its signing secret.
+    /// Makes sure `endpoint_url` has a subscription for `event_types` and fetches its signing
+    /// secret (see [`PleoClient::ensure_subscription`]).
     pub fn subscribe(
         &self,
         endpoint_url: &str,
         event_types: &[String],
     ) -> Result<(String, Secret), PleoError> {
-        let body = serde_json::to_vec(&serde_json::json!({
-            "endpointUrl": endpoint_url, "eventTypes": event_types, "status": "ACTIVE"
-        }))
-        .map_err(|e| PleoError::Decode(e.to_string()))?;
-        let created = ok_json(self.send("POST", "/v1/subscriptions", &[], Some(&body))?)?;
-        let id = created["data"]["id"]
-            .as_str()
-            .ok_or_else(|| PleoError::Decode("subscription reply lacks data.id".into()))?
-            .to_owned();
+        self.ensure_subscription(endpoint_url, event_types)
+            .map(|(id, secret, _)| (id, secret))
+    }
+
+    /// Idempotent: a subscription whose `endpointUrl` is `endpoint_url` is reused (updated to
+    /// ACTIVE with the missing event types added, if need be), else one is created. Returns its
+    /// id, its signing secret and what was done.
+    pub fn ensure_subscription(
+        &self,
+        endpoint_url: &str,
+        event_types: &[String],
+    ) -> Result<(String, Secret, SubscriptionChange), PleoError> {
+        let existing = self
+            .list_subscriptions()?
+            .into_iter()
+            .find(|s| s["endpointUrl"].as_str() == Some(endpoint_url));
+        let (id, change) = match existing {
+            Some(sub) => {
+                let id = text_field(&sub, "id")?;
+                let mut types: Vec<String> = sub["eventTypes"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|t| t.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let missing: Vec<&String> =
+                    event_types.iter().filter(|t| !types.contains(t)).collect();
+                if missing.is_empty() && sub["status"] == "ACTIVE" {
+                    (id, SubscriptionChange::Reused)
+                } else {
+                    types.extend(missing.into_iter().cloned());
+                    let body = serde_json::to_vec(&serde_json::json!({
+                        "endpointUrl": endpoint_url, "eventTypes": types, "status": "ACTIVE"
+                    }))
+                    .map_err(|e| PleoError::Decode(e.to_string()))?;
+                    let path = format!("/v1/subscriptions/{}", path_segment(&id)?);
+                    ok_json(self.send("PUT", &path, &[], Some(&body))?)?;
+                    (id, SubscriptionChange::Updated)
+                }
+            }
+            None => {
+                let body = serde_json::to_vec(&serde_json::json!({
+                    "endpointUrl": endpoint_url, "eventTypes": event_types, "status": "ACTIVE"
+                }))
+                .map_err(|e| PleoError::Decode(e.to_string()))?;
+                // Not repeated after a lost answer: it could create a second subscription.
+                let created = ok_json(self.send_with(
+                    "POST",
+                    "/v1/subscriptions",
+                    &[],
+                    Some(&body),
+                    Retry::UnappliedOnly,
+                )?)?;
+                (
+                    text_field(&created["data"], "id")?,
+                    SubscriptionChange::Created,
+                )
+            }
+        };
         let path = format!("/v1/subscriptions/{}/secret", path_segment(&id)?);
         let secret = ok_json(self.send("GET", &path, &[], None)?)?;
         let key = secret["data"]["secretKey"]
             .as_str()
             .ok_or_else(|| PleoError::Decode("secret reply lacks data.secretKey".into()))?;
-        Ok((id, Secret::new(key)))
+        Ok((id, Secret::new(key), change))
+    }
+
+    /// Every webhook subscription of this credential (all pages).
+    pub fn list_subscriptions(&self) -> Result<Vec<Value>, PleoError> {
+        Ok(self
+            .all_pages("/v1/subscriptions", Vec::new(), "subscription listing")?
+            .0)
+    }
+
+    /// Deletes subscription `id` (a 404 is an error: nothing was deleted).
+    pub fn delete_subscription(&self, id: &str) -> Result<(), PleoError> {
+        let path = format!("/v1/subscriptions/{}", path_segment(id)?);
+        ok_status(self.send("DELETE", &path, &[], None)?).map(|_| ())
     }
 
     /// Sends one request with the retry policy. Returns the final reply (any status that is not
@@ -777,6 +870,13 @@ impl PleoClient {
         let result = match method {
             "GET" => {
                 let mut req = self.agent.get(&url).header("Authorization", &auth);
+                for (k, v) in query {
+                    req = req.query(*k, v);
+                }
+                req.header("Accept", "application/json").call()
+            }
+            "DELETE" => {
+                let mut req = self.agent.delete(&url).header("Authorization", &auth);
                 for (k, v) in query {
                     req = req.query(*k, v);
                 }

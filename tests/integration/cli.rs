@@ -487,10 +487,10 @@ fn fake_pleo_command_serves_a_fixture_and_stops_on_sigterm() {
     assert!(err.contains("version 9"), "{err}");
 }
 
-#[test]
-fn subscribe_registers_the_endpoint_and_writes_the_secret_privately() {
+/// A fake Pleo on the real clock that takes the API key `k`.
+fn fake_on_the_real_clock() -> FakePleo {
     let clock: SharedClock = Arc::new(SystemClock);
-    let fake = FakePleo::start(
+    FakePleo::start(
         "127.0.0.1:0",
         FakeConfig {
             api_keys: vec!["k".into()],
@@ -498,7 +498,12 @@ fn subscribe_registers_the_endpoint_and_writes_the_secret_privately() {
         },
         clock,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn subscribe_registers_the_endpoint_and_writes_the_secret_privately() {
+    let fake = fake_on_the_real_clock();
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("webhook-secret");
     let stdout = succeeds(
@@ -533,7 +538,7 @@ fn subscribe_registers_the_endpoint_and_writes_the_secret_privately() {
     let posted = fake
         .requests()
         .into_iter()
-        .find(|r| r.path == "/v1/subscriptions")
+        .find(|r| r.path == "/v1/subscriptions" && r.method == "POST")
         .unwrap();
     let body: serde_json::Value = serde_json::from_str(&posted.body).unwrap();
     assert_eq!(
@@ -556,6 +561,91 @@ fn subscribe_registers_the_endpoint_and_writes_the_secret_privately() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn subscribe_is_idempotent_and_subscriptions_can_be_listed_and_deleted() {
+    // Run twice, subscribe created two subscriptions and overwrote the secret file with the
+    // second one's secret while Pleo still delivered with the first.
+    let fake = fake_on_the_real_clock();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("webhook-secret");
+    let url = "https://jobmirror.example.com/webhooks/pleo";
+    let run = |args: &[&str]| {
+        let mut c = cmd();
+        c.args(args)
+            .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+            .env("JOBMIRROR_PLEO_API_KEY", "k")
+            .env("JOBMIRROR_COMPANY_IDS", "c");
+        c
+    };
+    let file = secret_file.to_str().unwrap();
+    let first = succeeds(&mut run(&[
+        "subscribe",
+        "--url",
+        url,
+        "--secret-file",
+        file,
+    ]));
+    assert!(first.contains("created"), "{first}");
+    let secret = std::fs::read_to_string(&secret_file).unwrap();
+    let second = succeeds(&mut run(&[
+        "subscribe",
+        "--url",
+        url,
+        "--secret-file",
+        file,
+    ]));
+    assert!(
+        second.contains("reused") && second.contains("unchanged"),
+        "{second}"
+    );
+    assert_eq!(std::fs::read_to_string(&secret_file).unwrap(), secret);
+    let listed: serde_json::Value =
+        serde_json::from_str(&succeeds(&mut run(&["subscriptions", "list", "--json"]))).unwrap();
+    let subs = listed.as_array().unwrap();
+    assert_eq!(subs.len(), 1, "{listed}");
+    assert_eq!(subs[0]["endpointUrl"], url);
+    // Another event type for the same URL: the subscription is updated, not duplicated.
+    let third = succeeds(&mut run(&[
+        "subscribe",
+        "--url",
+        url,
+        "--secret-file",
+        file,
+        "--event-type",
+        "v2.export-job.created",
+    ]));
+    assert!(third.contains("updated"), "{third}");
+    let text = succeeds(&mut run(&["subscriptions", "list"]));
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains("v1.export-job.created,v2.export-job.created"),
+        "{text}"
+    );
+    // A path the receiver does not serve is refused before anything is sent.
+    let before = fake.requests().len();
+    let (code, err) = fails(&mut run(&[
+        "subscribe",
+        "--url",
+        "https://jobmirror.example.com/hooks",
+        "--secret-file",
+        file,
+    ]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("/webhooks/pleo"), "{err}");
+    assert_eq!(fake.requests().len(), before);
+    // Delete it: nothing is listed any more; deleting again is an error.
+    let id = subs[0]["id"].as_str().unwrap();
+    let out = succeeds(&mut run(&["subscriptions", "delete", id]));
+    assert!(out.contains(id), "{out}");
+    assert_eq!(
+        succeeds(&mut run(&["subscriptions", "list"])).trim(),
+        "no subscriptions"
+    );
+    let (code, err) = fails(&mut run(&["subscriptions", "delete", id]));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("404"), "{err}");
 }
 
 #[test]

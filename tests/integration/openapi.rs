@@ -128,6 +128,11 @@ fn send(base: &str, c: &Call) -> (u16, Value) {
             .header("Authorization", &auth)
             .send_json(b)
             .unwrap(),
+        ("DELETE", _) => agent
+            .delete(&url)
+            .header("Authorization", &auth)
+            .call()
+            .unwrap(),
         _ => unreachable!(),
     };
     let status = resp.status().as_u16();
@@ -344,5 +349,111 @@ fn fake_subscription_answers_match_pleos_openapi() {
             .as_str()
             .unwrap()
             .starts_with("whsec_")
+    );
+    // List, get, update, delete: each answer in its schema.
+    let base = w.fake.base_url();
+    let call = |method: &'static str, path: String, body: Option<Value>| {
+        send(
+            &base,
+            &Call {
+                method,
+                path,
+                body,
+                spec_path: "",
+            },
+        )
+    };
+    let schema_of = |path: &str, method: &str, status: u16| {
+        spec["paths"][path][method]["responses"][status.to_string()]["content"]
+            .as_object()
+            .map(|c| c.values().next().unwrap()["schema"].clone())
+    };
+    let mut errors = Vec::new();
+    let (st, listed) = call("GET", "/v1/subscriptions?status=ACTIVE".into(), None);
+    assert_eq!(st, 200);
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1);
+    check(
+        &spec,
+        &schema_of("/v1/subscriptions", "get", 200).unwrap(),
+        &listed,
+        "list",
+        &mut errors,
+    );
+    let (st, got) = call("GET", format!("/v1/subscriptions/{id}"), None);
+    assert_eq!(st, 200);
+    check(
+        &spec,
+        &schema_of("/v1/subscriptions/{id}", "get", 200).unwrap(),
+        &got,
+        "get",
+        &mut errors,
+    );
+    let (st, updated) = call(
+        "PUT",
+        format!("/v1/subscriptions/{id}"),
+        Some(json!({"endpointUrl": "https://example.com/webhooks/pleo",
+                    "eventTypes": ["v1.export-job.created", "v1.export-job.created", "v2.export-job.created"],
+                    "status": "INACTIVE"})),
+    );
+    assert_eq!(st, 200);
+    check(
+        &spec,
+        &schema_of("/v1/subscriptions/{id}", "put", 200).unwrap(),
+        &updated,
+        "put",
+        &mut errors,
+    );
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    assert_eq!(
+        updated["data"]["eventTypes"],
+        json!(["v1.export-job.created", "v2.export-job.created"]),
+        "uniqueItems"
+    );
+    assert_eq!(updated["data"]["status"], "INACTIVE");
+    let (st, _) = call("GET", "/v1/subscriptions?status=ACTIVE".into(), None);
+    assert_eq!(st, 200);
+    // Refused as the file says: an unknown status, a wrongly typed field, a bad filter.
+    for body in [
+        json!({"endpointUrl": "https://e.com/webhooks/pleo", "eventTypes": ["x"], "status": "AAA"}),
+        json!({"endpointUrl": "https://e.com/webhooks/pleo", "eventTypes": ["x"], "customHeaders": [1]}),
+        json!({"endpointUrl": "https://e.com/webhooks/pleo", "eventTypes": ["x"], "endpointAuth": {"type": "OAUTH"}}),
+        json!({"eventTypes": ["x"]}),
+    ] {
+        let (st, err) = call("POST", "/v1/subscriptions".into(), Some(body.clone()));
+        assert_eq!(st, 400, "{body}");
+        assert!(
+            err["type"].is_string() && err["message"].is_string(),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        call("GET", "/v1/subscriptions?status=AAA".into(), None).0,
+        400
+    );
+    let (st, _) = call("DELETE", format!("/v1/subscriptions/{id}"), None);
+    assert_eq!(st, 204);
+    assert_eq!(call("GET", format!("/v1/subscriptions/{id}"), None).0, 404);
+    assert_eq!(
+        call("DELETE", format!("/v1/subscriptions/{id}"), None).0,
+        404
+    );
+    // Another method: 405 with Allow.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let auth = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"))
+    };
+    let resp = agent
+        .delete(format!("{base}/v1/subscriptions"))
+        .header("Authorization", &format!("Basic {auth}"))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    assert_eq!(
+        resp.headers().get("allow").and_then(|v| v.to_str().ok()),
+        Some("GET, POST")
     );
 }

@@ -6,6 +6,11 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// `d` in whole milliseconds, saturating at `i64::MAX`.
+pub fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
 /// A point in time as integer Unix milliseconds (UTC). This is how every time is stored in SQLite.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Millis(pub i64);
@@ -15,10 +20,7 @@ impl Millis {
         Millis(secs.saturating_mul(1000))
     }
     pub fn plus(self, d: Duration) -> Millis {
-        Millis(
-            self.0
-                .saturating_add(d.as_millis().min(i64::MAX as u128) as i64),
-        )
+        Millis(self.0.saturating_add(ms(d)))
     }
     pub fn plus_secs(self, secs: i64) -> Millis {
         Millis(self.0.saturating_add(secs.saturating_mul(1000)))

@@ -425,7 +425,7 @@ impl HandlerSpec {
                 let t0 = std::time::Instant::now();
                 // The check has answered once its stdout closed, or once it exited (a child
                 // it left may hold stdout open: the group is killed, and what it wrote read).
-                let mut exited_at: Option<std::time::Instant> = None;
+                let mut group_killed = false;
                 let last = loop {
                     match rx.recv_timeout(Duration::from_millis(20)) {
                         Ok(l) => break l,
@@ -448,8 +448,8 @@ impl HandlerSpec {
                             ),
                         };
                     }
-                    if exited_at.is_none() && child_exited(&child) {
-                        exited_at = Some(std::time::Instant::now());
+                    if !group_killed && child_exited(&child) {
+                        group_killed = true;
                         kill_group(&child);
                     }
                 };

@@ -381,7 +381,7 @@ impl HandlerStage {
         /// service loses at most this much of the job's budget).
         const BUDGET_EVERY_MS: i64 = 1000;
         let n = items.len();
-        let job_limit = Self::ms(self.cfg.job_timeout);
+        let job_limit = crate::clock::ms(self.cfg.job_timeout);
         let (used_before, _) = store.handler_budget(&job.id)?;
         if used_before >= job_limit {
             let reason = self.over_budget(used_before);
@@ -496,7 +496,7 @@ impl HandlerStage {
                     }
                     Err(Pause::Pleo(e)) => {
                         // Whatever the handler delivered meanwhile is committed first.
-                        self.drain(store, job, &mut running, &mut run)?;
+                        self.drain_to_end(store, job, &mut running, &mut run, Duration::ZERO)?;
                         if !e.is_retryable() {
                             running.kill();
                             self.drain_to_end(store, job, &mut running, &mut run, AFTER_KILL)?;
@@ -550,7 +550,7 @@ impl HandlerStage {
             }
             None => {
                 let exit = running.finish(EXIT_GRACE);
-                self.drain(store, job, &mut running, &mut run)?;
+                self.drain_to_end(store, job, &mut running, &mut run, Duration::ZERO)?;
                 let left = store.todo_items(&job.id)?.len();
                 self.count_time(store, job, &mut run, left > 0)?;
                 let garbage = run.garbage;
@@ -570,10 +570,6 @@ impl HandlerStage {
                 }
             }
         }
-    }
-
-    fn ms(d: Duration) -> i64 {
-        d.as_millis().min(i64::MAX as u128) as i64
     }
 
     fn over_budget(&self, used_ms: i64) -> String {
@@ -621,8 +617,9 @@ impl HandlerStage {
         Ok(())
     }
 
-    /// After the handler's group was killed: commits what it wrote before, up to the end of
-    /// its output (which comes at once, the writers being dead) or `within`.
+    /// Commits what the handler wrote, up to the end of its output or `within` (after its
+    /// group was killed the end comes at once, the writers being dead; `ZERO`: only what is
+    /// already waiting).
     fn drain_to_end(
         &self,
         store: &Store,
@@ -646,25 +643,6 @@ impl HandlerStage {
                     }
                 }
                 Err(_) => break,
-            }
-        }
-        self.record(store, job, &pending, run)
-    }
-
-    /// Commits every result already waiting in the handler's output, without waiting.
-    fn drain(
-        &self,
-        store: &Store,
-        job: &JobRow,
-        running: &mut crate::handler::Running,
-        run: &mut RunState,
-    ) -> Result<(), Pause> {
-        let mut pending = Vec::new();
-        while let Ok(m) = running.messages.try_recv() {
-            absorb(m, &mut pending, &mut run.garbage, &job.id);
-            if pending.len() >= 100 {
-                self.record(store, job, &pending, run)?;
-                pending.clear();
             }
         }
         self.record(store, job, &pending, run)

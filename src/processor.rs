@@ -200,10 +200,6 @@ impl Processor {
         &self.store
     }
 
-    fn ms(d: Duration) -> i64 {
-        d.as_millis().min(i64::MAX as u128) as i64
-    }
-
     /// One round over every company.
     pub fn round(&mut self) -> RoundReport {
         let mut report = RoundReport::default();
@@ -382,7 +378,7 @@ impl Processor {
         }
         // Close to the deadline? Ask Pleo first: the deadline is Pleo's, not our guess, and
         // measured on Pleo's clock.
-        let margin = Self::ms(self.cfg.not_ready_fail_margin);
+        let margin = crate::clock::ms(self.cfg.not_ready_fail_margin);
         let mut deadline = job.expires_at;
         if self.pleo_now(&job.company_id).until(deadline) <= margin {
             match self.reread(job, report)? {
@@ -534,7 +530,7 @@ impl Processor {
         }
         // Time left on Pleo's clock (the fresh read just told us what it is).
         let left = self.pleo_now(&fresh.company_id).until(fresh.expires_at);
-        if left > 0 && left <= Self::ms(self.cfg.claim_min_left) {
+        if left > 0 && left <= crate::clock::ms(self.cfg.claim_min_left) {
             // A claim could not land before the deadline. Nothing is decided for good: at the
             // deadline Pleo says whether it expired (journaled `expired`) or is still pending
             // (our clock was off: then it is claimed).
@@ -789,7 +785,7 @@ impl Processor {
                 }
             }
         } else {
-            let warn_at = Millis(job.expires_at.0 - Self::ms(self.cfg.deadline_warning));
+            let warn_at = Millis(job.expires_at.0 - crate::clock::ms(self.cfg.deadline_warning));
             if now >= warn_at {
                 if job.warned_expires_at != Some(job.expires_at) {
                     self.store.warn_deadline(&job, now)?;

@@ -963,10 +963,7 @@ impl Replay {
         // our own `claim_min_left` (a claim refreshes the deadline).
         let min_left = self.cfg.pleo_request_timeout.as_millis() as i64;
         // The rule holds with the default settings: only an explicit opt-out lifts it.
-        let resume_unknown = self
-            .snap
-            .setting("resume_unknown_in_progress")
-            .is_none_or(|v| !matches!(v.trim(), "false" | "0" | "no"));
+        let resume_unknown = self.cfg.resume_unknown_in_progress;
         let mut found = Vec::new();
         for c in new {
             let company = company_of.get(&c.job_id).cloned().unwrap_or_default();
@@ -1105,10 +1102,7 @@ impl Replay {
         // found in progress and ours to resume by default). Another integration's end is
         // learnt only from a listing.
         let holders = holders(claims);
-        let resume_unknown = self
-            .snap
-            .setting("resume_unknown_in_progress")
-            .is_none_or(|v| !matches!(v.trim(), "false" | "0" | "no"));
+        let resume_unknown = self.cfg.resume_unknown_in_progress;
         let ours = |id: &str| match holders.get(id) {
             Some(Claimant::Api) => true,
             Some(_) => false,

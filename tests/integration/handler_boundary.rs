@@ -114,13 +114,14 @@ fn file_lines(path: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Every log line read so far, and those arriving within `wait`.
-fn log_lines(rx: &Receiver<String>, wait: Duration) -> Vec<String> {
-    let mut v: Vec<String> = rx.try_iter().collect();
-    while let Ok(l) = rx.recv_timeout(wait) {
-        v.push(l);
+/// The first log line containing `needle`, among those read so far (`seen`) or, waiting for
+/// it (bounded), those still to come.
+fn logged(rx: &Receiver<String>, seen: &mut Vec<String>, needle: &str) -> String {
+    if let Some(l) = seen.iter().find(|l| l.contains(needle)) {
+        return l.clone();
     }
-    v
+    crate::cli::wait_for(rx, needle, seen);
+    seen.last().cloned().unwrap_or_default()
 }
 
 /// Each entry the handler saw exactly once, and as many as the job has items.
@@ -155,11 +156,10 @@ fn latin1_bytes_on_stderr_reach_the_log_and_the_job_completes_in_one_run() {
     );
     let (_svc, rx) = service(d, &fake, &h, &[]);
     completed_in_one_run(&fake, d, "hb-err", 3);
-    let log = log_lines(&rx, Duration::from_millis(300));
-    assert!(
-        log.iter()
-            .any(|l| l.contains("handler[hb-err]: ERP: fournisseur \u{fffd}t\u{fffd} inconnu")),
-        "{log:#?}"
+    logged(
+        &rx,
+        &mut Vec::new(),
+        "handler[hb-err]: ERP: fournisseur \u{fffd}t\u{fffd} inconnu",
     );
 }
 
@@ -173,11 +173,10 @@ fn a_line_on_stdout_that_is_not_utf8_is_logged_and_ignored() {
     let h = answering(d, r#"printf 'cr\350me br\373l\351e\n'"#, "");
     let (_svc, rx) = service(d, &fake, &h, &[]);
     completed_in_one_run(&fake, d, "hb-out", 4);
-    let log = log_lines(&rx, Duration::from_millis(300));
-    assert!(
-        log.iter()
-            .any(|l| l.contains("not a result: not UTF-8: cr\u{fffd}me")),
-        "{log:#?}"
+    logged(
+        &rx,
+        &mut Vec::new(),
+        "not a result: not UTF-8: cr\u{fffd}me",
     );
 }
 
@@ -360,17 +359,17 @@ fn lines_of_48_mib_are_cut_and_memory_stays_bounded() {
     let peak = peak_rss_kib(pid);
     eprintln!("peak RSS of the service: {peak} KiB");
     assert!(peak < 40 * 1024, "peak RSS {peak} KiB");
-    let log = log_lines(&rx, Duration::from_millis(300));
+    let mut seen = Vec::new();
+    let stderr_line = logged(&rx, &mut seen, "handler[hb-long]: xxxx");
     assert!(
-        log.iter()
-            .any(|l| l.contains("handler[hb-long]: xxxx")
-                && l.contains("[line of 50331648 bytes, cut]")),
-        "stderr line cut and logged"
+        stderr_line.contains("[line of 50331648 bytes, cut]"),
+        "stderr line cut and logged: {}",
+        stderr_line.chars().take(300).collect::<String>()
     );
+    let stdout_line = logged(&rx, &mut seen, "not a result: yyyy");
     assert!(
-        log.iter().any(
-            |l| l.contains("not a result: yyyy") && l.contains("[line of 50331648 bytes, cut]")
-        ),
-        "stdout line cut and logged as garbage"
+        stdout_line.contains("[line of 50331648 bytes, cut]"),
+        "stdout line cut and logged as garbage: {}",
+        stdout_line.chars().take(300).collect::<String>()
     );
 }

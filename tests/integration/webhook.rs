@@ -756,24 +756,28 @@ fn another_events_data_id_is_never_filed_as_a_job() {
             .unwrap();
         assert_eq!(event_type.as_deref(), Some("v1.vendor.created"));
         assert_eq!(job_id, None, "a vendor id is not a job id");
-        let filed: i64 = st
+        for table in ["job_events", "recent_webhooks"] {
+            let filed: i64 = st
+                .conn()
+                .query_row(
+                    &format!("SELECT count(*) FROM {table} WHERE job_id = 'vendor-123'"),
+                    [],
+                    |x| x.get(0),
+                )
+                .unwrap();
+            assert_eq!(filed, 0, "{table}");
+        }
+        // Journaled as ignored, naming no job.
+        let ignored: Option<String> = st
             .conn()
             .query_row(
-                "SELECT count(*) FROM job_events WHERE job_id = 'vendor-123'",
-                [],
+                "SELECT job_id FROM job_events WHERE kind = 'webhook_ignored' \
+                 AND json_extract(detail, '$.webhook_id') = ?1",
+                [&id],
                 |x| x.get(0),
             )
             .unwrap();
-        assert_eq!(filed, 0);
-        let recent: i64 = st
-            .conn()
-            .query_row(
-                "SELECT count(*) FROM recent_webhooks WHERE job_id = 'vendor-123'",
-                [],
-                |x| x.get(0),
-            )
-            .unwrap();
-        assert_eq!(recent, 0);
+        assert_eq!(ignored, None);
     }
 }
 

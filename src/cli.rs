@@ -350,6 +350,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 let f = Fixture::load(&path).map_err(|e| UsageError(e.to_string()))?;
                 let ids = fake.load_fixture(&f)?;
                 println!("loaded {} jobs from {}", ids.len(), path.display());
+                let readable = f.readable_ids();
+                if !readable.is_empty() {
+                    log::warn!(
+                        "fixture {}: {} ids are not UUIDs (first: {}): answers that carry them are outside Pleo's schema",
+                        path.display(),
+                        readable.len(),
+                        readable[0]
+                    );
+                }
             }
             println!("fake-pleo listening on {}", fake.base_url());
             use signal_hook::consts::{SIGINT, SIGTERM};

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::clock::{Millis, SharedClock};
+use crate::fake_rules::{self as rules, Page, Query, error};
 use crate::httpd::{self, Handler, Head, Request, Response, Server};
 
 /// The default API key of the fake when neither the fixture nor the command line names one.
@@ -121,6 +122,9 @@ pub enum Fault {
     HangUp,
     /// The request is applied; the answer is a 504 (a gateway gave up waiting for it).
     GatewayTimeout,
+    /// The request is refused with this status (a 401 for a revoked key, a 403, ...) and
+    /// Pleo's `{type, message}` body; it is not applied.
+    Refused { status: u16 },
 }
 
 /// A scripted fault: consumed by the first request that matches.
@@ -590,6 +594,20 @@ impl Fixture {
         }
         Ok(f)
     }
+    /// Job and company ids that are not UUIDs. Pleo's ids are; readable ids are a test
+    /// convenience the fake accepts back, but answers that carry them are outside the schema.
+    pub fn readable_ids(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for j in &self.jobs {
+            for id in j.id.iter().chain(std::iter::once(&j.company_id)) {
+                if !rules::is_uuid(id) && !out.contains(id) {
+                    out.push(id.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Company ids in the order they first appear.
     pub fn companies(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
@@ -1110,6 +1128,16 @@ fn new_item(job_id: &str, entry: &str) -> FakeItem {
     }
 }
 
+/// The id of an export item's one line: a UUID derived from the entry's id.
+fn line_id(entry: &str) -> String {
+    format!(
+        "{:08x}-{:04x}-4000-8000-{:012x}",
+        hash32(entry),
+        0x11e,
+        u64::from(hash32(&format!("{entry}/1")))
+    )
+}
+
 fn export_item(job: &FakeJob, entry: &str, i: usize, with_account: bool) -> Value {
     let minor = 1_000 + (i as i64 * 137) % 90_000;
     let account = if with_account {
@@ -1121,7 +1149,7 @@ fn export_item(job: &FakeJob, entry: &str, i: usize, with_account: bool) -> Valu
         "_links": {"self": {"href": format!("/v3/export-items/{entry}")}},
         "accountingEntryId": entry,
         "accountingEntryLines": [{
-            "accountingEntryLineId": format!("{entry}-l1"),
+            "accountingEntryLineId": line_id(entry),
             "account": account,
             "lineAmount": {"inSupplierCurrency": {"currency": "DKK", "value": minor},
                            "inWalletCurrency": {"currency": "DKK", "value": minor}},
@@ -1137,10 +1165,6 @@ fn export_item(job: &FakeJob, entry: &str, i: usize, with_account: bool) -> Valu
         "note": null,
         "files": [],
     })
-}
-
-fn error(status: u16, kind: &str, message: &str) -> Response {
-    Response::json(status, &json!({"type": kind, "message": message}))
 }
 
 /// RFC 4648 base32 (alphabet A-Z2-7, `=` padding): Pleo's cursor alphabet.
@@ -1192,38 +1216,15 @@ fn id_from_cursor(c: &str) -> Option<String> {
     unbase32(c).and_then(|b| String::from_utf8(b).ok())
 }
 
-/// A page of `items` (already filtered, in order), keyed by `key` for cursors.
+/// A page of `items` (already filtered and in the order asked for), keyed by `key` for
+/// cursors, as `page` (checked by [`Query::page`]) asks.
 fn paginate<T: Clone>(
     items: &[T],
     key: impl Fn(&T) -> String,
-    q: &[(String, String)],
+    page: &Page,
     params: Map<String, Value>,
 ) -> Result<(Vec<T>, Value), Response> {
-    let get = |k: &str| q.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone());
-    let limit = match get("limit") {
-        Some(l) => l.parse::<usize>().map_err(|_| {
-            error(
-                400,
-                "INVALID_PARAMETER",
-                "limit must be a non-negative integer",
-            )
-        })?,
-        None => 100,
-    }
-    .clamp(1, 1000);
-    let (after, before, offset) = (get("after"), get("before"), get("offset"));
-    if [after.is_some(), before.is_some(), offset.is_some()]
-        .iter()
-        .filter(|b| **b)
-        .count()
-        > 1
-    {
-        return Err(error(
-            400,
-            "INVALID_PARAMETER",
-            "before, after and offset cannot be used together",
-        ));
-    }
+    let limit = page.limit;
     let position = |c: &str| -> Result<usize, Response> {
         let id =
             id_from_cursor(c).ok_or_else(|| error(400, "INVALID_CURSOR", "cursor is not valid"))?;
@@ -1235,36 +1236,32 @@ fn paginate<T: Clone>(
             )
         })
     };
-    let (start, end) = if let Some(a) = &after {
+    let (start, end) = if let Some(a) = &page.after {
         let p = position(a)? + 1;
         (p, (p + limit).min(items.len()))
-    } else if let Some(b) = &before {
+    } else if let Some(b) = &page.before {
         let p = position(b)?;
         (p.saturating_sub(limit), p)
     } else {
-        let o = match &offset {
-            Some(o) => o.parse::<usize>().map_err(|_| {
-                error(
-                    400,
-                    "INVALID_PARAMETER",
-                    "offset must be a non-negative integer",
-                )
-            })?,
-            None => 0,
-        };
-        let s = o.min(items.len());
-        (s, (s + limit).min(items.len()))
+        let s = usize::try_from(page.offset.unwrap_or(0).max(0))
+            .unwrap_or(usize::MAX)
+            .min(items.len());
+        (s, s.saturating_add(limit).min(items.len()))
     };
-    let page = items[start..end].to_vec();
+    let rows = items[start..end].to_vec();
     let mut current = json!({"parameters": params, "limit": limit});
-    if let Some(a) = after {
+    if let Some(a) = &page.after {
         current["after"] = json!(a);
     }
-    if let Some(b) = before {
+    if let Some(b) = &page.before {
         current["before"] = json!(b);
     }
-    if let Some(o) = offset {
-        current["offset"] = json!(o.parse::<i64>().unwrap_or(0));
+    if let Some(o) = page.offset {
+        current["offset"] = json!(o);
+    }
+    if !page.sort.is_empty() {
+        current["sortingKeys"] = json!(page.sort.iter().map(|(k, _)| k).collect::<Vec<_>>());
+        current["sortingOrder"] = json!(page.sort.iter().map(|(_, o)| o).collect::<Vec<_>>());
     }
     let mut pagination = json!({
         "currentRequestPagination": current,
@@ -1272,11 +1269,16 @@ fn paginate<T: Clone>(
         "hasPreviousPage": start > 0,
         "total": items.len(),
     });
-    if let (Some(f), Some(l)) = (page.first(), page.last()) {
+    if let (Some(f), Some(l)) = (rows.first(), rows.last()) {
         pagination["startCursor"] = json!(cursor_for(&key(f)));
         pagination["endCursor"] = json!(cursor_for(&key(l)));
     }
-    Ok((page, pagination))
+    Ok((rows, pagination))
+}
+
+/// A time as text that sorts as the time does (fixed-width milliseconds).
+fn sortable_time(t: Option<Millis>) -> Option<String> {
+    t.map(|t| format!("{:020}", t.0.saturating_add(i64::MAX / 2)))
 }
 
 struct FakeHandler(Arc<Shared>);
@@ -1306,6 +1308,9 @@ impl Handler for FakeHandler {
                     .with_header("Retry-After", &retry_after_secs.to_string())
             }
             Some(Fault::ServerError) => error(500, "INTERNAL_SERVER_ERROR", "injected failure"),
+            Some(Fault::Refused { status }) => {
+                error(*status, "INJECTED_REFUSAL", "injected refusal")
+            }
             _ => {
                 w.expire_due(now);
                 route(&mut w, &req, now)
@@ -1486,6 +1491,12 @@ fn route(w: &mut World, req: &Request, now: Millis) -> Response {
         ("PUT", ["v3", "export-jobs", id, "items"]) => put_items(w, id, &req.body, now),
         ("GET", ["v3", "export-items"]) => list_export_items(w, &q),
         ("POST", ["v1", "subscriptions"]) => create_subscription(w, &req.body, now),
+        ("GET" | "PUT" | "DELETE", ["v1", "subscriptions", id])
+        | ("GET", ["v1", "subscriptions", id, "secret"])
+            if !rules::is_uuid(id) =>
+        {
+            error(400, "INVALID_PARAMETER", "id must be a UUID")
+        }
         ("GET", ["v1", "subscriptions"]) => list_subscriptions(w, &q),
         ("GET", ["v1", "subscriptions", id]) => {
             match w.subscriptions.iter().find(|s| s.id == *id) {
@@ -1503,11 +1514,8 @@ fn route(w: &mut World, req: &Request, now: Millis) -> Response {
                 subscription_not_found()
             }
         }
-        (_, ["v1", "subscriptions"]) => {
-            error(405, "METHOD_NOT_ALLOWED", "method not allowed").with_header("Allow", "GET, POST")
-        }
-        (_, ["v1", "subscriptions", _]) => error(405, "METHOD_NOT_ALLOWED", "method not allowed")
-            .with_header("Allow", "GET, PUT, DELETE"),
+        (_, ["v1", "subscriptions"]) => not_allowed("GET, POST"),
+        (_, ["v1", "subscriptions", _]) => not_allowed("GET, PUT, DELETE"),
         ("GET", ["v1", "subscriptions", id, "secret"]) => {
             match w.subscriptions.iter().find(|s| s.id == *id) {
                 Some(sub) => Response::json(200, &json!({"data": {"secretKey": sub.secret}})),
@@ -1518,19 +1526,19 @@ fn route(w: &mut World, req: &Request, now: Millis) -> Response {
                 ),
             }
         }
-        (_, ["v1", "subscriptions", _, "secret"]) => {
-            error(405, "METHOD_NOT_ALLOWED", "method not allowed").with_header("Allow", "GET")
-        }
-        (
-            _,
-            ["v3", "export-jobs"]
-            | ["v3", "export-jobs", _]
-            | ["v3", "export-job-events"]
-            | ["v3", "export-jobs", _, "items"]
-            | ["v3", "export-items"],
-        ) => error(405, "METHOD_NOT_ALLOWED", "method not allowed"),
+        (_, ["v1", "subscriptions", _, "secret"]) => not_allowed("GET"),
+        (_, ["v3", "export-jobs"]) => not_allowed("GET, POST"),
+        (_, ["v3", "export-jobs", _]) => not_allowed("GET"),
+        (_, ["v3", "export-job-events"]) => not_allowed("POST"),
+        (_, ["v3", "export-jobs", _, "items"]) => not_allowed("GET, PUT"),
+        (_, ["v3", "export-items"]) => not_allowed("GET"),
         _ => error(404, "NOT_FOUND", "no such endpoint"),
     }
+}
+
+/// 405 with the methods the path serves (RFC 9110 requires `Allow`).
+fn not_allowed(allow: &str) -> Response {
+    error(405, "METHOD_NOT_ALLOWED", "method not allowed").with_header("Allow", allow)
 }
 
 fn control(w: &mut World, req: &Request, segs: &[&str]) -> Response {
@@ -1576,53 +1584,61 @@ fn subscription_not_found() -> Response {
 /// A `SubscriptionRequest` as Pleo's OpenAPI file has it: `endpointUrl` (string) and
 /// `eventTypes` (unique strings) required, `status` ACTIVE (default) or INACTIVE,
 /// `customHeaders` an object of strings, `endpointAuth` an object with `type` NONE or BASIC.
-/// Returns (url, event types without duplicates, status) or a 400.
+/// Nothing more: a URL the fake cannot deliver to is taken, and its deliveries fail.
+/// Returns (url, event types, status) or a 400.
 fn subscription_request(body: &[u8]) -> Result<(String, Vec<String>, String), Response> {
     let bad = |m: &str| error(400, "INVALID_BODY", m);
     let v: Value =
         serde_json::from_slice(body).map_err(|e| bad(&format!("body is not JSON: {e}")))?;
     let url = match v.get("endpointUrl") {
-        Some(Value::String(u)) if !u.trim().is_empty() => u.clone(),
-        _ => {
-            return Err(bad(
-                "endpointUrl is required and must be a non-empty string",
-            ));
-        }
+        Some(Value::String(u)) => u.clone(),
+        _ => return Err(bad("endpointUrl is required and must be a string")),
     };
     let mut types: Vec<String> = Vec::new();
     match v.get("eventTypes") {
-        Some(Value::Array(a)) if !a.is_empty() => {
+        Some(Value::Array(a)) => {
             for t in a {
                 match t {
-                    Value::String(t) if !t.trim().is_empty() => {
-                        if !types.contains(t) {
-                            types.push(t.clone());
-                        }
+                    Value::String(t) if types.contains(t) => {
+                        return Err(bad("eventTypes must not repeat a type (uniqueItems)"));
                     }
-                    _ => return Err(bad("eventTypes must hold non-empty strings")),
+                    Value::String(t) => types.push(t.clone()),
+                    _ => return Err(bad("eventTypes must hold strings")),
                 }
             }
         }
-        _ => return Err(bad("eventTypes is required and must be a non-empty array")),
+        _ => {
+            return Err(bad(
+                "eventTypes is required and must be an array of strings",
+            ));
+        }
     }
+    // Nothing here is nullable in the file: null is a wrong type, not an absent field.
     let status = match v.get("status") {
-        None | Some(Value::Null) => "ACTIVE".to_owned(),
+        None => "ACTIVE".to_owned(),
         Some(Value::String(s)) if s == "ACTIVE" || s == "INACTIVE" => s.clone(),
         _ => return Err(bad("status must be ACTIVE or INACTIVE")),
     };
     match v.get("customHeaders") {
-        None | Some(Value::Null) => {}
+        None => {}
         Some(Value::Object(m)) if m.values().all(Value::is_string) => {}
         _ => return Err(bad("customHeaders must be an object of strings")),
     }
+    let credentials_ok = |c: &Value| {
+        c.as_object().is_some_and(|c| {
+            ["password", "token", "username"]
+                .iter()
+                .all(|k| c.get(*k).is_none_or(Value::is_string))
+        })
+    };
     match v.get("endpointAuth") {
-        None | Some(Value::Null) => {}
+        None => {}
         Some(Value::Object(m))
             if m.get("type").is_none_or(|t| t == "NONE" || t == "BASIC")
-                && m.get("credentials").is_none_or(|c| c.is_object()) => {}
+                && m.get("credentials").is_none_or(credentials_ok) => {}
         _ => {
             return Err(bad(
-                "endpointAuth must be an object with type NONE or BASIC",
+                "endpointAuth must be an object with type NONE or BASIC and credentials of strings",
             ));
         }
     }
@@ -1672,34 +1688,44 @@ fn update_subscription(w: &mut World, id: &str, body: &[u8], now: Millis) -> Res
     Response::json(200, &json!({"data": sub.to_json()}))
 }
 
-/// `GET /v1/subscriptions`: filtered by `status` and `event_types` (repeated), in creation
-/// order, paginated as every listing.
+/// `GET /v1/subscriptions`: filtered by `status` (any text: one no subscription has lists
+/// none) and `event_types` (repeated, unique), paginated as every listing.
 fn list_subscriptions(w: &World, q: &[(String, String)]) -> Response {
-    let status = q
-        .iter()
-        .find(|(k, _)| k == "status")
-        .map(|(_, v)| v.as_str());
-    if let Some(s) = status
-        && s != "ACTIVE"
-        && s != "INACTIVE"
-    {
-        return error(
-            400,
-            "INVALID_PARAMETER",
-            "status must be ACTIVE or INACTIVE",
-        );
-    }
-    let types: Vec<&str> = q
-        .iter()
-        .filter(|(k, _)| k == "event_types")
-        .map(|(_, v)| v.as_str())
-        .collect();
-    let subs: Vec<&Subscription> = w
+    let q = Query(q);
+    let checked = (|| {
+        let status = q.single("status")?;
+        let types: Vec<&str> =
+            q.0.iter()
+                .filter(|(k, _)| k == "event_types")
+                .map(|(_, v)| v.as_str())
+                .collect();
+        if types
+            .iter()
+            .enumerate()
+            .any(|(i, t)| types[..i].contains(t))
+        {
+            return Err(error(
+                400,
+                "INVALID_PARAMETER",
+                "event_types must not repeat a type",
+            ));
+        }
+        Ok((status, types, q.page(SUBSCRIPTION_SORT_KEYS, None)?))
+    })();
+    let (status, types, page) = match checked {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let mut subs: Vec<&Subscription> = w
         .subscriptions
         .iter()
         .filter(|s| status.is_none_or(|st| s.status == st))
         .filter(|s| types.is_empty() || s.event_types.iter().any(|t| types.contains(&t.as_str())))
         .collect();
+    page.sort(&mut subs, |s, key| match key {
+        "createdAt" => sortable_time(Some(s.created_at)),
+        _ => Some(s.id.clone()),
+    });
     let mut params = Map::new();
     if let Some(st) = status {
         params.insert("status".into(), json!([st]));
@@ -1707,10 +1733,10 @@ fn list_subscriptions(w: &World, q: &[(String, String)]) -> Response {
     if !types.is_empty() {
         params.insert("event_types".into(), json!(types));
     }
-    match paginate(&subs, |s| s.id.clone(), q, params) {
-        Ok((page, pagination)) => Response::json(
+    match paginate(&subs, |s| s.id.clone(), &page, params) {
+        Ok((rows, pagination)) => Response::json(
             200,
-            &json!({"data": page.iter().map(|s| s.to_json()).collect::<Vec<_>>(), "pagination": pagination}),
+            &json!({"data": rows.iter().map(|s| s.to_json()).collect::<Vec<_>>(), "pagination": pagination}),
         ),
         Err(resp) => resp,
     }
@@ -1778,27 +1804,18 @@ fn deliver_webhooks(
 }
 
 fn list_jobs(w: &World, q: &[(String, String)]) -> Response {
-    let company = q
-        .iter()
-        .find(|(k, _)| k == "company_id")
-        .map(|(_, v)| v.clone());
-    let mut statuses: Vec<String> = Vec::new();
-    for (k, v) in q {
-        if k == "statuses" {
-            statuses.extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_owned));
-        }
-    }
-    const KNOWN: [&str; 5] = [
-        "pending",
-        "in_progress",
-        "failed",
-        "completed",
-        "completed_with_errors",
-    ];
-    if let Some(bad) = statuses.iter().find(|s| !KNOWN.contains(&s.as_str())) {
-        return error(400, "INVALID_PARAMETER", &format!("unknown status {bad:?}"));
-    }
-    let candidates: Box<dyn Iterator<Item = &FakeJob>> = match &company {
+    let q = Query(q);
+    let checked = (|| {
+        let company = q.id("company_id", &|c| w.by_company.contains_key(c))?;
+        let statuses = rules::job_statuses(&q)?;
+        let page = q.page(JOB_SORT_KEYS, Some(0))?;
+        Ok::<_, Response>((company, statuses, page))
+    })();
+    let (company, statuses, page) = match checked {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let candidates: Box<dyn Iterator<Item = &FakeJob>> = match company {
         Some(c) => Box::new(
             w.by_company
                 .get(c)
@@ -1808,26 +1825,48 @@ fn list_jobs(w: &World, q: &[(String, String)]) -> Response {
         ),
         None => Box::new(w.jobs.iter()),
     };
-    let matching: Vec<&FakeJob> = candidates
-        .filter(|j| statuses.is_empty() || statuses.contains(&j.status))
+    let mut matching: Vec<&FakeJob> = candidates
+        .filter(|j| statuses.is_empty() || statuses.contains(&j.status.as_str()))
         .collect();
+    page.sort(&mut matching, |j, key| match key {
+        "createdAt" => sortable_time(Some(j.created_at)),
+        "lastUpdatedAt" => sortable_time(j.last_updated_at),
+        _ => Some(j.id.clone()),
+    });
     let mut params = Map::new();
-    if let Some(c) = &company {
+    if let Some(c) = company {
         params.insert("company_id".into(), json!([c]));
     }
     if !statuses.is_empty() {
         params.insert("statuses".into(), json!(statuses));
     }
-    match paginate(&matching, |j| j.id.clone(), q, params) {
-        Ok((page, pagination)) => Response::json(
+    match paginate(&matching, |j| j.id.clone(), &page, params) {
+        Ok((rows, pagination)) => Response::json(
             200,
-            &json!({"data": page.iter().map(|j| j.to_json()).collect::<Vec<_>>(), "pagination": pagination}),
+            &json!({"data": rows.iter().map(|j| j.to_json()).collect::<Vec<_>>(), "pagination": pagination}),
         ),
         Err(r) => r,
     }
 }
 
+/// The keys job listings sort by (the files name none; these are `ExportJobV3` fields).
+const JOB_SORT_KEYS: &[&str] = &["createdAt", "lastUpdatedAt", "id"];
+/// The keys job item listings sort by (`ExportJobItemV3` fields).
+const ITEM_SORT_KEYS: &[&str] = &["accountingEntryId", "status"];
+/// The keys export item listings sort by (`ExportItemV3` fields).
+const EXPORT_ITEM_SORT_KEYS: &[&str] = &["accountingEntryId", "date"];
+/// The keys subscription listings sort by (`SubscriptionModel` fields).
+const SUBSCRIPTION_SORT_KEYS: &[&str] = &["createdAt", "id"];
+
+/// Whether `id` names a job the world holds (fixtures may use readable ids).
+fn known_job(w: &World, id: &str) -> bool {
+    w.jobs.iter().any(|j| j.id == id)
+}
+
 fn get_job(w: &mut World, id: &str, now: Millis) -> Response {
+    if !rules::is_uuid(id) && !known_job(w, id) {
+        return error(400, "INVALID_PARAMETER", "jobId must be a UUID");
+    }
     let Some(j) = w.jobs.iter().find(|j| j.id == id) else {
         return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
     };
@@ -1839,22 +1878,20 @@ fn get_job(w: &mut World, id: &str, now: Millis) -> Response {
 }
 
 fn create_job(w: &mut World, body: &[u8], now: Millis) -> Response {
-    let v: Value = match serde_json::from_slice(body) {
+    let v = match rules::json_body(body).and_then(|v| {
+        rules::check_object(&v, rules::CREATE_EXPORT_JOB, "body", &|c| {
+            w.by_company.contains_key(c)
+        })?;
+        Ok(v)
+    }) {
         Ok(v) => v,
-        Err(e) => return error(400, "INVALID_BODY", &format!("body is not JSON: {e}")),
+        Err(r) => return r,
     };
-    let Some(company) = v
-        .get("companyId")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-    else {
-        return error(400, "INVALID_BODY", "companyId is required");
-    };
-    let Some(entries) = v.get("accountingEntryIds").and_then(Value::as_array) else {
-        return error(400, "INVALID_BODY", "accountingEntryIds is required");
-    };
-    let entries: Vec<String> = entries
-        .iter()
+    let company = v["companyId"].as_str().unwrap_or_default().to_owned();
+    let entries: Vec<String> = v["accountingEntryIds"]
+        .as_array()
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.as_str().map(str::to_owned))
         .collect();
     if w.jobs
@@ -1882,7 +1919,9 @@ fn create_job(w: &mut World, body: &[u8], now: Millis) -> Response {
             .get("isInteractive")
             .and_then(Value::as_bool)
             .unwrap_or(true),
-        vendor_based_bookkeeping: false,
+        vendor_based_bookkeeping: v["options"]["vendorBasedBookkeeping"]
+            .as_bool()
+            .unwrap_or(false),
         created_by: v
             .get("employeeId")
             .and_then(Value::as_str)
@@ -1905,19 +1944,17 @@ fn create_job(w: &mut World, body: &[u8], now: Millis) -> Response {
 }
 
 fn job_event(w: &mut World, body: &[u8], now: Millis) -> Response {
-    let v: Value = match serde_json::from_slice(body) {
+    let v = match rules::json_body(body).and_then(|v| {
+        rules::check_object(&v, rules::CREATE_EXPORT_JOB_EVENT, "body", &|j| {
+            known_job(w, j)
+        })?;
+        Ok(v)
+    }) {
         Ok(v) => v,
-        Err(e) => return error(400, "INVALID_BODY", &format!("body is not JSON: {e}")),
+        Err(r) => return r,
     };
-    let (Some(event), Some(job_id)) = (
-        v.get("event").and_then(Value::as_str),
-        v.get("jobId").and_then(Value::as_str),
-    ) else {
-        return error(400, "INVALID_BODY", "event and jobId are required");
-    };
-    if !["started", "completed", "completed_with_errors", "failed"].contains(&event) {
-        return error(400, "INVALID_BODY", &format!("unknown event {event:?}"));
-    }
+    let event = v["event"].as_str().unwrap_or_default();
+    let job_id = v["jobId"].as_str().unwrap_or_default();
     if event == "started" {
         return if w.claim(job_id, Claimant::Api, now) {
             Response::empty(202)
@@ -1969,35 +2006,57 @@ fn job_event(w: &mut World, body: &[u8], now: Millis) -> Response {
 }
 
 fn list_items(w: &World, id: &str, q: &[(String, String)]) -> Response {
+    if !rules::is_uuid(id) && !known_job(w, id) {
+        return error(400, "INVALID_PARAMETER", "jobId must be a UUID");
+    }
+    let q = Query(q);
+    let checked =
+        (|| Ok::<_, Response>((rules::item_status(&q)?, q.page(ITEM_SORT_KEYS, Some(0))?)))();
+    let (status, page) = match checked {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
     let Some(j) = w.jobs.iter().find(|j| j.id == id) else {
         return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
     };
-    let status = q
-        .iter()
-        .find(|(k, _)| k == "status")
-        .map(|(_, v)| v.clone());
-    let items: Vec<&FakeItem> = j
+    let mut items: Vec<&FakeItem> = j
         .items
         .iter()
-        .filter(|i| status.as_ref().is_none_or(|s| &i.status == s))
+        .filter(|i| status.is_none_or(|s| i.status == s))
         .collect();
+    page.sort(&mut items, |i, key| match key {
+        "status" => Some(i.status.clone()),
+        _ => Some(i.accounting_entry_id.clone()),
+    });
     let mut params = Map::new();
     if let Some(s) = status {
         params.insert("status".into(), json!([s]));
     }
-    match paginate(&items, |i| i.accounting_entry_id.clone(), q, params) {
-        Ok((page, pagination)) => {
-            Response::json(200, &json!({"data": page, "pagination": pagination}))
+    match paginate(&items, |i| i.accounting_entry_id.clone(), &page, params) {
+        Ok((rows, pagination)) => {
+            Response::json(200, &json!({"data": rows, "pagination": pagination}))
         }
         Err(r) => r,
     }
 }
 
 fn put_items(w: &mut World, id: &str, body: &[u8], now: Millis) -> Response {
-    let updates: Vec<Value> = match serde_json::from_slice(body) {
+    if !rules::is_uuid(id) && !known_job(w, id) {
+        return error(400, "INVALID_PARAMETER", "jobId must be a UUID");
+    }
+    let known_entry = |e: &str| {
+        w.jobs
+            .iter()
+            .find(|j| j.id == id)
+            .is_some_and(|j| j.items.iter().any(|i| i.accounting_entry_id == e))
+    };
+    let updates: Vec<Value> = match rules::json_body(body).and_then(|v| {
+        rules::check_item_updates(&v, &known_entry)?;
+        Ok(v)
+    }) {
         Ok(Value::Array(a)) => a,
         Ok(_) => return error(400, "INVALID_BODY", "body must be a JSON array"),
-        Err(e) => return error(400, "INVALID_BODY", &format!("body is not JSON: {e}")),
+        Err(r) => return r,
     };
     let mut refuse = std::mem::take(&mut w.refuse_updates);
     let result = put_items_inner(w, id, &updates, now, &mut refuse);
@@ -2041,23 +2100,12 @@ fn put_items_inner(
             errors.push(json!({"accountingEntryId": entry, "type": "EXPORT_ENTRY_STATUS_UPDATE_FAILED", "message": "injected failure"}));
             continue;
         }
+        // The body was checked against UpdateExportJobItemV3 before this.
         let status = u.get("status").and_then(Value::as_str).unwrap_or("");
         let Some(item) = j.items.iter_mut().find(|i| i.accounting_entry_id == entry) else {
             errors.push(json!({"accountingEntryId": entry, "type": "ACCOUNTING_ENTRY_DOES_NOT_EXIST", "message": "Accounting entry does not exist."}));
             continue;
         };
-        if ![
-            "pending",
-            "in_progress",
-            "failed",
-            "successful",
-            "abandoned",
-        ]
-        .contains(&status)
-        {
-            errors.push(json!({"accountingEntryId": entry, "type": "EXPORT_ENTRY_STATUS_UPDATE_FAILED", "message": format!("unknown status {status:?}")}));
-            continue;
-        }
         let s = |k: &str| u.get(k).and_then(Value::as_str).map(str::to_owned);
         item.status = status.into();
         item.exported_at = s("exportedAt").or(item.exported_at.take());
@@ -2072,11 +2120,18 @@ fn put_items_inner(
 }
 
 fn list_export_items(w: &World, q: &[(String, String)]) -> Response {
-    let Some(job_id) = q
-        .iter()
-        .find(|(k, _)| k == "job_id")
-        .map(|(_, v)| v.clone())
-    else {
+    let q = Query(q);
+    let checked = (|| {
+        let job = q.id("job_id", &|j| known_job(w, j))?;
+        Ok::<_, Response>((job, q.page(EXPORT_ITEM_SORT_KEYS, Some(0))?))
+    })();
+    let (job_id, page) = match checked {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    // The files make job_id optional; export items only exist within a job, so without one
+    // there is nothing to list (a decision: README.md, "Contract decisions").
+    let Some(job_id) = job_id else {
         return error(400, "INVALID_PARAMETER", "job_id is required");
     };
     let Some(j) = w.jobs.iter().find(|j| j.id == job_id) else {
@@ -2089,12 +2144,14 @@ fn list_export_items(w: &World, q: &[(String, String)]) -> Response {
             "Export Job is finished and can no longer be processed.",
         );
     }
+    let mut items: Vec<&Value> = j.export_items.iter().collect();
+    page.sort(&mut items, |v, key| v[key].as_str().map(str::to_owned));
     let mut params = Map::new();
     params.insert("job_id".into(), json!([job_id]));
-    let key = |v: &Value| v["accountingEntryId"].as_str().unwrap_or("").to_owned();
-    match paginate(&j.export_items, key, q, params) {
-        Ok((page, pagination)) => {
-            Response::json(200, &json!({"data": page, "pagination": pagination}))
+    let key = |v: &&Value| v["accountingEntryId"].as_str().unwrap_or("").to_owned();
+    match paginate(&items, key, &page, params) {
+        Ok((rows, pagination)) => {
+            Response::json(200, &json!({"data": rows, "pagination": pagination}))
         }
         Err(r) => r,
     }

@@ -23,46 +23,7 @@ use serde_json::{Value, json};
 
 use crate::store::ItemResult;
 
-/// Job failure types Pleo accepts (`ExportJobFailureReasonType`).
-pub const JOB_FAILURE_TYPES: &[&str] = &[
-    "invalid_configuration",
-    "missing_configuration",
-    "authentication_failure",
-    "accounting_system_authentication_failure",
-    "pleo_rate_limit",
-    "accounting_system_rate_limit",
-    "service_unreachable",
-    "accounting_system_unreachable",
-    "validation_failure",
-    "authorization_failure",
-    "integration_unusable",
-    "job_expired",
-    "service_timeout",
-    "accounting_system_timeout",
-    "canceled_by_user",
-];
-
-/// Item failure types Pleo accepts (`ExportJobItemFailureReasonType`).
-pub const ITEM_FAILURE_TYPES: &[&str] = &[
-    "receipt_upload_failure",
-    "receipt_download_failure",
-    "receipt_file_size_limit_exceeded",
-    "receipt_conversion_failure",
-    "unexpected_failure",
-    "invalid_configuration",
-    "missing_configuration",
-    "accounting_system_authentication_failure",
-    "accounting_system_rate_limit",
-    "accounting_system_unreachable",
-    "validation_failure",
-    "accounting_system_validation_failure",
-    "authorization_failure",
-    "accounting_system_timeout",
-    "vendor_unknown",
-    "account_unknown",
-    "tax_code_unknown",
-    "tag_unknown",
-];
+pub use crate::pleo::{ITEM_FAILURE_TYPES, JOB_FAILURE_TYPES};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandlerSpec {

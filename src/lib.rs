@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod fake;
+pub mod fake_rules;
 pub mod fuzzing;
 pub mod handler;
 pub mod health;

@@ -33,6 +33,68 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Job failure types Pleo accepts (`ExportJobFailureReasonType`).
+pub const JOB_FAILURE_TYPES: &[&str] = &[
+    "invalid_configuration",
+    "missing_configuration",
+    "authentication_failure",
+    "accounting_system_authentication_failure",
+    "pleo_rate_limit",
+    "accounting_system_rate_limit",
+    "service_unreachable",
+    "accounting_system_unreachable",
+    "validation_failure",
+    "authorization_failure",
+    "integration_unusable",
+    "job_expired",
+    "service_timeout",
+    "accounting_system_timeout",
+    "canceled_by_user",
+];
+
+/// Item failure types Pleo accepts (`ExportJobItemFailureReasonType`).
+pub const ITEM_FAILURE_TYPES: &[&str] = &[
+    "receipt_upload_failure",
+    "receipt_download_failure",
+    "receipt_file_size_limit_exceeded",
+    "receipt_conversion_failure",
+    "unexpected_failure",
+    "invalid_configuration",
+    "missing_configuration",
+    "accounting_system_authentication_failure",
+    "accounting_system_rate_limit",
+    "accounting_system_unreachable",
+    "validation_failure",
+    "accounting_system_validation_failure",
+    "authorization_failure",
+    "accounting_system_timeout",
+    "vendor_unknown",
+    "account_unknown",
+    "tax_code_unknown",
+    "tag_unknown",
+];
+
+/// Item statuses Pleo knows (`ExportJobItemStatus`).
+pub const ITEM_STATUSES: &[&str] = &[
+    "pending",
+    "in_progress",
+    "failed",
+    "successful",
+    "abandoned",
+];
+
+/// Job statuses Pleo knows (`ExportJobStatus`).
+pub const JOB_STATUSES: &[&str] = &[
+    status::PENDING,
+    status::IN_PROGRESS,
+    status::FAILED,
+    status::COMPLETED,
+    status::COMPLETED_WITH_ERRORS,
+];
+
+/// Job events Pleo takes (`ExportJobEventType`).
+pub const JOB_EVENTS: &[&str] = &["started", "failed", "completed", "completed_with_errors"];
+
 /// Job statuses as Pleo spells them.
 pub mod status {
     pub const PENDING: &str = "pending";

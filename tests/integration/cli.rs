@@ -468,7 +468,7 @@ fn fake_pleo_command_serves_a_fixture_and_stops_on_sigterm() {
     )
     .unwrap();
     let listing = client
-        .list_jobs("cccccccc-0000-4000-8000-00000charlie", &["pending"])
+        .list_jobs("cccccccc-0000-4000-8000-0000000000c3", &["pending"])
         .unwrap();
     assert_eq!(listing.jobs.len(), 4);
     let child = reaper.0.take().unwrap();

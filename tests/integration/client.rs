@@ -8,7 +8,7 @@ use crate::harness::World;
 fn errors_keep_pleos_type_and_message_and_4xx_is_not_retried() {
     let w = World::new();
     let c = w.client();
-    match c.get_job("nope") {
+    match c.get_job("00000000-0000-4000-8000-00000000dead") {
         Err(PleoError::Api {
             status,
             kind,
@@ -16,6 +16,13 @@ fn errors_keep_pleos_type_and_message_and_4xx_is_not_retried() {
         }) => {
             assert_eq!((status, kind.as_str()), (404, "EXPORT_NOT_FOUND"));
             assert_eq!(message, "Export job not found.");
+        }
+        other => panic!("{other:?}"),
+    }
+    // An id that is not a UUID (format: uuid) is refused as a bad request, not looked up.
+    match c.get_job("nope") {
+        Err(PleoError::Api { status, kind, .. }) => {
+            assert_eq!((status, kind.as_str()), (400, "INVALID_PARAMETER"));
         }
         other => panic!("{other:?}"),
     }
@@ -27,7 +34,7 @@ fn errors_keep_pleos_type_and_message_and_4xx_is_not_retried() {
         .unwrap_err();
     assert!(e.is_status_conflict(), "{e}");
     assert!(!e.is_retryable());
-    assert_eq!(w.fake.requests().len(), 3, "no retries of 404 or 422");
+    assert_eq!(w.fake.requests().len(), 4, "no retries of 404, 400 or 422");
     assert!(w.clock.sleeps().is_empty());
 }
 
@@ -118,7 +125,8 @@ fn pleo_now_follows_the_date_of_pleos_answers_not_our_clock() {
     let c = jobmirror::pleo::PleoClient::new(w.client_config(), host.clone()).unwrap();
     // Before any answer: our clock.
     assert_eq!(c.pleo_now(), host.now());
-    c.list_jobs("x", &["pending"]).unwrap();
+    c.list_jobs("00000000-0000-4000-8000-0000000000c1", &["pending"])
+        .unwrap();
     // After one: Pleo's (the fake's) clock, to the second its `Date` carries.
     let pleo = w.clock_now();
     assert!(

@@ -388,11 +388,24 @@ fn fake_subscription_answers_match_pleos_openapi() {
         "get",
         &mut errors,
     );
-    let (st, updated) = call(
+    // eventTypes has uniqueItems: a repeated type is a bad request, not quietly merged.
+    let (st, err) = call(
         "PUT",
         format!("/v1/subscriptions/{id}"),
         Some(json!({"endpointUrl": "https://example.com/webhooks/pleo",
                     "eventTypes": ["v1.export-job.created", "v1.export-job.created", "v2.export-job.created"],
+                    "status": "INACTIVE"})),
+    );
+    assert_eq!(
+        (st, err["type"].as_str()),
+        (400, Some("INVALID_BODY")),
+        "{err}"
+    );
+    let (st, updated) = call(
+        "PUT",
+        format!("/v1/subscriptions/{id}"),
+        Some(json!({"endpointUrl": "https://example.com/webhooks/pleo",
+                    "eventTypes": ["v1.export-job.created", "v2.export-job.created"],
                     "status": "INACTIVE"})),
     );
     assert_eq!(st, 200);
@@ -406,8 +419,7 @@ fn fake_subscription_answers_match_pleos_openapi() {
     assert!(errors.is_empty(), "{}", errors.join("\n"));
     assert_eq!(
         updated["data"]["eventTypes"],
-        json!(["v1.export-job.created", "v2.export-job.created"]),
-        "uniqueItems"
+        json!(["v1.export-job.created", "v2.export-job.created"])
     );
     assert_eq!(updated["data"]["status"], "INACTIVE");
     let (st, _) = call("GET", "/v1/subscriptions?status=ACTIVE".into(), None);
@@ -417,6 +429,8 @@ fn fake_subscription_answers_match_pleos_openapi() {
         json!({"endpointUrl": "https://e.com/webhooks/pleo", "eventTypes": ["x"], "status": "AAA"}),
         json!({"endpointUrl": "https://e.com/webhooks/pleo", "eventTypes": ["x"], "customHeaders": [1]}),
         json!({"endpointUrl": "https://e.com/webhooks/pleo", "eventTypes": ["x"], "endpointAuth": {"type": "OAUTH"}}),
+        json!({"endpointUrl": "https://e.com/webhooks/pleo", "eventTypes": ["x"], "status": null}),
+        json!({"endpointUrl": "https://e.com/webhooks/pleo", "eventTypes": ["x", "x"]}),
         json!({"eventTypes": ["x"]}),
     ] {
         let (st, err) = call("POST", "/v1/subscriptions".into(), Some(body.clone()));
@@ -426,10 +440,9 @@ fn fake_subscription_answers_match_pleos_openapi() {
             "{err}"
         );
     }
-    assert_eq!(
-        call("GET", "/v1/subscriptions?status=AAA".into(), None).0,
-        400
-    );
+    // `status` is any text in the file: one no subscription has lists none.
+    let (st, none) = call("GET", "/v1/subscriptions?status=AAA".into(), None);
+    assert_eq!((st, none["data"].as_array().map(Vec::len)), (200, Some(0)));
     let (st, _) = call("DELETE", format!("/v1/subscriptions/{id}"), None);
     assert_eq!(st, 204);
     assert_eq!(call("GET", format!("/v1/subscriptions/{id}"), None).0, 404);
@@ -456,4 +469,274 @@ fn fake_subscription_answers_match_pleos_openapi() {
         resp.headers().get("allow").and_then(|v| v.to_str().ok()),
         Some("GET, POST")
     );
+}
+
+/// A request over loopback with any method and a raw body: (status, Allow header, JSON body).
+fn raw(base: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Option<String>, Value) {
+    use base64::Engine;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .allow_non_standard_methods(true)
+        .build()
+        .into();
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"))
+    );
+    let req = ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("{base}{path}"))
+        .header("Authorization", &auth)
+        .header("Content-Type", "application/json;charset=UTF-8")
+        .body(body.unwrap_or("").to_owned())
+        .unwrap();
+    let mut resp = agent.run(req).unwrap();
+    let allow = resp
+        .headers()
+        .get("Allow")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = resp.body_mut().read_to_string().unwrap();
+    (
+        resp.status().as_u16(),
+        allow,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+#[test]
+fn the_fake_refuses_what_pleos_files_call_invalid_and_sorts_only_when_asked() {
+    const C: &str = "0c0c0c0c-0000-4000-8000-000000000001";
+    const JOB: &str = "0c0c0c0c-0000-4000-8000-0000000000b1";
+    const ENTRY: &str = "0c0c0c0c-0000-4000-8000-0000000000e1";
+    let w = World::new();
+    let base = w.fake.base_url();
+    // Three jobs inserted out of creation order.
+    for (id, ago) in [("b2", 100), ("b1", 300), ("b3", 200)] {
+        w.pending(C, &format!("0c0c0c0c-0000-4000-8000-0000000000{id}"), ago);
+    }
+    let before = w.fake.jobs();
+    let refused = [
+        (
+            "GET",
+            format!("/v3/export-jobs?company_id={C}&limit=-1"),
+            None,
+        ),
+        (
+            "GET",
+            format!("/v3/export-jobs?company_id={C}&limit=2147483648"),
+            None,
+        ),
+        (
+            "GET",
+            format!("/v3/export-jobs?company_id={C}&offset=-1"),
+            None,
+        ),
+        ("GET", "/v3/export-jobs?company_id=not-a-uuid".into(), None),
+        (
+            "GET",
+            format!("/v3/export-jobs?company_id={C}&statuses=pending,in_progress"),
+            None,
+        ),
+        (
+            "GET",
+            format!("/v3/export-jobs?company_id={C}&sorting_order=UP"),
+            None,
+        ),
+        (
+            "GET",
+            format!("/v3/export-jobs?company_id={C}&sorting_keys=colour"),
+            None,
+        ),
+        (
+            "GET",
+            format!(
+                "/v3/export-jobs?company_id={C}&sorting_keys=createdAt&sorting_keys=id&sorting_order=ASC"
+            ),
+            None,
+        ),
+        (
+            "GET",
+            format!("/v3/export-jobs?company_id={C}&after=abc"),
+            None,
+        ),
+        (
+            "GET",
+            format!("/v3/export-jobs?company_id={C}&limit=1&limit=2"),
+            None,
+        ),
+        ("GET", "/v3/export-jobs/not-a-uuid".into(), None),
+        (
+            "GET",
+            format!("/v3/export-jobs/{JOB}/items?status=done"),
+            None,
+        ),
+        (
+            "POST",
+            "/v3/export-jobs".into(),
+            Some(r#"{"companyId": "", "accountingEntryIds": []}"#.to_owned()),
+        ),
+        (
+            "POST",
+            "/v3/export-jobs".into(),
+            Some(format!(
+                r#"{{"companyId": "{C}", "accountingEntryIds": [[]]}}"#
+            )),
+        ),
+        (
+            "POST",
+            "/v3/export-jobs".into(),
+            Some(format!(
+                r#"{{"companyId": "{C}", "accountingEntryIds": [], "employeeId": "AAA"}}"#
+            )),
+        ),
+        ("POST", "/v3/export-jobs".into(), None),
+        (
+            "POST",
+            "/v3/export-job-events".into(),
+            Some(format!(
+                r#"{{"event": "started", "jobId": "{JOB}", "failureReasonType": "gremlins"}}"#
+            )),
+        ),
+        (
+            "POST",
+            "/v3/export-job-events".into(),
+            Some(r#"{"event": "started", "jobId": "job-1"}"#.to_owned()),
+        ),
+        (
+            "PUT",
+            format!("/v3/export-jobs/{JOB}/items"),
+            Some(format!(
+                r#"[{{"accountingEntryId": "{ENTRY}", "status": "done"}}]"#
+            )),
+        ),
+        (
+            "PUT",
+            format!("/v3/export-jobs/{JOB}/items"),
+            Some(format!(
+                r#"[{{"accountingEntryId": "{ENTRY}", "status": "failed", "failureReasonType": "gremlins"}}]"#
+            )),
+        ),
+        (
+            "PUT",
+            format!("/v3/export-jobs/{JOB}/items"),
+            Some(format!(
+                r#"[{{"accountingEntryId": "{ENTRY}", "status": "successful", "exportedAt": "yesterday"}}]"#
+            )),
+        ),
+        (
+            "PUT",
+            format!("/v3/export-jobs/{JOB}/items"),
+            Some(r#"{"status": "successful"}"#.to_owned()),
+        ),
+    ];
+    for (method, path, body) in &refused {
+        let (st, _, err) = raw(&base, method, path, body.as_deref());
+        assert_eq!(st, 400, "{method} {path} {body:?}: {err}");
+        assert!(
+            err["type"].is_string() && err["message"].is_string(),
+            "{err}"
+        );
+    }
+    // A refusal names the bad value without echoing it whole.
+    let long = "x".repeat(5000);
+    let (st, _, err) = raw(
+        &base,
+        "PUT",
+        &format!("/v3/export-jobs/{JOB}/items"),
+        Some(&format!(
+            r#"[{{"accountingEntryId": "{ENTRY}", "status": "{long}"}}]"#
+        )),
+    );
+    assert_eq!(st, 400);
+    let message = err["message"].as_str().unwrap();
+    assert!(
+        message.contains("status") && !message.contains(&long[..100]),
+        "{message}"
+    );
+    assert_eq!(
+        w.fake.jobs().len(),
+        before.len(),
+        "a refused request changes nothing"
+    );
+    for (j, b) in w.fake.jobs().iter().zip(&before) {
+        assert_eq!((&j.id, &j.status), (&b.id, &b.status));
+    }
+
+    // Without sorting keys: the fake's own order (as inserted), promised to nobody.
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap()[34..].to_owned())
+            .collect()
+    };
+    let (st, _, plain) = raw(
+        &base,
+        "GET",
+        &format!("/v3/export-jobs?company_id={C}"),
+        None,
+    );
+    assert_eq!(
+        (st, ids(&plain)),
+        (200, vec!["b2".into(), "b1".into(), "b3".into()])
+    );
+    // Asked for: honoured, and said so in currentRequestPagination.
+    let (_, _, desc) = raw(
+        &base,
+        "GET",
+        &format!("/v3/export-jobs?company_id={C}&sorting_keys=createdAt&sorting_order=DESC"),
+        None,
+    );
+    assert_eq!(ids(&desc), ["b2", "b3", "b1"]);
+    let current = &desc["pagination"]["currentRequestPagination"];
+    assert_eq!(current["sortingKeys"], json!(["createdAt"]));
+    assert_eq!(current["sortingOrder"], json!(["DESC"]));
+    // Cursors follow the order asked for.
+    let (_, _, first) = raw(
+        &base,
+        "GET",
+        &format!("/v3/export-jobs?company_id={C}&sorting_keys=createdAt&limit=1"),
+        None,
+    );
+    assert_eq!(ids(&first), ["b1"]);
+    let after = first["pagination"]["endCursor"].as_str().unwrap();
+    let (_, _, next) = raw(
+        &base,
+        "GET",
+        &format!("/v3/export-jobs?company_id={C}&sorting_keys=createdAt&limit=1&after={after}"),
+        None,
+    );
+    assert_eq!(ids(&next), ["b3"]);
+
+    // Schema-valid data is generated: export item line ids are UUIDs.
+    let job = "0c0c0c0c-0000-4000-8000-0000000000b1";
+    let (st, _, items) = raw(
+        &base,
+        "GET",
+        &format!("/v3/export-items?job_id={job}"),
+        None,
+    );
+    assert_eq!(st, 200, "{items}");
+    for item in items["data"].as_array().unwrap() {
+        for line in item["accountingEntryLines"].as_array().unwrap() {
+            let id = line["accountingEntryLineId"].as_str().unwrap();
+            assert!(jobmirror::fake_rules::is_uuid(id), "{id}");
+        }
+    }
+
+    // Every served path answers another method with 405 and the methods it serves.
+    for (path, allow) in [
+        ("/v3/export-jobs".to_owned(), "GET, POST"),
+        (format!("/v3/export-jobs/{job}"), "GET"),
+        (format!("/v3/export-jobs/{job}/items"), "GET, PUT"),
+        ("/v3/export-job-events".to_owned(), "POST"),
+        ("/v3/export-items".to_owned(), "GET"),
+        ("/v1/subscriptions".to_owned(), "GET, POST"),
+    ] {
+        for method in ["DELETE", "PATCH", "TRACE"] {
+            let (st, got, _) = raw(&base, method, &path, None);
+            assert_eq!((st, got.as_deref()), (405, Some(allow)), "{method} {path}");
+        }
+    }
 }

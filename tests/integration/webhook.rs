@@ -417,7 +417,10 @@ fn a_job_announced_by_webhook_is_claimed_within_two_seconds_with_hourly_polling(
                     .encode(format!("{}:", crate::harness::KEY))
             }),
         )
-        .send_json(json!({"companyId": A, "accountingEntryIds": ["e1", "e2"]}))
+        .send_json(json!({"companyId": A, "accountingEntryIds": [
+            "0000e100-0000-4000-8000-000000000001",
+            "0000e100-0000-4000-8000-000000000002"
+        ]}))
         .unwrap()
         .body_mut()
         .read_json()

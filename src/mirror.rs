@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender, select};
 use serde_json::json;
 
-use crate::clock::SharedClock;
+use crate::clock::{Millis, SharedClock};
 use crate::pleo::{Clients, PleoError, status};
 use crate::store::{EventKind, Source, Store, StoreError, SyncCounts, Upsert};
 
@@ -133,6 +133,9 @@ pub enum SyncError {
 pub struct PassReport {
     pub counts: SyncCounts,
     pub failed_companies: Vec<String>,
+    /// For each failed company: what failed, and whether trying again soon may help (429,
+    /// 5xx, no answer) or not (a refused credential, another 4xx).
+    pub failures: Vec<(String, String, bool)>,
     /// New work for the processor appeared (a new pending job, or a job to resume).
     pub woke: bool,
 }
@@ -231,13 +234,16 @@ impl Mirror {
             if self.stopping() {
                 break;
             }
-            let batch = self.store.pending_deliveries(100)?;
+            let now = self.clock.now();
+            let batch = self.store.pending_deliveries(100, now)?;
             if batch.is_empty() {
                 break;
             }
             let mut marks: Vec<(String, String)> = Vec::new();
-            // company -> (webhook id, named job) of the deliveries that trigger its detection.
-            let mut by_company: std::collections::BTreeMap<String, Vec<(String, String)>> =
+            let mut deferred: Vec<(String, String, Millis)> = Vec::new();
+            // company -> (webhook id, attempts, named job) of the deliveries that trigger its
+            // detection.
+            let mut by_company: std::collections::BTreeMap<String, Vec<(String, u32, String)>> =
                 std::collections::BTreeMap::new();
             for d in batch {
                 if self.stopping() {
@@ -275,10 +281,16 @@ impl Mirror {
                             continue;
                         }
                         Err(e) => {
-                            let why = format!(
-                                "not acted on: reading job {id} to learn its company failed: {e}; polls cover the served companies"
+                            let what = format!("reading job {id} to learn its company: {e}");
+                            let at = self.clock.now();
+                            end_or_defer(
+                                &mut marks,
+                                &mut deferred,
+                                at,
+                                (&d.webhook_id, d.attempts),
+                                what,
+                                e.is_retryable(),
                             );
-                            marks.push((d.webhook_id, why));
                             continue;
                         }
                     },
@@ -286,34 +298,60 @@ impl Mirror {
                 by_company
                     .entry(company)
                     .or_default()
-                    .push((d.webhook_id, id));
+                    .push((d.webhook_id, d.attempts, id));
             }
             for (company, deliveries) in by_company {
                 let report = self.pass_companies(PassKind::Poll, std::slice::from_ref(&company));
-                let listed = report.failed_companies.is_empty();
-                detected_any |= listed;
-                for (webhook_id, job_id) in deliveries {
-                    let outcome = if !listed {
-                        format!(
-                            "detection failed for company {company} (see sync_runs); the next poll lists it again"
-                        )
-                    } else {
-                        match self.store.job(&job_id)? {
-                            Some(j) => format!("detection: company listed; the named job is {}", j.status),
-                            None => "detection: company listed; the named job is not listed as open (yet): polls find it".to_owned(),
+                let failure = report.failures.into_iter().next();
+                // Retries count from when this attempt ended (its own retries take time).
+                let failed_at = self.clock.now();
+                detected_any |= failure.is_none();
+                for (webhook_id, attempts, job_id) in deliveries {
+                    match &failure {
+                        Some((_, e, transient)) => {
+                            let what = format!("detection for company {company}: {e}");
+                            end_or_defer(
+                                &mut marks,
+                                &mut deferred,
+                                failed_at,
+                                (&webhook_id, attempts),
+                                what,
+                                *transient,
+                            );
                         }
-                    };
-                    marks.push((webhook_id, outcome));
+                        None => {
+                            let outcome = match self.store.job(&job_id)? {
+                                Some(j) => format!(
+                                    "detection: company listed; the named job is {}",
+                                    j.status
+                                ),
+                                None => "detection: company listed; the named job is not listed as open (yet): polls find it".to_owned(),
+                            };
+                            marks.push((webhook_id, outcome));
+                        }
+                    }
                 }
             }
-            // One commit for the batch.
+            // One commit for the ended deliveries, one for the deferred.
             self.store.mark_deliveries(&marks, self.clock.now())?;
+            if !deferred.is_empty() {
+                self.store.defer_deliveries(&deferred)?;
+            }
         }
         // A webhook also means "check again now" for a readiness check that failed.
         if detected_any {
             self.wake_processors();
         }
         Ok(handled)
+    }
+
+    /// How long until the earliest deferred delivery falls due (None: none waits).
+    pub fn delivery_retry_in(&self) -> Result<Option<std::time::Duration>, SyncError> {
+        let now = self.clock.now();
+        Ok(self
+            .store
+            .next_delivery_retry()?
+            .map(|at| std::time::Duration::from_millis((at.0 - now.0).max(0) as u64)))
     }
 
     /// One pass over every company. Companies not yet recovered get a recovery pass whatever
@@ -357,6 +395,13 @@ impl Mirror {
                 }
                 Err(e) => {
                     log::warn!("{} pass for company {company} failed: {e}", k.as_str());
+                    let transient = match &e {
+                        SyncError::Pleo(p) => p.is_retryable(),
+                        SyncError::Store(_) => true,
+                    };
+                    report
+                        .failures
+                        .push((company.clone(), e.to_string(), transient));
                     report.failed_companies.push(company);
                 }
             }
@@ -503,6 +548,56 @@ fn add(total: &mut SyncCounts, c: &SyncCounts) {
 
 /// Webhook-named jobs are read at most this often while deliveries keep coming (a single
 /// delivery after a quiet spell is read at once).
+/// A delivery's action (its company's detection, or the read that learns the company) is
+/// tried at most this many times when it fails transiently (429, 5xx, no answer), waiting
+/// [`delivery_backoff`] between attempts (5, 10, 20, 40 s: about 75 s in all); then the
+/// delivery ends with what the last attempt met, and the company's polls cover it.
+pub const DELIVERY_ATTEMPTS: u32 = 5;
+
+/// The wait after the `failures`-th failed attempt at a delivery's action (0-based).
+pub fn delivery_backoff(failures: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(5 << failures.min(4))
+}
+
+/// Ends a delivery whose action failed, or defers it when trying again may help: transient
+/// failures are tried again up to [`DELIVERY_ATTEMPTS`]; a refusal (401, 403, another 4xx)
+/// ends it at once. Each delivery fails on its own schedule: no delivery waits for another.
+fn end_or_defer(
+    marks: &mut Vec<(String, String)>,
+    deferred: &mut Vec<(String, String, Millis)>,
+    now: Millis,
+    (webhook_id, attempts): (&str, u32),
+    what: String,
+    transient: bool,
+) {
+    let attempt = attempts + 1;
+    if transient && attempt < DELIVERY_ATTEMPTS {
+        let wait = delivery_backoff(attempts);
+        deferred.push((
+            webhook_id.to_owned(),
+            format!(
+                "attempt {attempt} of {DELIVERY_ATTEMPTS} failed: {what}; trying again in {} s",
+                wait.as_secs()
+            ),
+            now.plus(wait),
+        ));
+    } else if transient {
+        marks.push((
+            webhook_id.to_owned(),
+            format!(
+                "not acted on after {attempt} attempts: {what}; the next poll lists the company again"
+            ),
+        ));
+    } else {
+        marks.push((
+            webhook_id.to_owned(),
+            format!(
+                "not acted on: {what} (refused: not retried); the next poll lists the company again"
+            ),
+        ));
+    }
+}
+
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How often the sync thread shows it is alive when nothing else wakes it.
@@ -547,7 +642,7 @@ pub fn run(
     shutdown: Receiver<()>,
     progress: Option<Arc<crate::health::Progress>>,
 ) {
-    /// After a failure to read webhook-named jobs, try again this soon (not at the next poll).
+    /// After the database failed while acting on deliveries, try again this soon.
     const DELIVERY_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
     let origin = crate::clock::monotonic();
     let ms = || origin.elapsed().as_millis() as i64;
@@ -558,12 +653,17 @@ pub fn run(
         }
     };
     let mut nudge = nudge;
+    // Returns when to act on deliveries again: a deferred delivery's retry, or soon after a
+    // failure of the database.
     let deliveries = |mirror: &mut Mirror| match mirror.process_deliveries() {
         Ok(n) => {
             if n > 0 {
                 log::debug!("acted on {n} webhook deliveries");
             }
-            None
+            match mirror.delivery_retry_in() {
+                Ok(wait) => wait.map(|w| ms() + w.as_millis() as i64),
+                Err(_) => Some(ms() + DELIVERY_RETRY.as_millis() as i64),
+            }
         }
         Err(e) => {
             log::warn!(

@@ -599,7 +599,10 @@ impl Replay {
         let nudged = r.nudge.try_recv().is_ok();
         if stored_now || nudged || r.deliveries_due.is_some_and(|t| t <= base_now) {
             r.deliveries_due = match r.mirror.process_deliveries() {
-                Ok(_) => None,
+                Ok(_) => match r.mirror.delivery_retry_in() {
+                    Ok(wait) => wait.map(|w| self.base.now().plus(w)),
+                    Err(_) => Some(self.base.now().plus(Duration::from_secs(2))),
+                },
                 Err(_) => Some(self.base.now().plus(Duration::from_secs(2))),
             };
         }

@@ -693,6 +693,8 @@ pub struct PendingDelivery {
     pub job_id: Option<String>,
     /// The company the body names (a hint: it picks the credential to read the job with).
     pub company_id: Option<String>,
+    /// Attempts at acting on it that failed transiently so far.
+    pub attempts: u32,
 }
 
 impl Store {
@@ -751,20 +753,49 @@ impl Store {
     }
 
     /// Deliveries whose job has not been read yet, oldest first.
-    pub fn pending_deliveries(&self, limit: usize) -> Result<Vec<PendingDelivery>> {
+    /// Deliveries not acted on yet and due at `now` (oldest first): new ones, and deferred
+    /// ones whose `retry_at` has come.
+    pub fn pending_deliveries(&self, limit: usize, now: Millis) -> Result<Vec<PendingDelivery>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT webhook_id, event_type, job_id, company_id FROM webhook_deliveries WHERE processed_at IS NULL \
+            "SELECT webhook_id, event_type, job_id, company_id, attempts FROM webhook_deliveries \
+             WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= ?2) \
              ORDER BY received_at, webhook_id LIMIT ?1",
         )?;
-        let rows = stmt.query_map([limit as i64], |r| {
+        let rows = stmt.query_map(params![limit as i64, now.0], |r| {
             Ok(PendingDelivery {
                 webhook_id: r.get(0)?,
                 event_type: r.get(1)?,
                 job_id: r.get(2)?,
                 company_id: r.get(3)?,
+                attempts: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// When the earliest deferred delivery falls due (None: none is waiting).
+    pub fn next_delivery_retry(&self) -> Result<Option<Millis>> {
+        let at: Option<i64> = self.conn.query_row(
+            "SELECT MIN(retry_at) FROM webhook_deliveries WHERE processed_at IS NULL AND retry_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(at.map(Millis))
+    }
+
+    /// Defers deliveries whose action failed transiently: one more attempt counted, due again
+    /// at `retry_at`, `outcome` saying what this attempt met (they stay unprocessed).
+    pub fn defer_deliveries(&self, deferred: &[(String, String, Millis)]) -> Result<()> {
+        let tx = self.write_tx()?;
+        for (id, outcome, retry_at) in deferred {
+            tx.prepare_cached(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, retry_at = ?2, outcome = ?3 \
+                 WHERE webhook_id = ?1 AND processed_at IS NULL",
+            )?
+            .execute(params![id, retry_at.0, outcome])?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Records the process running the service on this database.

@@ -268,3 +268,154 @@ fn one_unreadable_job_in_a_listing_never_hides_the_companys_other_jobs() {
     );
     assert_eq!(st.pick_next(A).unwrap().unwrap().id, "good-old");
 }
+
+fn job_delivery(w: &World, webhook_id: &str, company: &str, job: &str) {
+    let body = serde_json::json!({"data": {"id": job, "companyId": company},
+                                  "eventType": "v1.export-job.created", "eventId": webhook_id})
+    .to_string();
+    let d = jobmirror::webhook::Delivery {
+        webhook_id: webhook_id.into(),
+        signed_at: w.clock_now(),
+        event_type: Some("v1.export-job.created".into()),
+        event_id: Some(webhook_id.into()),
+        job_id: Some(job.into()),
+        company_id: Some(company.into()),
+        body,
+        headers: serde_json::json!({"webhook-id": webhook_id}),
+    };
+    w.store().insert_deliveries(&[&d], w.clock_now()).unwrap();
+}
+
+/// (processed, attempts, outcome) of a delivery.
+fn delivery(w: &World, webhook_id: &str) -> (bool, u32, String) {
+    w.store()
+        .conn()
+        .query_row(
+            "SELECT processed_at IS NOT NULL, attempts, coalesce(outcome, '') FROM webhook_deliveries WHERE webhook_id = ?1",
+            [webhook_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+}
+
+/// Five 500s: every attempt the client makes at one listing.
+fn fail_next_listing(w: &World) {
+    for _ in 0..5 {
+        w.fake.push_fault(FaultRule {
+            method: Some("GET".into()),
+            path_prefix: Some("/v3/export-jobs".into()),
+            fault: Fault::ServerError,
+            skip: 0,
+        });
+    }
+}
+
+#[test]
+fn a_delivery_whose_detection_fails_transiently_is_retried_on_its_own_backoff() {
+    let w = World::new();
+    w.pending(A, "a-1", 60);
+    w.pending(B, "b-1", 60);
+    let mut m = w.mirror(&[A, B]);
+    m.pass(PassKind::Recovery);
+    let a_job = w.pending(A, "a-2", 10);
+    let b_job = w.pending(B, "b-2", 10);
+    job_delivery(&w, "msg_a", A, &a_job);
+    job_delivery(&w, "msg_b", B, &b_job);
+    // A's listing fails (every client attempt), B's goes through in the same call.
+    fail_next_listing(&w);
+    assert_eq!(m.process_deliveries().unwrap(), 2);
+    let (done, attempts, outcome) = delivery(&w, "msg_a");
+    assert!(!done && attempts == 1, "{outcome}");
+    assert!(
+        outcome.starts_with("attempt 1 of 5 failed: detection for company"),
+        "{outcome}"
+    );
+    assert!(outcome.ends_with("trying again in 5 s"), "{outcome}");
+    let (done, _, outcome) = delivery(&w, "msg_b");
+    assert!(
+        done && outcome.contains("the named job is pending"),
+        "{outcome}"
+    );
+    assert!(w.store().job(&b_job).unwrap().is_some());
+    assert!(w.store().job(&a_job).unwrap().is_none());
+    // Not due yet: nothing is asked of Pleo.
+    assert_eq!(
+        m.delivery_retry_in().unwrap(),
+        Some(std::time::Duration::from_secs(5))
+    );
+    let asked = w.fake.requests().len();
+    w.clock.advance(std::time::Duration::from_millis(4_999));
+    assert_eq!(m.process_deliveries().unwrap(), 0);
+    assert_eq!(w.fake.requests().len(), asked);
+    // Due: the second attempt fails too and waits twice as long; the third lists the job.
+    w.clock.advance(std::time::Duration::from_millis(1));
+    fail_next_listing(&w);
+    assert_eq!(m.process_deliveries().unwrap(), 1);
+    let (done, attempts, outcome) = delivery(&w, "msg_a");
+    assert!(
+        !done && attempts == 2 && outcome.ends_with("trying again in 10 s"),
+        "{outcome}"
+    );
+    w.clock.advance(std::time::Duration::from_secs(10));
+    assert_eq!(m.process_deliveries().unwrap(), 1);
+    let (done, attempts, outcome) = delivery(&w, "msg_a");
+    assert!(done && attempts == 2, "{outcome}");
+    assert!(outcome.contains("the named job is pending"), "{outcome}");
+    assert!(w.store().job(&a_job).unwrap().is_some());
+    assert_eq!(m.delivery_retry_in().unwrap(), None);
+}
+
+#[test]
+fn a_delivery_ends_after_five_transient_failures_and_a_refusal_at_once() {
+    let w = World::new();
+    w.pending(A, "a-1", 60);
+    let mut m = w.mirror(&[A]);
+    m.pass(PassKind::Recovery);
+    job_delivery(&w, "msg_a", A, "a-1");
+    let mut waits = Vec::new();
+    for attempt in 1..=5 {
+        fail_next_listing(&w);
+        let asked = w.fake.requests().len();
+        assert_eq!(m.process_deliveries().unwrap(), 1, "attempt {attempt}");
+        assert_eq!(
+            w.fake.requests().len() - asked,
+            5,
+            "one listing, the client's 5 tries"
+        );
+        if let Some(wait) = m.delivery_retry_in().unwrap() {
+            waits.push(wait.as_secs());
+            w.clock.advance(wait);
+        }
+    }
+    assert_eq!(waits, [5, 10, 20, 40]);
+    let (done, attempts, outcome) = delivery(&w, "msg_a");
+    assert!(done && attempts == 4, "{outcome}");
+    assert!(
+        outcome.starts_with("not acted on after 5 attempts: detection for company"),
+        "{outcome}"
+    );
+    assert!(outcome.contains("500"), "{outcome}");
+    // A refused listing (401 for this company's key) ends its delivery at the first attempt.
+    let keyed = World::new();
+    keyed.pending(B, "b-1", 60);
+    let mut m = keyed.mirror(&[B]);
+    m.pass(PassKind::Recovery);
+    keyed.fake.push_fault(FaultRule {
+        method: Some("GET".into()),
+        path_prefix: Some("/v3/export-jobs".into()),
+        fault: Fault::Refused { status: 401 },
+        skip: 0,
+    });
+    job_delivery(&keyed, "msg_b", B, "b-1");
+    let asked = keyed.fake.requests().len();
+    assert_eq!(m.process_deliveries().unwrap(), 1);
+    assert_eq!(
+        keyed.fake.requests().len() - asked,
+        1,
+        "a 401 is not retried"
+    );
+    let (done, attempts, outcome) = delivery(&keyed, "msg_b");
+    assert!(done && attempts == 0, "{outcome}");
+    assert!(outcome.contains("(refused: not retried)"), "{outcome}");
+    assert_eq!(m.delivery_retry_in().unwrap(), None);
+}

@@ -877,7 +877,11 @@ fn a_company_pleo_refuses_never_delays_another_companys_webhook() {
     assert_eq!(outcomes.len(), 5);
     for o in &outcomes {
         let o = o.as_deref().unwrap_or("none");
-        assert!(o.contains("detection failed for company"), "{o}");
+        assert!(
+            o.starts_with("not acted on: detection for company") && o.contains("401"),
+            "{o}"
+        );
+        assert!(o.contains("(refused: not retried)"), "{o}");
     }
     // A bound on what the refused company cost: no blind retries of a 401.
     let b_requests = fake

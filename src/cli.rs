@@ -14,16 +14,27 @@ use crate::config::{Config, ConfigError};
 use crate::fake::{FakeConfig, FakePleo, Fixture};
 use crate::store::Store;
 
+/// The version and the commit the binary was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("JOBMIRROR_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "jobmirror",
-    version,
+    version = VERSION,
     about = "Mirror Pleo export jobs into SQLite and claim them oldest-first"
 )]
 pub struct Cli {
     /// TOML configuration file; every key can be overridden by JOBMIRROR_<KEY>.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// The database file (wins over JOBMIRROR_DB and the file's `db`).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub db: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -37,7 +48,12 @@ pub enum SubscriptionsAction {
         json: bool,
     },
     /// Delete one subscription by id (Pleo stops delivering to its URL).
-    Delete { id: String },
+    Delete {
+        id: String,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -45,7 +61,11 @@ pub enum Command {
     /// Run the service until SIGTERM or SIGINT (SIGUSR1 runs detection now).
     Run,
     /// Create or upgrade the database schema, then exit.
-    Migrate,
+    Migrate {
+        /// Print the migrations applied as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Per company: jobs by state, last poll, last webhook, next deadline (read-only).
     Status {
         #[command(flatten)]
@@ -123,6 +143,9 @@ pub enum Command {
         /// Event types to subscribe to.
         #[arg(long = "event-type", default_value = "v1.export-job.created")]
         event_types: Vec<String>,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List or delete this credential's webhook subscriptions at Pleo.
     Subscriptions {
@@ -130,7 +153,11 @@ pub enum Command {
         action: SubscriptionsAction,
     },
     /// Make the running service (recorded in the database) run detection now (SIGUSR1).
-    Trigger,
+    Trigger {
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure throughput, latency and footprint against the fake (see BENCHMARKS.md).
     Bench {
         /// Tiny sizes: checks the harness runs (a test does this).
@@ -145,13 +172,11 @@ pub enum Command {
         only: Vec<String>,
     },
     /// Replay a snapshot offline: the real workers against an in-process fake Pleo on a
-    /// virtual clock; prints a summary and leaves the database for sqlite3.
+    /// virtual clock; prints a summary and leaves the database for sqlite3 (at --db, default
+    /// <snapshot name>.replay.db here).
     Replay {
         /// The snapshot (JSON, version 2; see fixtures/README.md).
         snapshot: PathBuf,
-        /// The database to create (default: <snapshot name>.replay.db here).
-        #[arg(long)]
-        db: Option<PathBuf>,
         /// The handler, as handler_command spells it.
         #[arg(long, default_value = "dry-run")]
         handler: String,
@@ -161,9 +186,15 @@ pub enum Command {
     },
     /// Write a snapshot of the configured companies' open jobs, read from the API (GETs only).
     Record {
-        /// Where to write the snapshot (mode 0600).
+        /// Where to write the snapshot (mode 0600); an existing file is kept unless --force.
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        force: bool,
+        /// Print what was recorded as JSON.
+        #[arg(long)]
+        json: bool,
         /// Replace names, notes and file URLs with placeholders.
         #[arg(long)]
         redact: bool,
@@ -187,12 +218,19 @@ pub enum Command {
         /// Write the first seed's snapshot here instead of replaying (for `jobmirror replay`).
         #[arg(long)]
         write: Option<PathBuf>,
-    },
-    /// Show jobmirror at work against a bundled fake Pleo; needs no credentials.
-    Demo {
-        /// Where to leave the demo database (default: a new folder under the temp dir).
+        /// Print the totals as JSON.
         #[arg(long)]
-        db: Option<PathBuf>,
+        json: bool,
+    },
+    /// Show jobmirror at work against a bundled fake Pleo; needs no credentials. The
+    /// database is left at --db (default: a new folder under the temp dir).
+    Demo,
+    /// Check a configuration (the file and JOBMIRROR_* variables) as `run` would, and print
+    /// the effective settings with secrets masked; exit 2 if it is refused.
+    CheckConfig {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -221,6 +259,10 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if let Some(db) = &cli.db {
+        // SAFETY: no other thread exists yet; every loader reads the database path from here.
+        unsafe { std::env::set_var("JOBMIRROR_DB", db) };
+    }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -245,16 +287,9 @@ fn chain(e: &anyhow::Error) -> String {
     s
 }
 
+/// Logging to stderr in text (see [`crate::logging`]); the service uses its `log_format`.
 pub fn init_logging(level: log::LevelFilter) {
-    let cfg = simplelog::ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_thread_level(log::LevelFilter::Off)
-        .set_target_level(log::LevelFilter::Off)
-        // ureq and ureq-proto dump whole requests, headers included, at debug and trace
-        // level: that would put the credential in the log. Their errors reach us anyway.
-        .add_filter_ignore_str("ureq")
-        .build();
-    let _ = simplelog::WriteLogger::init(level, cfg, std::io::stderr());
+    crate::logging::init(level, crate::logging::LogFormat::Text);
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -262,17 +297,47 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => {
             let cfg = Config::load(cli.config.as_deref())?;
-            init_logging(cfg.log);
+            crate::logging::init(cfg.log, cfg.log_format);
             crate::service::run(&cfg, cli.config.as_deref(), clock)
         }
-        Command::Migrate => {
+        Command::Migrate { json } => {
             let db = db_path(cli.config.as_deref())?;
             init_logging(log::LevelFilter::Info);
             let mut store = Store::connect(&db)?;
-            for name in store.migrate()? {
-                println!("applied {name}");
+            let applied = store.migrate()?;
+            if json {
+                say_json(&serde_json::json!({"db": db, "applied": applied}))?;
+            } else {
+                for name in &applied {
+                    println!("applied {name}");
+                }
+                println!("database {} is at the current schema", db.display());
             }
-            println!("database {} is at the current schema", db.display());
+            Ok(())
+        }
+        Command::CheckConfig { json } => {
+            let (cfg, settings) = crate::config::effective(cli.config.as_deref())?;
+            if json {
+                let map: serde_json::Map<String, serde_json::Value> = settings
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.key.to_owned(),
+                            serde_json::json!({"value": s.value, "from": s.from}),
+                        )
+                    })
+                    .collect();
+                say_json(&serde_json::json!({"valid": true, "settings": map}))?;
+            } else {
+                for s in &settings {
+                    println!("{:<34} {:<10} {}", s.key, s.from, s.value);
+                }
+                println!(
+                    "configuration valid: {} companies, database {}",
+                    cfg.company_ids.len(),
+                    cfg.db.display()
+                );
+            }
             Ok(())
         }
         Command::Status { report } => {
@@ -330,7 +395,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let args = ReportArgs { json, at };
             let now = report_time(&args, &clock)?;
             let store = Store::connect(&db)?;
-            let r = store.prune(now, cfg.retention, dry_run)?;
+            let r = store.prune(now, clock.now(), cfg.retention, dry_run)?;
             emit(&args, &serde_json::to_value(&r)?, crate::ops::prune_text)
         }
         Command::FakePleo {
@@ -371,8 +436,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             url,
             secret_file,
             event_types,
+            json,
         } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = Config::load_for(cli.config.as_deref(), crate::config::Needs::PLEO)?;
             init_logging(cfg.log);
             let file = secret_file
                 .or_else(|| std::env::var_os("JOBMIRROR_WEBHOOK_SECRET_FILE").map(PathBuf::from))
@@ -392,16 +458,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if !same {
                 write_private(&file, &text)?;
             }
-            println!(
-                "subscription {id} for {url} {}; its secret is in {} (mode 0600{})",
-                change.as_str(),
-                file.display(),
-                if same { ", unchanged" } else { "" }
-            );
+            if json {
+                say_json(&serde_json::json!({
+                    "subscription_id": id, "url": url, "change": change.as_str(),
+                    "secret_file": file, "secret_file_changed": !same,
+                }))?;
+            } else {
+                println!(
+                    "subscription {id} for {url} {}; its secret is in {} (mode 0600{})",
+                    change.as_str(),
+                    file.display(),
+                    if same { ", unchanged" } else { "" }
+                );
+            }
             Ok(())
         }
         Command::Subscriptions { action } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = Config::load_for(cli.config.as_deref(), crate::config::Needs::PLEO)?;
             init_logging(cfg.log);
             let client = cfg.client(clock)?;
             match action {
@@ -427,22 +500,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                         }
                     }
                 }
-                SubscriptionsAction::Delete { id } => {
+                SubscriptionsAction::Delete { id, json } => {
                     client.delete_subscription(&id)?;
-                    println!("deleted subscription {id}");
+                    if json {
+                        say_json(&serde_json::json!({"deleted": id}))?;
+                    } else {
+                        println!("deleted subscription {id}");
+                    }
                 }
             }
             Ok(())
         }
-        Command::Trigger => {
-            let db = db_path(cli.config.as_deref())?;
-            if !db.exists() {
-                return Err(UsageError(format!("database {} does not exist", db.display())).into());
-            }
+        Command::Trigger { json } => {
+            let db = existing_db(cli.config.as_deref())?;
             let pids = Store::open_read_only(&db)?.instances()?;
             for pid in &pids {
                 if signal_usr1(*pid) {
-                    println!("asked jobmirror (pid {pid}) to run detection now");
+                    if json {
+                        say_json(&serde_json::json!({"signalled_pid": pid}))?;
+                    } else {
+                        println!("asked jobmirror (pid {pid}) to run detection now");
+                    }
                     return Ok(());
                 }
             }
@@ -454,10 +532,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Replay {
             snapshot,
-            db,
             handler,
             json,
         } => {
+            let db = cli.db.clone();
             init_logging(log::LevelFilter::Error);
             let snap = crate::snapshot::Snapshot::load(&snapshot)
                 .map_err(|e| UsageError(format!("{e:#}")))?;
@@ -471,12 +549,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let mut opts = crate::replay::ReplayOptions::new(db.clone());
             opts.handler = handler;
             let summary = crate::replay::replay(snap, opts)?;
+            // Everything into the main file, so copying the .db alone loses nothing.
+            Store::connect(&db)?.checkpoint()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
                 print!("{}", summary.render());
                 println!(
-                    "  database: {} (try: sqlite3 {} 'SELECT * FROM job_events')",
+                    "  database: {} (try: sqlite3 -readonly {} \"SELECT * FROM job_events\")",
                     db.display(),
                     db.display()
                 );
@@ -488,10 +568,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Record {
             out,
+            force,
+            json,
             redact,
             description,
             at,
         } => {
+            if out.exists() && !force {
+                return Err(UsageError(format!(
+                    "{} already exists; give --force to replace it",
+                    out.display()
+                ))
+                .into());
+            }
             let at = match at {
                 None => None,
                 Some(s) => Some(
@@ -499,7 +588,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                         .ok_or_else(|| UsageError(format!("--at {s:?} is not an RFC 3339 time")))?,
                 ),
             };
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg =
+                Config::load_for(cli.config.as_deref(), crate::config::Needs::PLEO_COMPANIES)?;
             init_logging(cfg.log);
             let client = cfg.client(clock.clone())?;
             let opts = crate::snapshot::RecordOptions {
@@ -509,16 +599,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             let snap = crate::snapshot::record(&client, &clock, &cfg.company_ids, &opts)?;
             write_private(&out, &(serde_json::to_string_pretty(&snap)? + "\n"))?;
-            println!(
-                "recorded {} open jobs of {} companies into {}{}",
-                snap.jobs.len(),
-                snap.companies.len(),
-                out.display(),
-                if redact { " (redacted)" } else { "" }
-            );
+            if json {
+                say_json(&serde_json::json!({
+                    "out": out, "jobs": snap.jobs.len(), "companies": snap.companies.len(),
+                    "redacted": redact,
+                }))?;
+            } else {
+                println!(
+                    "recorded {} open jobs of {} companies into {}{}",
+                    snap.jobs.len(),
+                    snap.companies.len(),
+                    out.display(),
+                    if redact { " (redacted)" } else { "" }
+                );
+            }
             Ok(())
         }
-        Command::Simulate { seed, seeds, write } => {
+        Command::Simulate {
+            seed,
+            seeds,
+            write,
+            json,
+        } => {
             init_logging(log::LevelFilter::Error);
             if let Some(path) = write {
                 let snap = crate::simulate::generate(seed);
@@ -541,22 +643,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             let _ = std::fs::remove_dir_all(&dir);
             total.description = Some(format!("{seeds} simulated histories from seed {seed}"));
-            print!("{}", total.render());
-            println!("{} seeds, {} failed", seeds, failed.len());
+            if json {
+                say_json(&serde_json::json!({"seeds": seeds, "failed": failed, "totals": total}))?;
+            } else {
+                print!("{}", total.render());
+                println!("{} seeds, {} failed", seeds, failed.len());
+            }
             if !failed.is_empty() {
                 anyhow::bail!("seeds {failed:?} violated invariants");
             }
             Ok(())
         }
-        Command::Demo { db } => crate::demo::run(db),
+        Command::Demo => crate::demo::run(cli.db.clone()),
         Command::Bench { smoke, json, only } => crate::bench::run(smoke, json, &only),
     }
 }
 
+/// Prints a command's outcome as JSON (the `--json` of every command that reports).
+fn say_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
 /// Sends SIGUSR1 to `pid` if it is a jobmirror process.
 fn signal_usr1(pid: u32) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if !String::from_utf8_lossy(&cmdline).contains("jobmirror") {
+    if !crate::ops::is_jobmirror_process(pid) {
         return false;
     }
     let Ok(pid) = libc::pid_t::try_from(pid) else {
@@ -650,14 +761,15 @@ fn db_path(file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
 /// The database named by the configuration, which must exist.
 fn existing_db(file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
     let db = db_path(file)?;
-    if !db.exists() {
-        return Err(UsageError(format!(
+    match std::fs::metadata(&db) {
+        Ok(_) => Ok(db),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UsageError(format!(
             "database {} does not exist (run `jobmirror migrate` or `jobmirror run` first)",
             db.display()
         ))
-        .into());
+        .into()),
+        Err(e) => Err(UsageError(format!("database {} cannot be read: {e}", db.display())).into()),
     }
-    Ok(db)
 }
 
 /// `--at`, or now.
@@ -680,36 +792,19 @@ fn open_report(
     Ok((Store::open_read_only(&db)?, db, now))
 }
 
-/// The configuration for commands that never talk to Pleo: the credential and company list
-/// may be absent (then the companies are unknown). Returns whether the companies were named.
+/// The configuration for commands that never talk to Pleo: only the database and the timing
+/// settings are needed, so the service's own file and environment work as they are (its key
+/// file, webhook secret and companies are neither required nor read). Returns whether the
+/// companies were named.
 fn operator_config(file: Option<&std::path::Path>) -> anyhow::Result<(Config, bool)> {
-    let env = |k: &str| std::env::var(k).ok();
-    let named =
-        env("JOBMIRROR_COMPANY_IDS").is_some() || config_value_any(file, "company_ids").is_some();
-    let cfg = Config::load_with(file, &|k| {
-        // Placeholders only where neither the environment nor the file says anything.
-        let unset = |key: &str| env(k).is_none() && config_value_any(file, key).is_none();
-        match k {
-            "JOBMIRROR_PLEO_API_KEY" if unset("pleo_api_key") && unset("pleo_api_key_file") => {
-                Some("-".into())
-            }
-            "JOBMIRROR_COMPANY_IDS" if !named => Some("-".into()),
-            _ => env(k),
-        }
-    })?;
+    let cfg = Config::load_for(file, crate::config::Needs::OPERATOR)?;
+    let named = !cfg.company_ids.is_empty();
     Ok((cfg, named))
 }
 
 fn operator_settings(file: Option<&std::path::Path>) -> anyhow::Result<crate::ops::Settings> {
     let (cfg, named) = operator_config(file)?;
     Ok(crate::ops::Settings::from_config(&cfg, named))
-}
-
-/// Whether the config file sets `key` (any type).
-fn config_value_any(file: Option<&std::path::Path>, key: &str) -> Option<toml::Value> {
-    let text = std::fs::read_to_string(file?).ok()?;
-    let t: toml::Table = text.parse().ok()?;
-    t.get(key).cloned()
 }
 
 /// Prints a report as JSON or text.

@@ -81,6 +81,11 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "log level: error, warn, info, debug, trace",
     ),
     (
+        "log_format",
+        Some("text"),
+        "text (one line a record, UTC times) or json (one object a line: ts, level, msg); under systemd each line starts with its syslog priority",
+    ),
+    (
         "lanes",
         Some("1"),
         "processor threads; each company belongs to one lane, so its jobs stay strictly sequential",
@@ -275,6 +280,7 @@ pub struct Config {
     pub company_ids: Vec<String>,
     pub poll_interval: Duration,
     pub log: log::LevelFilter,
+    pub log_format: crate::logging::LogFormat,
     pub deadline_warning: Duration,
     pub claim_min_left: Duration,
     pub not_ready_fail_margin: Duration,
@@ -309,54 +315,159 @@ pub fn is_key(name: &str) -> bool {
     KEYS.iter().any(|(k, _, _)| *k == name)
 }
 
+/// The values the file and the environment give (the environment wins), each with where it
+/// came from (`file` or `env`). Unknown file keys are errors.
+fn raw_values(
+    file: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<&'static str, (String, &'static str)>, ConfigError> {
+    let mut values: BTreeMap<&'static str, (String, &'static str)> = BTreeMap::new();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            err(
+                "config",
+                format!("{} is not valid TOML: {}", path.display(), e.message()),
+            )
+        })?;
+        for (k, v) in table {
+            let Some((key, _, _)) = KEYS.iter().find(|(name, _, _)| *name == k) else {
+                return Err(err(&k, format!("unknown key in {}", path.display())));
+            };
+            let s = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Array(a) => a
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| err(key, "list entries must be strings"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join(","),
+                other => return Err(err(key, format!("unsupported value {other}"))),
+            };
+            values.insert(key, (s, "file"));
+        }
+    }
+    for (key, _, _) in KEYS {
+        if let Some(v) = env(&env_name(key)) {
+            values.insert(key, (v, "env"));
+        }
+    }
+    Ok(values)
+}
+
+/// One effective setting, for `jobmirror check-config`.
+pub struct Setting {
+    pub key: &'static str,
+    /// The value, or `***` for a secret that is set.
+    pub value: String,
+    /// `file`, `env` or `default`.
+    pub from: &'static str,
+}
+
+/// Settings whose value is a secret: shown as `***`, never as given.
+const SECRET_KEYS: &[&str] = &["pleo_api_key", "pleo_oauth_client_secret", "webhook_secret"];
+
+/// Checks the configuration as `run` would (every part required) and lists every setting
+/// with its effective value and origin; secrets are masked.
+pub fn effective(file: Option<&Path>) -> Result<(Config, Vec<Setting>), ConfigError> {
+    let env = |k: &str| std::env::var(k).ok();
+    let cfg = Config::load_with_needs(file, &env, Needs::SERVICE)?;
+    let values = raw_values(file, &env)?;
+    let settings = KEYS
+        .iter()
+        .map(|(key, default, _)| {
+            let (value, from) = match values.get(key) {
+                Some((v, from)) => (v.clone(), *from),
+                None => (default.unwrap_or("").to_owned(), "default"),
+            };
+            let value = if SECRET_KEYS.contains(key) && !value.is_empty() {
+                "***".to_owned()
+            } else {
+                value
+            };
+            Setting { key, value, from }
+        })
+        .collect();
+    Ok((cfg, settings))
+}
+
+/// What a command uses of the configuration. Only those parts are required and checked, so
+/// an operator command runs with the service's own file and environment (its webhook secret,
+/// key file and companies included) without reading secrets it has no use for. Every value
+/// that is given is still checked for its form, and unknown keys are still errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Needs {
+    /// Pleo's credential (API key or OAuth) and the per-company keys.
+    pub pleo: bool,
+    /// The webhook receiver's secrets (when `webhook_listen` is set).
+    pub webhook: bool,
+    /// At least one company in `company_ids`.
+    pub companies: bool,
+}
+
+impl Needs {
+    /// `run`: everything.
+    pub const SERVICE: Needs = Needs {
+        pleo: true,
+        webhook: true,
+        companies: true,
+    };
+    /// `record`: Pleo and the companies to read.
+    pub const PLEO_COMPANIES: Needs = Needs {
+        pleo: true,
+        webhook: false,
+        companies: true,
+    };
+    /// `subscribe`, `subscriptions`: Pleo's credential only.
+    pub const PLEO: Needs = Needs {
+        pleo: true,
+        webhook: false,
+        companies: false,
+    };
+    /// Operator commands (`status`, `why`, `doctor`, `prune`, ...): the database and the
+    /// timing settings.
+    pub const OPERATOR: Needs = Needs {
+        pleo: false,
+        webhook: false,
+        companies: false,
+    };
+}
+
 impl Config {
-    /// Loads from an optional file and the process environment.
+    /// Loads from an optional file and the process environment, for the service.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Config::load_with(file, &|k| std::env::var(k).ok())
+        Config::load_for(file, Needs::SERVICE)
     }
 
-    /// Loads from an optional file and the given environment lookup.
+    /// Loads from an optional file and the process environment what `needs` names.
+    pub fn load_for(file: Option<&Path>, needs: Needs) -> Result<Config, ConfigError> {
+        Config::load_with_needs(file, &|k| std::env::var(k).ok(), needs)
+    }
+
+    /// Loads from an optional file and the given environment lookup, for the service.
     pub fn load_with(
         file: Option<&Path>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
-            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-                err(
-                    "config",
-                    format!("{} is not valid TOML: {}", path.display(), e.message()),
-                )
-            })?;
-            for (k, v) in table {
-                let Some((key, _, _)) = KEYS.iter().find(|(name, _, _)| *name == k) else {
-                    return Err(err(&k, format!("unknown key in {}", path.display())));
-                };
-                let s = match v {
-                    toml::Value::String(s) => s,
-                    toml::Value::Integer(i) => i.to_string(),
-                    toml::Value::Boolean(b) => b.to_string(),
-                    toml::Value::Array(a) => a
-                        .iter()
-                        .map(|x| {
-                            x.as_str()
-                                .map(str::to_owned)
-                                .ok_or_else(|| err(key, "list entries must be strings"))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?
-                        .join(","),
-                    other => return Err(err(key, format!("unsupported value {other}"))),
-                };
-                values.insert(key, s);
-            }
-        }
-        for (key, _, _) in KEYS {
-            if let Some(v) = env(&env_name(key)) {
-                values.insert(key, v);
-            }
-        }
+        Config::load_with_needs(file, env, Needs::SERVICE)
+    }
+
+    /// Loads from an optional file and the given environment lookup what `needs` names.
+    pub fn load_with_needs(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        needs: Needs,
+    ) -> Result<Config, ConfigError> {
+        let values: BTreeMap<&'static str, String> = raw_values(file, env)?
+            .into_iter()
+            .map(|(k, (v, _))| (k, v))
+            .collect();
         let get = |k: &str| -> Option<String> {
             values.get(k).cloned().or_else(|| {
                 KEYS.iter()
@@ -409,6 +520,7 @@ impl Config {
             }
         };
         let key = match (values.get("pleo_api_key"), values.get("pleo_api_key_file")) {
+            _ if !needs.pleo => "-".to_owned(),
             (None, None) if oauth_mode => "-".to_owned(),
             (Some(_), Some(_)) => {
                 return Err(err(
@@ -430,7 +542,7 @@ impl Config {
             return Err(err("pleo_api_key", "contains control characters"));
         }
 
-        let oauth = if oauth_mode {
+        let oauth = if oauth_mode && needs.pleo {
             let need = |k: &str| -> Result<String, ConfigError> {
                 get(k)
                     .map(|v| v.trim().to_owned())
@@ -472,7 +584,7 @@ impl Config {
             None
         };
         let company_api_keys: BTreeMap<String, Secret> = match get("company_api_keys_file")
-            .filter(|f| !f.trim().is_empty())
+            .filter(|f| needs.pleo && !f.trim().is_empty())
         {
             None => BTreeMap::new(),
             Some(f) => {
@@ -505,7 +617,7 @@ impl Config {
                 format!("company {c} has a key but is not in company_ids"),
             ));
         }
-        if company_ids.is_empty() {
+        if company_ids.is_empty() && needs.companies {
             return Err(err(
                 "company_ids",
                 "is required: at least one Pleo company id",
@@ -539,6 +651,13 @@ impl Config {
                 ));
             }
         };
+        let format_text = get("log_format").unwrap_or_default();
+        let log_format = crate::logging::LogFormat::parse(&format_text).ok_or_else(|| {
+            err(
+                "log_format",
+                format!("expected text or json, got {format_text:?}"),
+            )
+        })?;
         let resume_text = get("resume_unknown_in_progress").unwrap_or_default();
         let resume_unknown_in_progress = match resume_text.trim() {
             "true" | "1" | "yes" => true,
@@ -552,7 +671,7 @@ impl Config {
         };
 
         let mut secret_text = values.get("webhook_secret").cloned().unwrap_or_default();
-        if let Some(f) = values.get("webhook_secret_file") {
+        if let Some(f) = values.get("webhook_secret_file").filter(|_| needs.webhook) {
             let t = std::fs::read_to_string(f)
                 .map_err(|e| err("webhook_secret_file", format!("cannot read {f}: {e}")))?;
             secret_text.push('\n');
@@ -563,13 +682,15 @@ impl Config {
             .filter(|s| !s.is_empty())
         {
             None => None,
+            Some(listen) if listen.parse::<std::net::SocketAddr>().is_err() => {
+                return Err(err(
+                    "webhook_listen",
+                    format!("expected an address like 127.0.0.1:8383, got {listen:?}"),
+                ));
+            }
+            // A command without a receiver has no use for its secrets.
+            Some(_) if !needs.webhook => None,
             Some(listen) => {
-                if listen.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(err(
-                        "webhook_listen",
-                        format!("expected an address like 127.0.0.1:8383, got {listen:?}"),
-                    ));
-                }
                 let secrets = crate::webhook::Secrets::parse(&secret_text).map_err(|m| {
                     let key = if values.contains_key("webhook_secret_file") {
                         "webhook_secret_file"
@@ -645,6 +766,7 @@ impl Config {
             company_ids,
             poll_interval: secs("poll_interval_secs", 1)?,
             log,
+            log_format,
             deadline_warning: secs("deadline_warning_secs", 0)?,
             claim_min_left: secs("claim_min_left_secs", 0)?,
             not_ready_fail_margin: secs("not_ready_fail_margin_secs", 0)?,

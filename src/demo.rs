@@ -196,8 +196,9 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
     );
     println!("    account, so the outbox refused it: completed_with_errors.");
     println!(
-        "  - charlie: listed out of order; the oldest job had too little time left and was left alone."
+        "  - charlie: listed out of order; its oldest job had two minutes left and was still claimed"
     );
+    println!("    first (`started` refreshes its deadline), then the next oldest.");
     println!("    One job's only item has no account: failed, with the reason sent to Pleo.");
     println!(
         "  - delta: a job created while jobmirror ran was announced by a signed webhook and claimed"
@@ -206,15 +207,18 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
     println!();
     println!("Inspect it yourself:");
     println!(
-        "  sqlite3 {} 'SELECT company_id, id, status, proc_state FROM export_jobs ORDER BY company_id, created_at'",
+        "  sqlite3 -readonly {} \"SELECT company_id, id, status, proc_state FROM export_jobs ORDER BY company_id, created_at\"",
         db.display()
     );
     println!(
-        "  sqlite3 {} 'SELECT job_id, accounting_entry_id, our_status, failure_reason_type, datetime(reported_at/1000, \"unixepoch\") FROM job_items'",
+        "  sqlite3 -readonly {} \"SELECT job_id, accounting_entry_id, our_status, failure_reason_type, datetime(reported_at / 1000, 'unixepoch') FROM job_items\"",
         db.display()
     );
     println!("  ls {}", outbox.display());
     println!("  JOBMIRROR_DB={} jobmirror status", db.display());
+    // Everything into the main file, so copying the .db alone loses nothing.
+    drop(store);
+    Store::connect(&db)?.checkpoint()?;
     Ok(())
 }
 

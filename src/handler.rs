@@ -503,6 +503,16 @@ impl HandlerSpec {
                             }
                         }
                         let job_dir = dir.join(&job_id);
+                        if staged.is_empty() {
+                            // Every item of the chunk was refused: nothing was written, so
+                            // there is nothing to sync (the job's folder may not exist).
+                            for r in results {
+                                if !emit(r) {
+                                    return;
+                                }
+                            }
+                            continue;
+                        }
                         let synced = sync_filesystem(&job_dir);
                         for (tmp, path, ok) in staged {
                             let done = synced

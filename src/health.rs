@@ -111,6 +111,13 @@ pub struct Metrics {
     pub readiness_failures: AtomicU64,
     /// Companies whose readiness check is failing now (set by the processor lanes).
     pub companies_not_ready: AtomicU64,
+    /// Companies whose listing is failing now: refused (401, 403) or failed
+    /// [`crate::pleo::FAILING_AFTER`] times in a row (set by the sync thread).
+    pub companies_failing: AtomicU64,
+    /// Of those, the ones whose credential Pleo refuses.
+    pub companies_refused: AtomicU64,
+    /// 1 after a SIGHUP whose configuration was refused, until a reload is taken.
+    pub reload_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -150,6 +157,86 @@ impl Metrics {
     }
 }
 
+/// The standard `process_*` metrics (as Prometheus client libraries name them), read from
+/// /proc/self: CPU seconds, resident and virtual memory, open and allowed file descriptors,
+/// start time.
+fn process_metrics(o: &mut String, started_at: f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as f64,
+        )
+    };
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 (1-based, counting pid and comm): 11 and 12 here.
+    let cpu = (field(11) + field(12)) / ticks;
+    let vsize = field(20);
+    let rss = field(21) * page;
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    let max_fds = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur as f64
+    } else {
+        0.0
+    };
+    for (name, kind, help, v) in [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent, seconds.",
+            cpu,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size, bytes.",
+            rss,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size, bytes.",
+            vsize,
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors.",
+            fds as f64,
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "The limit on open file descriptors.",
+            max_fds,
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "When the process started, Unix time.",
+            started_at,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+}
+
 /// `GET /v3/export-jobs/{id}` from `GET /v3/export-jobs/8c1e...` (ids never become labels).
 pub fn endpoint_pattern(method: &str, path: &str) -> String {
     let ids = path.starts_with("/v3/export-jobs/") || path.starts_with("/v1/subscriptions/");
@@ -175,6 +262,8 @@ fn escape(v: &str) -> String {
 
 /// The admin listener's handler.
 pub struct Admin {
+    /// When the process started (Unix seconds), for `process_start_time_seconds`.
+    pub started_at: f64,
     pub progress: std::sync::Arc<Progress>,
     pub metrics: std::sync::Arc<Metrics>,
     pub webhooks: Option<std::sync::Arc<Counters>>,
@@ -202,9 +291,39 @@ impl Admin {
             "gauge",
             "Jobs in the mirror by processing state.",
         );
-        for (state, n) in store.state_counts().unwrap_or_default() {
-            let _ = writeln!(o, "jobmirror_jobs{{state=\"{}\"}} {n}", escape(&state));
+        // Every state, present at zero: a query for one state never finds no series.
+        let counts: HashMap<String, i64> = store
+            .state_counts()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for state in crate::store::ProcState::ALL {
+            let n = counts.get(state.as_str()).copied().unwrap_or(0);
+            let _ = writeln!(o, "jobmirror_jobs{{state=\"{}\"}} {n}", state.as_str());
         }
+        let finished: HashMap<String, i64> = store
+            .finish_counts()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        family(
+            &mut o,
+            "jobmirror_finished_total",
+            "counter",
+            "Final events sent, by outcome (from the journal).",
+        );
+        for outcome in ["completed", "completed_with_errors", "failed"] {
+            let _ = writeln!(
+                o,
+                "jobmirror_finished_total{{outcome=\"{outcome}\"}} {}",
+                finished.get(outcome).copied().unwrap_or(0)
+            );
+        }
+        let last_poll = store.last_successful_poll().ok().flatten();
+        let next_deadline = store
+            .in_flight()
+            .ok()
+            .and_then(|held| held.iter().map(|j| j.expires_at).min());
         let events: HashMap<String, i64> = store
             .event_counts()
             .unwrap_or_default()
@@ -238,11 +357,6 @@ impl Admin {
                 "not_ready",
                 "Readiness failures journaled (once per job and reason): the job was not started.",
             ),
-            (
-                "jobmirror_finished_total",
-                "finish_sent",
-                "Final events sent (completed, completed_with_errors, failed).",
-            ),
         ] {
             single(
                 &mut o,
@@ -265,6 +379,27 @@ impl Admin {
             "gauge",
             "Companies whose readiness check is failing now.",
             &load(&self.metrics.companies_not_ready),
+        );
+        single(
+            &mut o,
+            "jobmirror_companies_failing",
+            "gauge",
+            "Companies whose listing is failing now (refused, or failed 3 times in a row).",
+            &load(&self.metrics.companies_failing),
+        );
+        single(
+            &mut o,
+            "jobmirror_companies_refused",
+            "gauge",
+            "Companies whose credential Pleo refuses now (401 or 403).",
+            &load(&self.metrics.companies_refused),
+        );
+        single(
+            &mut o,
+            "jobmirror_config_reload_refused",
+            "gauge",
+            "1 while the last reload (SIGHUP) was refused and the old configuration runs.",
+            &load(&self.metrics.reload_refused),
         );
         if let Some(w) = &self.webhooks {
             single(
@@ -370,6 +505,33 @@ impl Admin {
             "1 while every thread makes progress.",
             &u8::from(self.progress.healthy()),
         );
+        single(
+            &mut o,
+            "jobmirror_last_successful_poll_timestamp_seconds",
+            "gauge",
+            "When a listing pass last succeeded (Unix time; 0: never).",
+            &last_poll.map_or(0.0, |t| t.0 as f64 / 1000.0),
+        );
+        single(
+            &mut o,
+            "jobmirror_next_deadline_timestamp_seconds",
+            "gauge",
+            "The earliest deadline (Unix time) of the jobs in hand; 0: no job in hand.",
+            &next_deadline.map_or(0.0, |t| t.0 as f64 / 1000.0),
+        );
+        family(
+            &mut o,
+            "jobmirror_build_info",
+            "gauge",
+            "The running build: always 1, its version and commit as labels.",
+        );
+        let _ = writeln!(
+            o,
+            "jobmirror_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            escape(env!("CARGO_PKG_VERSION")),
+            escape(env!("JOBMIRROR_COMMIT"))
+        );
+        process_metrics(&mut o, self.started_at);
         o
     }
 }
@@ -392,10 +554,19 @@ impl Handler for Admin {
             }
             "/healthz" => {
                 let stale = self.progress.stale(crate::clock::monotonic());
-                if stale.is_empty() {
-                    Response::text(200, "ok\n")
-                } else {
+                let failing = self.metrics.companies_failing.load(Ordering::Relaxed);
+                let refused = self.metrics.companies_refused.load(Ordering::Relaxed);
+                if !stale.is_empty() {
                     Response::text(503, &format!("not making progress: {}\n", stale.join(", ")))
+                } else if failing > 0 {
+                    Response::text(
+                        503,
+                        &format!(
+                            "degraded: listing fails for {failing} companies ({refused} with a credential Pleo refuses); see jobmirror doctor\n"
+                        ),
+                    )
+                } else {
+                    Response::text(200, "ok\n")
                 }
             }
             _ => Response::text(404, "not found: try /metrics or /healthz\n"),

@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod handler;
 pub mod health;
 pub mod httpd;
+pub mod logging;
 pub mod mirror;
 pub mod net;
 pub mod notify;

@@ -151,6 +151,8 @@ pub struct Mirror {
     wake: Vec<Sender<()>>,
     metrics: Option<Arc<crate::health::Metrics>>,
     stopping: Option<Arc<crate::health::Stopping>>,
+    /// company -> (listings failed in a row, the last one refused the credential).
+    failing: std::collections::HashMap<String, (u32, bool)>,
 }
 
 impl Mirror {
@@ -171,6 +173,7 @@ impl Mirror {
             wake: Vec::new(),
             metrics: None,
             stopping: None,
+            failing: std::collections::HashMap::new(),
         }
     }
 
@@ -384,6 +387,12 @@ impl Mirror {
             };
             match self.pass_company(&company, k) {
                 Ok((counts, woke)) => {
+                    if let Some((n, _)) = self.failing.remove(&company) {
+                        if n >= crate::pleo::FAILING_AFTER {
+                            log::info!("company {company}: listing works again after {n} failures");
+                        }
+                        self.count_failing();
+                    }
                     if k == PassKind::Recovery {
                         self.recovered.insert(company.clone());
                         if let Some(r) = &self.shared_recovered {
@@ -394,7 +403,8 @@ impl Mirror {
                     add(&mut report.counts, &counts);
                 }
                 Err(e) => {
-                    log::warn!("{} pass for company {company} failed: {e}", k.as_str());
+                    let refused = matches!(&e, SyncError::Pleo(p) if p.is_refusal());
+                    self.listing_failed(&company, k, &e, refused);
                     let transient = match &e {
                         SyncError::Pleo(p) => p.is_retryable(),
                         SyncError::Store(_) => true,
@@ -410,6 +420,55 @@ impl Mirror {
             self.wake_processors();
         }
         report
+    }
+
+    /// Counts a failed listing. A company whose credential Pleo refuses (401, 403), or whose
+    /// listing failed [`crate::pleo::FAILING_AFTER`] times in a row, is failing: that is an
+    /// ERROR when it starts (and every 100th failure after), a warning otherwise.
+    fn listing_failed(&mut self, company: &str, kind: PassKind, e: &SyncError, refused: bool) {
+        let entry = self.failing.entry(company.to_owned()).or_insert((0, false));
+        entry.0 += 1;
+        entry.1 = refused;
+        let n = entry.0;
+        let lasting = refused || n >= crate::pleo::FAILING_AFTER;
+        let starts = if refused {
+            n == 1
+        } else {
+            n == crate::pleo::FAILING_AFTER
+        };
+        if lasting && (starts || n.is_multiple_of(100)) {
+            let why = if refused {
+                "Pleo refuses the credential: fix the key (polls go on)".to_owned()
+            } else {
+                format!("{n} listings in a row failed (polls go on)")
+            };
+            log::error!(
+                "company {company}: {} pass failed: {e}; {why}",
+                kind.as_str()
+            );
+        } else {
+            log::warn!("{} pass for company {company} failed: {e}", kind.as_str());
+        }
+        self.count_failing();
+    }
+
+    /// Sets the failing-companies gauges.
+    fn count_failing(&self) {
+        let Some(m) = &self.metrics else {
+            return;
+        };
+        let lasting = self
+            .failing
+            .values()
+            .filter(|(n, refused)| *refused || *n >= crate::pleo::FAILING_AFTER);
+        let (mut failing, mut refused) = (0, 0);
+        for (_, r) in lasting {
+            failing += 1;
+            refused += u64::from(*r);
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        m.companies_failing.store(failing, Relaxed);
+        m.companies_refused.store(refused, Relaxed);
     }
 
     fn pass_company(
@@ -473,10 +532,10 @@ impl Mirror {
         // Pleo: an `in_progress` job found during recovery is an interrupted workflow of ours,
         // to resume without `started`. That holds at every start (a new, lost or restored
         // database alike), unless this database recorded the job as someone else's.
-        let source = if kind == PassKind::Recovery && self.resume_unknown_in_progress {
-            Source::Recovery
-        } else {
-            Source::Poll
+        let source = match kind {
+            PassKind::Recovery if self.resume_unknown_in_progress => Source::Recovery,
+            PassKind::Recovery => Source::RecoveryLeavingInProgress,
+            _ => Source::Poll,
         };
         // A listing may carry another company's job if the server ignores the filter: skip it.
         let (mine, foreign): (Vec<_>, Vec<_>) = listing

@@ -47,7 +47,9 @@ fn job_json(j: &JobRow, now: Millis) -> Value {
     json!({
         "job_id": j.id, "company_id": j.company_id, "pleo_status": j.status,
         "state": j.proc_state.as_str(), "created_at": t(j.created_at),
-        "expires_at": t(j.expires_at), "seconds_left": left(now, j.expires_at),
+        "expires_at": t(j.expires_at),
+        // A finished job has no time left to count: null, shown as "-" (finished).
+        "seconds_left": if j.proc_state.is_final() { Value::Null } else { json!(left(now, j.expires_at)) },
         "claim_attempts": j.claim_attempts, "number_of_items": j.number_of_items,
     })
 }
@@ -157,7 +159,9 @@ pub fn jobs_text(v: &Value) -> String {
             j["state"].as_str().unwrap_or(""),
             j["pleo_status"].as_str().unwrap_or(""),
             j["created_at"].as_str().unwrap_or(""),
-            j["seconds_left"].as_i64().unwrap_or(0)
+            j["seconds_left"]
+                .as_i64()
+                .map_or("-".to_owned(), |s| s.to_string())
         ));
     }
     out
@@ -176,10 +180,21 @@ pub fn show(store: &Store, now: Millis, id: &str) -> anyhow::Result<Value> {
         .into_iter()
         .map(|e| json!({"seq": e.seq, "at": t(e.at), "kind": e.kind, "detail": e.detail}))
         .collect();
+    let raw = store.job_raw(id)?.unwrap_or_default();
+    // The job's failure as Pleo has it (what jobmirror sent with `failed`, or Pleo's own).
+    let failure = match (
+        raw["failureReasonType"].as_str(),
+        raw["failureReason"].as_str(),
+    ) {
+        (None, None) => Value::Null,
+        (kind, reason) => json!({"type": kind, "reason": reason}),
+    };
     Ok(json!({
         "at": t(now),
         "job": job_json(&j, now),
+        "failure": failure,
         "items": {"todo": items.todo, "successful": items.successful, "failed": items.failed, "unreported": items.unreported},
+        "problem_items": store.problem_items(id)?,
         "timeline": events,
     }))
 }
@@ -188,14 +203,16 @@ pub fn show_text(v: &Value) -> String {
     let j = &v["job"];
     let i = &v["items"];
     let mut out = format!(
-        "job {} of company {}\n  pleo status:  {}\n  state:        {}\n  created:      {}\n  expires:      {} ({} s left)\n  claims sent:  {}\n  items:        {} in all: {} successful, {} failed, {} to do, {} not yet reported\ntimeline:\n",
+        "job {} of company {}\n  pleo status:  {}\n  state:        {}\n  created:      {}\n  expires:      {} ({})\n  claims sent:  {}\n  items:        {} in all: {} successful, {} failed, {} to do, {} not yet reported\ntimeline:\n",
         j["job_id"].as_str().unwrap_or(""),
         j["company_id"].as_str().unwrap_or(""),
         j["pleo_status"].as_str().unwrap_or(""),
         j["state"].as_str().unwrap_or(""),
         j["created_at"].as_str().unwrap_or(""),
         j["expires_at"].as_str().unwrap_or(""),
-        j["seconds_left"],
+        j["seconds_left"]
+            .as_i64()
+            .map_or("finished".to_owned(), |s| format!("{s} s left")),
         j["claim_attempts"],
         j["number_of_items"],
         i["successful"],
@@ -203,6 +220,36 @@ pub fn show_text(v: &Value) -> String {
         i["todo"],
         i["unreported"],
     );
+    if let Some(f) = v["failure"].as_object() {
+        let header_end = out.find("\ntimeline:\n").map_or(out.len(), |i| i + 1);
+        out.insert_str(
+            header_end,
+            &format!(
+                "  failure:      {}: {}\n",
+                f["type"].as_str().unwrap_or("-"),
+                f["reason"].as_str().unwrap_or("-")
+            ),
+        );
+    }
+    let problems = v["problem_items"].as_array().cloned().unwrap_or_default();
+    if !problems.is_empty() {
+        let at = out.find("timeline:\n").unwrap_or(out.len());
+        let mut block = String::from("failed or refused items:\n");
+        for p in &problems {
+            block.push_str(&format!(
+                "  {}  {}  {}: {}{}\n",
+                p["accounting_entry_id"].as_str().unwrap_or(""),
+                p["our_status"].as_str().unwrap_or(""),
+                p["failure_reason_type"].as_str().unwrap_or("-"),
+                p["failure_reason"].as_str().unwrap_or("-"),
+                p["report_error"]
+                    .as_str()
+                    .map(|e| format!("; report refused: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        out.insert_str(at, &block);
+    }
     for e in v["timeline"].as_array().cloned().unwrap_or_default() {
         out.push_str(&format!(
             "  {:>5}  {}  {:<18} {}\n",
@@ -348,11 +395,18 @@ pub fn why(store: &Store, now: Millis, id: &str, s: &Settings) -> anyhow::Result
 }
 
 pub fn why_text(v: &Value) -> String {
-    let mut out = format!(
-        "job {}: {} ({})\n  {}\n",
-        v["job"]["job_id"].as_str().unwrap_or(""),
+    let (verdict, rule) = (
         v["verdict"].as_str().unwrap_or(""),
         v["rule"].as_str().unwrap_or(""),
+    );
+    let mut out = format!(
+        "job {}: {verdict}{}\n  {}\n",
+        v["job"]["job_id"].as_str().unwrap_or(""),
+        if rule == verdict {
+            String::new()
+        } else {
+            format!(" ({rule})")
+        },
         v["detail"].as_str().unwrap_or("")
     );
     if let Some(e) = v["last_event"].as_object() {
@@ -404,6 +458,23 @@ pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Re
         let sum = store.company_summary(c)?;
         let (level, detail) = match (sum.last_poll_at, &sum.last_poll_error) {
             (None, _) => ("fail", format!("company {c}: never polled")),
+            (Some(at), Some(e))
+                if crate::pleo::is_refusal_text(e)
+                    || sum.failed_in_a_row >= crate::pleo::FAILING_AFTER =>
+            {
+                (
+                    "fail",
+                    format!(
+                        "company {c}: the last {} passes failed, the last at {at}: {e}{}",
+                        sum.failed_in_a_row,
+                        if crate::pleo::is_refusal_text(e) {
+                            " (Pleo refuses the credential: fix the key)"
+                        } else {
+                            ""
+                        }
+                    ),
+                )
+            }
             (Some(at), Some(e)) => ("warn", format!("company {c}: last pass {at} failed: {e}")),
             (Some(at), None) if now.until(at) < -stale_ms => (
                 "fail",
@@ -440,6 +511,22 @@ pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Re
     if held.is_empty() {
         check("deadlines", "ok", "no job in hand".into());
     }
+    let running: Vec<u32> = store
+        .instances()?
+        .into_iter()
+        .filter(|p| is_jobmirror_process(*p))
+        .collect();
+    match (held.len(), running.is_empty()) {
+        (0, _) => check("service", "ok", service_detail(&running)),
+        (n, true) => check(
+            "service",
+            "fail",
+            format!(
+                "{n} jobs in hand and no service running on this database: their deadlines pass unattended"
+            ),
+        ),
+        (_, false) => check("service", "ok", service_detail(&running)),
+    }
     for j in held {
         let l = now.until(j.expires_at);
         let level = if l <= 0 {
@@ -466,6 +553,38 @@ pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Re
         .find(|w| checks.iter().any(|c| c["level"] == *w))
         .unwrap_or("ok");
     Ok(json!({"at": t(now), "result": worst, "checks": checks}))
+}
+
+/// Whether `pid` is a live jobmirror process (a recorded pid may have died or been reused).
+/// A process of another user counts when it exists and its command line, if readable, names
+/// jobmirror.
+pub fn is_jobmirror_process(pid: u32) -> bool {
+    let Ok(p) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) with signal 0 sends nothing; it has no memory-safety preconditions.
+    let exists = unsafe { libc::kill(p, 0) == 0 }
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    if !exists {
+        return false;
+    }
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => String::from_utf8_lossy(&cmdline).contains("jobmirror"),
+        Err(_) => true,
+    }
+}
+
+fn service_detail(running: &[u32]) -> String {
+    match running {
+        [] => "no service running on this database".to_owned(),
+        pids => format!(
+            "service running (pid {})",
+            pids.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 pub fn doctor_text(v: &Value) -> String {

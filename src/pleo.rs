@@ -95,6 +95,17 @@ pub const JOB_STATUSES: &[&str] = &[
 /// Job events Pleo takes (`ExportJobEventType`).
 pub const JOB_EVENTS: &[&str] = &["started", "failed", "completed", "completed_with_errors"];
 
+/// Whether a stored error text (a [`PleoError`]'s message, as `sync_runs.error` keeps it)
+/// says Pleo refused the credential.
+pub fn is_refusal_text(error: &str) -> bool {
+    error.starts_with("Pleo answered 401 ") || error.starts_with("Pleo answered 403 ")
+}
+
+/// A company whose listing failed this many times in a row (or was refused once) is failing:
+/// logged at ERROR, counted in `jobmirror_companies_failing`, reported by `/healthz` and
+/// `doctor`.
+pub const FAILING_AFTER: u32 = 3;
+
 /// Job statuses as Pleo spells them.
 pub mod status {
     pub const PENDING: &str = "pending";
@@ -269,6 +280,17 @@ impl PleoError {
             PleoError::Transport(_) => true,
             PleoError::Decode(_) | PleoError::Config(_) => false,
         }
+    }
+    /// 401 or 403: Pleo refuses the credential (revoked, wrong, or not for this company).
+    /// Trying again does not help; someone has to fix the key.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            PleoError::Api {
+                status: 401 | 403,
+                ..
+            }
+        )
     }
     /// `422 INVALID_EXPORT_JOB_STATUS_CHANGE`: another claimer won, or the job moved on.
     pub fn is_status_conflict(&self) -> bool {

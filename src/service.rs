@@ -34,6 +34,8 @@ pub struct Service {
     admin_server: Option<crate::httpd::Server>,
     instance_store: Store,
     progress: Arc<Progress>,
+    /// The counters `/metrics` shows.
+    pub metrics: Arc<Metrics>,
     stopping: Arc<crate::health::Stopping>,
     /// One service per database, for as long as this value lives.
     _lock: crate::store::DbLock,
@@ -324,8 +326,9 @@ impl Service {
         let admin_server = match admin_listener {
             Some(listener) => {
                 let admin = crate::health::Admin {
+                    started_at: started_at.0 as f64 / 1000.0,
                     progress: progress.clone(),
-                    metrics,
+                    metrics: metrics.clone(),
                     webhooks: webhook_counters.clone(),
                     store: std::sync::Mutex::new(Store::open_read_only(&cfg.db)?),
                 };
@@ -366,6 +369,7 @@ impl Service {
             admin_server,
             instance_store,
             progress,
+            metrics,
             stopping,
             _lock: lock,
         })
@@ -466,16 +470,27 @@ pub fn run(
     let service = Service::start(cfg, clock, None)?;
     let status_store = Store::open_read_only(&cfg.db)?;
     let companies = cfg.company_ids.len();
+    // A refused reload stays in the STATUS line (and `jobmirror_config_reload_refused`) until
+    // a reload is taken, which restarts the process in place.
+    let refused_reload: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let status = {
+        let refused = refused_reload.clone();
+        move |store: &Store| {
+            let line = status_line(store, companies);
+            match refused.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
+                Some(e) => format!("reload refused ({e}); {line}"),
+                None => line,
+            }
+        }
+    };
     if let Some(n) = &notifier {
-        n.send(&format!(
-            "READY=1\nSTATUS={}",
-            status_line(&status_store, companies)
-        ));
+        n.send(&format!("READY=1\nSTATUS={}", status(&status_store)));
     }
     // The watchdog thread: pings only while every worker thread makes progress.
     let (wd_stop_tx, wd_stop_rx) = bounded::<()>(0);
     let watchdog = {
         let (notifier, progress) = (notifier.clone(), service.progress.clone());
+        let status = status.clone();
         let every = crate::notify::watchdog_interval();
         std::thread::Builder::new()
             .name("jm-watchdog".into())
@@ -495,7 +510,7 @@ pub fn run(
                         if every.is_some() {
                             n.send("WATCHDOG=1");
                         }
-                        n.send(&format!("STATUS={}", status_line(&status_store, companies)));
+                        n.send(&format!("STATUS={}", status(&status_store)));
                         was_stale = false;
                     } else if !was_stale {
                         log::error!(
@@ -527,6 +542,11 @@ pub fn run(
                     log::error!(
                         "SIGHUP: the new configuration is refused, going on with the old one: {e}"
                     );
+                    service
+                        .metrics
+                        .reload_refused
+                        .store(1, std::sync::atomic::Ordering::Relaxed);
+                    *refused_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                     if let Some(n) = &notifier {
                         n.send(&format!("STATUS=reload refused: {e}"));
                     }

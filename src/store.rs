@@ -205,6 +205,9 @@ impl EventKind {
 pub enum Source {
     /// The start-up recovery pass: `in_progress` jobs are ours to resume.
     Recovery,
+    /// The recovery pass with `resume_unknown_in_progress = false`: an `in_progress` job this
+    /// database does not hold is left to whoever holds it.
+    RecoveryLeavingInProgress,
     /// A scheduled or triggered poll.
     Poll,
     /// A single-job read (left the listing, verify, deadline check).
@@ -216,7 +219,7 @@ pub enum Source {
 impl Source {
     fn as_str(self) -> &'static str {
         match self {
-            Source::Recovery => "recovery",
+            Source::Recovery | Source::RecoveryLeavingInProgress => "recovery",
             Source::Poll => "poll",
             Source::Reread => "reread",
             Source::Webhook => "webhook",
@@ -272,6 +275,8 @@ pub struct CompanySummary {
     pub by_state: Vec<(String, i64)>,
     pub last_poll_at: Option<Millis>,
     pub last_poll_error: Option<String>,
+    /// Listing passes that failed in a row, the latest first (counted up to 100).
+    pub failed_in_a_row: u32,
     pub next_deadline: Option<(String, Millis)>,
 }
 
@@ -665,6 +670,17 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
+        let mut recent = self.conn.prepare_cached(
+            "SELECT error IS NOT NULL FROM sync_runs WHERE company_id = ?1 AND finished_at IS NOT NULL \
+             ORDER BY finished_at DESC, id DESC LIMIT 100",
+        )?;
+        let mut failed_in_a_row = 0u32;
+        for failed in recent.query_map([company_id], |r| r.get::<_, bool>(0))? {
+            if !failed? {
+                break;
+            }
+            failed_in_a_row += 1;
+        }
         let next_deadline: Option<(String, i64)> = self
             .conn
             .query_row(
@@ -680,9 +696,20 @@ impl Store {
             by_state,
             last_poll_at: last.as_ref().map(|(t, _)| Millis(*t)),
             last_poll_error: last.and_then(|(_, e)| e),
+            failed_in_a_row,
             next_deadline: next_deadline.map(|(id, t)| (id, Millis(t))),
         })
     }
+}
+
+/// An item that failed, or whose report Pleo refused (see [`Store::problem_items`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProblemItem {
+    pub accounting_entry_id: String,
+    pub our_status: String,
+    pub failure_reason_type: Option<String>,
+    pub failure_reason: Option<String>,
+    pub report_error: Option<String>,
 }
 
 /// A stored webhook delivery whose job has not been read yet.
@@ -1031,8 +1058,13 @@ impl DbLock {
     pub fn acquire(db: &Path) -> std::result::Result<DbLock, String> {
         use std::io::{Read, Seek, Write};
         let path = Self::path_for(db);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let _ = std::fs::create_dir_all(dir);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            return Err(format!(
+                "the folder {} does not exist (create it, or correct `db`)",
+                dir.display()
+            ));
         }
         let mut opts = std::fs::OpenOptions::new();
         opts.read(true).write(true).create(true).truncate(false);
@@ -1077,8 +1109,18 @@ impl DbLock {
 #[cfg(unix)]
 fn create_private_file(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+    // A missing folder is more likely a mistyped `db` than a wish for a new tree: say so
+    // instead of creating it.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "the folder {} does not exist (create it, or correct `db`)",
+                dir.display()
+            ),
+        ));
     }
     std::fs::OpenOptions::new()
         .write(true)
@@ -1539,6 +1581,26 @@ impl Store {
         )?)
     }
 
+    /// A job's items that failed, or whose report Pleo refused, oldest result first: what an
+    /// operator asks "why did it fail?" for.
+    pub fn problem_items(&self, job_id: &str) -> Result<Vec<ProblemItem>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT accounting_entry_id, our_status, failure_reason_type, failure_reason, report_error \
+             FROM job_items WHERE job_id = ?1 AND (our_status = 'failed' OR report_error IS NOT NULL) \
+             ORDER BY handled_at, accounting_entry_id",
+        )?;
+        let rows = stmt.query_map([job_id], |r| {
+            Ok(ProblemItem {
+                accounting_entry_id: r.get(0)?,
+                our_status: r.get(1)?,
+                failure_reason_type: r.get(2)?,
+                failure_reason: r.get(3)?,
+                report_error: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// The most common failure of a job's failed items, for the job's own failure reason.
     pub fn first_item_failure(
         &self,
@@ -1631,6 +1693,18 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Moves everything in the WAL into the main file and empties the WAL
+    /// (`wal_checkpoint(TRUNCATE)`), so the `.db` file alone holds every row.
+    pub fn checkpoint(&self) -> Result<()> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy != 0 {
+            log::warn!("checkpoint could not finish: another connection is reading");
+        }
+        Ok(())
+    }
+
     /// `PRAGMA quick_check`: `["ok"]` when the file is sound.
     pub fn quick_check(&self) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare("PRAGMA quick_check")?;
@@ -1673,6 +1747,31 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Final events sent, by event (`completed`, `completed_with_errors`, `failed`).
+    pub fn finish_counts(&self) -> Result<Vec<(String, i64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT json_extract(detail, '$.event'), count(*) FROM job_events \
+             WHERE kind = 'finish_sent' GROUP BY 1 ORDER BY 1",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                r.get(1)?,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// When a listing pass last succeeded, over all companies (None: never).
+    pub fn last_successful_poll(&self) -> Result<Option<Millis>> {
+        let at: Option<i64> = self.conn.query_row(
+            "SELECT max(finished_at) FROM sync_runs WHERE error IS NULL AND finished_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(at.map(Millis))
+    }
+
     /// Jobs by processing state, over all companies.
     pub fn state_counts(&self) -> Result<Vec<(String, i64)>> {
         let mut stmt = self.conn.prepare_cached(
@@ -1706,7 +1805,17 @@ impl Store {
 
     /// Removes details past their retention, in one transaction, and journals what it did.
     /// The journal itself is never pruned (it is append-only).
-    pub fn prune(&self, now: Millis, keep: Retention, dry_run: bool) -> Result<PruneReport> {
+    /// Removes what is past its retention as of `now` (the report time, `--at`). A prune that
+    /// removed anything is journaled `pruned` at `recorded_at` (the real time: the journal
+    /// is in the order things happened, so a `--at` in the future never dates an entry);
+    /// one that removed nothing leaves no entry.
+    pub fn prune(
+        &self,
+        now: Millis,
+        recorded_at: Millis,
+        keep: Retention,
+        dry_run: bool,
+    ) -> Result<PruneReport> {
         let before = |days: u32| now.0 - i64::from(days) * DAY_MS;
         let tx = self.write_tx()?;
         let old_jobs = "SELECT id FROM export_jobs WHERE proc_state IN ('done', 'expired', 'conflict', 'too_late') \
@@ -1740,13 +1849,18 @@ impl Store {
             "DELETE FROM sync_runs WHERE started_at < ?1 AND finished_at IS NOT NULL",
             [before(keep.sync_runs_days)],
         )?;
-        if dry_run {
+        let removed = r.jobs_trimmed
+            + r.job_items_deleted
+            + r.webhook_bodies_cleared
+            + r.webhook_rows_deleted
+            + r.sync_runs_deleted;
+        if dry_run || removed == 0 {
             tx.rollback()?;
             return Ok(r);
         }
         journal(
             &tx,
-            now,
+            recorded_at,
             None,
             None,
             EventKind::Pruned,

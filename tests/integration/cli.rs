@@ -199,6 +199,8 @@ fn run_detects_on_sigusr1_claims_and_stops_cleanly_on_sigterm() {
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // The folder exists (as systemd's StateDirectory does): a missing one is refused.
+    std::fs::create_dir(dir.path().join("state")).unwrap();
     let db = dir.path().join("state").join("jobmirror.db");
     let mut child = cmd()
         .arg("run")
@@ -369,13 +371,34 @@ fn migrate_creates_the_schema_and_status_refuses_a_missing_database() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    // A database that exists but cannot be reached is not reported as missing.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let (code, err) = fails(cmd().arg("status").env("JOBMIRROR_DB", file.join("x.db")));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cannot be read") && !err.contains("does not exist"),
+        "{err}"
+    );
+    // A mistyped folder is refused, not created.
+    let typo = dir.path().join("no-such-folder/m.db");
+    let (code, err) = fails(cmd().arg("migrate").env("JOBMIRROR_DB", &typo));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!typo.parent().unwrap().exists());
 }
 
 #[test]
 fn demo_runs_to_the_end_against_the_bundled_fake() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("demo.db");
-    let text = succeeds(cmd().arg("demo").arg("--db").arg(&db));
+    let out = cmd().arg("demo").arg("--db").arg(&db).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{text}\n{log}");
+    // A job whose every item the outbox refused wrote nothing: nothing to sync, no ERROR.
+    assert!(!log.contains("outbox: cannot sync"), "{log}");
     let line = |id: &str| {
         text.lines()
             .find(|l| l.contains(&format!("job {id}")))
@@ -440,6 +463,124 @@ fn demo_runs_to_the_end_against_the_bundled_fake() {
     .unwrap()
     .count();
     assert_eq!(files, 7);
+    // Why did it fail? `show` names the job's failure and each failed item's reason.
+    let show = succeeds(
+        cmd()
+            .args(["show", "c0000000-0000-4000-8000-000000000002"])
+            .env("JOBMIRROR_DB", &db),
+    );
+    assert!(
+        show.contains("  failure:      validation_failure: all 1 items failed"),
+        "{show}"
+    );
+    let block = show
+        .split("failed or refused items:\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{show}"));
+    assert!(
+        block
+            .lines()
+            .next()
+            .unwrap()
+            .contains("failed  account_unknown: accounting line 1 has no account"),
+        "{show}"
+    );
+    // Everything is in the .db file itself: a copy of it alone has every row.
+    let wal = std::fs::metadata(format!("{}-wal", db.display())).map_or(0, |m| m.len());
+    assert_eq!(wal, 0, "the demo left {wal} bytes in the WAL");
+    let copy = dir.path().join("copy.db");
+    std::fs::copy(&db, &copy).unwrap();
+    let rows = |p: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(p)
+            .unwrap()
+            .query_row("SELECT count(*) FROM job_events", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert!(rows(&copy) > 0);
+    assert_eq!(rows(&copy), rows(&db));
+    // The sqlite3 commands it prints work as printed (sqlite3 3.41+ refuses double-quoted
+    // string literals).
+    let hints: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("sqlite3 "))
+        .collect();
+    assert_eq!(hints.len(), 2, "{text}");
+    if tool_here("sqlite3") {
+        for h in hints {
+            let run = Command::new("sh").arg("-c").arg(h).output().unwrap();
+            assert!(
+                run.status.success() && !run.stdout.is_empty(),
+                "{h}: {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn the_readmes_audit_commands_run_against_a_demo_database() {
+    if !tool_here("sqlite3") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("demo.db");
+    succeeds(cmd().arg("demo").arg("--db").arg(&db));
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let section = readme
+        .split("### Auditing with sqlite3")
+        .nth(1)
+        .unwrap()
+        .split("```sh\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    // One command per `sqlite3` line, continuation lines joined.
+    let mut commands: Vec<String> = Vec::new();
+    for line in section.lines() {
+        if line.starts_with("sqlite3 ") {
+            commands.push(line.to_owned());
+        } else if line.starts_with("  ") {
+            commands.last_mut().unwrap().push_str(line);
+        }
+    }
+    assert!(commands.len() >= 6, "{commands:?}");
+    for c in &commands {
+        let c = c.replace("JOB-ID", "c0000000-0000-4000-8000-000000000002");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&c)
+            .env("DB", &db)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{c}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Whether a command-line tool the tests can use is installed; with
+/// `JOBMIRROR_REQUIRE_TOOLS=1` (CI) a missing one fails the test instead of skipping its part.
+pub(crate) fn tool_here(name: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("JOBMIRROR_REQUIRE_TOOLS").is_none(),
+            "{name} is not installed and JOBMIRROR_REQUIRE_TOOLS is set"
+        );
+        eprintln!("{name} not installed: that part of the test is skipped");
+    }
+    found
 }
 
 #[test]
@@ -667,4 +808,257 @@ fn trigger_without_a_running_service_says_so() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no running jobmirror"));
+}
+
+#[test]
+fn operator_commands_run_with_the_units_configuration_and_environment() {
+    // With the shipped configuration (webhook_listen set) and the unit's environment
+    // (JOBMIRROR_PLEO_API_KEY_FILE, a webhook secret file that does not exist yet), prune,
+    // doctor, why and record exited 2 on settings they never use, and subscribe could not
+    // write the secret file it was asked for.
+    let fake = fake_on_the_real_clock();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("jobmirror.toml");
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/jobmirror.toml"),
+    )
+    .unwrap();
+    std::fs::write(&config, &shipped).unwrap();
+    assert!(
+        shipped.contains("\nwebhook_listen = "),
+        "the shipped file has a receiver"
+    );
+    let key_file = dir.path().join("pleo-api-key");
+    std::fs::write(&key_file, "k\n").unwrap();
+    let secret_file = dir.path().join("webhook-secret");
+    let db = dir.path().join("jobmirror.db");
+    let unit = |args: &[&str], key_file: &std::path::Path| {
+        let mut c = cmd();
+        c.arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("JOBMIRROR_DB", &db)
+            .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+            .env("JOBMIRROR_PLEO_API_KEY_FILE", key_file)
+            .env("JOBMIRROR_WEBHOOK_SECRET_FILE", &secret_file);
+        c
+    };
+    succeeds(&mut unit(&["migrate"], &key_file));
+    // An operator's shell cannot read the unit's credentials: the commands that do not talk
+    // to Pleo do not read them.
+    let unreadable = dir.path().join("credentials/pleo-api-key");
+    succeeds(&mut unit(&["prune"], &unreadable));
+    succeeds(&mut unit(&["status"], &unreadable));
+    let doctor = unit(&["doctor", "--json"], &unreadable).output().unwrap();
+    assert_ne!(
+        doctor.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&doctor.stderr)
+    );
+    // why gets past the configuration to the database (which has no such job).
+    let (_, err) = fails(&mut unit(
+        &["why", "00000000-0000-4000-8000-0000000000aa"],
+        &unreadable,
+    ));
+    assert!(
+        err.contains("no job") && !err.contains("pleo_api_key"),
+        "{err}"
+    );
+    // record needs Pleo and the companies, not the webhook secret.
+    let snap = dir.path().join("snapshot.json");
+    let out = succeeds(&mut unit(
+        &["record", "--out", snap.to_str().unwrap()],
+        &key_file,
+    ));
+    assert!(out.contains("recorded 0 open jobs of 1 companies"), "{out}");
+    // subscribe, from a fresh install: the secret file it writes need not exist beforehand.
+    assert!(!secret_file.exists());
+    let out = succeeds(&mut unit(
+        &[
+            "subscribe",
+            "--url",
+            "https://jobmirror.example.com/webhooks/pleo",
+        ],
+        &key_file,
+    ));
+    assert!(out.contains("created"), "{out}");
+    let secret = std::fs::read_to_string(&secret_file).unwrap();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&secret_file)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // The service itself still needs everything: with the file in place it loads; without a
+    // key it is a configuration error naming the setting.
+    let (code, err) = fails(&mut unit(&["run"], &unreadable));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("pleo_api_key_file"), "{err}");
+}
+
+#[test]
+fn logs_carry_syslog_priorities_under_the_journal_and_json_is_one_object_a_line() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("l.db");
+    // stderr into a file whose device and inode JOURNAL_STREAM names, as systemd sets it up.
+    let log = dir.path().join("stderr.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let status = cmd()
+        .arg("migrate")
+        .env("JOBMIRROR_DB", &db)
+        .env("JOURNAL_STREAM", &stream)
+        .stdout(Stdio::null())
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.is_empty());
+    for line in text.lines() {
+        assert!(line.starts_with("<6>20"), "{line}");
+    }
+    // Elsewhere (JOURNAL_STREAM naming another file, as when a child of the service's
+    // stderr is redirected): no prefix, and fixed-width UTC times.
+    let out = cmd()
+        .arg("migrate")
+        .env("JOBMIRROR_DB", dir.path().join("m.db"))
+        .env("JOURNAL_STREAM", &stream)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    for line in text.lines() {
+        let ts = line.split(' ').next().unwrap();
+        assert_eq!(ts.len(), "2026-12-02T08:00:00.000Z".len(), "{line}");
+        assert!(ts.ends_with('Z') && line.contains(" [INFO] "), "{line}");
+    }
+    // log_format = "json": one object a line, fields ts, level, msg.
+    let fake = fake_on_the_real_clock();
+    let mut child = cmd()
+        .arg("run")
+        .env("JOBMIRROR_DB", &db)
+        .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+        .env("JOBMIRROR_PLEO_API_KEY", "k")
+        .env(
+            "JOBMIRROR_COMPANY_IDS",
+            "aaaaaaaa-0000-4000-8000-000000000001",
+        )
+        .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
+        .env("JOBMIRROR_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(child.stderr.take().unwrap());
+    let reaper = Reaper(Some(child));
+    let mut seen = Vec::new();
+    wait_for(&rx, "recovery pass", &mut seen);
+    for line in &seen {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 3, "{line}");
+        assert!(
+            v["ts"].is_string() && v["level"].is_string() && v["msg"].is_string(),
+            "{line}"
+        );
+        assert!(line.starts_with("{\"ts\":"), "{line}");
+    }
+    drop(reaper);
+}
+
+#[test]
+fn one_consistent_command_line_version_db_check_config_json_and_no_overwrite() {
+    // --version names the commit the binary was built from.
+    let v = succeeds(cmd().arg("--version"));
+    let commit = v
+        .split("(commit ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        commit == "unknown"
+            || commit.trim_end_matches("-dirty").len() == 12
+                && commit
+                    .trim_end_matches("-dirty")
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit()),
+        "{v}"
+    );
+    // --db wins over JOBMIRROR_DB, for every command.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("flag.db");
+    let out = succeeds(
+        cmd()
+            .args(["--db", db.to_str().unwrap(), "migrate", "--json"])
+            .env("JOBMIRROR_DB", dir.path().join("env.db")),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["applied"].as_array().unwrap().len() >= 9, "{v}");
+    assert!(db.exists() && !dir.path().join("env.db").exists());
+    succeeds(cmd().args(["status", "--db", db.to_str().unwrap()]));
+    // check-config: the effective settings, secrets masked, where each came from.
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "poll_interval_secs = 120\nhandler_command = \"dry-run\"\ncompany_ids = [\"aaaaaaaa-0000-4000-8000-000000000001\"]\n").unwrap();
+    let check = |extra: &[(&str, &str)]| {
+        let mut c = cmd();
+        c.args(["--config", file.to_str().unwrap(), "check-config", "--json"])
+            .env("JOBMIRROR_PLEO_API_KEY", "super-secret-key");
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let out = check(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("super-secret-key"), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let s = &v["settings"];
+    assert_eq!(
+        s["pleo_api_key"],
+        serde_json::json!({"value": "***", "from": "env"})
+    );
+    assert_eq!(
+        s["poll_interval_secs"],
+        serde_json::json!({"value": "120", "from": "file"})
+    );
+    assert_eq!(s["lanes"]["from"], "default");
+    let bad = check(&[("JOBMIRROR_POLL_INTERVAL_SECS", "soon")]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("poll_interval_secs"));
+    // record --out keeps an existing file unless told.
+    let fake = fake_on_the_real_clock();
+    let snap = dir.path().join("snap.json");
+    std::fs::write(&snap, "keep me").unwrap();
+    let record = |force: bool| {
+        let mut c = cmd();
+        c.args(["record", "--out", snap.to_str().unwrap(), "--json"])
+            .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
+            .env("JOBMIRROR_PLEO_API_KEY", "k")
+            .env(
+                "JOBMIRROR_COMPANY_IDS",
+                "aaaaaaaa-0000-4000-8000-000000000001",
+            );
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    let refused = record(false);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    assert_eq!(std::fs::read_to_string(&snap).unwrap(), "keep me");
+    let forced = record(true);
+    assert!(forced.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&forced.stdout).unwrap();
+    assert_eq!(
+        (v["jobs"].as_u64(), v["companies"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_ne!(std::fs::read_to_string(&snap).unwrap(), "keep me");
 }

@@ -219,3 +219,17 @@ impl World {
         .unwrap()
     }
 }
+
+/// Runs `cmd` with `input` on its stdin; returns what it printed and how it ended.
+pub fn pipe_through(cmd: &mut std::process::Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}

@@ -419,3 +419,35 @@ fn a_delivery_ends_after_five_transient_failures_and_a_refusal_at_once() {
     assert!(outcome.contains("(refused: not retried)"), "{outcome}");
     assert_eq!(m.delivery_retry_in().unwrap(), None);
 }
+
+#[test]
+fn a_recovery_pass_journals_its_detections_as_recovery_whatever_it_resumes() {
+    for resume in [true, false] {
+        let w = World::new();
+        w.pending(A, "a-p", 60);
+        w.in_progress(A, "a-i", 120);
+        w.mirror(&[A])
+            .with_resume_unknown_in_progress(resume)
+            .pass(PassKind::Recovery);
+        for job in ["a-p", "a-i"] {
+            let detected = w
+                .store()
+                .events(Some(job))
+                .unwrap()
+                .into_iter()
+                .find(|e| e.kind == "detected")
+                .unwrap();
+            assert_eq!(
+                detected.detail["source"], "recovery",
+                "{job}, resume {resume}"
+            );
+        }
+        let state = w.store().job("a-i").unwrap().unwrap().proc_state;
+        let expected = if resume {
+            ProcState::Resume
+        } else {
+            ProcState::Conflict
+        };
+        assert_eq!(state, expected);
+    }
+}

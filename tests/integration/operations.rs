@@ -239,7 +239,13 @@ fn metrics_expose_jobs_claims_api_calls_webhooks_and_handler_results() {
         "jobmirror_jobs{state=\"done\"} 1",
         "jobmirror_claims_total 1",
         "jobmirror_conflicts_total 0",
-        "jobmirror_finished_total 1",
+        "jobmirror_finished_total{outcome=\"completed_with_errors\"} 1",
+        "jobmirror_finished_total{outcome=\"completed\"} 0",
+        "jobmirror_finished_total{outcome=\"failed\"} 0",
+        "jobmirror_jobs{state=\"expired\"} 0",
+        "jobmirror_jobs{state=\"conflict\"} 0",
+        "jobmirror_companies_failing 0",
+        "jobmirror_config_reload_refused 0",
         "jobmirror_webhooks_accepted_total 1",
         "jobmirror_webhooks_rejected_total{reason=\"bad_signature\"} 1",
         "jobmirror_api_requests_total{endpoint=\"POST /v3/export-job-events\",status=\"202\"} 2",
@@ -254,6 +260,34 @@ fn metrics_expose_jobs_claims_api_calls_webhooks_and_handler_results() {
         );
     }
     assert!(text.contains("# TYPE jobmirror_poll_duration_seconds summary"));
+    for prefix in [
+        "process_open_fds ",
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
+        "process_start_time_seconds ",
+        "jobmirror_build_info{version=\"",
+        "jobmirror_last_successful_poll_timestamp_seconds ",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in:\n{text}"));
+        let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(v > 0.0, "{line}");
+    }
+    // promtool (Prometheus's own checker) accepts the exposition, when it is installed.
+    if crate::cli::tool_here("promtool") {
+        let out = crate::harness::pipe_through(
+            std::process::Command::new("promtool").args(["check", "metrics"]),
+            text.as_bytes(),
+        );
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert!(
         text.lines().filter(|l| !l.starts_with('#')).all(|l| l
             .rsplit(' ')
@@ -287,10 +321,14 @@ fn sighup_restarts_in_place_with_a_valid_config_and_refuses_a_broken_one() {
         .unwrap();
     };
     write("3600");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
     let mut child = cmd()
         .arg("--config")
         .arg(&cfg)
         .arg("run")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -312,6 +350,27 @@ fn sighup_restarts_in_place_with_a_valid_config_and_refuses_a_broken_one() {
     wait_for(&rx, "new configuration is refused", &mut seen);
     let line = seen.last().unwrap();
     assert!(line.contains("poll_interval_secs"), "{line}");
+    // The refusal stays visible until a reload is taken: in the STATUS line the watchdog
+    // thread keeps sending, and in a metric.
+    let notes = notes_until(&sock, Duration::from_secs(20), |n| {
+        n.iter()
+            .filter(|m| m.starts_with("STATUS=reload refused ("))
+            .count()
+            >= 2
+    });
+    assert!(notes.iter().any(|m| m.contains("1 companies")), "{notes:?}");
+    let addr = seen
+        .iter()
+        .rev()
+        .find_map(|l| l.split("admin listener on http://").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap()
+        .to_owned();
+    let (_, metrics) = http_get(&addr, "/metrics");
+    assert!(
+        metrics.contains("\njobmirror_config_reload_refused 1\n"),
+        "{metrics}"
+    );
     // Still running on the old configuration: it stops cleanly on SIGTERM.
     let child = reaper.0.take().unwrap();
     signal(&child, "TERM");
@@ -512,4 +571,59 @@ fn a_company_with_its_own_api_key_is_served_with_it() {
     .unwrap_err();
     assert_eq!(e.key, "company_api_keys_file");
     assert!(e.message.contains("other"), "{}", e.message);
+}
+
+#[test]
+fn a_credential_pleo_refuses_is_an_error_a_failed_doctor_and_a_degraded_healthz() {
+    // With a key Pleo refuses, the log said WARN, doctor warn (exit 0), /healthz ok and
+    // jobmirror_up 1: nobody was told.
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut reaper, rx, _sock, addr, mut seen) = start(
+        dir.path(),
+        &f.base_url(),
+        &[("JOBMIRROR_PLEO_API_KEY", "a-key-pleo-refuses")],
+    );
+    wait_for(&rx, "Pleo refuses the credential", &mut seen);
+    let line = seen.last().unwrap();
+    assert!(line.contains("[ERROR]") && line.contains("401"), "{line}");
+    assert!(
+        !line.contains("a-key-pleo-refuses"),
+        "the key in the log: {line}"
+    );
+    let (status, body) = http_get(&addr, "/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with(
+            "degraded: listing fails for 1 companies (1 with a credential Pleo refuses)"
+        ),
+        "{body}"
+    );
+    let (_, metrics) = http_get(&addr, "/metrics");
+    assert!(
+        metrics.contains("\njobmirror_companies_refused 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\njobmirror_companies_failing 1\n"),
+        "{metrics}"
+    );
+    // The company id never becomes a label.
+    assert!(!metrics.contains(A), "{metrics}");
+    let out = cmd()
+        .arg("doctor")
+        .env("JOBMIRROR_DB", dir.path().join("jm.db"))
+        .env("JOBMIRROR_COMPANY_IDS", A)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("fail") && l.contains("Pleo refuses the credential")),
+        "{text}"
+    );
+    let child = reaper.0.take().unwrap();
+    signal(&child, "TERM");
+    assert!(wait_exit(child, Duration::from_secs(20)).success());
 }

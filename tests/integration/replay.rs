@@ -546,8 +546,11 @@ fn replay_command_prints_a_summary_and_refuses_a_broken_snapshot() {
     assert_eq!(v["claims"], 2);
     assert_eq!(v["conflicts"], 1);
     assert_eq!(v["violations"], json!([]));
-    // The database is left for sqlite3, and a second replay will not overwrite it.
+    // The database is left for sqlite3, checkpointed (the .db alone holds every row), and a
+    // second replay will not overwrite it.
     assert!(db.exists());
+    let wal = std::fs::metadata(format!("{}-wal", db.display())).map_or(0, |m| m.len());
+    assert_eq!(wal, 0, "{wal} bytes left in the WAL");
     let again = cmd()
         .arg("replay")
         .arg(&fixture)

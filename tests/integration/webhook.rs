@@ -599,19 +599,10 @@ for secret, msg_id, ts, body in json.load(sys.stdin):
     out.append(Webhook(secret).sign(msg_id, at, body))
 print(json.dumps(out))
 "#;
-    let mut child = std::process::Command::new(python)
-        .args(["-c", SCRIPT])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(json!(msgs).to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = crate::harness::pipe_through(
+        std::process::Command::new(python).args(["-c", SCRIPT]),
+        json!(msgs).to_string().as_bytes(),
+    );
     assert!(out.status.success());
     serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -324,7 +324,7 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::R
         );
     }
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
-    crate::cli::init_logging(log::LevelFilter::Error);
+    crate::logging::init(log::LevelFilter::Error, crate::logging::LogFormat::Text);
     let sizes = if smoke { Sizes::smoke() } else { Sizes::full() };
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!(

@@ -245,10 +245,7 @@ pub struct ReportArgs {
     pub at: Option<String>,
 }
 
-/// Errors that are the user's to fix (exit 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
+pub use crate::config::UsageError;
 
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

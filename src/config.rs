@@ -315,6 +315,12 @@ pub fn is_key(name: &str) -> bool {
     KEYS.iter().any(|(k, _, _)| *k == name)
 }
 
+/// An error that is the user's to fix, outside the configuration keys (exit 2): a missing
+/// database, a file that would be overwritten, a job id that is not there.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// The values the file and the environment give (the environment wins), each with where it
 /// came from (`file` or `env`). Unknown file keys are errors.
 fn raw_values(

@@ -20,7 +20,7 @@ pub const DEMO_FIXTURE: &str = include_str!("../fixtures/demo.json");
 pub const WEBHOOK_COMPANY: &str = "dddddddd-0000-4000-8000-0000000delta";
 
 pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
-    crate::cli::init_logging(log::LevelFilter::Warn);
+    crate::logging::init(log::LevelFilter::Warn, crate::logging::LogFormat::Text);
     let clock: SharedClock = Arc::new(SystemClock);
     let fixture: Fixture = serde_json::from_str(DEMO_FIXTURE)?;
     let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock.clone())?;

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use crate::httpd::{Handler, Head, Request, Response};
 use crate::store::Store;
-use crate::webhook::Counters;
 
 /// When each thread last showed it was making progress.
 #[derive(Debug)]
@@ -95,6 +94,24 @@ impl Stopping {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// Counters of the webhook receiver (it bumps them; `/metrics` shows them).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected_missing_headers: AtomicU64,
+    pub rejected_bad_timestamp: AtomicU64,
+    pub rejected_stale_timestamp: AtomicU64,
+    pub rejected_bad_signature: AtomicU64,
+    pub malformed: AtomicU64,
+    pub queue_full: AtomicU64,
+    pub store_failed: AtomicU64,
+}
+
+/// How often a thread with nothing else to do shows it is alive (the sync thread's idle
+/// wait; the event thread's default beat).
+pub const TICK: Duration = Duration::from_secs(20);
 
 /// Counters the workers bump. (Webhook counters live in [`Counters`].)
 #[derive(Debug, Default)]

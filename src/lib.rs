@@ -28,3 +28,4 @@ pub mod simulate;
 pub mod snapshot;
 pub mod store;
 pub mod webhook;
+pub mod wire;

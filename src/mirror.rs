@@ -659,8 +659,7 @@ fn end_or_defer(
 
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// How often the sync thread shows it is alive when nothing else wakes it.
-pub const TICK: std::time::Duration = std::time::Duration::from_secs(20);
+pub use crate::health::TICK;
 
 fn log_pass(kind: PassKind, companies: usize, report: &PassReport) {
     let line = format!(

@@ -7,7 +7,7 @@
 //! about 4,500 such threads a second in the bench and 1,100 a second in the service's sync
 //! thread (see BENCHMARKS.md). A host written as an IP address needs no lookup, so
 //! [`LiteralFirst`] answers it in place; a name still goes to ureq's own resolver, with its
-//! timeout.
+//! timeout. [`check_base_url`] refuses a base URL that would send a credential in the clear.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -63,6 +63,39 @@ impl Resolver for LiteralFirst {
 /// An agent with `config`, ureq's default connector and the [`LiteralFirst`] resolver.
 pub fn agent(config: Config) -> ureq::Agent {
     ureq::Agent::with_parts(config, DefaultConnector::default(), LiteralFirst::default())
+}
+
+/// Refuses a base URL that is not HTTPS, unless its host is loopback.
+pub fn check_base_url(url: &str) -> Result<(), String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url:?} is not an absolute URL"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = if let Some(stripped) = authority.strip_prefix('[') {
+        stripped.split(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    match scheme {
+        "https" => Ok(()),
+        "http" if is_loopback_host(host) => Ok(()),
+        "http" => Err(format!(
+            "refusing plain http to {host}: Pleo must be reached over https (plain http is allowed only on loopback)"
+        )),
+        other => Err(format!("unsupported URL scheme {other:?}")),
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .map(|ip| ip.is_loopback())
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::clock::{Millis, SharedClock};
-use crate::pleo::{PleoError, Secret};
 use crate::store::Store;
+use crate::wire::{PleoError, Secret};
 
 #[derive(Clone, Debug)]
 pub struct OAuthConfig {
@@ -64,7 +64,7 @@ impl TokenSource {
         store: Store,
         clock: SharedClock,
     ) -> Result<TokenSource, PleoError> {
-        crate::pleo::check_base_url(&cfg.token_url).map_err(PleoError::Config)?;
+        crate::net::check_base_url(&cfg.token_url).map_err(PleoError::Config)?;
         let agent = crate::net::agent(
             ureq::Agent::config_builder()
                 .http_status_as_error(false)

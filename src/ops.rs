@@ -133,7 +133,7 @@ pub fn jobs(
     if let Some(s) = state
         && ProcState::parse(s).is_none()
     {
-        anyhow::bail!(crate::cli::UsageError(format!(
+        anyhow::bail!(crate::config::UsageError(format!(
             "unknown state {s:?}; states: {}",
             ProcState::ALL.map(|p| p.as_str()).join(", ")
         )));
@@ -168,7 +168,7 @@ pub fn jobs_text(v: &Value) -> String {
 }
 
 fn unknown_job(id: &str) -> anyhow::Error {
-    crate::cli::UsageError(format!("no job {id:?} in the database")).into()
+    crate::config::UsageError(format!("no job {id:?} in the database")).into()
 }
 
 /// `jobmirror show JOB`: the job, its items and its timeline.
@@ -604,7 +604,7 @@ pub fn doctor_text(v: &Value) -> String {
 /// `jobmirror backup FILE`: an online copy, created with mode 0600; refuses to overwrite.
 pub fn backup(store: &Store, dest: &Path) -> anyhow::Result<Value> {
     if dest.exists() {
-        anyhow::bail!(crate::cli::UsageError(format!(
+        anyhow::bail!(crate::config::UsageError(format!(
             "{} already exists; backup writes a new file",
             dest.display()
         )));

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Value, json};
 
 use crate::clock::Millis;
-use crate::pleo::{Job, status};
+use crate::wire::{Job, status};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -702,6 +702,25 @@ impl Store {
     }
 }
 
+/// A verified delivery, ready to be committed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delivery {
+    pub webhook_id: String,
+    pub signed_at: Millis,
+    pub event_type: Option<String>,
+    pub event_id: Option<String>,
+    pub job_id: Option<String>,
+    pub company_id: Option<String>,
+    pub body: String,
+    pub headers: Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    New,
+    Duplicate,
+}
+
 /// An item that failed, or whose report Pleo refused (see [`Store::problem_items`]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ProblemItem {
@@ -727,12 +746,7 @@ pub struct PendingDelivery {
 impl Store {
     /// Commits verified deliveries in one transaction (duplicates of a stored `webhook_id` are
     /// left as they are) with a journal entry for each new one.
-    pub fn insert_deliveries(
-        &self,
-        deliveries: &[&crate::webhook::Delivery],
-        now: Millis,
-    ) -> Result<Vec<crate::webhook::Stored>> {
-        use crate::webhook::Stored;
+    pub fn insert_deliveries(&self, deliveries: &[&Delivery], now: Millis) -> Result<Vec<Stored>> {
         let tx = self.write_tx()?;
         let mut out = Vec::with_capacity(deliveries.len());
         for d in deliveries {
@@ -759,7 +773,7 @@ impl Store {
             let known = d
                 .event_type
                 .as_deref()
-                .is_some_and(crate::webhook::is_job_event);
+                .is_some_and(crate::wire::is_job_event);
             let kind = if known && d.job_id.is_some() {
                 EventKind::WebhookReceived
             } else {
@@ -1874,9 +1888,9 @@ impl Store {
 /// A stored OAuth token pair.
 #[derive(Clone, Debug)]
 pub struct TokenRow {
-    pub access_token: Option<crate::pleo::Secret>,
+    pub access_token: Option<crate::wire::Secret>,
     pub access_expires_at: Option<Millis>,
-    pub refresh_token: crate::pleo::Secret,
+    pub refresh_token: crate::wire::Secret,
     pub refresh_started_at: Option<Millis>,
 }
 
@@ -1891,9 +1905,9 @@ impl Store {
                 [credential],
                 |r| {
                     Ok(TokenRow {
-                        access_token: r.get::<_, Option<String>>(0)?.map(crate::pleo::Secret::new),
+                        access_token: r.get::<_, Option<String>>(0)?.map(crate::wire::Secret::new),
                         access_expires_at: r.get::<_, Option<i64>>(1)?.map(Millis),
-                        refresh_token: crate::pleo::Secret::new(r.get::<_, String>(2)?),
+                        refresh_token: crate::wire::Secret::new(r.get::<_, String>(2)?),
                         refresh_started_at: r.get::<_, Option<i64>>(3)?.map(Millis),
                     })
                 },

@@ -36,20 +36,7 @@ const SECRET_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPur
 /// How far a `webhook-timestamp` may be from our clock.
 pub const TOLERANCE_SECS: i64 = 300;
 
-/// Event types that announce a new export job, in every spelling Pleo's pages use.
-pub const JOB_EVENT_TYPES: &[&str] = &[
-    "v1.export-job.created",
-    "v1.export.job-created",
-    "v2.export-job.created",
-    "export-job.created",
-];
-
-/// Whether `event_type` announces a new export job (any spelling above, any letter case).
-pub fn is_job_event(event_type: &str) -> bool {
-    JOB_EVENT_TYPES
-        .iter()
-        .any(|t| t.eq_ignore_ascii_case(event_type.trim()))
-}
+pub use crate::wire::{JOB_EVENT_TYPES, is_job_event};
 
 /// The webhook object of a body: at the top level, or wrapped in `{"payload": {...}}` (Pleo's
 /// pages show both).
@@ -227,38 +214,8 @@ pub fn verify(
     Err(Rejection::BadSignature)
 }
 
-/// A verified delivery, ready to be committed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Delivery {
-    pub webhook_id: String,
-    pub signed_at: Millis,
-    pub event_type: Option<String>,
-    pub event_id: Option<String>,
-    pub job_id: Option<String>,
-    pub company_id: Option<String>,
-    pub body: String,
-    pub headers: Value,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stored {
-    New,
-    Duplicate,
-}
-
-/// Counters of the receiver (for logs now, metrics later).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub accepted: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub rejected_missing_headers: AtomicU64,
-    pub rejected_bad_timestamp: AtomicU64,
-    pub rejected_stale_timestamp: AtomicU64,
-    pub rejected_bad_signature: AtomicU64,
-    pub malformed: AtomicU64,
-    pub queue_full: AtomicU64,
-    pub store_failed: AtomicU64,
-}
+pub use crate::health::Counters;
+pub use crate::store::{Delivery, Stored};
 
 impl Counters {
     fn rejected(&self, r: Rejection) -> &AtomicU64 {
@@ -408,7 +365,7 @@ pub fn run_event_thread(
     shutdown: Receiver<()>,
     alive: Option<Arc<crate::health::Progress>>,
 ) {
-    let tick = alive.as_ref().map_or(crate::mirror::TICK, |a| a.tick());
+    let tick = alive.as_ref().map_or(crate::health::TICK, |a| a.tick());
     loop {
         if let Some(a) = &alive {
             a.beat();

@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod client;
 mod handler_boundary;
+mod house;
 mod httpd;
 mod mirror;
 mod oauth;

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::clock::{Clock, Millis, SharedClock, SystemClock, monotonic};
-use crate::fake::{FakeConfig, FakePleo, JobSpec};
+use crate::edge::webhook::{Secrets, sign_with};
 use crate::pleo::{Auth, ClientConfig, PleoClient, Secret};
+use crate::sandbox::{FakeConfig, FakePleo, JobSpec};
 use crate::store::{Source, Store};
-use crate::webhook::{Secrets, sign_with};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const KEY: &str = "bench-key";
@@ -224,7 +224,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn agent() -> ureq::Agent {
-    crate::net::agent(
+    crate::pleo::net::agent(
         ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
@@ -443,7 +443,7 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::R
     let n_base = (sizes.ingest_deliveries / 4).max(100);
     let t = Instant::now();
     for i in 0..n_base {
-        let d = crate::webhook::Delivery {
+        let d = crate::edge::webhook::Delivery {
             webhook_id: format!("b{i}"),
             signed_at: Millis(0),
             event_type: Some("v1.export-job.created".into()),
@@ -460,14 +460,14 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::R
 
     // Baseline: the same HTTP server answering 204 with no work.
     struct Nothing;
-    impl crate::httpd::Handler for Nothing {
-        fn handle(&self, _r: crate::httpd::Request) -> crate::httpd::Response {
-            crate::httpd::Response::empty(204)
+    impl crate::edge::httpd::Handler for Nothing {
+        fn handle(&self, _r: crate::edge::httpd::Request) -> crate::edge::httpd::Response {
+            crate::edge::httpd::Response::empty(204)
         }
     }
-    let mut noop = crate::httpd::Server::start(
+    let mut noop = crate::edge::httpd::Server::start(
         std::net::TcpListener::bind("127.0.0.1:0")?,
-        crate::httpd::Limits::default(),
+        crate::edge::httpd::Limits::default(),
         Arc::new(Nothing),
         "bench-noop",
     )?;
@@ -577,14 +577,14 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::R
             clock.clone(),
         )?);
         let sync_db = dir.join("sync.db");
-        let mut mirror = crate::mirror::Mirror::new(
+        let mut mirror = crate::service::sync::Mirror::new(
             Store::open(&sync_db)?,
             crate::pleo::Clients::single(client.clone()),
             clock.clone(),
             companies.clone(),
         );
         let t = Instant::now();
-        let report = mirror.pass(crate::mirror::PassKind::Recovery);
+        let report = mirror.pass(crate::service::sync::PassKind::Recovery);
         let sync_secs = t.elapsed().as_secs_f64();
         anyhow::ensure!(
             report.counts.new as usize == total,
@@ -781,25 +781,25 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::R
             clock.clone(),
         )?);
         let pdb = dir.join("processing.db");
-        crate::mirror::Mirror::new(
+        crate::service::sync::Mirror::new(
             Store::open(&pdb)?,
             crate::pleo::Clients::single(client4.clone()),
             clock.clone(),
             vec!["p".into()],
         )
-        .pass(crate::mirror::PassKind::Recovery);
-        let stage = crate::pipeline::HandlerStage::new(
+        .pass(crate::service::sync::PassKind::Recovery);
+        let stage = crate::processing::pipeline::HandlerStage::new(
             crate::pleo::Clients::single(client4.clone()),
             clock.clone(),
-            crate::handler::HandlerSpec::Outbox(dir.join("outbox4")),
-            crate::pipeline::PipelineConfig::default(),
+            crate::processing::handler::HandlerSpec::Outbox(dir.join("outbox4")),
+            crate::processing::pipeline::PipelineConfig::default(),
         );
-        let mut p = crate::processor::Processor::new(
+        let mut p = crate::service::processor::Processor::new(
             Store::open(&pdb)?,
             crate::pleo::Clients::single(client4),
             clock.clone(),
             vec!["p".into()],
-            crate::processor::ProcessorConfig::default(),
+            crate::service::processor::ProcessorConfig::default(),
         )
         .with_stage(Box::new(stage));
         let t = Instant::now();

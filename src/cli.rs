@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ConfigError};
-use crate::fake::{FakeConfig, FakePleo, Fixture};
+use crate::sandbox::{FakeConfig, FakePleo, Fixture};
 use crate::store::Store;
 
 /// The version and the commit the binary was built from.
@@ -129,7 +129,7 @@ pub enum Command {
         #[arg(long, default_value_t = 3600)]
         expires_in: i64,
         /// API key the fake accepts (the fixture's keys win when it names some).
-        #[arg(long, default_value = crate::fake::DEFAULT_API_KEY)]
+        #[arg(long, default_value = crate::sandbox::DEFAULT_API_KEY)]
         api_key: String,
     },
     /// Register this service's webhook endpoint with Pleo and store the signing secret.
@@ -534,7 +534,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => {
             let db = cli.db.clone();
             init_logging(log::LevelFilter::Error);
-            let snap = crate::snapshot::Snapshot::load(&snapshot)
+            let snap = crate::replay::snapshot::Snapshot::load(&snapshot)
                 .map_err(|e| UsageError(format!("{e:#}")))?;
             let db = db.unwrap_or_else(|| {
                 let stem = snapshot
@@ -589,12 +589,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 Config::load_for(cli.config.as_deref(), crate::config::Needs::PLEO_COMPANIES)?;
             init_logging(cfg.log);
             let client = cfg.client(clock.clone())?;
-            let opts = crate::snapshot::RecordOptions {
+            let opts = crate::replay::snapshot::RecordOptions {
                 redact,
                 description,
                 at,
             };
-            let snap = crate::snapshot::record(&client, &clock, &cfg.company_ids, &opts)?;
+            let snap = crate::replay::snapshot::record(&client, &clock, &cfg.company_ids, &opts)?;
             write_private(&out, &(serde_json::to_string_pretty(&snap)? + "\n"))?;
             if json {
                 say_json(&serde_json::json!({
@@ -620,7 +620,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => {
             init_logging(log::LevelFilter::Error);
             if let Some(path) = write {
-                let snap = crate::simulate::generate(seed);
+                let snap = crate::replay::simulate::generate(seed);
                 std::fs::write(&path, serde_json::to_string_pretty(&snap)? + "\n")?;
                 println!("wrote seed {seed} to {}", path.display());
                 return Ok(());
@@ -630,11 +630,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let mut failed = Vec::new();
             let mut total = crate::replay::Summary::default();
             for s in seed..seed.saturating_add(seeds) {
-                let summary = crate::simulate::run_seed(s, &dir)?;
+                let summary = crate::replay::simulate::run_seed(s, &dir)?;
                 total.add(&summary);
                 if !summary.violations.is_empty() {
                     println!("seed {s}: {}", summary.violations.join("; "));
-                    println!("  reproduce: {}", crate::simulate::reproduce_command(s));
+                    println!(
+                        "  reproduce: {}",
+                        crate::replay::simulate::reproduce_command(s)
+                    );
                     failed.push(s);
                 }
             }
@@ -688,10 +691,10 @@ fn check_subscription_url(url: &str) -> Result<(), UsageError> {
         )));
     };
     let path = rest.find('/').map_or("", |i| &rest[i..]);
-    if path != crate::webhook::PATH {
+    if path != crate::edge::webhook::PATH {
         return Err(UsageError(format!(
             "{url:?}: the receiver serves only {} (got path {:?}); a proxy must pass that path through unchanged",
-            crate::webhook::PATH,
+            crate::edge::webhook::PATH,
             if path.is_empty() { "/" } else { path }
         )));
     }

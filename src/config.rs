@@ -246,7 +246,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
 #[derive(Clone, Debug)]
 pub struct WebhookConfig {
     pub listen: String,
-    pub secrets: crate::webhook::Secrets,
+    pub secrets: crate::edge::webhook::Secrets,
     pub body_bytes_max: usize,
     pub connections_max: usize,
     pub queue_max: usize,
@@ -296,7 +296,7 @@ pub struct Config {
     /// Companies with API keys of their own (`company_api_keys_file`).
     pub company_api_keys: BTreeMap<String, Secret>,
     /// OAuth 2.0 instead of the API key (`pleo_auth = "oauth"`).
-    pub oauth: Option<crate::oauth::OAuthConfig>,
+    pub oauth: Option<crate::pleo::oauth::OAuthConfig>,
     /// Client-side pace of API requests (0: none).
     pub pleo_requests_per_sec_max: u32,
     /// A worker thread silent this long is wedged.
@@ -306,8 +306,8 @@ pub struct Config {
     pub retention: crate::store::Retention,
     pub webhook: Option<WebhookConfig>,
     /// Required by the service (see [`Config::require_handler`]); other commands do without.
-    pub handler: Option<crate::handler::HandlerSpec>,
-    pub pipeline: crate::pipeline::PipelineConfig,
+    pub handler: Option<crate::processing::handler::HandlerSpec>,
+    pub pipeline: crate::processing::pipeline::PipelineConfig,
 }
 
 /// Whether `name` is a configuration key.
@@ -578,7 +578,7 @@ impl Config {
             };
             let token_url = need("pleo_oauth_token_url")?;
             pleo::check_base_url(&token_url).map_err(|m| err("pleo_oauth_token_url", m))?;
-            Some(crate::oauth::OAuthConfig {
+            Some(crate::pleo::oauth::OAuthConfig {
                 token_url,
                 client_id: need("pleo_oauth_client_id")?,
                 client_secret: Secret::new(client_secret),
@@ -697,7 +697,7 @@ impl Config {
             // A command without a receiver has no use for its secrets.
             Some(_) if !needs.webhook => None,
             Some(listen) => {
-                let secrets = crate::webhook::Secrets::parse(&secret_text).map_err(|m| {
+                let secrets = crate::edge::webhook::Secrets::parse(&secret_text).map_err(|m| {
                     let key = if values.contains_key("webhook_secret_file") {
                         "webhook_secret_file"
                     } else {
@@ -720,7 +720,8 @@ impl Config {
 
         let handler = match get("handler_command").filter(|h| !h.trim().is_empty()) {
             Some(h) => Some(
-                crate::handler::HandlerSpec::parse(&h).map_err(|m| err("handler_command", m))?,
+                crate::processing::handler::HandlerSpec::parse(&h)
+                    .map_err(|m| err("handler_command", m))?,
             ),
             None => None,
         };
@@ -752,7 +753,7 @@ impl Config {
             webhook_ids_days: days("prune_webhook_ids_after_days", 4)?,
             sync_runs_days: days("prune_sync_runs_after_days", 1)?,
         };
-        let pipeline = crate::pipeline::PipelineConfig {
+        let pipeline = crate::processing::pipeline::PipelineConfig {
             item_timeout: secs("handler_item_timeout_secs", 1)?,
             job_timeout: secs("handler_job_timeout_secs", 1)?,
             attempts_max: count("handler_attempts_max")?,
@@ -802,7 +803,7 @@ impl Config {
     }
 
     /// The handler, which the service cannot run without.
-    pub fn require_handler(&self) -> Result<crate::handler::HandlerSpec, ConfigError> {
+    pub fn require_handler(&self) -> Result<crate::processing::handler::HandlerSpec, ConfigError> {
         self.handler.clone().ok_or_else(|| {
             err(
                 "handler_command",
@@ -844,7 +845,7 @@ impl Config {
         let mut c = self.client_config();
         if let Some(o) = &self.oauth {
             let store = crate::store::Store::open(&self.db)?;
-            c.auth = pleo::Auth::OAuth(std::sync::Arc::new(crate::oauth::TokenSource::new(
+            c.auth = pleo::Auth::OAuth(std::sync::Arc::new(crate::pleo::oauth::TokenSource::new(
                 o.clone(),
                 store,
                 clock.clone(),

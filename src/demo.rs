@@ -10,8 +10,8 @@ use crossbeam_channel::bounded;
 
 use crate::clock::{Millis, SharedClock, SystemClock, monotonic};
 use crate::config::Config;
-use crate::fake::{FakeConfig, FakePleo, Fixture};
 use crate::pleo::{Auth, ClientConfig, PleoClient, Secret};
+use crate::sandbox::{FakeConfig, FakePleo, Fixture};
 use crate::service::Service;
 use crate::store::Store;
 
@@ -59,7 +59,7 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
         ClientConfig::new(&fake.base_url(), Auth::ApiKey(Secret::new(fake.api_key()))),
         clock.clone(),
     )?;
-    let url = format!("http://127.0.0.1:{port}{}", crate::webhook::PATH);
+    let url = format!("http://127.0.0.1:{port}{}", crate::edge::webhook::PATH);
     let (_subscription, secret) = api.subscribe(&url, &["v1.export-job.created".to_owned()])?;
 
     let env = [
@@ -99,22 +99,23 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
     let (progress_tx, progress_rx) = bounded(256);
     let service = Service::start(&cfg, clock.clone(), Some(progress_tx))?;
     let watcher = Store::open_read_only(&db)?;
-    let wait_until = |what: &str,
-                      done: &dyn Fn(&crate::processor::RoundReport) -> anyhow::Result<bool>|
-     -> anyhow::Result<()> {
-        let deadline = monotonic() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(monotonic());
-            match progress_rx.recv_timeout(left) {
-                Ok(r) if done(&r)? => return Ok(()),
-                Ok(_) => {}
-                Err(_) => anyhow::bail!(
-                    "the demo did not get to {what} within 30 s; see {}",
-                    db.display()
-                ),
+    let wait_until =
+        |what: &str,
+         done: &dyn Fn(&crate::service::processor::RoundReport) -> anyhow::Result<bool>|
+         -> anyhow::Result<()> {
+            let deadline = monotonic() + Duration::from_secs(30);
+            loop {
+                let left = deadline.saturating_duration_since(monotonic());
+                match progress_rx.recv_timeout(left) {
+                    Ok(r) if done(&r)? => return Ok(()),
+                    Ok(_) => {}
+                    Err(_) => anyhow::bail!(
+                        "the demo did not get to {what} within 30 s; see {}",
+                        db.display()
+                    ),
+                }
             }
-        }
-    };
+        };
     let settled = wait_until("a settled state", &|_| {
         is_settled(&watcher, &companies[..companies.len() - 1])
     });
@@ -123,7 +124,7 @@ pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
     // Polling is 5 minutes away, so a quick claim can only come from the webhook.
     let t0 = monotonic();
     let claimed = settled.and_then(|_| {
-        let job = fake.add_job(crate::fake::JobSpec {
+        let job = fake.add_job(crate::sandbox::JobSpec {
             company_id: WEBHOOK_COMPANY.into(),
             items: Some(3),
             ..Default::default()

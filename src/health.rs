@@ -1,5 +1,6 @@
-//! Liveness and metrics: per-thread progress beats, counters the workers bump, and the admin
-//! listener serving `/metrics` (Prometheus text) and `/healthz`.
+//! Liveness and counters: per-thread progress beats, the counters and gauges the workers bump,
+//! and what "failing" means for a company. The admin listener that shows them is
+//! [`crate::ops::admin`].
 //!
 //! Invariants: a beat is a timestamp per thread name, taken on monotonic time, never business
 //! time; a service is healthy only while every thread it expects has beaten recently (so a
@@ -7,13 +8,14 @@
 //! database through its own read-only connection and never writes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::httpd::{Handler, Head, Request, Response};
-use crate::store::Store;
+/// A company whose listing failed this many times in a row (or was refused once) is failing:
+/// logged at ERROR, counted in `jobmirror_companies_failing`, reported by `/healthz` and
+/// `doctor`.
+pub const FAILING_AFTER: u32 = 3;
 
 /// When each thread last showed it was making progress.
 #[derive(Debug)]
@@ -117,7 +119,7 @@ pub const TICK: Duration = Duration::from_secs(20);
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// (endpoint pattern, status or "error") -> requests.
-    api: Mutex<BTreeMap<(String, String), u64>>,
+    pub(crate) api: Mutex<BTreeMap<(String, String), u64>>,
     pub polls: AtomicU64,
     pub polls_failed: AtomicU64,
     /// Sum of pass durations, microseconds.
@@ -129,7 +131,7 @@ pub struct Metrics {
     /// Companies whose readiness check is failing now (set by the processor lanes).
     pub companies_not_ready: AtomicU64,
     /// Companies whose listing is failing now: refused (401, 403) or failed
-    /// [`crate::pleo::FAILING_AFTER`] times in a row (set by the sync thread).
+    /// [`crate::health::FAILING_AFTER`] times in a row (set by the sync thread).
     pub companies_failing: AtomicU64,
     /// Of those, the ones whose credential Pleo refuses.
     pub companies_refused: AtomicU64,
@@ -174,86 +176,6 @@ impl Metrics {
     }
 }
 
-/// The standard `process_*` metrics (as Prometheus client libraries name them), read from
-/// /proc/self: CPU seconds, resident and virtual memory, open and allowed file descriptors,
-/// start time.
-fn process_metrics(o: &mut String, started_at: f64) {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let (ticks, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
-            libc::sysconf(libc::_SC_PAGESIZE).max(1) as f64,
-        )
-    };
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 (1-based, counting pid and comm): 11 and 12 here.
-    let cpu = (field(11) + field(12)) / ticks;
-    let vsize = field(20);
-    let rss = field(21) * page;
-    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    let max_fds = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur as f64
-    } else {
-        0.0
-    };
-    for (name, kind, help, v) in [
-        (
-            "process_cpu_seconds_total",
-            "counter",
-            "User and system CPU time spent, seconds.",
-            cpu,
-        ),
-        (
-            "process_resident_memory_bytes",
-            "gauge",
-            "Resident memory size, bytes.",
-            rss,
-        ),
-        (
-            "process_virtual_memory_bytes",
-            "gauge",
-            "Virtual memory size, bytes.",
-            vsize,
-        ),
-        (
-            "process_open_fds",
-            "gauge",
-            "Open file descriptors.",
-            fds as f64,
-        ),
-        (
-            "process_max_fds",
-            "gauge",
-            "The limit on open file descriptors.",
-            max_fds,
-        ),
-        (
-            "process_start_time_seconds",
-            "gauge",
-            "When the process started, Unix time.",
-            started_at,
-        ),
-    ] {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    }
-}
-
 /// `GET /v3/export-jobs/{id}` from `GET /v3/export-jobs/8c1e...` (ids never become labels).
 pub fn endpoint_pattern(method: &str, path: &str) -> String {
     let ids = path.starts_with("/v3/export-jobs/") || path.starts_with("/v1/subscriptions/");
@@ -269,326 +191,6 @@ pub fn endpoint_pattern(method: &str, path: &str) -> String {
         })
         .collect();
     format!("{method} {}", parts.join("/"))
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// The admin listener's handler.
-pub struct Admin {
-    /// When the process started (Unix seconds), for `process_start_time_seconds`.
-    pub started_at: f64,
-    pub progress: std::sync::Arc<Progress>,
-    pub metrics: std::sync::Arc<Metrics>,
-    pub webhooks: Option<std::sync::Arc<Counters>>,
-    pub store: Mutex<Store>,
-}
-
-impl Admin {
-    /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self) -> String {
-        let mut o = String::new();
-        let family = |o: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
-        // A family with one unlabelled sample.
-        let single =
-            |o: &mut String, name: &str, kind: &str, help: &str, v: &dyn std::fmt::Display| {
-                family(o, name, kind, help);
-                let _ = writeln!(o, "{name} {v}");
-            };
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        family(
-            &mut o,
-            "jobmirror_jobs",
-            "gauge",
-            "Jobs in the mirror by processing state.",
-        );
-        // Every state, present at zero: a query for one state never finds no series.
-        let counts: HashMap<String, i64> = store
-            .state_counts()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        for state in crate::store::ProcState::ALL {
-            let n = counts.get(state.as_str()).copied().unwrap_or(0);
-            let _ = writeln!(o, "jobmirror_jobs{{state=\"{}\"}} {n}", state.as_str());
-        }
-        let finished: HashMap<String, i64> = store
-            .finish_counts()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        family(
-            &mut o,
-            "jobmirror_finished_total",
-            "counter",
-            "Final events sent, by outcome (from the journal).",
-        );
-        for outcome in ["completed", "completed_with_errors", "failed"] {
-            let _ = writeln!(
-                o,
-                "jobmirror_finished_total{{outcome=\"{outcome}\"}} {}",
-                finished.get(outcome).copied().unwrap_or(0)
-            );
-        }
-        let last_poll = store.last_successful_poll().ok().flatten();
-        let next_deadline = store
-            .in_flight()
-            .ok()
-            .and_then(|held| held.iter().map(|j| j.expires_at).min());
-        let events: HashMap<String, i64> = store
-            .event_counts()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        drop(store);
-        for (name, kind, help) in [
-            (
-                "jobmirror_claims_total",
-                "claimed",
-                "Jobs claimed with `started` (from the journal).",
-            ),
-            (
-                "jobmirror_conflicts_total",
-                "claim_conflict",
-                "`started` answered 422: another integration was first.",
-            ),
-            (
-                "jobmirror_resumed_total",
-                "resumed",
-                "Jobs taken back after a restart without `started`.",
-            ),
-            ("jobmirror_expiries_total", "expired", "Jobs that expired."),
-            (
-                "jobmirror_claims_deferred_total",
-                "claim_deferred",
-                "Claims put off: too little time left for `started` to land before the deadline.",
-            ),
-            (
-                "jobmirror_not_ready_total",
-                "not_ready",
-                "Readiness failures journaled (once per job and reason): the job was not started.",
-            ),
-        ] {
-            single(
-                &mut o,
-                name,
-                "counter",
-                help,
-                &events.get(kind).copied().unwrap_or(0),
-            );
-        }
-        single(
-            &mut o,
-            "jobmirror_readiness_failures_total",
-            "counter",
-            "Readiness checks that failed (each check; the job was not started).",
-            &load(&self.metrics.readiness_failures),
-        );
-        single(
-            &mut o,
-            "jobmirror_companies_not_ready",
-            "gauge",
-            "Companies whose readiness check is failing now.",
-            &load(&self.metrics.companies_not_ready),
-        );
-        single(
-            &mut o,
-            "jobmirror_companies_failing",
-            "gauge",
-            "Companies whose listing is failing now (refused, or failed 3 times in a row).",
-            &load(&self.metrics.companies_failing),
-        );
-        single(
-            &mut o,
-            "jobmirror_companies_refused",
-            "gauge",
-            "Companies whose credential Pleo refuses now (401 or 403).",
-            &load(&self.metrics.companies_refused),
-        );
-        single(
-            &mut o,
-            "jobmirror_config_reload_refused",
-            "gauge",
-            "1 while the last reload (SIGHUP) was refused and the old configuration runs.",
-            &load(&self.metrics.reload_refused),
-        );
-        if let Some(w) = &self.webhooks {
-            single(
-                &mut o,
-                "jobmirror_webhooks_accepted_total",
-                "counter",
-                "Webhook deliveries stored and acknowledged.",
-                &load(&w.accepted),
-            );
-            single(
-                &mut o,
-                "jobmirror_webhooks_duplicates_total",
-                "counter",
-                "Deliveries of a webhook-id already stored (acknowledged).",
-                &load(&w.duplicates),
-            );
-            family(
-                &mut o,
-                "jobmirror_webhooks_rejected_total",
-                "counter",
-                "Webhook deliveries refused, by reason.",
-            );
-            for (reason, c) in [
-                ("missing_headers", &w.rejected_missing_headers),
-                ("bad_timestamp", &w.rejected_bad_timestamp),
-                ("stale_timestamp", &w.rejected_stale_timestamp),
-                ("bad_signature", &w.rejected_bad_signature),
-                ("malformed", &w.malformed),
-                ("queue_full", &w.queue_full),
-                ("store_failed", &w.store_failed),
-            ] {
-                let _ = writeln!(
-                    o,
-                    "jobmirror_webhooks_rejected_total{{reason=\"{reason}\"}} {}",
-                    load(c)
-                );
-            }
-        }
-        family(
-            &mut o,
-            "jobmirror_api_requests_total",
-            "counter",
-            "Pleo API requests by endpoint and status (\"error\": no answer).",
-        );
-        for ((endpoint, status), n) in self
-            .metrics
-            .api
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                o,
-                "jobmirror_api_requests_total{{endpoint=\"{}\",status=\"{}\"}} {n}",
-                escape(endpoint),
-                escape(status)
-            );
-        }
-        let m = &self.metrics;
-        family(
-            &mut o,
-            "jobmirror_poll_duration_seconds",
-            "summary",
-            "Listing passes over one company.",
-        );
-        let _ = writeln!(
-            o,
-            "jobmirror_poll_duration_seconds_sum {:.6}",
-            load(&m.poll_micros) as f64 / 1e6
-        );
-        let _ = writeln!(
-            o,
-            "jobmirror_poll_duration_seconds_count {}",
-            load(&m.polls)
-        );
-        single(
-            &mut o,
-            "jobmirror_poll_failures_total",
-            "counter",
-            "Listing passes that failed.",
-            &load(&m.polls_failed),
-        );
-        family(
-            &mut o,
-            "jobmirror_handler_results_total",
-            "counter",
-            "Item results the handler gave, by outcome.",
-        );
-        let _ = writeln!(
-            o,
-            "jobmirror_handler_results_total{{outcome=\"successful\"}} {}",
-            load(&m.handler_successful)
-        );
-        let _ = writeln!(
-            o,
-            "jobmirror_handler_results_total{{outcome=\"failed\"}} {}",
-            load(&m.handler_failed)
-        );
-        single(
-            &mut o,
-            "jobmirror_up",
-            "gauge",
-            "1 while every thread makes progress.",
-            &u8::from(self.progress.healthy()),
-        );
-        single(
-            &mut o,
-            "jobmirror_last_successful_poll_timestamp_seconds",
-            "gauge",
-            "When a listing pass last succeeded (Unix time; 0: never).",
-            &last_poll.map_or(0.0, |t| t.0 as f64 / 1000.0),
-        );
-        single(
-            &mut o,
-            "jobmirror_next_deadline_timestamp_seconds",
-            "gauge",
-            "The earliest deadline (Unix time) of the jobs in hand; 0: no job in hand.",
-            &next_deadline.map_or(0.0, |t| t.0 as f64 / 1000.0),
-        );
-        family(
-            &mut o,
-            "jobmirror_build_info",
-            "gauge",
-            "The running build: always 1, its version and commit as labels.",
-        );
-        let _ = writeln!(
-            o,
-            "jobmirror_build_info{{version=\"{}\",commit=\"{}\"}} 1",
-            escape(env!("CARGO_PKG_VERSION")),
-            escape(env!("JOBMIRROR_COMMIT"))
-        );
-        process_metrics(&mut o, self.started_at);
-        o
-    }
-}
-
-impl Handler for Admin {
-    fn check_head(&self, head: &Head) -> Option<Response> {
-        if head.method != "GET" {
-            return Some(Response::text(405, "GET only\n").with_header("Allow", "GET"));
-        }
-        None
-    }
-
-    fn handle(&self, req: Request) -> Response {
-        match req.head.path.as_str() {
-            "/metrics" => {
-                let mut r = Response::text(200, &self.render());
-                r.headers
-                    .retain(|(k, _)| !k.eq_ignore_ascii_case("content-type"));
-                r.with_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            }
-            "/healthz" => {
-                let stale = self.progress.stale(crate::clock::monotonic());
-                let failing = self.metrics.companies_failing.load(Ordering::Relaxed);
-                let refused = self.metrics.companies_refused.load(Ordering::Relaxed);
-                if !stale.is_empty() {
-                    Response::text(503, &format!("not making progress: {}\n", stale.join(", ")))
-                } else if failing > 0 {
-                    Response::text(
-                        503,
-                        &format!(
-                            "degraded: listing fails for {failing} companies ({refused} with a credential Pleo refuses); see jobmirror doctor\n"
-                        ),
-                    )
-                } else {
-                    Response::text(200, "ok\n")
-                }
-            }
-            _ => Response::text(404, "not found: try /metrics or /healthz\n"),
-        }
-    }
 }
 
 #[cfg(test)]

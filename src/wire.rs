@@ -291,6 +291,12 @@ impl PleoError {
     }
 }
 
+/// Whether a stored error text (a [`PleoError`]'s message, as `sync_runs.error` keeps it)
+/// says Pleo refused the credential.
+pub fn is_refusal_text(error: &str) -> bool {
+    error.starts_with("Pleo answered 401 ") || error.starts_with("Pleo answered 403 ")
+}
+
 /// Event types that announce a new export job, in every spelling Pleo's pages use.
 pub const JOB_EVENT_TYPES: &[&str] = &[
     "v1.export-job.created",

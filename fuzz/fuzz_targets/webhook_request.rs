@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = jobmirror::fuzzing::webhook_request(data);
+    let _ = jobmirror::edge::fuzzing::webhook_request(data);
 });

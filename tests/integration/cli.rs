@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, unbounded};
 use jobmirror::clock::{SharedClock, SystemClock};
-use jobmirror::fake::{FakeConfig, FakePleo, JobSpec};
+use jobmirror::sandbox::{FakeConfig, FakePleo, JobSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_jobmirror");
 
@@ -662,7 +662,7 @@ fn subscribe_registers_the_endpoint_and_writes_the_secret_privately() {
     );
     let secret = std::fs::read_to_string(&secret_file).unwrap();
     assert!(secret.starts_with("whsec_"));
-    assert!(jobmirror::webhook::Secrets::parse(&secret).is_ok());
+    assert!(jobmirror::edge::webhook::Secrets::parse(&secret).is_ok());
     assert!(!stdout.contains(secret.trim()), "the secret is not printed");
     #[cfg(unix)]
     {

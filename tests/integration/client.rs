@@ -93,11 +93,11 @@ fn a_read_that_times_out_is_retried_and_a_claim_that_times_out_is_not() {
     let mut cfg = w.client_config();
     cfg.request_timeout = std::time::Duration::from_millis(300);
     let c = PleoClient::new(cfg, w.shared_clock()).unwrap();
-    let slow = |method: &str, path: &str| jobmirror::fake::FaultRule {
+    let slow = |method: &str, path: &str| jobmirror::sandbox::FaultRule {
         skip: 0,
         method: Some(method.into()),
         path_prefix: Some(path.into()),
-        fault: jobmirror::fake::Fault::Slow { millis: 1_500 },
+        fault: jobmirror::sandbox::Fault::Slow { millis: 1_500 },
     };
     w.fake.push_fault(slow("GET", "/v3/export-jobs/j"));
     let job = c.get_job("j").unwrap();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use jobmirror::clock::{SharedClock, SystemClock};
-use jobmirror::fake::{FakeConfig, FakeJob, FakePleo, JobSpec};
+use jobmirror::sandbox::{FakeConfig, FakeJob, FakePleo, JobSpec};
 
 use crate::cli::{Reaper, signal, wait_exit};
 use crate::reliability::{pid_in, process_ends};

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use jobmirror::clock::{ManualClock, Millis, SharedClock};
-use jobmirror::fake::{FakeConfig, FakePleo, JobSpec};
-use jobmirror::mirror::Mirror;
 use jobmirror::pleo::{Auth, ClientConfig, PleoClient, Secret};
-use jobmirror::processor::{Processor, ProcessorConfig};
+use jobmirror::sandbox::{FakeConfig, FakePleo, JobSpec};
+use jobmirror::service::processor::{Processor, ProcessorConfig};
+use jobmirror::service::sync::Mirror;
 use jobmirror::store::Store;
 
 pub const T0: &str = "2026-11-24T09:00:00Z";

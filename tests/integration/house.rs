@@ -1,46 +1,97 @@
-//! The layout's rule, checked: no import circle between the files of `src/` (ARCHITECTURE.md,
-//! "Code map": each part depends only on parts below it).
+//! The layout's rules, checked (ARCHITECTURE.md, "Code map"): each part depends only on parts
+//! below it. No import circle between the files of `src/`, none between its folders, and the
+//! ground floor (the wire model, the clock, the store) reaches no higher.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
-/// Module -> the modules it names (`crate::name`), from the source, test modules left out.
-fn imports() -> BTreeMap<String, BTreeSet<String>> {
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut graph = BTreeMap::new();
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        if path.extension().is_none_or(|e| e != "rs") || name == "lib" || name == "main" {
-            continue;
+/// Every module of the crate (`edge::webhook`, `store`, ...) and its source, unit tests and
+/// comments left out.
+fn modules() -> BTreeMap<String, String> {
+    fn walk(dir: &Path, prefix: &[String], out: &mut BTreeMap<String, String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                let mut p = prefix.to_vec();
+                p.push(name);
+                walk(&path, &p, out);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let mut p = prefix.to_vec();
+            if name != "mod" {
+                p.push(name);
+            }
+            if p == ["lib"] || p == ["main"] {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code: String = text
+                .split("#[cfg(test)]")
+                .next()
+                .unwrap()
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            out.insert(p.join("::"), code);
         }
-        let text = std::fs::read_to_string(&path).unwrap();
-        // Unit tests may reach anywhere: only the code above `#[cfg(test)]` counts.
-        // Comments (doc links included) are not imports.
-        let code: String = text
-            .split("#[cfg(test)]")
-            .next()
-            .unwrap()
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("//"))
-            .collect::<Vec<_>>()
-            .join("\n");
+    }
+    let mut out = BTreeMap::new();
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &[],
+        &mut out,
+    );
+    out
+}
+
+/// Module -> the modules it names: for `crate::a::b::c`, the longest of `a::b::c`, `a::b`,
+/// `a` that is a module.
+fn file_graph(mods: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph = BTreeMap::new();
+    for (name, code) in mods {
         let mut deps = BTreeSet::new();
         for (i, _) in code.match_indices("crate::") {
-            let rest = &code[i + "crate::".len()..];
-            let dep: String = rest
+            let path: String = code[i + "crate::".len()..]
                 .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
                 .collect();
-            if !dep.is_empty() && dep != name {
-                deps.insert(dep);
+            let segs: Vec<&str> = path.split("::").filter(|s| !s.is_empty()).collect();
+            let target = (1..=segs.len())
+                .rev()
+                .map(|n| segs[..n].join("::"))
+                .find(|m| mods.contains_key(m));
+            if let Some(t) = target
+                && t != *name
+            {
+                deps.insert(t);
             }
         }
-        graph.insert(name, deps);
+        graph.insert(name.clone(), deps);
     }
     graph
 }
 
-/// A circle through `start`, if any (depth-first).
+/// The same graph between folders (a top-level file is its own folder).
+fn folder_graph(files: &BTreeMap<String, BTreeSet<String>>) -> BTreeMap<String, BTreeSet<String>> {
+    let top = |m: &str| m.split("::").next().unwrap().to_owned();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (m, deps) in files {
+        let entry = graph.entry(top(m)).or_default();
+        for d in deps {
+            if top(d) != top(m) {
+                entry.insert(top(d));
+            }
+        }
+    }
+    graph
+}
+
+/// A circle, if any (depth-first).
 fn circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     fn visit(
         graph: &BTreeMap<String, BTreeSet<String>>,
@@ -67,35 +118,43 @@ fn circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
         None
     }
     let mut done = BTreeSet::new();
-    for node in graph.keys() {
-        if let Some(c) = visit(graph, node, &mut Vec::new(), &mut done) {
-            return Some(c);
-        }
-    }
-    None
+    graph
+        .keys()
+        .find_map(|node| visit(graph, node, &mut Vec::new(), &mut done))
 }
 
 #[test]
-fn no_import_circle_between_the_files_of_src() {
-    let graph = imports();
-    assert!(graph.len() > 20, "{graph:?}");
-    // The ground floor stays the ground floor: the wire model and the clock import nothing
-    // of ours but the clock; the store only those.
-    assert!(graph["clock"].is_empty(), "{:?}", graph["clock"]);
-    let allowed = |m: &str, ok: &[&str]| {
-        let extra: Vec<&String> = graph[m]
+fn no_import_circle_between_files_or_folders_and_the_ground_floor_stays_down() {
+    let mods = modules();
+    assert!(mods.len() > 25, "{:?}", mods.keys());
+    let files = file_graph(&mods);
+    let folders = folder_graph(&files);
+    let only = |m: &str, ok: &[&str]| {
+        let extra: Vec<&String> = files[m]
             .iter()
             .filter(|d| !ok.contains(&d.as_str()))
             .collect();
         assert!(extra.is_empty(), "{m} imports {extra:?}");
     };
-    allowed("wire", &["clock"]);
-    allowed("store", &["clock", "wire"]);
-    if let Some(c) = circle(&graph) {
-        panic!("import circle: {}", c.join(" -> "));
+    only("clock", &[]);
+    only("wire", &["clock"]);
+    only("store", &["clock", "wire"]);
+    if let Some(c) = circle(&files) {
+        panic!("import circle between files: {}", c.join(" -> "));
     }
-    // The check itself finds a circle when there is one.
-    let mut g = graph.clone();
-    g.get_mut("clock").unwrap().insert("store".into());
+    if let Some(c) = circle(&folders) {
+        panic!("import circle between folders: {}", c.join(" -> "));
+    }
+    // Nothing below the top imports the command line, the bench or the demo.
+    for (m, deps) in &files {
+        if !["cli", "bench", "demo"].contains(&m.as_str()) {
+            for top in ["cli", "bench", "demo"] {
+                assert!(!deps.contains(top), "{m} imports {top}");
+            }
+        }
+    }
+    // The check finds a circle when there is one.
+    let mut g = folders.clone();
+    g.get_mut("clock").unwrap().insert("service".into());
     assert!(circle(&g).is_some());
 }

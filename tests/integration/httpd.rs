@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobmirror::httpd::{Handler, Limits, Request, Response, Server};
+use jobmirror::edge::httpd::{Handler, Limits, Request, Response, Server};
 
 struct Touchy;
 

@@ -1,7 +1,7 @@
 //! The sync thread's passes against the fake: paging, read-only detection, re-reads.
 
-use jobmirror::fake::{Fault, FaultRule, JobSpec};
-use jobmirror::mirror::PassKind;
+use jobmirror::sandbox::{Fault, FaultRule, JobSpec};
+use jobmirror::service::sync::PassKind;
 use jobmirror::store::ProcState;
 
 use crate::harness::World;
@@ -273,7 +273,7 @@ fn job_delivery(w: &World, webhook_id: &str, company: &str, job: &str) {
     let body = serde_json::json!({"data": {"id": job, "companyId": company},
                                   "eventType": "v1.export-job.created", "eventId": webhook_id})
     .to_string();
-    let d = jobmirror::webhook::Delivery {
+    let d = jobmirror::edge::webhook::Delivery {
         webhook_id: webhook_id.into(),
         signed_at: w.clock_now(),
         event_type: Some("v1.export-job.created".into()),

@@ -152,7 +152,7 @@ fn fake_answers_match_pleos_openapi() {
     let spec = spec();
     let w = World::new();
     w.fake
-        .add_job(jobmirror::fake::JobSpec {
+        .add_job(jobmirror::sandbox::JobSpec {
             id: Some("11111111-1111-4111-8111-111111111111".into()),
             company_id: "22222222-2222-4222-8222-222222222222".into(),
             status: "pending".into(),
@@ -721,7 +721,7 @@ fn the_fake_refuses_what_pleos_files_call_invalid_and_sorts_only_when_asked() {
     for item in items["data"].as_array().unwrap() {
         for line in item["accountingEntryLines"].as_array().unwrap() {
             let id = line["accountingEntryLineId"].as_str().unwrap();
-            assert!(jobmirror::fake_rules::is_uuid(id), "{id}");
+            assert!(jobmirror::sandbox::rules::is_uuid(id), "{id}");
         }
     }
 

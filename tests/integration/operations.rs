@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jobmirror::clock::{SharedClock, SystemClock};
-use jobmirror::fake::{FakeConfig, FakePleo, JobSpec};
+use jobmirror::sandbox::{FakeConfig, FakePleo, JobSpec};
 
 use crate::cli::{Reaper, cmd, lines, signal, wait_exit, wait_for};
 
@@ -77,7 +77,10 @@ fn start(
     c.arg("run")
         .env("JOBMIRROR_DB", dir.join("jm.db"))
         .env("JOBMIRROR_PLEO_BASE_URL", base_url)
-        .env("JOBMIRROR_PLEO_API_KEY", jobmirror::fake::DEFAULT_API_KEY)
+        .env(
+            "JOBMIRROR_PLEO_API_KEY",
+            jobmirror::sandbox::DEFAULT_API_KEY,
+        )
         .env("JOBMIRROR_COMPANY_IDS", A)
         .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
         .env("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0")
@@ -315,7 +318,7 @@ fn sighup_restarts_in_place_with_a_valid_config_and_refuses_a_broken_one() {
                 "db = {:?}\npleo_base_url = {:?}\npleo_api_key = {:?}\ncompany_ids = [{A:?}]\nhandler_command = \"dry-run\"\nadmin_listen = \"127.0.0.1:0\"\npoll_interval_secs = {poll}\n",
                 dir.path().join("jm.db").display().to_string(),
                 f.base_url(),
-                jobmirror::fake::DEFAULT_API_KEY,
+                jobmirror::sandbox::DEFAULT_API_KEY,
             ),
         )
         .unwrap();
@@ -464,7 +467,7 @@ done
 #[test]
 fn a_thousand_companies_are_polled_paced_and_spread_without_a_burst() {
     let companies: Vec<String> = (0..1000).map(|i| format!("co-{i:04}")).collect();
-    let snap = jobmirror::snapshot::Snapshot::parse(
+    let snap = jobmirror::replay::snapshot::Snapshot::parse(
         &serde_json::json!({
             "version": 2,
             "start": "2026-11-24T08:00:00Z",

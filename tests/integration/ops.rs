@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use jobmirror::fake::JobSpec;
-use jobmirror::mirror::PassKind;
-use jobmirror::processor::ProcessorConfig;
+use jobmirror::sandbox::JobSpec;
+use jobmirror::service::processor::ProcessorConfig;
+use jobmirror::service::sync::PassKind;
 use jobmirror::store::Store;
 
 use crate::harness::{T0, World};
@@ -41,7 +41,7 @@ fn world() -> World {
     assert_eq!(r.claimed, ["a-held"]);
     let st = w.store();
     let body = r#"{"data":{"id":"c-next","companyId":"cccccccc-0000-4000-8000-000000000003"},"eventType":"v1.export-job.created","eventId":"evt_1"}"#;
-    let d = jobmirror::webhook::Delivery {
+    let d = jobmirror::edge::webhook::Delivery {
         webhook_id: "msg_1".into(),
         signed_at: w.clock_now(),
         event_type: Some("v1.export-job.created".into()),
@@ -399,7 +399,7 @@ fn a_reader_holding_a_read_transaction_never_blocks_the_service() {
     let r = w.processor(&[A, B, C], ProcessorConfig::default()).round();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(!r.claimed.is_empty(), "{r:?}");
-    let d = jobmirror::webhook::Delivery {
+    let d = jobmirror::edge::webhook::Delivery {
         webhook_id: "msg_2".into(),
         signed_at: w.clock_now(),
         event_type: None,

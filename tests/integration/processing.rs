@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use crossbeam_channel::unbounded;
 use jobmirror::clock::Clock;
-use jobmirror::fake::{Fault, FaultRule, JobSpec};
-use jobmirror::handler::HandlerSpec;
-use jobmirror::mirror::PassKind;
-use jobmirror::pipeline::{HandlerStage, Milestone, PipelineConfig};
-use jobmirror::processor::{Processor, ProcessorConfig, ReadyStage};
+use jobmirror::processing::handler::HandlerSpec;
+use jobmirror::processing::pipeline::{HandlerStage, Milestone, PipelineConfig};
+use jobmirror::sandbox::{Fault, FaultRule, JobSpec};
+use jobmirror::service::processor::{Processor, ProcessorConfig, ReadyStage};
+use jobmirror::service::sync::PassKind;
 use jobmirror::store::ProcState;
 use serde_json::Value;
 
@@ -312,7 +312,7 @@ fn round_with_a_hanging_handler(
     dir: &Path,
     cfg: PipelineConfig,
     items: usize,
-) -> std::thread::JoinHandle<jobmirror::processor::RoundReport> {
+) -> std::thread::JoinHandle<jobmirror::service::processor::RoundReport> {
     let handler = script(
         dir,
         "h",

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use jobmirror::clock::Clock;
-use jobmirror::fake::{Fault, FaultRule};
-use jobmirror::mirror::PassKind;
-use jobmirror::processor::ProcessorConfig;
+use jobmirror::sandbox::{Fault, FaultRule};
+use jobmirror::service::processor::ProcessorConfig;
+use jobmirror::service::sync::PassKind;
 use jobmirror::store::ProcState;
 
 use crate::harness::World;
@@ -424,12 +424,12 @@ fn a_job_finished_elsewhere_frees_the_company() {
 // Regressions found by the simulation (`jobmirror simulate`), named after the bug.
 
 /// A processor for company A whose client sends each request once (no retries).
-fn single_attempt_processor(w: &World) -> jobmirror::processor::Processor {
+fn single_attempt_processor(w: &World) -> jobmirror::service::processor::Processor {
     let mut c = w.client_config();
     c.retry.attempts_max = 1;
     let client =
         std::sync::Arc::new(jobmirror::pleo::PleoClient::new(c, w.shared_clock()).unwrap());
-    jobmirror::processor::Processor::new(
+    jobmirror::service::processor::Processor::new(
         w.store(),
         jobmirror::pleo::Clients::single(client),
         w.shared_clock(),

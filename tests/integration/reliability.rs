@@ -2,8 +2,8 @@
 //! injects, how many times, and what it checks). `JOBMIRROR_RELIABILITY_SCALE` multiplies
 //! the counts for longer runs.
 
+use jobmirror::replay::snapshot::Snapshot;
 use jobmirror::replay::{Replay, ReplayOptions};
-use jobmirror::snapshot::Snapshot;
 use serde_json::json;
 
 fn scale() -> usize {
@@ -84,7 +84,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jobmirror::clock::{SharedClock, SystemClock};
-use jobmirror::fake::{FakeConfig, FakePleo, JobSpec};
+use jobmirror::sandbox::{FakeConfig, FakePleo, JobSpec};
 
 use crate::cli::{Reaper, cmd, lines, signal, wait_exit};
 
@@ -295,7 +295,7 @@ fn kill_9_during_webhook_load_loses_no_acknowledged_delivery() {
                     .timeout_global(Some(Duration::from_secs(5)))
                     .build()
                     .into();
-                let secrets = jobmirror::webhook::Secrets::parse(HOOK_SECRET).unwrap();
+                let secrets = jobmirror::edge::webhook::Secrets::parse(HOOK_SECRET).unwrap();
                 let mut acked = Vec::new();
                 let mut i = 0u64;
                 while !stop_senders.load(std::sync::atomic::Ordering::Relaxed) {
@@ -306,7 +306,7 @@ fn kill_9_during_webhook_load_loses_no_acknowledged_delivery() {
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap()
                         .as_secs() as i64;
-                    let sig = jobmirror::webhook::sign_with(&secrets, &id, ts, body.as_bytes());
+                    let sig = jobmirror::edge::webhook::sign_with(&secrets, &id, ts, body.as_bytes());
                     let r = agent
                         .post(format!("http://127.0.0.1:{port}/webhooks/pleo"))
                         .header("webhook-id", &id)
@@ -439,8 +439,8 @@ fn sigterm_with_a_backlog_of_webhook_named_jobs_overran_the_stop_bound() {
     let fake = real_time_fake();
     let dir = tempfile::tempdir().unwrap();
     let st = jobmirror::store::Store::open(&dir.path().join("backlog.db")).unwrap();
-    let ds: Vec<jobmirror::webhook::Delivery> = (0..2000)
-        .map(|i| jobmirror::webhook::Delivery {
+    let ds: Vec<jobmirror::edge::webhook::Delivery> = (0..2000)
+        .map(|i| jobmirror::edge::webhook::Delivery {
             webhook_id: format!("msg_b{i}"),
             signed_at: jobmirror::clock::Millis(0),
             event_type: Some("v1.export-job.created".into()),
@@ -502,7 +502,7 @@ fn hostile_requests_get_the_right_status_and_never_break_the_listener() {
         SECRET,
         &[("JOBMIRROR_WEBHOOK_BODY_BYTES_MAX", "65536".into())],
     );
-    let secrets = jobmirror::webhook::Secrets::parse(SECRET).unwrap();
+    let secrets = jobmirror::edge::webhook::Secrets::parse(SECRET).unwrap();
     let now = r.w.clock_now().0 / 1000;
     let mut rng = Rng(0x5eed_0004);
     let cases = 3000 * scale();
@@ -535,7 +535,8 @@ fn hostile_requests_get_the_right_status_and_never_break_the_listener() {
             2 => "99999999999999999999999".into(),
             _ => now.to_string(),
         };
-        let mut sig = jobmirror::webhook::sign_with(&secrets, &id, ts.parse().unwrap_or(0), &body);
+        let mut sig =
+            jobmirror::edge::webhook::sign_with(&secrets, &id, ts.parse().unwrap_or(0), &body);
         match rng.range(0, 6) {
             0 => sig = "v1,".into(),
             1 => sig = format!("v1a,{}", &sig[3..]),
@@ -984,16 +985,17 @@ fn the_fuzz_entry_point_survives_arbitrary_bytes() {
     // valid signed request and plain random bytes. It must return for every input, and accept
     // the genuine request.
     let body = br#"{"data":{"id":"f","companyId":"c"},"eventType":"v1.export-job.created"}"#;
-    let secrets = jobmirror::webhook::Secrets::parse(jobmirror::fuzzing::FUZZ_SECRET).unwrap();
+    let secrets =
+        jobmirror::edge::webhook::Secrets::parse(jobmirror::edge::fuzzing::FUZZ_SECRET).unwrap();
     let ts = 1_795_507_200i64;
-    let sig = jobmirror::webhook::sign_with(&secrets, "msg_f", ts, body);
+    let sig = jobmirror::edge::webhook::sign_with(&secrets, "msg_f", ts, body);
     let mut valid = format!(
         "POST /webhooks/pleo HTTP/1.1\r\nwebhook-id: msg_f\r\nwebhook-timestamp: {ts}\r\nwebhook-signature: {sig}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
     valid.extend_from_slice(body);
-    assert_eq!(jobmirror::fuzzing::webhook_request(&valid), 200);
+    assert_eq!(jobmirror::edge::fuzzing::webhook_request(&valid), 200);
     let mut rng = Rng(0x5eed_0006);
     let mut outcomes = std::collections::BTreeMap::new();
     for _ in 0..20_000 * scale() {
@@ -1013,11 +1015,11 @@ fn the_fuzz_entry_point_survives_arbitrary_bytes() {
             }
         }
         *outcomes
-            .entry(jobmirror::fuzzing::webhook_request(&d))
+            .entry(jobmirror::edge::fuzzing::webhook_request(&d))
             .or_insert(0) += 1;
         let noise: Vec<u8> = (0..rng.range(0, 512)).map(|_| rng.next() as u8).collect();
         *outcomes
-            .entry(jobmirror::fuzzing::webhook_request(&noise))
+            .entry(jobmirror::edge::fuzzing::webhook_request(&noise))
             .or_insert(0) += 1;
     }
     assert!(!outcomes.contains_key(&500), "{outcomes:?}");
@@ -1079,7 +1081,7 @@ fn a_database_directory_it_cannot_write_is_a_clear_error_until_fixed() {
 pub(crate) fn process_ends(pid: u32, within: Duration) -> bool {
     let t0 = std::time::Instant::now();
     loop {
-        if !jobmirror::handler::process_running(pid) {
+        if !jobmirror::processing::handler::process_running(pid) {
             return true;
         }
         if t0.elapsed() > within {

@@ -7,9 +7,9 @@ use std::process::Command;
 use std::sync::Arc;
 
 use jobmirror::clock::{ManualClock, Millis, SharedClock};
-use jobmirror::fake::{FakeConfig, FakePleo, JobSpec};
+use jobmirror::replay::snapshot::{Event, Snapshot};
 use jobmirror::replay::{Replay, ReplayOptions, Summary};
-use jobmirror::snapshot::{Event, Snapshot};
+use jobmirror::sandbox::{FakeConfig, FakePleo, JobSpec};
 use jobmirror::store::Store;
 use serde_json::{Value, json};
 
@@ -600,14 +600,14 @@ fn simulation_holds_the_invariants_for_every_seed() {
                 let mut failed = Vec::new();
                 let mut steps = 0;
                 for seed in (first..first + seeds).filter(|s| s % workers == w) {
-                    let s = jobmirror::simulate::run_seed(seed, dir.path())
+                    let s = jobmirror::replay::simulate::run_seed(seed, dir.path())
                         .unwrap_or_else(|e| panic!("seed {seed}: {e:#}"));
                     steps += s.steps;
                     if !s.violations.is_empty() {
                         failed.push(format!(
                             "seed {seed}: {}\n  reproduce: {}",
                             s.violations.join("; "),
-                            jobmirror::simulate::reproduce_command(seed)
+                            jobmirror::replay::simulate::reproduce_command(seed)
                         ));
                     }
                 }

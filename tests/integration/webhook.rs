@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crossbeam_channel::bounded;
 use jobmirror::clock::{Clock, SharedClock, SystemClock};
+use jobmirror::edge::webhook::{Secrets, sign_with};
 use jobmirror::service::Service;
-use jobmirror::webhook::{Secrets, sign_with};
 use serde_json::{Value, json};
 
 use crate::harness::World;
@@ -343,11 +343,11 @@ fn the_listener_answers_a_webhook_within_a_second_with_200_idle_connections_open
 }
 
 /// The real clock, a world for the database, and a fake Pleo on the real clock.
-fn real_time_world() -> (SharedClock, World, jobmirror::fake::FakePleo) {
+fn real_time_world() -> (SharedClock, World, jobmirror::sandbox::FakePleo) {
     let clock: SharedClock = Arc::new(SystemClock);
-    let fake = jobmirror::fake::FakePleo::start(
+    let fake = jobmirror::sandbox::FakePleo::start(
         "127.0.0.1:0",
-        jobmirror::fake::FakeConfig {
+        jobmirror::sandbox::FakeConfig {
             api_keys: vec![crate::harness::KEY.into()],
             ..Default::default()
         },
@@ -401,7 +401,7 @@ fn a_job_announced_by_webhook_is_claimed_within_two_seconds_with_hourly_polling(
     // The start-up recovery listing has been answered (it finds nothing): from now on only the
     // webhook can bring the new job in before the next poll, an hour away.
     let is_listing =
-        |r: &jobmirror::fake::LoggedRequest| r.path == "/v3/export-jobs" && r.method == "GET";
+        |r: &jobmirror::sandbox::LoggedRequest| r.path == "/v3/export-jobs" && r.method == "GET";
     assert!(fake.wait_for_requests(Duration::from_secs(10), |reqs| reqs.iter().any(is_listing)));
     let listing = || fake.requests().iter().filter(|r| is_listing(r)).count();
 
@@ -518,14 +518,15 @@ fn the_fakes_duplicate_and_retried_deliveries_are_stored_once() {
     );
     let service = Service::start(&cfg, w.shared_clock(), None).unwrap();
     // As Pleo's events list shows them: wrapped in `payload`, the status in upper case.
-    w.fake.set_webhook_options(jobmirror::fake::WebhookOptions {
-        duplicate: true,
-        svix_headers: true,
-        attempts_max: 3,
-        payload_envelope: true,
-        upper_case_status: true,
-        ..Default::default()
-    });
+    w.fake
+        .set_webhook_options(jobmirror::sandbox::WebhookOptions {
+            duplicate: true,
+            svix_headers: true,
+            attempts_max: 3,
+            payload_envelope: true,
+            upper_case_status: true,
+            ..Default::default()
+        });
     let job = w.pending(A, "dup-job", 5);
     let done = w.fake.wait_for_webhooks(Duration::from_secs(10), |log| {
         let ok = log
@@ -784,7 +785,7 @@ fn a_company_pleo_refuses_never_delays_another_companys_webhook() {
     let keys = w.outbox().with_file_name("company-keys.toml");
     std::fs::write(&keys, format!("\"{B}\" = \"a-key-pleo-refuses\"\n")).unwrap();
     let add = |company: &str, id: &str, secs_ago: i64| {
-        fake.add_job(jobmirror::fake::JobSpec {
+        fake.add_job(jobmirror::sandbox::JobSpec {
             id: Some(id.into()),
             company_id: company.into(),
             created_secs_ago: Some(secs_ago),

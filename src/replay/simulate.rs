@@ -12,9 +12,9 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::fake::{Fault, FaultRates, FaultRule, JobSpec};
+use crate::replay::snapshot::{Event, Snapshot, Step, VERSION};
 use crate::replay::{Replay, ReplayOptions, Summary};
-use crate::snapshot::{Event, Snapshot, Step, VERSION};
+use crate::sandbox::{Fault, FaultRates, FaultRule, JobSpec};
 
 /// The test signing secret of generated worlds (never a real one).
 pub const SIM_SECRET: &str = "whsec_c2ltdWxhdGlvbi1vbmx5LXNlY3JldC1rZXktMDAx";

@@ -6,6 +6,9 @@
 //! `Retry-After`, and nothing else is retried; Pleo's `{type, message}` error body is kept in
 //! the error; the credential never appears in a log line or an error message.
 
+pub mod net;
+pub mod oauth;
+
 use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -14,22 +17,11 @@ use serde_json::Value;
 
 use crate::clock::{Millis, SharedClock};
 
-pub use crate::net::check_base_url;
+pub use crate::pleo::net::check_base_url;
 pub use crate::wire::{
     ITEM_FAILURE_TYPES, ITEM_STATUSES, JOB_EVENT_TYPES, JOB_EVENTS, JOB_FAILURE_TYPES,
     JOB_STATUSES, Job, JobEvent, JobEventKind, PleoError, Secret, is_job_event, refuses, status,
 };
-
-/// Whether a stored error text (a [`PleoError`]'s message, as `sync_runs.error` keeps it)
-/// says Pleo refused the credential.
-pub fn is_refusal_text(error: &str) -> bool {
-    error.starts_with("Pleo answered 401 ") || error.starts_with("Pleo answered 403 ")
-}
-
-/// A company whose listing failed this many times in a row (or was refused once) is failing:
-/// logged at ERROR, counted in `jobmirror_companies_failing`, reported by `/healthz` and
-/// `doctor`.
-pub const FAILING_AFTER: u32 = 3;
 
 /// How requests are retried. Every bound carries its unit.
 #[derive(Clone, Debug)]
@@ -59,7 +51,7 @@ pub enum Auth {
     /// A fixed OAuth 2.0 access token.
     Bearer(Secret),
     /// OAuth 2.0 with refresh and rotation.
-    OAuth(std::sync::Arc<crate::oauth::TokenSource>),
+    OAuth(std::sync::Arc<crate::pleo::oauth::TokenSource>),
 }
 
 impl Auth {
@@ -228,7 +220,7 @@ fn cfg_rate_burst(cfg: &ClientConfig) -> f64 {
 impl PleoClient {
     pub fn new(cfg: ClientConfig, clock: SharedClock) -> Result<PleoClient, PleoError> {
         check_base_url(&cfg.base_url).map_err(PleoError::Config)?;
-        let agent = crate::net::agent(
+        let agent = crate::pleo::net::agent(
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_connect(Some(cfg.connect_timeout))

@@ -7,6 +7,8 @@
 //! `lastUpdatedAt`; every request it receives is logged, faults included; it never sorts
 //! listings for the client (it returns jobs in insertion order, which fixtures may shuffle).
 
+pub mod rules;
+
 use std::collections::{HashSet, VecDeque};
 use std::net::TcpListener;
 use std::path::Path;
@@ -17,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::clock::{Millis, SharedClock};
-use crate::fake_rules::{self as rules, Page, Query, error};
-use crate::httpd::{self, Handler, Head, Request, Response, Server};
+use crate::edge::httpd::{self, Handler, Head, Request, Response, Server};
+use rules::{Page, Query, error};
 
 /// The default API key of the fake when neither the fixture nor the command line names one.
 pub const DEFAULT_API_KEY: &str = "fake-pleo-key";
@@ -388,7 +390,7 @@ impl World {
             let event_type = opts.event_type.clone().or_else(|| {
                 sub.event_types
                     .iter()
-                    .find(|t| crate::webhook::is_job_event(t))
+                    .find(|t| crate::edge::webhook::is_job_event(t))
                     .cloned()
             });
             let Some(event_type) = event_type else {
@@ -1748,7 +1750,7 @@ fn deliver_webhooks(
     outbox: crossbeam_channel::Receiver<Outgoing>,
     shared: std::sync::Weak<Shared>,
 ) {
-    let agent = crate::net::agent(
+    let agent = crate::pleo::net::agent(
         ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(5)))
@@ -1766,10 +1768,12 @@ fn deliver_webhooks(
                 };
                 let ts = world.clock.now().0.div_euclid(1000);
                 drop(world);
-                let key = crate::webhook::Secrets::parse(&out.secret).ok();
+                let key = crate::edge::webhook::Secrets::parse(&out.secret).ok();
                 let sig = key
                     .as_ref()
-                    .map(|k| crate::webhook::sign_with(k, &out.webhook_id, ts, out.body.as_bytes()))
+                    .map(|k| {
+                        crate::edge::webhook::sign_with(k, &out.webhook_id, ts, out.body.as_bytes())
+                    })
                     .unwrap_or_default();
                 let p = if out.options.svix_headers {
                     "svix"

@@ -256,7 +256,7 @@ impl Mirror {
                 let known = d
                     .event_type
                     .as_deref()
-                    .is_some_and(crate::webhook::is_job_event);
+                    .is_some_and(crate::edge::webhook::is_job_event);
                 let id = match (&d.job_id, known) {
                     (None, _) => {
                         marks.push((d.webhook_id, "ignored: names no job".to_owned()));
@@ -388,7 +388,7 @@ impl Mirror {
             match self.pass_company(&company, k) {
                 Ok((counts, woke)) => {
                     if let Some((n, _)) = self.failing.remove(&company) {
-                        if n >= crate::pleo::FAILING_AFTER {
+                        if n >= crate::health::FAILING_AFTER {
                             log::info!("company {company}: listing works again after {n} failures");
                         }
                         self.count_failing();
@@ -423,18 +423,18 @@ impl Mirror {
     }
 
     /// Counts a failed listing. A company whose credential Pleo refuses (401, 403), or whose
-    /// listing failed [`crate::pleo::FAILING_AFTER`] times in a row, is failing: that is an
+    /// listing failed [`crate::health::FAILING_AFTER`] times in a row, is failing: that is an
     /// ERROR when it starts (and every 100th failure after), a warning otherwise.
     fn listing_failed(&mut self, company: &str, kind: PassKind, e: &SyncError, refused: bool) {
         let entry = self.failing.entry(company.to_owned()).or_insert((0, false));
         entry.0 += 1;
         entry.1 = refused;
         let n = entry.0;
-        let lasting = refused || n >= crate::pleo::FAILING_AFTER;
+        let lasting = refused || n >= crate::health::FAILING_AFTER;
         let starts = if refused {
             n == 1
         } else {
-            n == crate::pleo::FAILING_AFTER
+            n == crate::health::FAILING_AFTER
         };
         if lasting && (starts || n.is_multiple_of(100)) {
             let why = if refused {
@@ -460,7 +460,7 @@ impl Mirror {
         let lasting = self
             .failing
             .values()
-            .filter(|(n, refused)| *refused || *n >= crate::pleo::FAILING_AFTER);
+            .filter(|(n, refused)| *refused || *n >= crate::health::FAILING_AFTER);
         let (mut failing, mut refused) = (0, 0);
         for (_, r) in lasting {
             failing += 1;

@@ -8,6 +8,9 @@
 //! the driver waits for the commit); nothing here decides anything about jobs, the workers do;
 //! Pleo's clock never moves backwards (a clock jump moves only jobmirror's view of it).
 
+pub mod simulate;
+pub mod snapshot;
+
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -20,14 +23,14 @@ use serde_json::Value;
 
 use crate::clock::{Clock, ManualClock, Millis, OffsetClock, SharedClock};
 use crate::config::Config;
-use crate::fake::{ClaimRecord, Claimant, FakeConfig, FakeJob, FakePleo, LoggedRequest};
-use crate::httpd::{Handler, Head, Request};
-use crate::mirror::{Mirror, PassKind, PollSchedule};
-use crate::processor::Processor;
+use crate::edge::httpd::{Handler, Head, Request};
+use crate::edge::webhook::WebhookReceiver;
+use crate::replay::snapshot::{Event, Snapshot};
+use crate::sandbox::{ClaimRecord, Claimant, FakeConfig, FakeJob, FakePleo, LoggedRequest};
 use crate::service::Workers;
-use crate::snapshot::{Event, Snapshot};
+use crate::service::processor::Processor;
+use crate::service::sync::{Mirror, PassKind, PollSchedule};
 use crate::store::Store;
-use crate::webhook::WebhookReceiver;
 
 /// The longest the processor waits between rounds when nothing is due (as in the service).
 const IDLE_ROUND: Duration = Duration::from_secs(60);
@@ -461,7 +464,7 @@ impl Replay {
                     .as_ref()
                     .map(|w| w.secrets.clone())
                     .ok_or_else(|| anyhow::anyhow!("no webhook_secret to sign with"))?;
-                let sig = crate::webhook::sign_with(&secrets, &id, ts.0 / 1000, &raw);
+                let sig = crate::edge::webhook::sign_with(&secrets, &id, ts.0 / 1000, &raw);
                 let headers = vec![
                     ("webhook-id".to_owned(), id.clone()),
                     ("webhook-timestamp".to_owned(), (ts.0 / 1000).to_string()),
@@ -474,7 +477,7 @@ impl Replay {
         let request = Request {
             head: Head {
                 method: "POST".into(),
-                path: crate::webhook::PATH.into(),
+                path: crate::edge::webhook::PATH.into(),
                 query: String::new(),
                 headers,
                 content_length: raw.len(),
@@ -505,7 +508,7 @@ impl Replay {
                     std::thread::Builder::new()
                         .name("jm-events".into())
                         .spawn(move || {
-                            crate::webhook::run_event_thread(
+                            crate::edge::webhook::run_event_thread(
                                 store, clock, queue, nudge_tx, sd_rx, None,
                             )
                         })?;

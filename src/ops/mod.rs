@@ -6,6 +6,8 @@
 //! database read-only; nothing here talks to Pleo; "now" is a parameter (`--at` in the CLI),
 //! so a report can be reproduced for any moment.
 
+pub mod admin;
+
 use std::path::Path;
 
 use serde_json::{Value, json};
@@ -459,15 +461,15 @@ pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Re
         let (level, detail) = match (sum.last_poll_at, &sum.last_poll_error) {
             (None, _) => ("fail", format!("company {c}: never polled")),
             (Some(at), Some(e))
-                if crate::pleo::is_refusal_text(e)
-                    || sum.failed_in_a_row >= crate::pleo::FAILING_AFTER =>
+                if crate::wire::is_refusal_text(e)
+                    || sum.failed_in_a_row >= crate::health::FAILING_AFTER =>
             {
                 (
                     "fail",
                     format!(
                         "company {c}: the last {} passes failed, the last at {at}: {e}{}",
                         sum.failed_in_a_row,
-                        if crate::pleo::is_refusal_text(e) {
+                        if crate::wire::is_refusal_text(e) {
                             " (Pleo refuses the credential: fix the key)"
                         } else {
                             ""

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::clock::{Millis, SharedClock};
-use crate::fake::{FaultRates, FaultRule, JobSpec};
 use crate::pleo::{PleoClient, status};
+use crate::sandbox::{FaultRates, FaultRule, JobSpec};
 
 /// The snapshot format this build reads and writes.
 pub const VERSION: u32 = 2;

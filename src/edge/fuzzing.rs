@@ -5,7 +5,7 @@
 //! drive are the ones the receiver uses on every request.
 
 use crate::clock::Millis;
-use crate::webhook::{Secrets, signature_headers, verify};
+use crate::edge::webhook::{Secrets, signature_headers, verify};
 
 /// The fixed key the fuzzed requests are checked against (a test secret).
 pub const FUZZ_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -19,7 +19,7 @@ pub fn webhook_request(data: &[u8]) -> u16 {
         .position(|w| w == b"\r\n\r\n")
         .map_or(data.len(), |p| p + 4);
     let (head, body) = data.split_at(split);
-    let head = match crate::httpd::parse_head_bytes(head) {
+    let head = match crate::edge::httpd::parse_head_bytes(head) {
         Ok(h) => h,
         Err(resp) => return resp.status,
     };

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 
 use crate::clock::{Millis, SharedClock};
-use crate::httpd::{Handler, Head, Request, Response};
+use crate::edge::httpd::{Handler, Head, Request, Response};
 use crate::store::Store;
 
 pub const PATH: &str = "/webhooks/pleo";
@@ -501,7 +501,7 @@ mod tests {
     #[test]
     fn a_full_queue_is_503_with_retry_after_and_holds_nothing() {
         use crate::clock::ManualClock;
-        use crate::httpd::{Handler, Head, Request};
+        use crate::edge::httpd::{Handler, Head, Request};
         let s = secrets("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
         let clock = ManualClock::new(Millis::from_secs(1_000));
         let (tx, rx) = bounded(1);

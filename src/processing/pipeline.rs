@@ -22,9 +22,9 @@ use crossbeam_channel::{RecvTimeoutError, Sender};
 use serde_json::{Value, json};
 
 use crate::clock::{Millis, SharedClock};
-use crate::handler::{HandlerMsg, HandlerSpec, Readiness};
 use crate::pleo::{Clients, JobEvent, JobEventKind, PleoClient, PleoError};
-use crate::processor::Stage;
+use crate::processing::Stage;
+use crate::processing::handler::{HandlerMsg, HandlerSpec, Readiness};
 use crate::store::{EventKind, ItemResult, JobRow, ProcState, Source, Store, StoreError};
 
 #[derive(Clone, Debug)]
@@ -340,7 +340,7 @@ impl HandlerStage {
         } else {
             let (kind, reason) = store.first_item_failure(&job.id)?.unwrap_or((None, None));
             let job_kind = kind
-                .filter(|k| crate::handler::JOB_FAILURE_TYPES.contains(&k.as_str()))
+                .filter(|k| crate::processing::handler::JOB_FAILURE_TYPES.contains(&k.as_str()))
                 .unwrap_or_else(|| "validation_failure".into());
             Finish {
                 event: JobEventKind::Failed,
@@ -398,7 +398,7 @@ impl HandlerStage {
         let marker = self
             .marker_scope
             .as_ref()
-            .map(|db| crate::handler::handler_marker(db, &job.id));
+            .map(|db| crate::processing::handler::handler_marker(db, &job.id));
         let mut running = match self.handler.start_marked(raw, items, marker.as_deref()) {
             Ok(r) => r,
             Err(e) => {
@@ -624,7 +624,7 @@ impl HandlerStage {
         &self,
         store: &Store,
         job: &JobRow,
-        running: &mut crate::handler::Running,
+        running: &mut crate::processing::handler::Running,
         run: &mut RunState,
         within: Duration,
     ) -> Result<(), Pause> {
@@ -772,7 +772,7 @@ impl HandlerStage {
         };
         let counts = store.item_counts(&job.id)?;
         let detail = json!({"successful": counts.successful, "failed": counts.failed});
-        crate::processor::send_final(self.client(job), store, &self.clock, job, &event, detail)??;
+        crate::processing::send_final(self.client(job), store, &self.clock, job, &event, detail)??;
         let name = f.event.as_str();
         log::info!(
             "job {} of company {}: sent {name} ({} successful, {} failed)",

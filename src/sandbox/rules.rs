@@ -8,7 +8,7 @@
 
 use serde_json::{Value, json};
 
-use crate::httpd::Response;
+use crate::edge::httpd::Response;
 use crate::pleo::{ITEM_FAILURE_TYPES, ITEM_STATUSES, JOB_EVENTS, JOB_FAILURE_TYPES, JOB_STATUSES};
 
 /// `PageOrder`.

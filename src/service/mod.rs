@@ -11,6 +11,10 @@
 //! Invariant: nothing here decides anything about jobs; a stop never waits longer than the
 //! configured bound; `WATCHDOG=1` is sent only while every worker thread makes progress.
 
+pub mod notify;
+pub mod processor;
+pub mod sync;
+
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -20,18 +24,18 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use crate::clock::{SharedClock, monotonic};
 use crate::config::Config;
 use crate::health::{Metrics, Progress};
-use crate::mirror::{self, Mirror};
-use crate::processor::{self, Processor, ProcessorConfig, RoundReport};
 use crate::store::Store;
+use processor::{Processor, ProcessorConfig, RoundReport};
+use sync::Mirror;
 
 pub struct Service {
     threads: Vec<(String, JoinHandle<()>)>,
     shutdown: Option<Sender<()>>,
     trigger: Sender<()>,
     done: Receiver<String>,
-    webhook_server: Option<crate::httpd::Server>,
-    webhook_counters: Option<Arc<crate::webhook::Counters>>,
-    admin_server: Option<crate::httpd::Server>,
+    webhook_server: Option<crate::edge::httpd::Server>,
+    webhook_counters: Option<Arc<crate::edge::webhook::Counters>>,
+    admin_server: Option<crate::edge::httpd::Server>,
     instance_store: Store,
     progress: Arc<Progress>,
     /// The counters `/metrics` shows.
@@ -64,9 +68,9 @@ pub fn processor_config(cfg: &Config) -> ProcessorConfig {
 /// commit) and what the event thread needs to commit.
 pub struct EventEdge {
     pub store: Store,
-    pub receiver: crate::webhook::WebhookReceiver,
-    pub queue: Receiver<crate::webhook::Job>,
-    pub counters: Arc<crate::webhook::Counters>,
+    pub receiver: crate::edge::webhook::WebhookReceiver,
+    pub queue: Receiver<crate::edge::webhook::Job>,
+    pub counters: Arc<crate::edge::webhook::Counters>,
 }
 
 /// One processor lane and the channel that wakes it.
@@ -103,7 +107,7 @@ impl Workers {
     pub fn build(
         cfg: &Config,
         clock: SharedClock,
-        milestones: Option<Sender<crate::pipeline::Milestone>>,
+        milestones: Option<Sender<crate::processing::pipeline::Milestone>>,
     ) -> anyhow::Result<Workers> {
         let handler = cfg.require_handler()?;
         let sync_store = Store::open(&cfg.db)?;
@@ -114,12 +118,12 @@ impl Workers {
         let client = cfg.clients(clock.clone(), &progress, &metrics)?;
         let events = match &cfg.webhook {
             Some(wh) => {
-                let (queue_tx, queue) = bounded::<crate::webhook::Job>(wh.queue_max);
-                let counters = Arc::new(crate::webhook::Counters::default());
+                let (queue_tx, queue) = bounded::<crate::edge::webhook::Job>(wh.queue_max);
+                let counters = Arc::new(crate::edge::webhook::Counters::default());
                 Some(EventEdge {
                     // The first handle applied the migrations; the others only connect.
                     store: Store::connect(&cfg.db)?,
-                    receiver: crate::webhook::WebhookReceiver::new(
+                    receiver: crate::edge::webhook::WebhookReceiver::new(
                         wh.secrets.clone(),
                         clock.clone(),
                         queue_tx,
@@ -131,14 +135,14 @@ impl Workers {
             }
             None => None,
         };
-        let recovered = Arc::new(crate::mirror::Recovered::default());
+        let recovered = Arc::new(crate::service::sync::Recovered::default());
         let groups = split_lanes(&cfg.company_ids, cfg.lanes);
         let mut lanes = Vec::new();
         let mut wakes = Vec::new();
         for (i, companies) in groups.into_iter().enumerate() {
             let (wake_tx, wake_rx) = bounded::<()>(1);
             wakes.push(wake_tx);
-            let stage = crate::pipeline::HandlerStage::new(
+            let stage = crate::processing::pipeline::HandlerStage::new(
                 client.clone(),
                 clock.clone(),
                 handler.clone(),
@@ -210,7 +214,7 @@ impl Service {
         cfg: &Config,
         clock: SharedClock,
         rounds: Option<Sender<RoundReport>>,
-        milestones: Option<Sender<crate::pipeline::Milestone>>,
+        milestones: Option<Sender<crate::processing::pipeline::Milestone>>,
     ) -> anyhow::Result<Service> {
         cfg.require_handler()?;
         // One service per database: a second one would process the same jobs twice.
@@ -261,7 +265,7 @@ impl Service {
             spawn(
                 "jm-events".into(),
                 Box::new(move || {
-                    crate::webhook::run_event_thread(
+                    crate::edge::webhook::run_event_thread(
                         events_store,
                         c,
                         queue_rx,
@@ -271,7 +275,7 @@ impl Service {
                     )
                 }),
             )?;
-            let limits = crate::httpd::Limits {
+            let limits = crate::edge::httpd::Limits {
                 connections_max: wh.connections_max,
                 body_bytes_max: wh.body_bytes_max,
                 header_bytes_max: 16 * 1024,
@@ -280,7 +284,7 @@ impl Service {
                 idle_timeout: Duration::from_secs(30),
                 write_timeout: Duration::from_secs(10),
             };
-            let server = crate::httpd::Server::start(
+            let server = crate::edge::httpd::Server::start(
                 listener,
                 limits,
                 Arc::new(edge.receiver),
@@ -289,7 +293,7 @@ impl Service {
             log::info!(
                 "webhook receiver listening on {}{}",
                 server.local_addr(),
-                crate::webhook::PATH
+                crate::edge::webhook::PATH
             );
             webhook_server = Some(server);
             webhook_counters = Some(edge.counters);
@@ -301,7 +305,7 @@ impl Service {
         spawn(
             "jm-sync".into(),
             Box::new(move || {
-                mirror::run(mirror, interval, trigger_rx, nudge_rx, sd, Some(alive));
+                sync::run(mirror, interval, trigger_rx, nudge_rx, sd, Some(alive));
             }),
         )?;
         for lane in lanes {
@@ -325,18 +329,18 @@ impl Service {
 
         let admin_server = match admin_listener {
             Some(listener) => {
-                let admin = crate::health::Admin {
+                let admin = crate::ops::admin::Admin {
                     started_at: started_at.0 as f64 / 1000.0,
                     progress: progress.clone(),
                     metrics: metrics.clone(),
                     webhooks: webhook_counters.clone(),
                     store: std::sync::Mutex::new(Store::open_read_only(&cfg.db)?),
                 };
-                let server = crate::httpd::Server::start(
+                let server = crate::edge::httpd::Server::start(
                     listener,
-                    crate::httpd::Limits {
+                    crate::edge::httpd::Limits {
                         connections_max: 16,
-                        ..crate::httpd::Limits::default()
+                        ..crate::edge::httpd::Limits::default()
                     },
                     Arc::new(admin),
                     "jm-admin",
@@ -385,7 +389,7 @@ impl Service {
         self.admin_server.as_ref().map(|s| s.local_addr())
     }
 
-    pub fn webhook_counters(&self) -> Option<Arc<crate::webhook::Counters>> {
+    pub fn webhook_counters(&self) -> Option<Arc<crate::edge::webhook::Counters>> {
         self.webhook_counters.clone()
     }
 
@@ -466,7 +470,7 @@ pub fn run(
 ) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
-    let notifier = crate::notify::Notifier::from_env().map(Arc::new);
+    let notifier = crate::service::notify::Notifier::from_env().map(Arc::new);
     let service = Service::start(cfg, clock, None)?;
     let status_store = Store::open_read_only(&cfg.db)?;
     let companies = cfg.company_ids.len();
@@ -491,7 +495,7 @@ pub fn run(
     let watchdog = {
         let (notifier, progress) = (notifier.clone(), service.progress.clone());
         let status = status.clone();
-        let every = crate::notify::watchdog_interval();
+        let every = crate::service::notify::watchdog_interval();
         std::thread::Builder::new()
             .name("jm-watchdog".into())
             .spawn(move || {

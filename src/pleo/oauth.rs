@@ -64,8 +64,8 @@ impl TokenSource {
         store: Store,
         clock: SharedClock,
     ) -> Result<TokenSource, PleoError> {
-        crate::net::check_base_url(&cfg.token_url).map_err(PleoError::Config)?;
-        let agent = crate::net::agent(
+        crate::pleo::net::check_base_url(&cfg.token_url).map_err(PleoError::Config)?;
+        let agent = crate::pleo::net::agent(
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_global(Some(cfg.timeout))

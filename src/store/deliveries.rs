@@ -1,0 +1,156 @@
+//! Webhook deliveries (committed before they are answered, deferred on a transient failure)
+//! and the service instances recorded for `jobmirror trigger`.
+
+use super::*;
+
+/// A verified delivery, ready to be committed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Delivery {
+    pub webhook_id: String,
+    pub signed_at: Millis,
+    pub event_type: Option<String>,
+    pub event_id: Option<String>,
+    pub job_id: Option<String>,
+    pub company_id: Option<String>,
+    pub body: String,
+    pub headers: Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    New,
+    Duplicate,
+}
+
+/// A stored webhook delivery whose job has not been read yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingDelivery {
+    pub webhook_id: String,
+    pub event_type: Option<String>,
+    pub job_id: Option<String>,
+    /// The company the body names (a hint: it picks the credential to read the job with).
+    pub company_id: Option<String>,
+    /// Attempts at acting on it that failed transiently so far.
+    pub attempts: u32,
+}
+
+impl Store {
+    /// Commits verified deliveries in one transaction (duplicates of a stored `webhook_id` are
+    /// left as they are) with a journal entry for each new one.
+    pub fn insert_deliveries(&self, deliveries: &[&Delivery], now: Millis) -> Result<Vec<Stored>> {
+        let tx = self.write_tx()?;
+        let mut out = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            let n = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO webhook_deliveries (webhook_id, received_at, signed_at, event_type, \
+                     event_id, job_id, company_id, body, headers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    d.webhook_id,
+                    now.0,
+                    d.signed_at.0,
+                    d.event_type,
+                    d.event_id,
+                    d.job_id,
+                    d.company_id,
+                    d.body,
+                    d.headers.to_string()
+                ])?;
+            if n == 0 {
+                out.push(Stored::Duplicate);
+                continue;
+            }
+            let known = d
+                .event_type
+                .as_deref()
+                .is_some_and(crate::wire::is_job_event);
+            let kind = if known && d.job_id.is_some() {
+                EventKind::WebhookReceived
+            } else {
+                EventKind::WebhookIgnored
+            };
+            journal(
+                &tx,
+                now,
+                d.job_id.as_deref(),
+                d.company_id.as_deref(),
+                kind,
+                &json!({"webhook_id": d.webhook_id, "event_type": d.event_type, "event_id": d.event_id}),
+            )?;
+            out.push(Stored::New);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Deliveries whose job has not been read yet, oldest first.
+    /// Deliveries not acted on yet and due at `now` (oldest first): new ones, and deferred
+    /// ones whose `retry_at` has come.
+    pub fn pending_deliveries(&self, limit: usize, now: Millis) -> Result<Vec<PendingDelivery>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT webhook_id, event_type, job_id, company_id, attempts FROM webhook_deliveries \
+             WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= ?2) \
+             ORDER BY received_at, webhook_id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit as i64, now.0], |r| {
+            Ok(PendingDelivery {
+                webhook_id: r.get(0)?,
+                event_type: r.get(1)?,
+                job_id: r.get(2)?,
+                company_id: r.get(3)?,
+                attempts: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// When the earliest deferred delivery falls due (None: none is waiting).
+    pub fn next_delivery_retry(&self) -> Result<Option<Millis>> {
+        let at: Option<i64> = self.conn.query_row(
+            "SELECT MIN(retry_at) FROM webhook_deliveries WHERE processed_at IS NULL AND retry_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(at.map(Millis))
+    }
+
+    /// Defers deliveries whose action failed transiently: one more attempt counted, due again
+    /// at `retry_at`, `outcome` saying what this attempt met (they stay unprocessed).
+    pub fn defer_deliveries(&self, deferred: &[(String, String, Millis)]) -> Result<()> {
+        let tx = self.write_tx()?;
+        for (id, outcome, retry_at) in deferred {
+            tx.prepare_cached(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, retry_at = ?2, outcome = ?3 \
+                 WHERE webhook_id = ?1 AND processed_at IS NULL",
+            )?
+            .execute(params![id, retry_at.0, outcome])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records the process running the service on this database.
+    pub fn register_instance(&self, pid: u32, now: Millis) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO service_instances (pid, started_at, version) VALUES (?1, ?2, ?3)",
+            params![pid, now.0, env!("CARGO_PKG_VERSION")],
+        )?;
+        Ok(())
+    }
+
+    pub fn unregister_instance(&self, pid: u32) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM service_instances WHERE pid = ?1", [pid])?;
+        Ok(())
+    }
+
+    /// Pids recorded as running the service, newest first.
+    pub fn instances(&self) -> Result<Vec<u32>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pid FROM service_instances ORDER BY started_at DESC")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}

@@ -1,0 +1,89 @@
+//! OAuth token pairs (see `pleo::oauth`): the intent before the request, the new pair
+//! before its use.
+
+use super::*;
+
+/// A stored OAuth token pair.
+#[derive(Clone, Debug)]
+pub struct TokenRow {
+    pub access_token: Option<crate::wire::Secret>,
+    pub access_expires_at: Option<Millis>,
+    pub refresh_token: crate::wire::Secret,
+    pub refresh_started_at: Option<Millis>,
+}
+
+/// OAuth token storage (see `oauth`).
+impl Store {
+    pub fn oauth_get(&self, credential: &str) -> Result<Option<TokenRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT access_token, access_expires_at, refresh_token, refresh_started_at \
+                 FROM oauth_tokens WHERE credential = ?1",
+                [credential],
+                |r| {
+                    Ok(TokenRow {
+                        access_token: r.get::<_, Option<String>>(0)?.map(crate::wire::Secret::new),
+                        access_expires_at: r.get::<_, Option<i64>>(1)?.map(Millis),
+                        refresh_token: crate::wire::Secret::new(r.get::<_, String>(2)?),
+                        refresh_started_at: r.get::<_, Option<i64>>(3)?.map(Millis),
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Stores a refresh token given by the operator (a first one, or after re-authorizing).
+    pub fn oauth_seed(&self, credential: &str, refresh_token: &str, now: Millis) -> Result<()> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "INSERT INTO oauth_tokens (credential, refresh_token, updated_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (credential) DO UPDATE SET refresh_token = excluded.refresh_token, \
+             access_token = NULL, access_expires_at = NULL, refresh_started_at = NULL, \
+             last_error = NULL, updated_at = excluded.updated_at",
+            params![credential, refresh_token, now.0],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records, durably, that a refresh request is about to be sent.
+    pub fn oauth_begin_refresh(&self, credential: &str, now: Millis) -> Result<()> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "UPDATE oauth_tokens SET refresh_started_at = ?2 WHERE credential = ?1",
+            params![credential, now.0],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Commits a new pair (and clears the refresh mark) in one transaction.
+    pub fn oauth_commit(
+        &self,
+        credential: &str,
+        access_token: &str,
+        expires_at: Millis,
+        refresh_token: &str,
+        now: Millis,
+    ) -> Result<()> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "UPDATE oauth_tokens SET access_token = ?2, access_expires_at = ?3, refresh_token = ?4, \
+             refresh_started_at = NULL, last_error = NULL, updated_at = ?5 WHERE credential = ?1",
+            params![credential, access_token, expires_at.0, refresh_token, now.0],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn oauth_error(&self, credential: &str, error: &str, now: Millis) -> Result<()> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "UPDATE oauth_tokens SET last_error = ?2, updated_at = ?3 WHERE credential = ?1",
+            params![credential, error, now.0],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,256 @@
+//! Retention (`prune`), counts for reports and metrics, integrity and checkpoints.
+
+use super::*;
+
+/// Retention for `jobmirror prune`, in days.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Items and raw JSON of jobs finished (done, expired, conflict, too late) this long ago.
+    pub jobs_days: u32,
+    /// Bodies and headers of handled webhook deliveries.
+    pub webhook_bodies_days: u32,
+    /// Whole delivery rows (their ids deduplicate retries: at least 4 days).
+    pub webhook_ids_days: u32,
+    pub sync_runs_days: u32,
+}
+
+/// What a prune removed (or would remove, in a dry run).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PruneReport {
+    pub jobs_trimmed: usize,
+    pub job_items_deleted: usize,
+    pub webhook_bodies_cleared: usize,
+    pub webhook_rows_deleted: usize,
+    pub sync_runs_deleted: usize,
+    pub dry_run: bool,
+}
+
+/// Health figures for `jobmirror doctor`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryBacklog {
+    pub unprocessed: i64,
+    pub oldest_unprocessed: Option<Millis>,
+    pub last_received: Option<Millis>,
+}
+
+pub(super) const DAY_MS: i64 = 86_400_000;
+
+/// Operator queries: read-only reports, the online backup and retention.
+impl Store {
+    /// Jobs, optionally of one company and/or in one state, in pick order per company.
+    pub fn list_jobs(
+        &self,
+        company: Option<&str>,
+        state: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<JobRow>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM export_jobs WHERE (?1 IS NULL OR company_id = ?1) \
+             AND (?2 IS NULL OR proc_state = ?2) ORDER BY company_id, created_at, created_at_sub_ns, id LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(
+            params![company, state, i64::try_from(limit).unwrap_or(i64::MAX)],
+            job_row,
+        )?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The newest webhook delivery naming the company.
+    pub fn last_webhook_at(&self, company: &str) -> Result<Option<Millis>> {
+        let t: Option<i64> = self.conn.query_row(
+            "SELECT max(received_at) FROM webhook_deliveries WHERE company_id = ?1",
+            [company],
+            |r| r.get(0),
+        )?;
+        Ok(t.map(Millis))
+    }
+
+    /// Claimable jobs of the company that come before `job` in pick order.
+    pub fn jobs_ahead(&self, job: &JobRow) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT o.id FROM export_jobs o JOIN export_jobs j ON j.id = ?2 \
+             WHERE o.company_id = ?1 AND o.status = 'pending' AND o.proc_state = 'new' \
+             AND (o.created_at, o.created_at_sub_ns, o.id) < (j.created_at, j.created_at_sub_ns, j.id) \
+             ORDER BY o.created_at, o.created_at_sub_ns, o.id",
+        )?;
+        let rows = stmt.query_map(params![job.company_id, job.id], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Moves everything in the WAL into the main file and empties the WAL
+    /// (`wal_checkpoint(TRUNCATE)`), so the `.db` file alone holds every row.
+    pub fn checkpoint(&self) -> Result<()> {
+        let busy: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy != 0 {
+            log::warn!("checkpoint could not finish: another connection is reading");
+        }
+        Ok(())
+    }
+
+    /// `PRAGMA quick_check`: `["ok"]` when the file is sound.
+    pub fn quick_check(&self) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare("PRAGMA quick_check")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn delivery_backlog(&self) -> Result<DeliveryBacklog> {
+        Ok(self.conn.query_row(
+            "SELECT (SELECT count(*) FROM webhook_deliveries WHERE processed_at IS NULL), \
+             (SELECT min(received_at) FROM webhook_deliveries WHERE processed_at IS NULL), \
+             (SELECT max(received_at) FROM webhook_deliveries)",
+            [],
+            |r| {
+                Ok(DeliveryBacklog {
+                    unprocessed: r.get(0)?,
+                    oldest_unprocessed: r.get::<_, Option<i64>>(1)?.map(Millis),
+                    last_received: r.get::<_, Option<i64>>(2)?.map(Millis),
+                })
+            },
+        )?)
+    }
+
+    /// Jobs held now (`resume`, `claiming`, `claimed`, `processing`), soonest deadline first.
+    pub fn in_flight(&self) -> Result<Vec<JobRow>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM export_jobs \
+             WHERE proc_state IN ('resume', 'claiming', 'claimed', 'processing') ORDER BY expires_at"
+        ))?;
+        let rows = stmt.query_map([], job_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Journal entries by kind (for metrics: the journal is append-only, so these only grow).
+    pub fn event_counts(&self) -> Result<Vec<(String, i64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT kind, count(*) FROM job_events GROUP BY kind ORDER BY kind")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Final events sent, by event (`completed`, `completed_with_errors`, `failed`).
+    pub fn finish_counts(&self) -> Result<Vec<(String, i64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT json_extract(detail, '$.event'), count(*) FROM job_events \
+             WHERE kind = 'finish_sent' GROUP BY 1 ORDER BY 1",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                r.get(1)?,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// When a listing pass last succeeded, over all companies (None: never).
+    pub fn last_successful_poll(&self) -> Result<Option<Millis>> {
+        let at: Option<i64> = self.conn.query_row(
+            "SELECT max(finished_at) FROM sync_runs WHERE error IS NULL AND finished_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(at.map(Millis))
+    }
+
+    /// Jobs by processing state, over all companies.
+    pub fn state_counts(&self) -> Result<Vec<(String, i64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT proc_state, count(*) FROM export_jobs GROUP BY proc_state ORDER BY proc_state",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Copies the database to `dest` with SQLite's online backup (a consistent copy while the
+    /// service keeps writing), then makes it durable.
+    pub fn backup_to(&self, dest: &Path) -> Result<()> {
+        let mut target = Connection::open(dest).map_err(|source| StoreError::Open {
+            path: dest.display().to_string(),
+            source,
+        })?;
+        {
+            let b = rusqlite::backup::Backup::new(&self.conn, &mut target)?;
+            b.run_to_completion(256, std::time::Duration::from_millis(5), None)?;
+        }
+        target.execute_batch("PRAGMA journal_mode = DELETE")?;
+        drop(target);
+        std::fs::File::open(dest)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| StoreError::Io {
+                path: dest.display().to_string(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Removes details past their retention, in one transaction, and journals what it did.
+    /// The journal itself is never pruned (it is append-only).
+    /// Removes what is past its retention as of `now` (the report time, `--at`). A prune that
+    /// removed anything is journaled `pruned` at `recorded_at` (the real time: the journal
+    /// is in the order things happened, so a `--at` in the future never dates an entry);
+    /// one that removed nothing leaves no entry.
+    pub fn prune(
+        &self,
+        now: Millis,
+        recorded_at: Millis,
+        keep: Retention,
+        dry_run: bool,
+    ) -> Result<PruneReport> {
+        let before = |days: u32| now.0 - i64::from(days) * DAY_MS;
+        let tx = self.write_tx()?;
+        let old_jobs = "SELECT id FROM export_jobs WHERE proc_state IN ('done', 'expired', 'conflict', 'too_late') \
+             AND status NOT IN ('pending', 'in_progress') AND proc_state_at < ?1";
+        // Each change counts the rows it touched; a dry run makes them all and rolls back.
+        let mut r = PruneReport {
+            dry_run,
+            ..PruneReport::default()
+        };
+        let cut_jobs = [before(keep.jobs_days)];
+        r.job_items_deleted = tx.execute(
+            &format!("DELETE FROM job_items WHERE job_id IN ({old_jobs})"),
+            cut_jobs,
+        )?;
+        r.jobs_trimmed = tx.execute(
+            &format!(
+                "UPDATE export_jobs SET raw_json = '{{}}' WHERE id IN ({old_jobs}) AND raw_json <> '{{}}'"
+            ),
+            cut_jobs,
+        )?;
+        r.webhook_bodies_cleared = tx.execute(
+            "UPDATE webhook_deliveries SET body = '', headers = '{}' \
+             WHERE processed_at IS NOT NULL AND received_at < ?1 AND body <> ''",
+            [before(keep.webhook_bodies_days)],
+        )?;
+        r.webhook_rows_deleted = tx.execute(
+            "DELETE FROM webhook_deliveries WHERE processed_at IS NOT NULL AND received_at < ?1",
+            [before(keep.webhook_ids_days.max(4))],
+        )?;
+        r.sync_runs_deleted = tx.execute(
+            "DELETE FROM sync_runs WHERE started_at < ?1 AND finished_at IS NOT NULL",
+            [before(keep.sync_runs_days)],
+        )?;
+        let removed = r.jobs_trimmed
+            + r.job_items_deleted
+            + r.webhook_bodies_cleared
+            + r.webhook_rows_deleted
+            + r.sync_runs_deleted;
+        if dry_run || removed == 0 {
+            tx.rollback()?;
+            return Ok(r);
+        }
+        journal(
+            &tx,
+            recorded_at,
+            None,
+            None,
+            EventKind::Pruned,
+            &serde_json::to_value(&r).unwrap_or_default(),
+        )?;
+        tx.commit()?;
+        Ok(r)
+    }
+}

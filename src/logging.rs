@@ -107,6 +107,7 @@ impl<W: Write> LineWriter<W> {
             };
             Some((ts.to_owned(), level, msg))
         });
+        let header = parsed.is_some();
         let (ts, level, msg) = match parsed {
             Some((ts, level, msg)) => {
                 self.last = (level, ts.clone());
@@ -126,7 +127,7 @@ impl<W: Write> LineWriter<W> {
             text.push_str(&format!("<{priority}>"));
         }
         match self.format {
-            LogFormat::Text if parsed_is_header(line) => text.push_str(line),
+            LogFormat::Text if header => text.push_str(line),
             LogFormat::Text => text.push_str(&format!("{ts} [{}] {msg}", level.to_uppercase())),
             // Fields in a fixed order: ts, level, msg.
             LogFormat::Json => text.push_str(&format!(
@@ -139,11 +140,6 @@ impl<W: Write> LineWriter<W> {
         text.push('\n');
         self.out.write_all(text.as_bytes())
     }
-}
-
-fn parsed_is_header(line: &str) -> bool {
-    line.split_once(' ')
-        .is_some_and(|(_, rest)| rest.starts_with('['))
 }
 
 impl<W: Write> Write for LineWriter<W> {

@@ -302,8 +302,9 @@ const SECRET_KEYS: &[&str] = &["pleo_api_key", "pleo_oauth_client_secret", "webh
 /// with its effective value and origin; secrets are masked.
 pub fn effective(file: Option<&Path>) -> Result<(Config, Vec<Setting>), ConfigError> {
     let env = |k: &str| std::env::var(k).ok();
-    let cfg = Config::load_with_needs(file, &env, Needs::SERVICE)?;
+    // One read of the file and the environment, for the check and the listing alike.
     let values = raw_values(file, &env)?;
+    let cfg = Config::from_values(&values, Needs::SERVICE)?;
     let settings = KEYS
         .iter()
         .map(|(key, default, _)| {

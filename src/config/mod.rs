@@ -157,10 +157,17 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
         needs: Needs,
     ) -> Result<Config, ConfigError> {
-        let values: BTreeMap<&'static str, String> = raw_values(file, env)?
-            .into_iter()
-            .map(|(k, (v, _))| (k, v))
-            .collect();
+        Config::from_values(&raw_values(file, env)?, needs)
+    }
+
+    /// The configuration the given values (as [`raw_values`] reads them) describe, checked for
+    /// what `needs` names.
+    fn from_values(
+        given: &BTreeMap<&'static str, (String, &'static str)>,
+        needs: Needs,
+    ) -> Result<Config, ConfigError> {
+        let values: BTreeMap<&'static str, String> =
+            given.iter().map(|(k, (v, _))| (*k, v.clone())).collect();
         let get = |k: &str| -> Option<String> {
             values.get(k).cloned().or_else(|| {
                 KEYS.iter()

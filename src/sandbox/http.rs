@@ -112,6 +112,24 @@ pub(super) fn paginate<T: Clone>(
     Ok((rows, pagination))
 }
 
+/// A listing's answer: the page of `items` that `page` asks for, each row as `row` renders
+/// it, with Pleo's pagination block (or the 400 a bad cursor gets).
+pub(super) fn listing<T: Clone>(
+    items: &[T],
+    key: impl Fn(&T) -> String,
+    page: &Page,
+    params: Map<String, Value>,
+    row: impl Fn(&T) -> Value,
+) -> Response {
+    match paginate(items, key, page, params) {
+        Ok((rows, pagination)) => Response::json(
+            200,
+            &json!({"data": rows.iter().map(row).collect::<Vec<_>>(), "pagination": pagination}),
+        ),
+        Err(r) => r,
+    }
+}
+
 /// A time as text that sorts as the time does (fixed-width milliseconds).
 pub(super) fn sortable_time(t: Option<Millis>) -> Option<String> {
     t.map(|t| format!("{:020}", t.0.saturating_add(i64::MAX / 2)))

@@ -40,13 +40,7 @@ pub(super) fn list_jobs(w: &World, q: &[(String, String)]) -> Response {
     if !statuses.is_empty() {
         params.insert("statuses".into(), json!(statuses));
     }
-    match paginate(&matching, |j| j.id.clone(), &page, params) {
-        Ok((rows, pagination)) => Response::json(
-            200,
-            &json!({"data": rows.iter().map(|j| j.to_json()).collect::<Vec<_>>(), "pagination": pagination}),
-        ),
-        Err(r) => r,
-    }
+    listing(&matching, |j| j.id.clone(), &page, params, |j| j.to_json())
 }
 
 /// The keys job listings sort by (the files name none; these are `ExportJobV3` fields).
@@ -232,12 +226,13 @@ pub(super) fn list_items(w: &World, id: &str, q: &[(String, String)]) -> Respons
     if let Some(s) = status {
         params.insert("status".into(), json!([s]));
     }
-    match paginate(&items, |i| i.accounting_entry_id.clone(), &page, params) {
-        Ok((rows, pagination)) => {
-            Response::json(200, &json!({"data": rows, "pagination": pagination}))
-        }
-        Err(r) => r,
-    }
+    listing(
+        &items,
+        |i| i.accounting_entry_id.clone(),
+        &page,
+        params,
+        |i| json!(i),
+    )
 }
 
 pub(super) fn put_items(w: &mut World, id: &str, body: &[u8], now: Millis) -> Response {
@@ -349,10 +344,5 @@ pub(super) fn list_export_items(w: &World, q: &[(String, String)]) -> Response {
     let mut params = Map::new();
     params.insert("job_id".into(), json!([job_id]));
     let key = |v: &&Value| v["accountingEntryId"].as_str().unwrap_or("").to_owned();
-    match paginate(&items, key, &page, params) {
-        Ok((rows, pagination)) => {
-            Response::json(200, &json!({"data": rows, "pagination": pagination}))
-        }
-        Err(r) => r,
-    }
+    listing(&items, key, &page, params, |v| (*v).clone())
 }

@@ -163,13 +163,7 @@ pub(super) fn list_subscriptions(w: &World, q: &[(String, String)]) -> Response 
     if !types.is_empty() {
         params.insert("event_types".into(), json!(types));
     }
-    match paginate(&subs, |s| s.id.clone(), &page, params) {
-        Ok((rows, pagination)) => Response::json(
-            200,
-            &json!({"data": rows.iter().map(|s| s.to_json()).collect::<Vec<_>>(), "pagination": pagination}),
-        ),
-        Err(resp) => resp,
-    }
+    listing(&subs, |s| s.id.clone(), &page, params, |s| s.to_json())
 }
 
 /// The fake's webhook sender: signs with the fake's clock, retries failures with a short

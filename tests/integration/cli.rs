@@ -931,6 +931,7 @@ fn logs_carry_syslog_priorities_under_the_journal_and_json_is_one_object_a_line(
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!text.is_empty());
     for line in text.lines() {
         let ts = line.split(' ').next().unwrap();
         assert_eq!(ts.len(), "2026-12-02T08:00:00.000Z".len(), "{line}");

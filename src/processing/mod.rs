@@ -2,12 +2,25 @@
 //! process or the built-in `outbox:`/`dry-run`) and the pipeline that feeds it items, records
 //! and reports results and finishes the job ([`pipeline`]).
 //!
+//! Files: `handler` (the protocol: readiness, start) with `child` (process groups, markers),
+//! `output` (reading a handler's lines) and `outbox` (the built-in handlers' files);
+//! `pipeline` (the stage's configuration and state) with `run` (its steps for one job),
+//! `supervise` (one handler run: commit, count, stop) and `report` (item batches and the
+//! finishing event). Dependencies run that way round: `run` uses `supervise` and `report`,
+//! which use `pipeline`; `handler` uses `child`, `output` and `outbox`.
+//!
 //! The invariant: a result is committed before it is reported, a success Pleo acknowledged is
 //! never sent again, and `started` is never sent here (claiming is the processor's). Depends
 //! on the Pleo client, the store and the wire model.
 
+pub mod child;
 pub mod handler;
+pub mod outbox;
+pub mod output;
 pub mod pipeline;
+mod report;
+mod run;
+mod supervise;
 
 use serde_json::json;
 

@@ -71,6 +71,29 @@ fn file_graph(mods: &BTreeMap<String, String>) -> BTreeMap<String, BTreeSet<Stri
                 deps.insert(t);
             }
         }
+        // A module declared here (`mod ingest;`) and used by its own name (`ingest::run`).
+        for line in code.lines() {
+            let decl = line.trim_start();
+            let decl = decl
+                .strip_prefix("pub(crate) ")
+                .or_else(|| decl.strip_prefix("pub "))
+                .unwrap_or(decl);
+            let Some(child) = decl.strip_prefix("mod ").and_then(|d| d.strip_suffix(';')) else {
+                continue;
+            };
+            let full = if name.is_empty() {
+                child.to_owned()
+            } else {
+                format!("{name}::{child}")
+            };
+            let used = code.match_indices(&format!("{child}::")).any(|(i, _)| {
+                let before = code[..i].chars().last();
+                !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            });
+            if used && mods.contains_key(&full) {
+                deps.insert(full);
+            }
+        }
         graph.insert(name.clone(), deps);
     }
     graph
@@ -130,7 +153,7 @@ fn no_import_circle_between_files_or_folders_and_the_ground_floor_stays_down() {
     let files = file_graph(&mods);
     let folders = folder_graph(&files);
     let only = |m: &str, ok: &[&str]| {
-        let extra: Vec<&String> = files[m]
+        let extra: Vec<&String> = folders[m]
             .iter()
             .filter(|d| !ok.contains(&d.as_str()))
             .collect();
@@ -147,7 +170,8 @@ fn no_import_circle_between_files_or_folders_and_the_ground_floor_stays_down() {
     }
     // Nothing below the top imports the command line, the bench or the demo.
     for (m, deps) in &files {
-        if !["cli", "bench", "demo"].contains(&m.as_str()) {
+        let part = m.split("::").next().unwrap();
+        if !["cli", "bench", "demo"].contains(&part) {
             for top in ["cli", "bench", "demo"] {
                 assert!(!deps.contains(top), "{m} imports {top}");
             }

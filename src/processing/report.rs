@@ -1,0 +1,162 @@
+//! Telling Pleo: recorded results reported in batches of at most 100 (each batch marked
+//! reported only once Pleo acknowledged it), and the job finished exactly once.
+//!
+//! Invariant: a success Pleo acknowledged is never sent again; a result is never reported
+//! before it is committed; the finishing event is journaled before the job leaves our hands.
+
+use serde_json::{Value, json};
+
+use crate::clock::Millis;
+use crate::pleo::JobEvent;
+use crate::processing::pipeline::{Finish, HandlerStage, Milestone, Pause};
+use crate::store::{EventKind, ItemResult, JobRow, Source, Store};
+
+impl HandlerStage {
+    /// Reports recorded results in batches of at most 100 (at most `limit` items now).
+    pub(crate) fn flush(
+        &self,
+        store: &Store,
+        job: &JobRow,
+        deadline: &mut Millis,
+        limit: usize,
+    ) -> Result<(), Pause> {
+        const REPORT_ATTEMPTS_MAX: i64 = 3;
+        let mut sent = 0usize;
+        // Each round either acknowledges items or counts an attempt against them: bounded.
+        let mut rounds = 0;
+        while sent < limit && rounds < 10_000 {
+            rounds += 1;
+            let batch = store.unreported_items(&job.id, 100.min(limit - sent))?;
+            if batch.is_empty() {
+                break;
+            }
+            let updates: Vec<Value> = batch
+                .iter()
+                .map(|u| update_json(&u.result, u.handled_at))
+                .collect();
+            let outcome = self.client(job).put_items(&job.id, &updates)?;
+            let acked: Vec<(String, String)> = outcome
+                .updated
+                .iter()
+                .filter_map(|v| {
+                    Some((
+                        v["accountingEntryId"].as_str()?.to_owned(),
+                        v["status"].as_str().unwrap_or("").to_owned(),
+                    ))
+                })
+                .collect();
+            store.mark_reported(&job.id, &acked, self.clock.now())?;
+            let mut refused = Vec::new();
+            for e in &outcome.errors {
+                let entry = e["accountingEntryId"].as_str().unwrap_or("");
+                let kind = e["type"].as_str().unwrap_or("UNKNOWN");
+                let attempts = batch
+                    .iter()
+                    .find(|u| u.result.accounting_entry_id == entry)
+                    .map_or(REPORT_ATTEMPTS_MAX, |u| u.report_attempts + 1);
+                let give_up =
+                    kind == "ACCOUNTING_ENTRY_DOES_NOT_EXIST" || attempts >= REPORT_ATTEMPTS_MAX;
+                store.mark_report_error(
+                    &job.id,
+                    entry,
+                    &format!("{kind}: {}", e["message"].as_str().unwrap_or("")),
+                    give_up,
+                    self.clock.now(),
+                )?;
+                refused
+                    .push(json!({"accounting_entry_id": entry, "type": kind, "given_up": give_up}));
+            }
+            // Items Pleo neither updated nor refused: count an attempt so they cannot loop.
+            for u in &batch {
+                let id = &u.result.accounting_entry_id;
+                let seen = acked.iter().any(|(e, _)| e == id)
+                    || outcome
+                        .errors
+                        .iter()
+                        .any(|e| e["accountingEntryId"].as_str() == Some(id));
+                if !seen {
+                    let give_up = u.report_attempts + 1 >= REPORT_ATTEMPTS_MAX;
+                    store.mark_report_error(
+                        &job.id,
+                        id,
+                        "not acknowledged by Pleo",
+                        give_up,
+                        self.clock.now(),
+                    )?;
+                }
+            }
+            store.journal(self.clock.now(), Some(&job.id), Some(&job.company_id), EventKind::ItemsReported, json!({"sent": batch.len(), "acknowledged": acked.len(), "refused": outcome.errors.len()}))?;
+            if !refused.is_empty() {
+                store.journal(
+                    self.clock.now(),
+                    Some(&job.id),
+                    Some(&job.company_id),
+                    EventKind::ItemReportFailed,
+                    json!({"items": refused}),
+                )?;
+            }
+            sent += batch.len();
+        }
+        if sent > 0 {
+            // Whether item reports refresh `lastUpdatedAt` is not published: read the job, and
+            // take its deadline (and status) from Pleo instead of guessing.
+            match self.client(job).get_job(&job.id) {
+                Ok(fresh) => {
+                    store.upsert_job(&fresh, self.clock.now(), Source::Reread)?;
+                    *deadline = fresh.expires_at();
+                }
+                Err(e) => log::debug!("job {}: re-read after a report failed: {e}", job.id),
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(&self, store: &Store, job: &JobRow, f: Finish) -> Result<(), Pause> {
+        let event = JobEvent {
+            event: f.event,
+            job_id: job.id.clone(),
+            failure_reason: f.failure_reason,
+            failure_reason_type: f.failure_reason_type,
+        };
+        let counts = store.item_counts(&job.id)?;
+        let detail = json!({"successful": counts.successful, "failed": counts.failed});
+        crate::processing::send_final(self.client(job), store, &self.clock, job, &event, detail)??;
+        let name = f.event.as_str();
+        log::info!(
+            "job {} of company {}: sent {name} ({} successful, {} failed)",
+            job.id,
+            job.company_id,
+            counts.successful,
+            counts.failed
+        );
+        self.note(Milestone::Finished {
+            job_id: job.id.clone(),
+            event: name.to_owned(),
+        });
+        Ok(())
+    }
+}
+
+fn update_json(r: &ItemResult, handled_at: Millis) -> Value {
+    let mut v = json!({
+        "accountingEntryId": r.accounting_entry_id,
+        "status": if r.successful { "successful" } else { "failed" },
+    });
+    if r.successful {
+        v["exportedAt"] = json!(handled_at.to_rfc3339());
+        if let Some(x) = &r.external_id {
+            v["externalId"] = json!(x);
+        }
+        if let Some(x) = &r.external_url {
+            v["externalUrl"] = json!(x);
+        }
+    } else {
+        if let Some(x) = &r.failure_reason {
+            v["failureReason"] = json!(x);
+        }
+        if let Some(x) = &r.failure_reason_type {
+            v["failureReasonType"] = json!(x);
+        }
+    }
+    v
+}

@@ -34,7 +34,8 @@ use crate::replay::snapshot::{Event, Snapshot};
 use crate::sandbox::{ClaimRecord, Claimant, FakeConfig, FakeJob, FakePleo, LoggedRequest};
 use crate::service::Workers;
 use crate::service::processor::Processor;
-use crate::service::sync::{Mirror, PassKind, PollSchedule};
+use crate::service::sync::schedule::PollSchedule;
+use crate::service::sync::{Mirror, PassKind};
 use crate::store::Store;
 
 /// The longest the processor waits between rounds when nothing is due (as in the service).

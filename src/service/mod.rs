@@ -305,7 +305,7 @@ impl Service {
         spawn(
             "jm-sync".into(),
             Box::new(move || {
-                sync::run(mirror, interval, trigger_rx, nudge_rx, sd, Some(alive));
+                sync::run::run(mirror, interval, trigger_rx, nudge_rx, sd, Some(alive));
             }),
         )?;
         for lane in lanes {

@@ -1,0 +1,122 @@
+//! The sync thread's loop: recovery first, then each company's polls on the schedule, all at
+//! once on a trigger, and detection whenever the event thread nudges.
+
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, select};
+
+use crate::health::TICK;
+use crate::service::sync::schedule::PollSchedule;
+use crate::service::sync::{Mirror, PassKind, log_pass};
+
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// The sync thread's loop: a recovery pass over every company at once, then each company's
+/// polls on a [`PollSchedule`] (spread over the interval), everything at once on a trigger,
+/// and the detection webhooks trigger whenever the event thread nudges. Ends when `shutdown` is
+/// closed or sends. Beats `progress` at least every [`TICK`].
+pub fn run(
+    mut mirror: Mirror,
+    interval: std::time::Duration,
+    trigger: Receiver<()>,
+    nudge: Receiver<()>,
+    shutdown: Receiver<()>,
+    progress: Option<Arc<crate::health::Progress>>,
+) {
+    /// After the database failed while acting on deliveries, try again this soon.
+    const DELIVERY_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+    let origin = crate::clock::monotonic();
+    let ms = || origin.elapsed().as_millis() as i64;
+    let tick = progress.as_ref().map_or(TICK, |p| p.tick());
+    let beat = || {
+        if let Some(p) = &progress {
+            p.beat();
+        }
+    };
+    let mut nudge = nudge;
+    // Returns when to act on deliveries again: a deferred delivery's retry, or soon after a
+    // failure of the database.
+    let deliveries = |mirror: &mut Mirror| match mirror.process_deliveries() {
+        Ok(n) => {
+            if n > 0 {
+                log::debug!("acted on {n} webhook deliveries");
+            }
+            match mirror.delivery_retry_in() {
+                Ok(wait) => wait.map(|w| ms() + w.as_millis() as i64),
+                Err(_) => Some(ms() + DELIVERY_RETRY.as_millis() as i64),
+            }
+        }
+        Err(e) => {
+            log::warn!(
+                "acting on webhook deliveries failed: {e}; retrying in {} s",
+                DELIVERY_RETRY.as_secs()
+            );
+            Some(ms() + DELIVERY_RETRY.as_millis() as i64)
+        }
+    };
+    beat();
+    let all = mirror.companies.clone();
+    // Recovery first: stored webhooks are acted on only after it (and the processor serves a
+    // company only once its recovery pass has completed).
+    let report = mirror.pass(PassKind::Recovery);
+    log_pass(PassKind::Recovery, all.len(), &report);
+    let mut retry_at = deliveries(&mut mirror);
+    let mut last_pass = ms();
+    let mut schedule = PollSchedule::new(&all, interval, ms());
+    loop {
+        beat();
+        let now = ms();
+        let next = schedule.next_due().unwrap_or(now + tick.as_millis() as i64);
+        let next = retry_at.map_or(next, |r| next.min(r));
+        let wait = std::time::Duration::from_millis((next - now).max(0) as u64).min(tick);
+        select! {
+            recv(shutdown) -> _ => return,
+            recv(trigger) -> msg => {
+                if msg.is_err() { return; }
+                beat();
+                let report = mirror.pass(PassKind::Trigger);
+                log_pass(PassKind::Trigger, all.len(), &report);
+                // "Check now" also means: run failed readiness checks again now.
+                mirror.wake_processors();
+                let now = ms();
+                for c in &all {
+                    schedule.done(c, now);
+                }
+            }
+            recv(nudge) -> msg => {
+                if msg.is_err() {
+                    // No webhook receiver (or it stopped): nothing will nudge again.
+                    nudge = crossbeam_channel::never();
+                    continue;
+                }
+                // Under a stream of webhooks, read them in batches: each pass ends in one write
+                // transaction, and the event thread needs the same write lock for every commit.
+                let since = ms() - last_pass;
+                if since < COALESCE.as_millis() as i64 {
+                    let at = last_pass + COALESCE.as_millis() as i64;
+                    retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+                    continue;
+                }
+                last_pass = ms();
+                retry_at = deliveries(&mut mirror);
+            }
+            default(wait) => {
+                // A delivery retry fell due, or some companies' polls did (deliveries first).
+                if retry_at.is_some_and(|r| r <= ms()) {
+                    last_pass = ms();
+                    retry_at = deliveries(&mut mirror);
+                }
+                let due = schedule.due(ms());
+                if !due.is_empty() {
+                    // Companies whose recovery failed get it again with their poll.
+                    let report = mirror.pass_companies(PassKind::Poll, &due);
+                    log_pass(PassKind::Poll, due.len(), &report);
+                    let now = ms();
+                    for c in &due {
+                        schedule.done(c, now);
+                    }
+                }
+            }
+        }
+    }
+}

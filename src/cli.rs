@@ -295,7 +295,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run => {
             let cfg = Config::load(cli.config.as_deref())?;
             crate::logging::init(cfg.log, cfg.log_format);
-            crate::service::run(&cfg, cli.config.as_deref(), clock)
+            crate::service::systemd::run(&cfg, cli.config.as_deref(), clock)
         }
         Command::Migrate { json } => {
             let db = db_path(cli.config.as_deref())?;

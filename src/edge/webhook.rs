@@ -1,4 +1,4 @@
-//! The webhook receiver (the event thread and its HTTP edge).
+//! The webhook receiver: the HTTP edge of the event thread ([`crate::service::events`]).
 //!
 //! `POST /webhooks/pleo` is checked in this order: method and path (405/404), body size (413),
 //! signature (401), JSON (400). A verified delivery goes through a bounded queue to the one
@@ -15,14 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use crossbeam_channel::{Sender, TrySendError, bounded};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
 use crate::clock::{Millis, SharedClock};
 use crate::edge::httpd::{Handler, Head, Request, Response};
-use crate::store::Store;
 
 pub const PATH: &str = "/webhooks/pleo";
 
@@ -347,59 +346,6 @@ impl Handler for WebhookReceiver {
                 self.counters.store_failed.fetch_add(1, Ordering::Relaxed);
                 reply(503, "could not store the delivery, retry later")
                     .with_header("Retry-After", "5")
-            }
-        }
-    }
-}
-
-/// Largest batch the event thread commits in one transaction.
-pub const BATCH_MAX: usize = 256;
-
-/// The event thread: commits deliveries in batches, answers each, then nudges the sync thread
-/// (capacity 1) to read the named jobs. Ends when the queue is closed or `shutdown` drops.
-pub fn run_event_thread(
-    store: Store,
-    clock: SharedClock,
-    queue: Receiver<Job>,
-    nudge: Sender<()>,
-    shutdown: Receiver<()>,
-    alive: Option<Arc<crate::health::Progress>>,
-) {
-    let tick = alive.as_ref().map_or(crate::health::TICK, |a| a.tick());
-    loop {
-        if let Some(a) = &alive {
-            a.beat();
-        }
-        let first = crossbeam_channel::select! {
-            recv(queue) -> m => match m { Ok(j) => j, Err(_) => return },
-            recv(shutdown) -> _ => return,
-            default(tick) => continue,
-        };
-        // Group commit: everything already queued shares one fsync. (A short wait for more
-        // was measured and made 4-client ingest slower: see BENCHMARKS.md.)
-        let mut batch = vec![first];
-        while batch.len() < BATCH_MAX {
-            match queue.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
-        let deliveries: Vec<&Delivery> = batch.iter().map(|(d, _)| d).collect();
-        match store.insert_deliveries(&deliveries, clock.now()) {
-            Ok(results) => {
-                let any_new = results.contains(&Stored::New);
-                for ((_, tx), stored) in batch.into_iter().zip(results) {
-                    let _ = tx.send(Ok(stored));
-                }
-                if any_new {
-                    let _ = nudge.try_send(());
-                }
-            }
-            Err(e) => {
-                log::error!("could not commit {} webhook deliveries: {e}", batch.len());
-                for (_, tx) in batch {
-                    let _ = tx.send(Err(e.to_string()));
-                }
             }
         }
     }

@@ -345,7 +345,7 @@ impl Replay {
                     std::thread::Builder::new()
                         .name("jm-events".into())
                         .spawn(move || {
-                            crate::edge::webhook::run_event_thread(
+                            crate::service::events::run_event_thread(
                                 store, clock, queue, nudge_tx, sd_rx, None,
                             )
                         })?;

@@ -1,6 +1,7 @@
 //! Wiring: the one place that builds the workers from a configuration, opens the store for each
-//! thread, spawns the named threads and connects them with bounded channels; and `run`, the
-//! service under systemd (notify, watchdog, signals).
+//! thread, spawns the named threads and connects them with bounded channels. The threads are
+//! siblings here: `sync`, `events`, `processor`; `systemd` is `jobmirror run`, the service
+//! under systemd (notify, watchdog, signals), and `notify` its protocol.
 //!
 //! Threads: `jm-sync` (mirror), `jm-processor` (or `jm-processor-N` per lane), `jm-events` and
 //! the webhook listener when configured, the admin listener, `jm-watchdog`, and in `run` the
@@ -11,9 +12,11 @@
 //! Invariant: nothing here decides anything about jobs; a stop never waits longer than the
 //! configured bound; `WATCHDOG=1` is sent only while every worker thread makes progress.
 
+pub mod events;
 pub mod notify;
 pub mod processor;
 pub mod sync;
+pub mod systemd;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -265,7 +268,7 @@ impl Service {
             spawn(
                 "jm-events".into(),
                 Box::new(move || {
-                    crate::edge::webhook::run_event_thread(
+                    crate::service::events::run_event_thread(
                         events_store,
                         c,
                         queue_rx,
@@ -440,162 +443,4 @@ impl Service {
         }
         all
     }
-}
-
-/// A one-line status for systemd (`systemctl status` shows it).
-fn status_line(store: &Store, companies: usize) -> String {
-    let held = store.in_flight().map(|v| v.len()).unwrap_or(0);
-    let queued: i64 = store
-        .state_counts()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(s, _)| s == "new")
-        .map(|(_, n)| n)
-        .sum();
-    format!("{companies} companies; {held} jobs in hand, {queued} waiting")
-}
-
-/// What ended `run`'s wait for signals.
-enum Stop {
-    Terminate,
-    Reload,
-}
-
-/// `jobmirror run`: the service until SIGTERM or SIGINT; SIGUSR1 runs detection now; SIGHUP
-/// reloads the configuration (checked first; a broken one is refused and the service goes on).
-pub fn run(
-    cfg: &Config,
-    config_file: Option<&std::path::Path>,
-    clock: SharedClock,
-) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
-    let notifier = crate::service::notify::Notifier::from_env().map(Arc::new);
-    let service = Service::start(cfg, clock, None)?;
-    let status_store = Store::open_read_only(&cfg.db)?;
-    let companies = cfg.company_ids.len();
-    // A refused reload stays in the STATUS line (and `jobmirror_config_reload_refused`) until
-    // a reload is taken, which restarts the process in place.
-    let refused_reload: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    let status = {
-        let refused = refused_reload.clone();
-        move |store: &Store| {
-            let line = status_line(store, companies);
-            match refused.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
-                Some(e) => format!("reload refused ({e}); {line}"),
-                None => line,
-            }
-        }
-    };
-    if let Some(n) = &notifier {
-        n.send(&format!("READY=1\nSTATUS={}", status(&status_store)));
-    }
-    // The watchdog thread: pings only while every worker thread makes progress.
-    let (wd_stop_tx, wd_stop_rx) = bounded::<()>(0);
-    let watchdog = {
-        let (notifier, progress) = (notifier.clone(), service.progress.clone());
-        let status = status.clone();
-        let every = crate::service::notify::watchdog_interval();
-        std::thread::Builder::new()
-            .name("jm-watchdog".into())
-            .spawn(move || {
-                let tick = every
-                    .unwrap_or(Duration::from_secs(30))
-                    .min(Duration::from_secs(30));
-                let mut was_stale = false;
-                loop {
-                    match wd_stop_rx.recv_timeout(tick) {
-                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                        _ => return,
-                    }
-                    let stale = progress.stale(monotonic());
-                    let Some(n) = &notifier else { continue };
-                    if stale.is_empty() {
-                        if every.is_some() {
-                            n.send("WATCHDOG=1");
-                        }
-                        n.send(&format!("STATUS={}", status(&status_store)));
-                        was_stale = false;
-                    } else if !was_stale {
-                        log::error!(
-                            "threads not making progress: {}; withholding the watchdog ping",
-                            stale.join(", ")
-                        );
-                        n.send(&format!("STATUS=stalled: {}", stale.join(", ")));
-                        was_stale = true;
-                    }
-                }
-            })?
-    };
-    let mut stop = Stop::Terminate;
-    for sig in signals.forever() {
-        match sig {
-            SIGUSR1 => {
-                log::info!("SIGUSR1: running detection now");
-                service.trigger();
-            }
-            SIGHUP => match Config::load(config_file) {
-                Ok(_) => {
-                    log::info!(
-                        "SIGHUP: the configuration is valid; restarting in place to apply it"
-                    );
-                    stop = Stop::Reload;
-                    break;
-                }
-                Err(e) => {
-                    log::error!(
-                        "SIGHUP: the new configuration is refused, going on with the old one: {e}"
-                    );
-                    service
-                        .metrics
-                        .reload_refused
-                        .store(1, std::sync::atomic::Ordering::Relaxed);
-                    *refused_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                    if let Some(n) = &notifier {
-                        n.send(&format!("STATUS=reload refused: {e}"));
-                    }
-                }
-            },
-            _ => {
-                log::info!("signal {sig}: stopping");
-                break;
-            }
-        }
-    }
-    drop(wd_stop_tx);
-    let _ = watchdog.join();
-    if let Some(n) = &notifier {
-        n.send(match stop {
-            Stop::Reload => "RELOADING=1",
-            Stop::Terminate => "STOPPING=1",
-        });
-    }
-    let clean = service.stop(cfg.shutdown_timeout);
-    if !clean {
-        anyhow::bail!(
-            "some threads did not stop within {} s",
-            cfg.shutdown_timeout.as_secs()
-        );
-    }
-    log::info!("stopped cleanly");
-    if let Stop::Reload = stop {
-        reexec()?;
-    }
-    Ok(())
-}
-
-/// Replaces this process with a fresh start of the same command line (same pid, so systemd
-/// keeps tracking it), which reads the configuration again.
-fn reexec() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::CommandExt;
-        let exe = std::env::current_exe()?;
-        let err = std::process::Command::new(exe)
-            .args(std::env::args_os().skip(1))
-            .exec();
-        anyhow::bail!("cannot restart in place: {err}")
-    }
-    #[cfg(not(unix))]
-    anyhow::bail!("reload needs Unix; restart the service instead")
 }

@@ -3,7 +3,7 @@
 //!
 //! Invariants: without `$NOTIFY_SOCKET` every call is a no-op; a failed send is logged once
 //! and never stops the service; `WATCHDOG=1` is only ever sent by the caller after checking
-//! progress (see `service::run`).
+//! progress (see `service::systemd::run`).
 
 use std::time::Duration;
 

@@ -366,14 +366,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Why { job, report } => {
             let (store, _, now) = open_report(cli.config.as_deref(), &report, &clock)?;
             let settings = operator_settings(cli.config.as_deref())?;
-            let v = crate::ops::why(&store, now, &job, &settings)?;
-            emit(&report, &v, crate::ops::why_text)
+            let v = crate::ops::why::why(&store, now, &job, &settings)?;
+            emit(&report, &v, crate::ops::why::why_text)
         }
         Command::Doctor { report } => {
             let (store, db, now) = open_report(cli.config.as_deref(), &report, &clock)?;
             let settings = operator_settings(cli.config.as_deref())?;
-            let v = crate::ops::doctor(&store, &db, now, &settings)?;
-            emit(&report, &v, crate::ops::doctor_text)?;
+            let v = crate::ops::doctor::doctor(&store, &db, now, &settings)?;
+            emit(&report, &v, crate::ops::doctor::doctor_text)?;
             if v["result"] == "fail" {
                 anyhow::bail!("doctor found problems");
             }
@@ -667,7 +667,7 @@ fn say_json(v: &serde_json::Value) -> anyhow::Result<()> {
 
 /// Sends SIGUSR1 to `pid` if it is a jobmirror process.
 fn signal_usr1(pid: u32) -> bool {
-    if !crate::ops::is_jobmirror_process(pid) {
+    if !crate::ops::doctor::is_jobmirror_process(pid) {
         return false;
     }
     let Ok(pid) = libc::pid_t::try_from(pid) else {

@@ -5,8 +5,14 @@
 //! Invariants: everything but `backup` (which writes only its target) and `prune` opens the
 //! database read-only; nothing here talks to Pleo; "now" is a parameter (`--at` in the CLI),
 //! so a report can be reproduced for any moment.
+//!
+//! Files: this one holds `status`, `jobs`, `show`, `backup`, `prune` and the helpers every
+//! report shares; `why` and `doctor` are their own files; `admin` serves `/metrics` and
+//! `/healthz` from the running service.
 
 pub mod admin;
+pub mod doctor;
+pub mod why;
 
 use std::path::Path;
 
@@ -37,15 +43,15 @@ impl Settings {
     }
 }
 
-fn t(m: Millis) -> String {
+pub(crate) fn t(m: Millis) -> String {
     m.to_rfc3339()
 }
 
-fn left(now: Millis, at: Millis) -> i64 {
+pub(crate) fn left(now: Millis, at: Millis) -> i64 {
     now.until(at) / 1000
 }
 
-fn job_json(j: &JobRow, now: Millis) -> Value {
+pub(crate) fn job_json(j: &JobRow, now: Millis) -> Value {
     json!({
         "job_id": j.id, "company_id": j.company_id, "pleo_status": j.status,
         "state": j.proc_state.as_str(), "created_at": t(j.created_at),
@@ -169,7 +175,7 @@ pub fn jobs_text(v: &Value) -> String {
     out
 }
 
-fn unknown_job(id: &str) -> anyhow::Error {
+pub(crate) fn unknown_job(id: &str) -> anyhow::Error {
     crate::config::UsageError(format!("no job {id:?} in the database")).into()
 }
 
@@ -261,345 +267,6 @@ pub fn show_text(v: &Value) -> String {
             e["detail"]
         ));
     }
-    out
-}
-
-/// `jobmirror why JOB`: which rule keeps the job from being processed now.
-pub fn why(store: &Store, now: Millis, id: &str, s: &Settings) -> anyhow::Result<Value> {
-    let j = store.job(id)?.ok_or_else(|| unknown_job(id))?;
-    let last = store.events(Some(id))?.into_iter().last();
-    let (verdict, rule, detail): (&str, &str, String) = if s
-        .companies
-        .as_ref()
-        .is_some_and(|c| !c.contains(&j.company_id))
-    {
-        (
-            "ignored",
-            "company_not_served",
-            format!(
-                "company {} is not in company_ids of this configuration",
-                j.company_id
-            ),
-        )
-    } else {
-        match j.proc_state {
-            ProcState::Done => ("finished", "finished", format!("Pleo says {}", j.status)),
-            ProcState::Expired => (
-                "finished",
-                "expired",
-                "it expired (expiresIn passed without an update)".into(),
-            ),
-            ProcState::Conflict => (
-                "not ours",
-                "held_elsewhere",
-                "another integration claimed it (422 on `started`, or seen in_progress)".into(),
-            ),
-            ProcState::TooLate => (
-                "not claimed",
-                "too_late",
-                "an earlier version left it alone as too close to expiry; it is eligible again while Pleo lists it pending".into(),
-            ),
-            ProcState::Resume
-            | ProcState::Claiming
-            | ProcState::Claimed
-            | ProcState::Processing => (
-                "in hand",
-                "being_processed",
-                format!(
-                    "jobmirror holds it ({}); {} s to its deadline",
-                    j.proc_state.as_str(),
-                    left(now, j.expires_at)
-                ),
-            ),
-            ProcState::New if j.status != "pending" => (
-                "waiting",
-                "not_pending",
-                format!(
-                    "Pleo said {} when last read; the next pass reads it again",
-                    j.status
-                ),
-            ),
-            ProcState::New => {
-                let active = store.active_job(&j.company_id)?;
-                let ahead = store.jobs_ahead(&j)?;
-                if let Some(a) = active {
-                    (
-                        "waiting",
-                        "company_busy",
-                        format!(
-                            "one job per company: {} ({}) is in hand; {} older jobs wait too",
-                            a.id,
-                            a.proc_state.as_str(),
-                            ahead.len()
-                        ),
-                    )
-                } else if now.until(j.expires_at) <= 0 {
-                    (
-                        "waiting",
-                        "deadline_passed",
-                        "by this host's clock its deadline has passed; Pleo decides: the next read shows it expired, or it is claimed (a claim refreshes the deadline)".into(),
-                    )
-                } else if now.until(j.expires_at) <= s.claim_min_left_ms {
-                    (
-                        "waiting",
-                        "claim_cannot_land",
-                        format!(
-                            "{} s left, under claim_min_left_secs ({} s): `started` could not land in time; it is read again at its deadline",
-                            left(now, j.expires_at),
-                            s.claim_min_left_ms / 1000
-                        ),
-                    )
-                } else if !ahead.is_empty() {
-                    (
-                        "waiting",
-                        "older_jobs_first",
-                        format!(
-                            "oldest first: {} older jobs of the company come before it ({})",
-                            ahead.len(),
-                            ahead.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
-                        ),
-                    )
-                } else {
-                    match last.as_ref().map(|e| e.kind.as_str()) {
-                        Some("not_ready") => (
-                            "waiting",
-                            "not_ready",
-                            format!(
-                                "the readiness check failed ({}): it is not started until the check passes, checked again every poll interval; failed with that reason if it is about to expire",
-                                last.as_ref()
-                                    .and_then(|e| e.detail["failure_reason"].as_str())
-                                    .unwrap_or("no reason given")
-                            ),
-                        ),
-                        Some("claim_failed") => (
-                            "waiting",
-                            "claim_failed_backoff",
-                            "its last claim failed; the company rests conflict_backoff_secs, then it is claimed".into(),
-                        ),
-                        _ => (
-                            "next",
-                            "next_in_line",
-                            "it is next: the processor claims it at its next round".into(),
-                        ),
-                    }
-                }
-            }
-        }
-    };
-    Ok(json!({
-        "at": t(now),
-        "job": job_json(&j, now),
-        "verdict": verdict,
-        "rule": rule,
-        "detail": detail,
-        "last_event": last.map(|e| json!({"seq": e.seq, "at": t(e.at), "kind": e.kind, "detail": e.detail})),
-    }))
-}
-
-pub fn why_text(v: &Value) -> String {
-    let (verdict, rule) = (
-        v["verdict"].as_str().unwrap_or(""),
-        v["rule"].as_str().unwrap_or(""),
-    );
-    let mut out = format!(
-        "job {}: {verdict}{}\n  {}\n",
-        v["job"]["job_id"].as_str().unwrap_or(""),
-        if rule == verdict {
-            String::new()
-        } else {
-            format!(" ({rule})")
-        },
-        v["detail"].as_str().unwrap_or("")
-    );
-    if let Some(e) = v["last_event"].as_object() {
-        out.push_str(&format!(
-            "  last journal entry: {} {} {}\n",
-            e["at"].as_str().unwrap_or(""),
-            e["kind"].as_str().unwrap_or(""),
-            e["detail"]
-        ));
-    }
-    out
-}
-
-/// `jobmirror doctor`: integrity, WAL size, poll and webhook freshness, pending deadlines.
-/// Each check is `ok`, `warn` or `fail`.
-pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Result<Value> {
-    let mut checks = Vec::new();
-    let mut check = |name: &str, level: &str, detail: String| {
-        checks.push(json!({"check": name, "level": level, "detail": detail}));
-    };
-    let qc = store.quick_check()?;
-    if qc == ["ok"] {
-        check("integrity", "ok", "PRAGMA quick_check: ok".into());
-    } else {
-        check("integrity", "fail", qc.join("; "));
-    }
-    let wal = std::fs::metadata(format!("{}-wal", db.display()))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    let wal_level = if wal > 256 * 1024 * 1024 {
-        "warn"
-    } else {
-        "ok"
-    };
-    check(
-        "wal_size",
-        wal_level,
-        format!(
-            "{} KiB (a long-held read transaction stops checkpoints)",
-            wal / 1024
-        ),
-    );
-    let stale_ms = 3 * s.poll_interval_ms;
-    let companies = match &s.companies {
-        Some(c) => c.clone(),
-        None => store.companies()?,
-    };
-    for c in &companies {
-        let sum = store.company_summary(c)?;
-        let (level, detail) = match (sum.last_poll_at, &sum.last_poll_error) {
-            (None, _) => ("fail", format!("company {c}: never polled")),
-            (Some(at), Some(e))
-                if crate::wire::is_refusal_text(e)
-                    || sum.failed_in_a_row >= crate::health::FAILING_AFTER =>
-            {
-                (
-                    "fail",
-                    format!(
-                        "company {c}: the last {} passes failed, the last at {at}: {e}{}",
-                        sum.failed_in_a_row,
-                        if crate::wire::is_refusal_text(e) {
-                            " (Pleo refuses the credential: fix the key)"
-                        } else {
-                            ""
-                        }
-                    ),
-                )
-            }
-            (Some(at), Some(e)) => ("warn", format!("company {c}: last pass {at} failed: {e}")),
-            (Some(at), None) if now.until(at) < -stale_ms => (
-                "fail",
-                format!(
-                    "company {c}: last poll {at}, {} s ago (more than 3 poll intervals)",
-                    -now.until(at) / 1000
-                ),
-            ),
-            (Some(at), None) => ("ok", format!("company {c}: last poll {at}")),
-        };
-        check("poll", level, detail);
-    }
-    let b = store.delivery_backlog()?;
-    let (level, detail) = match b.oldest_unprocessed {
-        Some(o) if now.until(o) < -60_000 => (
-            "warn",
-            format!(
-                "{} deliveries not read yet, the oldest {} s old",
-                b.unprocessed,
-                -now.until(o) / 1000
-            ),
-        ),
-        _ => (
-            "ok",
-            format!(
-                "{} deliveries waiting; last received {}",
-                b.unprocessed,
-                b.last_received.map_or("never".into(), t)
-            ),
-        ),
-    };
-    check("webhooks", level, detail);
-    let held = store.in_flight()?;
-    if held.is_empty() {
-        check("deadlines", "ok", "no job in hand".into());
-    }
-    let running: Vec<u32> = store
-        .instances()?
-        .into_iter()
-        .filter(|p| is_jobmirror_process(*p))
-        .collect();
-    match (held.len(), running.is_empty()) {
-        (0, _) => check("service", "ok", service_detail(&running)),
-        (n, true) => check(
-            "service",
-            "fail",
-            format!(
-                "{n} jobs in hand and no service running on this database: their deadlines pass unattended"
-            ),
-        ),
-        (_, false) => check("service", "ok", service_detail(&running)),
-    }
-    for j in held {
-        let l = now.until(j.expires_at);
-        let level = if l <= 0 {
-            "fail"
-        } else if l <= s.deadline_warning_ms {
-            "warn"
-        } else {
-            "ok"
-        };
-        check(
-            "deadlines",
-            level,
-            format!(
-                "job {} of company {} ({}): {} s left",
-                j.id,
-                j.company_id,
-                j.proc_state.as_str(),
-                l / 1000
-            ),
-        );
-    }
-    let worst = ["fail", "warn", "ok"]
-        .into_iter()
-        .find(|w| checks.iter().any(|c| c["level"] == *w))
-        .unwrap_or("ok");
-    Ok(json!({"at": t(now), "result": worst, "checks": checks}))
-}
-
-/// Whether `pid` is a live jobmirror process (a recorded pid may have died or been reused).
-/// A process of another user counts when it exists and its command line, if readable, names
-/// jobmirror.
-pub fn is_jobmirror_process(pid: u32) -> bool {
-    let Ok(p) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: kill(2) with signal 0 sends nothing; it has no memory-safety preconditions.
-    let exists = unsafe { libc::kill(p, 0) == 0 }
-        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    if !exists {
-        return false;
-    }
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => String::from_utf8_lossy(&cmdline).contains("jobmirror"),
-        Err(_) => true,
-    }
-}
-
-fn service_detail(running: &[u32]) -> String {
-    match running {
-        [] => "no service running on this database".to_owned(),
-        pids => format!(
-            "service running (pid {})",
-            pids.iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
-pub fn doctor_text(v: &Value) -> String {
-    let mut out = String::new();
-    for c in v["checks"].as_array().cloned().unwrap_or_default() {
-        out.push_str(&format!(
-            "{:<4}  {:<10} {}\n",
-            c["level"].as_str().unwrap_or(""),
-            c["check"].as_str().unwrap_or(""),
-            c["detail"].as_str().unwrap_or("")
-        ));
-    }
-    out.push_str(&format!("doctor: {}\n", v["result"].as_str().unwrap_or("")));
     out
 }
 

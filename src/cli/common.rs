@@ -1,0 +1,181 @@
+//! What the commands share: the database and configuration they open, report times, JSON
+//! output, private files, logging set-up.
+
+use std::path::PathBuf;
+
+use crate::cli::args::ReportArgs;
+use crate::clock::SharedClock;
+use crate::config::{Config, ConfigError, UsageError};
+use crate::store::Store;
+
+/// Logging to stderr in text (see [`crate::logging`]); the service uses its `log_format`.
+pub fn init_logging(level: log::LevelFilter) {
+    crate::logging::init(level, crate::logging::LogFormat::Text);
+}
+
+/// Prints a command's outcome as JSON (the `--json` of every command that reports).
+pub(super) fn say_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Sends SIGUSR1 to `pid` if it is a jobmirror process.
+pub(super) fn signal_usr1(pid: u32) -> bool {
+    if !crate::ops::doctor::is_jobmirror_process(pid) {
+        return false;
+    }
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) with a valid signal number has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGUSR1) == 0 }
+}
+
+/// A subscription URL must reach the receiver: https (or http on loopback, for tests), and
+/// the receiver's one path.
+pub(super) fn check_subscription_url(url: &str) -> Result<(), UsageError> {
+    let rest = if let Some(r) = url.strip_prefix("https://") {
+        r
+    } else if url.starts_with("http://127.") || url.starts_with("http://localhost") {
+        url.trim_start_matches("http://")
+    } else {
+        return Err(UsageError(format!(
+            "{url:?}: Pleo delivers only to https URLs"
+        )));
+    };
+    let path = rest.find('/').map_or("", |i| &rest[i..]);
+    if path != crate::edge::webhook::PATH {
+        return Err(UsageError(format!(
+            "{url:?}: the receiver serves only {} (got path {:?}); a proxy must pass that path through unchanged",
+            crate::edge::webhook::PATH,
+            if path.is_empty() { "/" } else { path }
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` with mode 0600, atomically (temp file and rename).
+pub(super) fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("secret")
+    ));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(&tmp)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// One string value from the config file, if any.
+pub(super) fn config_value(file: Option<&std::path::Path>, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(file?).ok()?;
+    let t: toml::Table = text.parse().ok()?;
+    t.get(key).and_then(|v| v.as_str()).map(str::to_owned)
+}
+
+/// The database path alone (for commands that need no credentials).
+pub(super) fn db_path(file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    let mut db: Option<String> = std::env::var("JOBMIRROR_DB").ok();
+    if db.is_none()
+        && let Some(f) = file
+    {
+        let text = std::fs::read_to_string(f).map_err(|e| ConfigError {
+            key: "config".into(),
+            env: "JOBMIRROR_CONFIG".into(),
+            message: format!("cannot read {}: {e}", f.display()),
+        })?;
+        let t: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            key: "config".into(),
+            env: "JOBMIRROR_CONFIG".into(),
+            message: format!("{} is not valid TOML: {}", f.display(), e.message()),
+        })?;
+        db = t.get("db").and_then(|v| v.as_str()).map(str::to_owned);
+    }
+    Ok(PathBuf::from(db.unwrap_or_else(|| "jobmirror.db".into())))
+}
+
+/// The database named by the configuration, which must exist.
+pub(super) fn existing_db(file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    let db = db_path(file)?;
+    match std::fs::metadata(&db) {
+        Ok(_) => Ok(db),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UsageError(format!(
+            "database {} does not exist (run `jobmirror migrate` or `jobmirror run` first)",
+            db.display()
+        ))
+        .into()),
+        Err(e) => Err(UsageError(format!("database {} cannot be read: {e}", db.display())).into()),
+    }
+}
+
+/// `--at`, or now.
+pub(super) fn report_time(
+    args: &ReportArgs,
+    clock: &SharedClock,
+) -> anyhow::Result<crate::clock::Millis> {
+    match &args.at {
+        None => Ok(clock.now()),
+        Some(s) => crate::clock::Millis::parse_rfc3339(s)
+            .ok_or_else(|| UsageError(format!("--at {s:?} is not an RFC 3339 time")).into()),
+    }
+}
+
+/// A read-only store, its path, and the report time.
+pub(super) fn open_report(
+    file: Option<&std::path::Path>,
+    args: &ReportArgs,
+    clock: &SharedClock,
+) -> anyhow::Result<(Store, PathBuf, crate::clock::Millis)> {
+    let db = existing_db(file)?;
+    let now = report_time(args, clock)?;
+    Ok((Store::open_read_only(&db)?, db, now))
+}
+
+/// The configuration for commands that never talk to Pleo: only the database and the timing
+/// settings are needed, so the service's own file and environment work as they are (its key
+/// file, webhook secret and companies are neither required nor read). Returns whether the
+/// companies were named.
+pub(super) fn operator_config(file: Option<&std::path::Path>) -> anyhow::Result<(Config, bool)> {
+    let cfg = Config::load_for(file, crate::config::Needs::OPERATOR)?;
+    let named = !cfg.company_ids.is_empty();
+    Ok((cfg, named))
+}
+
+pub(super) fn operator_settings(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<crate::ops::Settings> {
+    let (cfg, named) = operator_config(file)?;
+    Ok(crate::ops::Settings::from_config(&cfg, named))
+}
+
+/// Prints a report as JSON or text.
+pub(super) fn emit(
+    args: &ReportArgs,
+    v: &serde_json::Value,
+    text: fn(&serde_json::Value) -> String,
+) -> anyhow::Result<()> {
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        print!("{}", text(v));
+    }
+    Ok(())
+}

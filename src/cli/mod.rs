@@ -1,0 +1,230 @@
+//! The command line: parses arguments, sets up logging, and maps results to exit codes.
+//!
+//! Exit codes (documented in the README): 0 success; 1 runtime failure; 2 usage or
+//! configuration error (so systemd's `RestartPreventExitStatus=2` stops a restart loop).
+//!
+//! Files: `args` is the grammar (every command and option), this one dispatches and runs the
+//! service and operator commands, `pleo` the commands that talk to Pleo (or stand in for it),
+//! `replay` the offline ones, and `common` what they share.
+
+mod args;
+mod common;
+mod pleo;
+mod replay;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+
+use crate::cli::common::{
+    db_path, emit, existing_db, init_logging, open_report, operator_config, operator_settings,
+    report_time, say_json, signal_usr1,
+};
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Config, ConfigError};
+use crate::store::Store;
+
+pub use crate::cli::args::{Cli, Command, RecordArgs, ReportArgs, SubscriptionsAction, VERSION};
+pub use crate::config::UsageError;
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    if let Some(db) = &cli.db {
+        // SAFETY: no other thread exists yet; every loader reads the database path from here.
+        unsafe { std::env::set_var("JOBMIRROR_DB", db) };
+    }
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let usage = e.downcast_ref::<ConfigError>().is_some()
+                || e.downcast_ref::<UsageError>().is_some();
+            eprintln!("jobmirror: {}", chain(&e));
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+/// The error with its causes, one line.
+fn chain(e: &anyhow::Error) -> String {
+    let mut s = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+    }
+    s
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let clock: SharedClock = Arc::new(SystemClock);
+    match cli.command {
+        Command::Run => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            crate::logging::init(cfg.log, cfg.log_format);
+            crate::service::systemd::run(&cfg, cli.config.as_deref(), clock)
+        }
+        Command::Migrate { json } => {
+            let db = db_path(cli.config.as_deref())?;
+            init_logging(log::LevelFilter::Info);
+            let mut store = Store::connect(&db)?;
+            let applied = store.migrate()?;
+            if json {
+                say_json(&serde_json::json!({"db": db, "applied": applied}))?;
+            } else {
+                for name in &applied {
+                    println!("applied {name}");
+                }
+                println!("database {} is at the current schema", db.display());
+            }
+            Ok(())
+        }
+        Command::CheckConfig { json } => {
+            let (cfg, settings) = crate::config::effective(cli.config.as_deref())?;
+            if json {
+                let map: serde_json::Map<String, serde_json::Value> = settings
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.key.to_owned(),
+                            serde_json::json!({"value": s.value, "from": s.from}),
+                        )
+                    })
+                    .collect();
+                say_json(&serde_json::json!({"valid": true, "settings": map}))?;
+            } else {
+                for s in &settings {
+                    println!("{:<34} {:<10} {}", s.key, s.from, s.value);
+                }
+                println!(
+                    "configuration valid: {} companies, database {}",
+                    cfg.company_ids.len(),
+                    cfg.db.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Status { report } => {
+            let (store, _, now) = open_report(cli.config.as_deref(), &report, &clock)?;
+            emit(
+                &report,
+                &crate::ops::status(&store, now)?,
+                crate::ops::status_text,
+            )
+        }
+        Command::Jobs {
+            company,
+            state,
+            limit,
+            report,
+        } => {
+            let (store, _, now) = open_report(cli.config.as_deref(), &report, &clock)?;
+            let v = crate::ops::jobs(&store, now, company.as_deref(), state.as_deref(), limit)?;
+            emit(&report, &v, crate::ops::jobs_text)
+        }
+        Command::Show { job, report } => {
+            let (store, _, now) = open_report(cli.config.as_deref(), &report, &clock)?;
+            emit(
+                &report,
+                &crate::ops::show(&store, now, &job)?,
+                crate::ops::show_text,
+            )
+        }
+        Command::Why { job, report } => {
+            let (store, _, now) = open_report(cli.config.as_deref(), &report, &clock)?;
+            let settings = operator_settings(cli.config.as_deref())?;
+            let v = crate::ops::why::why(&store, now, &job, &settings)?;
+            emit(&report, &v, crate::ops::why::why_text)
+        }
+        Command::Doctor { report } => {
+            let (store, db, now) = open_report(cli.config.as_deref(), &report, &clock)?;
+            let settings = operator_settings(cli.config.as_deref())?;
+            let v = crate::ops::doctor::doctor(&store, &db, now, &settings)?;
+            emit(&report, &v, crate::ops::doctor::doctor_text)?;
+            if v["result"] == "fail" {
+                anyhow::bail!("doctor found problems");
+            }
+            Ok(())
+        }
+        Command::Backup { file, json } => {
+            let db = existing_db(cli.config.as_deref())?;
+            let store = Store::open_read_only(&db)?;
+            let v = crate::ops::backup(&store, &file)?;
+            let args = ReportArgs { json, at: None };
+            emit(&args, &v, crate::ops::backup_text)
+        }
+        Command::Prune { dry_run, json, at } => {
+            let db = existing_db(cli.config.as_deref())?;
+            let cfg = operator_config(cli.config.as_deref())?.0;
+            let args = ReportArgs { json, at };
+            let now = report_time(&args, &clock)?;
+            let store = Store::connect(&db)?;
+            let r = store.prune(now, clock.now(), cfg.retention, dry_run)?;
+            emit(&args, &serde_json::to_value(&r)?, crate::ops::prune_text)
+        }
+        Command::FakePleo {
+            listen,
+            fixture,
+            expires_in,
+            api_key,
+        } => pleo::fake_pleo(&listen, fixture.as_deref(), expires_in, api_key, clock),
+        Command::Subscribe {
+            url,
+            secret_file,
+            event_types,
+            json,
+        } => pleo::subscribe(
+            cli.config.as_deref(),
+            &url,
+            secret_file,
+            &event_types,
+            json,
+            clock,
+        ),
+        Command::Subscriptions { action } => {
+            pleo::subscriptions(cli.config.as_deref(), action, clock)
+        }
+        Command::Trigger { json } => {
+            let db = existing_db(cli.config.as_deref())?;
+            let pids = Store::open_read_only(&db)?.instances()?;
+            for pid in &pids {
+                if signal_usr1(*pid) {
+                    if json {
+                        say_json(&serde_json::json!({"signalled_pid": pid}))?;
+                    } else {
+                        println!("asked jobmirror (pid {pid}) to run detection now");
+                    }
+                    return Ok(());
+                }
+            }
+            anyhow::bail!(
+                "no running jobmirror is recorded in {} (tried {:?}); with systemd: systemctl kill -s USR1 jobmirror",
+                db.display(),
+                pids
+            )
+        }
+        Command::Replay {
+            snapshot,
+            handler,
+            json,
+        } => replay::replay(cli.db.clone(), &snapshot, handler, json),
+        Command::Record(args) => pleo::record(cli.config.as_deref(), args, clock),
+        Command::Simulate {
+            seed,
+            seeds,
+            write,
+            json,
+        } => replay::simulate(seed, seeds, write, json),
+        Command::Demo => crate::demo::run(cli.db.clone()),
+        Command::Bench { smoke, json, only } => crate::bench::run(smoke, json, &only),
+    }
+}

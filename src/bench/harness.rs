@@ -23,6 +23,9 @@ pub struct Sizes {
     pub pick_sizes: Vec<usize>,
     pub reaction_samples: usize,
     pub processing_items: usize,
+    /// Companies and jobs in the operator tools' database.
+    pub ops_companies: usize,
+    pub ops_jobs: usize,
 }
 
 impl Sizes {
@@ -36,6 +39,8 @@ impl Sizes {
             pick_sizes: vec![10_000, 100_000, 1_000_000],
             reaction_samples: 200,
             processing_items: 10_000,
+            ops_companies: 10_000,
+            ops_jobs: 100_000,
         }
     }
     pub fn smoke() -> Sizes {
@@ -48,6 +53,8 @@ impl Sizes {
             pick_sizes: vec![1_000, 2_000],
             reaction_samples: 5,
             processing_items: 200,
+            ops_companies: 200,
+            ops_jobs: 2_000,
         }
     }
 }

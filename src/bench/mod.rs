@@ -8,6 +8,7 @@
 mod harness;
 mod ingest;
 mod jobs;
+mod operators;
 mod store;
 
 use harness::{Ctx, fig};
@@ -22,7 +23,7 @@ use crate::clock::{Clock, SharedClock, SystemClock};
 use crate::edge::webhook::Secrets;
 
 /// The sections `--only` can name (ingest, with the footprint, always runs).
-pub const SECTIONS: [&str; 4] = ["sync", "pick", "reaction", "processing"];
+pub const SECTIONS: [&str; 5] = ["sync", "pick", "reaction", "processing", "operators"];
 
 pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::Result<()> {
     if let Some(bad) = only
@@ -76,6 +77,9 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::R
     }
     if want("processing") {
         jobs::processing(&cx, &mut figures)?;
+    }
+    if want("operators") {
+        operators::operators(&cx, &mut figures)?;
     }
 
     // --- 6: footprint ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ pub(crate) fn sync(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
     let companies: Vec<String> = (0..sizes.sync_companies)
         .map(|c| format!("c{c:04}"))
         .collect();
+    let loading = Instant::now();
     for j in 0..sizes.sync_jobs_per_company {
         for c in &companies {
             fake2.add_job(JobSpec {
@@ -36,10 +37,37 @@ pub(crate) fn sync(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
         }
     }
     let total = sizes.sync_companies * sizes.sync_jobs_per_company;
+    let load_secs = loading.elapsed().as_secs_f64();
     let client = Arc::new(PleoClient::new(
         ClientConfig::new(&fake2.base_url(), Auth::ApiKey(Secret::new(KEY))),
         clock.clone(),
     )?);
+    // The fake finds a job by its id in an index: one GET costs the same at any size.
+    let mut gets = Vec::with_capacity(1000);
+    for k in 0..1000 {
+        let c = &companies[k % companies.len()];
+        let id = format!("{c}-{:05}", (k * 7) % sizes.sync_jobs_per_company);
+        let t = Instant::now();
+        client.get_job(&id)?;
+        gets.push(t.elapsed());
+    }
+    gets.sort();
+    figures.push(fig(
+        &format!("fake: load {total} jobs"),
+        load_secs,
+        "s",
+        None,
+        "(info)",
+        true,
+    ));
+    figures.push(fig(
+        &format!("fake: GET one job of {total}, p50"),
+        percentile(&gets, 0.5).as_secs_f64() * 1e6,
+        "us",
+        None,
+        "(info: never the bottleneck)",
+        true,
+    ));
     let sync_db = dir.join("sync.db");
     let mut mirror = crate::service::sync::Mirror::new(
         Store::open(&sync_db)?,

@@ -64,6 +64,11 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "Pleo company ids to serve, comma-separated (TOML: list or string)",
     ),
     (
+        "company_ids_file",
+        None,
+        "file of more company ids to serve: one a line (# comments), or TOML company_ids = [...]",
+    ),
+    (
         "poll_interval_secs",
         Some("300"),
         "seconds between listing polls",

@@ -304,14 +304,42 @@ impl Config {
                 out
             }
         };
-        let company_ids: Vec<String> = get("company_ids")
+        let mut company_ids: Vec<String> = get("company_ids")
             .unwrap_or_default()
             .split([',', ' ', '\n', '\t'])
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect();
-        if let Some(c) = company_api_keys.keys().find(|c| !company_ids.contains(c)) {
+        if let Some(f) = get("company_ids_file").filter(|f| !f.trim().is_empty()) {
+            match read_company_ids_file(f.trim()) {
+                Ok(more) => {
+                    let mut seen: std::collections::HashSet<String> =
+                        company_ids.iter().cloned().collect();
+                    for (line, id) in more {
+                        if !is_company_id(&id) {
+                            return Err(err(
+                                "company_ids_file",
+                                format!("{f}:{line}: {id:?} is not a company id"),
+                            ));
+                        }
+                        if !seen.insert(id.clone()) {
+                            return Err(err(
+                                "company_ids_file",
+                                format!("{f}:{line}: company {id:?} is listed more than once"),
+                            ));
+                        }
+                        company_ids.push(id);
+                    }
+                }
+                Err(e) if needs.companies => return Err(err("company_ids_file", e)),
+                // A command that does not serve companies goes on, knowing none of them (a
+                // list that lacks the file's would be wrong, not just short).
+                Err(_) => company_ids.clear(),
+            }
+        }
+        let served: std::collections::HashSet<&String> = company_ids.iter().collect();
+        if let Some(c) = company_api_keys.keys().find(|c| !served.contains(c)) {
             return Err(err(
                 "company_api_keys_file",
                 format!("company {c} has a key but is not in company_ids"),
@@ -320,13 +348,10 @@ impl Config {
         if company_ids.is_empty() && needs.companies {
             return Err(err(
                 "company_ids",
-                "is required: at least one Pleo company id",
+                "is required: at least one Pleo company id (here or in company_ids_file)",
             ));
         }
-        if let Some(bad) = company_ids.iter().find(|c| {
-            !c.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        }) {
+        if let Some(bad) = company_ids.iter().find(|c| !is_company_id(c)) {
             return Err(err("company_ids", format!("{bad:?} is not a company id")));
         }
         let mut dedup = company_ids.clone();
@@ -514,8 +539,11 @@ impl Config {
         progress: &std::sync::Arc<crate::health::Progress>,
         metrics: &std::sync::Arc<crate::health::Metrics>,
     ) -> anyhow::Result<std::sync::Arc<pleo::Clients>> {
+        // One connection pool for every credential: a company's own key goes with each of
+        // its requests, not into a pool of its own.
+        let agent = pleo::PleoClient::agent_for(&self.client_config());
         let default = std::sync::Arc::new(
-            self.client(clock.clone())?
+            self.client_with(clock.clone(), agent.clone())?
                 .with_health(progress.clone(), metrics.clone()),
         );
         let mut by_company = std::collections::HashMap::new();
@@ -525,7 +553,7 @@ impl Config {
             by_company.insert(
                 company.clone(),
                 std::sync::Arc::new(
-                    pleo::PleoClient::new(c, clock.clone())?
+                    pleo::PleoClient::with_agent(c, clock.clone(), agent.clone())?
                         .with_health(progress.clone(), metrics.clone()),
                 ),
             );
@@ -536,6 +564,14 @@ impl Config {
     /// The Pleo client this configuration describes (API key, or OAuth tokens kept in the
     /// database).
     pub fn client(&self, clock: crate::clock::SharedClock) -> anyhow::Result<pleo::PleoClient> {
+        self.client_with(clock, pleo::PleoClient::agent_for(&self.client_config()))
+    }
+
+    fn client_with(
+        &self,
+        clock: crate::clock::SharedClock,
+        agent: ureq::Agent,
+    ) -> anyhow::Result<pleo::PleoClient> {
         let mut c = self.client_config();
         if let Some(o) = &self.oauth {
             let store = crate::store::Store::open(&self.db)?;
@@ -545,7 +581,7 @@ impl Config {
                 clock.clone(),
             )?));
         }
-        Ok(pleo::PleoClient::new(c, clock)?)
+        Ok(pleo::PleoClient::with_agent(c, clock, agent)?)
     }
 
     pub fn client_config(&self) -> pleo::ClientConfig {
@@ -560,6 +596,50 @@ impl Config {
             .then_some(f64::from(self.pleo_requests_per_sec_max));
         c
     }
+}
+
+/// The form of a company id: letters, digits, `-` and `_` (Pleo's are UUIDs).
+fn is_company_id(c: &str) -> bool {
+    !c.is_empty()
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The companies of a `company_ids_file`, each with its line number: one id a line (blank
+/// lines and `#` comments ignored), or TOML with `company_ids = [...]` (a file with a `=`
+/// outside a comment is read as TOML).
+fn read_company_ids_file(path: &str) -> Result<Vec<(usize, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let toml = text
+        .lines()
+        .any(|l| l.split('#').next().unwrap_or("").contains('='));
+    if toml {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| format!("{path} is not valid TOML: {}", e.message()))?;
+        if let Some(k) = table.keys().find(|k| *k != "company_ids") {
+            return Err(format!("{path}: unknown key {k:?} (only company_ids)"));
+        }
+        let list = table
+            .get("company_ids")
+            .and_then(toml::Value::as_array)
+            .ok_or_else(|| format!("{path}: company_ids must be a list of strings"))?;
+        return list
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_str()
+                    .map(|s| (i + 1, s.trim().to_owned()))
+                    .ok_or_else(|| format!("{path}: company_ids[{i}] is not a string"))
+            })
+            .collect();
+    }
+    Ok(text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.split('#').next().unwrap_or("").trim().to_owned()))
+        .filter(|(_, id)| !id.is_empty())
+        .collect())
 }
 
 #[cfg(test)]
@@ -679,5 +759,52 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "pleo_api_key_file");
+    }
+
+    #[test]
+    fn company_ids_from_a_file_of_lines_or_toml_join_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = dir.path().join("companies.txt");
+        let many: String = (0..20_000).map(|i| format!("company-{i:05}\n")).collect();
+        std::fs::write(&lines, format!("# served by this instance\n\n{many}")).unwrap();
+        let load = |file: &std::path::Path, inline: &str| {
+            Config::load_with(
+                None,
+                &env(&[
+                    ("JOBMIRROR_PLEO_API_KEY", "k"),
+                    ("JOBMIRROR_COMPANY_IDS", inline),
+                    ("JOBMIRROR_COMPANY_IDS_FILE", &file.display().to_string()),
+                ]),
+            )
+        };
+        let c = load(&lines, "first").unwrap();
+        assert_eq!(c.company_ids.len(), 20_001);
+        assert_eq!(c.company_ids[0], "first");
+        assert_eq!(c.company_ids[1], "company-00000");
+        let toml = dir.path().join("companies.toml");
+        std::fs::write(&toml, "company_ids = [\"a1\", \"b2\"]\n").unwrap();
+        assert_eq!(load(&toml, "").unwrap().company_ids, ["a1", "b2"]);
+        // A company twice (here across the list and the file) is refused with its line.
+        let e = load(&lines, "company-00007").unwrap_err();
+        assert_eq!(e.key, "company_ids_file");
+        assert!(e.message.contains(":10:"), "{}", e.message);
+        let bad = dir.path().join("bad.txt");
+        std::fs::write(&bad, "ok-1\nnot/an/id\n").unwrap();
+        let e = load(&bad, "").unwrap_err();
+        assert!(e.message.contains(":2:"), "{}", e.message);
+        let e = load(&dir.path().join("missing"), "x").unwrap_err();
+        assert_eq!(e.key, "company_ids_file");
+        assert!(e.message.contains("cannot read"), "{}", e.message);
+        // Commands that serve no company go on without an unreadable file, knowing none.
+        let c = Config::load_with_needs(
+            None,
+            &env(&[
+                ("JOBMIRROR_COMPANY_IDS", "x"),
+                ("JOBMIRROR_COMPANY_IDS_FILE", "/nonexistent/companies"),
+            ]),
+            Needs::OPERATOR,
+        )
+        .unwrap();
+        assert!(c.company_ids.is_empty());
     }
 }

@@ -40,12 +40,23 @@ pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Re
         ),
     );
     let stale_ms = 3 * s.poll_interval_ms;
+    let mut known: std::collections::HashMap<String, crate::store::CompanySummary> = store
+        .company_summaries()?
+        .into_iter()
+        .map(|s| (s.company_id.clone(), s))
+        .collect();
     let companies = match &s.companies {
         Some(c) => c.clone(),
-        None => store.companies()?,
+        None => {
+            let mut all: Vec<String> = known.keys().cloned().collect();
+            all.sort();
+            all
+        }
     };
     for c in &companies {
-        let sum = store.company_summary(c)?;
+        let sum = known
+            .remove(c)
+            .unwrap_or_else(|| crate::store::CompanySummary::empty(c));
         let (level, detail) = match (sum.last_poll_at, &sum.last_poll_error) {
             (None, _) => ("fail", format!("company {c}: never polled")),
             (Some(at), Some(e))

@@ -65,14 +65,15 @@ pub(crate) fn job_json(j: &JobRow, now: Millis) -> Value {
 /// `jobmirror status`: per company, jobs by state, last poll, last webhook, next deadline.
 pub fn status(store: &Store, now: Millis) -> anyhow::Result<Value> {
     let mut companies = Vec::new();
-    for company in store.companies()? {
-        let s = store.company_summary(&company)?;
+    let webhooks = store.last_webhooks()?;
+    for s in store.company_summaries()? {
+        let last_webhook = webhooks.get(&s.company_id).copied();
         companies.push(json!({
             "company_id": s.company_id,
             "jobs_by_state": s.by_state.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "last_poll_at": s.last_poll_at.map(t),
             "last_poll_error": s.last_poll_error,
-            "last_webhook_at": store.last_webhook_at(&company)?.map(t),
+            "last_webhook_at": last_webhook.map(t),
             "next_deadline": s.next_deadline.as_ref().map(|(id, at)| json!({"job_id": id, "expires_at": t(*at), "seconds_left": left(now, *at)})),
         }));
     }

@@ -196,22 +196,46 @@ impl fmt::Debug for PleoClient {
     }
 }
 
+/// Idle connections a pool keeps open for reuse (to Pleo: one host), at most.
+pub const IDLE_CONNECTIONS_MAX: usize = 8;
+
 pub(crate) fn cfg_rate_burst(cfg: &ClientConfig) -> f64 {
     cfg.requests_per_sec_max.unwrap_or(1.0).max(1.0)
 }
 
 impl PleoClient {
+    /// A client with a connection pool of its own.
     pub fn new(cfg: ClientConfig, clock: SharedClock) -> Result<PleoClient, PleoError> {
-        check_base_url(&cfg.base_url).map_err(PleoError::Config)?;
-        let agent = crate::pleo::net::agent(
+        let agent = PleoClient::agent_for(&cfg);
+        PleoClient::with_agent(cfg, clock, agent)
+    }
+
+    /// The HTTP agent (and so the connection pool) for clients with `cfg`'s timeouts. Clones
+    /// of it share one pool: the service gives one to every credential's client, so the
+    /// connections it holds are bounded by its threads and [`IDLE_CONNECTIONS_MAX`], not by
+    /// the number of credentials.
+    pub fn agent_for(cfg: &ClientConfig) -> ureq::Agent {
+        crate::pleo::net::agent(
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_connect(Some(cfg.connect_timeout))
                 .timeout_global(Some(cfg.request_timeout))
                 .max_redirects(0)
+                .max_idle_connections(IDLE_CONNECTIONS_MAX)
+                .max_idle_connections_per_host(IDLE_CONNECTIONS_MAX)
                 .user_agent(concat!("jobmirror/", env!("CARGO_PKG_VERSION")))
                 .build(),
-        );
+        )
+    }
+
+    /// A client that sends through `agent` (see [`PleoClient::agent_for`]); the credential
+    /// travels with each request, so one agent serves any number of credentials.
+    pub fn with_agent(
+        cfg: ClientConfig,
+        clock: SharedClock,
+        agent: ureq::Agent,
+    ) -> Result<PleoClient, PleoError> {
+        check_base_url(&cfg.base_url).map_err(PleoError::Config)?;
         let seed = cfg.jitter_seed | 1;
         let bucket = Mutex::new((cfg_rate_burst(&cfg), clock.now()));
         Ok(PleoClient {

@@ -31,6 +31,7 @@ impl FakePleo {
                 next_msg: 0,
                 refuse_updates: std::collections::HashMap::new(),
                 by_company: std::collections::HashMap::new(),
+                by_id: std::collections::HashMap::new(),
                 next_expiry: Millis(i64::MIN),
             }),
             clock,
@@ -92,7 +93,7 @@ impl FakePleo {
             Some(id) => id,
             None => w.new_id(1),
         };
-        if w.jobs.iter().any(|j| j.id == id) {
+        if w.job(&id).is_some() {
             anyhow::bail!("job {id} already exists");
         }
         let created_at = match (&spec.created_at, spec.created_secs_ago) {
@@ -210,7 +211,7 @@ impl FakePleo {
         let now = self.shared.clock.now();
         let mut w = self.shared.lock();
         w.expire_due(now);
-        w.jobs.iter().find(|j| j.id == id).cloned()
+        w.job(id).cloned()
     }
 
     /// Every job, in insertion order (expiry applied).
@@ -276,7 +277,7 @@ impl FakePleo {
     /// Accepts `key` too, for `company` only: other companies' jobs answer 403.
     pub fn add_company_key(&self, key: &str, company: &str) {
         let mut w = self.shared.lock();
-        w.api_keys.push(key.to_owned());
+        // Found by the key index, whatever the number of companies with keys.
         w.key_companies.insert(key.to_owned(), company.to_owned());
     }
 

@@ -299,7 +299,7 @@ pub(super) fn authorized(w: &World, head: &Head, now: Millis) -> bool {
     let Some((user, pass)) = text.split_once(':') else {
         return false;
     };
-    pass.is_empty() && w.api_keys.iter().any(|k| k == user)
+    pass.is_empty() && (w.key_companies.contains_key(user) || w.api_keys.iter().any(|k| k == user))
 }
 
 pub(super) fn route(w: &mut World, req: &Request, now: Millis) -> Response {
@@ -316,12 +316,7 @@ pub(super) fn route(w: &mut World, req: &Request, now: Millis) -> Response {
     }
     let q = head.query_pairs();
     if let Some(allowed) = basic_user(head).and_then(|k| w.key_companies.get(&k).cloned()) {
-        let job_company = |id: &str| {
-            w.jobs
-                .iter()
-                .find(|j| j.id == id)
-                .map(|j| j.company_id.clone())
-        };
+        let job_company = |id: &str| w.job(id).map(|j| j.company_id.clone());
         let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let touched = match segs.as_slice() {
             ["v3", "export-jobs"] => param("company_id"),

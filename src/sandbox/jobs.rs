@@ -54,14 +54,14 @@ pub(super) const SUBSCRIPTION_SORT_KEYS: &[&str] = &["createdAt", "id"];
 
 /// Whether `id` names a job the world holds (fixtures may use readable ids).
 pub(super) fn known_job(w: &World, id: &str) -> bool {
-    w.jobs.iter().any(|j| j.id == id)
+    w.job(id).is_some()
 }
 
 pub(super) fn get_job(w: &mut World, id: &str, now: Millis) -> Response {
     if !rules::is_uuid(id) && !known_job(w, id) {
         return error(400, "INVALID_PARAMETER", "jobId must be a UUID");
     }
-    let Some(j) = w.jobs.iter().find(|j| j.id == id) else {
+    let Some(j) = w.job(id) else {
         return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
     };
     let resp = Response::json(200, &json!({"data": j.to_json()}));
@@ -88,10 +88,7 @@ pub(super) fn create_job(w: &mut World, body: &[u8], now: Millis) -> Response {
         .flatten()
         .filter_map(|e| e.as_str().map(str::to_owned))
         .collect();
-    if w.jobs
-        .iter()
-        .any(|j| j.company_id == company && j.status == "in_progress")
-    {
+    if w.company_jobs(&company).any(|j| j.status == "in_progress") {
         return error(
             409,
             "EXPORT_ALREADY_IN_PROGRESS",
@@ -152,7 +149,7 @@ pub(super) fn job_event(w: &mut World, body: &[u8], now: Millis) -> Response {
     if event == "started" {
         return if w.claim(job_id, Claimant::Api, now) {
             Response::empty(202)
-        } else if w.jobs.iter().any(|j| j.id == job_id) {
+        } else if w.job(job_id).is_some() {
             error(
                 422,
                 "INVALID_EXPORT_JOB_STATUS_CHANGE",
@@ -210,7 +207,7 @@ pub(super) fn list_items(w: &World, id: &str, q: &[(String, String)]) -> Respons
         Ok(c) => c,
         Err(r) => return r,
     };
-    let Some(j) = w.jobs.iter().find(|j| j.id == id) else {
+    let Some(j) = w.job(id) else {
         return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
     };
     let mut items: Vec<&FakeItem> = j
@@ -240,9 +237,7 @@ pub(super) fn put_items(w: &mut World, id: &str, body: &[u8], now: Millis) -> Re
         return error(400, "INVALID_PARAMETER", "jobId must be a UUID");
     }
     let known_entry = |e: &str| {
-        w.jobs
-            .iter()
-            .find(|j| j.id == id)
+        w.job(id)
             .is_some_and(|j| j.items.iter().any(|i| i.accounting_entry_id == e))
     };
     let updates: Vec<Value> = match rules::json_body(body).and_then(|v| {
@@ -329,7 +324,7 @@ pub(super) fn list_export_items(w: &World, q: &[(String, String)]) -> Response {
     let Some(job_id) = job_id else {
         return error(400, "INVALID_PARAMETER", "job_id is required");
     };
-    let Some(j) = w.jobs.iter().find(|j| j.id == job_id) else {
+    let Some(j) = w.job(job_id) else {
         return error(404, "EXPORT_NOT_FOUND", "Export job not found.");
     };
     if !j.is_open() {

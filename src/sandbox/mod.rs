@@ -272,8 +272,10 @@ struct World {
     next_msg: u64,
     /// Item updates to refuse inside a 200, by accounting entry id, and how many more times.
     refuse_updates: std::collections::HashMap<String, u32>,
-    /// Indexes into `jobs`, per company, in insertion order.
+    /// Indexes into `jobs`, per company, in insertion order (`jobs` only grows).
     by_company: std::collections::HashMap<String, Vec<usize>>,
+    /// Index into `jobs` by job id.
+    by_id: std::collections::HashMap<String, usize>,
     /// No open job expires before this (so most requests skip the expiry scan).
     next_expiry: Millis,
 }

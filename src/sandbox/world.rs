@@ -50,12 +50,8 @@ impl World {
         let prior_holder = self.holders.get(id).copied();
         // What else the company had at Pleo at this moment (for invariants on claims).
         let (mut older_pending, mut in_progress) = (Vec::new(), Vec::new());
-        if let Some(me) = self.jobs.iter().find(|j| j.id == id) {
-            for o in self
-                .jobs
-                .iter()
-                .filter(|o| o.company_id == me.company_id && o.id != id)
-            {
+        if let Some(me) = self.job(id) {
+            for o in self.company_jobs(&me.company_id).filter(|o| o.id != id) {
                 if o.status == "pending" && (o.created_at, &o.id) < (me.created_at, &me.id) {
                     older_pending.push((o.id.clone(), o.created_at, o.expires_at()));
                 } else if o.status == "in_progress" {
@@ -99,8 +95,19 @@ impl World {
         self.rng ^= self.rng >> 27;
         (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
     }
+    pub(super) fn job(&self, id: &str) -> Option<&FakeJob> {
+        self.by_id.get(id).map(|i| &self.jobs[*i])
+    }
     pub(super) fn job_mut(&mut self, id: &str) -> Option<&mut FakeJob> {
-        self.jobs.iter_mut().find(|j| j.id == id)
+        self.by_id.get(id).map(|i| &mut self.jobs[*i])
+    }
+    /// The company's jobs, in insertion order.
+    pub(super) fn company_jobs<'a>(&'a self, company: &str) -> impl Iterator<Item = &'a FakeJob> {
+        self.by_company
+            .get(company)
+            .into_iter()
+            .flatten()
+            .map(|i| &self.jobs[*i])
     }
     pub(super) fn new_id(&mut self, kind: u16) -> String {
         self.next_id += 1;
@@ -142,6 +149,7 @@ impl World {
             .entry(job.company_id.clone())
             .or_default()
             .push(self.jobs.len());
+        self.by_id.insert(job.id.clone(), self.jobs.len());
         self.jobs.push(job);
     }
 }

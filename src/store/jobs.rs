@@ -180,6 +180,10 @@ impl Store {
         Ok(self.conn.last_insert_rowid())
     }
 
+    /// Ends a listing pass: its counts and error into its `sync_runs` row and the company's
+    /// `company_sync` row, in one transaction. A quiet poll (it succeeded and found nothing
+    /// new, changed or gone) leaves only its mark in `company_sync`: its own row is removed,
+    /// so `sync_runs` grows with what happened, not with the number of polls.
     pub fn finish_sync_run(
         &self,
         run_id: i64,
@@ -187,20 +191,64 @@ impl Store {
         counts: &SyncCounts,
         error: Option<&str>,
     ) -> Result<()> {
-        self.conn.execute(
+        let tx = self.write_tx()?;
+        tx.prepare_cached(
             "UPDATE sync_runs SET finished_at = ?2, pages = ?3, jobs_seen = ?4, jobs_new = ?5, \
              jobs_changed = ?6, jobs_reread = ?7, error = ?8 WHERE id = ?1",
-            params![
-                run_id,
+        )?
+        .execute(params![
+            run_id,
+            now.0,
+            counts.pages,
+            counts.seen,
+            counts.new,
+            counts.changed,
+            counts.reread,
+            error
+        ])?;
+        let run: Option<(String, String, i64)> = tx
+            .prepare_cached("SELECT company_id, kind, started_at FROM sync_runs WHERE id = ?1")?
+            .query_row([run_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        if let Some((company, kind, started_at)) = run {
+            let failed = error.is_some();
+            tx.prepare_cached(
+                "INSERT INTO company_sync (company_id, last_kind, last_started_at, last_finished_at, \
+                 last_error, last_ok_at, failed_in_a_row, passes, failed_passes, pages, jobs_seen, \
+                 jobs_new, jobs_changed, jobs_reread) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?6 THEN NULL ELSE ?4 END, ?6, 1, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (company_id) DO UPDATE SET last_kind = ?2, last_started_at = ?3, \
+                 last_finished_at = ?4, last_error = ?5, \
+                 last_ok_at = CASE WHEN ?6 THEN last_ok_at ELSE ?4 END, \
+                 failed_in_a_row = CASE WHEN ?6 THEN failed_in_a_row + 1 ELSE 0 END, \
+                 passes = passes + 1, failed_passes = failed_passes + ?6, pages = pages + ?7, \
+                 jobs_seen = jobs_seen + ?8, jobs_new = jobs_new + ?9, \
+                 jobs_changed = jobs_changed + ?10, jobs_reread = jobs_reread + ?11",
+            )?
+            .execute(params![
+                company,
+                kind,
+                started_at,
                 now.0,
+                error,
+                failed as i64,
                 counts.pages,
                 counts.seen,
                 counts.new,
                 counts.changed,
                 counts.reread,
-                error
-            ],
-        )?;
+            ])?;
+            let quiet = kind == "poll"
+                && !failed
+                && counts.new == 0
+                && counts.changed == 0
+                && counts.reread == 0;
+            if quiet {
+                tx.prepare_cached("DELETE FROM sync_runs WHERE id = ?1")?
+                    .execute([run_id])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -224,13 +272,63 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Companies known to the mirror (from jobs and sync runs), sorted.
+    /// Companies known to the mirror (from jobs, finished passes, and a first pass under way),
+    /// sorted.
     pub fn companies(&self) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare(
-            "SELECT company_id FROM export_jobs UNION SELECT company_id FROM sync_runs ORDER BY 1",
+            "SELECT company_id FROM export_jobs UNION SELECT company_id FROM company_sync \
+             UNION SELECT company_id FROM sync_runs WHERE finished_at IS NULL ORDER BY 1",
         )?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Every known company's summary, sorted by company id: four queries over indexes however
+    /// many companies there are (`status` and `doctor` at tens of thousands of companies).
+    pub fn company_summaries(&self) -> Result<Vec<CompanySummary>> {
+        let mut by: std::collections::BTreeMap<String, CompanySummary> = self
+            .companies()?
+            .into_iter()
+            .map(|c| (c.clone(), CompanySummary::empty(&c)))
+            .collect();
+        let mut counts = self.conn.prepare_cached(
+            "SELECT company_id, proc_state, count(*) FROM export_jobs \
+             GROUP BY company_id, proc_state ORDER BY company_id, proc_state",
+        )?;
+        for row in counts.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))? {
+            let (company, state, n) = row?;
+            if let Some(s) = by.get_mut(&company) {
+                s.by_state.push((state, n));
+            }
+        }
+        let mut sync = self.conn.prepare_cached(
+            "SELECT company_id, last_finished_at, last_error, failed_in_a_row FROM company_sync",
+        )?;
+        for row in sync.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })? {
+            let (company, at, error, in_a_row): (String, i64, Option<String>, u32) = row?;
+            if let Some(s) = by.get_mut(&company) {
+                s.last_poll_at = Some(Millis(at));
+                s.last_poll_error = error;
+                s.failed_in_a_row = in_a_row;
+            }
+        }
+        // SQLite gives the row of the minimum for the bare column `id`.
+        let mut deadlines = self.conn.prepare_cached(
+            "SELECT company_id, id, min(expires_at) FROM export_jobs \
+             WHERE proc_state IN ('new', 'resume', 'claiming', 'claimed', 'processing') \
+             GROUP BY company_id",
+        )?;
+        for row in deadlines.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+        })? {
+            let (company, id, at) = row?;
+            if let Some(s) = by.get_mut(&company) {
+                s.next_deadline = Some((id, Millis(at)));
+            }
+        }
+        Ok(by.into_values().collect())
     }
 
     pub fn company_summary(&self, company_id: &str) -> Result<CompanySummary> {
@@ -240,41 +338,29 @@ impl Store {
         let by_state = stmt
             .query_map([company_id], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        let last: Option<(i64, Option<String>)> = self
+        let last: Option<(i64, Option<String>, u32)> = self
             .conn
-            .query_row(
-                "SELECT finished_at, error FROM sync_runs WHERE company_id = ?1 AND finished_at IS NOT NULL \
-                 ORDER BY finished_at DESC LIMIT 1",
-                [company_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .prepare_cached(
+                "SELECT last_finished_at, last_error, failed_in_a_row FROM company_sync \
+                 WHERE company_id = ?1",
+            )?
+            .query_row([company_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
-        let mut recent = self.conn.prepare_cached(
-            "SELECT error IS NOT NULL FROM sync_runs WHERE company_id = ?1 AND finished_at IS NOT NULL \
-             ORDER BY finished_at DESC, id DESC LIMIT 100",
-        )?;
-        let mut failed_in_a_row = 0u32;
-        for failed in recent.query_map([company_id], |r| r.get::<_, bool>(0))? {
-            if !failed? {
-                break;
-            }
-            failed_in_a_row += 1;
-        }
+        let failed_in_a_row = last.as_ref().map_or(0, |l| l.2);
         let next_deadline: Option<(String, i64)> = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT id, expires_at FROM export_jobs WHERE company_id = ?1 \
                  AND proc_state IN ('new', 'resume', 'claiming', 'claimed', 'processing') \
                  ORDER BY expires_at LIMIT 1",
-                [company_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            )?
+            .query_row([company_id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(CompanySummary {
             company_id: company_id.to_owned(),
             by_state,
-            last_poll_at: last.as_ref().map(|(t, _)| Millis(*t)),
-            last_poll_error: last.and_then(|(_, e)| e),
+            last_poll_at: last.as_ref().map(|(t, _, _)| Millis(*t)),
+            last_poll_error: last.and_then(|(_, e, _)| e),
             failed_in_a_row,
             next_deadline: next_deadline.map(|(id, t)| (id, Millis(t))),
         })

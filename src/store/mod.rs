@@ -287,9 +287,23 @@ pub struct CompanySummary {
     pub by_state: Vec<(String, i64)>,
     pub last_poll_at: Option<Millis>,
     pub last_poll_error: Option<String>,
-    /// Listing passes that failed in a row, the latest first (counted up to 100).
+    /// Listing passes that failed in a row, up to the latest (0 once one succeeds).
     pub failed_in_a_row: u32,
     pub next_deadline: Option<(String, Millis)>,
+}
+
+impl CompanySummary {
+    /// A company with no jobs and no finished pass.
+    pub fn empty(company_id: &str) -> CompanySummary {
+        CompanySummary {
+            company_id: company_id.to_owned(),
+            by_state: Vec::new(),
+            last_poll_at: None,
+            last_poll_error: None,
+            failed_in_a_row: 0,
+            next_deadline: None,
+        }
+    }
 }
 
 const JOB_COLUMNS: &str = "id, company_id, status, created_at, last_updated_at, expires_at, \

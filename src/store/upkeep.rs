@@ -55,14 +55,14 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// The newest webhook delivery naming the company.
-    pub fn last_webhook_at(&self, company: &str) -> Result<Option<Millis>> {
-        let t: Option<i64> = self.conn.query_row(
-            "SELECT max(received_at) FROM webhook_deliveries WHERE company_id = ?1",
-            [company],
-            |r| r.get(0),
+    /// Every company's latest webhook delivery (one query over an index).
+    pub fn last_webhooks(&self) -> Result<std::collections::HashMap<String, Millis>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT company_id, max(received_at) FROM webhook_deliveries \
+             WHERE company_id IS NOT NULL GROUP BY company_id",
         )?;
-        Ok(t.map(Millis))
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, Millis(r.get(1)?))))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Claimable jobs of the company that come before `job` in pick order.
@@ -122,21 +122,21 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Journal entries by kind (for metrics: the journal is append-only, so these only grow).
+    /// Journal entries by kind (for metrics; kept by a trigger, so a scrape never counts the
+    /// journal).
     pub fn event_counts(&self) -> Result<Vec<(String, i64)>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT kind, count(*) FROM job_events GROUP BY kind ORDER BY kind")?;
+            .prepare_cached("SELECT kind, n FROM journal_counts ORDER BY kind")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Final events sent, by event (`completed`, `completed_with_errors`, `failed`).
     pub fn finish_counts(&self) -> Result<Vec<(String, i64)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT json_extract(detail, '$.event'), count(*) FROM job_events \
-             WHERE kind = 'finish_sent' GROUP BY 1 ORDER BY 1",
-        )?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT event, n FROM finish_counts ORDER BY event")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, Option<String>>(0)?.unwrap_or_default(),
@@ -148,11 +148,9 @@ impl Store {
 
     /// When a listing pass last succeeded, over all companies (None: never).
     pub fn last_successful_poll(&self) -> Result<Option<Millis>> {
-        let at: Option<i64> = self.conn.query_row(
-            "SELECT max(finished_at) FROM sync_runs WHERE error IS NULL AND finished_at IS NOT NULL",
-            [],
-            |r| r.get(0),
-        )?;
+        let at: Option<i64> =
+            self.conn
+                .query_row("SELECT max(last_ok_at) FROM company_sync", [], |r| r.get(0))?;
         Ok(at.map(Millis))
     }
 

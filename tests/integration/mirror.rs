@@ -451,3 +451,79 @@ fn a_recovery_pass_journals_its_detections_as_recovery_whatever_it_resumes() {
         assert_eq!(state, expected);
     }
 }
+
+/// `sync_runs` keeps the passes worth reading one by one; every pass, quiet polls included,
+/// is counted in the company's `company_sync` row (README: "company_sync").
+#[test]
+fn quiet_polls_leave_no_row_but_are_counted_and_failures_and_findings_keep_theirs() {
+    let w = World::new();
+    w.pending(A, "j1", 100);
+    let mut m = w.mirror(&[A]);
+    m.pass(PassKind::Recovery);
+    for _ in 0..5 {
+        m.pass(PassKind::Poll);
+    }
+    w.pending(A, "j2", 50);
+    m.pass(PassKind::Poll);
+    for _ in 0..5 {
+        w.fake.push_fault(FaultRule {
+            skip: 0,
+            method: Some("GET".into()),
+            path_prefix: Some("/v3/export-jobs".into()),
+            fault: Fault::ServerError,
+        });
+    }
+    m.pass(PassKind::Poll);
+    let st = w.store();
+    let rows: Vec<(String, i64, bool)> = st
+        .conn()
+        .prepare("SELECT kind, jobs_new, error IS NOT NULL FROM sync_runs ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("recovery".to_string(), 1, false),
+            ("poll".to_string(), 1, false),
+            ("poll".to_string(), 0, true),
+        ],
+        "the five quiet polls left no row"
+    );
+    let (passes, failed, in_a_row, new, last_error, ok_at): (
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<String>,
+        Option<i64>,
+    ) = st
+        .conn()
+        .query_row(
+            "SELECT passes, failed_passes, failed_in_a_row, jobs_new, last_error, last_ok_at \
+             FROM company_sync WHERE company_id = ?1",
+            [A],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
+        )
+        .unwrap();
+    assert_eq!((passes, failed, in_a_row, new), (8, 1, 1, 2));
+    assert!(last_error.unwrap().contains("500"));
+    assert!(ok_at.is_some());
+    let s = st.company_summary(A).unwrap();
+    assert_eq!(s.failed_in_a_row, 1);
+    assert!(s.last_poll_error.unwrap().contains("500"));
+    // A success ends the failing streak.
+    m.pass(PassKind::Poll);
+    assert_eq!(w.store().company_summary(A).unwrap().failed_in_a_row, 0);
+}

@@ -630,3 +630,74 @@ fn a_credential_pleo_refuses_is_an_error_a_failed_doctor_and_a_degraded_healthz(
     signal(&child, "TERM");
     assert!(wait_exit(child, Duration::from_secs(20)).success());
 }
+
+/// Every credential's client shares one connection pool: with a key per company the service
+/// holds a bounded number of file descriptors, not one connection per company.
+#[test]
+fn three_hundred_companies_with_keys_of_their_own_share_one_connection_pool() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let companies: Vec<String> = (0..300)
+        .map(|i| format!("{i:08x}-0000-4000-8000-00000000000c"))
+        .collect();
+    let mut keys = String::new();
+    for (i, c) in companies.iter().enumerate() {
+        f.add_company_key(&format!("key-{i}"), c);
+        keys.push_str(&format!("{c:?} = \"key-{i}\"\n"));
+    }
+    let keys_file = dir.path().join("company-keys.toml");
+    std::fs::write(&keys_file, keys).unwrap();
+    let ids_file = dir.path().join("companies.txt");
+    std::fs::write(&ids_file, companies.join("\n")).unwrap();
+    let (reaper, _rx, _sock, _addr, _) = start(
+        dir.path(),
+        &f.base_url(),
+        &[
+            ("JOBMIRROR_COMPANY_IDS", ""),
+            ("JOBMIRROR_COMPANY_IDS_FILE", ids_file.to_str().unwrap()),
+            (
+                "JOBMIRROR_COMPANY_API_KEYS_FILE",
+                keys_file.to_str().unwrap(),
+            ),
+        ],
+    );
+    let pid = reaper.0.as_ref().unwrap().id();
+    // Wait (bounded) until every company's recovery pass has finished.
+    let db = dir.path().join("jm.db");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut passed = 0;
+    while passed < companies.len() {
+        assert!(Instant::now() < deadline, "{passed} of 300 recovery passes");
+        passed = jobmirror::store::Store::open_read_only(&db)
+            .ok()
+            .and_then(|st| {
+                st.conn()
+                    .query_row(
+                        "SELECT count(*) FROM company_sync WHERE last_error IS NULL",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .ok()
+            })
+            .unwrap_or(0) as usize;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let sockets = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("socket:"))
+        .count();
+    eprintln!("{fds} file descriptors ({sockets} sockets) after 300 companies");
+    assert!(
+        fds <= 64,
+        "{fds} file descriptors ({sockets} sockets) after 300 companies"
+    );
+    // Each company was listed with its own key, none refused.
+    let reqs = f.requests();
+    assert!(reqs.iter().all(|q| q.status != 401 && q.status != 403));
+    assert!(reqs.iter().filter(|q| q.path == "/v3/export-jobs").count() >= 300);
+    drop(reaper);
+}

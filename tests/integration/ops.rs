@@ -428,3 +428,68 @@ fn a_reader_holding_a_read_transaction_never_blocks_the_service() {
     let p: PathBuf = w.db.clone();
     assert!(Store::open_read_only(&p).unwrap().quick_check().unwrap() == ["ok"]);
 }
+
+/// The counts `/metrics` reads and the per-company pass summary are kept as rows change; they
+/// agree with the journal and `sync_runs` they summarise, and the migration that adds them
+/// fills them from an existing database.
+#[test]
+fn maintained_counts_agree_with_what_they_summarise_and_the_migration_fills_them() {
+    let w = world();
+    w.complete_at_pleo("a-held");
+    w.clock.advance(Duration::from_secs(60));
+    w.mirror(&[A, B, C]).pass(PassKind::Poll);
+    w.processor(&[A, B, C], ProcessorConfig::default()).round();
+    let st = w.store();
+    let counted = |sql: &str| -> Vec<(String, i64)> {
+        st.conn()
+            .prepare(sql)
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let journal = counted("SELECT kind, count(*) FROM job_events GROUP BY kind ORDER BY kind");
+    assert!(journal.iter().any(|(k, _)| k == "claimed"), "{journal:?}");
+    assert_eq!(st.event_counts().unwrap(), journal);
+    let summaries = |st: &Store| -> Vec<String> {
+        [A, B, C]
+            .iter()
+            .map(|c| format!("{:?}", st.company_summary(c).unwrap()))
+            .collect()
+    };
+    let before = summaries(&st);
+    // All companies at once give what each gives alone.
+    let all: Vec<String> = st
+        .company_summaries()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect();
+    assert_eq!(all, before);
+    assert!(
+        before.iter().any(|s| s.contains("next_deadline: Some")),
+        "{before:?}"
+    );
+    let finished = st.finish_counts().unwrap();
+    let last_poll = st.last_successful_poll().unwrap();
+    assert!(last_poll.is_some());
+    // An existing database: the tables, trigger and indexes as they were before V10, then
+    // V10's own text run on it.
+    st.conn()
+        .execute_batch(
+            "DROP TRIGGER job_events_counted; DROP TABLE journal_counts; DROP TABLE finish_counts; \
+             DROP TABLE company_sync; DROP INDEX export_jobs_company_state; \
+             DROP INDEX export_jobs_state; DROP INDEX webhook_deliveries_company;",
+        )
+        .unwrap();
+    let v10 = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/V10__operator_summaries.sql"),
+    )
+    .unwrap();
+    st.conn().execute_batch(&v10).unwrap();
+    assert_eq!(st.event_counts().unwrap(), journal);
+    assert_eq!(st.finish_counts().unwrap(), finished);
+    assert_eq!(st.last_successful_poll().unwrap(), last_poll);
+    assert_eq!(summaries(&st), before);
+}

@@ -1,9 +1,10 @@
 //! The sync thread: mirrors Pleo's job listings into `export_jobs`.
 //!
 //! Invariants: detection never changes anything at Pleo (this module only issues GETs); every
-//! pass over a company leaves one `sync_runs` row, with its error if it failed; an open job
-//! that left the listing is read again so the mirror stays true; a company is polled for
-//! `pending` only after a recovery pass (`pending` and `in_progress`) has succeeded for it.
+//! pass over a company is counted in its `company_sync` row, and leaves a `sync_runs` row of
+//! its own unless it was a quiet poll; an open job that left the listing is read again so the
+//! mirror stays true; a company is polled for `pending` only after a recovery pass (`pending`
+//! and `in_progress`) has succeeded for it.
 //!
 //! Files: this one owns the mirror and its listing passes; `deliveries` turns stored webhook
 //! deliveries into detection, `schedule` spreads the companies' polls over the interval, and

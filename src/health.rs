@@ -137,6 +137,10 @@ pub struct Metrics {
     pub companies_refused: AtomicU64,
     /// 1 after a SIGHUP whose configuration was refused, until a reload is taken.
     pub reload_refused: AtomicU64,
+    /// The configured poll interval, and the shortest the request budget allows for the
+    /// companies served (seconds; set at start-up).
+    pub poll_interval_secs: AtomicU64,
+    pub poll_interval_min_secs: AtomicU64,
 }
 
 impl Metrics {

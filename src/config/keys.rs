@@ -84,6 +84,11 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "text (one line a record, UTC times) or json (one object a line: ts, level, msg); under systemd each line starts with its syslog priority",
     ),
     (
+        "shard",
+        Some("0/1"),
+        "i/n: serve only the listed companies whose id hashes to i of n (n instances split one list)",
+    ),
+    (
         "lanes",
         Some("1"),
         "processor threads; each company belongs to one lane, so its jobs stay strictly sequential",

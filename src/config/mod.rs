@@ -67,6 +67,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Processor threads (companies are spread over them).
     pub lanes: u32,
+    /// Which part of the listed companies this instance serves (`shard = "i/n"`);
+    /// `company_ids` holds only those.
+    pub shard: Shard,
+    /// How many companies were listed before the shard took its part.
+    pub companies_listed: usize,
     /// Companies with API keys of their own (`company_api_keys_file`).
     pub company_api_keys: BTreeMap<String, Secret>,
     /// OAuth 2.0 instead of the API key (`pleo_auth = "oauth"`).
@@ -82,6 +87,62 @@ pub struct Config {
     /// Required by the service (see [`Config::require_handler`]); other commands do without.
     pub handler: Option<crate::processing::handler::HandlerSpec>,
     pub pipeline: crate::processing::pipeline::PipelineConfig,
+}
+
+/// One of `count` instances splitting a list of companies without editing it: instance
+/// `index` serves the companies whose id hashes (FNV-1a, 64 bits) to `index` modulo `count`.
+/// Every instance computes the same split from the same list, and a company stays on its
+/// shard whatever else is added to or removed from the list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    /// The whole list: one instance.
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// `"i/n"`, with `0 <= i < n <= 4096`.
+    pub fn parse(s: &str) -> Result<Shard, String> {
+        let (i, n) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not i/n (for example 0/3)"))?;
+        let (index, count) = match (i.trim().parse::<u32>(), n.trim().parse::<u32>()) {
+            (Ok(i), Ok(n)) => (i, n),
+            _ => return Err(format!("{s:?} is not i/n with whole numbers")),
+        };
+        if count == 0 || count > 4096 {
+            return Err(format!("{s:?}: n must be between 1 and 4096"));
+        }
+        if index >= count {
+            return Err(format!(
+                "{s:?}: i counts from 0, so it must be below {count}"
+            ));
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// The shard that serves `company`.
+    pub fn of(company: &str, count: u32) -> u32 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in company.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        (h % u64::from(count.max(1))) as u32
+    }
+
+    pub fn serves(&self, company: &str) -> bool {
+        Shard::of(company, self.count) == self.index
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
 }
 
 /// An error that is the user's to fix, outside the configuration keys (exit 2): a missing
@@ -360,6 +421,22 @@ impl Config {
         if dedup.len() != company_ids.len() {
             return Err(err("company_ids", "lists a company more than once"));
         }
+        let shard = match get("shard") {
+            None => Shard::ALL,
+            Some(s) => Shard::parse(&s).map_err(|m| err("shard", m))?,
+        };
+        let companies_listed = company_ids.len();
+        company_ids.retain(|c| shard.serves(c));
+        let company_api_keys: BTreeMap<String, Secret> = company_api_keys
+            .into_iter()
+            .filter(|(c, _)| shard.serves(c))
+            .collect();
+        if company_ids.is_empty() && companies_listed > 0 && needs.companies {
+            return Err(err(
+                "shard",
+                format!("shard {shard} serves none of the {companies_listed} companies listed"),
+            ));
+        }
 
         let log_text = get("log").unwrap_or_default();
         let log = match log_text.trim().to_ascii_lowercase().as_str() {
@@ -504,6 +581,8 @@ impl Config {
             pleo_retry_attempts_max: count("pleo_retry_attempts_max")?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1)?,
             lanes: count("lanes")?,
+            shard,
+            companies_listed,
             company_api_keys,
             oauth,
             pleo_requests_per_sec_max: {
@@ -582,6 +661,25 @@ impl Config {
             )?));
         }
         Ok(pleo::PleoClient::with_agent(c, clock, agent)?)
+    }
+
+    /// The shortest poll interval the request budget allows: the companies sharing the
+    /// default credential each need one listing per pass, paced at
+    /// `pleo_requests_per_sec_max` (companies with keys of their own have budgets of their
+    /// own). `None` when requests are not paced.
+    pub fn poll_interval_min(&self) -> Option<Duration> {
+        if self.pleo_requests_per_sec_max == 0 {
+            return None;
+        }
+        let sharing = self
+            .company_ids
+            .iter()
+            .filter(|c| !self.company_api_keys.contains_key(*c))
+            .count()
+            .max(1);
+        Some(Duration::from_secs_f64(
+            sharing as f64 / f64::from(self.pleo_requests_per_sec_max),
+        ))
     }
 
     pub fn client_config(&self) -> pleo::ClientConfig {
@@ -806,5 +904,62 @@ mod tests {
         )
         .unwrap();
         assert!(c.company_ids.is_empty());
+    }
+
+    #[test]
+    fn shards_split_any_list_evenly_and_disjointly() {
+        for bad in ["", "1", "3/3", "0/0", "a/b", "-1/2", "0/5000"] {
+            assert!(Shard::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(Shard::parse(" 2/5 ").unwrap(), Shard { index: 2, count: 5 });
+        let ids: Vec<String> = (0..9_000)
+            .map(|i| format!("{i:08x}-0000-4000-8000-000000000000"))
+            .collect();
+        let shards: Vec<Shard> = (0..3).map(|i| Shard { index: i, count: 3 }).collect();
+        let mut total = 0;
+        for s in &shards {
+            let mine = ids.iter().filter(|c| s.serves(c)).count();
+            assert!((2_700..=3_300).contains(&mine), "shard {s}: {mine} of 9000");
+            total += mine;
+        }
+        assert_eq!(total, ids.len(), "every company on exactly one shard");
+        // A company keeps its shard whatever else the list holds.
+        assert_eq!(Shard::of(&ids[7], 3), Shard::of(&ids[7], 3));
+        let cfg = |shard: &str| {
+            Config::load_with(
+                None,
+                &env(&[
+                    ("JOBMIRROR_PLEO_API_KEY", "k"),
+                    ("JOBMIRROR_COMPANY_IDS", &ids[..30].join(",")),
+                    ("JOBMIRROR_SHARD", shard),
+                ]),
+            )
+        };
+        let parts: Vec<Vec<String>> = (0..3)
+            .map(|i| cfg(&format!("{i}/3")).unwrap().company_ids)
+            .collect();
+        assert_eq!(parts.iter().map(Vec::len).sum::<usize>(), 30);
+        assert!(parts.iter().all(|p| !p.is_empty()));
+        let c = cfg("1/3").unwrap();
+        assert_eq!(
+            (c.companies_listed, c.shard.to_string()),
+            (30, "1/3".into())
+        );
+        assert_eq!(cfg("9/3").unwrap_err().key, "shard");
+    }
+
+    #[test]
+    fn the_poll_budget_says_what_interval_it_allows() {
+        let ids: Vec<String> = (0..10_000).map(|i| format!("c{i}")).collect();
+        let c = Config::load_with(
+            None,
+            &env(&[
+                ("JOBMIRROR_PLEO_API_KEY", "k"),
+                ("JOBMIRROR_COMPANY_IDS", &ids.join(",")),
+                ("JOBMIRROR_PLEO_REQUESTS_PER_SEC_MAX", "20"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.poll_interval_min(), Some(Duration::from_secs(500)));
     }
 }

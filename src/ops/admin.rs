@@ -156,6 +156,20 @@ impl Admin {
         );
         single(
             &mut o,
+            "jobmirror_poll_interval_seconds",
+            "gauge",
+            "The configured poll interval (poll_interval_secs).",
+            &load(&self.metrics.poll_interval_secs),
+        );
+        single(
+            &mut o,
+            "jobmirror_poll_interval_min_seconds",
+            "gauge",
+            "The shortest poll interval the request budget allows for the companies served; above jobmirror_poll_interval_seconds, polls fall behind.",
+            &load(&self.metrics.poll_interval_min_secs),
+        );
+        single(
+            &mut o,
             "jobmirror_config_reload_refused",
             "gauge",
             "1 while the last reload (SIGHUP) was refused and the old configuration runs.",

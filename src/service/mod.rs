@@ -185,7 +185,8 @@ impl Workers {
             .with_metrics(metrics.clone())
             .with_stopping(stopping.clone())
             .with_recovered(recovered)
-            .with_resume_unknown_in_progress(cfg.resume_unknown_in_progress);
+            .with_resume_unknown_in_progress(cfg.resume_unknown_in_progress)
+            .with_shard(cfg.shard);
         Ok(Workers {
             mirror,
             lanes,
@@ -363,6 +364,35 @@ impl Service {
             cfg.poll_interval.as_secs(),
             cfg.db.display()
         );
+        if cfg.shard.count > 1 {
+            log::info!(
+                "shard {}: serving {} of the {} companies listed",
+                cfg.shard,
+                cfg.company_ids.len(),
+                cfg.companies_listed
+            );
+        }
+        metrics.poll_interval_secs.store(
+            cfg.poll_interval.as_secs(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if let Some(min) = cfg.poll_interval_min() {
+            let min_secs = min.as_secs_f64().ceil() as u64;
+            metrics
+                .poll_interval_min_secs
+                .store(min_secs, std::sync::atomic::Ordering::Relaxed);
+            if min > cfg.poll_interval {
+                log::warn!(
+                    "poll_interval_secs = {} cannot be kept: {} companies share one credential paced at {} requests/s, so a round of their listings takes at least {min_secs} s, and polls will come about that often (raise pleo_requests_per_sec_max if Pleo allows it, give companies keys of their own, or split them with shard)",
+                    cfg.poll_interval.as_secs(),
+                    cfg.company_ids
+                        .iter()
+                        .filter(|c| !cfg.company_api_keys.contains_key(*c))
+                        .count(),
+                    cfg.pleo_requests_per_sec_max
+                );
+            }
+        }
         if let Err(e) = instance_store.register_instance(std::process::id(), started_at) {
             log::warn!("could not record this process for `jobmirror trigger`: {e}");
         }

@@ -527,3 +527,73 @@ fn quiet_polls_leave_no_row_but_are_counted_and_failures_and_findings_keep_their
     m.pass(PassKind::Poll);
     assert_eq!(w.store().company_summary(A).unwrap().failed_in_a_row, 0);
 }
+
+/// `shard = "i/n"`: a webhook for a company another shard serves is acknowledged (stored) and
+/// left to that shard without a request to Pleo; one for this shard's company is acted on.
+#[test]
+fn a_delivery_for_another_shards_company_is_left_to_it_without_a_request() {
+    use jobmirror::config::Shard;
+    let w = World::new();
+    let (mine, theirs) = (A, B);
+    let count = (2..64)
+        .find(|n| Shard::of(mine, *n) != Shard::of(theirs, *n))
+        .unwrap();
+    let shard = Shard {
+        index: Shard::of(mine, count),
+        count,
+    };
+    w.pending(mine, "j-mine", 100);
+    w.pending(theirs, "j-theirs", 100);
+    let mut m = w.mirror(&[mine]).with_shard(shard);
+    m.pass(PassKind::Recovery);
+    let st = w.store();
+    for (i, (company, job)) in [(theirs, "j-theirs"), (mine, "j-mine")].iter().enumerate() {
+        let d = jobmirror::store::Delivery {
+            webhook_id: format!("msg_{i}"),
+            signed_at: w.clock_now(),
+            event_type: Some("v1.export-job.created".into()),
+            event_id: None,
+            job_id: Some((*job).into()),
+            company_id: Some((*company).into()),
+            body: "{}".into(),
+            headers: serde_json::json!({}),
+        };
+        st.insert_deliveries(&[&d], w.clock_now()).unwrap();
+    }
+    let before = w.fake.requests().len();
+    assert_eq!(m.process_deliveries().unwrap(), 2);
+    let outcome = |id: &str| -> String {
+        st.conn()
+            .query_row(
+                "SELECT outcome FROM webhook_deliveries WHERE webhook_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let left = outcome("msg_0");
+    assert!(
+        left.starts_with(&format!(
+            "left to shard {}/{count}",
+            Shard::of(theirs, count)
+        )),
+        "{left}"
+    );
+    assert!(
+        outcome("msg_1").starts_with("detection"),
+        "{}",
+        outcome("msg_1")
+    );
+    // Only this shard's company was listed: nothing asked about the other's job.
+    let asked: Vec<String> = w.fake.requests()[before..]
+        .iter()
+        .map(|q| format!("{} {}?{}", q.method, q.path, q.query))
+        .collect();
+    assert!(
+        asked
+            .iter()
+            .all(|q| !q.contains("j-theirs") && !q.contains(theirs)),
+        "{asked:?}"
+    );
+    assert!(asked.iter().any(|q| q.contains(mine)), "{asked:?}");
+}

@@ -58,10 +58,19 @@ impl Mirror {
                     }
                     (Some(id), true) => id.clone(),
                 };
-                let company = match d.company_id.filter(|c| self.companies.contains(c)) {
-                    Some(c) => c,
-                    None => match self.clients.for_company(None).get_job(&id) {
-                        Ok(job) if self.companies.contains(&job.company_id) => job.company_id,
+                let company = match d.company_id {
+                    Some(c) if self.served.contains(&c) => c,
+                    // Another instance's company: left to it, without a request.
+                    Some(c) if !self.shard.serves(&c) => {
+                        marks.push((d.webhook_id, self.other_shard(&c)));
+                        continue;
+                    }
+                    _ => match self.clients.for_company(None).get_job(&id) {
+                        Ok(job) if self.served.contains(&job.company_id) => job.company_id,
+                        Ok(job) if !self.shard.serves(&job.company_id) => {
+                            marks.push((d.webhook_id, self.other_shard(&job.company_id)));
+                            continue;
+                        }
                         Ok(job) => {
                             let why =
                                 format!("ignored: company {} is not served here", job.company_id);
@@ -135,6 +144,16 @@ impl Mirror {
             self.wake_processors();
         }
         Ok(handled)
+    }
+
+    /// The outcome of a delivery for a company another shard serves.
+    fn other_shard(&self, company: &str) -> String {
+        let n = self.shard.count;
+        format!(
+            "left to shard {}/{n}: company {company} is not served by this shard ({})",
+            crate::config::Shard::of(company, n),
+            self.shard
+        )
     }
 
     /// How long until the earliest deferred delivery falls due (None: none waits).

@@ -89,6 +89,11 @@ pub struct Mirror {
     clients: Arc<Clients>,
     clock: SharedClock,
     companies: Vec<String>,
+    /// `companies`, to look up.
+    served: HashSet<String>,
+    /// The part of the listed companies this instance serves (a webhook for another shard's
+    /// company is left to it).
+    shard: crate::config::Shard,
     recovered: HashSet<String>,
     shared_recovered: Option<Arc<Recovered>>,
     resume_unknown_in_progress: bool,
@@ -110,7 +115,9 @@ impl Mirror {
             store,
             clients,
             clock,
+            served: companies.iter().cloned().collect(),
             companies,
+            shard: crate::config::Shard::ALL,
             recovered: HashSet::new(),
             shared_recovered: None,
             resume_unknown_in_progress: true,
@@ -119,6 +126,13 @@ impl Mirror {
             stopping: None,
             failing: std::collections::HashMap::new(),
         }
+    }
+
+    /// This instance serves shard `shard` of the listed companies (see
+    /// [`crate::config::Shard`]).
+    pub fn with_shard(mut self, shard: crate::config::Shard) -> Mirror {
+        self.shard = shard;
+        self
     }
 
     /// Where to signal new work (bounded channels, one per processor lane; a full one means a
@@ -244,6 +258,8 @@ impl Mirror {
         } else {
             n == crate::health::FAILING_AFTER
         };
+        // The gauges first: whoever reads the log line finds them already set.
+        self.count_failing();
         if lasting && (starts || n.is_multiple_of(100)) {
             let why = if refused {
                 "Pleo refuses the credential: fix the key (polls go on)".to_owned()
@@ -257,7 +273,6 @@ impl Mirror {
         } else {
             log::warn!("{} pass for company {company} failed: {e}", kind.as_str());
         }
-        self.count_failing();
     }
 
     /// Sets the failing-companies gauges.

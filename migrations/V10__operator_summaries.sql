@@ -4,8 +4,6 @@
 -- (metrics), from indexes instead of a scan of export_jobs per company.
 CREATE INDEX export_jobs_company_state ON export_jobs (company_id, proc_state, expires_at);
 CREATE INDEX export_jobs_state ON export_jobs (proc_state);
--- A company's latest webhook.
-CREATE INDEX webhook_deliveries_company ON webhook_deliveries (company_id, received_at);
 
 -- One row per company: its latest finished listing pass and running totals of all of them.
 -- Kept in the transaction that finishes each pass; sync_runs keeps the passes worth reading
@@ -67,7 +65,11 @@ CREATE TRIGGER job_events_counted AFTER INSERT ON job_events
 BEGIN
     INSERT INTO journal_counts (kind, n) VALUES (NEW.kind, 1)
         ON CONFLICT (kind) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER job_events_finish_counted AFTER INSERT ON job_events
+WHEN NEW.kind = 'finish_sent'
+BEGIN
     INSERT INTO finish_counts (event, n)
-        SELECT coalesce(json_extract(NEW.detail, '$.event'), ''), 1 WHERE NEW.kind = 'finish_sent'
+        VALUES (coalesce(json_extract(NEW.detail, '$.event'), ''), 1)
         ON CONFLICT (event) DO UPDATE SET n = n + 1;
 END;

@@ -55,7 +55,8 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Every company's latest webhook delivery (one query over an index).
+    /// Every company's latest webhook delivery (one pass over the deliveries kept: no index
+    /// on the hot path of ingest for a report).
     pub fn last_webhooks(&self) -> Result<std::collections::HashMap<String, Millis>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT company_id, max(received_at) FROM webhook_deliveries \

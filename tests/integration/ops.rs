@@ -478,9 +478,9 @@ fn maintained_counts_agree_with_what_they_summarise_and_the_migration_fills_them
     // V10's own text run on it.
     st.conn()
         .execute_batch(
-            "DROP TRIGGER job_events_counted; DROP TABLE journal_counts; DROP TABLE finish_counts; \
-             DROP TABLE company_sync; DROP INDEX export_jobs_company_state; \
-             DROP INDEX export_jobs_state; DROP INDEX webhook_deliveries_company;",
+            "DROP TRIGGER job_events_counted; DROP TRIGGER job_events_finish_counted; \
+             DROP TABLE journal_counts; DROP TABLE finish_counts; DROP TABLE company_sync; \
+             DROP INDEX export_jobs_company_state; DROP INDEX export_jobs_state;",
         )
         .unwrap();
     let v10 = std::fs::read_to_string(

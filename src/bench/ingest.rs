@@ -19,13 +19,7 @@ pub(crate) struct Footprint {
 }
 
 pub(crate) fn ingest(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<Footprint> {
-    let Ctx {
-        exe,
-        dir,
-        clock,
-        sizes,
-        secrets,
-    } = cx;
+    let (exe, dir, clock, sizes, secrets) = (&cx.exe, &cx.dir, &cx.clock, &cx.sizes, &cx.secrets);
     let fake = start_fake(clock)?;
     let port = free_port()?;
     let db = dir.join("ingest.db");

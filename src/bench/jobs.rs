@@ -12,13 +12,7 @@ use crate::sandbox::JobSpec;
 use crate::store::Store;
 
 pub(crate) fn reaction(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
-    let Ctx {
-        exe,
-        dir,
-        clock,
-        sizes,
-        secrets,
-    } = cx;
+    let (exe, dir, clock, sizes, secrets) = (&cx.exe, &cx.dir, &cx.clock, &cx.sizes, &cx.secrets);
     let fake3 = start_fake(clock)?;
     let port3 = free_port()?;
     let rc: Vec<String> = (0..sizes.reaction_samples)
@@ -91,13 +85,7 @@ pub(crate) fn reaction(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<()
 }
 
 pub(crate) fn processing(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
-    let Ctx {
-        exe: _,
-        dir,
-        clock,
-        sizes,
-        secrets: _,
-    } = cx;
+    let (dir, clock, sizes) = (&cx.dir, &cx.clock, &cx.sizes);
     let fake4 = start_fake(clock)?;
     fake4.add_job(JobSpec {
         id: Some("big".into()),

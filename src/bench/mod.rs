@@ -63,7 +63,7 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::R
         sizes,
         secrets,
     };
-    let (exe, dir, _sizes) = (&cx.exe, &cx.dir, &cx.sizes);
+    let (exe, dir) = (&cx.exe, &cx.dir);
 
     let fp = ingest::ingest(&cx, &mut figures)?;
     if want("sync") {

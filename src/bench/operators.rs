@@ -111,7 +111,6 @@ pub(crate) fn operators(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<(
             .args(&args)
             .arg("--db")
             .arg(&db)
-            .env_remove("JOBMIRROR_CONFIG")
             .output()?;
         let secs = t.elapsed().as_secs_f64();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {

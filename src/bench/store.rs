@@ -13,13 +13,7 @@ use crate::sandbox::JobSpec;
 use crate::store::{Source, Store};
 
 pub(crate) fn sync(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
-    let Ctx {
-        exe: _,
-        dir,
-        clock,
-        sizes,
-        secrets: _,
-    } = cx;
+    let (dir, clock, sizes) = (&cx.dir, &cx.clock, &cx.sizes);
     let fake2 = start_fake(clock)?;
     let companies: Vec<String> = (0..sizes.sync_companies)
         .map(|c| format!("c{c:04}"))
@@ -135,13 +129,7 @@ pub(crate) fn sync(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
 }
 
 pub(crate) fn pick(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
-    let Ctx {
-        exe: _,
-        dir,
-        clock: _,
-        sizes,
-        secrets: _,
-    } = cx;
+    let (dir, sizes) = (&cx.dir, &cx.sizes);
     let mut pick_medians = Vec::new();
     for &n in &sizes.pick_sizes {
         let st = Store::open(&dir.join(format!("pick-{n}.db")))?;

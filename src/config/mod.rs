@@ -4,6 +4,10 @@
 //! Invariants: a bad or missing value is one error naming both the key and its variable; an
 //! unknown key in the file is an error (a typo never silently falls back to a default);
 //! secrets are read into [`Secret`] and never printed.
+//!
+//! Files: this one reads and checks every value into [`Config`]; `keys` lists the keys, their
+//! defaults and meaning; `companies` the company ids (`company_ids_file`) and the shard;
+//! `clients` builds the Pleo clients a configuration describes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,8 +15,12 @@ use std::time::Duration;
 
 use crate::pleo::{self, Secret};
 
+mod clients;
+mod companies;
 mod keys;
 
+pub use companies::Shard;
+use companies::{is_company_id, read_company_ids_file};
 use keys::raw_values;
 pub use keys::{KEYS, Setting, effective, is_key};
 
@@ -87,62 +95,6 @@ pub struct Config {
     /// Required by the service (see [`Config::require_handler`]); other commands do without.
     pub handler: Option<crate::processing::handler::HandlerSpec>,
     pub pipeline: crate::processing::pipeline::PipelineConfig,
-}
-
-/// One of `count` instances splitting a list of companies without editing it: instance
-/// `index` serves the companies whose id hashes (FNV-1a, 64 bits) to `index` modulo `count`.
-/// Every instance computes the same split from the same list, and a company stays on its
-/// shard whatever else is added to or removed from the list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shard {
-    pub index: u32,
-    pub count: u32,
-}
-
-impl Shard {
-    /// The whole list: one instance.
-    pub const ALL: Shard = Shard { index: 0, count: 1 };
-
-    /// `"i/n"`, with `0 <= i < n <= 4096`.
-    pub fn parse(s: &str) -> Result<Shard, String> {
-        let (i, n) = s
-            .trim()
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not i/n (for example 0/3)"))?;
-        let (index, count) = match (i.trim().parse::<u32>(), n.trim().parse::<u32>()) {
-            (Ok(i), Ok(n)) => (i, n),
-            _ => return Err(format!("{s:?} is not i/n with whole numbers")),
-        };
-        if count == 0 || count > 4096 {
-            return Err(format!("{s:?}: n must be between 1 and 4096"));
-        }
-        if index >= count {
-            return Err(format!(
-                "{s:?}: i counts from 0, so it must be below {count}"
-            ));
-        }
-        Ok(Shard { index, count })
-    }
-
-    /// The shard that serves `company`.
-    pub fn of(company: &str, count: u32) -> u32 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in company.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        (h % u64::from(count.max(1))) as u32
-    }
-
-    pub fn serves(&self, company: &str) -> bool {
-        Shard::of(company, self.count) == self.index
-    }
-}
-
-impl std::fmt::Display for Shard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.index, self.count)
-    }
 }
 
 /// An error that is the user's to fix, outside the configuration keys (exit 2): a missing
@@ -609,135 +561,6 @@ impl Config {
             )
         })
     }
-
-    /// Every client the service needs: the default credential, and one per company named in
-    /// `company_api_keys_file`. Each paces its own requests.
-    pub fn clients(
-        &self,
-        clock: crate::clock::SharedClock,
-        progress: &std::sync::Arc<crate::health::Progress>,
-        metrics: &std::sync::Arc<crate::health::Metrics>,
-    ) -> anyhow::Result<std::sync::Arc<pleo::Clients>> {
-        // One connection pool for every credential: a company's own key goes with each of
-        // its requests, not into a pool of its own.
-        let agent = pleo::PleoClient::agent_for(&self.client_config());
-        let default = std::sync::Arc::new(
-            self.client_with(clock.clone(), agent.clone())?
-                .with_health(progress.clone(), metrics.clone()),
-        );
-        let mut by_company = std::collections::HashMap::new();
-        for (company, key) in &self.company_api_keys {
-            let mut c = self.client_config();
-            c.auth = pleo::Auth::ApiKey(key.clone());
-            by_company.insert(
-                company.clone(),
-                std::sync::Arc::new(
-                    pleo::PleoClient::with_agent(c, clock.clone(), agent.clone())?
-                        .with_health(progress.clone(), metrics.clone()),
-                ),
-            );
-        }
-        Ok(pleo::Clients::new(default, by_company))
-    }
-
-    /// The Pleo client this configuration describes (API key, or OAuth tokens kept in the
-    /// database).
-    pub fn client(&self, clock: crate::clock::SharedClock) -> anyhow::Result<pleo::PleoClient> {
-        self.client_with(clock, pleo::PleoClient::agent_for(&self.client_config()))
-    }
-
-    fn client_with(
-        &self,
-        clock: crate::clock::SharedClock,
-        agent: ureq::Agent,
-    ) -> anyhow::Result<pleo::PleoClient> {
-        let mut c = self.client_config();
-        if let Some(o) = &self.oauth {
-            let store = crate::store::Store::open(&self.db)?;
-            c.auth = pleo::Auth::OAuth(std::sync::Arc::new(crate::pleo::oauth::TokenSource::new(
-                o.clone(),
-                store,
-                clock.clone(),
-            )?));
-        }
-        Ok(pleo::PleoClient::with_agent(c, clock, agent)?)
-    }
-
-    /// The shortest poll interval the request budget allows: the companies sharing the
-    /// default credential each need one listing per pass, paced at
-    /// `pleo_requests_per_sec_max` (companies with keys of their own have budgets of their
-    /// own). `None` when requests are not paced.
-    pub fn poll_interval_min(&self) -> Option<Duration> {
-        if self.pleo_requests_per_sec_max == 0 {
-            return None;
-        }
-        let sharing = self
-            .company_ids
-            .iter()
-            .filter(|c| !self.company_api_keys.contains_key(*c))
-            .count()
-            .max(1);
-        Some(Duration::from_secs_f64(
-            sharing as f64 / f64::from(self.pleo_requests_per_sec_max),
-        ))
-    }
-
-    pub fn client_config(&self) -> pleo::ClientConfig {
-        let mut c = pleo::ClientConfig::new(
-            &self.pleo_base_url,
-            pleo::Auth::ApiKey(self.pleo_api_key.clone()),
-        );
-        c.connect_timeout = self.pleo_connect_timeout;
-        c.request_timeout = self.pleo_request_timeout;
-        c.retry.attempts_max = self.pleo_retry_attempts_max;
-        c.requests_per_sec_max = (self.pleo_requests_per_sec_max > 0)
-            .then_some(f64::from(self.pleo_requests_per_sec_max));
-        c
-    }
-}
-
-/// The form of a company id: letters, digits, `-` and `_` (Pleo's are UUIDs).
-fn is_company_id(c: &str) -> bool {
-    !c.is_empty()
-        && c.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// The companies of a `company_ids_file`, each with its line number: one id a line (blank
-/// lines and `#` comments ignored), or TOML with `company_ids = [...]` (a file with a `=`
-/// outside a comment is read as TOML).
-fn read_company_ids_file(path: &str) -> Result<Vec<(usize, String)>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    let toml = text
-        .lines()
-        .any(|l| l.split('#').next().unwrap_or("").contains('='));
-    if toml {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| format!("{path} is not valid TOML: {}", e.message()))?;
-        if let Some(k) = table.keys().find(|k| *k != "company_ids") {
-            return Err(format!("{path}: unknown key {k:?} (only company_ids)"));
-        }
-        let list = table
-            .get("company_ids")
-            .and_then(toml::Value::as_array)
-            .ok_or_else(|| format!("{path}: company_ids must be a list of strings"))?;
-        return list
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_str()
-                    .map(|s| (i + 1, s.trim().to_owned()))
-                    .ok_or_else(|| format!("{path}: company_ids[{i}] is not a string"))
-            })
-            .collect();
-    }
-    Ok(text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.split('#').next().unwrap_or("").trim().to_owned()))
-        .filter(|(_, id)| !id.is_empty())
-        .collect())
 }
 
 #[cfg(test)]

@@ -385,10 +385,7 @@ impl Service {
                 log::warn!(
                     "poll_interval_secs = {} cannot be kept: {} companies share one credential paced at {} requests/s, so a round of their listings takes at least {min_secs} s, and polls will come about that often (raise pleo_requests_per_sec_max if Pleo allows it, give companies keys of their own, or split them with shard)",
                     cfg.poll_interval.as_secs(),
-                    cfg.company_ids
-                        .iter()
-                        .filter(|c| !cfg.company_api_keys.contains_key(*c))
-                        .count(),
+                    cfg.companies_sharing_default(),
                     cfg.pleo_requests_per_sec_max
                 );
             }

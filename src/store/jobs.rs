@@ -192,23 +192,25 @@ impl Store {
         error: Option<&str>,
     ) -> Result<()> {
         let tx = self.write_tx()?;
-        tx.prepare_cached(
-            "UPDATE sync_runs SET finished_at = ?2, pages = ?3, jobs_seen = ?4, jobs_new = ?5, \
-             jobs_changed = ?6, jobs_reread = ?7, error = ?8 WHERE id = ?1",
-        )?
-        .execute(params![
-            run_id,
-            now.0,
-            counts.pages,
-            counts.seen,
-            counts.new,
-            counts.changed,
-            counts.reread,
-            error
-        ])?;
         let run: Option<(String, String, i64)> = tx
-            .prepare_cached("SELECT company_id, kind, started_at FROM sync_runs WHERE id = ?1")?
-            .query_row([run_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .prepare_cached(
+                "UPDATE sync_runs SET finished_at = ?2, pages = ?3, jobs_seen = ?4, jobs_new = ?5, \
+                 jobs_changed = ?6, jobs_reread = ?7, error = ?8 WHERE id = ?1 \
+                 RETURNING company_id, kind, started_at",
+            )?
+            .query_row(
+                params![
+                    run_id,
+                    now.0,
+                    counts.pages,
+                    counts.seen,
+                    counts.new,
+                    counts.changed,
+                    counts.reread,
+                    error
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .optional()?;
         if let Some((company, kind, started_at)) = run {
             let failed = error.is_some();
@@ -329,41 +331,6 @@ impl Store {
             }
         }
         Ok(by.into_values().collect())
-    }
-
-    pub fn company_summary(&self, company_id: &str) -> Result<CompanySummary> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT proc_state, count(*) FROM export_jobs WHERE company_id = ?1 GROUP BY proc_state ORDER BY proc_state",
-        )?;
-        let by_state = stmt
-            .query_map([company_id], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        let last: Option<(i64, Option<String>, u32)> = self
-            .conn
-            .prepare_cached(
-                "SELECT last_finished_at, last_error, failed_in_a_row FROM company_sync \
-                 WHERE company_id = ?1",
-            )?
-            .query_row([company_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        let failed_in_a_row = last.as_ref().map_or(0, |l| l.2);
-        let next_deadline: Option<(String, i64)> = self
-            .conn
-            .prepare_cached(
-                "SELECT id, expires_at FROM export_jobs WHERE company_id = ?1 \
-                 AND proc_state IN ('new', 'resume', 'claiming', 'claimed', 'processing') \
-                 ORDER BY expires_at LIMIT 1",
-            )?
-            .query_row([company_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        Ok(CompanySummary {
-            company_id: company_id.to_owned(),
-            by_state,
-            last_poll_at: last.as_ref().map(|(t, _, _)| Millis(*t)),
-            last_poll_error: last.and_then(|(_, e, _)| e),
-            failed_in_a_row,
-            next_deadline: next_deadline.map(|(id, t)| (id, Millis(t))),
-        })
     }
 }
 

@@ -182,3 +182,28 @@ fn no_import_circle_between_files_or_folders_and_the_ground_floor_stays_down() {
     g.get_mut("clock").unwrap().insert("service".into());
     assert!(circle(&g).is_some());
 }
+
+/// Rooms of a readable size: no file of `src/` holds more than 600 lines before its unit tests.
+#[test]
+fn no_source_file_is_longer_than_six_hundred_lines_tests_aside() {
+    fn walk(dir: &Path, out: &mut Vec<(String, usize)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let code = text.split("#[cfg(test)]").next().unwrap().lines().count();
+                out.push((path.display().to_string(), code));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    assert!(files.len() > 25);
+    let long: Vec<_> = files.iter().filter(|(_, n)| *n > 600).collect();
+    assert!(long.is_empty(), "longer than 600 lines: {long:?}");
+}

@@ -465,14 +465,7 @@ fn quiet_polls_leave_no_row_but_are_counted_and_failures_and_findings_keep_their
     }
     w.pending(A, "j2", 50);
     m.pass(PassKind::Poll);
-    for _ in 0..5 {
-        w.fake.push_fault(FaultRule {
-            skip: 0,
-            method: Some("GET".into()),
-            path_prefix: Some("/v3/export-jobs".into()),
-            fault: Fault::ServerError,
-        });
-    }
+    fail_next_listing(&w);
     m.pass(PassKind::Poll);
     let st = w.store();
     let rows: Vec<(String, i64, bool)> = st
@@ -520,12 +513,19 @@ fn quiet_polls_leave_no_row_but_are_counted_and_failures_and_findings_keep_their
     assert_eq!((passes, failed, in_a_row, new), (8, 1, 1, 2));
     assert!(last_error.unwrap().contains("500"));
     assert!(ok_at.is_some());
-    let s = st.company_summary(A).unwrap();
+    let summary = |st: &jobmirror::store::Store| {
+        st.company_summaries()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.company_id == A)
+            .unwrap()
+    };
+    let s = summary(&st);
     assert_eq!(s.failed_in_a_row, 1);
     assert!(s.last_poll_error.unwrap().contains("500"));
     // A success ends the failing streak.
     m.pass(PassKind::Poll);
-    assert_eq!(w.store().company_summary(A).unwrap().failed_in_a_row, 0);
+    assert_eq!(summary(&w.store()).failed_in_a_row, 0);
 }
 
 /// `shard = "i/n"`: a webhook for a company another shard serves is acknowledged (stored) and
@@ -546,31 +546,11 @@ fn a_delivery_for_another_shards_company_is_left_to_it_without_a_request() {
     w.pending(theirs, "j-theirs", 100);
     let mut m = w.mirror(&[mine]).with_shard(shard);
     m.pass(PassKind::Recovery);
-    let st = w.store();
-    for (i, (company, job)) in [(theirs, "j-theirs"), (mine, "j-mine")].iter().enumerate() {
-        let d = jobmirror::store::Delivery {
-            webhook_id: format!("msg_{i}"),
-            signed_at: w.clock_now(),
-            event_type: Some("v1.export-job.created".into()),
-            event_id: None,
-            job_id: Some((*job).into()),
-            company_id: Some((*company).into()),
-            body: "{}".into(),
-            headers: serde_json::json!({}),
-        };
-        st.insert_deliveries(&[&d], w.clock_now()).unwrap();
-    }
+    job_delivery(&w, "msg_0", theirs, "j-theirs");
+    job_delivery(&w, "msg_1", mine, "j-mine");
     let before = w.fake.requests().len();
     assert_eq!(m.process_deliveries().unwrap(), 2);
-    let outcome = |id: &str| -> String {
-        st.conn()
-            .query_row(
-                "SELECT outcome FROM webhook_deliveries WHERE webhook_id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .unwrap()
-    };
+    let outcome = |id: &str| delivery(&w, id).2;
     let left = outcome("msg_0");
     assert!(
         left.starts_with(&format!(

@@ -1,0 +1,98 @@
+//! The Pleo clients a configuration describes: the default credential's (API key or OAuth),
+//! one per company with a key of its own, all over one connection pool; and what the
+//! request budget allows.
+
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::pleo;
+
+impl Config {
+    /// Every client the service needs: the default credential, and one per company named in
+    /// `company_api_keys_file`. Each paces its own requests.
+    pub fn clients(
+        &self,
+        clock: crate::clock::SharedClock,
+        progress: &std::sync::Arc<crate::health::Progress>,
+        metrics: &std::sync::Arc<crate::health::Metrics>,
+    ) -> anyhow::Result<std::sync::Arc<pleo::Clients>> {
+        // One connection pool for every credential: a company's own key goes with each of
+        // its requests, not into a pool of its own.
+        let agent = pleo::PleoClient::agent_for(&self.client_config());
+        let default = std::sync::Arc::new(
+            self.client_with(clock.clone(), agent.clone())?
+                .with_health(progress.clone(), metrics.clone()),
+        );
+        let mut by_company = std::collections::HashMap::new();
+        for (company, key) in &self.company_api_keys {
+            let mut c = self.client_config();
+            c.auth = pleo::Auth::ApiKey(key.clone());
+            by_company.insert(
+                company.clone(),
+                std::sync::Arc::new(
+                    pleo::PleoClient::with_agent(c, clock.clone(), agent.clone())?
+                        .with_health(progress.clone(), metrics.clone()),
+                ),
+            );
+        }
+        Ok(pleo::Clients::new(default, by_company))
+    }
+
+    /// The Pleo client this configuration describes (API key, or OAuth tokens kept in the
+    /// database).
+    pub fn client(&self, clock: crate::clock::SharedClock) -> anyhow::Result<pleo::PleoClient> {
+        self.client_with(clock, pleo::PleoClient::agent_for(&self.client_config()))
+    }
+
+    fn client_with(
+        &self,
+        clock: crate::clock::SharedClock,
+        agent: ureq::Agent,
+    ) -> anyhow::Result<pleo::PleoClient> {
+        let mut c = self.client_config();
+        if let Some(o) = &self.oauth {
+            let store = crate::store::Store::open(&self.db)?;
+            c.auth = pleo::Auth::OAuth(std::sync::Arc::new(crate::pleo::oauth::TokenSource::new(
+                o.clone(),
+                store,
+                clock.clone(),
+            )?));
+        }
+        Ok(pleo::PleoClient::with_agent(c, clock, agent)?)
+    }
+
+    /// The shortest poll interval the request budget allows: the companies sharing the
+    /// default credential each need one listing per pass, paced at
+    /// `pleo_requests_per_sec_max` (companies with keys of their own have budgets of their
+    /// own). `None` when requests are not paced.
+    pub fn poll_interval_min(&self) -> Option<Duration> {
+        if self.pleo_requests_per_sec_max == 0 {
+            return None;
+        }
+        Some(Duration::from_secs_f64(
+            self.companies_sharing_default().max(1) as f64
+                / f64::from(self.pleo_requests_per_sec_max),
+        ))
+    }
+
+    /// The companies served with the default credential (no key of their own).
+    pub fn companies_sharing_default(&self) -> usize {
+        self.company_ids
+            .iter()
+            .filter(|c| !self.company_api_keys.contains_key(*c))
+            .count()
+    }
+
+    pub fn client_config(&self) -> pleo::ClientConfig {
+        let mut c = pleo::ClientConfig::new(
+            &self.pleo_base_url,
+            pleo::Auth::ApiKey(self.pleo_api_key.clone()),
+        );
+        c.connect_timeout = self.pleo_connect_timeout;
+        c.request_timeout = self.pleo_request_timeout;
+        c.retry.attempts_max = self.pleo_retry_attempts_max;
+        c.requests_per_sec_max = (self.pleo_requests_per_sec_max > 0)
+            .then_some(f64::from(self.pleo_requests_per_sec_max));
+        c
+    }
+}

@@ -141,6 +141,9 @@ pub struct Metrics {
     /// companies served (seconds; set at start-up).
     pub poll_interval_secs: AtomicU64,
     pub poll_interval_min_secs: AtomicU64,
+    /// Routine polls that fell due and have not finished yet (queued for the listing pool, or
+    /// running): near the number of companies, polls are falling behind.
+    pub polls_waiting: AtomicU64,
 }
 
 impl Metrics {

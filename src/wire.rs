@@ -230,7 +230,7 @@ impl JobEvent {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum PleoError {
     /// Pleo answered with an error status; `kind` and `message` come from its error body.
     #[error("Pleo answered {status} {kind}: {message}")]

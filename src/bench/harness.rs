@@ -26,6 +26,8 @@ pub struct Sizes {
     /// Companies and jobs in the operator tools' database.
     pub ops_companies: usize,
     pub ops_jobs: usize,
+    /// The scale section's runs.
+    pub scale_runs: Vec<ScaleRun>,
 }
 
 impl Sizes {
@@ -41,6 +43,7 @@ impl Sizes {
             processing_items: 10_000,
             ops_companies: 10_000,
             ops_jobs: 100_000,
+            scale_runs: full_scale_runs(),
         }
     }
     pub fn smoke() -> Sizes {
@@ -55,8 +58,66 @@ impl Sizes {
             processing_items: 200,
             ops_companies: 200,
             ops_jobs: 2_000,
+            scale_runs: vec![
+                ScaleRun {
+                    companies: 40,
+                    own_keys: true,
+                    latency_ms: 20,
+                    interval_secs: 4,
+                    backlog_jobs: 5,
+                    window_secs: 3,
+                    webhook_every_ms: 500,
+                },
+                ScaleRun {
+                    companies: 40,
+                    own_keys: false,
+                    latency_ms: 20,
+                    interval_secs: 4,
+                    backlog_jobs: 5,
+                    window_secs: 3,
+                    webhook_every_ms: 500,
+                },
+            ],
         }
     }
+}
+
+/// One configuration to measure.
+#[derive(Clone, Debug)]
+pub struct ScaleRun {
+    pub companies: usize,
+    /// A key per company (each with its own request budget), or one key for all.
+    pub own_keys: bool,
+    pub latency_ms: u64,
+    pub interval_secs: u64,
+    /// Companies with a pending job at start (the backlog).
+    pub backlog_jobs: usize,
+    /// The steady window, and how often a webhook announces a new job in it.
+    pub window_secs: u64,
+    pub webhook_every_ms: u64,
+}
+
+/// The full scale runs: one key at 1,000 companies (polls every 60 s need 16.7 of the 20
+/// requests a second), keys of their own at 1,000, 10,000 and 50,000 (polls every 300 s at
+/// 50,000 need 167 listings a second), every answer 50 ms late but the first.
+fn full_scale_runs() -> Vec<ScaleRun> {
+    let run =
+        |companies, own_keys, latency_ms, interval_secs, window_secs, webhook_every_ms| ScaleRun {
+            companies,
+            own_keys,
+            latency_ms,
+            interval_secs,
+            backlog_jobs: 100,
+            window_secs,
+            webhook_every_ms,
+        };
+    vec![
+        run(1_000, false, 0, 60, 90, 2_000),
+        run(1_000, false, 50, 60, 90, 2_000),
+        run(1_000, true, 50, 60, 90, 250),
+        run(10_000, true, 50, 300, 120, 250),
+        run(50_000, true, 50, 300, 120, 250),
+    ]
 }
 
 /// One figure with its baseline and target.
@@ -147,6 +208,25 @@ impl ServiceChild {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let mut s = ServiceChild::spawn_with(cmd)?;
+        s.wait_line("recovery pass", Duration::from_secs(60))?;
+        Ok((s, t0.elapsed()))
+    }
+
+    /// Starts the service without waiting for anything.
+    pub(crate) fn spawn(exe: &Path, env: &[(&str, String)]) -> anyhow::Result<ServiceChild> {
+        let mut cmd = Command::new(exe);
+        cmd.arg("run")
+            .env_clear()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        ServiceChild::spawn_with(cmd)
+    }
+
+    fn spawn_with(mut cmd: Command) -> anyhow::Result<ServiceChild> {
         let mut child = cmd.spawn()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let err = child.stderr.take().expect("piped");
@@ -157,11 +237,10 @@ impl ServiceChild {
                 }
             }
         });
-        let mut s = ServiceChild { child, lines: rx };
-        s.wait_line("recovery pass", Duration::from_secs(60))?;
-        Ok((s, t0.elapsed()))
+        Ok(ServiceChild { child, lines: rx })
     }
-    fn wait_line(&mut self, needle: &str, within: Duration) -> anyhow::Result<()> {
+
+    pub(crate) fn wait_line(&mut self, needle: &str, within: Duration) -> anyhow::Result<()> {
         let deadline = monotonic() + within;
         loop {
             let left = deadline.saturating_duration_since(monotonic());

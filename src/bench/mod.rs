@@ -9,6 +9,7 @@ mod harness;
 mod ingest;
 mod jobs;
 mod operators;
+pub mod scale;
 mod store;
 
 use harness::{Ctx, fig};
@@ -23,7 +24,14 @@ use crate::clock::{Clock, SharedClock, SystemClock};
 use crate::edge::webhook::Secrets;
 
 /// The sections `--only` can name (ingest, with the footprint, always runs).
-pub const SECTIONS: [&str; 5] = ["sync", "pick", "reaction", "processing", "operators"];
+pub const SECTIONS: [&str; 6] = [
+    "sync",
+    "pick",
+    "reaction",
+    "processing",
+    "operators",
+    "scale",
+];
 
 pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::Result<()> {
     if let Some(bad) = only
@@ -80,6 +88,9 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::R
     }
     if want("operators") {
         operators::operators(&cx, &mut figures)?;
+    }
+    if want("scale") {
+        scale::scale(&cx, &mut figures)?;
     }
 
     // --- 6: footprint ----------------------------------------------------------------------------

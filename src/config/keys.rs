@@ -94,6 +94,11 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "processor threads; each company belongs to one lane, so its jobs stay strictly sequential",
     ),
     (
+        "listing_threads",
+        Some("16"),
+        "threads that list companies' jobs side by side (polls, recovery, triggers), within the request budget",
+    ),
+    (
         "pleo_requests_per_sec_max",
         Some("20"),
         "at most this many Pleo API requests per second (0: no limit), so a thousand companies never burst",
@@ -157,6 +162,11 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "resume_unknown_in_progress",
         Some("true"),
         "at every start's recovery pass, resume an in_progress job this database has no record of as ours (Pleo: an interrupted workflow); false where another integration may hold this company's jobs",
+    ),
+    (
+        "list_by_credential",
+        Some("false"),
+        "opt-in: list the jobs of every company sharing the default credential with one listing that names no company (pages of 100) instead of one listing per company",
     ),
     (
         "pleo_connect_timeout_secs",

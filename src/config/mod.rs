@@ -69,12 +69,16 @@ pub struct Config {
     pub claims_per_round_max: u32,
     pub conflict_backoff: Duration,
     pub resume_unknown_in_progress: bool,
+    /// List the default credential's companies with one listing naming no company (opt-in).
+    pub list_by_credential: bool,
     pub pleo_connect_timeout: Duration,
     pub pleo_request_timeout: Duration,
     pub pleo_retry_attempts_max: u32,
     pub shutdown_timeout: Duration,
     /// Processor threads (companies are spread over them).
     pub lanes: u32,
+    /// Listing passes that run at once (the listing pool's threads).
+    pub listing_threads: u32,
     /// Which part of the listed companies this instance serves (`shard = "i/n"`);
     /// `company_ids` holds only those.
     pub shard: Shard,
@@ -412,17 +416,15 @@ impl Config {
                 format!("expected text or json, got {format_text:?}"),
             )
         })?;
-        let resume_text = get("resume_unknown_in_progress").unwrap_or_default();
-        let resume_unknown_in_progress = match resume_text.trim() {
-            "true" | "1" | "yes" => true,
-            "false" | "0" | "no" => false,
-            _ => {
-                return Err(err(
-                    "resume_unknown_in_progress",
-                    format!("expected true or false, got {resume_text:?}"),
-                ));
+        let flag = |k: &str| -> Result<bool, ConfigError> {
+            let v = get(k).unwrap_or_default();
+            match v.trim() {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                _ => Err(err(k, format!("expected true or false, got {v:?}"))),
             }
         };
+        let resume_unknown_in_progress = flag("resume_unknown_in_progress")?;
 
         let mut secret_text = values.get("webhook_secret").cloned().unwrap_or_default();
         if let Some(f) = values.get("webhook_secret_file").filter(|_| needs.webhook) {
@@ -507,6 +509,9 @@ impl Config {
             attempts_max: count("handler_attempts_max")?,
             flush_interval: secs("report_flush_secs", 1)?,
             finish_margin: secs("finish_margin_secs", 0)?,
+            // Close enough that the deadline decides something (a warning, a job failed
+            // before it expires): know it from Pleo.
+            reread_within: secs("finish_margin_secs", 0)? + secs("deadline_warning_secs", 0)?,
             check_timeout: secs("handler_check_timeout_secs", 1)?,
             wait_tick: Duration::from_millis(50),
         };
@@ -528,11 +533,21 @@ impl Config {
             claims_per_round_max: count("claims_per_round_max")?,
             conflict_backoff: secs("conflict_backoff_secs", 0)?,
             resume_unknown_in_progress,
+            list_by_credential: flag("list_by_credential")?,
             pleo_connect_timeout: secs("pleo_connect_timeout_secs", 1)?,
             pleo_request_timeout: secs("pleo_request_timeout_secs", 1)?,
             pleo_retry_attempts_max: count("pleo_retry_attempts_max")?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1)?,
             lanes: count("lanes")?,
+            listing_threads: match count("listing_threads")? {
+                n @ 1..=64 => n,
+                n => {
+                    return Err(err(
+                        "listing_threads",
+                        format!("expected at most 64, got {n}"),
+                    ));
+                }
+            },
             shard,
             companies_listed,
             company_api_keys,

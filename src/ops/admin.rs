@@ -170,6 +170,13 @@ impl Admin {
         );
         single(
             &mut o,
+            "jobmirror_polls_waiting",
+            "gauge",
+            "Routine polls due and not finished yet (queued or running); staying near the number of companies means polls fall behind.",
+            &load(&self.metrics.polls_waiting),
+        );
+        single(
+            &mut o,
             "jobmirror_config_reload_refused",
             "gauge",
             "1 while the last reload (SIGHUP) was refused and the old configuration runs.",

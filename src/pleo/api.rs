@@ -13,7 +13,24 @@ use crate::pleo::{
 impl PleoClient {
     /// Lists a company's jobs in the given statuses, following `after` cursors to the last page.
     pub fn list_jobs(&self, company_id: &str, statuses: &[&str]) -> Result<Listing, PleoError> {
-        let mut query: Vec<(&str, String)> = vec![("company_id", company_id.to_owned())];
+        self.list_jobs_of(Some(company_id), statuses)
+    }
+
+    /// Every job this credential sees, whatever its company (`company_id` left out, as Pleo's
+    /// OpenAPI allows; pages of 100). The caller sorts them out by `companyId`.
+    pub fn list_jobs_by_credential(&self, statuses: &[&str]) -> Result<Listing, PleoError> {
+        self.list_jobs_of(None, statuses)
+    }
+
+    fn list_jobs_of(
+        &self,
+        company_id: Option<&str>,
+        statuses: &[&str],
+    ) -> Result<Listing, PleoError> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(c) = company_id {
+            query.push(("company_id", c.to_owned()));
+        }
         for s in statuses {
             query.push(("statuses", (*s).to_owned()));
         }

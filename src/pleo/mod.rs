@@ -13,6 +13,7 @@
 pub mod api;
 pub mod net;
 pub mod oauth;
+pub mod pacer;
 pub mod transport;
 
 use std::fmt;
@@ -146,6 +147,11 @@ impl Clients {
         Clients::new(client, Default::default())
     }
 
+    /// Whether `company` has a credential of its own (else it shares the default).
+    pub fn has_own(&self, company: &str) -> bool {
+        self.by_company.contains_key(company)
+    }
+
     /// The client holding `company`'s credential (`None`: the default).
     pub fn for_company(&self, company: Option<&str>) -> &PleoClient {
         company
@@ -179,8 +185,8 @@ pub struct PleoClient {
     cfg: ClientConfig,
     clock: SharedClock,
     rng: Mutex<u64>,
-    /// Token bucket for `requests_per_sec_max`: (tokens, when last refilled).
-    bucket: Mutex<(f64, Millis)>,
+    /// The request budget (`requests_per_sec_max`), shared by every thread using this client.
+    pacer: Option<crate::pleo::pacer::Pacer>,
     progress: Option<std::sync::Arc<crate::health::Progress>>,
     metrics: Option<std::sync::Arc<crate::health::Metrics>>,
     /// Pleo's clock minus ours, in ms, from the `Date` of Pleo's last answer (`i64::MIN`:
@@ -197,11 +203,7 @@ impl fmt::Debug for PleoClient {
 }
 
 /// Idle connections a pool keeps open for reuse (to Pleo: one host), at most.
-pub const IDLE_CONNECTIONS_MAX: usize = 8;
-
-pub(crate) fn cfg_rate_burst(cfg: &ClientConfig) -> f64 {
-    cfg.requests_per_sec_max.unwrap_or(1.0).max(1.0)
-}
+pub const IDLE_CONNECTIONS_MAX: usize = 32;
 
 impl PleoClient {
     /// A client with a connection pool of its own.
@@ -237,13 +239,16 @@ impl PleoClient {
     ) -> Result<PleoClient, PleoError> {
         check_base_url(&cfg.base_url).map_err(PleoError::Config)?;
         let seed = cfg.jitter_seed | 1;
-        let bucket = Mutex::new((cfg_rate_burst(&cfg), clock.now()));
+        let pacer = cfg
+            .requests_per_sec_max
+            .filter(|r| *r > 0.0)
+            .map(|r| crate::pleo::pacer::Pacer::new(r, clock.now().0));
         Ok(PleoClient {
             agent,
             cfg,
             clock,
             rng: Mutex::new(seed),
-            bucket,
+            pacer,
             progress: None,
             metrics: None,
             pleo_offset_ms: std::sync::atomic::AtomicI64::new(i64::MIN),

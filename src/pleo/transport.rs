@@ -112,25 +112,11 @@ impl PleoClient {
         }
     }
 
-    /// Waits for a token of the request budget (on the injected clock, so replays stay fast).
-    /// The bucket is shared by every thread using this client: together they keep the pace.
+    /// Waits for a slot of the request budget (on the injected clock, so replays stay fast), at
+    /// the calling thread's [`crate::pleo::pacer::Priority`].
     fn pace(&self) {
-        let Some(rate) = self.cfg.requests_per_sec_max.filter(|r| *r > 0.0) else {
-            return;
-        };
-        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let now = self.clock.now();
-        // A clock stepping backwards refills nothing.
-        let elapsed = (now.0 - b.1.0).max(0);
-        b.0 = (b.0 + elapsed as f64 / 1000.0 * rate).min(rate.max(1.0));
-        b.1 = now.max(b.1);
-        if b.0 < 1.0 {
-            let wait = Duration::from_secs_f64((1.0 - b.0) / rate);
-            self.clock.sleep(wait);
-            b.0 = 0.0;
-            b.1 = b.1.plus(wait);
-        } else {
-            b.0 -= 1.0;
+        if let Some(p) = &self.pacer {
+            p.acquire(&*self.clock);
         }
     }
 

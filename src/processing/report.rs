@@ -97,9 +97,12 @@ impl HandlerStage {
             }
             sent += batch.len();
         }
-        if sent > 0 {
-            // Whether item reports refresh `lastUpdatedAt` is not published: read the job, and
-            // take its deadline (and status) from Pleo instead of guessing.
+        // Whether item reports refresh `lastUpdatedAt` is not published: when the deadline as
+        // last read draws near, read the job and take its deadline (and status) from Pleo
+        // instead of guessing. While it is far off, there is nothing to learn that changes what
+        // happens next, and the read would cost every job a request.
+        let near = self.clock.now().plus(self.cfg.reread_within) >= *deadline;
+        if sent > 0 && near {
             match self.client(job).get_job(&job.id) {
                 Ok(fresh) => {
                     store.upsert_job(&fresh, self.clock.now(), Source::Reread)?;

@@ -362,7 +362,9 @@ impl Replay {
         }
         let now = self.base.now();
         self.running = Some(Running {
-            mirror: workers.mirror,
+            // Listing passes run here one at a time: the pool's threads would finish them in
+            // an order that differs between two replays.
+            mirror: workers.mirror.without_pool(),
             lanes: workers.lanes.into_iter().map(|l| l.processor).collect(),
             edge,
             nudge: nudge_rx,

@@ -20,6 +20,7 @@ impl FakePleo {
                 steal_on_get: HashSet::new(),
                 claims: Vec::new(),
                 blackout_after: None,
+                latency: std::time::Duration::ZERO,
                 oauth: None,
                 key_companies: std::collections::HashMap::new(),
                 holders: std::collections::HashMap::new(),
@@ -359,6 +360,12 @@ impl FakePleo {
 
     pub fn push_fault(&self, rule: FaultRule) {
         self.shared.lock().script.push_back(rule);
+    }
+
+    /// Every API answer from now on comes this much later (the requests are applied at once;
+    /// only the answer waits, as over a slow network, on the answering connection's thread).
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.shared.lock().latency = latency;
     }
 
     pub fn set_fault_rates(&self, rates: FaultRates) {

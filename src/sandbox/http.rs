@@ -172,8 +172,13 @@ impl Handler for FakeHandler {
         };
         // As any origin server with a clock: the time of the answer, on the fake's clock.
         resp = resp.with_header("Date", &now.to_http_date());
+        if !w.latency.is_zero() && !req.head.path.starts_with("/_fake/") {
+            resp.delay = Some(w.latency);
+        }
         match &fault {
-            Some(Fault::Slow { millis }) => resp.delay = Some(Duration::from_millis(*millis)),
+            Some(Fault::Slow { millis }) => {
+                resp.delay = Some(Duration::from_millis(*millis) + w.latency)
+            }
             Some(Fault::Truncate) => resp.truncate_at = Some(resp.body.len() / 2),
             Some(Fault::HangUp) => resp.hang_up = true,
             Some(Fault::GatewayTimeout) => {
@@ -315,7 +320,10 @@ pub(super) fn route(w: &mut World, req: &Request, now: Millis) -> Response {
         return error(401, "UNAUTHORIZED", "missing or invalid credentials");
     }
     let q = head.query_pairs();
-    if let Some(allowed) = basic_user(head).and_then(|k| w.key_companies.get(&k).cloned()) {
+    // A key that belongs to one company sees only that company's jobs in a listing that names
+    // no company.
+    let key_company = basic_user(head).and_then(|k| w.key_companies.get(&k).cloned());
+    if let Some(allowed) = key_company.clone() {
         let job_company = |id: &str| w.job(id).map(|j| j.company_id.clone());
         let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let touched = match segs.as_slice() {
@@ -332,7 +340,7 @@ pub(super) fn route(w: &mut World, req: &Request, now: Millis) -> Response {
         }
     }
     match (head.method.as_str(), segs.as_slice()) {
-        ("GET", ["v3", "export-jobs"]) => list_jobs(w, &q),
+        ("GET", ["v3", "export-jobs"]) => list_jobs(w, &q, key_company.as_deref()),
         ("POST", ["v3", "export-jobs"]) => create_job(w, &req.body, now),
         ("GET", ["v3", "export-jobs", id]) => get_job(w, id, now),
         ("POST", ["v3", "export-job-events"]) => job_event(w, &req.body, now),

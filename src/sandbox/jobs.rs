@@ -3,7 +3,9 @@
 
 use super::*;
 
-pub(super) fn list_jobs(w: &World, q: &[(String, String)]) -> Response {
+/// A job listing; `scope` (a key that belongs to one company) limits a listing that names no
+/// company to that company's jobs.
+pub(super) fn list_jobs(w: &World, q: &[(String, String)], scope: Option<&str>) -> Response {
     let q = Query(q);
     let checked = (|| {
         let company = q.id("company_id", &|c| w.by_company.contains_key(c))?;
@@ -15,7 +17,7 @@ pub(super) fn list_jobs(w: &World, q: &[(String, String)]) -> Response {
         Ok(c) => c,
         Err(r) => return r,
     };
-    let candidates: Box<dyn Iterator<Item = &FakeJob>> = match company {
+    let candidates: Box<dyn Iterator<Item = &FakeJob>> = match company.or(scope) {
         Some(c) => Box::new(
             w.by_company
                 .get(c)

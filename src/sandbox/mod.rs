@@ -262,6 +262,8 @@ struct World {
     /// Requests left before the fake stops answering (a crash of its client, as Pleo sees
     /// it: nothing more arrives). `Some(0)`: every request is dropped unapplied.
     blackout_after: Option<u32>,
+    /// Added to every API answer (a stand-in for a real network's round trip).
+    latency: std::time::Duration,
     claims: Vec<ClaimRecord>,
     holders: std::collections::HashMap<String, Claimant>,
     next_id: u64,

@@ -180,12 +180,22 @@ impl Workers {
                 wake: wake_rx,
             });
         }
+        let pool = crate::service::sync::pool::ListingPool::start(
+            cfg.listing_threads as usize,
+            crate::service::sync::pool::PoolParts {
+                clients: client.clone(),
+                clock: clock.clone(),
+                stopping: Some(stopping.clone()),
+            },
+        )?;
         let mirror = Mirror::new(sync_store, client, clock, cfg.company_ids.clone())
+            .with_pool(pool)
             .with_wake(wakes)
             .with_metrics(metrics.clone())
             .with_stopping(stopping.clone())
             .with_recovered(recovered)
             .with_resume_unknown_in_progress(cfg.resume_unknown_in_progress)
+            .with_listing_by_credential(cfg.list_by_credential)
             .with_shard(cfg.shard);
         Ok(Workers {
             mirror,

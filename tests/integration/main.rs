@@ -4,6 +4,7 @@
 mod harness;
 
 mod bench;
+mod by_credential;
 mod cli;
 mod client;
 mod handler_boundary;
@@ -18,5 +19,7 @@ mod processing;
 mod processor;
 mod reliability;
 mod replay;
+mod scale;
+mod standby;
 mod store;
 mod webhook;

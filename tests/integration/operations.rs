@@ -15,7 +15,7 @@ use crate::cli::{Reaper, cmd, lines, signal, wait_exit, wait_for};
 const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
 const B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
 
-fn fake() -> FakePleo {
+pub(crate) fn fake() -> FakePleo {
     let clock: SharedClock = Arc::new(SystemClock);
     FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap()
 }
@@ -60,7 +60,7 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 /// `jobmirror run` against `base_url` with a notify socket; returns the child, its log lines,
 /// the socket and the admin address (from the log).
-fn start(
+pub(crate) fn start(
     dir: &std::path::Path,
     base_url: &str,
     extra: &[(&str, &str)],

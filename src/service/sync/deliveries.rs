@@ -7,7 +7,8 @@
 
 use crate::clock::Millis;
 use crate::pleo::PleoError;
-use crate::service::sync::{Mirror, PassKind, SyncError};
+use crate::service::sync::Mirror;
+use crate::service::sync::pass::{PassKind, SyncError};
 
 impl Mirror {
     /// Acts on every stored webhook delivery not handled yet. Pleo: "when the event is

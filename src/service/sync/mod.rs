@@ -13,36 +13,19 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crossbeam_channel::Sender;
-use serde_json::json;
-
 use crate::clock::SharedClock;
-use crate::pleo::{Clients, PleoError, status};
-use crate::store::{EventKind, Source, Store, StoreError, SyncCounts, Upsert};
+use crate::pleo::Clients;
+use crate::store::{Store, SyncCounts};
+use crossbeam_channel::Sender;
 
+pub mod credential;
 pub mod deliveries;
+pub use pass::{PassKind, SyncError};
+pub mod listing;
+pub mod pass;
+pub mod pool;
 pub mod run;
 pub mod schedule;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PassKind {
-    /// Start-up: `pending` and `in_progress`, so jobs held before a crash are found.
-    Recovery,
-    /// Scheduled: `pending` only.
-    Poll,
-    /// Run now on request (SIGUSR1, `jobmirror trigger`): same as a poll.
-    Trigger,
-}
-
-impl PassKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            PassKind::Recovery => "recovery",
-            PassKind::Poll => "poll",
-            PassKind::Trigger => "trigger",
-        }
-    }
-}
 
 /// Companies whose start-up recovery pass has completed in this process: shared by the sync
 /// thread (which fills it) and the processor lanes (which serve only these companies).
@@ -64,14 +47,6 @@ impl Recovered {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error(transparent)]
-    Pleo(#[from] PleoError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 /// What one pass over all companies did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PassReport {
@@ -82,6 +57,8 @@ pub struct PassReport {
     pub failures: Vec<(String, String, bool)>,
     /// New work for the processor appeared (a new pending job, or a job to resume).
     pub woke: bool,
+    /// Company passes this report covers.
+    pub passes: usize,
 }
 
 pub struct Mirror {
@@ -102,6 +79,16 @@ pub struct Mirror {
     stopping: Option<Arc<crate::health::Stopping>>,
     /// company -> (listings failed in a row, the last one refused the credential).
     failing: std::collections::HashMap<String, (u32, bool)>,
+    /// Listing passes run side by side here when there is a pool (the service), on this
+    /// thread when not (replays, tests).
+    pool: Option<pool::ListingPool>,
+    /// Companies with a routine poll in the pool now (a due poll for one is not queued twice).
+    polling: HashSet<String>,
+    /// Routine polls' results collected since the last [`Mirror::take_poll_report`].
+    polled: PassReport,
+    /// Listing by credential: the companies sharing the default credential, listed together.
+    group: Option<Vec<String>>,
+    group_set: HashSet<String>,
 }
 
 impl Mirror {
@@ -125,6 +112,11 @@ impl Mirror {
             metrics: None,
             stopping: None,
             failing: std::collections::HashMap::new(),
+            pool: None,
+            polling: HashSet::new(),
+            polled: PassReport::default(),
+            group: None,
+            group_set: HashSet::new(),
         }
     }
 
@@ -133,6 +125,25 @@ impl Mirror {
     pub fn with_shard(mut self, shard: crate::config::Shard) -> Mirror {
         self.shard = shard;
         self
+    }
+
+    /// Run listing passes over many companies in `pool` (see [`pool::ListingPool`]).
+    pub fn with_pool(mut self, pool: pool::ListingPool) -> Mirror {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Runs every listing pass on the calling thread (a replay: the same order each time).
+    pub fn without_pool(mut self) -> Mirror {
+        self.pool = None;
+        self
+    }
+
+    /// Where the pool's finished passes arrive ([`crossbeam_channel::never`] without a pool).
+    pub fn pool_done(&self) -> crossbeam_channel::Receiver<pool::Done> {
+        self.pool
+            .as_ref()
+            .map_or_else(crossbeam_channel::never, |p| p.done().clone())
     }
 
     /// Where to signal new work (bounded channels, one per processor lane; a full one means a
@@ -195,53 +206,200 @@ impl Mirror {
             .collect()
     }
 
-    /// One pass over the given companies (as [`Mirror::pass`]).
+    /// One pass over the given companies (as [`Mirror::pass`]), returning when every one is
+    /// done: side by side in the pool (urgent, ahead of routine polls) when there is one and
+    /// more than one company, else on this thread.
     pub fn pass_companies(&mut self, kind: PassKind, companies: &[String]) -> PassReport {
         let mut report = PassReport::default();
-        for company in companies.iter().cloned() {
-            if self.stopping() {
-                break;
-            }
-            let k = if self.recovered.contains(&company) {
-                kind
-            } else {
-                PassKind::Recovery
-            };
-            match self.pass_company(&company, k) {
-                Ok((counts, woke)) => {
-                    if let Some((n, _)) = self.failing.remove(&company) {
-                        if n >= crate::health::FAILING_AFTER {
-                            log::info!("company {company}: listing works again after {n} failures");
-                        }
-                        self.count_failing();
-                    }
-                    if k == PassKind::Recovery {
-                        self.recovered.insert(company.clone());
-                        if let Some(r) = &self.shared_recovered {
-                            r.insert(&company);
-                        }
-                    }
-                    report.woke |= woke;
-                    add(&mut report.counts, &counts);
+        let (together, companies) = self.split_group(companies);
+        if !together.is_empty() && !self.stopping() {
+            let k = self.group_kind(&together, kind);
+            let fetched = listing::fetch_by_credential(&self.clients, &self.clock, k);
+            self.store_group(kind, fetched, &together, &mut report);
+        }
+        let companies = &companies[..];
+        if self.pool.is_some() && companies.len() > 1 {
+            self.pass_in_pool(kind, companies, &mut report);
+        } else {
+            for company in companies {
+                if self.stopping() {
+                    break;
                 }
-                Err(e) => {
-                    let refused = matches!(&e, SyncError::Pleo(p) if p.is_refusal());
-                    self.listing_failed(&company, k, &e, refused);
-                    let transient = match &e {
-                        SyncError::Pleo(p) => p.is_retryable(),
-                        SyncError::Store(_) => true,
-                    };
-                    report
-                        .failures
-                        .push((company.clone(), e.to_string(), transient));
-                    report.failed_companies.push(company);
-                }
+                let k = self.kind_for(company, kind);
+                let result = self.lister().pass_company(company, k);
+                self.record(company, k, result, &mut report);
             }
         }
         if report.woke {
             self.wake_processors();
         }
         report
+    }
+
+    /// Recovery for a company not recovered yet, whatever `kind` says.
+    fn kind_for(&self, company: &str, kind: PassKind) -> PassKind {
+        if self.recovered.contains(company) {
+            kind
+        } else {
+            PassKind::Recovery
+        }
+    }
+
+    fn pass_in_pool(&mut self, kind: PassKind, companies: &[String], report: &mut PassReport) {
+        let Some(pool) = &self.pool else { return };
+        let mut waiting: std::collections::HashMap<String, usize> = Default::default();
+        for company in companies {
+            let k = self.kind_for(company, kind);
+            pool.submit(pool::Task {
+                company: company.clone(),
+                kind: k,
+                routine: false,
+                group: false,
+            });
+            *waiting.entry(company.clone()).or_default() += 1;
+        }
+        let done = pool.done().clone();
+        let mut left = companies.len();
+        while left > 0 && !self.stopping() {
+            let Ok(d) = done.recv_timeout(TICK) else {
+                continue;
+            };
+            if d.routine {
+                self.record_poll(d);
+                continue;
+            }
+            if let Some(n) = waiting.get_mut(&d.company).filter(|n| **n > 0) {
+                *n -= 1;
+                left -= 1;
+            }
+            let result = self.lister().store_pass(&d.company, d.kind, d.fetched);
+            self.record(&d.company, d.kind, result, report);
+        }
+    }
+
+    /// Queues a routine poll of each company (in the pool: the call returns at once, results
+    /// come through [`Mirror::pool_done`] to [`Mirror::record_poll`]). A company whose last
+    /// poll is still running is skipped. Without a pool, polls them here and now.
+    /// `companies` may name [`pass::GROUP_KEY`] (see [`Mirror::poll_keys`]).
+    pub fn start_polls(&mut self, companies: &[String]) {
+        if self.pool.is_none() {
+            let all = self.expand_keys(companies);
+            let report = self.pass_companies(PassKind::Poll, &all);
+            self.add_polled(report);
+            return;
+        }
+        for company in companies {
+            if !self.polling.insert(company.clone()) {
+                continue;
+            }
+            let group = self.group.as_ref().filter(|_| company == pass::GROUP_KEY);
+            let k = match group {
+                Some(g) => self.group_kind(g, PassKind::Poll),
+                None => self.kind_for(company, PassKind::Poll),
+            };
+            if let Some(pool) = &self.pool {
+                pool.submit(pool::Task {
+                    company: company.clone(),
+                    kind: k,
+                    routine: true,
+                    group: group.is_some(),
+                });
+            }
+        }
+        self.count_polls_waiting();
+    }
+
+    fn count_polls_waiting(&self) {
+        if let Some(m) = &self.metrics {
+            m.polls_waiting.store(
+                self.polling.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Keeps the books for a routine poll the pool finished.
+    pub fn record_poll(&mut self, d: pool::Done) {
+        self.polling.remove(&d.company);
+        self.count_polls_waiting();
+        let mut report = PassReport::default();
+        if d.group {
+            let group = self.group.clone().unwrap_or_default();
+            self.store_group(PassKind::Poll, d.fetched, &group, &mut report);
+        } else {
+            let result = self.lister().store_pass(&d.company, d.kind, d.fetched);
+            self.record(&d.company, d.kind, result, &mut report);
+        }
+        if report.woke {
+            self.wake_processors();
+        }
+        self.add_polled(report);
+    }
+
+    fn add_polled(&mut self, r: PassReport) {
+        add(&mut self.polled.counts, &r.counts);
+        self.polled.failed_companies.extend(r.failed_companies);
+        self.polled.failures.extend(r.failures);
+        self.polled.woke |= r.woke;
+        self.polled.passes += r.passes;
+    }
+
+    /// The routine polls' results since the last call, and how many polls they were.
+    pub fn take_poll_report(&mut self) -> PassReport {
+        std::mem::take(&mut self.polled)
+    }
+
+    pub fn has_pool(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// Routine polls queued or running in the pool.
+    pub fn polls_in_flight(&self) -> usize {
+        self.polling.len()
+    }
+
+    /// Keeps the books for one company's pass: recovered, failing, counts.
+    fn record(
+        &mut self,
+        company: &str,
+        k: PassKind,
+        result: Result<(SyncCounts, bool), SyncError>,
+        report: &mut PassReport,
+    ) {
+        report.passes += 1;
+        match result {
+            Ok((counts, woke)) => {
+                if let Some((n, _)) = self.failing.remove(company) {
+                    if n >= crate::health::FAILING_AFTER {
+                        log::info!("company {company}: listing works again after {n} failures");
+                    }
+                    self.count_failing();
+                }
+                if k == PassKind::Recovery {
+                    self.recovered.insert(company.to_owned());
+                    if let Some(r) = &self.shared_recovered {
+                        r.insert(company);
+                    }
+                    // The processor serves a company only once this pass is done: its jobs
+                    // (held ones of a restored database too, which are not new) are work now.
+                    report.woke = true;
+                }
+                report.woke |= woke;
+                add(&mut report.counts, &counts);
+            }
+            Err(e) => {
+                let refused = matches!(&e, SyncError::Pleo(p) if p.is_refusal());
+                self.listing_failed(company, k, &e, refused);
+                let transient = match &e {
+                    SyncError::Pleo(p) => p.is_retryable(),
+                    SyncError::Store(_) => true,
+                };
+                report
+                    .failures
+                    .push((company.to_owned(), e.to_string(), transient));
+                report.failed_companies.push(company.to_owned());
+            }
+        }
     }
 
     /// Counts a failed listing. A company whose credential Pleo refuses (401, 403), or whose
@@ -294,129 +452,15 @@ impl Mirror {
         m.companies_refused.store(refused, Relaxed);
     }
 
-    fn pass_company(
-        &mut self,
-        company: &str,
-        kind: PassKind,
-    ) -> Result<(SyncCounts, bool), SyncError> {
-        let now = self.clock.now();
-        let run = self.store.begin_sync_run(company, kind.as_str(), now)?;
-        let mut counts = SyncCounts::default();
-        let started = crate::clock::monotonic();
-        let result = self.list_and_store(company, kind, &mut counts);
-        if let Some(m) = &self.metrics {
-            m.poll_done(started.elapsed(), result.is_err());
+    /// What a listing pass over one company needs, from this thread.
+    pub(crate) fn lister(&self) -> listing::Lister<'_> {
+        listing::Lister {
+            store: &self.store,
+            clients: &self.clients,
+            clock: &self.clock,
+            metrics: self.metrics.as_deref(),
+            resume_unknown_in_progress: self.resume_unknown_in_progress,
         }
-        let end = self.clock.now();
-        match &result {
-            Ok(_) => self.store.finish_sync_run(run, end, &counts, None)?,
-            Err(e) => {
-                let msg = e.to_string();
-                self.store.finish_sync_run(run, end, &counts, Some(&msg))?;
-                self.store.journal(
-                    end,
-                    None,
-                    Some(company),
-                    EventKind::SyncFailed,
-                    json!({"pass": kind.as_str(), "error": msg}),
-                )?;
-            }
-        }
-        result.map(|woke| (counts, woke))
-    }
-
-    fn list_and_store(
-        &mut self,
-        company: &str,
-        kind: PassKind,
-        counts: &mut SyncCounts,
-    ) -> Result<bool, SyncError> {
-        let statuses: &[&str] = match kind {
-            PassKind::Recovery => &[status::PENDING, status::IN_PROGRESS],
-            PassKind::Poll | PassKind::Trigger => &[status::PENDING],
-        };
-        let client = self.clients.for_company(Some(company));
-        let listing = client.list_jobs(company, statuses)?;
-        counts.pages = listing.pages;
-        counts.seen = listing.jobs.len() as u32;
-        for (id, error) in &listing.rejected {
-            log::warn!(
-                "listing for company {company}: skipped an entry that is not a readable job ({}): {error}",
-                id.as_deref().unwrap_or("no id")
-            );
-            self.store.journal(
-                self.clock.now(),
-                id.as_deref(),
-                Some(company),
-                EventKind::ListingEntrySkipped,
-                json!({"error": error, "pass": kind.as_str()}),
-            )?;
-        }
-        // Pleo: an `in_progress` job found during recovery is an interrupted workflow of ours,
-        // to resume without `started`. That holds at every start (a new, lost or restored
-        // database alike), unless this database recorded the job as someone else's.
-        let source = match kind {
-            PassKind::Recovery if self.resume_unknown_in_progress => Source::Recovery,
-            PassKind::Recovery => Source::RecoveryLeavingInProgress,
-            _ => Source::Poll,
-        };
-        // A listing may carry another company's job if the server ignores the filter: skip it.
-        let (mine, foreign): (Vec<_>, Vec<_>) = listing
-            .jobs
-            .into_iter()
-            .partition(|j| j.company_id == company);
-        if !foreign.is_empty() {
-            log::warn!(
-                "listing for company {company} returned {} jobs of other companies; ignored",
-                foreign.len()
-            );
-        }
-        let now = self.clock.now();
-        let outcomes = self.store.upsert_jobs(&mine, now, source)?;
-        let mut woke = false;
-        for (job, o) in mine.iter().zip(&outcomes) {
-            match o {
-                Upsert::New => {
-                    counts.new += 1;
-                    woke |= job.status == status::PENDING || job.status == status::IN_PROGRESS;
-                }
-                Upsert::Changed => counts.changed += 1,
-                Upsert::Unchanged => {}
-            }
-        }
-        // Open jobs the mirror holds that this listing does not show (left it, or `in_progress`
-        // outside a recovery listing): read them again so the mirror stays true.
-        let seen: HashSet<String> = mine.iter().map(|j| j.id.clone()).collect();
-        for id in self.store.open_jobs_missing(company, &seen)? {
-            counts.reread += 1;
-            match client.get_job(&id) {
-                Ok(job) => {
-                    let now = self.clock.now();
-                    self.store.journal(
-                        now,
-                        Some(&id),
-                        Some(company),
-                        EventKind::LeftListing,
-                        json!({"status": job.status}),
-                    )?;
-                    if self.store.upsert_job(&job, now, Source::Reread)? == Upsert::Changed {
-                        counts.changed += 1;
-                    }
-                }
-                Err(PleoError::Api { status: 404, .. }) => {
-                    log::warn!("job {id} of company {company} is gone from Pleo (404)");
-                    self.store.journal(
-                        self.clock.now(),
-                        Some(&id),
-                        Some(company),
-                        EventKind::LeftListing,
-                        json!({"status": null, "error": "404 EXPORT_NOT_FOUND"}),
-                    )?;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(woke)
     }
 }
 

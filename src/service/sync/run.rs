@@ -6,8 +6,9 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, select};
 
 use crate::health::TICK;
+use crate::service::sync::pass::PassKind;
 use crate::service::sync::schedule::PollSchedule;
-use crate::service::sync::{Mirror, PassKind, log_pass};
+use crate::service::sync::{Mirror, log_pass};
 
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
 
@@ -62,7 +63,10 @@ pub fn run(
     log_pass(PassKind::Recovery, all.len(), &report);
     let mut retry_at = deliveries(&mut mirror);
     let mut last_pass = ms();
-    let mut schedule = PollSchedule::new(&all, interval, ms());
+    // Listing by credential, the companies sharing the default credential are one entry.
+    let keys = mirror.poll_keys();
+    let mut schedule = PollSchedule::new(&keys, interval, ms());
+    let polls_done = mirror.pool_done();
     loop {
         beat();
         let now = ms();
@@ -79,9 +83,19 @@ pub fn run(
                 // "Check now" also means: run failed readiness checks again now.
                 mirror.wake_processors();
                 let now = ms();
-                for c in &all {
+                for c in &keys {
                     schedule.done(c, now);
                 }
+            }
+            recv(polls_done) -> d => {
+                let Ok(d) = d else { continue };
+                mirror.record_poll(d);
+                // Log the polls in batches: with many companies, a line per poll would flood.
+                while let Ok(d) = polls_done.try_recv() {
+                    mirror.record_poll(d);
+                }
+                let report = mirror.take_poll_report();
+                log_pass(PassKind::Poll, report.passes, &report);
             }
             recv(nudge) -> msg => {
                 if msg.is_err() {
@@ -108,12 +122,16 @@ pub fn run(
                 }
                 let due = schedule.due(ms());
                 if !due.is_empty() {
-                    // Companies whose recovery failed get it again with their poll.
-                    let report = mirror.pass_companies(PassKind::Poll, &due);
-                    log_pass(PassKind::Poll, due.len(), &report);
+                    // Companies whose recovery failed get it again with their poll. In the pool
+                    // the polls run beside this thread, which goes on acting on webhooks.
+                    mirror.start_polls(&due);
                     let now = ms();
                     for c in &due {
                         schedule.done(c, now);
+                    }
+                    if !mirror.has_pool() {
+                        let report = mirror.take_poll_report();
+                        log_pass(PassKind::Poll, due.len(), &report);
                     }
                 }
             }

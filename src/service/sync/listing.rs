@@ -1,0 +1,210 @@
+//! One company's listing pass, in two halves: [`fetch`] (requests only, run by a listing pool
+//! worker or the sync thread) and [`Lister::store_pass`] (the database, on the sync thread).
+
+use std::collections::HashSet;
+
+use serde_json::json;
+
+use crate::clock::SharedClock;
+use crate::pleo::{Clients, Listing, PleoError, status};
+use crate::service::sync::pass::{PassKind, SyncError};
+use crate::store::{EventKind, Source, Store, SyncCounts, Upsert};
+
+/// What a listing pass needs.
+pub struct Lister<'a> {
+    pub store: &'a Store,
+    pub clients: &'a Clients,
+    pub clock: &'a SharedClock,
+    pub metrics: Option<&'a crate::health::Metrics>,
+    pub resume_unknown_in_progress: bool,
+}
+
+/// One company's listing as fetched (on a pool worker or the sync thread), to store.
+#[derive(Debug)]
+pub struct Fetched {
+    /// When the fetch began, and how long it took.
+    pub at: crate::clock::Millis,
+    pub took: std::time::Duration,
+    pub listing: Result<Listing, PleoError>,
+}
+
+/// Lists `company`'s eligible jobs for a `kind` pass (all pages). Only requests: no database,
+/// so any thread can do it.
+pub fn fetch(clients: &Clients, clock: &SharedClock, company: &str, kind: PassKind) -> Fetched {
+    let statuses: &[&str] = match kind {
+        PassKind::Recovery => &[status::PENDING, status::IN_PROGRESS],
+        PassKind::Poll | PassKind::Trigger => &[status::PENDING],
+    };
+    let at = clock.now();
+    let started = crate::clock::monotonic();
+    let listing = clients
+        .for_company(Some(company))
+        .list_jobs(company, statuses);
+    Fetched {
+        at,
+        took: started.elapsed(),
+        listing,
+    }
+}
+
+/// Lists the jobs of every company the default credential sees, for a `kind` pass (all pages,
+/// no company named: see [`crate::service::sync::credential`]).
+pub fn fetch_by_credential(clients: &Clients, clock: &SharedClock, kind: PassKind) -> Fetched {
+    let at = clock.now();
+    let started = crate::clock::monotonic();
+    let listing = clients
+        .for_company(None)
+        .list_jobs_by_credential(statuses(kind));
+    Fetched {
+        at,
+        took: started.elapsed(),
+        listing,
+    }
+}
+
+fn statuses(kind: PassKind) -> &'static [&'static str] {
+    match kind {
+        PassKind::Recovery => &[status::PENDING, status::IN_PROGRESS],
+        PassKind::Poll | PassKind::Trigger => &[status::PENDING],
+    }
+}
+
+impl Lister<'_> {
+    /// One listing pass over `company` on this thread: [`fetch`], then [`Lister::store_pass`].
+    pub fn pass_company(
+        &self,
+        company: &str,
+        kind: PassKind,
+    ) -> Result<(SyncCounts, bool), SyncError> {
+        let fetched = fetch(self.clients, self.clock, company, kind);
+        self.store_pass(company, kind, fetched)
+    }
+
+    /// Stores a fetched listing: a `sync_runs` row, the jobs upserted, open jobs that left the
+    /// listing read again. Returns the counts and whether new work appeared.
+    pub fn store_pass(
+        &self,
+        company: &str,
+        kind: PassKind,
+        fetched: Fetched,
+    ) -> Result<(SyncCounts, bool), SyncError> {
+        let run = self
+            .store
+            .begin_sync_run(company, kind.as_str(), fetched.at)?;
+        let mut counts = SyncCounts::default();
+        let started = crate::clock::monotonic();
+        let result = match fetched.listing {
+            Ok(listing) => self.store_listing(company, kind, listing, &mut counts),
+            Err(e) => Err(e.into()),
+        };
+        if let Some(m) = self.metrics {
+            m.poll_done(fetched.took + started.elapsed(), result.is_err());
+        }
+        let end = self.clock.now();
+        match &result {
+            Ok(_) => self.store.finish_sync_run(run, end, &counts, None)?,
+            Err(e) => {
+                let msg = e.to_string();
+                self.store.finish_sync_run(run, end, &counts, Some(&msg))?;
+                self.store.journal(
+                    end,
+                    None,
+                    Some(company),
+                    EventKind::SyncFailed,
+                    json!({"pass": kind.as_str(), "error": msg}),
+                )?;
+            }
+        }
+        result.map(|woke| (counts, woke))
+    }
+
+    fn store_listing(
+        &self,
+        company: &str,
+        kind: PassKind,
+        listing: Listing,
+        counts: &mut SyncCounts,
+    ) -> Result<bool, SyncError> {
+        let client = self.clients.for_company(Some(company));
+        counts.pages = listing.pages;
+        counts.seen = listing.jobs.len() as u32;
+        for (id, error) in &listing.rejected {
+            log::warn!(
+                "listing for company {company}: skipped an entry that is not a readable job ({}): {error}",
+                id.as_deref().unwrap_or("no id")
+            );
+            self.store.journal(
+                self.clock.now(),
+                id.as_deref(),
+                Some(company),
+                EventKind::ListingEntrySkipped,
+                json!({"error": error, "pass": kind.as_str()}),
+            )?;
+        }
+        // Pleo: an `in_progress` job found during recovery is an interrupted workflow of ours,
+        // to resume without `started`. That holds at every start (a new, lost or restored
+        // database alike), unless this database recorded the job as someone else's.
+        let source = match kind {
+            PassKind::Recovery if self.resume_unknown_in_progress => Source::Recovery,
+            PassKind::Recovery => Source::RecoveryLeavingInProgress,
+            _ => Source::Poll,
+        };
+        // A listing may carry another company's job if the server ignores the filter: skip it.
+        let (mine, foreign): (Vec<_>, Vec<_>) = listing
+            .jobs
+            .into_iter()
+            .partition(|j| j.company_id == company);
+        if !foreign.is_empty() {
+            log::warn!(
+                "listing for company {company} returned {} jobs of other companies; ignored",
+                foreign.len()
+            );
+        }
+        let now = self.clock.now();
+        let outcomes = self.store.upsert_jobs(&mine, now, source)?;
+        let mut woke = false;
+        for (job, o) in mine.iter().zip(&outcomes) {
+            match o {
+                Upsert::New => {
+                    counts.new += 1;
+                    woke |= job.status == status::PENDING || job.status == status::IN_PROGRESS;
+                }
+                Upsert::Changed => counts.changed += 1,
+                Upsert::Unchanged => {}
+            }
+        }
+        // Open jobs the mirror holds that this listing does not show (left it, or `in_progress`
+        // outside a recovery listing): read them again so the mirror stays true.
+        let seen: HashSet<String> = mine.iter().map(|j| j.id.clone()).collect();
+        for id in self.store.open_jobs_missing(company, &seen)? {
+            counts.reread += 1;
+            match client.get_job(&id) {
+                Ok(job) => {
+                    let now = self.clock.now();
+                    self.store.journal(
+                        now,
+                        Some(&id),
+                        Some(company),
+                        EventKind::LeftListing,
+                        json!({"status": job.status}),
+                    )?;
+                    if self.store.upsert_job(&job, now, Source::Reread)? == Upsert::Changed {
+                        counts.changed += 1;
+                    }
+                }
+                Err(PleoError::Api { status: 404, .. }) => {
+                    log::warn!("job {id} of company {company} is gone from Pleo (404)");
+                    self.store.journal(
+                        self.clock.now(),
+                        Some(&id),
+                        Some(company),
+                        EventKind::LeftListing,
+                        json!({"status": null, "error": "404 EXPORT_NOT_FOUND"}),
+                    )?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(woke)
+    }
+}

@@ -67,6 +67,7 @@ impl Sizes {
                     backlog_jobs: 5,
                     window_secs: 3,
                     webhook_every_ms: 500,
+                    by_credential: false,
                 },
                 ScaleRun {
                     companies: 40,
@@ -76,6 +77,7 @@ impl Sizes {
                     backlog_jobs: 5,
                     window_secs: 3,
                     webhook_every_ms: 500,
+                    by_credential: true,
                 },
             ],
         }
@@ -95,11 +97,15 @@ pub struct ScaleRun {
     /// The steady window, and how often a webhook announces a new job in it.
     pub window_secs: u64,
     pub webhook_every_ms: u64,
+    /// `list_by_credential = true` (one key only).
+    pub by_credential: bool,
 }
 
 /// The full scale runs: one key at 1,000 companies (polls every 60 s need 16.7 of the 20
 /// requests a second), keys of their own at 1,000, 10,000 and 50,000 (polls every 300 s at
-/// 50,000 need 167 listings a second), every answer 50 ms late but the first.
+/// 50,000 need 167 listings a second), and one key listing by credential at 10,000 and 50,000
+/// (listed one by one they would need 33 and 167 requests a second of the 20); every answer
+/// 50 ms late but the first run's.
 fn full_scale_runs() -> Vec<ScaleRun> {
     let run =
         |companies, own_keys, latency_ms, interval_secs, window_secs, webhook_every_ms| ScaleRun {
@@ -110,13 +116,20 @@ fn full_scale_runs() -> Vec<ScaleRun> {
             backlog_jobs: 100,
             window_secs,
             webhook_every_ms,
+            by_credential: false,
         };
+    let by_credential = |r: ScaleRun| ScaleRun {
+        by_credential: true,
+        ..r
+    };
     vec![
         run(1_000, false, 0, 60, 90, 2_000),
         run(1_000, false, 50, 60, 90, 2_000),
         run(1_000, true, 50, 60, 90, 250),
         run(10_000, true, 50, 300, 120, 250),
         run(50_000, true, 50, 300, 120, 250),
+        by_credential(run(10_000, false, 50, 60, 120, 1_000)),
+        by_credential(run(50_000, false, 50, 60, 120, 1_000)),
     ]
 }
 

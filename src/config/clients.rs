@@ -1,6 +1,6 @@
 //! The Pleo clients a configuration describes: the default credential's (API key or OAuth),
 //! one per company with a key of its own, all over one connection pool; and what the
-//! request budget allows.
+//! request budget allows; whether a reload changes the companies alone.
 
 use std::time::Duration;
 
@@ -94,5 +94,33 @@ impl Config {
         c.requests_per_sec_max = (self.pleo_requests_per_sec_max > 0)
             .then_some(f64::from(self.pleo_requests_per_sec_max));
         c
+    }
+}
+
+impl Config {
+    /// Whether `new` differs from this configuration in its companies alone (`company_ids`,
+    /// `company_ids_file`, `company_api_keys_file`): then a reload applies in place, and the
+    /// companies that stay are not disturbed. Secrets are compared by value (their `Debug`
+    /// hides them).
+    pub fn companies_only_differ(&self, new: &Config) -> bool {
+        let without = |c: &Config| {
+            let mut c = c.clone();
+            c.company_ids.clear();
+            c.company_api_keys.clear();
+            c.companies_listed = 0;
+            format!("{c:?}")
+        };
+        let secrets_same = self.pleo_api_key.expose() == new.pleo_api_key.expose()
+            && match (&self.oauth, &new.oauth) {
+                (Some(a), Some(b)) => a.client_secret.expose() == b.client_secret.expose(),
+                (None, None) => true,
+                _ => false,
+            }
+            && match (&self.webhook, &new.webhook) {
+                (Some(a), Some(b)) => a.secrets.same_as(&b.secrets),
+                (None, None) => true,
+                _ => false,
+            };
+        secrets_same && without(self) == without(new)
     }
 }

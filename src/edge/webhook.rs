@@ -73,6 +73,13 @@ pub fn describe(
 #[derive(Clone, Default)]
 pub struct Secrets(Vec<Vec<u8>>);
 
+impl Secrets {
+    /// The same keys, in the same order.
+    pub fn same_as(&self, other: &Secrets) -> bool {
+        self.0 == other.0
+    }
+}
+
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Secrets({} keys)", self.0.len())

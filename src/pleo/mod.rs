@@ -124,21 +124,24 @@ pub struct Listing {
 }
 
 /// The clients of a service, one per credential: companies with credentials of their own use
-/// theirs, all others the default.
+/// theirs, all others the default. The per-company ones can be replaced while the service runs
+/// (a reload that adds or removes companies).
 #[derive(Debug)]
 pub struct Clients {
     default: std::sync::Arc<PleoClient>,
-    by_company: std::collections::HashMap<String, std::sync::Arc<PleoClient>>,
+    by_company: std::sync::RwLock<ByCompany>,
 }
+
+type ByCompany = std::collections::HashMap<String, std::sync::Arc<PleoClient>>;
 
 impl Clients {
     pub fn new(
         default: std::sync::Arc<PleoClient>,
-        by_company: std::collections::HashMap<String, std::sync::Arc<PleoClient>>,
+        by_company: ByCompany,
     ) -> std::sync::Arc<Clients> {
         std::sync::Arc::new(Clients {
             default,
-            by_company,
+            by_company: std::sync::RwLock::new(by_company),
         })
     }
 
@@ -147,16 +150,36 @@ impl Clients {
         Clients::new(client, Default::default())
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, ByCompany> {
+        self.by_company.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether `company` has a credential of its own (else it shares the default).
     pub fn has_own(&self, company: &str) -> bool {
-        self.by_company.contains_key(company)
+        self.read().contains_key(company)
     }
 
     /// The client holding `company`'s credential (`None`: the default).
-    pub fn for_company(&self, company: Option<&str>) -> &PleoClient {
+    pub fn for_company(&self, company: Option<&str>) -> std::sync::Arc<PleoClient> {
         company
-            .and_then(|c| self.by_company.get(c))
-            .unwrap_or(&self.default)
+            .and_then(|c| self.read().get(c).cloned())
+            .unwrap_or_else(|| self.default.clone())
+    }
+
+    /// The default credential's client.
+    pub fn default_client(&self) -> &std::sync::Arc<PleoClient> {
+        &self.default
+    }
+
+    /// Replaces the per-company clients (a reload): the new set of companies with keys of
+    /// their own, and their clients.
+    pub fn replace_companies(&self, by_company: ByCompany) {
+        *self.by_company.write().unwrap_or_else(|p| p.into_inner()) = by_company;
+    }
+
+    /// The per-company clients now.
+    pub fn companies(&self) -> ByCompany {
+        self.read().clone()
     }
 }
 
@@ -279,6 +302,27 @@ impl PleoClient {
         self.progress = Some(progress);
         self.metrics = Some(metrics);
         self
+    }
+
+    /// A client like this one (same pool, clock, timeouts, budget size and health) that sends
+    /// with `auth` instead, with a request budget of its own.
+    pub fn with_credential(&self, auth: Auth) -> PleoClient {
+        let mut cfg = self.cfg.clone();
+        cfg.auth = auth;
+        let pacer = cfg
+            .requests_per_sec_max
+            .filter(|r| *r > 0.0)
+            .map(|r| crate::pleo::pacer::Pacer::new(r, self.clock.now().0));
+        PleoClient {
+            agent: self.agent.clone(),
+            cfg,
+            clock: self.clock.clone(),
+            rng: Mutex::new(self.cfg.jitter_seed | 1),
+            pacer,
+            progress: self.progress.clone(),
+            metrics: self.metrics.clone(),
+            pleo_offset_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        }
     }
 
     pub fn base_url(&self) -> &str {

@@ -105,7 +105,7 @@ impl HandlerStage {
         self
     }
 
-    pub(crate) fn client(&self, job: &JobRow) -> &PleoClient {
+    pub(crate) fn client(&self, job: &JobRow) -> Arc<PleoClient> {
         self.clients.for_company(Some(&job.company_id))
     }
 

@@ -123,7 +123,7 @@ impl HandlerStage {
         };
         let counts = store.item_counts(&job.id)?;
         let detail = json!({"successful": counts.successful, "failed": counts.failed});
-        crate::processing::send_final(self.client(job), store, &self.clock, job, &event, detail)??;
+        crate::processing::send_final(&self.client(job), store, &self.clock, job, &event, detail)??;
         let name = f.event.as_str();
         log::info!(
             "job {} of company {}: sent {name} ({} successful, {} failed)",

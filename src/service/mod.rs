@@ -15,6 +15,7 @@
 pub mod events;
 pub mod notify;
 pub mod processor;
+pub mod reload;
 pub mod sync;
 pub mod systemd;
 
@@ -44,6 +45,8 @@ pub struct Service {
     /// The counters `/metrics` shows.
     pub metrics: Arc<Metrics>,
     stopping: Arc<crate::health::Stopping>,
+    /// What a reload that changes the companies alone needs (see [`Service::apply_companies`]).
+    reload: reload::Reloadable,
     /// One service per database, for as long as this value lives.
     _lock: crate::store::DbLock,
 }
@@ -76,11 +79,12 @@ pub struct EventEdge {
     pub counters: Arc<crate::edge::webhook::Counters>,
 }
 
-/// One processor lane and the channel that wakes it.
+/// One processor lane, the channel that wakes it, and the one that changes its companies.
 pub struct Lane {
     pub name: String,
     pub processor: Processor,
     pub wake: Receiver<()>,
+    pub companies: Receiver<Vec<String>>,
 }
 
 /// The workers, built from one configuration but not yet running. The service runs each on
@@ -92,6 +96,29 @@ pub struct Workers {
     pub progress: Arc<Progress>,
     pub metrics: Arc<Metrics>,
     pub stopping: Arc<crate::health::Stopping>,
+    /// Every credential's client (the per-company ones can be replaced by a reload).
+    pub clients: Arc<crate::pleo::Clients>,
+    /// Each lane's companies, and where to send it new ones.
+    pub lane_companies: Vec<(Sender<Vec<String>>, Vec<String>)>,
+}
+
+/// Sets `jobmirror_poll_interval_min_seconds`, and warns when the request budget cannot keep
+/// `poll_interval_secs` for the companies served (at start-up, and when a reload changes them).
+fn announce_budget(cfg: &Config, metrics: &Metrics) {
+    if let Some(min) = cfg.poll_interval_min() {
+        let min_secs = min.as_secs_f64().ceil() as u64;
+        metrics
+            .poll_interval_min_secs
+            .store(min_secs, std::sync::atomic::Ordering::Relaxed);
+        if min > cfg.poll_interval {
+            log::warn!(
+                "poll_interval_secs = {} cannot be kept: {} companies share one credential paced at {} requests/s, so a round of their listings takes at least {min_secs} s, and polls will come about that often (raise pleo_requests_per_sec_max if Pleo allows it, give companies keys of their own, or split them with shard)",
+                cfg.poll_interval.as_secs(),
+                cfg.companies_sharing_default(),
+                cfg.pleo_requests_per_sec_max
+            );
+        }
+    }
 }
 
 /// Company `i` (in configuration order) goes to lane `i % lanes`: a company's jobs always run
@@ -142,9 +169,12 @@ impl Workers {
         let groups = split_lanes(&cfg.company_ids, cfg.lanes);
         let mut lanes = Vec::new();
         let mut wakes = Vec::new();
+        let mut lane_companies = Vec::new();
         for (i, companies) in groups.into_iter().enumerate() {
             let (wake_tx, wake_rx) = bounded::<()>(1);
             wakes.push(wake_tx);
+            let (companies_tx, companies_rx) = crossbeam_channel::unbounded::<Vec<String>>();
+            lane_companies.push((companies_tx, companies.clone()));
             let stage = crate::processing::pipeline::HandlerStage::new(
                 client.clone(),
                 clock.clone(),
@@ -178,6 +208,7 @@ impl Workers {
                 name,
                 processor,
                 wake: wake_rx,
+                companies: companies_rx,
             });
         }
         let pool = crate::service::sync::pool::ListingPool::start(
@@ -188,7 +219,7 @@ impl Workers {
                 stopping: Some(stopping.clone()),
             },
         )?;
-        let mirror = Mirror::new(sync_store, client, clock, cfg.company_ids.clone())
+        let mirror = Mirror::new(sync_store, client.clone(), clock, cfg.company_ids.clone())
             .with_pool(pool)
             .with_wake(wakes)
             .with_metrics(metrics.clone())
@@ -204,6 +235,8 @@ impl Workers {
             progress,
             metrics,
             stopping,
+            clients: client,
+            lane_companies,
         })
     }
 }
@@ -214,6 +247,19 @@ fn bind(what: &str, addr: &str) -> anyhow::Result<std::net::TcpListener> {
 }
 
 impl Service {
+    /// Applies a reload that changes the companies alone, in place (see [`reload`]); the
+    /// caller checks [`Config::companies_only_differ`] first.
+    pub fn apply_companies(&mut self, new: &Config) -> anyhow::Result<reload::CompaniesChanged> {
+        let changed = self.reload.apply(new)?;
+        announce_budget(new, &self.metrics);
+        Ok(changed)
+    }
+
+    /// The configuration running now (a reload of the companies alone replaces it).
+    pub fn reload_cfg(&self) -> &Config {
+        &self.reload.cfg
+    }
+
     /// Opens the store (applying migrations), then starts the threads.
     pub fn start(
         cfg: &Config,
@@ -254,7 +300,10 @@ impl Service {
             progress,
             metrics,
             stopping,
+            clients,
+            lane_companies,
         } = Workers::build(cfg, clock.clone(), milestones)?;
+        let (companies_tx, companies_rx) = crossbeam_channel::unbounded::<Vec<String>>();
         let instance_store = Store::connect(&cfg.db)?;
         let mut threads = Vec::new();
         let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| -> anyhow::Result<()> {
@@ -319,19 +368,28 @@ impl Service {
         spawn(
             "jm-sync".into(),
             Box::new(move || {
-                sync::run::run(mirror, interval, trigger_rx, nudge_rx, sd, Some(alive));
+                sync::run::run(
+                    mirror,
+                    interval,
+                    trigger_rx,
+                    nudge_rx,
+                    companies_rx,
+                    sd,
+                    Some(alive),
+                );
             }),
         )?;
         for lane in lanes {
             let (sd, alive, rounds) = (shutdown_rx.clone(), progress.clone(), rounds.clone());
             progress.expect(&lane.name);
-            let (processor, wake) = (lane.processor, lane.wake);
+            let (processor, wake, lane_rx) = (lane.processor, lane.wake, lane.companies);
             spawn(
                 lane.name,
                 Box::new(move || {
                     processor::run(
                         processor,
                         wake,
+                        lane_rx,
                         sd,
                         rounds,
                         alive.tick().min(Duration::from_secs(60)),
@@ -386,20 +444,7 @@ impl Service {
             cfg.poll_interval.as_secs(),
             std::sync::atomic::Ordering::Relaxed,
         );
-        if let Some(min) = cfg.poll_interval_min() {
-            let min_secs = min.as_secs_f64().ceil() as u64;
-            metrics
-                .poll_interval_min_secs
-                .store(min_secs, std::sync::atomic::Ordering::Relaxed);
-            if min > cfg.poll_interval {
-                log::warn!(
-                    "poll_interval_secs = {} cannot be kept: {} companies share one credential paced at {} requests/s, so a round of their listings takes at least {min_secs} s, and polls will come about that often (raise pleo_requests_per_sec_max if Pleo allows it, give companies keys of their own, or split them with shard)",
-                    cfg.poll_interval.as_secs(),
-                    cfg.companies_sharing_default(),
-                    cfg.pleo_requests_per_sec_max
-                );
-            }
-        }
+        announce_budget(cfg, &metrics);
         if let Err(e) = instance_store.register_instance(std::process::id(), started_at) {
             log::warn!("could not record this process for `jobmirror trigger`: {e}");
         }
@@ -415,6 +460,12 @@ impl Service {
             progress,
             metrics,
             stopping,
+            reload: reload::Reloadable {
+                companies: companies_tx,
+                lanes: lane_companies,
+                clients,
+                cfg: cfg.clone(),
+            },
             _lock: lock,
         })
     }

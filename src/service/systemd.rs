@@ -43,16 +43,18 @@ pub fn run(
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
     let notifier = crate::service::notify::Notifier::from_env().map(Arc::new);
-    let service = Service::start(cfg, clock, None)?;
+    let mut service = Service::start(cfg, clock, None)?;
     let status_store = Store::open_read_only(&cfg.db)?;
-    let companies = cfg.company_ids.len();
+    // The company count changes with a reload that changes the companies alone.
+    let companies = Arc::new(std::sync::atomic::AtomicUsize::new(cfg.company_ids.len()));
     // A refused reload stays in the STATUS line (and `jobmirror_config_reload_refused`) until
     // a reload is taken, which restarts the process in place.
     let refused_reload: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let status = {
-        let refused = refused_reload.clone();
+        let (refused, companies) = (refused_reload.clone(), companies.clone());
         move |store: &Store| {
-            let line = status_line(store, companies);
+            let n = companies.load(std::sync::atomic::Ordering::Relaxed);
+            let line = status_line(store, n);
             match refused.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
                 Some(e) => format!("reload refused ({e}); {line}"),
                 None => line,
@@ -107,6 +109,32 @@ pub fn run(
                 service.trigger();
             }
             SIGHUP => match Config::load(config_file) {
+                Ok(new) if service.reload_cfg().companies_only_differ(&new) => {
+                    match service.apply_companies(&new) {
+                        Ok(changed) => {
+                            log::info!(
+                                "SIGHUP: the configuration changes the companies alone; applied in place ({} added, {} removed; jobs in hand go on)",
+                                changed.added.len(),
+                                changed.removed.len()
+                            );
+                            companies
+                                .store(new.company_ids.len(), std::sync::atomic::Ordering::Relaxed);
+                            service
+                                .metrics
+                                .reload_refused
+                                .store(0, std::sync::atomic::Ordering::Relaxed);
+                            // The watchdog thread's next STATUS= line shows the new count.
+                            *refused_reload.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        }
+                        Err(e) => {
+                            log::error!(
+                                "SIGHUP: applying the new companies failed ({e}); restarting in place to apply them"
+                            );
+                            stop = Stop::Reload;
+                            break;
+                        }
+                    }
+                }
                 Ok(_) => {
                     log::info!(
                         "SIGHUP: the configuration is valid; restarting in place to apply it"

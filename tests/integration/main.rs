@@ -18,6 +18,7 @@ mod ops;
 mod processing;
 mod processor;
 mod reliability;
+mod reload;
 mod replay;
 mod scale;
 mod standby;

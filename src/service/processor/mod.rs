@@ -107,6 +107,9 @@ pub struct Processor {
     /// What this lane last added to `companies_not_ready`.
     not_ready_shown: u64,
     stopping: Option<Arc<crate::health::Stopping>>,
+    /// Companies a reload removed while a job of theirs was in hand: served for that job
+    /// alone (nothing new is claimed) until it is finished or handed back.
+    leaving: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -138,6 +141,7 @@ impl Processor {
             metrics: None,
             not_ready_shown: 0,
             stopping: None,
+            leaving: Vec::new(),
         }
     }
 
@@ -177,6 +181,52 @@ impl Processor {
         &self.store
     }
 
+    /// The companies this lane serves from now on (a reload). A company dropped while a job
+    /// of its is in hand stays until that job is finished or handed back; one added starts
+    /// once its recovery pass has completed.
+    pub fn set_companies(&mut self, companies: Vec<String>) {
+        let keep: HashSet<&String> = companies.iter().collect();
+        let mut leaving: Vec<String> = self
+            .companies
+            .iter()
+            .chain(&self.leaving)
+            .filter(|c| !keep.contains(c))
+            .cloned()
+            .collect();
+        leaving.sort();
+        leaving.dedup();
+        self.leaving = leaving;
+        self.companies = companies;
+    }
+
+    /// The companies this lane serves (not those leaving).
+    pub fn companies(&self) -> &[String] {
+        &self.companies
+    }
+
+    /// Tends the job in hand of each company that is leaving; one with none has left.
+    fn tend_leaving(&mut self, report: &mut RoundReport) {
+        for company in std::mem::take(&mut self.leaving) {
+            match self.store.active_job(&company) {
+                Ok(Some(job)) => {
+                    if let Err(e) = self.tend(job, report) {
+                        report.errors.push(format!("{company}: {e}"));
+                    }
+                    self.leaving.push(company);
+                }
+                Ok(None) => {
+                    self.not_ready.remove(&company);
+                    self.paused_until.remove(&company);
+                    log::info!("company {company} is no longer served here (no job in hand)");
+                }
+                Err(e) => {
+                    report.errors.push(format!("{company}: {e}"));
+                    self.leaving.push(company);
+                }
+            }
+        }
+    }
+
     /// One round over every company.
     pub fn round(&mut self) -> RoundReport {
         let mut report = RoundReport::default();
@@ -205,6 +255,9 @@ impl Processor {
         self.paused_until.retain(|_, until| *until > now);
         for until in self.paused_until.values() {
             report.due(*until);
+        }
+        if !self.leaving.is_empty() {
+            self.tend_leaving(&mut report);
         }
         for company in self.companies.clone() {
             if self.stopping.as_ref().is_some_and(|s| s.is_set()) {
@@ -290,11 +343,13 @@ impl Processor {
 pub fn run(
     mut processor: Processor,
     wake: Receiver<()>,
+    companies: Receiver<Vec<String>>,
     shutdown: Receiver<()>,
     progress: Option<Sender<RoundReport>>,
     idle_max: Duration,
     alive: Option<Arc<crate::health::Progress>>,
 ) {
+    let mut companies = companies;
     loop {
         if let Some(a) = &alive {
             a.beat();
@@ -314,6 +369,10 @@ pub fn run(
             recv(wake) -> msg => {
                 if msg.is_err() { return; }
                 processor.recheck_now();
+            },
+            recv(companies) -> list => match list {
+                Ok(list) => processor.set_companies(list),
+                Err(_) => companies = crossbeam_channel::never(),
             },
             default(wait) => {}
         }

@@ -158,7 +158,7 @@ impl Processor {
         };
         let client = self.clients.for_company(Some(&job.company_id));
         let detail = json!({"why": "not ready before the deadline", "from": job.status});
-        if let Err(e) = send_final(client, &self.store, &self.clock, job, &event, detail)? {
+        if let Err(e) = send_final(&client, &self.store, &self.clock, job, &event, detail)? {
             log::warn!("job {}: sending `failed` (not ready) failed: {e}", job.id);
             report.errors.push(format!("{}: {e}", job.id));
             report.due(self.clock.now().plus(Duration::from_secs(5)));

@@ -4,7 +4,7 @@
 //! as if it had been listed alone (its own `sync_runs` row, counts, re-reads, failures). What
 //! Pleo returns across companies for one credential is not documented, hence opt-in: jobs of
 //! companies not served with the credential are ignored, and a webhook-named company is still
-//! listed by itself.
+//! listed by itself. Here too: which companies are served, as a reload changes them.
 
 use std::collections::HashMap;
 
@@ -17,17 +17,53 @@ impl Mirror {
     /// With `yes`, the companies without credentials of their own are listed together (when
     /// there are at least two).
     pub fn with_listing_by_credential(mut self, yes: bool) -> Mirror {
+        self.by_credential = yes;
+        self.regroup();
+        self
+    }
+
+    /// Works out the group listed together again (the companies or their keys changed).
+    pub(crate) fn regroup(&mut self) {
         let group: Vec<String> = self
             .companies
             .iter()
             .filter(|c| !self.clients.has_own(c))
             .cloned()
             .collect();
-        if yes && group.len() > 1 {
+        if self.by_credential && group.len() > 1 {
             self.group_set = group.iter().cloned().collect();
             self.group = Some(group);
+        } else {
+            self.group = None;
+            self.group_set.clear();
         }
-        self
+    }
+
+    /// The companies to serve from now on (a reload): returns those added and those removed.
+    /// Added ones get a recovery pass before their polls (the caller runs it); removed ones
+    /// are no longer listed, and their webhooks are answered as not served here. The others'
+    /// state (recovered, failing, polls under way) is kept.
+    pub fn set_companies(&mut self, companies: Vec<String>) -> (Vec<String>, Vec<String>) {
+        let new: std::collections::HashSet<String> = companies.iter().cloned().collect();
+        let added: Vec<String> = companies
+            .iter()
+            .filter(|c| !self.served.contains(*c))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = self
+            .companies
+            .iter()
+            .filter(|c| !new.contains(*c))
+            .cloned()
+            .collect();
+        for c in &removed {
+            self.failing.remove(c);
+        }
+        self.count_failing();
+        self.companies = companies;
+        self.served = new;
+        self.regroup();
+        (added, removed)
     }
 
     /// What the poll schedule spreads over the interval: each company, or, listing by

@@ -89,6 +89,7 @@ pub struct Mirror {
     /// Listing by credential: the companies sharing the default credential, listed together.
     group: Option<Vec<String>>,
     group_set: HashSet<String>,
+    by_credential: bool,
 }
 
 impl Mirror {
@@ -117,6 +118,7 @@ impl Mirror {
             polled: PassReport::default(),
             group: None,
             group_set: HashSet::new(),
+            by_credential: false,
         }
     }
 

@@ -21,6 +21,7 @@ pub fn run(
     interval: std::time::Duration,
     trigger: Receiver<()>,
     nudge: Receiver<()>,
+    companies: Receiver<Vec<String>>,
     shutdown: Receiver<()>,
     progress: Option<Arc<crate::health::Progress>>,
 ) {
@@ -35,6 +36,7 @@ pub fn run(
         }
     };
     let mut nudge = nudge;
+    let mut companies = companies;
     // Returns when to act on deliveries again: a deferred delivery's retry, or soon after a
     // failure of the database.
     let deliveries = |mirror: &mut Mirror| match mirror.process_deliveries() {
@@ -64,7 +66,7 @@ pub fn run(
     let mut retry_at = deliveries(&mut mirror);
     let mut last_pass = ms();
     // Listing by credential, the companies sharing the default credential are one entry.
-    let keys = mirror.poll_keys();
+    let mut keys = mirror.poll_keys();
     let mut schedule = PollSchedule::new(&keys, interval, ms());
     let polls_done = mirror.pool_done();
     loop {
@@ -79,12 +81,33 @@ pub fn run(
                 if msg.is_err() { return; }
                 beat();
                 let report = mirror.pass(PassKind::Trigger);
-                log_pass(PassKind::Trigger, all.len(), &report);
+                log_pass(PassKind::Trigger, mirror.companies.len(), &report);
                 // "Check now" also means: run failed readiness checks again now.
                 mirror.wake_processors();
                 let now = ms();
                 for c in &keys {
                     schedule.done(c, now);
+                }
+            }
+            recv(companies) -> list => {
+                let Ok(list) = list else {
+                    // Nothing will change the companies again.
+                    companies = crossbeam_channel::never();
+                    continue;
+                };
+                let (added, removed) = mirror.set_companies(list);
+                keys = mirror.poll_keys();
+                schedule.set_keys(&keys, ms());
+                log::info!(
+                    "companies changed: {} added, {} removed, {} served",
+                    added.len(),
+                    removed.len(),
+                    mirror.companies.len()
+                );
+                if !added.is_empty() {
+                    // New companies start with their recovery pass, as at start-up.
+                    let report = mirror.pass_companies(PassKind::Recovery, &added);
+                    log_pass(PassKind::Recovery, added.len(), &report);
                 }
             }
             recv(polls_done) -> d => {

@@ -61,6 +61,20 @@ impl PollSchedule {
         }
     }
 
+    /// The companies change (a reload): those gone leave the schedule, new ones get their
+    /// offset within one interval from `now_ms`, and the others keep their times.
+    pub fn set_keys(&mut self, companies: &[String], now_ms: i64) {
+        let keep: std::collections::HashSet<&String> = companies.iter().collect();
+        self.due.retain(|c, _| keep.contains(c));
+        let interval_ms = self.interval_ms;
+        for c in companies {
+            self.due.entry(c.clone()).or_insert_with(|| {
+                let offset = (mix(c, 0) % interval_ms as u64) as i64;
+                (now_ms + offset, 0)
+            });
+        }
+    }
+
     pub fn next_due(&self) -> Option<i64> {
         self.due.values().map(|(t, _)| *t).min()
     }

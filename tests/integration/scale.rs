@@ -61,14 +61,7 @@ fn listings_run_side_by_side_in_the_listing_pool() {
     assert!(times.len() >= 64, "{} listings", times.len());
     // The most listings that arrived within any 100 ms: one at a time would be 1 (each waits
     // for the answer before the next); the pool's 8 threads send up to 8.
-    let mut most = 0;
-    let mut j = 0;
-    for i in 0..times.len() {
-        while times[i] - times[j] >= 100 {
-            j += 1;
-        }
-        most = most.max(i - j + 1);
-    }
+    let most = crate::operations::most_within(&times, 100);
     eprintln!("{most} listings within 100 ms");
     assert!(
         (4..=8).contains(&most),

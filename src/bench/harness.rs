@@ -206,22 +206,7 @@ impl ServiceChild {
         env: &[(&str, String)],
     ) -> anyhow::Result<(ServiceChild, Duration)> {
         let t0 = Instant::now();
-        let mut cmd = Command::new(exe);
-        cmd.arg("run")
-            .env_clear()
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // libfaketime's variables pass through, so a run under `faketime` shares one clock.
-        for (k, v) in std::env::vars_os() {
-            let name = k.to_string_lossy();
-            if name == "LD_PRELOAD" || name.starts_with("FAKETIME") {
-                cmd.env(&k, v);
-            }
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut s = ServiceChild::spawn_with(cmd)?;
+        let mut s = ServiceChild::spawn(exe, env)?;
         s.wait_line("recovery pass", Duration::from_secs(60))?;
         Ok((s, t0.elapsed()))
     }
@@ -233,6 +218,14 @@ impl ServiceChild {
             .env_clear()
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // libfaketime's variables pass through, so a run under `faketime` shares one clock
+        // (webhooks signed here verify there).
+        for (k, v) in std::env::vars_os() {
+            let name = k.to_string_lossy();
+            if name == "LD_PRELOAD" || name.starts_with("FAKETIME") {
+                cmd.env(&k, v);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -6,9 +6,12 @@
 //! mirror stays true; a company is polled for `pending` only after a recovery pass (`pending`
 //! and `in_progress`) has succeeded for it.
 //!
-//! Files: this one owns the mirror and its listing passes; `deliveries` turns stored webhook
-//! deliveries into detection, `schedule` spreads the companies' polls over the interval, and
-//! `run` is the thread's loop.
+//! Files: this one owns the mirror's books (recovered, failing, wakes) and runs passes;
+//! `pass` names their kinds and errors, `listing` is one company's pass (fetch, then store),
+//! `pool` runs fetches side by side, `credential` lists the default credential's companies
+//! together (opt-in) and changes the companies served, `deliveries` turns stored webhook
+//! deliveries into detection, `schedule` spreads the polls over the interval, and `run` is the
+//! thread's loop.
 
 use std::collections::HashSet;
 use std::sync::Arc;

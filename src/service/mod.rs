@@ -247,17 +247,17 @@ fn bind(what: &str, addr: &str) -> anyhow::Result<std::net::TcpListener> {
 }
 
 impl Service {
-    /// Applies a reload that changes the companies alone, in place (see [`reload`]); the
-    /// caller checks [`Config::companies_only_differ`] first.
-    pub fn apply_companies(&mut self, new: &Config) -> anyhow::Result<reload::CompaniesChanged> {
+    /// Applies a reload that changes the companies alone, in place (see [`reload`]); `None`
+    /// when `new` changes more (the caller restarts in place).
+    pub fn apply_companies(
+        &mut self,
+        new: &Config,
+    ) -> anyhow::Result<Option<reload::CompaniesChanged>> {
         let changed = self.reload.apply(new)?;
-        announce_budget(new, &self.metrics);
+        if changed.is_some() {
+            announce_budget(new, &self.metrics);
+        }
         Ok(changed)
-    }
-
-    /// The configuration running now (a reload of the companies alone replaces it).
-    pub fn reload_cfg(&self) -> &Config {
-        &self.reload.cfg
     }
 
     /// Opens the store (applying migrations), then starts the threads.

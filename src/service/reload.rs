@@ -31,13 +31,12 @@ pub struct CompaniesChanged {
 }
 
 impl Reloadable {
-    /// Applies `new`, which must differ from the running configuration in its companies alone
-    /// ([`Config::companies_only_differ`]).
-    pub fn apply(&mut self, new: &Config) -> anyhow::Result<CompaniesChanged> {
-        anyhow::ensure!(
-            self.cfg.companies_only_differ(new),
-            "the new configuration changes more than the companies"
-        );
+    /// Applies `new` if it differs from the running configuration in its companies alone
+    /// ([`Config::companies_only_differ`]); `None` (nothing done) when more changed.
+    pub fn apply(&mut self, new: &Config) -> anyhow::Result<Option<CompaniesChanged>> {
+        if !self.cfg.companies_only_differ(new) {
+            return Ok(None);
+        }
         // Keys of their own: a company whose key is unchanged keeps its client.
         let old = self.clients.companies();
         let mut by_company = HashMap::new();
@@ -95,6 +94,6 @@ impl Reloadable {
             .send(new.company_ids.clone())
             .map_err(|_| anyhow::anyhow!("the sync thread has stopped"))?;
         self.cfg = new.clone();
-        Ok(changed)
+        Ok(Some(changed))
     }
 }

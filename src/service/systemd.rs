@@ -108,34 +108,31 @@ pub fn run(
                 log::info!("SIGUSR1: running detection now");
                 service.trigger();
             }
-            SIGHUP => match Config::load(config_file) {
-                Ok(new) if service.reload_cfg().companies_only_differ(&new) => {
-                    match service.apply_companies(&new) {
-                        Ok(changed) => {
-                            log::info!(
-                                "SIGHUP: the configuration changes the companies alone; applied in place ({} added, {} removed; jobs in hand go on)",
-                                changed.added.len(),
-                                changed.removed.len()
-                            );
-                            companies
-                                .store(new.company_ids.len(), std::sync::atomic::Ordering::Relaxed);
-                            service
-                                .metrics
-                                .reload_refused
-                                .store(0, std::sync::atomic::Ordering::Relaxed);
-                            // The watchdog thread's next STATUS= line shows the new count.
-                            *refused_reload.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                        }
-                        Err(e) => {
-                            log::error!(
-                                "SIGHUP: applying the new companies failed ({e}); restarting in place to apply them"
-                            );
-                            stop = Stop::Reload;
-                            break;
-                        }
-                    }
+            SIGHUP => match Config::load(config_file)
+                .map(|new| (service.apply_companies(&new), new))
+            {
+                Ok((Ok(Some(changed)), new)) => {
+                    log::info!(
+                        "SIGHUP: the configuration changes the companies alone; applied in place ({} added, {} removed; jobs in hand go on)",
+                        changed.added.len(),
+                        changed.removed.len()
+                    );
+                    companies.store(new.company_ids.len(), std::sync::atomic::Ordering::Relaxed);
+                    service
+                        .metrics
+                        .reload_refused
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
+                    // The watchdog thread's next STATUS= line shows the new count.
+                    *refused_reload.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
-                Ok(_) => {
+                Ok((Err(e), _)) => {
+                    log::error!(
+                        "SIGHUP: applying the new companies failed ({e}); restarting in place to apply them"
+                    );
+                    stop = Stop::Reload;
+                    break;
+                }
+                Ok((Ok(None), _)) => {
                     log::info!(
                         "SIGHUP: the configuration is valid; restarting in place to apply it"
                     );

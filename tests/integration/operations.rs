@@ -15,6 +15,16 @@ use crate::cli::{Reaper, cmd, lines, signal, wait_exit, wait_for};
 const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
 const B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
 
+/// The webhook receiver's address, from the service's start-up line.
+pub(crate) fn hook_addr(seen: &[String]) -> std::net::SocketAddr {
+    seen.iter()
+        .find_map(|l| l.split("webhook receiver listening on ").nth(1))
+        .unwrap()
+        .trim_end_matches("/webhooks/pleo")
+        .parse()
+        .unwrap()
+}
+
 /// The most of `times` (sorted, ms) that fall within any `window_ms`.
 pub(crate) fn most_within(times: &[i64], window_ms: i64) -> usize {
     let (mut most, mut j) = (0, 0);
@@ -224,13 +234,7 @@ fn metrics_expose_jobs_claims_api_calls_webhooks_and_handler_results() {
         ],
     );
     wait_for(&rx, "sent completed_with_errors", &mut seen);
-    let hook: std::net::SocketAddr = seen
-        .iter()
-        .find_map(|l| l.split("webhook receiver listening on ").nth(1))
-        .unwrap()
-        .trim_end_matches("/webhooks/pleo")
-        .parse()
-        .unwrap();
+    let hook = hook_addr(&seen);
     let body = br#"{"data":{"id":"m-2","companyId":"x"},"eventType":"v1.export-job.created","eventId":"e"}"#;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

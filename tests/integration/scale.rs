@@ -26,10 +26,27 @@ fn listed_company(q: &jobmirror::sandbox::LoggedRequest) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn ids_file(dir: &std::path::Path, companies: &[String]) -> String {
+/// `jobmirror run` (as [`start`]) serving `companies`, listed in `company_ids_file`.
+fn start_with(
+    dir: &std::path::Path,
+    f: &FakePleo,
+    companies: &[String],
+    extra: &[(&str, &str)],
+) -> (
+    crate::cli::Reaper,
+    crossbeam_channel::Receiver<String>,
+    Vec<String>,
+) {
     let path = dir.join("companies.txt");
     std::fs::write(&path, companies.join("\n")).unwrap();
-    path.display().to_string()
+    let path = path.display().to_string();
+    let mut env = vec![
+        ("JOBMIRROR_COMPANY_IDS", ""),
+        ("JOBMIRROR_COMPANY_IDS_FILE", path.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    let (reaper, rx, _sock, _addr, seen) = start(dir, &f.base_url(), &env);
+    (reaper, rx, seen)
 }
 
 #[test]
@@ -39,13 +56,11 @@ fn listings_run_side_by_side_in_the_listing_pool() {
     f.set_latency(Duration::from_millis(100));
     let dir = tempfile::tempdir().unwrap();
     let all = companies(64);
-    let ids = ids_file(dir.path(), &all);
-    let (reaper, rx, _sock, _addr, mut seen) = start(
+    let (reaper, rx, mut seen) = start_with(
         dir.path(),
-        &f.base_url(),
+        &f,
+        &all,
         &[
-            ("JOBMIRROR_COMPANY_IDS", ""),
-            ("JOBMIRROR_COMPANY_IDS_FILE", &ids),
             ("JOBMIRROR_PLEO_REQUESTS_PER_SEC_MAX", "0"),
             ("JOBMIRROR_LISTING_THREADS", "8"),
         ],
@@ -77,13 +92,11 @@ fn a_webhook_named_company_goes_ahead_of_a_backlog_of_due_polls() {
     // 200 companies polled every second on a budget of 40 requests a second: polls are
     // always due, far more than the budget lets through.
     let all = companies(200);
-    let ids = ids_file(dir.path(), &all);
-    let (reaper, rx, _sock, _addr, mut seen) = start(
+    let (reaper, rx, mut seen) = start_with(
         dir.path(),
-        &f.base_url(),
+        &f,
+        &all,
         &[
-            ("JOBMIRROR_COMPANY_IDS", ""),
-            ("JOBMIRROR_COMPANY_IDS_FILE", &ids),
             ("JOBMIRROR_POLL_INTERVAL_SECS", "1"),
             ("JOBMIRROR_PLEO_REQUESTS_PER_SEC_MAX", "40"),
             ("JOBMIRROR_LISTING_THREADS", "4"),
@@ -92,13 +105,7 @@ fn a_webhook_named_company_goes_ahead_of_a_backlog_of_due_polls() {
         ],
     );
     crate::cli::wait_for(&rx, "recovery pass over 200 companies", &mut seen);
-    let hook: std::net::SocketAddr = seen
-        .iter()
-        .find_map(|l| l.split("webhook receiver listening on ").nth(1))
-        .unwrap()
-        .trim_end_matches("/webhooks/pleo")
-        .parse()
-        .unwrap();
+    let hook = crate::operations::hook_addr(&seen);
     // Let the backlog build: polls of other companies keep arriving.
     let before = f.requests().len();
     assert!(
@@ -184,15 +191,11 @@ fn the_service_lists_by_credential_when_asked() {
         })
         .unwrap();
     }
-    let ids = ids_file(dir.path(), &all);
-    let (reaper, rx, _sock, _addr, mut seen) = start(
+    let (reaper, rx, mut seen) = start_with(
         dir.path(),
-        &f.base_url(),
-        &[
-            ("JOBMIRROR_COMPANY_IDS", ""),
-            ("JOBMIRROR_COMPANY_IDS_FILE", &ids),
-            ("JOBMIRROR_LIST_BY_CREDENTIAL", "true"),
-        ],
+        &f,
+        &all,
+        &[("JOBMIRROR_LIST_BY_CREDENTIAL", "true")],
     );
     crate::cli::wait_for(&rx, "recovery pass over 30 companies", &mut seen);
     let done = |r: &[jobmirror::sandbox::LoggedRequest]| {

@@ -199,11 +199,6 @@ impl Processor {
         self.companies = companies;
     }
 
-    /// The companies this lane serves (not those leaving).
-    pub fn companies(&self) -> &[String] {
-        &self.companies
-    }
-
     /// Tends the job in hand of each company that is leaving; one with none has left.
     fn tend_leaving(&mut self, report: &mut RoundReport) {
         for company in std::mem::take(&mut self.leaving) {

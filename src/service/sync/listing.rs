@@ -31,30 +31,28 @@ pub struct Fetched {
 /// Lists `company`'s eligible jobs for a `kind` pass (all pages). Only requests: no database,
 /// so any thread can do it.
 pub fn fetch(clients: &Clients, clock: &SharedClock, company: &str, kind: PassKind) -> Fetched {
-    let statuses: &[&str] = match kind {
-        PassKind::Recovery => &[status::PENDING, status::IN_PROGRESS],
-        PassKind::Poll | PassKind::Trigger => &[status::PENDING],
-    };
-    let at = clock.now();
-    let started = crate::clock::monotonic();
-    let listing = clients
-        .for_company(Some(company))
-        .list_jobs(company, statuses);
-    Fetched {
-        at,
-        took: started.elapsed(),
-        listing,
-    }
+    timed(clock, || {
+        clients
+            .for_company(Some(company))
+            .list_jobs(company, statuses(kind))
+    })
 }
 
 /// Lists the jobs of every company the default credential sees, for a `kind` pass (all pages,
 /// no company named: see [`crate::service::sync::credential`]).
 pub fn fetch_by_credential(clients: &Clients, clock: &SharedClock, kind: PassKind) -> Fetched {
+    timed(clock, || {
+        clients
+            .for_company(None)
+            .list_jobs_by_credential(statuses(kind))
+    })
+}
+
+/// Runs a listing, noting when it began and how long it took.
+fn timed(clock: &SharedClock, list: impl FnOnce() -> Result<Listing, PleoError>) -> Fetched {
     let at = clock.now();
     let started = crate::clock::monotonic();
-    let listing = clients
-        .for_company(None)
-        .list_jobs_by_credential(statuses(kind));
+    let listing = list();
     Fetched {
         at,
         took: started.elapsed(),

@@ -358,11 +358,6 @@ impl Mirror {
         self.pool.is_some()
     }
 
-    /// Routine polls queued or running in the pool.
-    pub fn polls_in_flight(&self) -> usize {
-        self.polling.len()
-    }
-
     /// Keeps the books for one company's pass: recovered, failing, counts.
     fn record(
         &mut self,

@@ -101,10 +101,6 @@ impl ListingPool {
     pub fn done(&self) -> &Receiver<Done> {
         &self.done
     }
-
-    pub fn threads(&self) -> usize {
-        self.threads.len()
-    }
 }
 
 impl Drop for ListingPool {

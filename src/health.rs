@@ -144,6 +144,8 @@ pub struct Metrics {
     /// Routine polls that fell due and have not finished yet (queued for the listing pool, or
     /// running): near the number of companies, polls are falling behind.
     pub polls_waiting: AtomicU64,
+    /// The companies served now (the configuration's and the database's; set when they change).
+    pub companies_served: AtomicU64,
 }
 
 impl Metrics {

@@ -48,6 +48,47 @@ pub enum SubscriptionsAction {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum CompaniesAction {
+    /// Serve a company (or give it another credential; with a new refresh token this is how
+    /// a company is authorized again). The running service starts it within seconds.
+    Add {
+        id: String,
+        /// A file holding the company's own API key.
+        #[arg(long, value_name = "FILE")]
+        api_key_file: Option<PathBuf>,
+        /// A file holding the company's OAuth refresh token (its pair is refreshed and
+        /// rotated by the service from then on; the file is not read again).
+        #[arg(long, value_name = "FILE")]
+        oauth_refresh_token_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every company, from the configuration and the database: source, credential, state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop serving a company once its job in hand (if any) is finished or handed back.
+    Remove {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop serving a company for now (its job in hand is finished first); it keeps its row.
+    Pause {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a paused company again.
+    Resume {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the service until SIGTERM or SIGINT (SIGUSR1 runs detection now).
     Run,
@@ -129,14 +170,27 @@ pub enum Command {
         #[arg(long)]
         url: String,
         /// Where to write the secret (mode 0600); default: the webhook_secret_file setting.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["company", "all"])]
         secret_file: Option<PathBuf>,
+        /// With this company's own credential; its secret is kept in the database and the
+        /// running receiver accepts it within seconds.
+        #[arg(long, value_name = "ID", conflicts_with = "all")]
+        company: Option<String>,
+        /// Make sure every served company with a credential of its own has one subscription
+        /// for --url (idempotent).
+        #[arg(long)]
+        all: bool,
         /// Event types to subscribe to.
         #[arg(long = "event-type", default_value = "v1.export-job.created")]
         event_types: Vec<String>,
         /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Add, list, pause, resume or remove the companies kept in the database.
+    Companies {
+        #[command(subcommand)]
+        action: CompaniesAction,
     },
     /// List or delete this credential's webhook subscriptions at Pleo.
     Subscriptions {

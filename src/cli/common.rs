@@ -154,7 +154,14 @@ pub(super) fn open_report(
 /// file, webhook secret and companies are neither required nor read). Returns whether the
 /// companies were named.
 pub(super) fn operator_config(file: Option<&std::path::Path>) -> anyhow::Result<(Config, bool)> {
-    let cfg = Config::load_for(file, crate::config::Needs::OPERATOR)?;
+    let mut cfg = Config::load_for(file, crate::config::Needs::OPERATOR)?;
+    // The companies kept in the database count as named too.
+    if cfg.db.exists()
+        && let Ok(store) = Store::open_read_only(&cfg.db)
+        && let Ok(rows) = store.company_rows()
+    {
+        cfg = cfg.with_companies(&rows);
+    }
     let named = !cfg.company_ids.is_empty();
     Ok((cfg, named))
 }

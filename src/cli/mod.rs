@@ -9,6 +9,7 @@
 
 mod args;
 mod common;
+mod companies;
 mod pleo;
 mod replay;
 
@@ -179,9 +180,25 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         } => pleo::fake_pleo(&listen, fixture.as_deref(), expires_in, api_key, clock),
         Command::Subscribe {
             url,
+            secret_file: _,
+            company,
+            all,
+            event_types,
+            json,
+        } if company.is_some() || all => crate::cli::companies::subscribe(
+            cli.config.as_deref(),
+            &url,
+            company.as_deref(),
+            &event_types,
+            json,
+            clock,
+        ),
+        Command::Subscribe {
+            url,
             secret_file,
             event_types,
             json,
+            ..
         } => pleo::subscribe(
             cli.config.as_deref(),
             &url,
@@ -190,6 +207,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             json,
             clock,
         ),
+        Command::Companies { action } => companies::run(cli.config.as_deref(), action, clock),
         Command::Subscriptions { action } => {
             pleo::subscriptions(cli.config.as_deref(), action, clock)
         }

@@ -23,19 +23,36 @@ impl Config {
             self.client_with(clock.clone(), agent.clone())?
                 .with_health(progress.clone(), metrics.clone()),
         );
+        // Every company's own OAuth pair goes through one store connection.
+        let oauth = match &self.oauth {
+            Some(o) => Some(pleo::CompanyOAuth {
+                cfg: o.clone(),
+                store: std::sync::Arc::new(std::sync::Mutex::new(crate::store::Store::connect(
+                    &self.db,
+                )?)),
+            }),
+            None => None,
+        };
+        let clients = pleo::Clients::with_oauth(default, oauth);
         let mut by_company = std::collections::HashMap::new();
-        for (company, key) in &self.company_api_keys {
-            let mut c = self.client_config();
-            c.auth = pleo::Auth::ApiKey(key.clone());
-            by_company.insert(
-                company.clone(),
-                std::sync::Arc::new(
-                    pleo::PleoClient::with_agent(c, clock.clone(), agent.clone())?
-                        .with_health(progress.clone(), metrics.clone()),
-                ),
-            );
+        for (company, credential) in self.own_credentials() {
+            by_company.insert(company.clone(), clients.own_client(&company, &credential)?);
         }
-        Ok(pleo::Clients::new(default, by_company))
+        clients.replace_companies(by_company);
+        Ok(std::sync::Arc::new(clients))
+    }
+
+    /// The companies with credentials of their own, and those credentials.
+    pub fn own_credentials(&self) -> Vec<(String, pleo::OwnCredential)> {
+        let keys = self
+            .company_api_keys
+            .iter()
+            .map(|(c, k)| (c.clone(), pleo::OwnCredential::ApiKey(k.clone())));
+        let oauth = self
+            .company_oauth
+            .iter()
+            .map(|c| (c.clone(), pleo::OwnCredential::OAuth));
+        keys.chain(oauth).collect()
     }
 
     /// The Pleo client this configuration describes (API key, or OAuth tokens kept in the
@@ -79,7 +96,7 @@ impl Config {
     pub fn companies_sharing_default(&self) -> usize {
         self.company_ids
             .iter()
-            .filter(|c| !self.company_api_keys.contains_key(*c))
+            .filter(|c| !self.company_api_keys.contains_key(*c) && !self.company_oauth.contains(*c))
             .count()
     }
 
@@ -107,6 +124,7 @@ impl Config {
             let mut c = c.clone();
             c.company_ids.clear();
             c.company_api_keys.clear();
+            c.company_oauth.clear();
             c.companies_listed = 0;
             format!("{c:?}")
         };

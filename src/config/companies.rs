@@ -57,6 +57,24 @@ impl std::fmt::Display for Shard {
     }
 }
 
+/// Whether the database at `db` exists and has rows in `companies` (so a configuration
+/// without `company_ids` still serves someone).
+pub(crate) fn database_has_companies(db: &std::path::Path) -> bool {
+    if !db.exists() {
+        return false;
+    }
+    crate::store::Store::open_read_only(db)
+        .ok()
+        .and_then(|s| {
+            s.conn()
+                .query_row("SELECT EXISTS (SELECT 1 FROM companies)", [], |r| {
+                    r.get::<_, bool>(0)
+                })
+                .ok()
+        })
+        .unwrap_or(false)
+}
+
 /// The form of a company id: letters, digits, `-` and `_` (Pleo's are UUIDs).
 pub(crate) fn is_company_id(c: &str) -> bool {
     !c.is_empty()

@@ -46,7 +46,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "pleo_oauth_refresh_token_file",
         None,
-        "file holding a refresh token: read when the database has none, or after the stored one is refused",
+        "file holding the default credential's refresh token: read when the database has none, or after the stored one is refused (unset: every company needs a pair of its own)",
     ),
     (
         "pleo_oauth_refresh_margin_secs",

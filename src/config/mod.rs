@@ -7,7 +7,8 @@
 //!
 //! Files: this one reads and checks every value into [`Config`]; `keys` lists the keys, their
 //! defaults and meaning; `companies` the company ids (`company_ids_file`) and the shard;
-//! `clients` builds the Pleo clients a configuration describes.
+//! `clients` builds the Pleo clients a configuration describes; `merge` adds the database's
+//! companies.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,9 +19,11 @@ use crate::pleo::{self, Secret};
 mod clients;
 mod companies;
 mod keys;
+mod merge;
 
 pub use companies::Shard;
-use companies::{is_company_id, read_company_ids_file};
+pub(crate) use companies::is_company_id;
+use companies::read_company_ids_file;
 use keys::raw_values;
 pub use keys::{KEYS, Setting, effective, is_key};
 
@@ -84,8 +87,10 @@ pub struct Config {
     pub shard: Shard,
     /// How many companies were listed before the shard took its part.
     pub companies_listed: usize,
-    /// Companies with API keys of their own (`company_api_keys_file`).
+    /// Companies with API keys of their own (`company_api_keys_file`, or the database).
     pub company_api_keys: BTreeMap<String, Secret>,
+    /// Companies with OAuth token pairs of their own (the database; see [`Config::with_companies`]).
+    pub company_oauth: std::collections::BTreeSet<String>,
     /// OAuth 2.0 instead of the API key (`pleo_auth = "oauth"`).
     pub oauth: Option<crate::pleo::oauth::OAuthConfig>,
     /// Client-side pace of API requests (0: none).
@@ -293,7 +298,12 @@ impl Config {
                 token_url,
                 client_id: need("pleo_oauth_client_id")?,
                 client_secret: Secret::new(client_secret),
-                refresh_token_file: Some(PathBuf::from(need("pleo_oauth_refresh_token_file")?)),
+                // Optional: without it the default credential has no pair, and every company
+                // needs one of its own (`jobmirror companies add --oauth-refresh-token-file`).
+                refresh_token_file: get("pleo_oauth_refresh_token_file")
+                    .map(|f| f.trim().to_owned())
+                    .filter(|f| !f.is_empty())
+                    .map(PathBuf::from),
                 refresh_margin: secs("pleo_oauth_refresh_margin_secs", 0)?,
                 timeout: secs("pleo_request_timeout_secs", 1)?,
             })
@@ -362,10 +372,10 @@ impl Config {
                 format!("company {c} has a key but is not in company_ids"),
             ));
         }
-        if company_ids.is_empty() && needs.companies {
+        if company_ids.is_empty() && needs.companies && !companies::database_has_companies(&db) {
             return Err(err(
                 "company_ids",
-                "is required: at least one Pleo company id (here or in company_ids_file)",
+                "is required: at least one Pleo company id (here, in company_ids_file, or added with jobmirror companies add)",
             ));
         }
         if let Some(bad) = company_ids.iter().find(|c| !is_company_id(c)) {
@@ -551,6 +561,7 @@ impl Config {
             shard,
             companies_listed,
             company_api_keys,
+            company_oauth: Default::default(),
             oauth,
             pleo_requests_per_sec_max: {
                 let v = get("pleo_requests_per_sec_max").unwrap_or_default();

@@ -240,6 +240,9 @@ pub type Job = (Delivery, Sender<Result<Stored, String>>);
 /// The HTTP edge: verifies and enqueues; answers after the event thread's commit.
 pub struct WebhookReceiver {
     secrets: Secrets,
+    /// The secrets of companies' own subscriptions (`subscribe --company/--all`), kept by the
+    /// service as they change; accepted beside `secrets`.
+    company_secrets: Arc<std::sync::RwLock<Secrets>>,
     clock: SharedClock,
     queue: Sender<Job>,
     pub counters: Arc<Counters>,
@@ -255,11 +258,33 @@ impl WebhookReceiver {
     ) -> WebhookReceiver {
         WebhookReceiver {
             secrets,
+            company_secrets: Arc::default(),
             clock,
             queue,
             counters,
             commit_wait: Duration::from_secs(10),
         }
+    }
+}
+
+impl WebhookReceiver {
+    /// Where the service puts the companies' own subscription secrets.
+    pub fn company_secrets(&self) -> Arc<std::sync::RwLock<Secrets>> {
+        self.company_secrets.clone()
+    }
+}
+
+impl Secrets {
+    /// `whsec_...` entries that parse (a bad one is skipped and named in the log by position).
+    pub fn parse_each(list: &[String]) -> Secrets {
+        let mut keys = Vec::new();
+        for (i, s) in list.iter().enumerate() {
+            match Secrets::parse(s) {
+                Ok(mut k) => keys.append(&mut k.0),
+                Err(e) => log::warn!("company webhook secret #{} skipped: {e}", i + 1),
+            }
+        }
+        Secrets(keys)
     }
 }
 
@@ -281,7 +306,17 @@ impl Handler for WebhookReceiver {
     fn handle(&self, req: Request) -> Response {
         let now = self.clock.now();
         let checked = signature_headers(&req.head).and_then(|(id, ts, sig)| {
-            verify(&self.secrets, &id, &ts, &sig, &req.body, now).map(|ts| (id, ts))
+            let companies = self
+                .company_secrets
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            let verified = if companies.0.is_empty() {
+                verify(&self.secrets, &id, &ts, &sig, &req.body, now)
+            } else {
+                let all = Secrets(self.secrets.0.iter().chain(&companies.0).cloned().collect());
+                verify(&all, &id, &ts, &sig, &req.body, now)
+            };
+            verified.map(|ts| (id, ts))
         });
         let (webhook_id, ts) = match checked {
             Ok(x) => x,

@@ -156,6 +156,27 @@ impl Admin {
         );
         single(
             &mut o,
+            "jobmirror_companies_served",
+            "gauge",
+            "Companies served now: company_ids and the database's companies, less the paused ones.",
+            &load(&self.metrics.companies_served),
+        );
+        let reauth = self
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .companies_needing_reauthorization()
+            .map(|v| v.len().to_string())
+            .unwrap_or_else(|_| "NaN".into());
+        single(
+            &mut o,
+            "jobmirror_companies_needing_reauthorization",
+            "gauge",
+            "Companies whose own OAuth refresh token was refused: nothing is sent for them until they are authorized again.",
+            &reauth,
+        );
+        single(
+            &mut o,
             "jobmirror_poll_interval_seconds",
             "gauge",
             "The configured poll interval (poll_interval_secs).",

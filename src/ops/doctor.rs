@@ -69,7 +69,7 @@ pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Re
                         "company {c}: the last {} passes failed, the last at {at}: {e}{}",
                         sum.failed_in_a_row,
                         if crate::wire::is_refusal_text(e) {
-                            " (Pleo refuses the credential: fix the key)"
+                            " (Pleo refuses the credential: fix the key, or authorize the company again)"
                         } else {
                             ""
                         }
@@ -87,6 +87,19 @@ pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Re
             (Some(at), None) => ("ok", format!("company {c}: last poll {at}")),
         };
         check("poll", level, detail);
+    }
+    // A company whose own OAuth refresh token was refused is not served until it is
+    // authorized again: its jobs would expire unseen.
+    for (c, r) in crate::ops::reauthorizations(store)? {
+        check(
+            "oauth",
+            "fail",
+            format!(
+                "company {c} needs re-authorization (refused at {}): {}",
+                r["refused_at"].as_str().unwrap_or(""),
+                r["why"].as_str().unwrap_or("")
+            ),
+        );
     }
     let b = store.delivery_backlog()?;
     let (level, detail) = match b.oldest_unprocessed {

@@ -66,18 +66,44 @@ pub(crate) fn job_json(j: &JobRow, now: Millis) -> Value {
 pub fn status(store: &Store, now: Millis) -> anyhow::Result<Value> {
     let mut companies = Vec::new();
     let webhooks = store.last_webhooks()?;
-    for s in store.company_summaries()? {
+    let mut reauth = reauthorizations(store)?;
+    let mut summaries = store.company_summaries()?;
+    // A company needing re-authorization is shown even before it has a pass on record.
+    for c in reauth.keys() {
+        if !summaries.iter().any(|s| &s.company_id == c) {
+            summaries.push(crate::store::CompanySummary::empty(c));
+        }
+    }
+    summaries.sort_by(|a, b| a.company_id.cmp(&b.company_id));
+    for s in summaries {
         let last_webhook = webhooks.get(&s.company_id).copied();
-        companies.push(json!({
+        let mut c = json!({
             "company_id": s.company_id,
             "jobs_by_state": s.by_state.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "last_poll_at": s.last_poll_at.map(t),
             "last_poll_error": s.last_poll_error,
             "last_webhook_at": last_webhook.map(t),
             "next_deadline": s.next_deadline.as_ref().map(|(id, at)| json!({"job_id": id, "expires_at": t(*at), "seconds_left": left(now, *at)})),
-        }));
+        });
+        if let Some(r) = reauth.remove(&s.company_id) {
+            c["needs_reauthorization"] = r;
+        }
+        companies.push(c);
     }
     Ok(json!({"at": t(now), "companies": companies}))
+}
+
+/// Companies whose own OAuth refresh token was refused: `{refused_at, why}` by company.
+pub fn reauthorizations(
+    store: &Store,
+) -> anyhow::Result<std::collections::BTreeMap<String, Value>> {
+    // A database from before companies had pairs of their own has none to show.
+    Ok(store
+        .companies_needing_reauthorization()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(c, at, why)| (c, json!({"refused_at": t(at), "why": why})))
+        .collect())
 }
 
 pub fn status_text(v: &Value) -> String {
@@ -109,6 +135,9 @@ pub fn status_text(v: &Value) -> String {
             (Some(at), Some(e)) => format!("{at} (failed: {e})"),
         };
         out.push_str(&format!("  last poll:     {poll}\n"));
+        if let Some(why) = c["needs_reauthorization"]["why"].as_str() {
+            out.push_str(&format!("  NEEDS RE-AUTHORIZATION: {why}\n"));
+        }
         out.push_str(&format!(
             "  last webhook:  {}\n",
             c["last_webhook_at"].as_str().unwrap_or("never")

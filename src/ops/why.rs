@@ -1,6 +1,6 @@
 //! `jobmirror why JOB`: which of the processor's rules keeps a job from being processed now
 //! (its company's recovery, an older job first, a job in hand, the claim margin, a failed
-//! readiness check, a pause), read from the database alone.
+//! readiness check, a pause, a company needing re-authorization), read from the database alone.
 
 use serde_json::{Value, json};
 
@@ -12,7 +12,23 @@ use crate::store::{ProcState, Store};
 pub fn why(store: &Store, now: Millis, id: &str, s: &Settings) -> anyhow::Result<Value> {
     let j = store.job(id)?.ok_or_else(|| unknown_job(id))?;
     let last = store.events(Some(id))?.into_iter().last();
-    let (verdict, rule, detail): (&str, &str, String) = if s
+    let reauth = crate::ops::reauthorizations(store)?.remove(&j.company_id);
+    let open = !matches!(
+        j.proc_state,
+        ProcState::Done | ProcState::Expired | ProcState::Conflict
+    );
+    let (verdict, rule, detail): (&str, &str, String) = if let Some(r) = reauth.filter(|_| open) {
+        (
+            "blocked",
+            "needs_reauthorization",
+            format!(
+                "company {} needs re-authorization: its OAuth refresh token was refused at {}, so nothing is sent to Pleo for it ({})",
+                j.company_id,
+                r["refused_at"].as_str().unwrap_or(""),
+                r["why"].as_str().unwrap_or("")
+            ),
+        )
+    } else if s
         .companies
         .as_ref()
         .is_some_and(|c| !c.contains(&j.company_id))
@@ -21,7 +37,7 @@ pub fn why(store: &Store, now: Millis, id: &str, s: &Settings) -> anyhow::Result
             "ignored",
             "company_not_served",
             format!(
-                "company {} is not in company_ids of this configuration",
+                "company {} is not served by this configuration (company_ids, or jobmirror companies)",
                 j.company_id
             ),
         )

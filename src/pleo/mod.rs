@@ -130,6 +130,24 @@ pub struct Listing {
 pub struct Clients {
     default: std::sync::Arc<PleoClient>,
     by_company: std::sync::RwLock<ByCompany>,
+    /// What a company's own OAuth pair needs (the OAuth app's settings and the token store
+    /// every pair shares), when OAuth is configured.
+    oauth: Option<CompanyOAuth>,
+}
+
+/// The OAuth settings and token store the companies' own pairs share.
+#[derive(Debug)]
+pub struct CompanyOAuth {
+    pub cfg: crate::pleo::oauth::OAuthConfig,
+    pub store: std::sync::Arc<Mutex<crate::store::Store>>,
+}
+
+/// A credential of a company's own.
+#[derive(Clone, Debug)]
+pub enum OwnCredential {
+    ApiKey(Secret),
+    /// Its token pair in the database.
+    OAuth,
 }
 
 type ByCompany = std::collections::HashMap<String, std::sync::Arc<PleoClient>>;
@@ -142,7 +160,45 @@ impl Clients {
         std::sync::Arc::new(Clients {
             default,
             by_company: std::sync::RwLock::new(by_company),
+            oauth: None,
         })
+    }
+
+    /// As [`Clients::new`], with what companies' own OAuth pairs need.
+    pub fn with_oauth(default: std::sync::Arc<PleoClient>, oauth: Option<CompanyOAuth>) -> Clients {
+        Clients {
+            default,
+            by_company: Default::default(),
+            oauth,
+        }
+    }
+
+    /// A client for `company` with a credential of its own (same pool, clock and health as
+    /// the default's; a request budget of its own).
+    pub fn own_client(
+        &self,
+        company: &str,
+        credential: &OwnCredential,
+    ) -> Result<std::sync::Arc<PleoClient>, PleoError> {
+        let auth = match credential {
+            OwnCredential::ApiKey(k) => Auth::ApiKey(k.clone()),
+            OwnCredential::OAuth => {
+                let Some(o) = &self.oauth else {
+                    return Err(PleoError::Config(format!(
+                        "company {company} has an OAuth token pair of its own, but OAuth is not configured (set pleo_auth = \"oauth\" with pleo_oauth_token_url, pleo_oauth_client_id and its secret)"
+                    )));
+                };
+                Auth::OAuth(std::sync::Arc::new(
+                    crate::pleo::oauth::TokenSource::for_company(
+                        o.cfg.clone(),
+                        o.store.clone(),
+                        self.default.clock.clone(),
+                        company,
+                    )?,
+                ))
+            }
+        };
+        Ok(std::sync::Arc::new(self.default.with_credential(auth)))
     }
 
     /// One client for every company.
@@ -327,6 +383,14 @@ impl PleoClient {
 
     pub fn base_url(&self) -> &str {
         &self.cfg.base_url
+    }
+
+    /// The OAuth token source this client sends with, if it uses one.
+    pub fn token_source(&self) -> Option<&std::sync::Arc<crate::pleo::oauth::TokenSource>> {
+        match &self.cfg.auth {
+            Auth::OAuth(t) => Some(t),
+            _ => None,
+        }
     }
 }
 

@@ -34,11 +34,15 @@ pub struct OAuthConfig {
 pub struct TokenSource {
     cfg: OAuthConfig,
     credential: String,
-    store: Mutex<Store>,
+    /// Shared by every token source of a service (one connection, whatever the companies).
+    store: std::sync::Arc<Mutex<Store>>,
     clock: SharedClock,
     agent: ureq::Agent,
     cached: Mutex<Option<(Secret, Millis)>>,
     refresh_lock: Mutex<()>,
+    /// False in a command run beside the service: the service alone refreshes the pairs, so
+    /// the command uses a stored access token that has not expired, and never refreshes.
+    may_refresh: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -59,10 +63,43 @@ fn auth_error(message: String) -> PleoError {
 }
 
 impl TokenSource {
+    /// The default credential's token source, on a store of its own.
     pub fn new(
         cfg: OAuthConfig,
         store: Store,
         clock: SharedClock,
+    ) -> Result<TokenSource, PleoError> {
+        TokenSource::for_credential(
+            cfg,
+            std::sync::Arc::new(Mutex::new(store)),
+            clock,
+            "default",
+        )
+    }
+
+    /// The token source of company `company`'s own pair (`company:<id>` in `oauth_tokens`,
+    /// seeded by `jobmirror companies add --oauth-refresh-token-file`), on a shared store.
+    pub fn for_company(
+        mut cfg: OAuthConfig,
+        store: std::sync::Arc<Mutex<Store>>,
+        clock: SharedClock,
+        company: &str,
+    ) -> Result<TokenSource, PleoError> {
+        // A company's refresh token comes from `companies add`, never from the default's file.
+        cfg.refresh_token_file = None;
+        TokenSource::for_credential(
+            cfg,
+            store,
+            clock,
+            &crate::store::company_credential(company),
+        )
+    }
+
+    fn for_credential(
+        cfg: OAuthConfig,
+        store: std::sync::Arc<Mutex<Store>>,
+        clock: SharedClock,
+        credential: &str,
     ) -> Result<TokenSource, PleoError> {
         crate::pleo::net::check_base_url(&cfg.token_url).map_err(PleoError::Config)?;
         let agent = crate::pleo::net::agent(
@@ -74,12 +111,13 @@ impl TokenSource {
         );
         Ok(TokenSource {
             cfg,
-            credential: "default".into(),
-            store: Mutex::new(store),
+            credential: credential.to_owned(),
+            store,
             clock,
             agent,
             cached: Mutex::new(None),
             refresh_lock: Mutex::new(()),
+            may_refresh: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -97,6 +135,30 @@ impl TokenSource {
             .map(|(t, _)| t)
     }
 
+    /// Never refresh (a command run while the service runs: one refresher per pair).
+    pub fn never_refresh(&self) {
+        self.may_refresh
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When this pair wants refreshing: the cached access token's expiry less the margin, or
+    /// now when none is cached (then [`TokenSource::bearer`] reads the stored one first, and
+    /// refreshes only if that is due too).
+    pub fn next_refresh(&self) -> Millis {
+        match self
+            .cached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some((_, exp)) => Millis(
+                exp.0
+                    .saturating_sub(crate::clock::ms(self.cfg.refresh_margin)),
+            ),
+            None => self.clock.now(),
+        }
+    }
+
     /// A valid access token (refreshed first if it expires within the margin).
     pub fn bearer(&self) -> Result<Secret, PleoError> {
         if let Some(t) = self.cached_fresh() {
@@ -108,11 +170,33 @@ impl TokenSource {
             return Ok(t);
         }
         let row = self.stored()?;
+        if row.refused_at.is_some() {
+            // Terminal (Pleo: retrying a refused refresh token will not help): nothing is
+            // sent until a new refresh token is given, in the file or by `companies add`.
+            if let Some(t) = self.file_token()
+                && t != row.refresh_token.expose()
+            {
+                return self.reseed_and_refresh(&t, row.refresh_started_at);
+            }
+            return Err(auth_error(row.last_error.clone().unwrap_or_else(|| {
+                "the OAuth refresh token was refused; authorize again".into()
+            })));
+        }
         if let (Some(t), Some(exp)) = (&row.access_token, row.access_expires_at)
             && self.fresh(exp)
         {
             *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((t.clone(), exp));
             return Ok(t.clone());
+        }
+        if !self.may_refresh.load(std::sync::atomic::Ordering::Relaxed) {
+            // Any stored access token with a few seconds left will do for a command.
+            return match (&row.access_token, row.access_expires_at) {
+                (Some(t), Some(exp)) if self.clock.now().plus_secs(5) < exp => Ok(t.clone()),
+                _ => Err(auth_error(format!(
+                    "the access token of {} is being refreshed by the running service (one process refreshes a pair); try again in a few seconds",
+                    self.who()
+                ))),
+            };
         }
         let interrupted = row.refresh_started_at;
         self.refresh(row, true, interrupted)
@@ -148,9 +232,14 @@ impl TokenSource {
             return Ok(row);
         }
         let Some(t) = self.file_token() else {
-            return Err(auth_error(
-                "no OAuth refresh token yet: put one in the file named by pleo_oauth_refresh_token_file".into(),
-            ));
+            return Err(auth_error(if self.credential == "default" {
+                "no OAuth refresh token yet: put one in the file named by pleo_oauth_refresh_token_file (or give each company a pair of its own with jobmirror companies add --oauth-refresh-token-file)".into()
+            } else {
+                format!(
+                    "{} has no OAuth refresh token: authorize it again (jobmirror companies add ID --oauth-refresh-token-file FILE)",
+                    self.credential
+                )
+            }));
         };
         store
             .oauth_seed(&self.credential, &t, self.clock.now())
@@ -211,7 +300,16 @@ impl TokenSource {
                         "the refreshed OAuth tokens could not be stored, so they are not used: {e}"
                     ))
                 })?;
-            log::info!("OAuth access token refreshed; valid until {expires}");
+            // One line a refresh for the default credential; a company's at debug (with
+            // thousands of companies, a line each would flood the log).
+            if self.credential == "default" {
+                log::info!("OAuth access token refreshed; valid until {expires}");
+            } else {
+                log::debug!(
+                    "OAuth access token of {} refreshed; valid until {expires}",
+                    self.who()
+                );
+            }
             let token = Secret::new(access);
             *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((token.clone(), expires));
             return Ok(token);
@@ -226,30 +324,30 @@ impl TokenSource {
                 log::warn!(
                     "the stored OAuth refresh token was refused ({code}); using the one in pleo_oauth_refresh_token_file"
                 );
-                let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-                store
-                    .oauth_seed(&self.credential, &t, self.clock.now())
-                    .map_err(db)?;
-                let row = store
-                    .oauth_get(&self.credential)
-                    .map_err(db)?
-                    .ok_or_else(|| auth_error("the OAuth token row vanished".into()))?;
-                drop(store);
-                return self.refresh(row, false, interrupted);
+                return self.reseed_and_refresh(&t, interrupted);
             }
+            let how = if self.credential == "default" {
+                "authorize again and put the new refresh token in pleo_oauth_refresh_token_file"
+                    .to_owned()
+            } else {
+                format!(
+                    "{} needs re-authorization: authorize again and give the new refresh token with jobmirror companies add {} --oauth-refresh-token-file FILE",
+                    self.who(),
+                    self.credential.trim_start_matches("company:")
+                )
+            };
             let why = match interrupted {
                 Some(at) => format!(
-                    "the OAuth refresh token was refused ({code}). A refresh started at {at} never stored its answer (jobmirror stopped in between), so the token endpoint has already rotated the pair; authorize again and put the new refresh token in pleo_oauth_refresh_token_file"
+                    "the OAuth refresh token was refused ({code}). A refresh started at {at} never stored its answer (jobmirror stopped in between), so the token endpoint has already rotated the pair; {how}"
                 ),
-                None => format!(
-                    "the OAuth refresh token was refused ({code}); authorize again and put the new refresh token in pleo_oauth_refresh_token_file"
-                ),
+                None => format!("the OAuth refresh token was refused ({code}); {how}"),
             };
+            // Terminal: the pair is marked refused and nothing more is sent with it.
             let _ = self
                 .store
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .oauth_error(&self.credential, &why, self.clock.now());
+                .oauth_refuse(&self.credential, &why, self.clock.now());
             log::error!("{why}");
             return Err(auth_error(why));
         }
@@ -258,6 +356,35 @@ impl TokenSource {
             kind: "OAUTH_TOKEN_ENDPOINT".into(),
             message: format!("the token endpoint answered {status} {code}"),
         })
+    }
+}
+
+impl TokenSource {
+    /// The credential in words: "the default credential" or "company X".
+    fn who(&self) -> String {
+        match self.credential.strip_prefix("company:") {
+            Some(c) => format!("company {c}"),
+            None => "the default credential".into(),
+        }
+    }
+
+    /// Stores `token` as the refresh token (re-authorized) and refreshes with it.
+    fn reseed_and_refresh(
+        &self,
+        token: &str,
+        interrupted: Option<Millis>,
+    ) -> Result<Secret, PleoError> {
+        let db = |e: crate::store::StoreError| PleoError::Config(format!("OAuth token store: {e}"));
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store
+            .oauth_seed(&self.credential, token, self.clock.now())
+            .map_err(db)?;
+        let row = store
+            .oauth_get(&self.credential)
+            .map_err(db)?
+            .ok_or_else(|| auth_error("the OAuth token row vanished".into()))?;
+        drop(store);
+        self.refresh(row, false, interrupted)
     }
 }
 

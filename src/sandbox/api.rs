@@ -38,6 +38,7 @@ impl FakePleo {
             clock,
             logged: std::sync::Condvar::new(),
             claim_hook: Mutex::new(None),
+            token_hook: Mutex::new(None),
         });
         let (outbox_tx, outbox_rx) = crossbeam_channel::bounded::<Outgoing>(10_000);
         shared.lock().outbox = Some(outbox_tx);
@@ -259,7 +260,7 @@ impl FakePleo {
         self.shared.lock().oauth = Some(FakeOAuth {
             client_id: client_id.into(),
             client_secret: client_secret.into(),
-            refresh_tokens: [refresh_token.to_owned()].into(),
+            refresh_tokens: [(refresh_token.to_owned(), None)].into(),
             ttl_secs: access_ttl_secs,
             ..FakeOAuth::default()
         });
@@ -282,6 +283,47 @@ impl FakePleo {
         w.key_companies.insert(key.to_owned(), company.to_owned());
     }
 
+    /// Authorizes `company` (OAuth must be enabled): a refresh token for it alone, as an
+    /// integration gets one when a customer installs it. Its access tokens see only its jobs.
+    pub fn authorize_company(&self, company: &str) -> Option<String> {
+        let mut w = self.shared.lock();
+        let o = w.oauth.as_mut()?;
+        o.issued += 1;
+        let t = format!("fake-refresh-{company}-{:04}", o.issued);
+        o.refresh_tokens.insert(t.clone(), Some(company.to_owned()));
+        o.issued_to.insert(t.clone(), company.to_owned());
+        Some(t)
+    }
+
+    /// Revokes every token of `company` (the customer disconnected the integration): its
+    /// refresh token is refused (`invalid_grant`) and its access tokens answer 401.
+    pub fn revoke_company(&self, company: &str) {
+        if let Some(o) = self.shared.lock().oauth.as_mut() {
+            o.refresh_tokens
+                .retain(|_, c| c.as_deref() != Some(company));
+            o.access.retain(|_, (_, c)| c.as_deref() != Some(company));
+        }
+    }
+
+    /// The live refresh token of `company`, if it has one.
+    pub fn company_refresh_token(&self, company: &str) -> Option<String> {
+        let w = self.shared.lock();
+        let o = w.oauth.as_ref()?;
+        o.refresh_tokens
+            .iter()
+            .find(|(_, c)| c.as_deref() == Some(company))
+            .map(|(t, _)| t.clone())
+    }
+
+    /// Calls `hook` before each token request is processed (see [`TokenHook`]).
+    pub fn on_token_request(&self, hook: TokenHook) {
+        *self
+            .shared
+            .token_hook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(hook));
+    }
+
     /// Revokes every access token issued so far (the API answers 401 to them).
     pub fn revoke_access_tokens(&self) {
         if let Some(o) = self.shared.lock().oauth.as_mut() {
@@ -295,7 +337,7 @@ impl FakePleo {
         let o = w.oauth.as_mut()?;
         o.issued += 1;
         let t = format!("fake-refresh-{:04}", o.issued);
-        o.refresh_tokens.insert(t.clone());
+        o.refresh_tokens.insert(t.clone(), None);
         Some(t)
     }
 

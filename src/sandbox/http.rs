@@ -139,6 +139,24 @@ pub(super) struct FakeHandler(pub(super) Arc<Shared>);
 
 impl Handler for FakeHandler {
     fn handle(&self, req: Request) -> Response {
+        if req.head.method == "POST" && req.head.path == "/oauth/token" {
+            // Cloned out, so one request held by the hook never holds up another.
+            let hook = self
+                .0
+                .token_hook
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(h) = hook {
+                let company = offered_company(&self.0.lock(), &req.body);
+                if !h(company.as_deref()) {
+                    // Dropped unprocessed: the pair offered stays good.
+                    let mut r = Response::empty(0);
+                    r.hang_up = true;
+                    return r;
+                }
+            }
+        }
         let now = self.0.clock.now();
         let mut w = self.0.lock();
         let claims_before = w.claims.len();
@@ -290,7 +308,7 @@ pub(super) fn authorized(w: &World, head: &Head, now: Millis) -> bool {
         return false;
     };
     if let (Some(t), Some(o)) = (h.strip_prefix("Bearer "), &w.oauth) {
-        return o.access.get(t.trim()).is_some_and(|exp| *exp > now);
+        return o.access.get(t.trim()).is_some_and(|(exp, _)| *exp > now);
     }
     let Some(b64) = h.strip_prefix("Basic ") else {
         return false;
@@ -322,7 +340,9 @@ pub(super) fn route(w: &mut World, req: &Request, now: Millis) -> Response {
     let q = head.query_pairs();
     // A key that belongs to one company sees only that company's jobs in a listing that names
     // no company.
-    let key_company = basic_user(head).and_then(|k| w.key_companies.get(&k).cloned());
+    let key_company = basic_user(head)
+        .and_then(|k| w.key_companies.get(&k).cloned())
+        .or_else(|| bearer_company(w, head));
     if let Some(allowed) = key_company.clone() {
         let job_company = |id: &str| w.job(id).map(|j| j.company_id.clone());
         let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
@@ -336,7 +356,11 @@ pub(super) fn route(w: &mut World, req: &Request, now: Millis) -> Response {
             _ => None,
         };
         if touched.is_some_and(|c| c != allowed) {
-            return error(403, "FORBIDDEN", "this API key belongs to another company");
+            return error(
+                403,
+                "FORBIDDEN",
+                "this credential belongs to another company",
+            );
         }
     }
     match (head.method.as_str(), segs.as_slice()) {
@@ -347,24 +371,33 @@ pub(super) fn route(w: &mut World, req: &Request, now: Millis) -> Response {
         ("GET", ["v3", "export-jobs", id, "items"]) => list_items(w, id, &q),
         ("PUT", ["v3", "export-jobs", id, "items"]) => put_items(w, id, &req.body, now),
         ("GET", ["v3", "export-items"]) => list_export_items(w, &q),
-        ("POST", ["v1", "subscriptions"]) => create_subscription(w, &req.body, now),
+        ("POST", ["v1", "subscriptions"]) => {
+            create_subscription(w, &req.body, now, key_company.clone())
+        }
         ("GET" | "PUT" | "DELETE", ["v1", "subscriptions", id])
         | ("GET", ["v1", "subscriptions", id, "secret"])
             if !rules::is_uuid(id) =>
         {
             error(400, "INVALID_PARAMETER", "id must be a UUID")
         }
-        ("GET", ["v1", "subscriptions"]) => list_subscriptions(w, &q),
+        ("GET", ["v1", "subscriptions"]) => list_subscriptions(w, &q, key_company.as_deref()),
         ("GET", ["v1", "subscriptions", id]) => {
-            match w.subscriptions.iter().find(|s| s.id == *id) {
+            match w
+                .subscriptions
+                .iter()
+                .find(|s| s.id == *id && s.company == key_company)
+            {
                 Some(sub) => Response::json(200, &json!({"data": sub.to_json()})),
                 None => subscription_not_found(),
             }
         }
-        ("PUT", ["v1", "subscriptions", id]) => update_subscription(w, id, &req.body, now),
+        ("PUT", ["v1", "subscriptions", id]) => {
+            update_subscription(w, id, &req.body, now, key_company.as_deref())
+        }
         ("DELETE", ["v1", "subscriptions", id]) => {
             let before = w.subscriptions.len();
-            w.subscriptions.retain(|s| s.id != *id);
+            w.subscriptions
+                .retain(|s| !(s.id == *id && s.company == key_company));
             if w.subscriptions.len() < before {
                 Response::empty(204)
             } else {
@@ -374,7 +407,11 @@ pub(super) fn route(w: &mut World, req: &Request, now: Millis) -> Response {
         (_, ["v1", "subscriptions"]) => not_allowed("GET, POST"),
         (_, ["v1", "subscriptions", _]) => not_allowed("GET, PUT, DELETE"),
         ("GET", ["v1", "subscriptions", id, "secret"]) => {
-            match w.subscriptions.iter().find(|s| s.id == *id) {
+            match w
+                .subscriptions
+                .iter()
+                .find(|s| s.id == *id && s.company == key_company)
+            {
                 Some(sub) => Response::json(200, &json!({"data": {"secretKey": sub.secret}})),
                 None => error(
                     404,

@@ -184,8 +184,13 @@ pub struct FaultRates {
 struct FakeOAuth {
     client_id: String,
     client_secret: String,
-    refresh_tokens: HashSet<String>,
-    access: std::collections::HashMap<String, Millis>,
+    /// Live refresh tokens, and the company each was granted for (`None`: the default
+    /// credential's, good for every company).
+    refresh_tokens: std::collections::HashMap<String, Option<String>>,
+    /// Every refresh token ever issued for a company (so a refused one is still attributed).
+    issued_to: std::collections::HashMap<String, String>,
+    /// Live access tokens: expiry and company.
+    access: std::collections::HashMap<String, (Millis, Option<String>)>,
     ttl_secs: i64,
     issued: u64,
     grants: Vec<TokenGrant>,
@@ -198,6 +203,8 @@ pub struct TokenGrant {
     /// The refresh token offered (the fake's own tokens are not secrets).
     pub refresh_token: String,
     pub ok: bool,
+    /// The company the offered token was granted for, if it was one of a company's.
+    pub company: Option<String>,
 }
 
 /// Who moved a job to `in_progress`, as the fake saw it.
@@ -292,6 +299,9 @@ struct Subscription {
     secret: String,
     created_at: Millis,
     updated_at: Millis,
+    /// The company whose own credential made it (`None`: the default credential's, which
+    /// hears of every company's jobs).
+    company: Option<String>,
 }
 
 impl Subscription {
@@ -492,7 +502,14 @@ struct Shared {
     logged: std::sync::Condvar,
     /// Called for each claim through the API, before the client gets its answer.
     claim_hook: Mutex<Option<ClaimHook>>,
+    /// Asked before each token request is processed, outside the world's lock.
+    token_hook: Mutex<Option<Arc<TokenHook>>>,
 }
+
+/// See [`FakePleo::on_token_request`]: given the company of the refresh token offered, answers
+/// whether the request is processed (`false`: dropped unprocessed, as when its sender died
+/// before the token endpoint acted on it).
+pub type TokenHook = Box<dyn Fn(Option<&str>) -> bool + Send + Sync>;
 
 /// See [`FakePleo::on_api_claim`].
 pub type ClaimHook = Box<dyn Fn(&ClaimRecord) + Send + Sync>;

@@ -75,7 +75,14 @@ pub(super) fn subscription_request(body: &[u8]) -> Result<(String, Vec<String>, 
     Ok((url, types, status))
 }
 
-pub(super) fn create_subscription(w: &mut World, body: &[u8], now: Millis) -> Response {
+/// Subscriptions belong to the credential that made them: a company's own credential sees
+/// and changes only its own, the default credential only those it made.
+pub(super) fn create_subscription(
+    w: &mut World,
+    body: &[u8],
+    now: Millis,
+    company: Option<String>,
+) -> Response {
     let (url, event_types, status) = match subscription_request(body) {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -97,18 +104,29 @@ pub(super) fn create_subscription(w: &mut World, body: &[u8], now: Millis) -> Re
         ),
         created_at: now,
         updated_at: now,
+        company,
     };
     let out = json!({"data": sub.to_json()});
     w.subscriptions.push(sub);
     Response::json(200, &out)
 }
 
-pub(super) fn update_subscription(w: &mut World, id: &str, body: &[u8], now: Millis) -> Response {
+pub(super) fn update_subscription(
+    w: &mut World,
+    id: &str,
+    body: &[u8],
+    now: Millis,
+    company: Option<&str>,
+) -> Response {
     let (url, event_types, status) = match subscription_request(body) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    let Some(sub) = w.subscriptions.iter_mut().find(|s| s.id == id) else {
+    let Some(sub) = w
+        .subscriptions
+        .iter_mut()
+        .find(|s| s.id == id && s.company.as_deref() == company)
+    else {
         return subscription_not_found();
     };
     sub.endpoint_url = url;
@@ -120,7 +138,11 @@ pub(super) fn update_subscription(w: &mut World, id: &str, body: &[u8], now: Mil
 
 /// `GET /v1/subscriptions`: filtered by `status` (any text: one no subscription has lists
 /// none) and `event_types` (repeated, unique), paginated as every listing.
-pub(super) fn list_subscriptions(w: &World, q: &[(String, String)]) -> Response {
+pub(super) fn list_subscriptions(
+    w: &World,
+    q: &[(String, String)],
+    company: Option<&str>,
+) -> Response {
     let q = Query(q);
     let checked = (|| {
         let status = q.single("status")?;
@@ -149,6 +171,7 @@ pub(super) fn list_subscriptions(w: &World, q: &[(String, String)]) -> Response 
     let mut subs: Vec<&Subscription> = w
         .subscriptions
         .iter()
+        .filter(|s| s.company.as_deref() == company)
         .filter(|s| status.is_none_or(|st| s.status == st))
         .filter(|s| types.is_empty() || s.event_types.iter().any(|t| types.contains(&t.as_str())))
         .collect();

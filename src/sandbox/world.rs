@@ -15,6 +15,7 @@ impl World {
             .clone()
             .iter()
             .filter(|s| s.status == "ACTIVE")
+            .filter(|s| s.company.as_ref().is_none_or(|c| *c == job.company_id))
         {
             let event_type = opts.event_type.clone().or_else(|| {
                 sub.event_types

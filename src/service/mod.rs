@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::health::{Metrics, Progress};
 use crate::store::Store;
 use processor::{Processor, ProcessorConfig, RoundReport};
+use reload::Companies;
 use sync::Mirror;
 
 pub struct Service {
@@ -45,8 +46,8 @@ pub struct Service {
     /// The counters `/metrics` shows.
     pub metrics: Arc<Metrics>,
     stopping: Arc<crate::health::Stopping>,
-    /// What a reload that changes the companies alone needs (see [`Service::apply_companies`]).
-    reload: reload::Reloadable,
+    /// The companies served: the configuration's and the database's (see [`reload::Companies`]).
+    companies: Arc<std::sync::Mutex<reload::Companies>>,
     /// One service per database, for as long as this value lives.
     _lock: crate::store::DbLock,
 }
@@ -100,25 +101,6 @@ pub struct Workers {
     pub clients: Arc<crate::pleo::Clients>,
     /// Each lane's companies, and where to send it new ones.
     pub lane_companies: Vec<(Sender<Vec<String>>, Vec<String>)>,
-}
-
-/// Sets `jobmirror_poll_interval_min_seconds`, and warns when the request budget cannot keep
-/// `poll_interval_secs` for the companies served (at start-up, and when a reload changes them).
-fn announce_budget(cfg: &Config, metrics: &Metrics) {
-    if let Some(min) = cfg.poll_interval_min() {
-        let min_secs = min.as_secs_f64().ceil() as u64;
-        metrics
-            .poll_interval_min_secs
-            .store(min_secs, std::sync::atomic::Ordering::Relaxed);
-        if min > cfg.poll_interval {
-            log::warn!(
-                "poll_interval_secs = {} cannot be kept: {} companies share one credential paced at {} requests/s, so a round of their listings takes at least {min_secs} s, and polls will come about that often (raise pleo_requests_per_sec_max if Pleo allows it, give companies keys of their own, or split them with shard)",
-                cfg.poll_interval.as_secs(),
-                cfg.companies_sharing_default(),
-                cfg.pleo_requests_per_sec_max
-            );
-        }
-    }
 }
 
 /// Company `i` (in configuration order) goes to lane `i % lanes`: a company's jobs always run
@@ -253,11 +235,23 @@ impl Service {
         &mut self,
         new: &Config,
     ) -> anyhow::Result<Option<reload::CompaniesChanged>> {
-        let changed = self.reload.apply(new)?;
+        let mut c = self.companies.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = c.apply_base(new)?;
         if changed.is_some() {
-            announce_budget(new, &self.metrics);
+            reload::announce_budget(
+                &Companies::effective(new, &self.instance_store)?,
+                &self.metrics,
+            );
         }
         Ok(changed)
+    }
+
+    /// How many companies are served now.
+    pub fn companies_served(&self) -> usize {
+        self.companies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .served()
     }
 
     /// Opens the store (applying migrations), then starts the threads.
@@ -279,6 +273,9 @@ impl Service {
         cfg.require_handler()?;
         // One service per database: a second one would process the same jobs twice.
         let lock = crate::store::DbLock::acquire(&cfg.db).map_err(|e| anyhow::anyhow!(e))?;
+        // The configuration's companies merged with the database's (migrated first).
+        let base = cfg;
+        let cfg = &Companies::effective(base, &Store::open(&cfg.db)?)?;
         // Ports first: if one cannot be bound, nothing else starts.
         let webhook_listener = match &cfg.webhook {
             Some(wh) => Some(bind("webhooks", &wh.listen)?),
@@ -303,7 +300,7 @@ impl Service {
             clients,
             lane_companies,
         } = Workers::build(cfg, clock.clone(), milestones)?;
-        let (companies_tx, companies_rx) = crossbeam_channel::unbounded::<Vec<String>>();
+        let (companies_tx, companies_rx) = crossbeam_channel::unbounded::<sync::run::CompanyList>();
         let instance_store = Store::connect(&cfg.db)?;
         let mut threads = Vec::new();
         let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| -> anyhow::Result<()> {
@@ -321,7 +318,9 @@ impl Service {
 
         let mut webhook_server = None;
         let mut webhook_counters = None;
+        let mut company_secrets = None;
         if let (Some(edge), Some(listener), Some(wh)) = (events, webhook_listener, &cfg.webhook) {
+            company_secrets = Some(edge.receiver.company_secrets());
             let (sd, c, alive) = (shutdown_rx.clone(), clock.clone(), progress.clone());
             let (events_store, queue_rx) = (edge.store, edge.queue);
             progress.expect("jm-events");
@@ -444,9 +443,33 @@ impl Service {
             cfg.poll_interval.as_secs(),
             std::sync::atomic::Ordering::Relaxed,
         );
-        announce_budget(cfg, &metrics);
+        reload::announce_budget(cfg, &metrics);
         if let Err(e) = instance_store.register_instance(std::process::id(), started_at) {
             log::warn!("could not record this process for `jobmirror trigger`: {e}");
+        }
+        if cfg.company_ids.is_empty() {
+            log::warn!(
+                "no companies to serve yet: add one with `jobmirror companies add ID` (picked up within seconds) or in company_ids"
+            );
+        }
+        let companies = Arc::new(std::sync::Mutex::new(Companies::new(
+            base.clone(),
+            Store::connect(&cfg.db)?,
+            reload::Reloadable {
+                companies: companies_tx,
+                lanes: lane_companies,
+                clients,
+                cfg: cfg.clone(),
+            },
+            company_secrets,
+            metrics.clone(),
+        )?));
+        {
+            let (c, sd, clk) = (companies.clone(), shutdown_rx.clone(), clock.clone());
+            spawn(
+                "jm-companies".into(),
+                Box::new(move || reload::watch(c, clk, sd)),
+            )?;
         }
         Ok(Service {
             threads,
@@ -460,12 +483,7 @@ impl Service {
             progress,
             metrics,
             stopping,
-            reload: reload::Reloadable {
-                companies: companies_tx,
-                lanes: lane_companies,
-                clients,
-                cfg: cfg.clone(),
-            },
+            companies,
             _lock: lock,
         })
     }

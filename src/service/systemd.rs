@@ -45,15 +45,17 @@ pub fn run(
     let notifier = crate::service::notify::Notifier::from_env().map(Arc::new);
     let mut service = Service::start(cfg, clock, None)?;
     let status_store = Store::open_read_only(&cfg.db)?;
-    // The company count changes with a reload that changes the companies alone.
-    let companies = Arc::new(std::sync::atomic::AtomicUsize::new(cfg.company_ids.len()));
+    // The company count changes with a reload or `jobmirror companies`.
+    let companies = service.metrics.clone();
     // A refused reload stays in the STATUS line (and `jobmirror_config_reload_refused`) until
     // a reload is taken, which restarts the process in place.
     let refused_reload: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let status = {
         let (refused, companies) = (refused_reload.clone(), companies.clone());
         move |store: &Store| {
-            let n = companies.load(std::sync::atomic::Ordering::Relaxed);
+            let n = companies
+                .companies_served
+                .load(std::sync::atomic::Ordering::Relaxed) as usize;
             let line = status_line(store, n);
             match refused.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
                 Some(e) => format!("reload refused ({e}); {line}"),
@@ -111,13 +113,12 @@ pub fn run(
             SIGHUP => match Config::load(config_file)
                 .map(|new| (service.apply_companies(&new), new))
             {
-                Ok((Ok(Some(changed)), new)) => {
+                Ok((Ok(Some(changed)), _)) => {
                     log::info!(
                         "SIGHUP: the configuration changes the companies alone; applied in place ({} added, {} removed; jobs in hand go on)",
                         changed.added.len(),
                         changed.removed.len()
                     );
-                    companies.store(new.company_ids.len(), std::sync::atomic::Ordering::Relaxed);
                     service
                         .metrics
                         .reload_refused

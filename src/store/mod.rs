@@ -5,12 +5,14 @@
 //! a job's row and the journal entries describing the change are written in one transaction;
 //! no function reads the clock: every time is passed in as `now`.
 
+mod companies;
 mod deliveries;
 mod items;
 mod jobs;
 mod tokens;
 mod upkeep;
 
+pub use companies::*;
 pub use deliveries::*;
 pub use items::*;
 pub use jobs::*;
@@ -173,6 +175,17 @@ pub enum EventKind {
     WebhookIgnored,
     /// `jobmirror prune` removed details past their retention (detail: counts).
     Pruned,
+    /// `jobmirror companies add` added a company (detail: its credential kind).
+    CompanyAdded,
+    /// `jobmirror companies add` gave a company another credential (or authorized it again).
+    CompanyCredentialChanged,
+    /// `jobmirror companies remove`.
+    CompanyRemoved,
+    CompanyPaused,
+    CompanyResumed,
+    /// The service stopped serving a company that was removed or paused, after its job in
+    /// hand (if any) was finished or handed back (detail: that job).
+    CompanyLeft,
 }
 
 impl EventKind {
@@ -208,6 +221,12 @@ impl EventKind {
             EventKind::WebhookReceived => "webhook_received",
             EventKind::WebhookIgnored => "webhook_ignored",
             EventKind::Pruned => "pruned",
+            EventKind::CompanyAdded => "company_added",
+            EventKind::CompanyCredentialChanged => "company_credential_changed",
+            EventKind::CompanyRemoved => "company_removed",
+            EventKind::CompanyPaused => "company_paused",
+            EventKind::CompanyResumed => "company_resumed",
+            EventKind::CompanyLeft => "company_left",
         }
     }
 }

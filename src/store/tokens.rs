@@ -10,6 +10,15 @@ pub struct TokenRow {
     pub access_expires_at: Option<Millis>,
     pub refresh_token: crate::wire::Secret,
     pub refresh_started_at: Option<Millis>,
+    /// When the token endpoint refused the refresh token (terminal until a new one is given).
+    pub refused_at: Option<Millis>,
+    /// Why, in words without any token.
+    pub last_error: Option<String>,
+}
+
+/// The credential name of `company`'s own OAuth pair in `oauth_tokens`.
+pub fn company_credential(company: &str) -> String {
+    format!("company:{company}")
 }
 
 /// OAuth token storage (see `oauth`).
@@ -18,8 +27,8 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT access_token, access_expires_at, refresh_token, refresh_started_at \
-                 FROM oauth_tokens WHERE credential = ?1",
+                "SELECT access_token, access_expires_at, refresh_token, refresh_started_at, \
+                 refused_at, last_error FROM oauth_tokens WHERE credential = ?1",
                 [credential],
                 |r| {
                     Ok(TokenRow {
@@ -27,6 +36,8 @@ impl Store {
                         access_expires_at: r.get::<_, Option<i64>>(1)?.map(Millis),
                         refresh_token: crate::wire::Secret::new(r.get::<_, String>(2)?),
                         refresh_started_at: r.get::<_, Option<i64>>(3)?.map(Millis),
+                        refused_at: r.get::<_, Option<i64>>(4)?.map(Millis),
+                        last_error: r.get(5)?,
                     })
                 },
             )
@@ -40,7 +51,7 @@ impl Store {
             "INSERT INTO oauth_tokens (credential, refresh_token, updated_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (credential) DO UPDATE SET refresh_token = excluded.refresh_token, \
              access_token = NULL, access_expires_at = NULL, refresh_started_at = NULL, \
-             last_error = NULL, updated_at = excluded.updated_at",
+             last_error = NULL, refused_at = NULL, updated_at = excluded.updated_at",
             params![credential, refresh_token, now.0],
         )?;
         tx.commit()?;
@@ -77,13 +88,41 @@ impl Store {
         Ok(())
     }
 
-    pub fn oauth_error(&self, credential: &str, error: &str, now: Millis) -> Result<()> {
+    /// The token endpoint refused the refresh token: terminal. The access token is dropped,
+    /// `refused_at` set, and nothing is sent with this pair again until a new refresh token
+    /// is seeded (re-authorization).
+    pub fn oauth_refuse(&self, credential: &str, error: &str, now: Millis) -> Result<()> {
         let tx = self.write_tx()?;
         tx.execute(
-            "UPDATE oauth_tokens SET last_error = ?2, updated_at = ?3 WHERE credential = ?1",
+            "UPDATE oauth_tokens SET access_token = NULL, access_expires_at = NULL, \
+             refresh_started_at = NULL, refused_at = ?3, last_error = ?2, updated_at = ?3 \
+             WHERE credential = ?1",
             params![credential, error, now.0],
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Companies whose own OAuth pair was refused: company id, when, and why.
+    pub fn companies_needing_reauthorization(&self) -> Result<Vec<(String, Millis, String)>> {
+        let mut st = self.conn.prepare(
+            "SELECT substr(credential, 9), refused_at, coalesce(last_error, '') FROM oauth_tokens \
+             WHERE credential LIKE 'company:%' AND refused_at IS NOT NULL ORDER BY credential",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, Millis(r.get(1)?), r.get(2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deletes `company`'s own OAuth pair once it is no longer in `companies` (it was removed
+    /// and has left). Returns whether a pair was deleted.
+    pub fn forget_company_pair(&self, company: &str) -> Result<bool> {
+        let tx = self.write_tx()?;
+        let n = tx.execute(
+            "DELETE FROM oauth_tokens WHERE credential = ?1 \
+             AND NOT EXISTS (SELECT 1 FROM companies WHERE company_id = ?2 AND credential = 'oauth')",
+            params![company_credential(company), company],
+        )?;
+        tx.commit()?;
+        Ok(n > 0)
     }
 }

@@ -7,6 +7,8 @@ mod bench;
 mod by_credential;
 mod cli;
 mod client;
+mod companies;
+mod company_oauth;
 mod handler_boundary;
 mod house;
 mod httpd;

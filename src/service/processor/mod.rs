@@ -199,6 +199,28 @@ impl Processor {
         self.companies = companies;
     }
 
+    /// `company` has left (removed or paused, with no job in hand any more): journaled, and a
+    /// removed company's own OAuth pair is deleted.
+    fn company_left(&mut self, company: &str) {
+        let now = self.clock.now();
+        if let Err(e) = self.store.journal(
+            now,
+            None,
+            Some(company),
+            crate::store::EventKind::CompanyLeft,
+            serde_json::json!({}),
+        ) {
+            log::warn!("company {company} left, but the journal could not say so: {e}");
+        }
+        match self.store.forget_company_pair(company) {
+            Ok(true) => log::info!(
+                "company {company} is no longer served here; its OAuth token pair is deleted"
+            ),
+            Ok(false) => log::info!("company {company} is no longer served here (no job in hand)"),
+            Err(e) => log::warn!("company {company} left; its OAuth pair is kept for now: {e}"),
+        }
+    }
+
     /// Tends the job in hand of each company that is leaving; one with none has left.
     fn tend_leaving(&mut self, report: &mut RoundReport) {
         for company in std::mem::take(&mut self.leaving) {
@@ -212,7 +234,7 @@ impl Processor {
                 Ok(None) => {
                     self.not_ready.remove(&company);
                     self.paused_until.remove(&company);
-                    log::info!("company {company} is no longer served here (no job in hand)");
+                    self.company_left(&company);
                 }
                 Err(e) => {
                     report.errors.push(format!("{company}: {e}"));

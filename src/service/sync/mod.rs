@@ -420,7 +420,7 @@ impl Mirror {
         self.count_failing();
         if lasting && (starts || n.is_multiple_of(100)) {
             let why = if refused {
-                "Pleo refuses the credential: fix the key (polls go on)".to_owned()
+                "Pleo refuses the credential: fix the key, or authorize the company again (polls go on)".to_owned()
             } else {
                 format!("{n} listings in a row failed (polls go on)")
             };

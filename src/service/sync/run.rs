@@ -12,6 +12,14 @@ use crate::service::sync::{Mirror, log_pass};
 
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// What the sync thread serves from now on, and which of those companies were given a new
+/// credential (they get a recovery pass, as new ones do).
+#[derive(Debug, Default)]
+pub struct CompanyList {
+    pub served: Vec<String>,
+    pub renewed: Vec<String>,
+}
+
 /// The sync thread's loop: a recovery pass over every company at once, then each company's
 /// polls on a [`PollSchedule`] (spread over the interval), everything at once on a trigger,
 /// and the detection webhooks trigger whenever the event thread nudges. Ends when `shutdown` is
@@ -21,7 +29,7 @@ pub fn run(
     interval: std::time::Duration,
     trigger: Receiver<()>,
     nudge: Receiver<()>,
-    companies: Receiver<Vec<String>>,
+    companies: Receiver<CompanyList>,
     shutdown: Receiver<()>,
     progress: Option<Arc<crate::health::Progress>>,
 ) {
@@ -95,7 +103,13 @@ pub fn run(
                     companies = crossbeam_channel::never();
                     continue;
                 };
-                let (added, removed) = mirror.set_companies(list);
+                let (mut added, removed) = mirror.set_companies(list.served);
+                // A company given a new credential (authorized again) is detected anew.
+                for c in list.renewed {
+                    if !added.contains(&c) {
+                        added.push(c);
+                    }
+                }
                 keys = mirror.poll_keys();
                 schedule.set_keys(&keys, ms());
                 log::info!(

@@ -322,6 +322,7 @@ impl Replay {
         claims: &[ClaimRecord],
     ) {
         let now = self.base.now();
+        let answerable = self.answerable();
         let w = &mut self.expiry_watch;
         let mut clean = true;
         for r in requests {
@@ -370,7 +371,7 @@ impl Replay {
         }
         let allowance =
             (self.cfg.pleo_request_timeout * 2 + Duration::from_secs(60)).as_millis() as i64;
-        let served: HashSet<&String> = self.snap.companies.iter().collect();
+        let served: HashSet<&String> = answerable.iter().collect();
         let jobs: Vec<FakeJob> = self
             .fake
             .jobs()
@@ -475,11 +476,18 @@ impl Replay {
             return;
         };
         let holders = holders(&self.fake.claims());
-        let served: HashSet<&String> = self.snap.companies.iter().collect();
+        let answerable = self.answerable();
         let now = self.clock.now();
         let min_left = self.cfg.claim_min_left.as_millis() as i64;
         for job in self.fake.jobs() {
-            if !served.contains(&job.company_id) {
+            // A job jobmirror took is its to finish, even if its company was removed since;
+            // a company whose access was revoked cannot be answered for.
+            let taken = store.job(&job.id).ok().flatten().is_some_and(|r| {
+                r.proc_state.is_active() || r.proc_state == crate::store::ProcState::Done
+            });
+            if self.revoked.contains(&job.company_id)
+                || (!answerable.contains(&job.company_id) && !taken)
+            {
                 continue;
             }
             let row = store.job(&job.id).ok().flatten();

@@ -8,6 +8,7 @@
 //! the driver waits for the commit); nothing here decides anything about jobs, the workers do;
 //! Pleo's clock never moves backwards (a clock jump moves only jobmirror's view of it).
 
+mod companies;
 mod invariants;
 pub mod simulate;
 pub mod snapshot;
@@ -76,6 +77,10 @@ struct Running {
     deliveries_due: Option<Millis>,
     next_round: Millis,
     trigger: bool,
+    /// Company changes, sent as the service's reload sends them (see `companies`).
+    reload: crate::service::reload::Reloadable,
+    lane_rx: Vec<Receiver<Vec<String>>>,
+    sync_rx: Receiver<crate::service::sync::run::CompanyList>,
 }
 
 struct Edge {
@@ -125,7 +130,12 @@ pub struct Replay {
     base: Arc<ManualClock>,
     clock: Arc<OffsetClock>,
     fake: FakePleo,
+    /// The snapshot's configuration, and `cfg`: it merged with the database's companies (what
+    /// runs).
+    base_cfg: Config,
     cfg: Config,
+    /// Companies whose tokens the customer revoked (until authorized again).
+    revoked: HashSet<String>,
     running: Option<Running>,
     restart_at: Option<Millis>,
     crash_after_step: Option<f64>,
@@ -218,10 +228,10 @@ impl Replay {
         let mut overrides = vec![
             ("db", opts.db.display().to_string()),
             ("pleo_base_url", fake.base_url()),
-            ("pleo_api_key", fake.api_key()),
             ("company_ids", snap.companies.join(",")),
             ("handler_command", handler),
         ];
+        overrides.extend(companies::credential_settings(&snap, &fake, &opts.db)?);
         if has_secret {
             // Never bound: the replay hands requests to the receiver itself.
             overrides.push(("webhook_listen", "127.0.0.1:9".into()));
@@ -245,7 +255,9 @@ impl Replay {
             base,
             clock,
             fake,
+            base_cfg: cfg.clone(),
             cfg,
+            revoked: HashSet::new(),
             running: None,
             restart_at: Some(start),
             crash_after_step: None,
@@ -330,6 +342,13 @@ impl Replay {
 
     fn start_service(&mut self) -> anyhow::Result<()> {
         let clock: SharedClock = self.clock.clone();
+        // The snapshot's companies merged with those the timeline added (as `run` starts).
+        if self.opts.db.exists() {
+            self.cfg = crate::service::reload::Companies::effective(
+                &self.base_cfg,
+                &Store::open(&self.opts.db)?,
+            )?;
+        }
         let workers = Workers::build(&self.cfg, clock.clone(), None)?;
         workers.mirror.store().scratch_durability()?;
         for lane in &workers.lanes {
@@ -361,6 +380,14 @@ impl Replay {
             self.install_claim_check()?;
         }
         let now = self.base.now();
+        let (sync_tx, sync_rx) = crossbeam_channel::unbounded();
+        let lane_rx = workers.lanes.iter().map(|l| l.companies.clone()).collect();
+        let reload = crate::service::reload::Reloadable {
+            companies: sync_tx,
+            lanes: workers.lane_companies,
+            clients: workers.clients,
+            cfg: self.cfg.clone(),
+        };
         self.running = Some(Running {
             // Listing passes run here one at a time: the pool's threads would finish them in
             // an order that differs between two replays.
@@ -372,6 +399,9 @@ impl Replay {
             deliveries_due: Some(now),
             next_round: now,
             trigger: false,
+            reload,
+            lane_rx,
+            sync_rx,
         });
         self.restart_at = None;
         self.expiry_watch.service_started = Some(now);

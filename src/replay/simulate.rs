@@ -298,6 +298,7 @@ pub fn generate(seed: u64) -> Snapshot {
             });
         }
     }
+    churn(seed, last, &mut timeline);
     timeline.sort_by(|a, b| a.at.total_cmp(&b.at));
     // Where another integration claims this company's jobs, an `in_progress` job found at a
     // start may be theirs: such a deployment opts out of resuming unknown jobs (README). The
@@ -323,6 +324,65 @@ pub fn generate(seed: u64) -> Snapshot {
         seed,
         jobs,
         timeline,
+    }
+}
+
+/// Customers arriving and leaving: in some seeds a company is added while jobmirror runs
+/// (with an OAuth pair of its own in half of them) and gets exports; its customer may revoke
+/// access and authorize again later, and the company may be removed. Drawn from a generator of
+/// its own, so the rest of each seed's world is what it was before companies churned.
+fn churn(seed: u64, last: f64, timeline: &mut Vec<Step>) {
+    let mut rng = Rng::new(seed ^ 0x6f6e_626f_6172_6421);
+    if !rng.chance(0.3) {
+        return;
+    }
+    let company = format!("c9-{seed:x}");
+    let oauth = rng.chance(0.5);
+    let added = rng.range(0, last.max(1.0) as u64) as f64;
+    timeline.push(Step {
+        at: added,
+        event: Event::CompanyAdded {
+            company_id: company.clone(),
+            oauth,
+        },
+    });
+    for k in 0..rng.range(1, 3) {
+        timeline.push(Step {
+            at: added + rng.range(1, 600) as f64,
+            event: Event::JobCreated {
+                job: JobSpec {
+                    id: Some(format!("j9{k}-{seed:x}")),
+                    company_id: company.clone(),
+                    status: "pending".into(),
+                    items: Some(rng.range(1, 8) as usize),
+                    expires_in: Some(3600),
+                    ..JobSpec::default()
+                },
+            },
+        });
+    }
+    if oauth && rng.chance(0.4) {
+        let revoked = added + rng.range(60, 900) as f64;
+        timeline.push(Step {
+            at: revoked,
+            event: Event::TokensRevoked {
+                company_id: company.clone(),
+            },
+        });
+        timeline.push(Step {
+            at: revoked + rng.range(60, 1500) as f64,
+            event: Event::Reauthorized {
+                company_id: company.clone(),
+            },
+        });
+    }
+    if rng.chance(0.3) {
+        timeline.push(Step {
+            at: added + rng.range(300, 2400) as f64,
+            event: Event::CompanyRemoved {
+                company_id: company,
+            },
+        });
     }
 }
 

@@ -122,6 +122,36 @@ pub enum Event {
     /// replay runs the `outbox:` handler and puts a file where its directory belongs).
     #[serde(rename_all = "camelCase")]
     AccountingDown { down_secs: f64 },
+    /// An operator runs `jobmirror companies add` for a company; with `oauth`, the customer
+    /// has authorized the integration and the company gets a token pair of its own.
+    #[serde(rename_all = "camelCase")]
+    CompanyAdded {
+        company_id: String,
+        #[serde(default)]
+        oauth: bool,
+    },
+    /// An operator runs `jobmirror companies remove` (a job in hand is finished first).
+    #[serde(rename_all = "camelCase")]
+    CompanyRemoved { company_id: String },
+    /// The customer revokes the integration's access: the company's tokens stop working.
+    #[serde(rename_all = "camelCase")]
+    TokensRevoked { company_id: String },
+    /// The customer authorizes again and the operator gives the new refresh token
+    /// (`companies add ID --oauth-refresh-token-file`).
+    #[serde(rename_all = "camelCase")]
+    Reauthorized { company_id: String },
+}
+
+impl Event {
+    /// Whether the event needs OAuth (companies with pairs of their own).
+    pub fn uses_oauth(&self) -> bool {
+        matches!(
+            self,
+            Event::CompanyAdded { oauth: true, .. }
+                | Event::TokensRevoked { .. }
+                | Event::Reauthorized { .. }
+        )
+    }
 }
 
 impl Snapshot {

@@ -21,6 +21,13 @@ pub struct Summary {
     /// Jobs that expired at Pleo.
     pub expiries: u64,
     pub crashes: u64,
+    /// Timeline company changes: `companies add`, `companies remove`, revoked access.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub companies_added: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub companies_removed: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub tokens_revoked: u64,
     pub webhooks: WebhookSummary,
     /// API requests by method and path pattern.
     pub api_calls: BTreeMap<String, u64>,
@@ -49,7 +56,19 @@ impl Replay {
     pub(super) fn finish_summary(&mut self) -> Summary {
         let mut s = std::mem::take(&mut self.summary);
         s.virtual_secs = self.start.until(self.base.now()) as f64 / 1000.0;
-        let served: HashSet<&String> = self.snap.companies.iter().collect();
+        // The snapshot's companies and every company the timeline added.
+        let served: HashSet<String> = self
+            .snap
+            .companies
+            .iter()
+            .cloned()
+            .chain(self.snap.timeline.iter().filter_map(|s| match &s.event {
+                crate::replay::snapshot::Event::CompanyAdded { company_id, .. } => {
+                    Some(company_id.clone())
+                }
+                _ => None,
+            }))
+            .collect();
         for job in self.fake.jobs() {
             if !served.contains(&job.company_id) {
                 continue;
@@ -111,6 +130,9 @@ impl Summary {
         self.resumed += o.resumed;
         self.expiries += o.expiries;
         self.crashes += o.crashes;
+        self.companies_added += o.companies_added;
+        self.companies_removed += o.companies_removed;
+        self.tokens_revoked += o.tokens_revoked;
         let (w, ow) = (&mut self.webhooks, &o.webhooks);
         w.delivered += ow.delivered;
         w.accepted += ow.accepted;
@@ -143,6 +165,15 @@ impl Summary {
                 self.virtual_secs, self.steps, self.crashes
             ),
         );
+        if self.companies_added + self.companies_removed + self.tokens_revoked > 0 {
+            line(
+                &mut out,
+                format!(
+                    "  companies: {} added, {} removed, {} revoked access",
+                    self.companies_added, self.companies_removed, self.tokens_revoked
+                ),
+            );
+        }
         let by = |m: &BTreeMap<String, u64>| {
             m.iter()
                 .map(|(k, v)| format!("{k} {v}"))
@@ -204,4 +235,8 @@ impl Summary {
         }
         out
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

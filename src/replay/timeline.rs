@@ -62,6 +62,12 @@ impl Replay {
                         Some(self.accounting_up_at.map_or(until, |u| u.max(until)));
                     self.set_accounting(false)?;
                 }
+                Event::CompanyAdded { company_id, oauth } => {
+                    self.company_added(&company_id, oauth)?;
+                }
+                Event::CompanyRemoved { company_id } => self.company_removed(&company_id)?,
+                Event::TokensRevoked { company_id } => self.tokens_revoked(&company_id),
+                Event::Reauthorized { company_id } => self.reauthorized(&company_id)?,
             }
         }
         if self.accounting_up_at.is_some_and(|t| t <= self.base.now()) {

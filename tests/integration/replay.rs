@@ -625,3 +625,65 @@ fn simulation_holds_the_invariants_for_every_seed() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
     assert!(steps > seeds * 10, "the seeds ran ({steps} steps)");
 }
+
+#[test]
+fn onboarding_adds_removes_and_reauthorizes_companies_on_the_timeline() {
+    let (s, r, d) = play(fixture("onboarding"));
+    assert_eq!(
+        (s.companies_added, s.companies_removed, s.tokens_revoked),
+        (2, 1, 1)
+    );
+    assert_eq!(
+        s.jobs_by_pleo_status,
+        counts(&[("completed", 5), ("pending", 1)])
+    );
+    for job in [
+        "ob-acme-1",
+        "ob-delta-1",
+        "ob-echo-1",
+        "ob-bravo-1",
+        "ob-delta-2",
+    ] {
+        assert_eq!(started_for(&r, job), 1, "{job}");
+    }
+    // The removed company's later export is left alone.
+    assert_eq!(started_for(&r, "ob-echo-2"), 0);
+    // Nothing is sent for the revoked company until it is authorized again (at 1,200 s).
+    let start = jobmirror::clock::Millis::parse_rfc3339("2026-11-24T08:00:00Z").unwrap();
+    let claim = r
+        .fake()
+        .claims()
+        .into_iter()
+        .find(|c| c.job_id == "ob-delta-2" && c.accepted)
+        .unwrap();
+    assert!(
+        start.until(claim.at) >= 1_200_000,
+        "{}",
+        start.until(claim.at)
+    );
+    let db = d.path().join("replay.db");
+    let kinds = journal_kinds(&db, "ob-delta-2");
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "claimed").count(),
+        1,
+        "{kinds:?}"
+    );
+    let store = Store::open_read_only(&db).unwrap();
+    let company: Vec<String> = store
+        .events(None)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind.starts_with("company_"))
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        company,
+        [
+            "company_added",
+            "company_added",
+            "company_removed",
+            "company_left",
+            "company_credential_changed"
+        ]
+    );
+}

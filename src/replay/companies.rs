@@ -1,0 +1,145 @@
+//! Companies on a replay's timeline: added and removed as `jobmirror companies` does it (a
+//! row in the replay's database, then the change sent to the running workers the way the
+//! service's reload sends it), and customers revoking and granting OAuth access at the fake.
+
+use super::*;
+
+/// The OAuth app the replay's fake knows, and the default credential's first refresh token.
+const CLIENT_ID: &str = "replay-client";
+const CLIENT_SECRET: &str = "replay-secret";
+const DEFAULT_REFRESH: &str = "replay-default-refresh";
+
+/// The credential settings of a replay: the fake's API key, or (when the timeline gives
+/// companies OAuth pairs of their own) OAuth with a default pair, through the fake's token
+/// endpoint.
+pub(super) fn credential_settings(
+    snap: &Snapshot,
+    fake: &FakePleo,
+    db: &std::path::Path,
+) -> anyhow::Result<Vec<(&'static str, String)>> {
+    if !snap.timeline.iter().any(|s| s.event.uses_oauth()) {
+        return Ok(vec![("pleo_api_key", fake.api_key())]);
+    }
+    fake.enable_oauth(
+        CLIENT_ID,
+        CLIENT_SECRET,
+        DEFAULT_REFRESH,
+        snap.expires_in.unwrap_or(3600),
+    );
+    let mut file = db.as_os_str().to_owned();
+    file.push("-refresh-token");
+    let file = PathBuf::from(file);
+    std::fs::write(&file, format!("{DEFAULT_REFRESH}\n"))?;
+    Ok(vec![
+        ("pleo_auth", "oauth".into()),
+        (
+            "pleo_oauth_token_url",
+            format!("{}/oauth/token", fake.base_url()),
+        ),
+        ("pleo_oauth_client_id", CLIENT_ID.into()),
+        ("pleo_oauth_client_secret", CLIENT_SECRET.into()),
+        ("pleo_oauth_refresh_token_file", file.display().to_string()),
+    ])
+}
+
+impl Replay {
+    /// `companies add` (with a pair of its own when `oauth`).
+    pub(super) fn company_added(&mut self, company: &str, oauth: bool) -> anyhow::Result<()> {
+        let (credential, token) = if oauth {
+            let t = self
+                .fake
+                .authorize_company(company)
+                .ok_or_else(|| anyhow::anyhow!("the fake has no OAuth"))?;
+            (crate::store::CompanyCredential::OAuth, Some(t))
+        } else {
+            (crate::store::CompanyCredential::Default, None)
+        };
+        self.revoked.remove(company);
+        Store::open(&self.opts.db)?.company_add(
+            company,
+            &credential,
+            token.as_deref(),
+            self.clock.now(),
+        )?;
+        self.summary.companies_added += 1;
+        self.apply_companies(&[])
+    }
+
+    /// `companies remove`.
+    pub(super) fn company_removed(&mut self, company: &str) -> anyhow::Result<()> {
+        if Store::open(&self.opts.db)?.company_remove(company, self.clock.now())? {
+            self.summary.companies_removed += 1;
+        }
+        self.apply_companies(&[])
+    }
+
+    /// The customer revokes access: every token of the company stops working at the fake.
+    pub(super) fn tokens_revoked(&mut self, company: &str) {
+        self.fake.revoke_company(company);
+        self.revoked.insert(company.to_owned());
+        self.summary.tokens_revoked += 1;
+    }
+
+    /// The customer authorizes again: a new refresh token, given with `companies add`.
+    pub(super) fn reauthorized(&mut self, company: &str) -> anyhow::Result<()> {
+        let t = self
+            .fake
+            .authorize_company(company)
+            .ok_or_else(|| anyhow::anyhow!("the fake has no OAuth"))?;
+        Store::open(&self.opts.db)?.company_add(
+            company,
+            &crate::store::CompanyCredential::OAuth,
+            Some(&t),
+            self.clock.now(),
+        )?;
+        self.revoked.remove(company);
+        self.apply_companies(&[company.to_owned()])
+    }
+
+    /// The database's companies merged in again and, when jobmirror runs, sent to its
+    /// workers as the service's reload sends them; the sync side then runs the recovery
+    /// passes of the new (and `renewed`) companies, as the sync thread does.
+    fn apply_companies(&mut self, renewed: &[String]) -> anyhow::Result<()> {
+        let eff = crate::service::reload::Companies::effective(
+            &self.base_cfg,
+            &Store::open(&self.opts.db)?,
+        )?;
+        if let Some(r) = &mut self.running {
+            r.reload
+                .apply(&eff, renewed)?
+                .ok_or_else(|| anyhow::anyhow!("a company change changed more than companies"))?;
+            for (lane, rx) in r.lanes.iter_mut().zip(&r.lane_rx) {
+                while let Ok(list) = rx.try_recv() {
+                    lane.set_companies(list);
+                }
+            }
+            while let Ok(list) = r.sync_rx.try_recv() {
+                let (mut added, _) = r.mirror.set_companies(list.served);
+                for c in list.renewed {
+                    if !added.contains(&c) {
+                        added.push(c);
+                    }
+                }
+                if let Some(s) = &mut r.schedule {
+                    s.set_keys(&r.mirror.poll_keys(), self.base.now().0);
+                }
+                if !added.is_empty() {
+                    r.mirror.pass_companies(PassKind::Recovery, &added);
+                }
+            }
+            r.next_round = self.base.now();
+        }
+        self.cfg = eff;
+        Ok(())
+    }
+
+    /// The companies whose jobs jobmirror answers for now: served, and not revoked.
+    pub(super) fn answerable(&self) -> HashSet<String> {
+        self.cfg
+            .company_ids
+            .iter()
+            .filter(|c| !self.revoked.contains(*c))
+            .cloned()
+            .collect()
+    }
+}

@@ -72,7 +72,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run => {
             let cfg = Config::load(cli.config.as_deref())?;
             crate::logging::init(cfg.log, cfg.log_format);
-            crate::service::systemd::run(&cfg, cli.config.as_deref(), clock)
+            crate::service::systemd::run(cfg, cli.config.as_deref(), clock)
         }
         Command::Migrate { json } => {
             let db = db_path(cli.config.as_deref())?;
@@ -90,7 +90,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig { json } => {
-            let (cfg, settings) = crate::config::effective(cli.config.as_deref())?;
+            let (mut cfg, settings) = crate::config::effective(cli.config.as_deref())?;
+            // The companies `run` serves: the configuration's and the database's.
+            if cfg.db.exists()
+                && let Ok(rows) = Store::open_read_only(&cfg.db).and_then(|s| s.company_rows())
+            {
+                cfg = cfg.with_companies(&rows);
+            }
             if json {
                 let map: serde_json::Map<String, serde_json::Value> = settings
                     .iter()

@@ -35,8 +35,15 @@ impl Config {
         };
         let clients = pleo::Clients::with_oauth(default, oauth);
         let mut by_company = std::collections::HashMap::new();
-        for (company, credential) in self.own_credentials() {
-            by_company.insert(company.clone(), clients.own_client(&company, &credential)?);
+        for (company, key) in &self.company_api_keys {
+            let credential = pleo::OwnCredential::ApiKey(key.clone());
+            by_company.insert(company.clone(), clients.own_client(company, &credential)?);
+        }
+        for company in &self.company_oauth {
+            by_company.insert(
+                company.clone(),
+                clients.own_client(company, &pleo::OwnCredential::OAuth)?,
+            );
         }
         clients.replace_companies(by_company);
         Ok(std::sync::Arc::new(clients))

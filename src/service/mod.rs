@@ -13,6 +13,7 @@
 //! configured bound; `WATCHDOG=1` is sent only while every worker thread makes progress.
 
 pub mod events;
+pub mod memory;
 pub mod notify;
 pub mod processor;
 pub mod reload;
@@ -271,11 +272,20 @@ impl Service {
         milestones: Option<Sender<crate::processing::pipeline::Milestone>>,
     ) -> anyhow::Result<Service> {
         cfg.require_handler()?;
+        memory::limit_malloc_arenas();
         // One service per database: a second one would process the same jobs twice.
         let lock = crate::store::DbLock::acquire(&cfg.db).map_err(|e| anyhow::anyhow!(e))?;
         // The configuration's companies merged with the database's (migrated first).
         let base = cfg;
-        let cfg = &Companies::effective(base, &Store::open(&cfg.db)?)?;
+        let (rows, seen) = {
+            let store = Store::open(&cfg.db)?;
+            // The version first: a change made after it is applied at the first check.
+            let seen = store.companies_version()?;
+            (store.company_rows()?, seen)
+        };
+        // Merged only when the table has rows (no second copy of a large configuration).
+        let merged = (!rows.is_empty()).then(|| base.with_companies(&rows));
+        let cfg = merged.as_ref().unwrap_or(base);
         // Ports first: if one cannot be bound, nothing else starts.
         let webhook_listener = match &cfg.webhook {
             Some(wh) => Some(bind("webhooks", &wh.listen)?),
@@ -453,8 +463,9 @@ impl Service {
             );
         }
         let companies = Arc::new(std::sync::Mutex::new(Companies::new(
-            base.clone(),
+            merged.is_some().then(|| base.clone()),
             Store::connect(&cfg.db)?,
+            seen,
             reload::Reloadable {
                 companies: companies_tx,
                 lanes: lane_companies,

@@ -142,7 +142,9 @@ impl Reloadable {
 /// whenever either changes. `jobmirror companies` changes the rows; the `jm-companies` thread
 /// notices within [`COMPANIES_CHECK`] and calls [`Companies::check`].
 pub struct Companies {
-    base: Config,
+    /// `None` while the table has no rows: the running configuration is then the base (one
+    /// copy of a configuration of 50,000 companies fewer).
+    base: Option<Config>,
     store: crate::store::Store,
     /// `companies_version` when the rows were last read.
     seen: i64,
@@ -164,15 +166,17 @@ fn updated_at(rows: &[crate::store::CompanyRow]) -> HashMap<String, crate::clock
 pub const COMPANIES_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Companies {
-    /// `base` is the configuration as loaded; `reloadable` runs `effective(base)` now.
+    /// `base` is the configuration as loaded; `reloadable` runs `effective(base)` now, read
+    /// when `companies_version` was `seen` (read before it, so a change made meanwhile is
+    /// applied at the first check).
     pub fn new(
-        base: Config,
+        base: Option<Config>,
         store: crate::store::Store,
+        seen: i64,
         reloadable: Reloadable,
         secrets: Option<Arc<std::sync::RwLock<crate::edge::webhook::Secrets>>>,
         metrics: Arc<crate::health::Metrics>,
     ) -> anyhow::Result<Companies> {
-        let seen = store.companies_version()?;
         let updated = updated_at(&store.company_rows()?);
         let c = Companies {
             base,
@@ -225,7 +229,7 @@ impl Companies {
         let rows = self.store.company_rows()?;
         let changed = self.reloadable.apply(&new.with_companies(&rows), &[])?;
         if changed.is_some() {
-            self.base = new.clone();
+            self.base = (!rows.is_empty()).then(|| new.clone());
             self.updated = updated_at(&rows);
             self.set_secrets(&rows);
             self.count();
@@ -240,7 +244,9 @@ impl Companies {
             return Ok(None);
         }
         let rows = self.store.company_rows()?;
-        let eff = self.base.with_companies(&rows);
+        let base = self.base.as_ref().unwrap_or(&self.reloadable.cfg);
+        let eff = base.with_companies(&rows);
+        let base = (!rows.is_empty()).then(|| base.clone());
         // Rows changed while served (a new credential, or authorized again).
         let renewed: Vec<String> = rows
             .iter()
@@ -256,6 +262,7 @@ impl Companies {
             .apply(&eff, &renewed)?
             .ok_or_else(|| anyhow::anyhow!("the companies table changed more than companies"))?;
         self.seen = version;
+        self.base = base;
         self.updated = updated_at(&rows);
         self.set_secrets(&rows);
         self.count();

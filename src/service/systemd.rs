@@ -36,15 +36,19 @@ enum Stop {
 /// `jobmirror run`: the service until SIGTERM or SIGINT; SIGUSR1 runs detection now; SIGHUP
 /// reloads the configuration (checked first; a broken one is refused and the service goes on).
 pub fn run(
-    cfg: &Config,
+    cfg: Config,
     config_file: Option<&std::path::Path>,
     clock: SharedClock,
 ) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
     let notifier = crate::service::notify::Notifier::from_env().map(Arc::new);
-    let mut service = Service::start(cfg, clock, None)?;
+    let mut service = Service::start(&cfg, clock, None)?;
     let status_store = Store::open_read_only(&cfg.db)?;
+    // Only these are needed from here on; the rest (every company id and key) is let go, so a
+    // configuration of 50,000 companies is not held twice while the service runs.
+    let shutdown_timeout = cfg.shutdown_timeout;
+    drop(cfg);
     // The company count changes with a reload or `jobmirror companies`.
     let companies = service.metrics.clone();
     // A refused reload stays in the STATUS line (and `jobmirror_config_reload_refused`) until
@@ -168,11 +172,11 @@ pub fn run(
             Stop::Terminate => "STOPPING=1",
         });
     }
-    let clean = service.stop(cfg.shutdown_timeout);
+    let clean = service.stop(shutdown_timeout);
     if !clean {
         anyhow::bail!(
             "some threads did not stop within {} s",
-            cfg.shutdown_timeout.as_secs()
+            shutdown_timeout.as_secs()
         );
     }
     log::info!("stopped cleanly");

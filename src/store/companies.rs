@@ -153,13 +153,7 @@ impl Store {
         let cred = company_credential(company);
         match refresh_token {
             Some(t) => {
-                tx.execute(
-                    "INSERT INTO oauth_tokens (credential, refresh_token, updated_at) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT (credential) DO UPDATE SET refresh_token = excluded.refresh_token, \
-                     access_token = NULL, access_expires_at = NULL, refresh_started_at = NULL, \
-                     last_error = NULL, refused_at = NULL, updated_at = excluded.updated_at",
-                    params![cred, t, now.0],
-                )?;
+                super::tokens::seed_pair(&tx, &cred, t, now)?;
             }
             None => {
                 tx.execute("DELETE FROM oauth_tokens WHERE credential = ?1", [&cred])?;

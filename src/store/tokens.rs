@@ -21,6 +21,23 @@ pub fn company_credential(company: &str) -> String {
     format!("company:{company}")
 }
 
+/// Puts `refresh_token` in place of the credential's pair (no access token yet; a refusal or
+/// an interrupted refresh on record is cleared), in the caller's transaction.
+pub(super) fn seed_pair(
+    tx: &rusqlite::Transaction<'_>,
+    credential: &str,
+    refresh_token: &str,
+    now: Millis,
+) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO oauth_tokens (credential, refresh_token, updated_at) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (credential) DO UPDATE SET refresh_token = excluded.refresh_token, \
+         access_token = NULL, access_expires_at = NULL, refresh_started_at = NULL, \
+         last_error = NULL, refused_at = NULL, updated_at = excluded.updated_at",
+        params![credential, refresh_token, now.0],
+    )
+}
+
 /// OAuth token storage (see `oauth`).
 impl Store {
     pub fn oauth_get(&self, credential: &str) -> Result<Option<TokenRow>> {
@@ -47,13 +64,7 @@ impl Store {
     /// Stores a refresh token given by the operator (a first one, or after re-authorizing).
     pub fn oauth_seed(&self, credential: &str, refresh_token: &str, now: Millis) -> Result<()> {
         let tx = self.write_tx()?;
-        tx.execute(
-            "INSERT INTO oauth_tokens (credential, refresh_token, updated_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (credential) DO UPDATE SET refresh_token = excluded.refresh_token, \
-             access_token = NULL, access_expires_at = NULL, refresh_started_at = NULL, \
-             last_error = NULL, refused_at = NULL, updated_at = excluded.updated_at",
-            params![credential, refresh_token, now.0],
-        )?;
+        seed_pair(&tx, credential, refresh_token, now)?;
         tx.commit()?;
         Ok(())
     }

@@ -97,6 +97,48 @@ pub(crate) fn wait_for(rx: &Receiver<String>, needle: &str, seen: &mut Vec<Strin
     }
 }
 
+/// `jobmirror --config CFG run` with its log at info on a pipe: the child (killed if the test
+/// fails first) and its log lines as they come.
+pub(crate) fn run_service(cfg: &std::path::Path) -> (Reaper, Receiver<String>) {
+    let mut child = cmd()
+        .arg("--config")
+        .arg(cfg)
+        .arg("run")
+        .env("JOBMIRROR_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(child.stderr.take().unwrap());
+    (Reaper(Some(child)), rx)
+}
+
+/// A handler that takes `secs` an item and notes each run (the job id, a line in
+/// `dir/runs`); its readiness check passes.
+pub(crate) fn slow_handler(dir: &std::path::Path, secs: &str) -> std::path::PathBuf {
+    let handler = dir.join("handler.sh");
+    std::fs::write(
+        &handler,
+        format!(
+            r#"#!/bin/sh
+[ "$1" = --check ] && exit 0
+echo "$JOBMIRROR_JOB_ID" >> {runs}
+while read -r line; do
+  case "$line" in *'"type":"item"'*) ;; *) continue ;; esac
+  e=$(printf '%s' "$line" | sed -n 's/.*"accountingEntryId":"\([^"]*\)".*/\1/p')
+  sleep {secs}
+  printf '{{"accountingEntryId":"%s","status":"successful"}}\n' "$e"
+done
+"#,
+            runs = dir.join("runs").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755)).unwrap();
+    handler
+}
+
 /// Kills the child if the test fails before it exits, so no orphan keeps cargo's pipes open.
 pub(crate) struct Reaper(pub Option<Child>);
 impl Drop for Reaper {

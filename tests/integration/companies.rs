@@ -3,12 +3,11 @@
 //! in hand finishes that job first (journaled); a paused company is not served until resumed;
 //! a company's own API key is used for it.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use jobmirror::sandbox::{JobSpec, LoggedRequest};
 
-use crate::cli::{Reaper, cmd, lines, succeeds, wait_for};
+use crate::cli::{cmd, run_service, slow_handler, succeeds, wait_for};
 use crate::operations::fake;
 
 const A: &str = "aaaaaaaa-0000-4000-8000-0000000000a1";
@@ -59,26 +58,7 @@ fn companies_added_removed_and_paused_while_the_service_runs_take_effect_without
     let d = dir.path();
     let db = d.join("jm.db");
     // A handler that takes 0.3 s an item and notes each run.
-    let handler = d.join("handler.sh");
-    std::fs::write(
-        &handler,
-        format!(
-            r#"#!/bin/sh
-[ "$1" = --check ] && exit 0
-echo "$JOBMIRROR_JOB_ID" >> {runs}
-while read -r line; do
-  case "$line" in *'"type":"item"'*) ;; *) continue ;; esac
-  e=$(printf '%s' "$line" | sed -n 's/.*"accountingEntryId":"\([^"]*\)".*/\1/p')
-  sleep 0.3
-  printf '{{"accountingEntryId":"%s","status":"successful"}}\n' "$e"
-done
-"#,
-            runs = d.join("runs").display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let handler = slow_handler(d, "0.3");
     let cfg = d.join("jobmirror.toml");
     std::fs::write(
         &cfg,
@@ -95,18 +75,8 @@ done
         |args: &[&str]| succeeds(cmd().arg("--config").arg(&cfg).arg("companies").args(args));
     job(&f, "ja-1", A, 1);
     job(&f, "jb-1", B, 1);
-    let mut child = cmd()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .env("JOBMIRROR_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines(child.stderr.take().unwrap());
-    let pid = child.id();
-    let reaper = Reaper(Some(child));
+    let (reaper, rx) = run_service(&cfg);
+    let pid = reaper.0.as_ref().unwrap().id();
     let mut seen = Vec::new();
     wait_for(&rx, "recovery pass over 1 companies", &mut seen);
     assert!(f.wait_for_requests(Duration::from_secs(20), |r| events(r, "ja-1").len() == 2));
@@ -329,17 +299,7 @@ fn subscribe_all_gives_each_company_one_subscription_and_its_secret_joins_the_re
             d.join("t").to_str().unwrap(),
         ]);
     }
-    let mut child = cmd()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .env("JOBMIRROR_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines(child.stderr.take().unwrap());
-    let _reaper = Reaper(Some(child));
+    let (_reaper, rx) = run_service(&cfg);
     let mut seen = Vec::new();
     wait_for(&rx, "webhook receiver listening on", &mut seen);
     wait_for(&rx, "recovery pass over 3 companies", &mut seen);

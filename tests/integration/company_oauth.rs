@@ -6,13 +6,12 @@
 //! and is served again, without a restart, once it is authorized again.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jobmirror::sandbox::{FakePleo, JobSpec};
 
-use crate::cli::{Reaper, cmd, lines, succeeds, wait_for};
+use crate::cli::{cmd, run_service, succeeds, wait_for};
 use crate::companies::events;
 use crate::operations::{fake, http_get};
 
@@ -51,20 +50,6 @@ struct Gate {
     closed: bool,
     /// Requests held at the closed gate (dropped unprocessed when it opens).
     held: usize,
-}
-
-fn service(cfg: &std::path::Path) -> (Reaper, crossbeam_channel::Receiver<String>) {
-    let mut child = cmd()
-        .arg("--config")
-        .arg(cfg)
-        .arg("run")
-        .env("JOBMIRROR_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines(child.stderr.take().unwrap());
-    (Reaper(Some(child)), rx)
 }
 
 fn admin_addr(seen: &[String]) -> String {
@@ -198,7 +183,7 @@ done
     }
 
     let started = Instant::now();
-    let (reaper, rx) = service(&cfg);
+    let (reaper, rx) = run_service(&cfg);
     let mut seen = Vec::new();
     wait_for(&rx, "admin listener on http://", &mut seen);
     wait_for(&rx, &format!("recovery pass over {N} companies"), &mut seen);
@@ -287,7 +272,7 @@ done
         cv.notify_all();
     }
     // The restart: the interrupted refreshes are made again with the stored pairs.
-    let (reaper, rx) = service(&cfg);
+    let (reaper, rx) = run_service(&cfg);
     let mut seen2 = Vec::new();
     wait_for(&rx, "admin listener on http://", &mut seen2);
     wait_for(

@@ -3,26 +3,17 @@
 //! hand finishes that job first (its handler is not interrupted), and the process is not
 //! restarted.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use jobmirror::sandbox::{JobSpec, LoggedRequest};
 
-use crate::cli::{Reaper, cmd, lines, signal, wait_exit, wait_for};
+use crate::cli::{run_service, signal, slow_handler, wait_exit, wait_for};
+use crate::companies::events;
 use crate::operations::fake;
 
 const A: &str = "aaaaaaaa-0000-4000-8000-0000000000a1";
 const B: &str = "bbbbbbbb-0000-4000-8000-0000000000b2";
 const C: &str = "cccccccc-0000-4000-8000-0000000000c3";
-
-fn events(reqs: &[LoggedRequest], job: &str) -> Vec<String> {
-    reqs.iter()
-        .filter(|q| q.path == "/v3/export-job-events" && q.status == 202)
-        .filter_map(|q| serde_json::from_str::<serde_json::Value>(&q.body).ok())
-        .filter(|v| v["jobId"] == job)
-        .filter_map(|v| v["event"].as_str().map(str::to_owned))
-        .collect()
-}
 
 fn listed(q: &LoggedRequest, company: &str) -> bool {
     q.method == "GET"
@@ -46,26 +37,7 @@ fn a_reload_that_changes_the_companies_alone_is_applied_in_place() {
         .unwrap();
     }
     // A handler that takes 0.3 s an item, and notes each run (one line per job run).
-    let handler = d.join("handler.sh");
-    std::fs::write(
-        &handler,
-        format!(
-            r#"#!/bin/sh
-[ "$1" = --check ] && exit 0
-echo "$JOBMIRROR_JOB_ID" >> {runs}
-while read -r line; do
-  case "$line" in *'"type":"item"'*) ;; *) continue ;; esac
-  e=$(printf '%s' "$line" | sed -n 's/.*"accountingEntryId":"\([^"]*\)".*/\1/p')
-  sleep 0.3
-  printf '{{"accountingEntryId":"%s","status":"successful"}}\n' "$e"
-done
-"#,
-            runs = d.join("runs").display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let handler = slow_handler(d, "0.3");
     let cfg = d.join("jobmirror.toml");
     let write = |companies: &[&str]| {
         std::fs::write(
@@ -81,18 +53,8 @@ done
         .unwrap();
     };
     write(&[A, B]);
-    let mut child = cmd()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .env("JOBMIRROR_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines(child.stderr.take().unwrap());
-    let pid = child.id();
-    let mut reaper = Reaper(Some(child));
+    let (mut reaper, rx) = run_service(&cfg);
+    let pid = reaper.0.as_ref().unwrap().id();
     let mut seen = Vec::new();
     wait_for(&rx, "recovery pass over 2 companies", &mut seen);
     // A's six-item job is in hand (about 1.8 s of handler time): now remove A, add C.

@@ -124,16 +124,13 @@ pub(super) fn run(
         }
         CompaniesAction::List { json } => {
             // Read-only: listing never creates or migrates a database.
-            let (rows, refused) = if cfg.db.exists() {
+            let (rows, reauth) = if cfg.db.exists() {
                 let store = Store::open_read_only(&cfg.db)?;
-                (
-                    store.company_rows()?,
-                    store.companies_needing_reauthorization()?,
-                )
+                (store.company_rows()?, crate::ops::reauthorizations(&store)?)
             } else {
                 Default::default()
             };
-            let v = list(&cfg, &rows, refused);
+            let v = list(&cfg, &rows, &reauth);
             if json {
                 say_json(&v)?;
             } else {
@@ -185,8 +182,7 @@ fn pause(
 ) -> anyhow::Result<()> {
     check_id(id)?;
     let store = Store::open(&cfg.db)?;
-    let known = cfg.company_ids.iter().any(|c| c == id)
-        || store.company_rows()?.iter().any(|r| r.company_id == id);
+    let known = cfg.company_ids.iter().any(|c| c == id) || store.has_company_row(id)?;
     if !known {
         return Err(UsageError(format!(
             "company {id} is neither in company_ids nor in the database (add it with jobmirror companies add)"
@@ -214,16 +210,14 @@ fn pause(
 
 /// Every company the configuration or the database names, with its source, credential, state
 /// and whether it needs re-authorization.
+/// `reauth`: as [`crate::ops::reauthorizations`] gives it.
 pub fn list(
     cfg: &Config,
     rows: &[crate::store::CompanyRow],
-    refused: Vec<(String, crate::clock::Millis, String)>,
+    reauth: &std::collections::BTreeMap<String, Value>,
 ) -> Value {
-    let refused: std::collections::HashMap<String, (crate::clock::Millis, String)> = refused
-        .into_iter()
-        .map(|(c, at, why)| (c, (at, why)))
-        .collect();
-    let in_config: std::collections::HashSet<&String> = cfg.company_ids.iter().collect();
+    let in_config: std::collections::HashSet<&str> =
+        cfg.company_ids.iter().map(String::as_str).collect();
     let by_row: std::collections::HashMap<&str, &crate::store::CompanyRow> =
         rows.iter().map(|r| (r.company_id.as_str(), r)).collect();
     let mut ids: Vec<&str> = cfg.company_ids.iter().map(String::as_str).collect();
@@ -233,7 +227,7 @@ pub fn list(
     let mut out = Vec::new();
     for id in ids {
         let row = by_row.get(id);
-        let source = match (in_config.contains(&id.to_owned()), row.is_some()) {
+        let source = match (in_config.contains(id), row.is_some()) {
             (true, true) => "both",
             (true, false) => "config",
             _ => "database",
@@ -249,7 +243,7 @@ pub fn list(
             "other_shard"
         } else if paused.is_some() {
             "paused"
-        } else if refused.contains_key(id) && credential == "oauth" {
+        } else if reauth.contains_key(id) && credential == "oauth" {
             "needs_reauthorization"
         } else {
             "served"
@@ -262,7 +256,7 @@ pub fn list(
             "paused_at": paused.map(|p| p.to_rfc3339()),
             "added_at": row.map(|r| r.added_at.to_rfc3339()),
             "subscription_id": row.and_then(|r| r.subscription_id.clone()),
-            "reauthorization": refused.get(id).map(|(at, why)| json!({"refused_at": at.to_rfc3339(), "why": why})),
+            "reauthorization": reauth.get(id),
         }));
     }
     Value::Array(out)

@@ -34,6 +34,8 @@ pub struct OAuthConfig {
 pub struct TokenSource {
     cfg: OAuthConfig,
     credential: String,
+    /// The company whose own pair this is (`None`: the default credential's).
+    company: Option<String>,
     /// Shared by every token source of a service (one connection, whatever the companies).
     store: std::sync::Arc<Mutex<Store>>,
     clock: SharedClock,
@@ -69,12 +71,7 @@ impl TokenSource {
         store: Store,
         clock: SharedClock,
     ) -> Result<TokenSource, PleoError> {
-        TokenSource::for_credential(
-            cfg,
-            std::sync::Arc::new(Mutex::new(store)),
-            clock,
-            "default",
-        )
+        TokenSource::for_credential(cfg, std::sync::Arc::new(Mutex::new(store)), clock, None)
     }
 
     /// The token source of company `company`'s own pair (`company:<id>` in `oauth_tokens`,
@@ -87,19 +84,14 @@ impl TokenSource {
     ) -> Result<TokenSource, PleoError> {
         // A company's refresh token comes from `companies add`, never from the default's file.
         cfg.refresh_token_file = None;
-        TokenSource::for_credential(
-            cfg,
-            store,
-            clock,
-            &crate::store::company_credential(company),
-        )
+        TokenSource::for_credential(cfg, store, clock, Some(company))
     }
 
     fn for_credential(
         cfg: OAuthConfig,
         store: std::sync::Arc<Mutex<Store>>,
         clock: SharedClock,
-        credential: &str,
+        company: Option<&str>,
     ) -> Result<TokenSource, PleoError> {
         crate::pleo::net::check_base_url(&cfg.token_url).map_err(PleoError::Config)?;
         let agent = crate::pleo::net::agent(
@@ -111,7 +103,8 @@ impl TokenSource {
         );
         Ok(TokenSource {
             cfg,
-            credential: credential.to_owned(),
+            credential: company.map_or_else(|| "default".into(), crate::store::company_credential),
+            company: company.map(str::to_owned),
             store,
             clock,
             agent,
@@ -232,13 +225,11 @@ impl TokenSource {
             return Ok(row);
         }
         let Some(t) = self.file_token() else {
-            return Err(auth_error(if self.credential == "default" {
-                "no OAuth refresh token yet: put one in the file named by pleo_oauth_refresh_token_file (or give each company a pair of its own with jobmirror companies add --oauth-refresh-token-file)".into()
-            } else {
-                format!(
-                    "{} has no OAuth refresh token: authorize it again (jobmirror companies add ID --oauth-refresh-token-file FILE)",
-                    self.credential
-                )
+            return Err(auth_error(match &self.company {
+                None => "no OAuth refresh token yet: put one in the file named by pleo_oauth_refresh_token_file (or give each company a pair of its own with jobmirror companies add --oauth-refresh-token-file)".into(),
+                Some(c) => format!(
+                    "company {c} has no OAuth refresh token: authorize it again (jobmirror companies add {c} --oauth-refresh-token-file FILE)"
+                ),
             }));
         };
         store
@@ -302,13 +293,13 @@ impl TokenSource {
                 })?;
             // One line a refresh for the default credential; a company's at debug (with
             // thousands of companies, a line each would flood the log).
-            if self.credential == "default" {
-                log::info!("OAuth access token refreshed; valid until {expires}");
-            } else {
-                log::debug!(
-                    "OAuth access token of {} refreshed; valid until {expires}",
-                    self.who()
-                );
+            match &self.company {
+                None => log::info!("OAuth access token refreshed; valid until {expires}"),
+                Some(c) => {
+                    log::debug!(
+                        "OAuth access token of company {c} refreshed; valid until {expires}"
+                    )
+                }
             }
             let token = Secret::new(access);
             *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((token.clone(), expires));
@@ -326,15 +317,14 @@ impl TokenSource {
                 );
                 return self.reseed_and_refresh(&t, interrupted);
             }
-            let how = if self.credential == "default" {
-                "authorize again and put the new refresh token in pleo_oauth_refresh_token_file"
-                    .to_owned()
-            } else {
-                format!(
-                    "{} needs re-authorization: authorize again and give the new refresh token with jobmirror companies add {} --oauth-refresh-token-file FILE",
-                    self.who(),
-                    self.credential.trim_start_matches("company:")
-                )
+            let how = match &self.company {
+                None => {
+                    "authorize again and put the new refresh token in pleo_oauth_refresh_token_file"
+                        .to_owned()
+                }
+                Some(c) => format!(
+                    "company {c} needs re-authorization: authorize again and give the new refresh token with jobmirror companies add {c} --oauth-refresh-token-file FILE"
+                ),
             };
             let why = match interrupted {
                 Some(at) => format!(
@@ -362,7 +352,7 @@ impl TokenSource {
 impl TokenSource {
     /// The credential in words: "the default credential" or "company X".
     fn who(&self) -> String {
-        match self.credential.strip_prefix("company:") {
+        match &self.company {
             Some(c) => format!("company {c}"),
             None => "the default credential".into(),
         }

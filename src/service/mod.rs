@@ -236,15 +236,10 @@ impl Service {
         &mut self,
         new: &Config,
     ) -> anyhow::Result<Option<reload::CompaniesChanged>> {
-        let mut c = self.companies.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = c.apply_base(new)?;
-        if changed.is_some() {
-            reload::announce_budget(
-                &Companies::effective(new, &self.instance_store)?,
-                &self.metrics,
-            );
-        }
-        Ok(changed)
+        self.companies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply_base(new)
     }
 
     /// How many companies are served now.

@@ -233,6 +233,7 @@ impl Companies {
             self.updated = updated_at(&rows);
             self.set_secrets(&rows);
             self.count();
+            announce_budget(&self.reloadable.cfg, &self.metrics);
         }
         Ok(changed)
     }
@@ -310,19 +311,20 @@ impl Refresher {
     ) -> crate::clock::Millis {
         let now = self.clock.now();
         let mut next = now.plus(COMPANIES_CHECK);
-        let failed = self
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         for (company, client) in clients {
             let Some(tokens) = client.token_source() else {
                 continue;
             };
-            if let Some(at) = failed.get(company)
-                && *at > now
+            let retry_at = self
+                .failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(company)
+                .copied();
+            if let Some(at) = retry_at
+                && at > now
             {
-                next = next.min(*at);
+                next = next.min(at);
                 continue;
             }
             let due = tokens.next_refresh();
@@ -338,7 +340,7 @@ impl Refresher {
             }
             running.insert(company.clone());
             drop(running);
-            let (company, client) = (company.clone(), client.clone());
+            let (name, client) = (company.clone(), client.clone());
             let (running, failed, clock) = (
                 self.running.clone(),
                 self.failed.clone(),
@@ -351,24 +353,29 @@ impl Refresher {
                     let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                     match result {
                         Some(Err(e)) => {
-                            if f.insert(company.clone(), clock.now().plus(RETRY_FAILED))
+                            if f.insert(name.clone(), clock.now().plus(RETRY_FAILED))
                                 .is_none()
                             {
-                                log::warn!("company {company}: OAuth refresh failed: {e}");
+                                log::warn!("company {name}: OAuth refresh failed: {e}");
                             }
                         }
                         _ => {
-                            f.remove(&company);
+                            f.remove(&name);
                         }
                     }
                     drop(f);
                     running
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .remove(&company);
+                        .remove(&name);
                 });
             if let Err(e) = spawned {
+                // Tried again at the next pass (a request that needs the token refreshes it).
                 log::warn!("could not start an OAuth refresh: {e}");
+                self.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(company);
             }
             next = next.min(now.plus(std::time::Duration::from_millis(20)));
         }

@@ -105,6 +105,15 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Whether `company` has a row.
+    pub fn has_company_row(&self, company: &str) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM companies WHERE company_id = ?1)",
+            [company],
+            |r| r.get(0),
+        )?)
+    }
+
     /// The counter every change to `companies` bumps (one row: cheap to poll).
     pub fn companies_version(&self) -> Result<i64> {
         Ok(self

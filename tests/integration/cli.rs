@@ -97,6 +97,11 @@ pub(crate) fn wait_for(rx: &Receiver<String>, needle: &str, seen: &mut Vec<Strin
     }
 }
 
+/// `jobmirror --config CFG ARGS...`, asserted to succeed; its stdout.
+pub(crate) fn jm(cfg: &std::path::Path, args: &[&str]) -> String {
+    succeeds(cmd().arg("--config").arg(cfg).args(args))
+}
+
 /// `jobmirror --config CFG run` with its log at info on a pipe: the child (killed if the test
 /// fails first) and its log lines as they come.
 pub(crate) fn run_service(cfg: &std::path::Path) -> (Reaper, Receiver<String>) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use jobmirror::sandbox::{JobSpec, LoggedRequest};
 
-use crate::cli::{cmd, run_service, slow_handler, succeeds, wait_for};
+use crate::cli::{cmd, jm, run_service, slow_handler, wait_for};
 use crate::operations::fake;
 
 const A: &str = "aaaaaaaa-0000-4000-8000-0000000000a1";
@@ -24,7 +24,8 @@ pub(crate) fn events(reqs: &[LoggedRequest], job: &str) -> Vec<String> {
         .collect()
 }
 
-fn job(f: &jobmirror::sandbox::FakePleo, id: &str, company: &str, items: usize) {
+/// A pending job of `company` with `items` items, created a minute ago, at the fake.
+pub(crate) fn job(f: &jobmirror::sandbox::FakePleo, id: &str, company: &str, items: usize) {
     f.add_job(JobSpec {
         id: Some(id.into()),
         company_id: company.into(),
@@ -33,6 +34,30 @@ fn job(f: &jobmirror::sandbox::FakePleo, id: &str, company: &str, items: usize) 
         ..JobSpec::default()
     })
     .unwrap();
+}
+
+/// The customer authorizes the integration at the fake and the operator runs `companies add
+/// ID --oauth-refresh-token-file` with the refresh token it got; its stdout.
+pub(crate) fn add_with_oauth(
+    f: &jobmirror::sandbox::FakePleo,
+    cfg: &std::path::Path,
+    dir: &std::path::Path,
+    company: &str,
+) -> String {
+    let token = f.authorize_company(company).unwrap();
+    let file = dir.join("refresh-token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let file = file.display().to_string();
+    jm(
+        cfg,
+        &[
+            "companies",
+            "add",
+            company,
+            "--oauth-refresh-token-file",
+            &file,
+        ],
+    )
 }
 
 /// The journal's company-level rows and the finish of `job`, in order: (kind, company).
@@ -71,8 +96,7 @@ fn companies_added_removed_and_paused_while_the_service_runs_take_effect_without
         ),
     )
     .unwrap();
-    let companies =
-        |args: &[&str]| succeeds(cmd().arg("--config").arg(&cfg).arg("companies").args(args));
+    let companies = |args: &[&str]| jm(&cfg, &[&["companies"], args].concat());
     job(&f, "ja-1", A, 1);
     job(&f, "jb-1", B, 1);
     let (reaper, rx) = run_service(&cfg);
@@ -154,7 +178,7 @@ fn companies_added_removed_and_paused_while_the_service_runs_take_effect_without
     // C is no longer listed: its new job stays put through a detection.
     job(&f, "jc-2", C, 1);
     let before = f.requests().len();
-    succeeds(cmd().arg("--config").arg(&cfg).arg("trigger"));
+    jm(&cfg, &["trigger"]);
     assert!(f.wait_for_requests(Duration::from_secs(20), |r| {
         r[before..]
             .iter()
@@ -194,8 +218,20 @@ fn companies_added_removed_and_paused_while_the_service_runs_take_effect_without
         "no secret in the listing: {list}"
     );
     assert!(v.as_array().unwrap().iter().all(|r| r["company_id"] != C));
-    succeeds(cmd().arg("--config").arg(&cfg).arg("trigger"));
-    std::thread::sleep(Duration::from_millis(0));
+    // A detection while A is paused lists B alone, and A's job stays put.
+    let before = f.requests().len();
+    jm(&cfg, &["trigger"]);
+    wait_for(&rx, "trigger pass over 1 companies", &mut seen);
+    assert!(
+        !f.requests()[before..]
+            .iter()
+            .any(|q| q.path == "/v3/export-jobs" && q.query.contains(A)),
+        "a paused company is not listed"
+    );
+    assert!(
+        events(&f.requests(), "ja-2").is_empty(),
+        "nothing sent for a paused company"
+    );
     companies(&["resume", A]);
     wait_for(&rx, "applied in place (1 added", &mut seen);
     assert!(
@@ -287,17 +323,9 @@ fn subscribe_all_gives_each_company_one_subscription_and_its_secret_joins_the_re
         ),
     )
     .unwrap();
-    let jm = |args: &[&str]| succeeds(cmd().arg("--config").arg(&cfg).args(args));
+    let jm = |args: &[&str]| jm(&cfg, args);
     for c in [B, C] {
-        let t = f.authorize_company(c).unwrap();
-        std::fs::write(d.join("t"), format!("{t}\n")).unwrap();
-        jm(&[
-            "companies",
-            "add",
-            c,
-            "--oauth-refresh-token-file",
-            d.join("t").to_str().unwrap(),
-        ]);
+        add_with_oauth(&f, &cfg, d, c);
     }
     let (_reaper, rx) = run_service(&cfg);
     let mut seen = Vec::new();

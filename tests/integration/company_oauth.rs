@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jobmirror::sandbox::{FakePleo, JobSpec};
+use jobmirror::sandbox::{FakePleo, JobSpec, TokenGrant};
 
-use crate::cli::{cmd, run_service, succeeds, wait_for};
-use crate::companies::events;
+use crate::cli::{cmd, jm, run_service, wait_for};
+use crate::companies::{add_with_oauth, events};
 use crate::operations::{fake, http_get};
 
 /// Access tokens live 2 s and are refreshed 1 s before they expire: one refresh a second
@@ -66,12 +66,30 @@ fn admin_addr(seen: &[String]) -> String {
         .to_owned()
 }
 
-fn grants_of(f: &FakePleo, c: &str) -> Vec<(i64, bool)> {
-    f.token_grants()
+/// `c`'s token grants in `grants` (the fake's log at one moment): when, and whether granted.
+fn grants_of(grants: &[TokenGrant], c: &str) -> Vec<(i64, bool)> {
+    grants
         .iter()
         .filter(|g| g.company.as_deref() == Some(c))
         .map(|g| (g.at.0, g.ok))
         .collect()
+}
+
+/// Waits (bounded) until `cond` holds, looking again every 20 ms.
+fn until(within: Duration, what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Successful grants of `c` so far.
+fn granted(f: &FakePleo, c: &str) -> usize {
+    grants_of(&f.token_grants(), c)
+        .iter()
+        .filter(|(_, ok)| *ok)
+        .count()
 }
 
 #[test]
@@ -130,16 +148,7 @@ done
     })
     .unwrap();
     for c in &companies {
-        let t = f.authorize_company(c).unwrap();
-        let file = d.join("refresh-token");
-        std::fs::write(&file, format!("{t}\n")).unwrap();
-        succeeds(
-            cmd()
-                .arg("--config")
-                .arg(&cfg)
-                .args(["companies", "add", c, "--oauth-refresh-token-file"])
-                .arg(&file),
-        );
+        add_with_oauth(&f, &cfg, d, c);
     }
     let mode = std::fs::metadata(&db).unwrap().permissions();
     assert_eq!(
@@ -188,8 +197,10 @@ done
     wait_for(&rx, "admin listener on http://", &mut seen);
     wait_for(&rx, &format!("recovery pass over {N} companies"), &mut seen);
 
-    // A few seconds in, customer R disconnects the integration: its tokens are revoked.
-    std::thread::sleep(Duration::from_secs(3));
+    // A few refreshes in, customer R disconnects the integration: its tokens are revoked.
+    until(Duration::from_secs(20), "R refreshed twice", || {
+        granted(&f, &r) >= 2
+    });
     f.revoke_company(&r);
     let revoked_at = Instant::now();
     for (i, c) in [(0, &companies[0]), (1, &companies[1]), (2, &companies[2])] {
@@ -201,7 +212,7 @@ done
         })
         .unwrap();
     }
-    succeeds(cmd().arg("--config").arg(&cfg).arg("trigger"));
+    jm(&cfg, &["trigger"]);
     assert!(
         f.wait_for_requests(Duration::from_secs(20), |q| (0..3).all(|i| events(
             q,
@@ -239,28 +250,26 @@ done
     // intent on record are then exactly those held at the gate, unprocessed. (One the endpoint
     // answered and jobmirror had not stored yet would be lost whatever jobmirror did: Pleo
     // has rotated it. README says so.)
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let held = gate.0.lock().unwrap().held as i64;
-        let conn =
-            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .unwrap();
-        let pending: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM oauth_tokens WHERE refresh_started_at IS NOT NULL",
-                [],
-                |r| r.get(0),
+    until(
+        Duration::from_secs(20),
+        "the refreshes in flight are the held ones",
+        || {
+            let held = gate.0.lock().unwrap().held as i64;
+            let conn = rusqlite::Connection::open_with_flags(
+                &db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
             )
             .unwrap();
-        if pending == held {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{pending} refreshes in flight, {held} held"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+            let pending: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM oauth_tokens WHERE refresh_started_at IS NOT NULL",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            pending == held
+        },
+    );
     let mut child = reaper;
     let mut c = child.0.take().unwrap();
     c.kill().unwrap();
@@ -281,18 +290,26 @@ done
         &mut seen2,
     );
     let admin = admin_addr(&seen2);
-    let day =
-        Duration::from_secs(LIFETIMES * (TTL_SECS as u64 - MARGIN_SECS)) + Duration::from_secs(2);
-    if let Some(left) = day.checked_sub(started.elapsed()) {
-        std::thread::sleep(left);
-    }
+    // The day: every company but R through 24 lifetimes of its access token.
+    until(
+        Duration::from_secs(90),
+        "every company refreshed once per lifetime for 24 lifetimes",
+        || {
+            companies
+                .iter()
+                .filter(|c| **c != r)
+                .all(|c| granted(&f, c) as u64 >= LIFETIMES)
+        },
+    );
+    // The grants and the time they took, read at one moment.
+    let grants = f.token_grants();
     let elapsed_ms = started.elapsed().as_millis() as i64;
 
     // R: one refused refresh (terminal), shown everywhere, and nothing more sent for it.
-    let rg = grants_of(&f, &r);
+    let rg = grants_of(&grants, &r);
     let refused: Vec<_> = rg.iter().filter(|(_, ok)| !ok).collect();
     assert_eq!(refused.len(), 1, "one refused refresh, then none: {rg:?}");
-    let status = succeeds(cmd().arg("--config").arg(&cfg).args(["status", "--json"]));
+    let status = jm(&cfg, &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     let row = v["companies"]
         .as_array()
@@ -320,12 +337,7 @@ done
         text.contains(&format!("company {r} needs re-authorization")),
         "{text}"
     );
-    let why = succeeds(
-        cmd()
-            .arg("--config")
-            .arg(&cfg)
-            .args(["why", "job-99", "--json"]),
-    );
+    let why = jm(&cfg, &["why", "job-99", "--json"]);
     let w: serde_json::Value = serde_json::from_str(&why).unwrap();
     assert_eq!(w["rule"], "needs_reauthorization", "{w}");
     let (_, metrics) = http_get(&admin, "/metrics");
@@ -337,18 +349,13 @@ done
         metrics.contains(&format!("\njobmirror_companies_served {N}\n")),
         "{metrics}"
     );
-    let list = succeeds(
-        cmd()
-            .arg("--config")
-            .arg(&cfg)
-            .args(["companies", "list", "--json"]),
-    );
+    let list = jm(&cfg, &["companies", "list", "--json"]);
     assert!(list.contains("needs_reauthorization"), "{list}");
 
     // The others: a refresh per lifetime, never two for one token, and every pair good.
     let mut counts = Vec::new();
     for c in companies.iter().filter(|c| **c != r) {
-        let g = grants_of(&f, c);
+        let g = grants_of(&grants, c);
         assert!(
             g.iter().all(|(_, ok)| *ok),
             "company {c}: a refresh was refused: {g:?}"
@@ -358,27 +365,14 @@ done
             gaps.iter().all(|gap| *gap >= 800),
             "company {c}: two refreshes for one token: gaps {gaps:?} ms"
         );
-        // At most one per (lifetime less margin), and no lifetime skipped for long.
+        // At most one per (lifetime less margin).
         let most = elapsed_ms / 1000 + 1;
         assert!(
             g.len() as i64 <= most,
             "company {c}: {} refreshes in {elapsed_ms} ms",
             g.len()
         );
-        assert!(
-            g.len() as u64 >= LIFETIMES / 2,
-            "company {c}: only {} refreshes",
-            g.len()
-        );
         counts.push(g.len());
-        // No pair lost: what the database holds is the token endpoint's live refresh token.
-        let (stored, _, refused_at) = stored_refresh_token(&db, c);
-        assert_eq!(
-            stored,
-            f.company_refresh_token(c),
-            "company {c}: the stored pair is the live one"
-        );
-        assert!(refused_at.is_none());
     }
     counts.sort_unstable();
     eprintln!(
@@ -387,25 +381,10 @@ done
         counts[counts.len() / 2],
         counts[counts.len() - 1]
     );
-    // K's interrupted refresh was made again after the restart, with the same pair.
-    assert!(
-        seen2
-            .iter()
-            .all(|l| !l.contains(&format!("company {k} needs re-authorization")))
-    );
 
     // R is authorized again (and ready): served without a restart, its job taken.
     std::fs::remove_file(&gate_file).unwrap();
-    let t = f.authorize_company(&r).unwrap();
-    let file = d.join("refresh-token");
-    std::fs::write(&file, format!("{t}\n")).unwrap();
-    let out = succeeds(
-        cmd()
-            .arg("--config")
-            .arg(&cfg)
-            .args(["companies", "add", &r, "--oauth-refresh-token-file"])
-            .arg(&file),
-    );
+    let out = add_with_oauth(&f, &cfg, d, &r);
     assert!(out.contains("authorized again"), "{out}");
     assert!(
         f.wait_for_requests(Duration::from_secs(20), |q| events(q, "job-99")
@@ -417,6 +396,22 @@ done
         metrics.contains("\njobmirror_companies_needing_reauthorization 0\n"),
         "{metrics}"
     );
+    // Stopped (SIGTERM, nothing in flight): no pair lost, K's (whose refresh was killed in
+    // flight) and R's (authorized again) included. What the database holds is each company's
+    // live refresh token at the token endpoint.
+    let mut reaper = reaper;
+    let child = reaper.0.take().unwrap();
+    crate::cli::signal(&child, "TERM");
+    assert!(crate::cli::wait_exit(child, Duration::from_secs(20)).success());
+    for c in &companies {
+        let (stored, _, refused_at) = stored_refresh_token(&db, c);
+        assert_eq!(
+            stored,
+            f.company_refresh_token(c),
+            "company {c}: the stored pair is the live one"
+        );
+        assert!(refused_at.is_none(), "company {c}");
+    }
     // No token in any log line.
     let mut all = seen;
     all.extend(seen2);
@@ -428,5 +423,4 @@ done
             .any(|l| l.contains("fake-refresh") || l.contains("fake-access")),
         "a token reached the log"
     );
-    drop(reaper);
 }

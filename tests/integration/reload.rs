@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use jobmirror::sandbox::{JobSpec, LoggedRequest};
+use jobmirror::sandbox::LoggedRequest;
 
 use crate::cli::{run_service, signal, slow_handler, wait_exit, wait_for};
-use crate::companies::events;
+use crate::companies::{events, job};
 use crate::operations::fake;
 
 const A: &str = "aaaaaaaa-0000-4000-8000-0000000000a1";
@@ -27,14 +27,7 @@ fn a_reload_that_changes_the_companies_alone_is_applied_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for (id, company, items) in [("ra-1", A, 6), ("rb-1", B, 1), ("rc-1", C, 1)] {
-        f.add_job(JobSpec {
-            id: Some(id.into()),
-            company_id: company.into(),
-            created_secs_ago: Some(120),
-            items: Some(items),
-            ..JobSpec::default()
-        })
-        .unwrap();
+        job(&f, id, company, items);
     }
     // A handler that takes 0.3 s an item, and notes each run (one line per job run).
     let handler = slow_handler(d, "0.3");
@@ -95,13 +88,7 @@ fn a_reload_that_changes_the_companies_alone_is_applied_in_place() {
     let c_first = reqs.iter().find(|q| listed(q, C)).unwrap();
     assert!(c_first.query.contains("in_progress"), "{}", c_first.query);
     // A is no longer listed: a detection now lists B and C only, and A's new job stays put.
-    f.add_job(JobSpec {
-        id: Some("ra-2".into()),
-        company_id: A.into(),
-        items: Some(1),
-        ..JobSpec::default()
-    })
-    .unwrap();
+    job(&f, "ra-2", A, 1);
     let before = f.requests().len();
     signal(reaper.0.as_ref().unwrap(), "USR1");
     wait_for(&rx, "trigger pass over 2 companies", &mut seen);

@@ -146,6 +146,9 @@ pub struct Metrics {
     pub polls_waiting: AtomicU64,
     /// The companies served now (the configuration's and the database's; set when they change).
     pub companies_served: AtomicU64,
+    /// 1 while the OAuth token endpoint refuses the client (`invalid_client`,
+    /// `unauthorized_client`); no refresh token is used up meanwhile.
+    pub oauth_client_refused: AtomicU64,
 }
 
 impl Metrics {

@@ -23,6 +23,9 @@ impl Config {
             self.client_with(clock.clone(), agent.clone())?
                 .with_health(progress.clone(), metrics.clone()),
         );
+        if let Some(o) = &self.oauth {
+            o.standing.attach(metrics.clone());
+        }
         // Every company's own OAuth pair goes through one store connection.
         let oauth = match &self.oauth {
             Some(o) => Some(pleo::CompanyOAuth {

@@ -306,6 +306,7 @@ impl Config {
                     .map(PathBuf::from),
                 refresh_margin: secs("pleo_oauth_refresh_margin_secs", 0)?,
                 timeout: secs("pleo_request_timeout_secs", 1)?,
+                standing: Default::default(),
             })
         } else {
             None

@@ -177,6 +177,13 @@ impl Admin {
         );
         single(
             &mut o,
+            "jobmirror_oauth_client_refused",
+            "gauge",
+            "1 while the OAuth token endpoint refuses the client (invalid_client, unauthorized_client): no token is refreshed, none is used up, and refreshes resume by themselves once it is accepted.",
+            &load(&self.metrics.oauth_client_refused),
+        );
+        single(
+            &mut o,
             "jobmirror_poll_interval_seconds",
             "gauge",
             "The configured poll interval (poll_interval_secs).",
@@ -360,6 +367,11 @@ impl Handler for Admin {
                 let refused = self.metrics.companies_refused.load(Ordering::Relaxed);
                 if !stale.is_empty() {
                     Response::text(503, &format!("not making progress: {}\n", stale.join(", ")))
+                } else if self.metrics.oauth_client_refused.load(Ordering::Relaxed) > 0 {
+                    Response::text(
+                        503,
+                        "degraded: the OAuth token endpoint refuses the client (check its id and secret); see jobmirror doctor\n",
+                    )
                 } else if failing > 0 {
                     Response::text(
                         503,

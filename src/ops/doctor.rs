@@ -101,6 +101,22 @@ pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Re
             ),
         );
     }
+    // The OAuth app itself refused at the token endpoint (journaled by the service when it
+    // starts and when it ends): every pair is kept, but nothing is refreshed meanwhile.
+    if let Some(e) = store.last_event_of(&["oauth_client_refused", "oauth_client_accepted"])?
+        && e.kind == "oauth_client_refused"
+    {
+        check(
+            "oauth_client",
+            "fail",
+            format!(
+                "the OAuth token endpoint refuses the client since {} ({} {}): check pleo_oauth_client_id and the client secret; refreshes resume by themselves once it is accepted",
+                e.at,
+                e.detail["status"],
+                e.detail["error"].as_str().unwrap_or("")
+            ),
+        );
+    }
     let b = store.delivery_backlog()?;
     let (level, detail) = match b.oldest_unprocessed {
         Some(o) if now.until(o) < -60_000 => (

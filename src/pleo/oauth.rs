@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::clock::{Millis, SharedClock};
 use crate::store::Store;
@@ -28,6 +28,126 @@ pub struct OAuthConfig {
     /// Refresh this long before the access token expires.
     pub refresh_margin: Duration,
     pub timeout: Duration,
+    /// The OAuth app's standing at the token endpoint, shared by every token source made
+    /// from this configuration (the default credential's and each company's).
+    pub standing: std::sync::Arc<ClientStanding>,
+}
+
+/// Whether the token endpoint accepts the OAuth *client* (the app: its id and secret), and
+/// when a refused or failing endpoint may be asked again. RFC 6749 section 5.2: only
+/// `invalid_grant` says the refresh token (the customer's grant) is no good; `invalid_client`
+/// and `unauthorized_client` refuse the client, and a 5xx or a transport error refuses the
+/// moment. Neither uses up a refresh token, so neither ends a pair: the endpoint is asked
+/// again after a backoff (5 s doubling to 5 min, one request for every pair at a time), and the
+/// pairs work again by themselves once it answers.
+#[derive(Debug, Default)]
+pub struct ClientStanding {
+    state: Mutex<Standing>,
+    /// The gauge `jobmirror_oauth_client_refused` (1 while the client is refused).
+    metrics: std::sync::OnceLock<std::sync::Arc<crate::health::Metrics>>,
+}
+
+#[derive(Debug, Default)]
+struct Standing {
+    /// Set while the endpoint refuses the client: the error as said.
+    refused: Option<String>,
+    /// No request before this (a backoff after a refusal or a failure).
+    quiet_until: Option<Millis>,
+    backoff: Duration,
+}
+
+const STANDING_BACKOFF_MIN: Duration = Duration::from_secs(5);
+const STANDING_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// How a token endpoint's refusal reads (RFC 6749 section 5.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `invalid_grant`: the refresh token is no good; the pair ends.
+    Grant,
+    /// `invalid_client`, `unauthorized_client`, or a 401 that names nothing: the app is refused.
+    Client,
+    /// Anything else (another code, a 5xx): the moment; asked again later.
+    Moment,
+}
+
+impl Refusal {
+    pub fn of(status: u16, code: &str) -> Refusal {
+        match (status, code) {
+            (400 | 401, "invalid_grant") => Refusal::Grant,
+            (_, "invalid_client" | "unauthorized_client") | (401, "") => Refusal::Client,
+            _ => Refusal::Moment,
+        }
+    }
+}
+
+impl ClientStanding {
+    /// Shows the standing in `metrics` (the service's gauges).
+    pub fn attach(&self, metrics: std::sync::Arc<crate::health::Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Standing> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The client is refused now, as said by the endpoint.
+    pub fn refused(&self) -> Option<String> {
+        self.lock().refused.clone()
+    }
+
+    /// May a refresh be sent now? While backing off, the error to answer instead. The first
+    /// caller after a backoff is let through and pushes the next try out, so one request at a
+    /// time probes the endpoint for every pair.
+    fn may_send(&self, now: Millis) -> Result<(), PleoError> {
+        let mut s = self.lock();
+        match s.quiet_until {
+            Some(t) if now < t => Err(auth_error(match &s.refused {
+                Some(why) => format!("{why}; asking the token endpoint again at {t}"),
+                None => format!("the token endpoint failed; asking it again at {t}"),
+            })),
+            Some(_) => {
+                let probe = s.backoff;
+                s.quiet_until = Some(now.plus(probe));
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn back_off(s: &mut Standing, now: Millis) {
+        s.backoff = (s.backoff * 2).clamp(STANDING_BACKOFF_MIN, STANDING_BACKOFF_MAX);
+        s.quiet_until = Some(now.plus(s.backoff));
+    }
+
+    /// The endpoint refused the client: loud once, then backed off.
+    fn refuse(&self, why: &str, now: Millis) -> bool {
+        let mut s = self.lock();
+        let first = s.refused.is_none();
+        s.refused = Some(why.to_owned());
+        Self::back_off(&mut s, now);
+        if let Some(m) = self.metrics.get() {
+            m.oauth_client_refused
+                .store(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        first
+    }
+
+    /// The endpoint failed (5xx, transport, another code): backed off, nothing ends.
+    fn failed(&self, now: Millis) {
+        Self::back_off(&mut self.lock(), now);
+    }
+
+    /// The endpoint answered a refresh: the client is accepted. True when it was refused.
+    fn accepted(&self) -> bool {
+        let mut s = self.lock();
+        let was = s.refused.take().is_some();
+        *s = Standing::default();
+        if let Some(m) = self.metrics.get() {
+            m.oauth_client_refused
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        was
+    }
 }
 
 /// Hands out a valid access token, refreshing it when due.
@@ -126,6 +246,11 @@ impl TokenSource {
             .clone()
             .filter(|(_, exp)| self.fresh(*exp))
             .map(|(t, _)| t)
+    }
+
+    /// Whether the token endpoint refuses the OAuth client now (every pair waits for it).
+    pub fn client_refused(&self) -> bool {
+        self.cfg.standing.refused().is_some()
     }
 
     /// Never refresh (a command run while the service runs: one refresher per pair).
@@ -249,6 +374,8 @@ impl TokenSource {
         interrupted: Option<Millis>,
     ) -> Result<Secret, PleoError> {
         let db = |e: crate::store::StoreError| PleoError::Config(format!("OAuth token store: {e}"));
+        let standing = self.cfg.standing.clone();
+        standing.may_send(self.clock.now())?;
         self.store
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -266,11 +393,17 @@ impl TokenSource {
             .header("Content-Type", "application/x-www-form-urlencoded")
             .header("Accept", "application/json")
             .send(form.as_bytes());
-        let mut resp =
-            resp.map_err(|e| PleoError::Transport(format!("OAuth token endpoint: {e}")))?;
+        let mut resp = resp.map_err(|e| {
+            standing.failed(self.clock.now());
+            PleoError::Transport(format!("OAuth token endpoint: {e}"))
+        })?;
         let status = resp.status().as_u16();
         let body: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
         if status == 200 {
+            if standing.accepted() {
+                log::warn!("the OAuth token endpoint accepts the client again; refreshes resume");
+                self.journal_standing(crate::store::EventKind::OAuthClientAccepted, json!({}));
+            }
             let (Some(access), Some(refresh)) = (
                 body["access_token"].as_str(),
                 body["refresh_token"].as_str(),
@@ -306,7 +439,33 @@ impl TokenSource {
             return Ok(token);
         }
         let code = body["error"].as_str().unwrap_or("").to_owned();
-        if status == 400 || status == 401 {
+        match Refusal::of(status, &code) {
+            Refusal::Grant => {}
+            Refusal::Client => {
+                // The app (its id or secret) is refused, not the customer's grant: every pair
+                // is kept, and the endpoint is asked again after a backoff.
+                let why = format!(
+                    "the OAuth token endpoint refuses the client ({status} {code}): check pleo_oauth_client_id and the client secret; every refresh token is kept and refreshes resume by themselves once the endpoint accepts the client"
+                );
+                if standing.refuse(&why, self.clock.now()) {
+                    log::error!("{why}");
+                    self.journal_standing(
+                        crate::store::EventKind::OAuthClientRefused,
+                        json!({"status": status, "error": code}),
+                    );
+                }
+                return Err(auth_error(why));
+            }
+            Refusal::Moment => {
+                standing.failed(self.clock.now());
+                return Err(PleoError::Api {
+                    status,
+                    kind: "OAUTH_TOKEN_ENDPOINT".into(),
+                    message: format!("the token endpoint answered {status} {code}"),
+                });
+            }
+        }
+        {
             // The operator may have authorized again and left a new refresh token in the file.
             if may_reseed
                 && let Some(t) = self.file_token()
@@ -339,13 +498,16 @@ impl TokenSource {
                 .unwrap_or_else(|p| p.into_inner())
                 .oauth_refuse(&self.credential, &why, self.clock.now());
             log::error!("{why}");
-            return Err(auth_error(why));
+            Err(auth_error(why))
         }
-        Err(PleoError::Api {
-            status,
-            kind: "OAUTH_TOKEN_ENDPOINT".into(),
-            message: format!("the token endpoint answered {status} {code}"),
-        })
+    }
+
+    /// Journals a change of the client's standing (for `doctor`); a failure only warns.
+    fn journal_standing(&self, kind: crate::store::EventKind, detail: Value) {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = store.journal(self.clock.now(), None, None, kind, detail) {
+            log::warn!("could not journal the OAuth client's standing: {e}");
+        }
     }
 }
 

@@ -77,6 +77,9 @@ pub struct HandlerStage {
     pub(crate) stopping: Option<Arc<crate::health::Stopping>>,
     /// The database whose service runs the handlers (marks their processes).
     pub(crate) marker_scope: Option<std::path::PathBuf>,
+    /// Jobs whose last item report got an answer that may have been applied (a lost answer,
+    /// a cut-off body, a 504): their items are read from Pleo before anything more is sent.
+    pub(crate) read_items_first: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl HandlerStage {
@@ -95,6 +98,7 @@ impl HandlerStage {
             health: None,
             stopping: None,
             marker_scope: None,
+            read_items_first: Default::default(),
         }
     }
 

@@ -24,6 +24,7 @@ impl HandlerStage {
         let mut sent = 0usize;
         // Each round either acknowledges items or counts an attempt against them: bounded.
         let mut rounds = 0;
+        self.read_items_if_unsure(store, job)?;
         while sent < limit && rounds < 10_000 {
             rounds += 1;
             let batch = store.unreported_items(&job.id, 100.min(limit - sent))?;
@@ -34,7 +35,17 @@ impl HandlerStage {
                 .iter()
                 .map(|u| update_json(&u.result, u.handled_at))
                 .collect();
-            let outcome = self.client(job).put_items(&job.id, &updates)?;
+            let outcome = match self.client(job).put_items(&job.id, &updates) {
+                Ok(o) => o,
+                Err(e) => {
+                    // An answer that may have been applied: what Pleo shows is read before
+                    // anything is sent again (an item reported `successful` is never resent).
+                    if !e.is_unapplied() {
+                        self.unsure(&job.id, true);
+                    }
+                    return Err(e.into());
+                }
+            };
             let acked: Vec<(String, String)> = outcome
                 .updated
                 .iter()
@@ -106,11 +117,57 @@ impl HandlerStage {
             match self.client(job).get_job(&job.id) {
                 Ok(fresh) => {
                     store.upsert_job(&fresh, self.clock.now(), Source::Reread)?;
-                    *deadline = fresh.expires_at();
+                    // As stored: never older than our own accepted event's deadline.
+                    *deadline = store
+                        .job(&job.id)?
+                        .map_or(fresh.expires_at(), |j| j.expires_at);
                 }
                 Err(e) => log::debug!("job {}: re-read after a report failed: {e}", job.id),
             }
         }
+        Ok(())
+    }
+
+    /// Marks (or clears) `job_id` as having an item report whose outcome is unknown.
+    pub(crate) fn unsure(&self, job_id: &str, unsure: bool) {
+        let mut s = self
+            .read_items_first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if unsure {
+            s.insert(job_id.to_owned());
+        } else {
+            s.remove(job_id);
+        }
+    }
+
+    /// After a report whose answer was lost: the job's items as Pleo shows them now, so that
+    /// an item Pleo already shows finished is marked reported and not sent again.
+    fn read_items_if_unsure(&self, store: &Store, job: &JobRow) -> Result<(), Pause> {
+        let unsure = self
+            .read_items_first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&job.id);
+        if !unsure {
+            return Ok(());
+        }
+        let items = self.client(job).list_job_items(&job.id)?;
+        let rows: Vec<(String, String, Option<String>)> = items
+            .iter()
+            .filter_map(|i| {
+                let entry = i["accountingEntryId"].as_str()?.to_owned();
+                let status = i["status"].as_str().unwrap_or("pending").to_owned();
+                Some((entry, status, None))
+            })
+            .collect();
+        store.sync_job_items(&job.id, &rows, self.clock.now())?;
+        self.unsure(&job.id, false);
+        log::info!(
+            "job {}: read its {} items again after a report whose answer was lost; only what Pleo does not show finished is sent",
+            job.id,
+            rows.len()
+        );
         Ok(())
     }
 

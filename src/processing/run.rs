@@ -101,6 +101,8 @@ impl HandlerStage {
             })
             .collect();
         store.sync_job_items(&job.id, &rows, self.clock.now())?;
+        // Pleo's items were just read: nothing is unsure about earlier reports any more.
+        self.unsure(&job.id, false);
 
         // Results recorded before a crash are reported without asking the handler again.
         self.flush(store, job, &mut deadline, usize::MAX)?;

@@ -16,6 +16,36 @@ use crate::processing::pipeline::{HandlerStage, Milestone, Pause};
 use crate::store::{EventKind, ItemResult, JobRow, Store};
 
 impl HandlerStage {
+    /// The finish margin is reached by the deadline as last known: before the job is failed
+    /// for want of time, Pleo is asked again (a job event of ours, or its item reports, may
+    /// have refreshed `lastUpdatedAt`). True when the deadline moved past the margin; a failed
+    /// read leaves the deadline as it was (never older than our last accepted event's).
+    fn deadline_moved(
+        &self,
+        store: &Store,
+        job: &JobRow,
+        deadline: &mut Millis,
+    ) -> Result<bool, Pause> {
+        let fresh = match self.client(job).get_job(&job.id) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                log::warn!(
+                    "job {}: its deadline is near and it could not be read again: {e}",
+                    job.id
+                );
+                return Ok(false);
+            }
+        };
+        store.upsert_job(&fresh, self.clock.now(), crate::store::Source::Reread)?;
+        let known = store
+            .job(&job.id)?
+            .map_or(fresh.expires_at(), |j| j.expires_at);
+        let moved = known > *deadline;
+        *deadline = (*deadline).max(known);
+        let margin = Millis(deadline.0 - self.cfg.finish_margin.as_millis() as i64);
+        Ok(moved && self.client(job).pleo_now() < margin)
+    }
+
     /// One handler run over `items`. The run ends when every item has a result, when the
     /// handler process exits (what it wrote is read to the end, and its process group is
     /// killed, so a child holding its pipes cannot keep the run open), at its end of output,
@@ -107,7 +137,7 @@ impl HandlerStage {
             // measured on Pleo's clock (a host clock that is off never ends a job early).
             let pleo_now = self.client(job).pleo_now();
             let margin = Millis(deadline.0 - self.cfg.finish_margin.as_millis() as i64);
-            if pleo_now >= margin {
+            if pleo_now >= margin && !self.deadline_moved(store, job, deadline)? {
                 break Some(format!(
                     "the handler could not finish before the job's deadline ({} left)",
                     secs(pleo_now.until(*deadline))

@@ -387,6 +387,7 @@ impl Replay {
             lanes: workers.lane_companies,
             clients: workers.clients,
             cfg: self.cfg.clone(),
+            owners: workers.owners,
         };
         self.running = Some(Running {
             // Listing passes run here one at a time: the pool's threads would finish them in

@@ -266,6 +266,14 @@ impl FakePleo {
         });
     }
 
+    /// The OAuth app's secret as the token endpoint knows it from now on: a client that
+    /// sends another one is refused with `invalid_client` (its refresh tokens stay good).
+    pub fn set_oauth_client_secret(&self, client_secret: &str) {
+        if let Some(o) = self.shared.lock().oauth.as_mut() {
+            o.client_secret = client_secret.into();
+        }
+    }
+
     /// Every call of the token endpoint.
     pub fn token_grants(&self) -> Vec<TokenGrant> {
         self.shared

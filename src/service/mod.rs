@@ -102,6 +102,25 @@ pub struct Workers {
     pub clients: Arc<crate::pleo::Clients>,
     /// Each lane's companies, and where to send it new ones.
     pub lane_companies: Vec<(Sender<Vec<String>>, Vec<String>)>,
+    /// Which lane holds each company's work (shared by the lanes and the reload).
+    pub owners: Arc<processor::Owners>,
+    /// What the lanes call before a claim to catch up with the `companies` table (set once
+    /// the service's [`Companies`] exists).
+    pub gate: Arc<CompaniesGate>,
+}
+
+/// The lanes' way to the `companies` table: before a claim, a change committed there is
+/// applied at once (as the `jm-companies` thread would within a second), so no claim follows a
+/// committed pause or removal.
+#[derive(Default)]
+pub struct CompaniesGate(std::sync::OnceLock<Arc<std::sync::Mutex<Companies>>>);
+
+impl processor::CatchUp for CompaniesGate {
+    fn catch_up(&self) {
+        if let Some(c) = self.0.get() {
+            reload::check_logged(&mut c.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
 }
 
 /// Company `i` (in configuration order) goes to lane `i % lanes`: a company's jobs always run
@@ -150,6 +169,8 @@ impl Workers {
         };
         let recovered = Arc::new(crate::service::sync::Recovered::default());
         let groups = split_lanes(&cfg.company_ids, cfg.lanes);
+        let owners = Arc::new(processor::Owners::default());
+        let gate = Arc::new(CompaniesGate::default());
         let mut lanes = Vec::new();
         let mut wakes = Vec::new();
         let mut lane_companies = Vec::new();
@@ -181,7 +202,10 @@ impl Workers {
             .with_recovered(recovered.clone())
             .with_metrics(metrics.clone())
             .with_stopping(stopping.clone())
-            .with_stage(Box::new(stage));
+            .with_stage(Box::new(stage))
+            .with_lane(i, owners.clone())
+            .with_updates(companies_rx.clone())
+            .with_catch_up(gate.clone());
             let name = if cfg.lanes <= 1 {
                 "jm-processor".to_owned()
             } else {
@@ -220,6 +244,8 @@ impl Workers {
             stopping,
             clients: client,
             lane_companies,
+            owners,
+            gate,
         })
     }
 }
@@ -304,6 +330,8 @@ impl Service {
             stopping,
             clients,
             lane_companies,
+            owners,
+            gate,
         } = Workers::build(cfg, clock.clone(), milestones)?;
         let (companies_tx, companies_rx) = crossbeam_channel::unbounded::<sync::run::CompanyList>();
         let instance_store = Store::connect(&cfg.db)?;
@@ -466,10 +494,12 @@ impl Service {
                 lanes: lane_companies,
                 clients,
                 cfg: cfg.clone(),
+                owners,
             },
             company_secrets,
             metrics.clone(),
         )?));
+        let _ = gate.0.set(companies.clone());
         {
             let (c, sd, clk) = (companies.clone(), shutdown_rx.clone(), clock.clone());
             spawn(

@@ -40,6 +40,9 @@ pub struct Reloadable {
     pub clients: Arc<Clients>,
     /// The configuration running now.
     pub cfg: Config,
+    /// Which lane holds each company's job in hand: a company that comes back while its old
+    /// lane still holds a job of its goes back to that lane.
+    pub owners: Arc<crate::service::processor::Owners>,
 }
 
 /// What a reload changed.
@@ -103,7 +106,11 @@ impl Reloadable {
             if placed.contains(c) {
                 continue;
             }
-            if let Some((_, list)) = self.lanes.iter_mut().min_by_key(|(_, l)| l.len()) {
+            let lane = match self.owners.holder(c) {
+                Some(l) if l < self.lanes.len() => Some(&mut self.lanes[l]),
+                _ => self.lanes.iter_mut().min_by_key(|(_, l)| l.len()),
+            };
+            if let Some((_, list)) = lane {
                 list.push(c.clone());
             }
             changed.added.push(c.clone());
@@ -350,11 +357,14 @@ impl Refresher {
                 .name("jm-token".into())
                 .spawn(move || {
                     let result = client.token_source().map(|t| t.bearer());
+                    // A refused client is said once, for every company, by the token source.
+                    let quiet = client.token_source().is_some_and(|t| t.client_refused());
                     let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                     match result {
                         Some(Err(e)) => {
                             if f.insert(name.clone(), clock.now().plus(RETRY_FAILED))
                                 .is_none()
+                                && !quiet
                             {
                                 log::warn!("company {name}: OAuth refresh failed: {e}");
                             }
@@ -388,6 +398,23 @@ impl Refresher {
     }
 }
 
+/// Applies the `companies` rows if they changed, and says so in the log.
+pub fn check_logged(c: &mut Companies) {
+    match c.check() {
+        Ok(Some(changed)) => log::info!(
+            "companies changed in the database; applied in place ({} added: {}; {} removed: {}; {} served)",
+            changed.added.len(),
+            changed.added.join(", "),
+            changed.removed.len(),
+            changed.removed.join(", "),
+            c.served()
+        ),
+        Ok(None) => {}
+        // Tried again at the next check (the version is not marked seen).
+        Err(e) => log::error!("could not apply the companies table: {e}"),
+    }
+}
+
 /// The `jm-companies` thread: applies changes to the `companies` table, and refreshes the
 /// companies' own OAuth pairs ahead of expiry, until shutdown.
 pub fn watch(
@@ -404,20 +431,7 @@ pub fn watch(
     loop {
         if clock.now() >= next_check {
             next_check = clock.now().plus(COMPANIES_CHECK);
-            let mut c = companies.lock().unwrap_or_else(|p| p.into_inner());
-            match c.check() {
-                Ok(Some(changed)) => log::info!(
-                    "companies changed in the database; applied in place ({} added: {}; {} removed: {}; {} served)",
-                    changed.added.len(),
-                    changed.added.join(", "),
-                    changed.removed.len(),
-                    changed.removed.join(", "),
-                    c.served()
-                ),
-                Ok(None) => {}
-                // Tried again at the next check (the version is not marked seen).
-                Err(e) => log::error!("could not apply the companies table: {e}"),
-            }
+            check_logged(&mut companies.lock().unwrap_or_else(|p| p.into_inner()));
         }
         // Refreshed outside the lock: a slow token endpoint never holds up a reload.
         let clients = companies

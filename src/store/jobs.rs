@@ -51,6 +51,33 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Pleo accepted a job event of ours for `job_id` (a 202) when its clock said `pleo_at`:
+    /// a job event refreshes `lastUpdatedAt`, so the job's deadline is at least `pleo_at` plus
+    /// its `expiresIn`, whatever the next read answers or fails to answer.
+    pub fn event_accepted(&self, job_id: &str, pleo_at: Millis) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE export_jobs SET accepted_deadline = \
+                 max(coalesce(accepted_deadline, 0), ?2 + expires_in * 1000) WHERE id = ?1",
+            )?
+            .execute(params![job_id, pleo_at.0])?;
+        Ok(())
+    }
+
+    /// The newest journal entry of one of `kinds`, if any.
+    pub fn last_event_of(&self, kinds: &[&str]) -> Result<Option<EventRow>> {
+        let marks = vec!["?"; kinds.len()].join(", ");
+        let sql = format!(
+            "SELECT seq, at, job_id, company_id, kind, detail FROM job_events \
+             WHERE kind IN ({marks}) ORDER BY seq DESC LIMIT 1"
+        );
+        let mut st = self.conn.prepare(&sql)?;
+        let row = st
+            .query_row(rusqlite::params_from_iter(kinds), event_row)
+            .optional()?;
+        Ok(row)
+    }
+
     /// The job jobmirror is working on for this company, if any.
     pub fn active_job(&self, company_id: &str) -> Result<Option<JobRow>> {
         let sql = format!(
@@ -260,17 +287,7 @@ impl Store {
             "SELECT seq, at, job_id, company_id, kind, detail FROM job_events \
              WHERE ?1 IS NULL OR job_id = ?1 ORDER BY seq",
         )?;
-        let rows = stmt.query_map([job_id], |r| {
-            let detail: String = r.get(5)?;
-            Ok(EventRow {
-                seq: r.get(0)?,
-                at: Millis(r.get(1)?),
-                job_id: r.get(2)?,
-                company_id: r.get(3)?,
-                kind: r.get(4)?,
-                detail: serde_json::from_str(&detail).unwrap_or(Value::Null),
-            })
-        })?;
+        let rows = stmt.query_map([job_id], event_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -332,6 +349,19 @@ impl Store {
         }
         Ok(by.into_values().collect())
     }
+}
+
+/// A `job_events` row selected as `seq, at, job_id, company_id, kind, detail`.
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    let detail: String = r.get(5)?;
+    Ok(EventRow {
+        seq: r.get(0)?,
+        at: Millis(r.get(1)?),
+        job_id: r.get(2)?,
+        company_id: r.get(3)?,
+        kind: r.get(4)?,
+        detail: serde_json::from_str(&detail).unwrap_or(Value::Null),
+    })
 }
 
 /// The pick query. Kept as a constant so tests can `EXPLAIN QUERY PLAN` the exact text.

@@ -186,6 +186,11 @@ pub enum EventKind {
     /// The service stopped serving a company that was removed or paused, after its job in
     /// hand (if any) was finished or handed back (detail: that job).
     CompanyLeft,
+    /// The OAuth token endpoint refused the client (`invalid_client`, `unauthorized_client`):
+    /// no refresh token is used up; refreshes are tried again with a backoff.
+    OAuthClientRefused,
+    /// The token endpoint accepted the client again.
+    OAuthClientAccepted,
 }
 
 impl EventKind {
@@ -227,6 +232,8 @@ impl EventKind {
             EventKind::CompanyPaused => "company_paused",
             EventKind::CompanyResumed => "company_resumed",
             EventKind::CompanyLeft => "company_left",
+            EventKind::OAuthClientRefused => "oauth_client_refused",
+            EventKind::OAuthClientAccepted => "oauth_client_accepted",
         }
     }
 }
@@ -325,7 +332,11 @@ impl CompanySummary {
     }
 }
 
-const JOB_COLUMNS: &str = "id, company_id, status, created_at, last_updated_at, expires_at, \
+/// `expires_at` is read as the later of Pleo's deadline as last read and the one our last
+/// accepted job event guarantees (`accepted_deadline`): never a deadline older than our own
+/// accepted event.
+const JOB_COLUMNS: &str = "id, company_id, status, created_at, last_updated_at, \
+     max(expires_at, coalesce(accepted_deadline, 0)), \
      number_of_items, proc_state, claim_attempts, warned_expires_at";
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {

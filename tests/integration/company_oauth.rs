@@ -52,7 +52,7 @@ struct Gate {
     held: usize,
 }
 
-fn admin_addr(seen: &[String]) -> String {
+pub(crate) fn admin_addr(seen: &[String]) -> String {
     let l = seen
         .iter()
         .find(|l| l.contains("admin listener on http://"))

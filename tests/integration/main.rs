@@ -23,6 +23,7 @@ mod reliability;
 mod reload;
 mod replay;
 mod scale;
+mod seams;
 mod standby;
 mod store;
 mod webhook;

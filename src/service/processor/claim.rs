@@ -8,6 +8,7 @@
 
 use serde_json::json;
 
+use crate::clock::Millis;
 use crate::pleo::{JobEvent, JobEventKind};
 use crate::service::processor::decide::{self, ClaimDecision};
 use crate::service::processor::{Processor, RoundReport};
@@ -41,6 +42,11 @@ impl Processor {
             self.paused_until.remove(company);
         }
         for _ in 0..self.cfg.claims_per_round_max {
+            // A company paused or removed since the lane last looked takes nothing new,
+            // whatever woke the lane.
+            if !self.serves(company) {
+                return Ok(());
+            }
             let Some(candidate) = self.store.pick_next(company)? else {
                 self.not_ready.remove(company);
                 return Ok(());
@@ -120,13 +126,22 @@ impl Processor {
             }
             ClaimDecision::Claim => {}
         }
+        // The readiness check and the read took time: the company may have been paused or
+        // removed meanwhile.
+        if !self.serves(&fresh.company_id) {
+            return Ok(Claim::Wait);
+        }
         self.store.begin_claim(&fresh, now)?;
         let event = JobEvent::new(JobEventKind::Started, &fresh.id);
         let client = self.clients.for_company(Some(&fresh.company_id));
         match client.post_event(&event) {
             Ok(()) => {
+                // `started` refreshed lastUpdatedAt: the deadline is at least Pleo's time of
+                // this answer (its Date is whole seconds) plus expiresIn, read back or not.
+                let accepted_at = Millis(client.pleo_now().0 - 1000);
+                self.store.event_accepted(&fresh.id, accepted_at)?;
                 // Read back what Pleo now says (new lastUpdatedAt, so the new deadline). If
-                // that read fails the claim still stands: hold the job with the deadline known.
+                // that read fails the claim still stands, with the deadline the claim gave.
                 if let Ok(j) = client.get_job(&fresh.id) {
                     self.store
                         .upsert_job(&j, self.clock.now(), Source::Reread)?;

@@ -14,6 +14,10 @@ use crate::store::{EventKind, JobRow, ProcState, StoreError};
 impl Processor {
     /// Looks after the company's active job: resume it, hand it on, or track its deadline.
     pub(super) fn tend(&mut self, job: JobRow, report: &mut RoundReport) -> Result<(), StoreError> {
+        // One owner in the process: only the lane holding the company touches its job.
+        if !self.owners.take(&job.company_id, self.lane) {
+            return Ok(());
+        }
         match job.proc_state {
             ProcState::Resume | ProcState::Claiming => {
                 // Ask Pleo first: a held job is resumed without `started`; an interrupted claim

@@ -35,7 +35,17 @@ use crate::store::{EventKind, JobRow, ProcState, Source, Store, StoreError};
 mod claim;
 mod decide;
 mod held;
+pub mod owners;
 mod readiness;
+
+pub use owners::Owners;
+
+/// Brings the companies served up to date with what operators committed (`jobmirror
+/// companies pause|remove|add`) before a claim, so no claim follows a committed pause or
+/// removal, whatever woke the lane. The service implements it over the `companies` table.
+pub trait CatchUp: Send + Sync {
+    fn catch_up(&self);
+}
 
 #[derive(Clone, Debug)]
 pub struct ProcessorConfig {
@@ -110,7 +120,16 @@ pub struct Processor {
     /// Companies a reload removed while a job of theirs was in hand: served for that job
     /// alone (nothing new is claimed) until it is finished or handed back.
     leaving: Vec<String>,
+    /// This lane's number, and which lane holds each company (shared by the lanes).
+    lane: usize,
+    owners: Arc<Owners>,
+    /// New company lists for this lane (a reload), applied before every round and claim.
+    updates: Option<Receiver<Vec<String>>>,
+    catch_up: Option<Arc<dyn CatchUp>>,
 }
+
+/// How soon a lane looks again at a company another lane still holds.
+const OWNER_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 struct NotReadyHold {
@@ -142,7 +161,53 @@ impl Processor {
             not_ready_shown: 0,
             stopping: None,
             leaving: Vec::new(),
+            lane: 0,
+            owners: Arc::default(),
+            updates: None,
+            catch_up: None,
         }
+    }
+
+    /// This processor is lane `lane` among those sharing `owners`.
+    pub fn with_lane(mut self, lane: usize, owners: Arc<Owners>) -> Processor {
+        self.lane = lane;
+        self.owners = owners;
+        self
+    }
+
+    /// Where this lane's new company lists arrive; they are applied before every round and
+    /// before every claim.
+    pub fn with_updates(mut self, updates: Receiver<Vec<String>>) -> Processor {
+        self.updates = Some(updates);
+        self
+    }
+
+    /// Asked before every claim to bring the companies up to date with the database.
+    pub fn with_catch_up(mut self, catch_up: Arc<dyn CatchUp>) -> Processor {
+        self.catch_up = Some(catch_up);
+        self
+    }
+
+    /// Applies the company lists that arrived (the newest wins).
+    fn take_updates(&mut self) {
+        let Some(rx) = &self.updates else { return };
+        let mut last = None;
+        while let Ok(list) = rx.try_recv() {
+            last = Some(list);
+        }
+        if let Some(list) = last {
+            self.set_companies(list);
+        }
+    }
+
+    /// Whether `company` is served by this lane now, after catching up with the companies
+    /// operators committed (checked before every pick and claim).
+    fn serves(&mut self, company: &str) -> bool {
+        if let Some(c) = &self.catch_up {
+            c.catch_up();
+        }
+        self.take_updates();
+        self.companies.iter().any(|c| c == company)
     }
 
     /// Companies are served only once the sync thread's recovery pass over them completed.
@@ -221,9 +286,13 @@ impl Processor {
         }
     }
 
-    /// Tends the job in hand of each company that is leaving; one with none has left.
+    /// Tends the job in hand of each company that is leaving; one with none has left. A
+    /// company another lane holds now is that lane's (it came back, and its job was let go).
     fn tend_leaving(&mut self, report: &mut RoundReport) {
         for company in std::mem::take(&mut self.leaving) {
+            if !self.owners.take(&company, self.lane) {
+                continue;
+            }
             match self.store.active_job(&company) {
                 Ok(Some(job)) => {
                     if let Err(e) = self.tend(job, report) {
@@ -234,6 +303,7 @@ impl Processor {
                 Ok(None) => {
                     self.not_ready.remove(&company);
                     self.paused_until.remove(&company);
+                    self.owners.release(&company, self.lane);
                     self.company_left(&company);
                 }
                 Err(e) => {
@@ -247,6 +317,7 @@ impl Processor {
     /// One round over every company.
     pub fn round(&mut self) -> RoundReport {
         let mut report = RoundReport::default();
+        self.take_updates();
         // Only companies with something to do: with hundreds of companies a round must not
         // cost two queries for each of them.
         let with_work = match self.store.companies_with_work() {
@@ -282,6 +353,7 @@ impl Processor {
             }
             if !with_work.contains(&company) {
                 self.not_ready.remove(&company);
+                self.owners.release(&company, self.lane);
                 continue;
             }
             if self
@@ -293,9 +365,19 @@ impl Processor {
                 // an `in_progress` one of ours may be waiting to be resumed.
                 continue;
             }
+            if !self.owners.take(&company, self.lane) {
+                // Another lane still has a job of this company in hand (it came back to this
+                // lane while that one ran): it waits until that lane lets the job go.
+                report.due(now.plus(OWNER_WAIT));
+                continue;
+            }
             if let Err(e) = self.company_round(&company, &mut report) {
                 log::error!("processor: company {company}: {e}");
                 report.errors.push(format!("{company}: {e}"));
+            }
+            // Let the company go once nothing of it is in hand (a failed read keeps it).
+            if let Ok(None) = self.store.active_job(&company) {
+                self.owners.release(&company, self.lane);
             }
         }
         if let Some(m) = &self.metrics {

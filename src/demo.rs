@@ -17,7 +17,7 @@ use crate::store::Store;
 
 pub const DEMO_FIXTURE: &str = include_str!("../fixtures/demo.json");
 /// A company with no jobs at the start: its first job arrives by webhook during the demo.
-pub const WEBHOOK_COMPANY: &str = "dddddddd-0000-4000-8000-0000000delta";
+pub const WEBHOOK_COMPANY: &str = "dddddddd-0000-4000-8000-00000000de17";
 
 pub fn run(db: Option<PathBuf>) -> anyhow::Result<()> {
     crate::logging::init(log::LevelFilter::Warn, crate::logging::LogFormat::Text);

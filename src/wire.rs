@@ -311,3 +311,14 @@ pub fn is_job_event(event_type: &str) -> bool {
         .iter()
         .any(|t| t.eq_ignore_ascii_case(event_type.trim()))
 }
+
+/// A UUID in its canonical text form (8-4-4-4-12 hexadecimal digits), as Pleo's files type
+/// ids (`format: uuid`: company ids, job ids in requests).
+pub fn is_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}

@@ -523,6 +523,7 @@ impl Config {
             // Close enough that the deadline decides something (a warning, a job failed
             // before it expires): know it from Pleo.
             reread_within: secs("finish_margin_secs", 0)? + secs("deadline_warning_secs", 0)?,
+            deadline_warning: secs("deadline_warning_secs", 0)?,
             check_timeout: secs("handler_check_timeout_secs", 1)?,
             wait_tick: Duration::from_millis(50),
         };

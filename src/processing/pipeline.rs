@@ -37,6 +37,9 @@ pub struct PipelineConfig {
     pub flush_interval: Duration,
     /// Stop and fail the job when less than this is left before it expires.
     pub finish_margin: Duration,
+    /// Journal a `deadline_warning` (once per deadline) when less than this is left, while the
+    /// handler works too.
+    pub deadline_warning: Duration,
     /// After reporting items, read the job again (for its deadline) only when the deadline as
     /// last read is less than this away.
     pub reread_within: Duration,
@@ -53,6 +56,7 @@ impl Default for PipelineConfig {
             attempts_max: 3,
             flush_interval: Duration::from_secs(5),
             finish_margin: Duration::from_secs(120),
+            deadline_warning: Duration::from_secs(600),
             reread_within: Duration::from_secs(720),
             check_timeout: Duration::from_secs(60),
             wait_tick: Duration::from_millis(50),

@@ -46,6 +46,28 @@ impl HandlerStage {
         Ok(moved && self.client(job).pleo_now() < margin)
     }
 
+    /// Journals the `deadline_warning` for `deadline` (`pleo_now` on Pleo's clock).
+    fn warn_deadline(
+        &self,
+        store: &Store,
+        job: &JobRow,
+        deadline: Millis,
+        pleo_now: Millis,
+    ) -> Result<(), Pause> {
+        let row = JobRow {
+            expires_at: deadline,
+            ..job.clone()
+        };
+        store.warn_deadline(&row, self.clock.now())?;
+        log::warn!(
+            "job {} of company {} expires at {deadline} ({} s left) while its handler works",
+            job.id,
+            job.company_id,
+            pleo_now.until(deadline) / 1000
+        );
+        Ok(())
+    }
+
     /// One handler run over `items`. The run ends when every item has a result, when the
     /// handler process exits (what it wrote is read to the end, and its process group is
     /// killed, so a child holding its pipes cannot keep the run open), at its end of output,
@@ -124,6 +146,8 @@ impl HandlerStage {
             report_backoff: self.cfg.flush_interval.max(Duration::from_secs(1)),
         };
         let mut exited_at: Option<std::time::Instant> = None;
+        // The deadline a warning was journaled for (the stored one, read as the run starts).
+        let mut warned = store.job(&job.id)?.and_then(|j| j.warned_expires_at);
         let end = loop {
             if self.stopping.as_ref().is_some_and(|s| s.is_set()) {
                 // The job stays `processing`: the next start resumes it without `started`.
@@ -142,6 +166,13 @@ impl HandlerStage {
                     "the handler could not finish before the job's deadline ({} left)",
                     secs(pleo_now.until(*deadline))
                 ));
+            }
+            // The deadline warning, from the same clock and deadline as the margin: once per
+            // deadline, while the handler works as between runs.
+            let warn_at = Millis(deadline.0 - self.cfg.deadline_warning.as_millis() as i64);
+            if pleo_now >= warn_at && warned != Some(*deadline) {
+                warned = Some(*deadline);
+                self.warn_deadline(store, job, *deadline, pleo_now)?;
             }
             if run.used + run.counted.until(now).max(0) >= job_limit {
                 break Some(self.over_budget(run.used + run.counted.until(now).max(0)));

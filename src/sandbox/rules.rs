@@ -37,15 +37,7 @@ fn bad_body(message: String) -> Response {
     error(400, "INVALID_BODY", &message)
 }
 
-/// A UUID in its canonical text form (8-4-4-4-12 hexadecimal digits), as `format: uuid`.
-pub fn is_uuid(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 36
-        && b.iter().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => *c == b'-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
+pub use crate::wire::is_uuid;
 
 /// A `date-time` (RFC 3339) as the files' `format` says.
 pub fn is_date_time(s: &str) -> bool {

@@ -163,8 +163,8 @@ impl Store {
     pub fn warn_deadline(&self, job: &JobRow, now: Millis) -> Result<()> {
         let tx = self.write_tx()?;
         tx.execute(
-            "UPDATE export_jobs SET warned_expires_at = expires_at WHERE id = ?1",
-            [&job.id],
+            "UPDATE export_jobs SET warned_expires_at = ?2 WHERE id = ?1",
+            params![&job.id, job.expires_at.0],
         )?;
         journal(
             &tx,

@@ -246,11 +246,13 @@ pub enum Source {
     /// The recovery pass with `resume_unknown_in_progress = false`: an `in_progress` job this
     /// database does not hold is left to whoever holds it.
     RecoveryLeavingInProgress,
-    /// A scheduled or triggered poll.
+    /// A scheduled poll.
     Poll,
+    /// A listing run on request (`jobmirror trigger`, SIGUSR1).
+    Trigger,
     /// A single-job read (left the listing, verify, deadline check).
     Reread,
-    /// A single-job read prompted by a webhook.
+    /// A listing prompted by a webhook (the same listing as a poll).
     Webhook,
 }
 
@@ -259,6 +261,7 @@ impl Source {
         match self {
             Source::Recovery | Source::RecoveryLeavingInProgress => "recovery",
             Source::Poll => "poll",
+            Source::Trigger => "trigger",
             Source::Reread => "reread",
             Source::Webhook => "webhook",
         }

@@ -365,3 +365,64 @@ fn a_report_whose_answer_was_lost_is_not_sent_again_before_the_items_are_read() 
     let runs = std::fs::read_to_string(d.join("runs")).unwrap();
     assert_eq!(runs.lines().count(), 1, "one handler run: {runs}");
 }
+
+/// The handler works on a job whose deadline comes within `deadline_warning_secs` during the
+/// run: the `deadline_warning` is journaled while it works (once), not only between runs.
+#[test]
+fn the_deadline_warning_is_journaled_while_the_handler_works() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let handler = slow_handler(d, "0.5");
+    let cfg = config(d, &f, &[X], &handler, 1);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    // Claimed with 200 s to go: the warning is due a second into the run, which takes 8 s
+    // (before the first report, which refreshes the deadline at the fake).
+    text.push_str("deadline_warning_secs = 199\nfinish_margin_secs = 10\n");
+    std::fs::write(&cfg, text).unwrap();
+    f.add_job(jobmirror::sandbox::JobSpec {
+        id: Some("jx-warn".into()),
+        company_id: X.into(),
+        created_secs_ago: Some(60),
+        expires_in: Some(200),
+        items: Some(16),
+        ..Default::default()
+    })
+    .unwrap();
+    let (_reaper, rx) = run_service(&cfg);
+    let mut seen = Vec::new();
+    wait_for(&rx, "recovery pass over 1 companies", &mut seen);
+    // Logged after the finish is journaled.
+    wait_for(&rx, "jx-warn of company", &mut seen);
+    wait_for(&rx, "sent completed", &mut seen);
+    assert_eq!(events(&f.requests(), "jx-warn"), ["started", "completed"]);
+    let conn = rusqlite::Connection::open(d.join("jm.db")).unwrap();
+    let kinds: Vec<String> = conn
+        .prepare(
+            "SELECT kind FROM job_events WHERE job_id = 'jx-warn' \
+             AND kind IN ('processing_started', 'deadline_warning', 'finish_sent') ORDER BY seq",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    // Between the start of processing and the finish: warnings, one per deadline (the fake
+    // refreshes lastUpdatedAt on item reports, so a later report may move it).
+    let warnings = kinds.iter().filter(|k| *k == "deadline_warning").count();
+    assert!(warnings >= 1, "{kinds:?}");
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("processing_started")
+    );
+    assert_eq!(kinds.last().map(String::as_str), Some("finish_sent"));
+    let deadlines: i64 = conn
+        .query_row(
+            "SELECT count(DISTINCT json_extract(detail, '$.expires_at')) FROM job_events \
+             WHERE job_id = 'jx-warn' AND kind = 'deadline_warning'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(deadlines as usize, warnings, "once per deadline");
+}

@@ -103,7 +103,10 @@ impl Mirror {
                     .push((d.webhook_id, d.attempts, id));
             }
             for (company, deliveries) in by_company {
+                // The same listing as a poll, journaled as what prompted it.
+                self.by_webhook = true;
                 let report = self.pass_companies(PassKind::Poll, std::slice::from_ref(&company));
+                self.by_webhook = false;
                 let failure = report.failures.into_iter().next();
                 // Retries count from when this attempt ended (its own retries take time).
                 let failed_at = self.clock.now();

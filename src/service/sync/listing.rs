@@ -17,6 +17,8 @@ pub struct Lister<'a> {
     pub clock: &'a SharedClock,
     pub metrics: Option<&'a crate::health::Metrics>,
     pub resume_unknown_in_progress: bool,
+    /// The pass was prompted by a webhook (journaled as the jobs' `source`).
+    pub by_webhook: bool,
 }
 
 /// One company's listing as fetched (on a pool worker or the sync thread), to store.
@@ -145,7 +147,9 @@ impl Lister<'_> {
         let source = match kind {
             PassKind::Recovery if self.resume_unknown_in_progress => Source::Recovery,
             PassKind::Recovery => Source::RecoveryLeavingInProgress,
-            _ => Source::Poll,
+            PassKind::Trigger => Source::Trigger,
+            PassKind::Poll if self.by_webhook => Source::Webhook,
+            PassKind::Poll => Source::Poll,
         };
         // A listing may carry another company's job if the server ignores the filter: skip it.
         let (mine, foreign): (Vec<_>, Vec<_>) = listing

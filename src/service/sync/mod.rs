@@ -93,6 +93,8 @@ pub struct Mirror {
     group: Option<Vec<String>>,
     group_set: HashSet<String>,
     by_credential: bool,
+    /// A webhook's detection is running (its listing is journaled as `source: webhook`).
+    by_webhook: bool,
 }
 
 impl Mirror {
@@ -122,6 +124,7 @@ impl Mirror {
             group: None,
             group_set: HashSet::new(),
             by_credential: false,
+            by_webhook: false,
         }
     }
 
@@ -460,6 +463,7 @@ impl Mirror {
             clock: &self.clock,
             metrics: self.metrics.as_deref(),
             resume_unknown_in_progress: self.resume_unknown_in_progress,
+            by_webhook: self.by_webhook,
         }
     }
 }

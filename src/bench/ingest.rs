@@ -23,7 +23,13 @@ pub(crate) fn ingest(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<Foot
     let fake = start_fake(clock)?;
     let port = free_port()?;
     let db = dir.join("ingest.db");
-    let env = service_env(&fake, &db, &dir.join("outbox"), "bench-company", port);
+    let env = service_env(
+        &fake,
+        &db,
+        &dir.join("outbox"),
+        "be0c0000-0000-4000-8000-000000000001",
+        port,
+    );
     let (service, ready) = ServiceChild::start(exe, &env)?;
     let idle_rss = service.rss_kib();
     let url = format!("http://127.0.0.1:{port}/webhooks/pleo");
@@ -51,7 +57,10 @@ pub(crate) fn ingest(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<Foot
                 let mut ok = 0usize;
                 for i in 0..per_client {
                     let id = format!("msg_ingest_{c}_{i}");
-                    let body = body_for(&format!("nojob-{c}-{i}"), "bench-company");
+                    let body = body_for(
+                        &format!("nojob-{c}-{i}"),
+                        "be0c0000-0000-4000-8000-000000000001",
+                    );
                     if post_signed(&a, &url, &secrets, &id, &body) == 200 {
                         ok += 1;
                     }
@@ -94,7 +103,10 @@ pub(crate) fn ingest(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<Foot
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
-                    let body = body_for(&format!("lat-{c}-{i}"), "bench-company");
+                    let body = body_for(
+                        &format!("lat-{c}-{i}"),
+                        "be0c0000-0000-4000-8000-000000000001",
+                    );
                     let t = Instant::now();
                     if post_signed(&a, &url, &secrets, &format!("msg_lat_{c}_{i}"), &body) == 200 {
                         lat.push(t.elapsed());
@@ -123,8 +135,11 @@ pub(crate) fn ingest(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<Foot
             event_type: Some("v1.export-job.created".into()),
             event_id: None,
             job_id: Some(format!("j{i}")),
-            company_id: Some("bench-company".into()),
-            body: String::from_utf8(body_for(&format!("j{i}"), "bench-company"))?,
+            company_id: Some("be0c0000-0000-4000-8000-000000000001".into()),
+            body: String::from_utf8(body_for(
+                &format!("j{i}"),
+                "be0c0000-0000-4000-8000-000000000001",
+            ))?,
             headers: json!({"webhook-id": format!("b{i}"), "content-type": "application/json"}),
         };
         st.insert_deliveries(&[&d], Millis(0))?;

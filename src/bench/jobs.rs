@@ -16,7 +16,7 @@ pub(crate) fn reaction(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<()
     let fake3 = start_fake(clock)?;
     let port3 = free_port()?;
     let rc: Vec<String> = (0..sizes.reaction_samples)
-        .map(|i| format!("r{i:04}"))
+        .map(|i| format!("0000a000-0000-4000-8000-{i:012}"))
         .collect();
     let env3 = service_env(
         &fake3,

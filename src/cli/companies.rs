@@ -37,7 +37,7 @@ fn secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
 fn check_id(id: &str) -> anyhow::Result<()> {
     if !crate::config::is_company_id(id) {
         return Err(UsageError(format!(
-            "{id:?} is not a company id (letters, digits, - and _)"
+            "{id:?} is not a company id: Pleo's are UUIDs (8-4-4-4-12 hexadecimal digits)"
         ))
         .into());
     }

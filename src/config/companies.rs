@@ -75,11 +75,10 @@ pub(crate) fn database_has_companies(db: &std::path::Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The form of a company id: letters, digits, `-` and `_` (Pleo's are UUIDs).
+/// The form of a company id: a UUID, as Pleo's files type `company_id` (`format: uuid`); Pleo
+/// answers 400 to a listing for anything else.
 pub(crate) fn is_company_id(c: &str) -> bool {
-    !c.is_empty()
-        && c.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    crate::wire::is_uuid(c)
 }
 
 /// The companies of a `company_ids_file`, each with its line number: one id a line (blank

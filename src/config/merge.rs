@@ -94,18 +94,53 @@ mod tests {
 
     #[test]
     fn the_database_adds_companies_and_wins_for_credentials_and_pauses() {
-        let cfg = base("c1, c2, c3", None);
+        let cfg = base(
+            "00000000-0000-4000-8000-0000000000c1, 00000000-0000-4000-8000-0000000000c2, 00000000-0000-4000-8000-0000000000c3",
+            None,
+        );
         let rows = [
-            row("c2", CompanyCredential::OAuth, false),
-            row("c3", CompanyCredential::Default, true),
-            row("d1", CompanyCredential::ApiKey(Secret::new("kd")), false),
-            row("d2", CompanyCredential::Default, true),
+            row(
+                "00000000-0000-4000-8000-0000000000c2",
+                CompanyCredential::OAuth,
+                false,
+            ),
+            row(
+                "00000000-0000-4000-8000-0000000000c3",
+                CompanyCredential::Default,
+                true,
+            ),
+            row(
+                "00000000-0000-4000-8000-0000000000d1",
+                CompanyCredential::ApiKey(Secret::new("kd")),
+                false,
+            ),
+            row(
+                "00000000-0000-4000-8000-0000000000d2",
+                CompanyCredential::Default,
+                true,
+            ),
         ];
         let m = cfg.with_companies(&rows);
         // The configuration's order first, then the database's new companies; paused ones out.
-        assert_eq!(m.company_ids, ["c1", "c2", "d1"]);
-        assert!(m.company_oauth.contains("c2"));
-        assert_eq!(m.company_api_keys.get("d1").unwrap().expose(), "kd");
+        assert_eq!(
+            m.company_ids,
+            [
+                "00000000-0000-4000-8000-0000000000c1",
+                "00000000-0000-4000-8000-0000000000c2",
+                "00000000-0000-4000-8000-0000000000d1"
+            ]
+        );
+        assert!(
+            m.company_oauth
+                .contains("00000000-0000-4000-8000-0000000000c2")
+        );
+        assert_eq!(
+            m.company_api_keys
+                .get("00000000-0000-4000-8000-0000000000d1")
+                .unwrap()
+                .expose(),
+            "kd"
+        );
         assert_eq!(m.companies_sharing_default(), 1);
         // Without rows, the configuration as it is.
         assert_eq!(cfg.with_companies(&[]).company_ids, cfg.company_ids);
@@ -113,16 +148,24 @@ mod tests {
 
     #[test]
     fn a_shard_takes_its_part_of_the_database_companies_too() {
-        let ids: Vec<String> = (0..40).map(|i| format!("db-{i}")).collect();
+        let ids: Vec<String> = (0..40)
+            .map(|i| format!("00000000-0000-4000-8000-db{i:010}"))
+            .collect();
         let rows: Vec<CompanyRow> = ids
             .iter()
             .map(|c| row(c, CompanyCredential::Default, false))
             .collect();
-        let listed: Vec<String> = (0..30).map(|i| format!("cfg-{i}")).collect();
+        let listed: Vec<String> = (0..30)
+            .map(|i| format!("00000000-0000-4000-8000-cf{i:010}"))
+            .collect();
         let mut all = Vec::new();
         for i in 0..3 {
             let m = base(&listed.join(","), Some(&format!("{i}/3"))).with_companies(&rows);
-            all.extend(m.company_ids.into_iter().filter(|c| c.starts_with("db-")));
+            all.extend(
+                m.company_ids
+                    .into_iter()
+                    .filter(|c| c.starts_with("00000000-0000-4000-8000-db")),
+            );
         }
         all.sort();
         let mut want = ids.clone();

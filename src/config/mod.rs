@@ -348,7 +348,7 @@ impl Config {
                         if !is_company_id(&id) {
                             return Err(err(
                                 "company_ids_file",
-                                format!("{f}:{line}: {id:?} is not a company id"),
+                                format!("{f}:{line}: {id:?} is not a company id (a UUID)"),
                             ));
                         }
                         if !seen.insert(id.clone()) {
@@ -380,7 +380,10 @@ impl Config {
             ));
         }
         if let Some(bad) = company_ids.iter().find(|c| !is_company_id(c)) {
-            return Err(err("company_ids", format!("{bad:?} is not a company id")));
+            return Err(err(
+                "company_ids",
+                format!("{bad:?} is not a company id (a UUID)"),
+            ));
         }
         let mut dedup = company_ids.clone();
         dedup.sort();
@@ -606,7 +609,10 @@ mod tests {
 
     const MIN: &[(&str, &str)] = &[
         ("JOBMIRROR_PLEO_API_KEY", "k"),
-        ("JOBMIRROR_COMPANY_IDS", "c1, c2"),
+        (
+            "JOBMIRROR_COMPANY_IDS",
+            "00000000-0000-4000-8000-0000000000c1, 00000000-0000-4000-8000-0000000000c2",
+        ),
         (
             "JOBMIRROR_HANDLER_COMMAND",
             "outbox:/tmp/jobmirror-test-outbox",
@@ -635,7 +641,13 @@ mod tests {
     #[test]
     fn defaults_and_env() {
         let c = Config::load_with(None, &env(MIN)).unwrap();
-        assert_eq!(c.company_ids, ["c1", "c2"]);
+        assert_eq!(
+            c.company_ids,
+            [
+                "00000000-0000-4000-8000-0000000000c1",
+                "00000000-0000-4000-8000-0000000000c2"
+            ]
+        );
         assert_eq!(c.poll_interval, Duration::from_secs(300));
         assert_eq!(c.pleo_base_url, "https://external.pleo.io");
         assert!(
@@ -650,7 +662,7 @@ mod tests {
         let f = dir.path().join("c.toml");
         std::fs::write(
             &f,
-            "poll_interval_secs = 60\ncompany_ids = [\"a\"]\npleo_api_key = \"x\"\n",
+            "poll_interval_secs = 60\ncompany_ids = [\"00000000-0000-4000-8000-00000000000a\"]\npleo_api_key = \"x\"\n",
         )
         .unwrap();
         let c = Config::load_with(
@@ -662,7 +674,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.poll_interval, Duration::from_secs(7));
-        assert_eq!(c.company_ids, ["a"]);
+        assert_eq!(c.company_ids, ["00000000-0000-4000-8000-00000000000a"]);
         std::fs::write(&f, "poll_intervall_secs = 60\n").unwrap();
         let e = Config::load_with(Some(&f), &env(MIN)).unwrap_err();
         assert_eq!(e.key, "poll_intervall_secs");
@@ -694,7 +706,10 @@ mod tests {
             &env(&[
                 ("JOBMIRROR_PLEO_API_KEY_FILE", &fs),
                 ("JOBMIRROR_HANDLER_COMMAND", "outbox:/tmp/o"),
-                ("JOBMIRROR_COMPANY_IDS", "c"),
+                (
+                    "JOBMIRROR_COMPANY_IDS",
+                    "00000000-0000-4000-8000-00000000000c",
+                ),
             ]),
         )
         .unwrap();
@@ -703,7 +718,10 @@ mod tests {
             None,
             &env(&[
                 ("JOBMIRROR_PLEO_API_KEY_FILE", "/nonexistent/k"),
-                ("JOBMIRROR_COMPANY_IDS", "c"),
+                (
+                    "JOBMIRROR_COMPANY_IDS",
+                    "00000000-0000-4000-8000-00000000000c",
+                ),
             ]),
         )
         .unwrap_err();
@@ -714,7 +732,9 @@ mod tests {
     fn company_ids_from_a_file_of_lines_or_toml_join_the_list() {
         let dir = tempfile::tempdir().unwrap();
         let lines = dir.path().join("companies.txt");
-        let many: String = (0..20_000).map(|i| format!("company-{i:05}\n")).collect();
+        let many: String = (0..20_000)
+            .map(|i| format!("00000000-0000-4000-8000-{i:012}\n"))
+            .collect();
         std::fs::write(&lines, format!("# served by this instance\n\n{many}")).unwrap();
         let load = |file: &std::path::Path, inline: &str| {
             Config::load_with(
@@ -726,29 +746,42 @@ mod tests {
                 ]),
             )
         };
-        let c = load(&lines, "first").unwrap();
+        let c = load(&lines, "00000000-0000-4000-8000-0000000000f1").unwrap();
         assert_eq!(c.company_ids.len(), 20_001);
-        assert_eq!(c.company_ids[0], "first");
-        assert_eq!(c.company_ids[1], "company-00000");
+        assert_eq!(c.company_ids[0], "00000000-0000-4000-8000-0000000000f1");
+        assert_eq!(c.company_ids[1], "00000000-0000-4000-8000-000000000000");
         let toml = dir.path().join("companies.toml");
-        std::fs::write(&toml, "company_ids = [\"a1\", \"b2\"]\n").unwrap();
-        assert_eq!(load(&toml, "").unwrap().company_ids, ["a1", "b2"]);
+        std::fs::write(&toml, "company_ids = [\"00000000-0000-4000-8000-0000000000a1\", \"00000000-0000-4000-8000-0000000000b2\"]\n").unwrap();
+        assert_eq!(
+            load(&toml, "").unwrap().company_ids,
+            [
+                "00000000-0000-4000-8000-0000000000a1",
+                "00000000-0000-4000-8000-0000000000b2"
+            ]
+        );
         // A company twice (here across the list and the file) is refused with its line.
-        let e = load(&lines, "company-00007").unwrap_err();
+        let e = load(&lines, "00000000-0000-4000-8000-000000000007").unwrap_err();
         assert_eq!(e.key, "company_ids_file");
         assert!(e.message.contains(":10:"), "{}", e.message);
         let bad = dir.path().join("bad.txt");
-        std::fs::write(&bad, "ok-1\nnot/an/id\n").unwrap();
+        std::fs::write(&bad, "00000000-0000-4000-8000-000000000001\nnot-a-uuid\n").unwrap();
         let e = load(&bad, "").unwrap_err();
         assert!(e.message.contains(":2:"), "{}", e.message);
-        let e = load(&dir.path().join("missing"), "x").unwrap_err();
+        let e = load(
+            &dir.path().join("missing"),
+            "00000000-0000-4000-8000-00000000000e",
+        )
+        .unwrap_err();
         assert_eq!(e.key, "company_ids_file");
         assert!(e.message.contains("cannot read"), "{}", e.message);
         // Commands that serve no company go on without an unreadable file, knowing none.
         let c = Config::load_with_needs(
             None,
             &env(&[
-                ("JOBMIRROR_COMPANY_IDS", "x"),
+                (
+                    "JOBMIRROR_COMPANY_IDS",
+                    "00000000-0000-4000-8000-00000000000e",
+                ),
                 ("JOBMIRROR_COMPANY_IDS_FILE", "/nonexistent/companies"),
             ]),
             Needs::OPERATOR,
@@ -801,7 +834,9 @@ mod tests {
 
     #[test]
     fn the_poll_budget_says_what_interval_it_allows() {
-        let ids: Vec<String> = (0..10_000).map(|i| format!("c{i}")).collect();
+        let ids: Vec<String> = (0..10_000)
+            .map(|i| format!("00000000-0000-4000-8000-{i:012}"))
+            .collect();
         let c = Config::load_with(
             None,
             &env(&[

@@ -108,6 +108,11 @@ impl Admin {
             ),
             ("jobmirror_expiries_total", "expired", "Jobs that expired."),
             (
+                "jobmirror_expired_waiting_total",
+                "expired_waiting",
+                "Pending jobs that expired before jobmirror took them (waiting for a lane, a readiness check, a pause).",
+            ),
+            (
                 "jobmirror_claims_deferred_total",
                 "claim_deferred",
                 "Claims put off: too little time left for `started` to land before the deadline.",

@@ -65,7 +65,9 @@ fn created_body(job_id: &str, company: &str, event_no: u64) -> Value {
 pub fn generate(seed: u64) -> Snapshot {
     let mut rng = Rng::new(seed);
     let n_companies = rng.range(1, 3);
-    let companies: Vec<String> = (0..n_companies).map(|c| format!("c{c}-{seed:x}")).collect();
+    let companies: Vec<String> = (0..n_companies)
+        .map(|c| format!("{:08x}-0000-4000-8000-{c:012x}", seed as u32))
+        .collect();
     let poll = rng.range(60, 300);
     let mut service = BTreeMap::new();
     service.insert("poll_interval_secs".to_owned(), json!(poll));

@@ -552,6 +552,18 @@ pub(super) fn upsert_one(
                 detail["failure_reason_type"] = json!(t);
             }
             journal(conn, now, Some(&job.id), company, kind, &detail)?;
+            if kind == EventKind::Expired && prev_state == Some(ProcState::New) {
+                // Never taken: it expired while it waited (a lane busy with other companies'
+                // jobs, a failing readiness check, a pause). Counted apart, so it is seen.
+                journal(
+                    conn,
+                    now,
+                    Some(&job.id),
+                    company,
+                    EventKind::ExpiredWaiting,
+                    &json!({"created_at": job.created_at.to_rfc3339()}),
+                )?;
+            }
         }
     }
     Ok(outcome)

@@ -191,6 +191,9 @@ pub enum EventKind {
     OAuthClientRefused,
     /// The token endpoint accepted the client again.
     OAuthClientAccepted,
+    /// A pending job expired at Pleo before jobmirror took it (it waited: for a lane busy with
+    /// other companies' jobs, a readiness check, a pause). Journaled beside `expired`.
+    ExpiredWaiting,
 }
 
 impl EventKind {
@@ -234,6 +237,7 @@ impl EventKind {
             EventKind::CompanyLeft => "company_left",
             EventKind::OAuthClientRefused => "oauth_client_refused",
             EventKind::OAuthClientAccepted => "oauth_client_accepted",
+            EventKind::ExpiredWaiting => "expired_waiting",
         }
     }
 }

@@ -200,7 +200,10 @@ fn configuration_errors_exit_2_with_one_line_naming_the_key() {
     let out = cmd()
         .arg("run")
         .env("JOBMIRROR_PLEO_API_KEY", "k")
-        .env("JOBMIRROR_COMPANY_IDS", "c")
+        .env(
+            "JOBMIRROR_COMPANY_IDS",
+            "cccccccc-0000-4000-8000-00000000000c",
+        )
         .env("JOBMIRROR_HANDLER_COMMAND", "outbox:/tmp/x")
         .env("JOBMIRROR_POLL_INTERVAL_SECS", "-5")
         .output()
@@ -212,7 +215,7 @@ fn configuration_errors_exit_2_with_one_line_naming_the_key() {
     let f = dir.path().join("bad.toml");
     std::fs::write(
         &f,
-        "pleo_api_key = \"k\"\ncompany_ids = \"c\"\npoll_interval = 5\n",
+        "pleo_api_key = \"k\"\ncompany_ids = \"cccccccc-0000-4000-8000-00000000000c\"\npoll_interval = 5\n",
     )
     .unwrap();
     let out = cmd().arg("--config").arg(&f).arg("run").output().unwrap();
@@ -705,7 +708,10 @@ fn subscribe_registers_the_endpoint_and_writes_the_secret_privately() {
             .arg(&secret_file)
             .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
             .env("JOBMIRROR_PLEO_API_KEY", "k")
-            .env("JOBMIRROR_COMPANY_IDS", "c"),
+            .env(
+                "JOBMIRROR_COMPANY_IDS",
+                "cccccccc-0000-4000-8000-00000000000c",
+            ),
     );
     let secret = std::fs::read_to_string(&secret_file).unwrap();
     assert!(secret.starts_with("whsec_"));
@@ -745,7 +751,10 @@ fn subscribe_registers_the_endpoint_and_writes_the_secret_privately() {
         .arg(&secret_file)
         .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
         .env("JOBMIRROR_PLEO_API_KEY", "k")
-        .env("JOBMIRROR_COMPANY_IDS", "c")
+        .env(
+            "JOBMIRROR_COMPANY_IDS",
+            "cccccccc-0000-4000-8000-00000000000c",
+        )
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -764,7 +773,10 @@ fn subscribe_is_idempotent_and_subscriptions_can_be_listed_and_deleted() {
         c.args(args)
             .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
             .env("JOBMIRROR_PLEO_API_KEY", "k")
-            .env("JOBMIRROR_COMPANY_IDS", "c");
+            .env(
+                "JOBMIRROR_COMPANY_IDS",
+                "cccccccc-0000-4000-8000-00000000000c",
+            );
         c
     };
     let file = secret_file.to_str().unwrap();

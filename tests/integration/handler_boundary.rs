@@ -14,7 +14,7 @@ use jobmirror::sandbox::{FakeConfig, FakeJob, FakePleo, JobSpec};
 use crate::cli::{Reaper, signal, wait_exit};
 use crate::reliability::{pid_in, process_ends};
 
-const CO: &str = "hb-co";
+const CO: &str = "4b4b4b4b-0000-4000-8000-0000000000b0";
 
 /// A fake Pleo on the real clock with one pending job of `items` items.
 fn fake_with_job(id: &str, items: usize) -> FakePleo {

@@ -482,7 +482,9 @@ done
 
 #[test]
 fn a_thousand_companies_are_polled_paced_and_spread_without_a_burst() {
-    let companies: Vec<String> = (0..1000).map(|i| format!("co-{i:04}")).collect();
+    let companies: Vec<String> = (0..1000)
+        .map(|i| format!("c0c0c0c0-0000-4000-8000-{i:012}"))
+        .collect();
     let snap = jobmirror::replay::snapshot::Snapshot::parse(
         &serde_json::json!({
             "version": 2,

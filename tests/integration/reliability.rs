@@ -18,7 +18,9 @@ fn fault_soak_a_thousand_jobs_all_finish_with_bounded_calls() {
     // 1,000 jobs over 20 companies, created through 4 hours, against an API answering 10%
     // 500s, 5% 429s with Retry-After, 2% lost answers (timeouts) and 1% cut-off bodies.
     let jobs_n = 1000 * scale();
-    let companies: Vec<String> = (0..20).map(|i| format!("soak-{i:02}")).collect();
+    let companies: Vec<String> = (0..20)
+        .map(|i| format!("50a50a00-0000-4000-8000-{i:012}"))
+        .collect();
     let timeline: Vec<serde_json::Value> = (0..jobs_n)
         .map(|i| {
             json!({"at": (i as f64) * 14.4, "event": "job_created",
@@ -147,7 +149,9 @@ fn completions(fake: &FakePleo) -> usize {
 #[test]
 fn two_instances_on_the_same_companies_process_every_job_exactly_once() {
     let fake = real_time_fake();
-    let companies: Vec<String> = (0..4).map(|i| format!("two-{i}")).collect();
+    let companies: Vec<String> = (0..4)
+        .map(|i| format!("20202020-0000-4000-8000-{i:012}"))
+        .collect();
     let n = 40 * scale();
     for i in 0..n {
         fake.add_job(JobSpec {
@@ -275,7 +279,7 @@ const HOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 #[test]
 fn kill_9_during_webhook_load_loses_no_acknowledged_delivery() {
     let fake = real_time_fake();
-    let companies = vec!["hook-co".to_owned()];
+    let companies = vec!["400c0000-0000-4000-8000-000000000001".to_owned()];
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -301,7 +305,7 @@ fn kill_9_during_webhook_load_loses_no_acknowledged_delivery() {
                 while !stop_senders.load(std::sync::atomic::Ordering::Relaxed) {
                     i += 1;
                     let id = format!("msg_k{s}_{i}");
-                    let body = format!(r#"{{"data":{{"id":"none-{s}-{i}","companyId":"hook-co"}},"eventType":"v1.export-job.created","eventId":"e{i}"}}"#);
+                    let body = format!(r#"{{"data":{{"id":"none-{s}-{i}","companyId":"400c0000-0000-4000-8000-000000000001"}},"eventType":"v1.export-job.created","eventId":"e{i}"}}"#);
                     let ts = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap()
@@ -376,7 +380,7 @@ fn kill_9_during_webhook_load_loses_no_acknowledged_delivery() {
 #[test]
 fn kill_9_during_thousand_item_jobs_each_item_reported_once_and_started_once() {
     let fake = real_time_fake();
-    let companies: Vec<String> = vec!["items-co".into()];
+    let companies: Vec<String> = vec!["17e50000-0000-4000-8000-000000000001".into()];
     let jobs = 6;
     for i in 0..jobs {
         fake.add_job(JobSpec {
@@ -446,7 +450,7 @@ fn sigterm_with_a_backlog_of_webhook_named_jobs_overran_the_stop_bound() {
             event_type: Some("v1.export-job.created".into()),
             event_id: None,
             job_id: Some(format!("gone-{i}")),
-            company_id: Some("backlog-co".into()),
+            company_id: Some("bac10900-0000-4000-8000-000000000001".into()),
             body: "{}".into(),
             headers: serde_json::json!({}),
         })
@@ -458,7 +462,7 @@ fn sigterm_with_a_backlog_of_webhook_named_jobs_overran_the_stop_bound() {
         dir.path(),
         "backlog",
         &fake,
-        &["backlog-co".to_owned()],
+        &["bac10900-0000-4000-8000-000000000001".to_owned()],
         &[("JOBMIRROR_SHUTDOWN_TIMEOUT_SECS", "3")],
     );
     let mut seen = Vec::new();
@@ -635,7 +639,7 @@ fn trace_logs_never_show_a_secret_and_state_files_are_private() {
     fake.enable_oauth("cid", "client-secret-value-7", "R0-refresh-secret", 3600);
     fake.add_job(JobSpec {
         id: Some("sec-1".into()),
-        company_id: "sec-co".into(),
+        company_id: "5ec00000-0000-4000-8000-000000000001".into(),
         created_secs_ago: Some(30),
         items: Some(2),
         ..JobSpec::default()
@@ -651,7 +655,7 @@ fn trace_logs_never_show_a_secret_and_state_files_are_private() {
         dir.path(),
         "secrets",
         &fake,
-        &["sec-co".to_owned()],
+        &["5ec00000-0000-4000-8000-000000000001".to_owned()],
         &[
             ("JOBMIRROR_LOG", "trace"),
             ("JOBMIRROR_PLEO_AUTH", "oauth"),
@@ -673,7 +677,7 @@ fn trace_logs_never_show_a_secret_and_state_files_are_private() {
     crate::cli::wait_for(&rx, "sent completed", &mut seen);
     // A signed webhook and a forged one, so the receiver logs too.
     let body =
-        br#"{"data":{"id":"sec-1","companyId":"sec-co"},"eventType":"v1.export-job.created"}"#;
+        br#"{"data":{"id":"sec-1","companyId":"5ec00000-0000-4000-8000-000000000001"},"eventType":"v1.export-job.created"}"#;
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -736,7 +740,13 @@ fn a_corrupt_database_is_a_clear_error_and_doctor_says_so() {
     let db = dir.path().join("corrupt.db");
     std::fs::write(&db, vec![0x5a; 64 * 1024]).unwrap();
     let fake = real_time_fake();
-    let (mut r, rx) = instance(dir.path(), "corrupt", &fake, &["c".to_owned()], &[]);
+    let (mut r, rx) = instance(
+        dir.path(),
+        "corrupt",
+        &fake,
+        &["cccccccc-0000-4000-8000-00000000000c".to_owned()],
+        &[],
+    );
     let child = r.0.take().unwrap();
     let status = wait_exit(child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(1));
@@ -769,7 +779,10 @@ fn a_full_disk_answers_503_keeps_every_acknowledged_delivery_and_recovers() {
         .env("JOBMIRROR_DB", &db)
         .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
         .env("JOBMIRROR_PLEO_API_KEY", fake.api_key())
-        .env("JOBMIRROR_COMPANY_IDS", "full-co")
+        .env(
+            "JOBMIRROR_COMPANY_IDS",
+            "f0f0f0f0-0000-4000-8000-0000000000f0",
+        )
         .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
         .env("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0")
         .env("JOBMIRROR_POLL_INTERVAL_SECS", "3600")
@@ -787,7 +800,7 @@ fn a_full_disk_answers_503_keeps_every_acknowledged_delivery_and_recovers() {
     let send = |i: usize| -> u16 {
         let id = format!("msg_full_{i}");
         let body = format!(
-            r#"{{"data":{{"id":"j{i}","companyId":"full-co"}},"eventType":"v1.export-job.created","pad":"{}"}}"#,
+            r#"{{"data":{{"id":"j{i}","companyId":"f0f0f0f0-0000-4000-8000-0000000000f0"}},"eventType":"v1.export-job.created","pad":"{}"}}"#,
             "x".repeat(1500)
         );
         let ts = std::time::SystemTime::now()
@@ -835,7 +848,7 @@ fn a_full_disk_answers_503_keeps_every_acknowledged_delivery_and_recovers() {
         dir.path(),
         "full",
         &fake,
-        &["full-co".to_owned()],
+        &["f0f0f0f0-0000-4000-8000-0000000000f0".to_owned()],
         &[
             ("JOBMIRROR_WEBHOOK_LISTEN", listen.as_str()),
             ("JOBMIRROR_WEBHOOK_SECRET", HOOK_SECRET),
@@ -902,7 +915,9 @@ fn a_database_locked_by_another_writer_answers_503_then_recovers() {
 #[test]
 fn kill_9_during_polls_the_mirror_converges() {
     let fake = real_time_fake();
-    let companies: Vec<String> = (0..30).map(|i| format!("poll-{i:02}")).collect();
+    let companies: Vec<String> = (0..30)
+        .map(|i| format!("90119000-0000-4000-8000-{i:012}"))
+        .collect();
     for i in 0..600 {
         fake.add_job(JobSpec {
             id: Some(format!("p{i:03}")),
@@ -1051,7 +1066,10 @@ fn a_database_directory_it_cannot_write_is_a_clear_error_until_fixed() {
             .env("JOBMIRROR_DB", state.join("jm.db"))
             .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
             .env("JOBMIRROR_PLEO_API_KEY", fake.api_key())
-            .env("JOBMIRROR_COMPANY_IDS", "ro-co")
+            .env(
+                "JOBMIRROR_COMPANY_IDS",
+                "0e0e0e0e-0000-4000-8000-0000000000e0",
+            )
             .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
             .env("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
@@ -1111,7 +1129,7 @@ fn one_service_per_database_and_kill_9_leaves_no_stale_lock() {
     // Two services on one database both processed one job (each item posted twice).
     let fake = real_time_fake();
     let dir = tempfile::tempdir().unwrap();
-    let companies = vec!["lock-co".to_owned()];
+    let companies = vec!["10c10c10-0000-4000-8000-0000000000c0".to_owned()];
     let (mut first, rx) = instance(dir.path(), "held", &fake, &companies, &[]);
     let mut seen = Vec::new();
     crate::cli::wait_for(&rx, "recovery pass", &mut seen);
@@ -1121,7 +1139,10 @@ fn one_service_per_database_and_kill_9_leaves_no_stale_lock() {
         .env("JOBMIRROR_DB", dir.path().join("held.db"))
         .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
         .env("JOBMIRROR_PLEO_API_KEY", fake.api_key())
-        .env("JOBMIRROR_COMPANY_IDS", "lock-co")
+        .env(
+            "JOBMIRROR_COMPANY_IDS",
+            "10c10c10-0000-4000-8000-0000000000c0",
+        )
         .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
         .env("JOBMIRROR_ADMIN_LISTEN", "127.0.0.1:0")
         .output()
@@ -1147,7 +1168,7 @@ fn a_handler_dies_with_its_service_and_a_restart_kills_what_it_left() {
     let fake = real_time_fake();
     fake.add_job(JobSpec {
         id: Some("pd-1".into()),
-        company_id: "pd-co".into(),
+        company_id: "9d000000-0000-4000-8000-000000000001".into(),
         created_secs_ago: Some(60),
         items: Some(2),
         ..JobSpec::default()
@@ -1169,7 +1190,7 @@ fn a_handler_dies_with_its_service_and_a_restart_kills_what_it_left() {
     std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755)).unwrap();
     let h = handler.display().to_string();
     let extra = [("JOBMIRROR_HANDLER_COMMAND", h.as_str())];
-    let companies = vec!["pd-co".to_owned()];
+    let companies = vec!["9d000000-0000-4000-8000-000000000001".to_owned()];
     let (mut svc, _rx) = instance(d, "pd", &fake, &companies, &extra);
     let run0 = pid_in(&d.join("run-0"), Duration::from_secs(30));
     let child0 = pid_in(&d.join("child-0"), Duration::from_secs(30));

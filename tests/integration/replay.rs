@@ -14,7 +14,7 @@ use jobmirror::store::Store;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_jobmirror");
-const A: &str = "a1a1a1a1-0000-4000-8000-00000000acme";
+const A: &str = "a1a1a1a1-0000-4000-8000-0000000000ac";
 
 fn fixture(name: &str) -> Snapshot {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -443,7 +443,7 @@ fn record_reads_the_fake_with_gets_only_and_the_snapshot_replays() {
     const PLEO_NOW: &str = "2026-11-24T09:00:00Z";
     let clock: SharedClock = ManualClock::new(Millis::parse_rfc3339(PLEO_NOW).unwrap());
     let fake = FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap();
-    let b = "b2b2b2b2-0000-4000-8000-0000000bravo";
+    let b = "b2b2b2b2-0000-4000-8000-0000000000b2";
     for (id, company, status, items) in [
         ("r-1", A, "pending", 3),
         ("r-2", A, "pending", 120),

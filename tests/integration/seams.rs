@@ -426,3 +426,57 @@ fn the_deadline_warning_is_journaled_while_the_handler_works() {
         .unwrap();
     assert_eq!(deadlines as usize, warnings, "once per deadline");
 }
+
+/// Pleo's files type `company_id` as a UUID: a company id that is not one is a configuration
+/// error naming where it came from, not a 400 from Pleo at the first listing.
+#[test]
+fn a_company_id_that_is_not_a_uuid_is_a_configuration_error_naming_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = d.join("jobmirror.toml");
+    let write = |companies: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "db = {:?}\npleo_api_key = \"k\"\n{companies}\nhandler_command = \"dry-run\"\n",
+                d.join("jm.db").display().to_string()
+            ),
+        )
+        .unwrap()
+    };
+    let check = || {
+        crate::cli::cmd()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("check-config")
+            .output()
+            .unwrap()
+    };
+    // The demo's company id before this fix: the hex digits end in "delta".
+    write("company_ids = [\"dddddddd-0000-4000-8000-0000000delta\"]");
+    let out = check();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("company_ids") && err.contains("UUID"), "{err}");
+    let file = d.join("companies.txt");
+    std::fs::write(&file, format!("{X}\nacme\n")).unwrap();
+    write(&format!(
+        "company_ids_file = {:?}",
+        file.display().to_string()
+    ));
+    let out = check();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("companies.txt:2"), "{err}");
+    let out = crate::cli::cmd()
+        .env("JOBMIRROR_DB", d.join("jm.db"))
+        .args(["companies", "add", "acme"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UUID"));
+    assert!(
+        !d.join("jm.db").exists(),
+        "nothing created for a refused id"
+    );
+}

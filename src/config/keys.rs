@@ -90,7 +90,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     ),
     (
         "lanes",
-        Some("1"),
+        Some("4"),
         "processor threads; each company belongs to one lane, so its jobs stay strictly sequential",
     ),
     (

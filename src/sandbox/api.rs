@@ -18,6 +18,8 @@ impl FakePleo {
                 rates: FaultRates::default(),
                 rng: cfg.seed | 1,
                 steal_on_get: HashSet::new(),
+                offset_cursors: false,
+                claim_after_first_page: Vec::new(),
                 claims: Vec::new(),
                 blackout_after: None,
                 latency: std::time::Duration::ZERO,
@@ -406,6 +408,30 @@ impl FakePleo {
     /// After the next single-job GET of `id` is answered, another integration claims it.
     pub fn steal_after_next_get(&self, id: &str) {
         self.shared.lock().steal_on_get.insert(id.to_owned());
+    }
+
+    /// Job listings' cursors become positions from now on: a listing whose result set changes
+    /// between its pages then shifts, as Pleo's might (its documents do not say).
+    pub fn use_offset_cursors(&self) {
+        self.shared.lock().offset_cursors = true;
+    }
+
+    /// Another integration starts `id` right after the next first page of a job listing is
+    /// answered (between that listing's pages).
+    pub fn claim_after_first_page(&self, id: &str) {
+        self.shared
+            .lock()
+            .claim_after_first_page
+            .push((id.to_owned(), false));
+    }
+
+    /// Another integration fails `id` (it leaves every open listing) right after the next
+    /// first page of a job listing is answered.
+    pub fn fail_after_first_page(&self, id: &str) {
+        self.shared
+            .lock()
+            .claim_after_first_page
+            .push((id.to_owned(), true));
     }
 
     pub fn push_fault(&self, rule: FaultRule) {

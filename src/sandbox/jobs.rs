@@ -42,7 +42,14 @@ pub(super) fn list_jobs(w: &World, q: &[(String, String)], scope: Option<&str>) 
     if !statuses.is_empty() {
         params.insert("statuses".into(), json!(statuses));
     }
-    listing(&matching, |j| j.id.clone(), &page, params, |j| j.to_json())
+    listing_with(
+        &matching,
+        |j| j.id.clone(),
+        &page,
+        params,
+        |j| j.to_json(),
+        w.offset_cursors,
+    )
 }
 
 /// The keys job listings sort by (the files name none; these are `ExportJobV3` fields).

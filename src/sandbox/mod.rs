@@ -262,6 +262,11 @@ struct World {
     rates: FaultRates,
     rng: u64,
     steal_on_get: HashSet<String>,
+    /// Job listings' cursors are positions (see `http::paginate`).
+    offset_cursors: bool,
+    /// Jobs another integration starts (`false`) or fails (`true`) right after the next first
+    /// page of a job listing.
+    claim_after_first_page: Vec<(String, bool)>,
     /// The OAuth token endpoint's state, when enabled.
     oauth: Option<FakeOAuth>,
     /// API keys that belong to one company (403 for any other company's jobs).

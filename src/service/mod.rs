@@ -204,6 +204,7 @@ impl Workers {
             .with_stopping(stopping.clone())
             .with_stage(Box::new(stage))
             .with_lane(i, owners.clone())
+            .with_confirm_by_company(cfg.list_by_credential)
             .with_updates(companies_rx.clone())
             .with_catch_up(gate.clone());
             let name = if cfg.lanes <= 1 {
@@ -396,6 +397,8 @@ impl Service {
 
         let interval = cfg.poll_interval;
         let (sd, alive) = (shutdown_rx.clone(), progress.clone());
+        let mut mirror = mirror;
+        mirror.set_nudge(nudge_rx.clone());
         progress.expect("jm-sync");
         spawn(
             "jm-sync".into(),

@@ -480,3 +480,188 @@ fn a_company_id_that_is_not_a_uuid_is_a_configuration_error_naming_its_place() {
         "nothing created for a refused id"
     );
 }
+
+/// Listing by credential, with cursors that are positions (Pleo does not say how its cursors
+/// behave when the result set changes): 100 pending jobs of a company this service does not
+/// serve fill page 1, our own `in_progress` job of X sits just past it, and another
+/// integration fails a job on page 1 between the pages (it leaves the listing). The recovery pass still sees X's
+/// job (its `in_progress` jobs are listed on their own, in one answer) and resumes it without
+/// `started`.
+#[test]
+fn recovery_by_credential_sees_our_in_progress_job_though_the_listing_shifts() {
+    let f = fake();
+    f.use_offset_cursors();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let handler = slow_handler(d, "0");
+    let cfg = config(d, &f, &[W, X], &handler, 1);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("list_by_credential = true\n");
+    std::fs::write(&cfg, text).unwrap();
+    const Z: &str = "dddddddd-0000-4000-8000-0000000000dd";
+    for i in 0..100 {
+        f.add_job(jobmirror::sandbox::JobSpec {
+            id: Some(format!("jz-{i:03}")),
+            company_id: Z.into(),
+            created_secs_ago: Some(3000 - i),
+            items: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    f.add_job(jobmirror::sandbox::JobSpec {
+        id: Some("jx-held".into()),
+        company_id: X.into(),
+        status: "in_progress".into(),
+        created_secs_ago: Some(600),
+        last_updated_secs_ago: Some(60),
+        items: Some(2),
+        ..Default::default()
+    })
+    .unwrap();
+    f.fail_after_first_page("jz-000");
+    let (_reaper, rx) = run_service(&cfg);
+    let mut seen = Vec::new();
+    wait_for(&rx, "recovery pass over 2 companies", &mut seen);
+    assert!(
+        f.wait_for_requests(Duration::from_secs(20), |r| events(r, "jx-held")
+            == ["completed"]),
+        "our in_progress job was resumed (without started) and finished: {:?}",
+        events(&f.requests(), "jx-held")
+    );
+    assert_eq!(
+        f.job("jz-000").unwrap().status,
+        "failed",
+        "the shift did happen"
+    );
+}
+
+/// Listing by credential, the pending listing shifts between its pages: X's older job slides
+/// onto page 1 after page 1 was answered and is missed, its younger one is seen. Before the
+/// claim X is listed by itself, so the older job is claimed first.
+#[test]
+fn a_shifted_credential_listing_never_lets_a_younger_job_be_claimed_first() {
+    let f = fake();
+    f.use_offset_cursors();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let handler = slow_handler(d, "0");
+    let cfg = config(d, &f, &[W, X], &handler, 1);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("list_by_credential = true\n");
+    std::fs::write(&cfg, text).unwrap();
+    const Z: &str = "dddddddd-0000-4000-8000-0000000000dd";
+    for i in 0..100 {
+        f.add_job(jobmirror::sandbox::JobSpec {
+            id: Some(format!("jz-{i:03}")),
+            company_id: Z.into(),
+            created_secs_ago: Some(3000 - i),
+            items: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    let (_reaper, rx) = run_service(&cfg);
+    let mut seen = Vec::new();
+    wait_for(&rx, "recovery pass over 2 companies", &mut seen);
+    for (id, ago) in [("jx-older", 200), ("jx-younger", 100)] {
+        f.add_job(jobmirror::sandbox::JobSpec {
+            id: Some(id.into()),
+            company_id: X.into(),
+            created_secs_ago: Some(ago),
+            items: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    f.claim_after_first_page("jz-000");
+    jm(&cfg, &["trigger"]);
+    assert!(
+        f.wait_for_requests(Duration::from_secs(20), |r| {
+            events(r, "jx-older").len() == 2 && events(r, "jx-younger").len() == 2
+        }),
+        "{:?} {:?}",
+        events(&f.requests(), "jx-older"),
+        events(&f.requests(), "jx-younger")
+    );
+    assert_eq!(
+        f.job("jz-000").unwrap().status,
+        "in_progress",
+        "the shift did happen"
+    );
+    let started: Vec<String> = f
+        .requests()
+        .iter()
+        .filter(|q| q.path == "/v3/export-job-events" && q.body.contains("\"started\""))
+        .filter_map(|q| serde_json::from_str::<serde_json::Value>(&q.body).ok())
+        .filter_map(|v| v["jobId"].as_str().map(str::to_owned))
+        .filter(|id| id.starts_with("jx-"))
+        .collect();
+    assert_eq!(started, ["jx-older", "jx-younger"], "oldest first");
+}
+
+/// One lane: W's long export holds it while X's pending job runs out its time at Pleo. The
+/// job that expired unstarted is journaled `expired_waiting` beside `expired`, and counted.
+#[test]
+fn a_job_that_expires_waiting_for_a_lane_is_journaled_and_counted() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let handler = slow_handler(d, "0.5");
+    let cfg = config(d, &f, &[W, X], &handler, 1);
+    job(&f, "jw-long", W, 12);
+    f.add_job(jobmirror::sandbox::JobSpec {
+        id: Some("jx-short".into()),
+        company_id: X.into(),
+        created_secs_ago: Some(1),
+        expires_in: Some(4),
+        items: Some(1),
+        ..Default::default()
+    })
+    .unwrap();
+    let (_reaper, rx) = run_service(&cfg);
+    let mut seen = Vec::new();
+    wait_for(&rx, "recovery pass over 2 companies", &mut seen);
+    assert!(
+        f.wait_for_requests(Duration::from_secs(30), |r| events(r, "jw-long")
+            == ["started", "completed"])
+    );
+    assert_eq!(f.job("jx-short").unwrap().status, "failed");
+    let db = d.join("jm.db");
+    let kinds = || -> Vec<String> {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.prepare("SELECT kind FROM job_events WHERE job_id = 'jx-short' ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !kinds().iter().any(|k| k == "expired_waiting") {
+        assert!(std::time::Instant::now() < deadline, "{:?}", kinds());
+        jm(&cfg, &["trigger"]);
+        wait_for(&rx, "trigger pass", &mut seen);
+    }
+    let k = kinds();
+    let expired = k
+        .iter()
+        .position(|k| k == "expired")
+        .expect("expired journaled");
+    assert_eq!(
+        k.get(expired + 1).map(String::as_str),
+        Some("expired_waiting"),
+        "{k:?}"
+    );
+    assert!(!k.iter().any(|k| k == "claimed"), "never taken: {k:?}");
+    assert!(events(&f.requests(), "jx-short").is_empty());
+    let counted: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT n FROM journal_counts WHERE kind = 'expired_waiting'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(counted, 1);
+}

@@ -12,7 +12,15 @@ use crate::clock::Millis;
 use crate::pleo::{JobEvent, JobEventKind};
 use crate::service::processor::decide::{self, ClaimDecision};
 use crate::service::processor::{Processor, RoundReport};
+use crate::service::sync::pass::{PassKind, SyncError};
 use crate::store::{EventKind, JobRow, ProcState, Source, StoreError};
+
+/// What the company's own listing before a claim said of the candidate.
+enum Confirmed {
+    Oldest,
+    Changed,
+    Failed,
+}
 
 /// How a claim attempt ended.
 enum Claim {
@@ -57,6 +65,17 @@ impl Processor {
             {
                 return Ok(());
             }
+            if self.confirm_by_company && !self.clients.has_own(company) {
+                match self.confirm_oldest(&candidate, report)? {
+                    Confirmed::Oldest => {}
+                    // An older job came to light, or this one left: take the oldest again.
+                    Confirmed::Changed => continue,
+                    Confirmed::Failed => {
+                        self.pause(company, report);
+                        return Ok(());
+                    }
+                }
+            }
             match self.try_claim(candidate, report)? {
                 Claim::Held(job) => return self.tend(job, report),
                 Claim::Wait => return Ok(()),
@@ -76,6 +95,40 @@ impl Processor {
         // The bound was reached (conflicts, skips): let the company rest before trying again.
         self.pause(company, report);
         Ok(())
+    }
+
+    /// Listing by credential, the company's jobs came from a listing over many companies'
+    /// pages, which may have shifted between pages and missed an older job. Before a claim
+    /// the company is listed by itself (the same listing as a poll, one request for most
+    /// companies), so the claim takes the oldest job Pleo lists for it.
+    fn confirm_oldest(
+        &mut self,
+        candidate: &JobRow,
+        report: &mut RoundReport,
+    ) -> Result<Confirmed, StoreError> {
+        let lister = crate::service::sync::listing::Lister {
+            store: &self.store,
+            clients: &self.clients,
+            clock: &self.clock,
+            metrics: self.metrics.as_deref(),
+            resume_unknown_in_progress: false,
+            by_webhook: false,
+        };
+        match lister.pass_company(&candidate.company_id, PassKind::Poll) {
+            Ok(_) => {}
+            Err(SyncError::Store(e)) => return Err(e),
+            Err(SyncError::Pleo(e)) => {
+                report.errors.push(format!(
+                    "{}: listing before the claim: {e}",
+                    candidate.company_id
+                ));
+                return Ok(Confirmed::Failed);
+            }
+        }
+        Ok(match self.store.pick_next(&candidate.company_id)? {
+            Some(oldest) if oldest.id == candidate.id => Confirmed::Oldest,
+            _ => Confirmed::Changed,
+        })
     }
 
     fn try_claim(

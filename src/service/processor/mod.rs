@@ -126,6 +126,9 @@ pub struct Processor {
     /// New company lists for this lane (a reload), applied before every round and claim.
     updates: Option<Receiver<Vec<String>>>,
     catch_up: Option<Arc<dyn CatchUp>>,
+    /// Listing by credential: a company sharing the default credential is listed by itself
+    /// before a claim (see `claim::confirm_oldest`).
+    confirm_by_company: bool,
 }
 
 /// How soon a lane looks again at a company another lane still holds.
@@ -165,7 +168,15 @@ impl Processor {
             owners: Arc::default(),
             updates: None,
             catch_up: None,
+            confirm_by_company: false,
         }
+    }
+
+    /// With `yes` (listing by credential), a company sharing the default credential is listed
+    /// by itself before each claim, so the claim takes its oldest job.
+    pub fn with_confirm_by_company(mut self, yes: bool) -> Processor {
+        self.confirm_by_company = yes;
+        self
     }
 
     /// This processor is lane `lane` among those sharing `owners`.

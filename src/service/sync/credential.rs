@@ -13,6 +13,10 @@ use crate::service::sync::listing::Fetched;
 use crate::service::sync::pass::{GROUP_KEY, PassKind};
 use crate::service::sync::{Mirror, PassReport};
 
+/// While the passes of a credential listing are stored, waiting webhook deliveries are acted
+/// on after every this many companies.
+const YIELD_EVERY: usize = 256;
+
 impl Mirror {
     /// With `yes`, the companies without credentials of their own are listed together (when
     /// there are at least two).
@@ -127,7 +131,12 @@ impl Mirror {
         companies: &[String],
         report: &mut PassReport,
     ) {
-        let Fetched { at, took, listing } = fetched;
+        let Fetched {
+            at,
+            took,
+            listing,
+            complete,
+        } = fetched;
         let listing = match listing {
             Ok(l) => l,
             Err(e) => {
@@ -137,6 +146,7 @@ impl Mirror {
                         at,
                         took,
                         listing: Err(e.clone()),
+                        complete,
                     };
                     let result = self.lister().store_pass(c, k, failed);
                     self.record(c, k, result, report);
@@ -165,11 +175,23 @@ impl Mirror {
         }
         // The pages and the skipped entries are counted once, with the first company.
         let (mut pages, mut rejected) = (Some(pages), Some(rejected));
-        for c in companies {
+        // A company needing its recovery pass is marked recovered only after a complete
+        // observation of its `in_progress` jobs: when the credential listing of them spanned
+        // pages, each such company is listed by itself instead.
+        let mut alone = Vec::new();
+        for (n, c) in companies.iter().enumerate() {
             if self.stopping() {
                 break;
             }
+            // A webhook never waits behind a whole round of quiet passes.
+            if n % YIELD_EVERY == YIELD_EVERY - 1 {
+                self.deliveries_between();
+            }
             let k = self.kind_for(c, base);
+            if k == PassKind::Recovery && !complete {
+                alone.push(c.clone());
+                continue;
+            }
             let mut jobs = by_company.remove(c).unwrap_or_default();
             if k != PassKind::Recovery {
                 jobs.retain(|j| j.status == status::PENDING);
@@ -182,9 +204,17 @@ impl Mirror {
                     pages: pages.take().unwrap_or(0),
                     rejected: rejected.take().unwrap_or_default(),
                 }),
+                complete,
             };
             let result = self.lister().store_pass(c, k, own);
             self.record(c, k, result, report);
+        }
+        if !alone.is_empty() {
+            log::warn!(
+                "listing by credential: the in_progress jobs spanned pages, so the listing may have shifted between them; {} companies get their recovery pass listed one by one",
+                alone.len()
+            );
+            self.pass_each(PassKind::Recovery, &alone, report);
         }
     }
 }

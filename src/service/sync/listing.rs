@@ -28,6 +28,11 @@ pub struct Fetched {
     pub at: crate::clock::Millis,
     pub took: std::time::Duration,
     pub listing: Result<Listing, PleoError>,
+    /// Whether the `in_progress` jobs listed are all of them: one company's listing, or a
+    /// credential listing whose `in_progress` part came in one page (one answer). A credential
+    /// listing over several pages may have shifted between pages (Pleo does not say how its
+    /// cursors behave when the result set changes), so it can miss a job: never complete.
+    pub complete: bool,
 }
 
 /// Lists `company`'s eligible jobs for a `kind` pass (all pages). Only requests: no database,
@@ -42,12 +47,35 @@ pub fn fetch(clients: &Clients, clock: &SharedClock, company: &str, kind: PassKi
 
 /// Lists the jobs of every company the default credential sees, for a `kind` pass (all pages,
 /// no company named: see [`crate::service::sync::credential`]).
+///
+/// A recovery pass lists the `in_progress` jobs first, on their own: there are few (at most
+/// one per company in hand somewhere), so they usually come in one page, one answer, which is
+/// a complete observation of them ([`Fetched::complete`]); the `pending` jobs follow in a
+/// listing of their own.
 pub fn fetch_by_credential(clients: &Clients, clock: &SharedClock, kind: PassKind) -> Fetched {
-    timed(clock, || {
-        clients
-            .for_company(None)
-            .list_jobs_by_credential(statuses(kind))
-    })
+    let client = clients.for_company(None);
+    if kind != PassKind::Recovery {
+        let mut f = timed(clock, || client.list_jobs_by_credential(statuses(kind)));
+        f.complete = false;
+        return f;
+    }
+    let mut held = timed(clock, || {
+        client.list_jobs_by_credential(&[status::IN_PROGRESS])
+    });
+    let complete = matches!(&held.listing, Ok(l) if l.pages <= 1);
+    let pending = timed(clock, || client.list_jobs_by_credential(&[status::PENDING]));
+    held.took += pending.took;
+    held.listing = match (held.listing, pending.listing) {
+        (Ok(mut a), Ok(b)) => {
+            a.jobs.extend(b.jobs);
+            a.pages += b.pages;
+            a.rejected.extend(b.rejected);
+            Ok(a)
+        }
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    held.complete = complete;
+    held
 }
 
 /// Runs a listing, noting when it began and how long it took.
@@ -59,6 +87,7 @@ fn timed(clock: &SharedClock, list: impl FnOnce() -> Result<Listing, PleoError>)
         at,
         took: started.elapsed(),
         listing,
+        complete: true,
     }
 }
 

@@ -95,6 +95,10 @@ pub struct Mirror {
     by_credential: bool,
     /// A webhook's detection is running (its listing is journaled as `source: webhook`).
     by_webhook: bool,
+    /// The event thread's nudges (the service's), and whether deliveries were acted on
+    /// between passes.
+    nudge: Option<crossbeam_channel::Receiver<()>>,
+    acted_between: bool,
 }
 
 impl Mirror {
@@ -125,6 +129,8 @@ impl Mirror {
             group_set: HashSet::new(),
             by_credential: false,
             by_webhook: false,
+            nudge: None,
+            acted_between: false,
         }
     }
 
@@ -225,9 +231,23 @@ impl Mirror {
             let fetched = listing::fetch_by_credential(&self.clients, &self.clock, k);
             self.store_group(kind, fetched, &together, &mut report);
         }
-        let companies = &companies[..];
+        self.pass_each(kind, &companies, &mut report);
+        if report.woke {
+            self.wake_processors();
+        }
+        report
+    }
+
+    /// Each company listed by itself: side by side in the pool when there is one and more
+    /// than one company, else on this thread.
+    pub(crate) fn pass_each(
+        &mut self,
+        kind: PassKind,
+        companies: &[String],
+        report: &mut PassReport,
+    ) {
         if self.pool.is_some() && companies.len() > 1 {
-            self.pass_in_pool(kind, companies, &mut report);
+            self.pass_in_pool(kind, companies, report);
         } else {
             for company in companies {
                 if self.stopping() {
@@ -235,13 +255,31 @@ impl Mirror {
                 }
                 let k = self.kind_for(company, kind);
                 let result = self.lister().pass_company(company, k);
-                self.record(company, k, result, &mut report);
+                self.record(company, k, result, report);
             }
         }
-        if report.woke {
-            self.wake_processors();
+    }
+
+    /// Where the event thread's nudges arrive: while a long run of passes is stored, waiting
+    /// deliveries are acted on between them ([`Mirror::deliveries_between`]).
+    pub fn set_nudge(&mut self, nudge: crossbeam_channel::Receiver<()>) {
+        self.nudge = Some(nudge);
+    }
+
+    /// Acts on waiting webhook deliveries now if the event thread nudged; the sync loop then
+    /// looks at their retries again ([`Mirror::take_acted_between`]).
+    pub(crate) fn deliveries_between(&mut self) {
+        if self.nudge.as_ref().is_some_and(|n| n.try_recv().is_ok()) {
+            if let Err(e) = self.process_deliveries() {
+                log::warn!("acting on webhook deliveries failed: {e}; the sync loop tries again");
+            }
+            self.acted_between = true;
         }
-        report
+    }
+
+    /// Whether deliveries were acted on between passes since the last call.
+    pub fn take_acted_between(&mut self) -> bool {
+        std::mem::take(&mut self.acted_between)
     }
 
     /// Recovery for a company not recovered yet, whatever `kind` says.

@@ -134,6 +134,11 @@ pub fn run(
                 }
                 let report = mirror.take_poll_report();
                 log_pass(PassKind::Poll, report.passes, &report);
+                if mirror.take_acted_between() {
+                    // Deliveries were acted on between passes: their retries, and any left.
+                    last_pass = ms();
+                    retry_at = deliveries(&mut mirror);
+                }
             }
             recv(nudge) -> msg => {
                 if msg.is_err() {

@@ -75,7 +75,8 @@ impl Sizes {
                     latency_ms: 20,
                     interval_secs: 4,
                     backlog_jobs: 5,
-                    window_secs: 3,
+                    // Longer than the interval, so a round always falls in the window.
+                    window_secs: 5,
                     webhook_every_ms: 500,
                     by_credential: true,
                 },

@@ -214,7 +214,16 @@ impl Mirror {
                 "listing by credential: the in_progress jobs spanned pages, so the listing may have shifted between them; {} companies get their recovery pass listed one by one",
                 alone.len()
             );
-            self.pass_each(PassKind::Recovery, &alone, report);
+            // On this thread, not in the pool: this may run inside the pool's own wait for
+            // other results. Webhooks are acted on between them.
+            for c in &alone {
+                if self.stopping() {
+                    break;
+                }
+                self.deliveries_between();
+                let result = self.lister().pass_company(c, PassKind::Recovery);
+                self.record(c, PassKind::Recovery, result, report);
+            }
         }
     }
 }

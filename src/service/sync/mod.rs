@@ -240,12 +240,7 @@ impl Mirror {
 
     /// Each company listed by itself: side by side in the pool when there is one and more
     /// than one company, else on this thread.
-    pub(crate) fn pass_each(
-        &mut self,
-        kind: PassKind,
-        companies: &[String],
-        report: &mut PassReport,
-    ) {
+    fn pass_each(&mut self, kind: PassKind, companies: &[String], report: &mut PassReport) {
         if self.pool.is_some() && companies.len() > 1 {
             self.pass_in_pool(kind, companies, report);
         } else {

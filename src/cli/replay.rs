@@ -63,7 +63,12 @@ pub(super) fn simulate(
     std::fs::create_dir_all(&dir)?;
     let mut failed = Vec::new();
     let mut total = crate::replay::Summary::default();
+    // How many seeds drew each dimension (a seed counts once per dimension it draws).
+    let mut drawn: std::collections::BTreeMap<String, u64> = Default::default();
     for s in seed..seed.saturating_add(seeds) {
+        for (k, _) in crate::replay::simulate::dimensions(&crate::replay::simulate::generate(s)) {
+            *drawn.entry(k).or_insert(0) += 1;
+        }
         let summary = crate::replay::simulate::run_seed(s, &dir)?;
         total.add(&summary);
         if !summary.violations.is_empty() {
@@ -78,9 +83,15 @@ pub(super) fn simulate(
     let _ = std::fs::remove_dir_all(&dir);
     total.description = Some(format!("{seeds} simulated histories from seed {seed}"));
     if json {
-        say_json(&serde_json::json!({"seeds": seeds, "failed": failed, "totals": total}))?;
+        say_json(
+            &serde_json::json!({"seeds": seeds, "failed": failed, "totals": total, "seeds_drawing": drawn}),
+        )?;
     } else {
         print!("{}", total.render());
+        println!("seeds drawing each dimension:");
+        for (k, n) in &drawn {
+            println!("  {k}: {n}");
+        }
         println!("{} seeds, {} failed", seeds, failed.len());
     }
     if !failed.is_empty() {

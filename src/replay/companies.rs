@@ -73,10 +73,29 @@ impl Replay {
         self.apply_companies(&[])
     }
 
+    /// `companies pause` (`paused`) or `companies resume`.
+    pub(super) fn company_paused(&mut self, company: &str, paused: bool) -> anyhow::Result<()> {
+        if Store::open(&self.opts.db)?.company_pause(company, paused, self.clock.now())? {
+            self.summary.companies_paused += u64::from(paused);
+        }
+        self.apply_companies(&[])
+    }
+
+    /// The token endpoint refuses the OAuth client from now on (its secret changed there), or
+    /// accepts it again.
+    pub(super) fn oauth_client(&mut self, accepted: bool) {
+        self.fake.set_oauth_client_secret(if accepted {
+            CLIENT_SECRET
+        } else {
+            "a-secret-rotated-elsewhere"
+        });
+    }
+
     /// The customer revokes access: every token of the company stops working at the fake.
     pub(super) fn tokens_revoked(&mut self, company: &str) {
         self.fake.revoke_company(company);
         self.revoked.insert(company.to_owned());
+        self.revoked_ever.insert(company.to_owned());
         self.summary.tokens_revoked += 1;
     }
 

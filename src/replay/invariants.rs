@@ -28,6 +28,7 @@ impl Replay {
         let min_left = self.cfg.claim_min_left.as_millis() as i64;
         let violations = self.violations.clone();
         let down = self.accounting_down.clone();
+        let configured: HashSet<String> = self.base_cfg.company_ids.iter().cloned().collect();
         self.fake.on_api_claim(Box::new(move |c: &ClaimRecord| {
             let mut found = Vec::new();
             if down.load(std::sync::atomic::Ordering::SeqCst) {
@@ -47,6 +48,24 @@ impl Replay {
                 ));
             }
             let store = reader.lock().unwrap_or_else(|p| p.into_inner());
+            // No claim once a pause or a removal of the company is committed.
+            let last_change: rusqlite::Result<(String, Option<String>)> = store.conn().query_row(
+                "SELECT j.company_id, (SELECT e.kind FROM job_events e WHERE e.company_id = j.company_id \
+                 AND e.job_id IS NULL AND e.kind IN ('company_added', 'company_removed', 'company_paused', \
+                 'company_resumed') ORDER BY e.seq DESC LIMIT 1) FROM export_jobs j WHERE j.id = ?1",
+                [&c.job_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            );
+            if let Ok((company, Some(kind))) = last_change
+                && (kind == "company_paused"
+                    || (kind == "company_removed" && !configured.contains(&company)))
+            {
+                found.push(format!(
+                    "claimed job {} of company {company} after its {} was committed",
+                    c.job_id,
+                    kind.trim_start_matches("company_")
+                ));
+            }
             let older: rusqlite::Result<Vec<String>> = store
                 .conn()
                 .prepare(
@@ -216,6 +235,7 @@ impl Replay {
         self.check_claims_against_pleo(&claims);
         self.check_nothing_left_to_expire(&store, &requests, &claims);
         self.check_nothing_abandoned(&store);
+        self.check_seams(&store, &claims);
         let doubled: rusqlite::Result<Vec<String>> = store
             .conn()
             .prepare(

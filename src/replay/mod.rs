@@ -10,6 +10,7 @@
 
 mod companies;
 mod invariants;
+mod seams;
 pub mod simulate;
 pub mod snapshot;
 mod summary;
@@ -136,6 +137,8 @@ pub struct Replay {
     cfg: Config,
     /// Companies whose tokens the customer revoked (until authorized again).
     revoked: HashSet<String>,
+    /// Companies whose customer revoked access at some point (their pair may be refused).
+    revoked_ever: HashSet<String>,
     running: Option<Running>,
     restart_at: Option<Millis>,
     crash_after_step: Option<f64>,
@@ -258,6 +261,7 @@ impl Replay {
             base_cfg: cfg.clone(),
             cfg,
             revoked: HashSet::new(),
+            revoked_ever: HashSet::new(),
             running: None,
             restart_at: Some(start),
             crash_after_step: None,
@@ -497,7 +501,9 @@ impl Replay {
             Some(schedule) => {
                 let due = schedule.due(base_now.0);
                 if !due.is_empty() {
-                    r.mirror.pass_companies(PassKind::Poll, &due);
+                    // A key may stand for the companies listed together by credential.
+                    let companies = r.mirror.expand_keys(&due);
+                    r.mirror.pass_companies(PassKind::Poll, &companies);
                     let now = self.base.now().0;
                     for c in &due {
                         schedule.done(c, now);
@@ -545,10 +551,11 @@ impl Replay {
         consider(self.restart_at);
         consider(self.accounting_up_at);
         if let Some(r) = &self.running {
-            consider(Some(match &r.schedule {
-                None => now,
-                Some(s) => s.next_due().map_or(now, Millis),
-            }));
+            // No poll is due while no company is served (all paused or removed).
+            consider(match &r.schedule {
+                None => Some(now),
+                Some(s) => s.next_due().map(Millis),
+            });
             consider(r.deliveries_due);
             consider(Some(r.next_round));
             if !self.waiting.is_empty() {
@@ -557,37 +564,6 @@ impl Replay {
             }
         }
         next
-    }
-
-    /// Takes the accounting side down (a file where the outbox directory belongs: the
-    /// readiness check fails) or brings it back.
-    fn set_accounting(&mut self, up: bool) -> anyhow::Result<()> {
-        let Some(dir) = &self.outbox else {
-            return Ok(());
-        };
-        let mut away = dir.as_os_str().to_owned();
-        away.push(".away");
-        let away = PathBuf::from(away);
-        if up {
-            if dir.is_file() {
-                std::fs::remove_file(dir)?;
-            }
-            if away.exists() {
-                std::fs::rename(&away, dir)?;
-            }
-        } else if !dir.is_file() {
-            if dir.exists() {
-                std::fs::rename(dir, &away)?;
-            }
-            std::fs::write(dir, "the accounting system is down (replay)\n")?;
-        }
-        let was_down = self
-            .accounting_down
-            .swap(!up, std::sync::atomic::Ordering::SeqCst);
-        if up && was_down {
-            self.expiry_watch.accounting_up_since = Some(self.base.now());
-        }
-        Ok(())
     }
 }
 

@@ -301,6 +301,7 @@ pub fn generate(seed: u64) -> Snapshot {
         }
     }
     churn(seed, last, &mut timeline);
+    seams(seed, &companies, &ids, last, &mut service, &mut timeline);
     timeline.sort_by(|a, b| a.at.total_cmp(&b.at));
     // Where another integration claims this company's jobs, an `in_progress` job found at a
     // start may be theirs: such a deployment opts out of resuming unknown jobs (README). The
@@ -308,7 +309,9 @@ pub fn generate(seed: u64) -> Snapshot {
     if timeline.iter().any(|s| {
         matches!(
             s.event,
-            Event::ClaimedByOther { .. } | Event::StealAfterGet { .. }
+            Event::ClaimedByOther { .. }
+                | Event::StealAfterGet { .. }
+                | Event::ListingShift { fail: false, .. }
         )
     }) {
         service.insert("resume_unknown_in_progress".to_owned(), json!(false));
@@ -338,7 +341,7 @@ fn churn(seed: u64, last: f64, timeline: &mut Vec<Step>) {
     if !rng.chance(0.3) {
         return;
     }
-    let company = format!("c9-{seed:x}");
+    let company = format!("{:08x}-0000-4000-8000-0000000000c9", seed as u32);
     let oauth = rng.chance(0.5);
     let added = rng.range(0, last.max(1.0) as u64) as f64;
     timeline.push(Step {
@@ -386,6 +389,184 @@ fn churn(seed: u64, last: f64, timeline: &mut Vec<Step>) {
             },
         });
     }
+    // The token endpoint refuses the OAuth app for a while (`invalid_client`): no pair ends.
+    if oauth && rng.chance(0.5) {
+        let from = added + rng.range(0, 1200) as f64;
+        timeline.push(Step {
+            at: from,
+            event: Event::OauthClient { accepted: false },
+        });
+        timeline.push(Step {
+            at: from + rng.range(5, 900) as f64,
+            event: Event::OauthClient { accepted: true },
+        });
+    }
+}
+
+/// What users configure and what happens at the seams between features, drawn from a
+/// generator of its own (so the rest of each seed's world is what it was): `lanes` 1 to 4;
+/// `list_by_credential` on or off, with listings that shift between their pages; companies
+/// paused and resumed at any moment (a job of theirs may be in hand); answers lost after the
+/// request was applied, for every kind of request; reads failing after a claim.
+fn seams(
+    seed: u64,
+    companies: &[String],
+    jobs: &[(String, String)],
+    last: f64,
+    service: &mut BTreeMap<String, Value>,
+    timeline: &mut Vec<Step>,
+) {
+    let mut rng = Rng::new(seed ^ 0x7365_616d_7332_3821);
+    let at = |rng: &mut Rng| rng.range(0, last.max(1.0) as u64) as f64;
+    service.insert("lanes".to_owned(), json!(rng.range(1, 4)));
+    let by_credential = rng.chance(0.5);
+    service.insert("list_by_credential".to_owned(), json!(by_credential));
+    if by_credential && rng.chance(0.5) {
+        for _ in 0..rng.range(1, 3) {
+            let Some((id, _)) = rng.pick(jobs).cloned() else {
+                break;
+            };
+            let fail = rng.chance(0.5);
+            timeline.push(Step {
+                at: at(&mut rng),
+                event: Event::ListingShift { job_id: id, fail },
+            });
+        }
+    }
+    if rng.chance(0.35) {
+        for _ in 0..rng.range(1, 2) {
+            let Some(company) = rng.pick(companies).cloned() else {
+                break;
+            };
+            let from = at(&mut rng);
+            timeline.push(Step {
+                at: from,
+                event: Event::CompanyPaused {
+                    company_id: company.clone(),
+                },
+            });
+            if rng.chance(0.8) {
+                timeline.push(Step {
+                    at: from + rng.range(1, 1200) as f64,
+                    event: Event::CompanyResumed {
+                        company_id: company,
+                    },
+                });
+            }
+        }
+    }
+    // Answers lost after the request was applied: claims, final events, item reports, reads.
+    if rng.chance(0.5) {
+        for _ in 0..rng.range(1, 4) {
+            let (method, path) = match rng.range(0, 4) {
+                0 | 1 => ("POST", "/v3/export-job-events"),
+                2 => ("PUT", "/v3/export-jobs/"),
+                3 => ("GET", "/v3/export-jobs/"),
+                _ => ("GET", "/v3/export-jobs"),
+            };
+            let fault = match rng.range(0, 2) {
+                0 => Fault::HangUp,
+                1 => Fault::GatewayTimeout,
+                _ => Fault::Truncate,
+            };
+            timeline.push(Step {
+                at: at(&mut rng),
+                event: Event::Fault {
+                    rule: FaultRule {
+                        skip: 0,
+                        method: Some(method.into()),
+                        path_prefix: Some(path.into()),
+                        fault,
+                    },
+                },
+            });
+        }
+    }
+    // A read after a claim fails: the next job read goes through (the one before `started`),
+    // the ones after it answer 503.
+    if rng.chance(0.25) {
+        let when = at(&mut rng);
+        for skip in [1, 0, 0, 0, 0] {
+            timeline.push(Step {
+                at: when,
+                event: Event::Fault {
+                    rule: FaultRule {
+                        skip,
+                        method: Some("GET".into()),
+                        path_prefix: Some("/v3/export-jobs/".into()),
+                        fault: Fault::Refused { status: 503 },
+                    },
+                },
+            });
+        }
+    }
+}
+
+/// What a snapshot draws, by dimension (for `simulate`'s totals): the settings, and how
+/// often each kind of trouble happens on its timeline.
+pub fn dimensions(snap: &Snapshot) -> BTreeMap<String, u64> {
+    let mut d = BTreeMap::new();
+    let mut add = |k: String| *d.entry(k).or_insert(0) += 1;
+    let lanes = snap
+        .service
+        .get("lanes")
+        .and_then(Value::as_u64)
+        .unwrap_or(1);
+    add(format!("lanes = {lanes}"));
+    let by_credential = snap.service.get("list_by_credential") == Some(&json!(true));
+    add(format!("list_by_credential = {by_credential}"));
+    for s in &snap.timeline {
+        match &s.event {
+            Event::ListingShift { fail, .. } => add(format!(
+                "listing shifted between pages ({})",
+                if *fail {
+                    "a job failed"
+                } else {
+                    "a job started elsewhere"
+                }
+            )),
+            Event::CompanyPaused { .. } => add("company paused".into()),
+            Event::CompanyResumed { .. } => add("company resumed".into()),
+            Event::CompanyAdded { oauth, .. } => add(format!(
+                "company added ({})",
+                if *oauth {
+                    "own OAuth pair"
+                } else {
+                    "default credential"
+                }
+            )),
+            Event::CompanyRemoved { .. } => add("company removed".into()),
+            Event::TokensRevoked { .. } => add("OAuth: access revoked (invalid_grant)".into()),
+            Event::OauthClient { accepted: false } => {
+                add("OAuth: client refused (invalid_client)".into())
+            }
+            Event::Fault { rule } => {
+                let what = match (rule.method.as_deref(), rule.path_prefix.as_deref()) {
+                    (Some("POST"), _) => "job event",
+                    (Some("PUT"), _) => "item report",
+                    (Some("GET"), Some("/v3/export-jobs/")) => "job or item read",
+                    _ => "listing or export items",
+                };
+                let how = match &rule.fault {
+                    Fault::HangUp | Fault::GatewayTimeout | Fault::Truncate => {
+                        "answer lost after it was applied"
+                    }
+                    Fault::Refused { .. } => "read refused (503)",
+                    _ => "refused unapplied (429, 500)",
+                };
+                add(format!("{what}: {how}"));
+            }
+            Event::Faults { rates } if rates.server_error > 0.0 => add("fault window".into()),
+            Event::Crash { .. } => add("crash".into()),
+            Event::ClockJump { .. } => add("host clock jump".into()),
+            Event::AccountingDown { .. } => add("accounting side down".into()),
+            Event::ClaimedByOther { .. } | Event::StealAfterGet { .. } => {
+                add("another integration claims".into())
+            }
+            _ => {}
+        }
+    }
+    d
 }
 
 /// Generates and replays seed `seed` in `dir`; the summary carries any violations.

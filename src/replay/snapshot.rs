@@ -140,6 +140,25 @@ pub enum Event {
     /// (`companies add ID --oauth-refresh-token-file`).
     #[serde(rename_all = "camelCase")]
     Reauthorized { company_id: String },
+    /// An operator runs `jobmirror companies pause` (nothing new is claimed for the company
+    /// once it is committed; a job in hand is finished first).
+    #[serde(rename_all = "camelCase")]
+    CompanyPaused { company_id: String },
+    /// An operator runs `jobmirror companies resume`.
+    #[serde(rename_all = "camelCase")]
+    CompanyResumed { company_id: String },
+    /// From now on the fake's job listings answer with cursors that are positions, and right
+    /// after the next first page of a job listing another integration starts the job (or,
+    /// with `fail`, the job fails and leaves every open listing): a listing over several
+    /// pages shifts.
+    #[serde(rename_all = "camelCase")]
+    ListingShift {
+        job_id: String,
+        #[serde(default)]
+        fail: bool,
+    },
+    /// The token endpoint refuses the OAuth client (`invalid_client`), or accepts it again.
+    OauthClient { accepted: bool },
 }
 
 impl Event {
@@ -150,6 +169,7 @@ impl Event {
             Event::CompanyAdded { oauth: true, .. }
                 | Event::TokensRevoked { .. }
                 | Event::Reauthorized { .. }
+                | Event::OauthClient { .. }
         )
     }
 }

@@ -28,6 +28,8 @@ pub struct Summary {
     pub companies_removed: u64,
     #[serde(skip_serializing_if = "is_zero")]
     pub tokens_revoked: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub companies_paused: u64,
     pub webhooks: WebhookSummary,
     /// API requests by method and path pattern.
     pub api_calls: BTreeMap<String, u64>,

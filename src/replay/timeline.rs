@@ -68,6 +68,17 @@ impl Replay {
                 Event::CompanyRemoved { company_id } => self.company_removed(&company_id)?,
                 Event::TokensRevoked { company_id } => self.tokens_revoked(&company_id),
                 Event::Reauthorized { company_id } => self.reauthorized(&company_id)?,
+                Event::CompanyPaused { company_id } => self.company_paused(&company_id, true)?,
+                Event::CompanyResumed { company_id } => self.company_paused(&company_id, false)?,
+                Event::ListingShift { job_id, fail } => {
+                    self.fake.use_offset_cursors();
+                    if fail {
+                        self.fake.fail_after_first_page(&job_id);
+                    } else {
+                        self.fake.claim_after_first_page(&job_id);
+                    }
+                }
+                Event::OauthClient { accepted } => self.oauth_client(accepted),
             }
         }
         if self.accounting_up_at.is_some_and(|t| t <= self.base.now()) {
@@ -134,5 +145,38 @@ impl Replay {
             webhook_id: id,
             request,
         })
+    }
+}
+
+impl Replay {
+    /// Takes the accounting side down (a file where the outbox directory belongs: the
+    /// readiness check fails) or brings it back.
+    pub(super) fn set_accounting(&mut self, up: bool) -> anyhow::Result<()> {
+        let Some(dir) = &self.outbox else {
+            return Ok(());
+        };
+        let mut away = dir.as_os_str().to_owned();
+        away.push(".away");
+        let away = PathBuf::from(away);
+        if up {
+            if dir.is_file() {
+                std::fs::remove_file(dir)?;
+            }
+            if away.exists() {
+                std::fs::rename(&away, dir)?;
+            }
+        } else if !dir.is_file() {
+            if dir.exists() {
+                std::fs::rename(dir, &away)?;
+            }
+            std::fs::write(dir, "the accounting system is down (replay)\n")?;
+        }
+        let was_down = self
+            .accounting_down
+            .swap(!up, std::sync::atomic::Ordering::SeqCst);
+        if up && was_down {
+            self.expiry_watch.accounting_up_since = Some(self.base.now());
+        }
+        Ok(())
     }
 }

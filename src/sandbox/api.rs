@@ -19,6 +19,7 @@ impl FakePleo {
                 rng: cfg.seed | 1,
                 steal_on_get: HashSet::new(),
                 offset_cursors: false,
+                stale_item_updates: Vec::new(),
                 claim_after_first_page: Vec::new(),
                 claims: Vec::new(),
                 blackout_after: None,
@@ -408,6 +409,12 @@ impl FakePleo {
     /// After the next single-job GET of `id` is answered, another integration claims it.
     pub fn steal_after_next_get(&self, id: &str) {
         self.shared.lock().steal_on_get.insert(id.to_owned());
+    }
+
+    /// Item updates applied to an item that was already finished (`job/entry: from -> to`):
+    /// the contract says never to send one.
+    pub fn stale_item_updates(&self) -> Vec<String> {
+        self.shared.lock().stale_item_updates.clone()
     }
 
     /// Job listings' cursors become positions from now on: a listing whose result set changes

@@ -289,6 +289,7 @@ pub(super) fn put_items_inner(
     }
     let mut data = Vec::new();
     let mut errors = Vec::new();
+    let mut w_stale = Vec::new();
     for u in updates {
         let entry = u
             .get("accountingEntryId")
@@ -306,6 +307,10 @@ pub(super) fn put_items_inner(
             continue;
         };
         let s = |k: &str| u.get(k).and_then(Value::as_str).map(str::to_owned);
+        if matches!(item.status.as_str(), "successful" | "failed" | "abandoned") {
+            // The contract: never send an update again for an item already reported.
+            w_stale.push(format!("{id}/{entry}: {} -> {status}", item.status));
+        }
         item.status = status.into();
         item.exported_at = s("exportedAt").or(item.exported_at.take());
         item.external_id = s("externalId").or(item.external_id.take());
@@ -315,6 +320,7 @@ pub(super) fn put_items_inner(
         data.push(json!(item));
     }
     j.last_updated_at = Some(now);
+    w.stale_item_updates.extend(w_stale);
     Response::json(200, &json!({"data": data, "errors": errors}))
 }
 

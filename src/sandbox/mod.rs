@@ -262,6 +262,8 @@ struct World {
     rates: FaultRates,
     rng: u64,
     steal_on_get: HashSet<String>,
+    /// Item updates that reached an item Pleo already showed finished (`job/entry: from -> to`).
+    stale_item_updates: Vec<String>,
     /// Job listings' cursors are positions (see `http::paginate`).
     offset_cursors: bool,
     /// Jobs another integration starts (`false`) or fails (`true`) right after the next first

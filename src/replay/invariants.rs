@@ -235,7 +235,7 @@ impl Replay {
         self.check_claims_against_pleo(&claims);
         self.check_nothing_left_to_expire(&store, &requests, &claims);
         self.check_nothing_abandoned(&store);
-        self.check_seams(&store, &claims);
+        self.check_seams(&store, &claims, &requests);
         let doubled: rusqlite::Result<Vec<String>> = store
             .conn()
             .prepare(

@@ -2,13 +2,43 @@
 //! a company is marked recovered only after a complete observation of its `in_progress` jobs
 //! (every one of ours that Pleo shows is in the mirror once the company is recovered); no
 //! OAuth pair is marked refused unless the token endpoint refused its refresh token
-//! (`invalid_grant`); no item update reaches an item Pleo already shows finished.
+//! (`invalid_grant`); no item update reaches an item Pleo already shows finished; no job is
+//! failed for want of time while our own accepted `started` had given it more than the
+//! finish margin (and a minute) at Pleo.
 
 use super::*;
 
 impl Replay {
-    pub(super) fn check_seams(&mut self, store: &Store, claims: &[ClaimRecord]) {
+    pub(super) fn check_seams(
+        &mut self,
+        store: &Store,
+        claims: &[ClaimRecord],
+        requests: &[crate::sandbox::LoggedRequest],
+    ) {
         let mut found = Vec::new();
+        let margin_ms = self.cfg.pipeline.finish_margin.as_millis() as i64 + 60_000;
+        for r in requests.iter().filter(|r| {
+            r.method == "POST"
+                && r.path == "/v3/export-job-events"
+                && (r.status == 202 || r.status == 504 || r.status == 0)
+                && r.body.contains("before the job's deadline")
+        }) {
+            let v: Value = serde_json::from_str(&r.body).unwrap_or_default();
+            let job = v["jobId"].as_str().unwrap_or("");
+            let claimed = claims
+                .iter()
+                .rfind(|c| c.accepted && c.by == Claimant::Api && c.job_id == job && c.at <= r.at);
+            let expires_in_ms = self.fake.job(job).map_or(0, |j| j.expires_in_secs * 1000);
+            if let Some(c) = claimed {
+                let left = c.at.0 + expires_in_ms - r.at.0;
+                if left > margin_ms {
+                    found.push(format!(
+                        "job {job} was failed for want of time with {} s left at Pleo since our accepted `started`",
+                        left / 1000
+                    ));
+                }
+            }
+        }
         if let Some(r) = &self.running {
             let unrecovered: HashSet<String> = r.mirror.unrecovered().into_iter().collect();
             let served = self.answerable();

@@ -455,6 +455,42 @@ fn seams(
             }
         }
     }
+    // A big export (reports go out in batches of 100 while the handler still works), with an
+    // item report whose answer is lost soon after it is created.
+    if rng.chance(0.2) {
+        let company = rng.pick(companies).cloned().unwrap_or_default();
+        let created = at(&mut rng);
+        timeline.push(Step {
+            at: created,
+            event: Event::JobCreated {
+                job: JobSpec {
+                    id: Some(format!("jbig-{seed:x}")),
+                    company_id: company,
+                    status: "pending".into(),
+                    items: Some(rng.range(120, 250) as usize),
+                    expires_in: Some(3600),
+                    ..JobSpec::default()
+                },
+            },
+        });
+        if rng.chance(0.7) {
+            timeline.push(Step {
+                at: created,
+                event: Event::Fault {
+                    rule: FaultRule {
+                        skip: 0,
+                        method: Some("PUT".into()),
+                        path_prefix: Some(format!("/v3/export-jobs/jbig-{seed:x}/items")),
+                        fault: if rng.chance(0.5) {
+                            Fault::GatewayTimeout
+                        } else {
+                            Fault::HangUp
+                        },
+                    },
+                },
+            });
+        }
+    }
     // Answers lost after the request was applied: claims, final events, item reports, reads.
     if rng.chance(0.5) {
         for _ in 0..rng.range(1, 4) {
@@ -485,7 +521,8 @@ fn seams(
     // A read after a claim fails: the next job read goes through (the one before `started`),
     // the ones after it answer 503.
     if rng.chance(0.25) {
-        let when = at(&mut rng);
+        // Half of them at the start, where the first claims (of jobs close to expiry too) are.
+        let when = if rng.chance(0.5) { 0.0 } else { at(&mut rng) };
         for skip in [1, 0, 0, 0, 0] {
             timeline.push(Step {
                 at: when,

@@ -665,3 +665,32 @@ fn a_job_that_expires_waiting_for_a_lane_is_journaled_and_counted() {
         .unwrap();
     assert_eq!(counted, 1);
 }
+
+/// A job found by a triggered listing is journaled as detected by `trigger`, not `poll`.
+#[test]
+fn a_job_detected_by_a_trigger_is_journaled_with_that_source() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let handler = slow_handler(d, "0");
+    let cfg = config(d, &f, &[X], &handler, 1);
+    let (_reaper, rx) = run_service(&cfg);
+    let mut seen = Vec::new();
+    wait_for(&rx, "recovery pass over 1 companies", &mut seen);
+    job(&f, "jx-trig", X, 1);
+    jm(&cfg, &["trigger"]);
+    assert!(
+        f.wait_for_requests(Duration::from_secs(20), |r| events(r, "jx-trig")
+            == ["started", "completed"])
+    );
+    let source: String = rusqlite::Connection::open(d.join("jm.db"))
+        .unwrap()
+        .query_row(
+            "SELECT json_extract(detail, '$.source') FROM job_events \
+             WHERE job_id = 'jx-trig' AND kind = 'detected'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(source, "trigger");
+}

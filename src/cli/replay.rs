@@ -66,7 +66,7 @@ pub(super) fn simulate(
     // How many seeds drew each dimension (a seed counts once per dimension it draws).
     let mut drawn: std::collections::BTreeMap<String, u64> = Default::default();
     for s in seed..seed.saturating_add(seeds) {
-        for (k, _) in crate::replay::simulate::dimensions(&crate::replay::simulate::generate(s)) {
+        for (k, _) in crate::replay::draws::dimensions(&crate::replay::simulate::generate(s)) {
             *drawn.entry(k).or_insert(0) += 1;
         }
         let summary = crate::replay::simulate::run_seed(s, &dir)?;

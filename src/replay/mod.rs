@@ -9,7 +9,9 @@
 //! Pleo's clock never moves backwards (a clock jump moves only jobmirror's view of it).
 
 mod companies;
+pub mod draws;
 mod invariants;
+mod rng;
 mod seams;
 pub mod simulate;
 pub mod snapshot;

@@ -1,0 +1,214 @@
+//! What each simulated seed also draws, from a generator of its own (so the rest of a seed's
+//! world is what it was): the settings users configure and the trouble at the seams between
+//! features; and `dimensions`, what a snapshot draws, for `simulate`'s totals.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::replay::rng::Rng;
+use crate::replay::snapshot::{Event, Snapshot, Step};
+use crate::sandbox::{Fault, FaultRule, JobSpec};
+
+/// What users configure and what happens at the seams between features, drawn from a
+/// generator of its own (so the rest of each seed's world is what it was): `lanes` 1 to 4;
+/// `list_by_credential` on or off, with listings that shift between their pages; companies
+/// paused and resumed at any moment (a job of theirs may be in hand); answers lost after the
+/// request was applied, for every kind of request; reads failing after a claim.
+pub(super) fn seams(
+    seed: u64,
+    companies: &[String],
+    jobs: &[(String, String)],
+    last: f64,
+    service: &mut BTreeMap<String, Value>,
+    timeline: &mut Vec<Step>,
+) {
+    let mut rng = Rng::new(seed ^ 0x7365_616d_7332_3821);
+    let at = |rng: &mut Rng| rng.range(0, last.max(1.0) as u64) as f64;
+    service.insert("lanes".to_owned(), json!(rng.range(1, 4)));
+    let by_credential = rng.chance(0.5);
+    service.insert("list_by_credential".to_owned(), json!(by_credential));
+    if by_credential && rng.chance(0.5) {
+        for _ in 0..rng.range(1, 3) {
+            let Some((id, _)) = rng.pick(jobs).cloned() else {
+                break;
+            };
+            let fail = rng.chance(0.5);
+            timeline.push(Step {
+                at: at(&mut rng),
+                event: Event::ListingShift { job_id: id, fail },
+            });
+        }
+    }
+    if rng.chance(0.35) {
+        for _ in 0..rng.range(1, 2) {
+            let Some(company) = rng.pick(companies).cloned() else {
+                break;
+            };
+            let from = at(&mut rng);
+            timeline.push(Step {
+                at: from,
+                event: Event::CompanyPaused {
+                    company_id: company.clone(),
+                },
+            });
+            if rng.chance(0.8) {
+                timeline.push(Step {
+                    at: from + rng.range(1, 1200) as f64,
+                    event: Event::CompanyResumed {
+                        company_id: company,
+                    },
+                });
+            }
+        }
+    }
+    // A big export (reports go out in batches of 100 while the handler still works), with an
+    // item report whose answer is lost soon after it is created.
+    if rng.chance(0.2) {
+        let company = rng.pick(companies).cloned().unwrap_or_default();
+        let created = at(&mut rng);
+        timeline.push(Step {
+            at: created,
+            event: Event::JobCreated {
+                job: JobSpec {
+                    id: Some(format!("jbig-{seed:x}")),
+                    company_id: company,
+                    status: "pending".into(),
+                    items: Some(rng.range(120, 250) as usize),
+                    expires_in: Some(3600),
+                    ..JobSpec::default()
+                },
+            },
+        });
+        if rng.chance(0.7) {
+            timeline.push(Step {
+                at: created,
+                event: Event::Fault {
+                    rule: FaultRule {
+                        skip: 0,
+                        method: Some("PUT".into()),
+                        path_prefix: Some(format!("/v3/export-jobs/jbig-{seed:x}/items")),
+                        fault: if rng.chance(0.5) {
+                            Fault::GatewayTimeout
+                        } else {
+                            Fault::HangUp
+                        },
+                    },
+                },
+            });
+        }
+    }
+    // Answers lost after the request was applied: claims, final events, item reports, reads.
+    if rng.chance(0.5) {
+        for _ in 0..rng.range(1, 4) {
+            let (method, path) = match rng.range(0, 4) {
+                0 | 1 => ("POST", "/v3/export-job-events"),
+                2 => ("PUT", "/v3/export-jobs/"),
+                3 => ("GET", "/v3/export-jobs/"),
+                _ => ("GET", "/v3/export-jobs"),
+            };
+            let fault = match rng.range(0, 2) {
+                0 => Fault::HangUp,
+                1 => Fault::GatewayTimeout,
+                _ => Fault::Truncate,
+            };
+            timeline.push(Step {
+                at: at(&mut rng),
+                event: Event::Fault {
+                    rule: FaultRule {
+                        skip: 0,
+                        method: Some(method.into()),
+                        path_prefix: Some(path.into()),
+                        fault,
+                    },
+                },
+            });
+        }
+    }
+    // A read after a claim fails: the next job read goes through (the one before `started`),
+    // the ones after it answer 503.
+    if rng.chance(0.25) {
+        // Half of them at the start, where the first claims (of jobs close to expiry too) are.
+        let when = if rng.chance(0.5) { 0.0 } else { at(&mut rng) };
+        for skip in [1, 0, 0, 0, 0] {
+            timeline.push(Step {
+                at: when,
+                event: Event::Fault {
+                    rule: FaultRule {
+                        skip,
+                        method: Some("GET".into()),
+                        path_prefix: Some("/v3/export-jobs/".into()),
+                        fault: Fault::Refused { status: 503 },
+                    },
+                },
+            });
+        }
+    }
+}
+
+/// What a snapshot draws, by dimension (for `simulate`'s totals): the settings, and how
+/// often each kind of trouble happens on its timeline.
+pub fn dimensions(snap: &Snapshot) -> BTreeMap<String, u64> {
+    let mut d = BTreeMap::new();
+    let mut add = |k: String| *d.entry(k).or_insert(0) += 1;
+    let lanes = snap
+        .service
+        .get("lanes")
+        .and_then(Value::as_u64)
+        .unwrap_or(1);
+    add(format!("lanes = {lanes}"));
+    let by_credential = snap.service.get("list_by_credential") == Some(&json!(true));
+    add(format!("list_by_credential = {by_credential}"));
+    for s in &snap.timeline {
+        match &s.event {
+            Event::ListingShift { fail, .. } => add(format!(
+                "listing shifted between pages ({})",
+                if *fail {
+                    "a job failed"
+                } else {
+                    "a job started elsewhere"
+                }
+            )),
+            Event::CompanyPaused { .. } => add("company paused".into()),
+            Event::CompanyResumed { .. } => add("company resumed".into()),
+            Event::CompanyAdded { oauth, .. } => add(format!(
+                "company added ({})",
+                if *oauth {
+                    "own OAuth pair"
+                } else {
+                    "default credential"
+                }
+            )),
+            Event::CompanyRemoved { .. } => add("company removed".into()),
+            Event::TokensRevoked { .. } => add("OAuth: access revoked (invalid_grant)".into()),
+            Event::OauthClient { accepted: false } => {
+                add("OAuth: client refused (invalid_client)".into())
+            }
+            Event::Fault { rule } => {
+                let what = match (rule.method.as_deref(), rule.path_prefix.as_deref()) {
+                    (Some("POST"), _) => "job event",
+                    (Some("PUT"), _) => "item report",
+                    (Some("GET"), Some("/v3/export-jobs/")) => "job or item read",
+                    _ => "listing or export items",
+                };
+                let how = match &rule.fault {
+                    Fault::HangUp | Fault::GatewayTimeout | Fault::Truncate => {
+                        "answer lost after it was applied"
+                    }
+                    Fault::Refused { .. } => "read refused (503)",
+                    _ => "refused unapplied (429, 500)",
+                };
+                add(format!("{what}: {how}"));
+            }
+            Event::Faults { rates } if rates.server_error > 0.0 => add("fault window".into()),
+            Event::Crash { .. } => add("crash".into()),
+            Event::ClockJump { .. } => add("host clock jump".into()),
+            Event::AccountingDown { .. } => add("accounting side down".into()),
+            Event::ClaimedByOther { .. } | Event::StealAfterGet { .. } => {
+                add("another integration claims".into())
+            }
+            _ => {}
+        }
+    }
+    d
+}

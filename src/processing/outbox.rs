@@ -96,8 +96,13 @@ pub(crate) fn write_items(
     }
 }
 
+///
+/// Each probe has a name of its own: lanes check at once, and a shared name let one lane's
+/// clean-up remove the file another had just written (its check then failed, ENOENT).
 pub(crate) fn probe_writable(dir: &Path) -> std::io::Result<()> {
-    let p = dir.join(".jobmirror-probe");
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = dir.join(format!(".jobmirror-probe-{}-{n}", std::process::id()));
     std::fs::write(&p, b"")?;
     std::fs::remove_file(p)
 }

@@ -149,8 +149,10 @@ impl Replay {
                 .map(|c| c.by)
         };
         for r in &requests {
-            // Status 0: dropped unapplied; 429 and 5xx from a fault: refused unapplied.
+            // Status 0: dropped unapplied; 429 and 5xx from a fault: refused unapplied; a 4xx
+            // (a refused credential, a 422): refused, nothing applied.
             let applied = r.status != 0
+                && !(400..500).contains(&r.status)
                 && !matches!(
                     r.fault.as_deref(),
                     Some(f) if f.starts_with("TooManyRequests") || f.starts_with("ServerError")

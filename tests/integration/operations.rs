@@ -559,7 +559,28 @@ fn a_company_with_its_own_api_key_is_served_with_it() {
     let service = jobmirror::service::Service::start(&cfg, w.shared_clock(), None).unwrap();
     let done = both_completed(&w);
     assert!(service.stop(Duration::from_secs(10)));
-    assert!(done, "both companies' jobs completed");
+    let seen: Vec<String> = w
+        .fake
+        .requests()
+        .iter()
+        .map(|q| {
+            format!(
+                "{} {}?{} {} {}",
+                q.method, q.path, q.query, q.status, q.body
+            )
+        })
+        .collect();
+    let journal: Vec<String> = w
+        .store()
+        .events(Some("ka"))
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} {}", e.kind, e.detail))
+        .collect();
+    assert!(
+        done,
+        "both companies' jobs completed: {seen:#?} {journal:#?}"
+    );
     let refused: Vec<String> = w
         .fake
         .requests()

@@ -212,3 +212,48 @@ pub fn dimensions(snap: &Snapshot) -> BTreeMap<String, u64> {
     }
     d
 }
+
+/// Listing by credential, some seeds start with a crowd: exactly a page (100) of pending jobs
+/// of a company this service does not serve, listed first, then the jobs left `in_progress`
+/// by a lost database; another integration fails one of the crowd right after the first page
+/// of the first listing. A recovery listing that spans pages then shifts, and the job at the
+/// head of page 2, one of ours in progress, is never seen by it.
+pub(super) fn crowd(
+    seed: u64,
+    service: &BTreeMap<String, Value>,
+    jobs: &mut Vec<JobSpec>,
+    timeline: &mut Vec<Step>,
+) {
+    let mut rng = Rng::new(seed ^ 0x6372_6f77_6432_3821);
+    if service.get("list_by_credential") != Some(&json!(true))
+        || !rng.chance(0.3)
+        || !jobs.iter().any(|j| j.status == "in_progress")
+    {
+        return;
+    }
+    let other = format!("{:08x}-0000-4000-8000-00000000cccc", seed as u32);
+    let mut listed: Vec<JobSpec> = (0..100)
+        .map(|i| JobSpec {
+            id: Some(format!("jcrowd{i:03}-{seed:x}")),
+            company_id: other.clone(),
+            status: "pending".into(),
+            created_secs_ago: Some(3000),
+            items: Some(1),
+            expires_in: Some(3600),
+            ..JobSpec::default()
+        })
+        .collect();
+    let (held, rest): (Vec<JobSpec>, Vec<JobSpec>) = std::mem::take(jobs)
+        .into_iter()
+        .partition(|j| j.status == "in_progress");
+    listed.extend(held);
+    listed.extend(rest);
+    *jobs = listed;
+    timeline.push(Step {
+        at: 0.0,
+        event: Event::ListingShift {
+            job_id: format!("jcrowd000-{seed:x}"),
+            fail: true,
+        },
+    });
+}

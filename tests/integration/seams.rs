@@ -481,20 +481,18 @@ fn a_company_id_that_is_not_a_uuid_is_a_configuration_error_naming_its_place() {
     );
 }
 
-/// Listing by credential, with cursors that are positions (Pleo does not say how its cursors
-/// behave when the result set changes): 100 pending jobs of a company this service does not
-/// serve fill page 1, our own `in_progress` job of X sits just past it, and another
-/// integration fails a job on page 1 between the pages (it leaves the listing). The recovery pass still sees X's
-/// job (its `in_progress` jobs are listed on their own, in one answer) and resumes it without
-/// `started`.
-#[test]
-fn recovery_by_credential_sees_our_in_progress_job_though_the_listing_shifts() {
+/// W and X served, listed by credential, by a fake whose cursors are positions, with a page of
+/// another company's pending jobs (`jz-000` to `jz-099`, Z's) listed before anything of ours.
+fn crowded_by_credential() -> (
+    jobmirror::sandbox::FakePleo,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
     let f = fake();
     f.use_offset_cursors();
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let handler = slow_handler(d, "0");
-    let cfg = config(d, &f, &[W, X], &handler, 1);
+    let handler = slow_handler(dir.path(), "0");
+    let cfg = config(dir.path(), &f, &[W, X], &handler, 1);
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text.push_str("list_by_credential = true\n");
     std::fs::write(&cfg, text).unwrap();
@@ -509,6 +507,19 @@ fn recovery_by_credential_sees_our_in_progress_job_though_the_listing_shifts() {
         })
         .unwrap();
     }
+    (f, dir, cfg)
+}
+
+/// Listing by credential, with cursors that are positions (Pleo does not say how its cursors
+/// behave when the result set changes): 100 pending jobs of a company this service does not
+/// serve fill page 1, our own `in_progress` job of X sits just past it, and another
+/// integration fails a job on page 1 between the pages (it leaves the listing). The recovery pass still sees X's
+/// job (its `in_progress` jobs are listed on their own, in one answer) and resumes it without
+/// `started`.
+#[test]
+fn recovery_by_credential_sees_our_in_progress_job_though_the_listing_shifts() {
+    let (f, dir, cfg) = crowded_by_credential();
+    let d = dir.path();
     f.add_job(jobmirror::sandbox::JobSpec {
         id: Some("jx-held".into()),
         company_id: X.into(),
@@ -541,26 +552,8 @@ fn recovery_by_credential_sees_our_in_progress_job_though_the_listing_shifts() {
 /// claim X is listed by itself, so the older job is claimed first.
 #[test]
 fn a_shifted_credential_listing_never_lets_a_younger_job_be_claimed_first() {
-    let f = fake();
-    f.use_offset_cursors();
-    let dir = tempfile::tempdir().unwrap();
+    let (f, dir, cfg) = crowded_by_credential();
     let d = dir.path();
-    let handler = slow_handler(d, "0");
-    let cfg = config(d, &f, &[W, X], &handler, 1);
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("list_by_credential = true\n");
-    std::fs::write(&cfg, text).unwrap();
-    const Z: &str = "dddddddd-0000-4000-8000-0000000000dd";
-    for i in 0..100 {
-        f.add_job(jobmirror::sandbox::JobSpec {
-            id: Some(format!("jz-{i:03}")),
-            company_id: Z.into(),
-            created_secs_ago: Some(3000 - i),
-            items: Some(1),
-            ..Default::default()
-        })
-        .unwrap();
-    }
     let (_reaper, rx) = run_service(&cfg);
     let mut seen = Vec::new();
     wait_for(&rx, "recovery pass over 2 companies", &mut seen);

@@ -518,8 +518,7 @@ fn crowded_by_credential() -> (
 /// `started`.
 #[test]
 fn recovery_by_credential_sees_our_in_progress_job_though_the_listing_shifts() {
-    let (f, dir, cfg) = crowded_by_credential();
-    let d = dir.path();
+    let (f, _dir, cfg) = crowded_by_credential();
     f.add_job(jobmirror::sandbox::JobSpec {
         id: Some("jx-held".into()),
         company_id: X.into(),
@@ -552,8 +551,7 @@ fn recovery_by_credential_sees_our_in_progress_job_though_the_listing_shifts() {
 /// claim X is listed by itself, so the older job is claimed first.
 #[test]
 fn a_shifted_credential_listing_never_lets_a_younger_job_be_claimed_first() {
-    let (f, dir, cfg) = crowded_by_credential();
-    let d = dir.path();
+    let (f, _dir, cfg) = crowded_by_credential();
     let (_reaper, rx) = run_service(&cfg);
     let mut seen = Vec::new();
     wait_for(&rx, "recovery pass over 2 companies", &mut seen);

@@ -71,6 +71,34 @@ pub enum Milestone {
     Finished { job_id: String, event: String },
 }
 
+/// Told, on the lane's own thread, when a handler run of a job starts (its handler is
+/// running) and when it has ended, whatever ended it: `jobmirror replay` judges from here that
+/// no job ever has two handler runs at once, and acts on the world while a run works.
+pub trait RunWatch: Send + Sync {
+    fn run_started(&self, job: &JobRow);
+    fn run_ended(&self, job: &JobRow);
+}
+
+/// Tells the watch a run has ended when dropped (every way out of a run).
+pub(crate) struct Watched(Option<(Arc<dyn RunWatch>, JobRow)>);
+
+impl Watched {
+    pub(crate) fn start(watch: Option<&Arc<dyn RunWatch>>, job: &JobRow) -> Watched {
+        Watched(watch.map(|w| {
+            w.run_started(job);
+            (w.clone(), job.clone())
+        }))
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some((w, job)) = self.0.take() {
+            w.run_ended(&job);
+        }
+    }
+}
+
 pub struct HandlerStage {
     pub(crate) clients: Arc<Clients>,
     pub(crate) clock: SharedClock,
@@ -84,6 +112,7 @@ pub struct HandlerStage {
     /// Jobs whose last item report got an answer that may have been applied (a lost answer,
     /// a cut-off body, a 504): their items are read from Pleo before anything more is sent.
     pub(crate) read_items_first: std::sync::Mutex<std::collections::HashSet<String>>,
+    pub(crate) watch: Option<Arc<dyn RunWatch>>,
 }
 
 impl HandlerStage {
@@ -103,6 +132,7 @@ impl HandlerStage {
             stopping: None,
             marker_scope: None,
             read_items_first: Default::default(),
+            watch: None,
         }
     }
 
@@ -130,6 +160,12 @@ impl HandlerStage {
         metrics: Arc<crate::health::Metrics>,
     ) -> HandlerStage {
         self.health = Some((progress, metrics));
+        self
+    }
+
+    /// Every handler run is told to `watch` as it starts and ends.
+    pub fn with_watch(mut self, watch: Arc<dyn RunWatch>) -> HandlerStage {
+        self.watch = Some(watch);
         self
     }
 

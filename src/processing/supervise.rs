@@ -134,6 +134,7 @@ impl HandlerStage {
             job_id: job.id.clone(),
             items: n,
         });
+        let _watched = crate::processing::pipeline::Watched::start(self.watch.as_ref(), job);
         let mut run = RunState {
             last_progress: started,
             garbage: 0,
@@ -177,7 +178,12 @@ impl HandlerStage {
             if run.used + run.counted.until(now).max(0) >= job_limit {
                 break Some(self.over_budget(run.used + run.counted.until(now).max(0)));
             }
-            if now.until(run.last_progress) <= -(self.cfg.item_timeout.as_millis() as i64) {
+            // A stall is judged on what the handler said, not on when this thread last read
+            // it: results already waiting (the lane was held up by a slow report, say) are
+            // progress.
+            if now.until(run.last_progress) <= -(self.cfg.item_timeout.as_millis() as i64)
+                && running.messages.is_empty()
+            {
                 break Some(format!(
                     "the handler gave no result for {} s (per-item limit)",
                     self.cfg.item_timeout.as_secs()

@@ -106,21 +106,7 @@ pub struct Workers {
     pub owners: Arc<processor::Owners>,
     /// What the lanes call before a claim to catch up with the `companies` table (set once
     /// the service's [`Companies`] exists).
-    pub gate: Arc<CompaniesGate>,
-}
-
-/// The lanes' way to the `companies` table: before a claim, a change committed there is
-/// applied at once (as the `jm-companies` thread would within a second), so no claim follows a
-/// committed pause or removal.
-#[derive(Default)]
-pub struct CompaniesGate(std::sync::OnceLock<Arc<std::sync::Mutex<Companies>>>);
-
-impl processor::CatchUp for CompaniesGate {
-    fn catch_up(&self) {
-        if let Some(c) = self.0.get() {
-            reload::check_logged(&mut c.lock().unwrap_or_else(|p| p.into_inner()));
-        }
-    }
+    pub gate: Arc<reload::CompaniesGate>,
 }
 
 /// Company `i` (in configuration order) goes to lane `i % lanes`: a company's jobs always run
@@ -140,6 +126,16 @@ impl Workers {
         cfg: &Config,
         clock: SharedClock,
         milestones: Option<Sender<crate::processing::pipeline::Milestone>>,
+    ) -> anyhow::Result<Workers> {
+        Workers::build_watched(cfg, clock, milestones, None)
+    }
+
+    /// As [`Workers::build`]; every lane's handler runs are told to `watch` (the replay's).
+    pub fn build_watched(
+        cfg: &Config,
+        clock: SharedClock,
+        milestones: Option<Sender<crate::processing::pipeline::Milestone>>,
+        watch: Option<Arc<dyn crate::processing::pipeline::RunWatch>>,
     ) -> anyhow::Result<Workers> {
         let handler = cfg.require_handler()?;
         let sync_store = Store::open(&cfg.db)?;
@@ -170,7 +166,7 @@ impl Workers {
         let recovered = Arc::new(crate::service::sync::Recovered::default());
         let groups = split_lanes(&cfg.company_ids, cfg.lanes);
         let owners = Arc::new(processor::Owners::default());
-        let gate = Arc::new(CompaniesGate::default());
+        let gate = Arc::new(reload::CompaniesGate::default());
         let mut lanes = Vec::new();
         let mut wakes = Vec::new();
         let mut lane_companies = Vec::new();
@@ -190,6 +186,10 @@ impl Workers {
             .with_marker_scope(&cfg.db);
             let stage = match &milestones {
                 Some(tx) => stage.with_milestones(tx.clone()),
+                None => stage,
+            };
+            let stage = match &watch {
+                Some(w) => stage.with_watch(w.clone()),
                 None => stage,
             };
             let processor = Processor::new(

@@ -446,3 +446,16 @@ pub fn watch(
         }
     }
 }
+/// The lanes' way to the `companies` table: before a claim, a change committed there is
+/// applied at once (as the `jm-companies` thread would within a second), so no claim follows a
+/// committed pause or removal.
+#[derive(Default)]
+pub struct CompaniesGate(pub(super) std::sync::OnceLock<Arc<std::sync::Mutex<Companies>>>);
+
+impl crate::service::processor::CatchUp for CompaniesGate {
+    fn catch_up(&self) {
+        if let Some(c) = self.0.get() {
+            check_logged(&mut c.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+}

@@ -127,9 +127,16 @@ impl Replay {
             r.reload
                 .apply(&eff, renewed)?
                 .ok_or_else(|| anyhow::anyhow!("a company change changed more than companies"))?;
-            for (lane, rx) in r.lanes.iter_mut().zip(&r.lane_rx) {
-                while let Ok(list) = rx.try_recv() {
-                    lane.set_companies(list);
+            // An idle lane takes its list at once; a busy one (its round under way) when its
+            // loop gets to it.
+            for (i, (lane, rx)) in r.lanes.iter().zip(&r.lane_rx).enumerate() {
+                match lane.try_lock() {
+                    Ok(mut p) => {
+                        while let Ok(list) = rx.try_recv() {
+                            p.set_companies(list);
+                        }
+                    }
+                    Err(_) => r.late_list[i] = true,
                 }
             }
             while let Ok(list) = r.sync_rx.try_recv() {

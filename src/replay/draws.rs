@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use crate::replay::rng::Rng;
-use crate::replay::snapshot::{Event, Snapshot, Step};
+use crate::replay::snapshot::{CompanyChange, CompanyOp, Event, Snapshot, Step};
 use crate::sandbox::{Fault, FaultRule, JobSpec};
 
 /// What users configure and what happens at the seams between features, drawn from a
@@ -186,6 +186,7 @@ pub fn dimensions(snap: &Snapshot) -> BTreeMap<String, u64> {
             }
             Event::Fault { rule } => {
                 let what = match (rule.method.as_deref(), rule.path_prefix.as_deref()) {
+                    (_, Some("/oauth/token")) => "OAuth token endpoint",
                     (Some("POST"), _) => "job event",
                     (Some("PUT"), _) => "item report",
                     (Some("GET"), Some("/v3/export-jobs/")) => "job or item read",
@@ -195,7 +196,13 @@ pub fn dimensions(snap: &Snapshot) -> BTreeMap<String, u64> {
                     Fault::HangUp | Fault::GatewayTimeout | Fault::Truncate => {
                         "answer lost after it was applied"
                     }
+                    Fault::Refused { .. }
+                        if rule.path_prefix.as_deref() == Some("/oauth/token") =>
+                    {
+                        "5xx"
+                    }
                     Fault::Refused { .. } => "read refused (503)",
+                    Fault::Dropped => "lost unapplied",
                     _ => "refused unapplied (429, 500)",
                 };
                 add(format!("{what}: {how}"));
@@ -206,6 +213,21 @@ pub fn dimensions(snap: &Snapshot) -> BTreeMap<String, u64> {
             Event::AccountingDown { .. } => add("accounting side down".into()),
             Event::ClaimedByOther { .. } | Event::StealAfterGet { .. } => {
                 add("another integration claims".into())
+            }
+            Event::WhileHandlerRuns {
+                ops, into_warning, ..
+            } => {
+                let what: Vec<&str> = ops
+                    .iter()
+                    .map(|o| match o.op {
+                        CompanyChange::Pause => "pause",
+                        CompanyChange::Resume => "resume",
+                        CompanyChange::Remove => "remove",
+                        CompanyChange::Add => "add",
+                    })
+                    .chain(into_warning.then_some("into the warning window"))
+                    .collect();
+                add(format!("while a handler runs: {}", what.join(", ")))
             }
             _ => {}
         }
@@ -256,4 +278,147 @@ pub(super) fn crowd(
             fail: true,
         },
     });
+}
+
+/// Operators and time acting on a handler run while it works, drawn from a generator of its
+/// own: a company paused while its job is in hand (a younger job of the company waits behind
+/// it); a company paused, another added and the first resumed (the lanes rebalance), or
+/// removed and added again, while its job is in hand; a job whose handler works into the
+/// last `deadline_warning_secs` before its deadline.
+pub(super) fn while_running(seed: u64, companies: &[String], last: f64, timeline: &mut Vec<Step>) {
+    let mut rng = Rng::new(seed ^ 0x7275_6e6e_696e_6721);
+    let at = |rng: &mut Rng| rng.range(0, last.max(1.0) as u64) as f64;
+    let job = |id: String, company: &str, expires_in: i64, items: u64| JobSpec {
+        id: Some(id),
+        company_id: company.to_owned(),
+        status: "pending".into(),
+        items: Some(items as usize),
+        expires_in: Some(expires_in),
+        ..JobSpec::default()
+    };
+    let plan = |job_id: &str, ops: Vec<CompanyOp>, into_warning: bool| Event::WhileHandlerRuns {
+        job_id: Some(job_id.to_owned()),
+        ops,
+        into_warning,
+    };
+    let op = |op: CompanyChange, company_id: Option<&str>| CompanyOp {
+        op,
+        company_id: company_id.map(str::to_owned),
+    };
+    if rng.chance(0.3)
+        && let Some(company) = rng.pick(companies).cloned()
+    {
+        let (first, second) = (format!("jpause-a-{seed:x}"), format!("jpause-b-{seed:x}"));
+        let t = at(&mut rng);
+        for (k, id) in [&first, &second].into_iter().enumerate() {
+            timeline.push(Step {
+                at: t + k as f64,
+                event: Event::JobCreated {
+                    job: job(id.clone(), &company, 3600, rng.range(1, 6)),
+                },
+            });
+        }
+        timeline.push(Step {
+            at: t,
+            event: plan(&first, vec![op(CompanyChange::Pause, None)], false),
+        });
+        if rng.chance(0.8) {
+            timeline.push(Step {
+                at: t + rng.range(300, 1500) as f64,
+                event: Event::CompanyResumed {
+                    company_id: company,
+                },
+            });
+        }
+    }
+    if rng.chance(0.35) {
+        let id = format!("jmove-{seed:x}");
+        let t = at(&mut rng);
+        let (company, ops) = if rng.chance(0.6) {
+            let Some(company) = rng.pick(companies).cloned() else {
+                return;
+            };
+            let other = format!("{:08x}-0000-4000-8000-0000000000d7", seed as u32);
+            let ops = vec![
+                op(CompanyChange::Pause, None),
+                op(CompanyChange::Add, Some(&other)),
+                op(CompanyChange::Resume, None),
+            ];
+            (company, ops)
+        } else {
+            // A company added at run time, removed and added again while its job is in hand.
+            let company = format!("{:08x}-0000-4000-8000-0000000000d8", seed as u32);
+            timeline.push(Step {
+                at: t,
+                event: Event::CompanyAdded {
+                    company_id: company.clone(),
+                    oauth: false,
+                },
+            });
+            let ops = vec![
+                op(CompanyChange::Remove, None),
+                op(CompanyChange::Add, None),
+            ];
+            (company, ops)
+        };
+        timeline.push(Step {
+            at: t,
+            event: Event::JobCreated {
+                job: job(id.clone(), &company, 3600, rng.range(1, 8)),
+            },
+        });
+        timeline.push(Step {
+            at: t,
+            event: plan(&id, ops, false),
+        });
+    }
+    if rng.chance(0.25)
+        && let Some(company) = rng.pick(companies).cloned()
+    {
+        let id = format!("jwarn-{seed:x}");
+        let t = at(&mut rng);
+        timeline.push(Step {
+            at: t,
+            event: Event::JobCreated {
+                job: job(id.clone(), &company, 900, rng.range(1, 6)),
+            },
+        });
+        timeline.push(Step {
+            at: t,
+            event: plan(&id, Vec::new(), true),
+        });
+    }
+}
+
+/// Where companies have OAuth pairs, the token endpoint has trouble too, drawn from a
+/// generator of its own: 5xx and 429 answers, and requests lost before the endpoint applied
+/// them. (A refresh whose answer is lost after the endpoint applied it ends the pair: Pleo
+/// rotates the refresh token at every refresh; that is a re-authorization, drawn as
+/// `tokens_revoked`.)
+pub(super) fn token_trouble(seed: u64, last: f64, timeline: &mut Vec<Step>) {
+    let mut rng = Rng::new(seed ^ 0x746f_6b65_6e32_3821);
+    if !timeline.iter().any(|s| s.event.uses_oauth()) || !rng.chance(0.6) {
+        return;
+    }
+    for _ in 0..rng.range(1, 3) {
+        let fault = match rng.range(0, 3) {
+            0 => Fault::Refused { status: 503 },
+            1 => Fault::ServerError,
+            2 => Fault::TooManyRequests {
+                retry_after_secs: 2,
+            },
+            _ => Fault::Dropped,
+        };
+        timeline.push(Step {
+            at: rng.range(0, last.max(1.0) as u64) as f64,
+            event: Event::Fault {
+                rule: FaultRule {
+                    skip: 0,
+                    method: Some("POST".into()),
+                    path_prefix: Some("/oauth/token".into()),
+                    fault,
+                },
+            },
+        });
+    }
 }

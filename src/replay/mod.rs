@@ -3,15 +3,17 @@
 //! driven step by step on a virtual clock against an in-process fake Pleo seeded from the
 //! snapshot, as fast as the machine allows; after every step the invariants are checked.
 //!
-//! Invariants: one driver thread makes every API request, so the fake sees them in one order
+//! Invariants: one thread at a time makes API requests, so the fake sees them in one order
 //! and a replay is deterministic (the event thread only commits what the driver hands it, and
-//! the driver waits for the commit); nothing here decides anything about jobs, the workers do;
+//! the driver waits for the commit; a lane's round run on a thread of its own hands the driver
+//! the turn and waits, see `runs`); nothing here decides anything about jobs, the workers do;
 //! Pleo's clock never moves backwards (a clock jump moves only jobmirror's view of it).
 
 mod companies;
 pub mod draws;
 mod invariants;
 mod rng;
+mod runs;
 mod seams;
 pub mod simulate;
 pub mod snapshot;
@@ -72,7 +74,10 @@ impl ReplayOptions {
 /// The workers while jobmirror "runs".
 struct Running {
     mirror: Mirror,
-    lanes: Vec<Processor>,
+    /// Each lane's processor; locked by whoever runs its round (see `runs`).
+    lanes: Vec<Arc<Mutex<Processor>>>,
+    /// Lanes that were busy when a company list came: their loop takes a wake first.
+    late_list: Vec<bool>,
     edge: Option<Edge>,
     nudge: Receiver<()>,
     /// Pleo (base) times. `None`: the start-up recovery pass is still to do.
@@ -162,6 +167,8 @@ pub struct Replay {
     started_seen: HashMap<String, u32>,
     expiry_watch: ExpiryWatch,
     violations: Arc<Mutex<Vec<String>>>,
+    /// Handler runs, watched; plans that act while one works.
+    turns: runs::RunTurns,
     summary: Summary,
     _lock: crate::store::DbLock,
 }
@@ -280,6 +287,7 @@ impl Replay {
             reported: HashMap::new(),
             started_seen: HashMap::new(),
             expiry_watch: ExpiryWatch::default(),
+            turns: runs::RunTurns::new(violations.clone()),
             violations,
             summary,
             _lock: lock,
@@ -355,11 +363,13 @@ impl Replay {
                 &Store::open(&self.opts.db)?,
             )?;
         }
-        let workers = Workers::build(&self.cfg, clock.clone(), None)?;
+        let watch: Arc<dyn crate::processing::pipeline::RunWatch> = self.turns.watch.clone();
+        let workers = Workers::build_watched(&self.cfg, clock.clone(), None, Some(watch))?;
         workers.mirror.store().scratch_durability()?;
         for lane in &workers.lanes {
             lane.processor.store().scratch_durability()?;
         }
+        let lanes_n = workers.lanes.len();
         let (nudge_tx, nudge_rx) = bounded::<()>(1);
         let edge = match workers.events {
             Some(e) => {
@@ -399,7 +409,12 @@ impl Replay {
             // Listing passes run here one at a time: the pool's threads would finish them in
             // an order that differs between two replays.
             mirror: workers.mirror.without_pool(),
-            lanes: workers.lanes.into_iter().map(|l| l.processor).collect(),
+            lanes: workers
+                .lanes
+                .into_iter()
+                .map(|l| Arc::new(Mutex::new(l.processor)))
+                .collect(),
+            late_list: vec![false; lanes_n],
             edge,
             nudge: nudge_rx,
             schedule: None,
@@ -514,11 +529,20 @@ impl Replay {
             }
         }
         let mut next_due: Option<Millis> = None;
-        for lane in &mut r.lanes {
+        for i in 0..r.lanes.len() {
+            // A lane that was busy when its company list came takes a wake first (the
+            // service's loop may), then the list; an idle lane has taken it already.
+            let late = std::mem::take(&mut self.running.as_mut().expect("running").late_list[i]);
+            if !late {
+                self.drain_lane(i);
+            }
             let mut rounds = 0;
             let due = loop {
-                let report = lane.round();
+                let report = self.lane_round(i)?;
                 rounds += 1;
+                if late && rounds == 1 {
+                    self.drain_lane(i);
+                }
                 self.summary.resumed += report.resumed.len() as u64;
                 let svc_now = self.clock.now();
                 match report.next_due {

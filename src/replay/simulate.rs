@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::replay::draws::{crowd, seams};
+use crate::replay::draws::{crowd, seams, token_trouble, while_running};
 use crate::replay::rng::Rng;
 use crate::replay::snapshot::{Event, Snapshot, Step, VERSION};
 use crate::replay::{Replay, ReplayOptions, Summary};
@@ -272,6 +272,8 @@ pub fn generate(seed: u64) -> Snapshot {
     churn(seed, last, &mut timeline);
     seams(seed, &companies, &ids, last, &mut service, &mut timeline);
     crowd(seed, &service, &mut jobs, &mut timeline);
+    while_running(seed, &companies, last, &mut timeline);
+    token_trouble(seed, last, &mut timeline);
     timeline.sort_by(|a, b| a.at.total_cmp(&b.at));
     // Where another integration claims this company's jobs, an `in_progress` job found at a
     // start may be theirs: such a deployment opts out of resuming unknown jobs (README). The

@@ -159,6 +159,40 @@ pub enum Event {
     },
     /// The token endpoint refuses the OAuth client (`invalid_client`), or accepts it again.
     OauthClient { accepted: bool },
+    /// While the next handler run (of `jobId`, or of any job) works, before any of its results
+    /// is in: an operator changes companies (`ops`, in order; each on the company of the job
+    /// the handler works on unless it names another), and with `intoWarning` Pleo's clock moves
+    /// on until less than `deadline_warning_secs` remain for the job, as under a slow handler
+    /// (by 10 minutes at most). Every other lane takes a round meanwhile; the run's own lane
+    /// waits, as a busy lane does.
+    #[serde(rename_all = "camelCase")]
+    WhileHandlerRuns {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job_id: Option<String>,
+        #[serde(default)]
+        ops: Vec<CompanyOp>,
+        #[serde(default)]
+        into_warning: bool,
+    },
+}
+
+/// An operator's `jobmirror companies` command, run while a handler works.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CompanyOp {
+    pub op: CompanyChange,
+    /// The company; none: the company of the job the handler works on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company_id: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CompanyChange {
+    Pause,
+    Resume,
+    Remove,
+    Add,
 }
 
 impl Event {

@@ -30,6 +30,9 @@ pub struct Summary {
     pub tokens_revoked: u64,
     #[serde(skip_serializing_if = "is_zero")]
     pub companies_paused: u64,
+    /// Handler runs the timeline acted on while they worked (`while_handler_runs`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub acted_on_runs: u64,
     pub webhooks: WebhookSummary,
     /// API requests by method and path pattern.
     pub api_calls: BTreeMap<String, u64>,
@@ -130,6 +133,7 @@ impl Summary {
         self.claims += o.claims;
         self.conflicts += o.conflicts;
         self.resumed += o.resumed;
+        self.acted_on_runs += o.acted_on_runs;
         self.expiries += o.expiries;
         self.crashes += o.crashes;
         self.companies_added += o.companies_added;
@@ -197,6 +201,15 @@ impl Summary {
                 self.claims, self.conflicts, self.resumed, self.expiries
             ),
         );
+        if self.acted_on_runs > 0 {
+            line(
+                &mut out,
+                format!(
+                    "  handler runs acted on while they worked: {}",
+                    self.acted_on_runs
+                ),
+            );
+        }
         let w = &self.webhooks;
         line(
             &mut out,

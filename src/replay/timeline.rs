@@ -79,6 +79,15 @@ impl Replay {
                     }
                 }
                 Event::OauthClient { accepted } => self.oauth_client(accepted),
+                Event::WhileHandlerRuns {
+                    job_id,
+                    ops,
+                    into_warning,
+                } => self.plan_run(runs::RunPlan {
+                    job_id,
+                    ops,
+                    into_warning,
+                }),
             }
         }
         if self.accounting_up_at.is_some_and(|t| t <= self.base.now()) {

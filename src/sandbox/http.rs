@@ -200,6 +200,7 @@ impl Handler for FakeHandler {
         };
         let mut resp = match &fault {
             _ if dropped => Response::empty(0),
+            Some(Fault::Dropped) => Response::empty(0),
             Some(Fault::TooManyRequests { retry_after_secs }) => {
                 error(429, "TOO_MANY_REQUESTS", "rate limit exceeded")
                     .with_header("Retry-After", &retry_after_secs.to_string())

@@ -147,6 +147,9 @@ pub enum Fault {
     /// The request is refused with this status (a 401 for a revoked key, a 403, ...) and
     /// Pleo's `{type, message}` body; it is not applied.
     Refused { status: u16 },
+    /// The connection is closed before the request is read: not applied, and no answer (to
+    /// the client, a lost answer like `HangUp`).
+    Dropped,
 }
 
 /// A scripted fault: consumed by the first request that matches.

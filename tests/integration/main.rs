@@ -22,6 +22,7 @@ mod processor;
 mod reliability;
 mod reload;
 mod replay;
+mod replay_runs;
 mod scale;
 mod seams;
 mod standby;

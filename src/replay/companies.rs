@@ -4,6 +4,32 @@
 
 use super::*;
 
+/// The snapshot's service settings, with `overrides`, as the environment would give them.
+pub(super) fn setting_env(
+    snap: &Snapshot,
+    overrides: &[(&str, String)],
+) -> HashMap<String, String> {
+    let mut env: HashMap<String, String> = snap
+        .service
+        .keys()
+        .filter_map(|k| snap.setting(k).map(|v| (crate::config::env_name(k), v)))
+        .collect();
+    for (k, v) in overrides {
+        env.insert(crate::config::env_name(k), v.clone());
+    }
+    env
+}
+
+/// OAuth pairs as the replay knows them: companies with a pair of their own, and whether the
+/// default credential's pair was lost (a refresh the token endpoint applied whose answer never
+/// came back: Pleo rotates the refresh token at each refresh, so only a new authorization
+/// helps).
+#[derive(Default)]
+pub(super) struct Pairs {
+    own: HashSet<String>,
+    default_lost: bool,
+}
+
 /// The OAuth app the replay's fake knows, and the default credential's first refresh token.
 const CLIENT_ID: &str = "replay-client";
 const CLIENT_SECRET: &str = "replay-secret";
@@ -50,6 +76,7 @@ impl Replay {
                 .fake
                 .authorize_company(company)
                 .ok_or_else(|| anyhow::anyhow!("the fake has no OAuth"))?;
+            self.pairs.own.insert(company.to_owned());
             (crate::store::CompanyCredential::OAuth, Some(t))
         } else {
             (crate::store::CompanyCredential::Default, None)
@@ -111,6 +138,7 @@ impl Replay {
             Some(&t),
             self.clock.now(),
         )?;
+        self.pairs.own.insert(company.to_owned());
         self.revoked.remove(company);
         self.apply_companies(&[company.to_owned()])
     }
@@ -164,8 +192,58 @@ impl Replay {
         self.cfg
             .company_ids
             .iter()
-            .filter(|c| !self.revoked.contains(*c))
+            .filter(|c| !self.pair_lost(c))
             .cloned()
             .collect()
+    }
+
+    /// Whether the company's credential cannot work until someone authorizes again: its
+    /// customer revoked access, or its pair was lost.
+    pub(super) fn pair_lost(&self, company: &str) -> bool {
+        self.revoked.contains(company)
+            || (self.pairs.default_lost && !self.pairs.own.contains(company))
+    }
+
+    /// A refresh the token endpoint applied whose answer was lost (cut, hung up, a 504) ends
+    /// that pair: the refresh token offered is used up and the new one never arrived. Its
+    /// companies are answered for no more, as after a revocation.
+    pub(super) fn note_lost_refreshes(&mut self, requests: &[LoggedRequest]) {
+        let lost: Vec<String> = requests
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == "/oauth/token")
+            .filter(|r| {
+                matches!(r.fault.as_deref(), Some(f) if f.starts_with("HangUp")
+                    || f.starts_with("Truncate") || f.starts_with("GatewayTimeout"))
+            })
+            .filter_map(|r| {
+                r.body.split('&').find_map(|kv| {
+                    kv.strip_prefix("refresh_token=")
+                        .map(crate::edge::httpd::percent_decode)
+                })
+            })
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        let grants = self.fake.token_grants();
+        for offered in lost {
+            let Some(g) = grants.iter().find(|g| g.ok && g.refresh_token == offered) else {
+                continue;
+            };
+            match &g.company {
+                Some(c) => {
+                    self.revoked.insert(c.clone());
+                    self.revoked_ever.insert(c.clone());
+                }
+                None => {
+                    self.pairs.default_lost = true;
+                    for c in self.cfg.company_ids.clone() {
+                        if !self.pairs.own.contains(&c) {
+                            self.revoked_ever.insert(c);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -141,6 +141,7 @@ impl Replay {
         self.acked_checked = self.acked.len();
         // Only the requests since the last step (the log only grows).
         let requests = self.fake.requests_since(self.requests_checked);
+        self.note_lost_refreshes(&requests);
         let claims = self.fake.claims();
         let holder_at = |job: &str, seq: u64| {
             claims
@@ -507,8 +508,7 @@ impl Replay {
             let taken = store.job(&job.id).ok().flatten().is_some_and(|r| {
                 r.proc_state.is_active() || r.proc_state == crate::store::ProcState::Done
             });
-            if self.revoked.contains(&job.company_id)
-                || (!answerable.contains(&job.company_id) && !taken)
+            if self.pair_lost(&job.company_id) || (!answerable.contains(&job.company_id) && !taken)
             {
                 continue;
             }

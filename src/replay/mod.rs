@@ -146,6 +146,7 @@ pub struct Replay {
     revoked: HashSet<String>,
     /// Companies whose customer revoked access at some point (their pair may be refused).
     revoked_ever: HashSet<String>,
+    pairs: companies::Pairs,
     running: Option<Running>,
     restart_at: Option<Millis>,
     crash_after_step: Option<f64>,
@@ -171,18 +172,6 @@ pub struct Replay {
     turns: runs::RunTurns,
     summary: Summary,
     _lock: crate::store::DbLock,
-}
-
-fn setting_env(snap: &Snapshot, overrides: &[(&str, String)]) -> HashMap<String, String> {
-    let mut env: HashMap<String, String> = snap
-        .service
-        .keys()
-        .filter_map(|k| snap.setting(k).map(|v| (crate::config::env_name(k), v)))
-        .collect();
-    for (k, v) in overrides {
-        env.insert(crate::config::env_name(k), v.clone());
-    }
-    env
 }
 
 impl Replay {
@@ -248,7 +237,7 @@ impl Replay {
             // Never bound: the replay hands requests to the receiver itself.
             overrides.push(("webhook_listen", "127.0.0.1:9".into()));
         }
-        let env = setting_env(&snap, &overrides);
+        let env = companies::setting_env(&snap, &overrides);
         let cfg = Config::load_with(None, &|k| env.get(k).cloned())
             .map_err(|e| anyhow::anyhow!("snapshot service settings: {e}"))?;
         let end = start.plus(Duration::from_secs_f64(
@@ -271,6 +260,7 @@ impl Replay {
             cfg,
             revoked: HashSet::new(),
             revoked_ever: HashSet::new(),
+            pairs: companies::Pairs::default(),
             running: None,
             restart_at: Some(start),
             crash_after_step: None,

@@ -130,6 +130,7 @@ pub(crate) fn operators(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<(
         ));
     }
     let admin = crate::ops::admin::Admin {
+        http: Vec::new(),
         started_at: 0.0,
         progress: Arc::new(crate::health::Progress::new(Duration::from_secs(10))),
         metrics: Arc::default(),

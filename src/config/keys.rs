@@ -205,13 +205,13 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     ),
     (
         "webhook_body_bytes_max",
-        Some("1048576"),
-        "largest webhook body accepted (larger: 413)",
+        Some("65536"),
+        "largest webhook body accepted (larger: 413); a Pleo webhook is under 1 KiB",
     ),
     (
         "webhook_connections_max",
-        Some("512"),
-        "webhook connections served at once (more: 503)",
+        Some("4096"),
+        "webhook connections held at once (past it the idlest is closed; a request in progress never is)",
     ),
     (
         "webhook_queue_max",
@@ -222,6 +222,11 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "handler_command",
         None,
         "the handler: a program (and arguments) speaking the handler protocol, outbox:DIR, or dry-run",
+    ),
+    (
+        "handler_env",
+        None,
+        "the handler's own environment: NAME=VALUE, or NAME to pass it on from the service's (comma or space separated; never JOBMIRROR_* or CREDENTIALS_DIRECTORY)",
     ),
     (
         "handler_check_timeout_secs",

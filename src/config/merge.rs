@@ -50,10 +50,13 @@ impl Config {
 
     /// The webhook signing secrets of the served companies' own subscriptions
     /// (`jobmirror subscribe --company/--all`), as `whsec_...` text.
-    pub fn company_webhook_secrets(rows: &[CompanyRow]) -> Vec<String> {
+    pub fn company_webhook_secrets(rows: &[CompanyRow]) -> Vec<(String, String)> {
         rows.iter()
-            .filter_map(|r| r.webhook_secret.as_ref())
-            .map(|s| s.expose().to_owned())
+            .filter_map(|r| {
+                r.webhook_secret
+                    .as_ref()
+                    .map(|s| (r.company_id.clone(), s.expose().to_owned()))
+            })
             .collect()
     }
 }

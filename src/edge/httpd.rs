@@ -1,31 +1,48 @@
-//! A small blocking HTTP/1.1 server for the fake Pleo and (later) the webhook receiver.
+//! The HTTP edge: the webhook receiver, the admin listener and the fake Pleo are served by
+//! hyper (HTTP/1.1 framing, chunked bodies, `100 Continue`, HTTP/1.0 semantics, strict
+//! `Content-Length`, header read timeouts) on a small current-thread tokio runtime owned by the
+//! server's own thread. Handlers stay synchronous: each request's [`Handler`] runs on the
+//! runtime's bounded blocking pool and gets the whole body; nothing else of jobmirror is async.
 //!
-//! Invariants: at most `connections_max` connections are served at once (more are answered
-//! 503 and closed, never queued without bound); a client gets `header_timeout` to send a
-//! request head and `body_timeout` for its body, and an idle keep-alive connection is closed
-//! after `idle_timeout`; a head over `header_bytes_max` is 431 and a body over
-//! `body_bytes_max` is 413 without reading it; an accept error never stops the accept loop;
-//! a panic in a handler is a 500 for that request only.
+//! Invariants: a request head is bounded by `header_bytes_max` (431) and must arrive within
+//! `header_timeout`; a body is bounded by `body_bytes_max` (413, announced or while read) and
+//! `body_timeout` (408), and by `inflight_bytes_max` over every request being read at once
+//! (503 with `Retry-After`): memory follows what is admitted, never what clients announce. At
+//! `connections_max` the connection idle the longest is closed to make room (a request in
+//! progress is never cut); only when every connection is busy is a new one refused. A
+//! connection with no request in progress is closed after `idle_timeout`. A panic in a handler
+//! is a 500 for that request only. Every refusal is counted by reason ([`Refusals`]).
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::clock::monotonic;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{Notify, Semaphore, oneshot};
+
+pub use crate::edge::exchange::{Handler, Head, OutBody, Request, Response, percent_decode};
+use crate::edge::exchange::{guarded, head_of, to_http};
 
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// Connections held at once; past it the idlest is closed to make room.
     pub connections_max: usize,
     pub header_bytes_max: usize,
     pub body_bytes_max: usize,
+    /// Bytes of request bodies being read at once, over every connection.
+    pub inflight_bytes_max: usize,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
+    /// Threads running handlers at once (the blocking pool).
+    pub handler_threads: usize,
 }
 
 impl Default for Limits {
@@ -34,112 +51,51 @@ impl Default for Limits {
             connections_max: 256,
             header_bytes_max: 16 * 1024,
             body_bytes_max: 1024 * 1024,
+            inflight_bytes_max: 32 * 1024 * 1024,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
+            handler_threads: 16,
         }
     }
 }
 
-/// The request line and headers, before the body is read.
-#[derive(Debug, Clone)]
-pub struct Head {
-    pub method: String,
-    pub path: String,
-    pub query: String,
-    pub headers: Vec<(String, String)>,
-    pub content_length: usize,
-    pub peer: SocketAddr,
+/// Why requests or connections were refused, counted (the admin listener's metrics read them).
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// A request head or framing hyper refused (400, 431, a bad `Content-Length`, ...).
+    pub framing: AtomicU64,
+    /// A head or body that did not arrive in time (408 or a closed connection).
+    pub timeout: AtomicU64,
+    /// A body over `body_bytes_max` (413).
+    pub size: AtomicU64,
+    /// A body that did not fit in `inflight_bytes_max` (503).
+    pub inflight: AtomicU64,
+    /// Connections closed to make room (the idlest), or refused with every one busy.
+    pub connections: AtomicU64,
 }
 
-impl Head {
-    /// First header with this name (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+impl Refusals {
+    /// `(reason, count)` for each reason, in a fixed order.
+    pub fn by_reason(&self) -> [(&'static str, u64); 5] {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("framing", l(&self.framing)),
+            ("timeout", l(&self.timeout)),
+            ("size", l(&self.size)),
+            ("inflight", l(&self.inflight)),
+            ("connections", l(&self.connections)),
+        ]
     }
-    /// The query string as decoded pairs, in order (repeated keys kept).
-    pub fn query_pairs(&self) -> Vec<(String, String)> {
-        self.query
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (percent_decode(k), percent_decode(v))
-            })
-            .collect()
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Request {
-    pub head: Head,
-    pub body: Vec<u8>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    /// Fault injection: wait this long before answering.
-    pub delay: Option<Duration>,
-    /// Fault injection: announce the whole body but send only this many bytes, then close.
-    pub truncate_at: Option<usize>,
-    /// Fault injection: close the connection without answering at all.
-    pub hang_up: bool,
-}
-
-impl Response {
-    pub fn empty(status: u16) -> Response {
-        Response {
-            status,
-            headers: Vec::new(),
-            body: Vec::new(),
-            delay: None,
-            truncate_at: None,
-            hang_up: false,
-        }
-    }
-    pub fn json(status: u16, v: &serde_json::Value) -> Response {
-        let mut r = Response::empty(status);
-        r.body = v.to_string().into_bytes();
-        r.headers.push((
-            "Content-Type".into(),
-            "application/json;charset=UTF-8".into(),
-        ));
-        r
-    }
-    pub fn text(status: u16, s: &str) -> Response {
-        let mut r = Response::empty(status);
-        r.body = s.as_bytes().to_vec();
-        r.headers
-            .push(("Content-Type".into(), "text/plain; charset=utf-8".into()));
-        r
-    }
-    pub fn with_header(mut self, k: &str, v: &str) -> Response {
-        self.headers.push((k.to_owned(), v.to_owned()));
-        self
-    }
-}
-
-pub trait Handler: Send + Sync + 'static {
-    /// Called when the head is read, before the body; a response here is sent at once and the
-    /// connection closed (the body is not read).
-    fn check_head(&self, _head: &Head) -> Option<Response> {
-        None
-    }
-    fn handle(&self, req: Request) -> Response;
 }
 
 pub struct Server {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    active: Arc<AtomicUsize>,
-    accept: Option<JoinHandle<()>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    conns: Arc<Conns>,
+    refusals: Arc<Refusals>,
 }
 
 impl std::fmt::Debug for Server {
@@ -148,27 +104,139 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// What one connection's task shares with the accept loop.
+struct Conn {
+    /// Requests in progress on it.
+    busy: AtomicUsize,
+    /// When it last started or finished a request (ms since the server started).
+    last_ms: AtomicU64,
+    close: Notify,
+}
+
+struct Conns {
+    started: Instant,
+    next: AtomicU64,
+    map: Mutex<HashMap<u64, Arc<Conn>>>,
+}
+
+impl Conns {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+    fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+    /// Closes the connection idle the longest (no request in progress: nothing is cut); false
+    /// when every one is busy. It leaves the count at once.
+    fn evict_idlest(&self) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let idlest = map
+            .iter()
+            .filter(|(_, c)| c.busy.load(Ordering::SeqCst) == 0)
+            .min_by_key(|(_, c)| c.last_ms.load(Ordering::SeqCst))
+            .map(|(id, _)| *id);
+        match idlest.and_then(|id| map.remove(&id)) {
+            Some(c) => {
+                c.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Marks a connection busy for the life of one request.
+struct Busy(Arc<Conn>, Arc<Conns>);
+
+impl Busy {
+    fn new(c: Arc<Conn>, conns: Arc<Conns>) -> Busy {
+        c.busy.fetch_add(1, Ordering::SeqCst);
+        c.last_ms.store(conns.now_ms(), Ordering::SeqCst);
+        Busy(c, conns)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.last_ms.store(self.1.now_ms(), Ordering::SeqCst);
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct Shared {
+    limits: Limits,
+    handler: Arc<dyn Handler>,
+    /// Permits of 1 KiB for bodies being read.
+    inflight: Arc<Semaphore>,
+    refusals: Arc<Refusals>,
+    conns: Arc<Conns>,
+    name: String,
+}
+
 impl Server {
-    /// Serves `handler` on `listener` from a named accept thread.
+    /// Serves `handler` on `listener` from a thread of its own (`{name}-edge`) running a
+    /// current-thread runtime; handlers run on its blocking pool.
     pub fn start(
         listener: TcpListener,
         limits: Limits,
         handler: Arc<dyn Handler>,
         name: &str,
     ) -> io::Result<Server> {
+        Server::start_counted(listener, limits, handler, name, Arc::default())
+    }
+
+    /// As [`Server::start`], counting refusals in `refusals` (made before the server, for a
+    /// handler that reports them: the admin listener's metrics).
+    pub fn start_counted(
+        listener: TcpListener,
+        limits: Limits,
+        handler: Arc<dyn Handler>,
+        name: &str,
+        refusals: Arc<Refusals>,
+    ) -> io::Result<Server> {
         let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let active = Arc::new(AtomicUsize::new(0));
-        let (stop2, active2) = (stop.clone(), active.clone());
-        let thread_name = name.to_owned();
-        let accept = std::thread::Builder::new()
-            .name(format!("{name}-accept"))
-            .spawn(move || accept_loop(listener, limits, handler, stop2, active2, thread_name))?;
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(limits.handler_threads.max(1))
+            .thread_name(format!("{name}-handler"))
+            .build()?;
+        let conns = Arc::new(Conns {
+            started: Instant::now(),
+            next: AtomicU64::new(0),
+            map: Mutex::new(HashMap::new()),
+        });
+        let kib = limits.inflight_bytes_max.div_ceil(1024).max(1);
+        let shared = Arc::new(Shared {
+            inflight: Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS))),
+            limits,
+            handler,
+            refusals: refusals.clone(),
+            conns: conns.clone(),
+            name: name.to_owned(),
+        });
+        let (stop, stop_rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-edge"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            log::error!("{}: cannot serve: {e}", shared.name);
+                            return;
+                        }
+                    };
+                    accept_loop(listener, shared, stop_rx).await;
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })?;
         Ok(Server {
             addr,
-            stop,
-            active,
-            accept: Some(accept),
+            stop: Some(stop),
+            thread: Some(thread),
+            conns,
+            refusals,
         })
     }
 
@@ -176,17 +244,20 @@ impl Server {
         self.addr
     }
 
-    /// Connections being served now.
+    /// Connections held now.
     pub fn active_connections(&self) -> usize {
-        self.active.load(Ordering::SeqCst)
+        self.conns.len()
     }
 
-    /// Stops accepting and joins the accept thread. Connections in flight finish on their own.
+    /// What was refused so far, by reason.
+    pub fn refusals(&self) -> Arc<Refusals> {
+        self.refusals.clone()
+    }
+
+    /// Stops accepting, lets requests in progress finish (5 s at most) and joins the thread.
     pub fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
-        if let Some(h) = self.accept.take() {
+        drop(self.stop.take());
+        if let Some(h) = self.thread.take() {
             let _ = h.join();
         }
     }
@@ -198,390 +269,274 @@ impl Drop for Server {
     }
 }
 
-struct ActiveGuard(Arc<AtomicUsize>);
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-fn accept_loop(
-    listener: TcpListener,
-    limits: Limits,
-    handler: Arc<dyn Handler>,
-    stop: Arc<AtomicBool>,
-    active: Arc<AtomicUsize>,
-    name: String,
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<()>,
 ) {
-    let mut consecutive_errors: u32 = 0;
+    let mut errors: u32 = 0;
     loop {
-        let accepted = listener.accept();
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
+        let accepted = tokio::select! {
+            _ = &mut stop => break,
+            a = listener.accept() => a,
+        };
         let (stream, peer) = match accepted {
             Ok(x) => {
-                consecutive_errors = 0;
+                errors = 0;
                 x
             }
             Err(e) => {
                 // EMFILE and friends: back off a little, never give up.
-                consecutive_errors = consecutive_errors.saturating_add(1);
-                log::warn!("{name}: accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(
-                    u64::from(consecutive_errors.min(10)) * 10,
-                ));
+                errors = errors.saturating_add(1);
+                if errors <= 3 || errors.is_power_of_two() {
+                    log::warn!("{}: accept failed ({errors} in a row): {e}", shared.name);
+                }
+                tokio::time::sleep(Duration::from_millis(u64::from(errors.min(10)) * 10)).await;
                 continue;
             }
         };
-        if active.load(Ordering::SeqCst) >= limits.connections_max {
-            let mut s = stream;
-            let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
-            let _ = s.write_all(
-                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
-            let _ = s.shutdown(Shutdown::Both);
-            continue;
-        }
-        active.fetch_add(1, Ordering::SeqCst);
-        let guard = ActiveGuard(active.clone());
-        let handler = handler.clone();
-        let limits2 = limits.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("{name}-conn"))
-            .spawn(move || {
-                let _guard = guard;
-                let _ = serve_connection(stream, peer, &limits2, handler.as_ref());
-            });
-        if let Err(e) = spawned {
-            log::warn!("{name}: cannot start a connection thread: {e}");
-        }
-    }
-}
-
-enum HeadRead {
-    Head(Head),
-    Closed,
-    Reply(Response),
-}
-
-fn read_head(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    peer: SocketAddr,
-    limits: &Limits,
-    deadline: Instant,
-) -> io::Result<HeadRead> {
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = find_head_end(buf) {
-            let rest = buf.split_off(end);
-            let head_bytes = std::mem::replace(buf, rest);
-            return Ok(parse_head(&head_bytes, peer));
-        }
-        if buf.len() > limits.header_bytes_max {
-            return Ok(HeadRead::Reply(Response::text(
-                431,
-                "request header too large\n",
-            )));
-        }
-        let left = deadline.saturating_duration_since(monotonic());
-        if left.is_zero() {
-            return Ok(if buf.is_empty() {
-                HeadRead::Closed
-            } else {
-                HeadRead::Reply(Response::text(408, "request header timeout\n"))
-            });
-        }
-        stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut chunk) {
-            Ok(0) => return Ok(HeadRead::Closed),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+        if shared.conns.len() >= shared.limits.connections_max {
+            shared.refusals.connections.fetch_add(1, Ordering::Relaxed);
+            // Room is made by closing the idlest; with every connection busy the newcomer is
+            // closed instead.
+            if !shared.conns.evict_idlest() {
+                drop(stream);
                 continue;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+        }
+        let _ = stream.set_nodelay(true);
+        let id = shared.conns.next.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            busy: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(shared.conns.now_ms()),
+            close: Notify::new(),
+        });
+        shared
+            .conns
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, conn.clone());
+        let shared2 = shared.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, shared2.clone(), conn).await;
+            shared2
+                .conns
+                .map
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        });
+    }
+    // Stopping: every connection closes once its request in progress (if any) is answered.
+    let all: Vec<Arc<Conn>> = shared
+        .conns
+        .map
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for c in all {
+        c.close.notify_one();
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while shared.conns.len() > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Closed without an answer (fault injection).
+#[derive(Debug)]
+struct HangUp;
+
+impl std::fmt::Display for HangUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("closed without an answer")
+    }
+}
+
+impl std::error::Error for HangUp {}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+) {
+    let limits = &shared.limits;
+    let svc = {
+        let (shared, conn) = (shared.clone(), conn.clone());
+        hyper::service::service_fn(move |req| {
+            let (shared, conn) = (shared.clone(), conn.clone());
+            async move { serve(req, peer, shared, conn).await }
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.header_bytes_max.max(8192))
+        // A client may shut its write side once its request is sent: it still gets its answer.
+        .half_close(true)
+        .keep_alive(true);
+    let served = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(served);
+    let mut closing = false;
+    loop {
+        let idle_ms = shared
+            .conns
+            .now_ms()
+            .saturating_sub(conn.last_ms.load(Ordering::SeqCst));
+        let idle_left = (limits.idle_timeout.as_millis() as u64).saturating_sub(idle_ms);
+        tokio::select! {
+            r = served.as_mut() => {
+                if let Err(e) = r {
+                    count_error(&shared.refusals, &e);
+                }
+                return;
+            }
+            _ = conn.close.notified(), if !closing => {
+                // No request in progress: closed at once (a half-sent head is not one).
+                if conn.busy.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                served.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(idle_left.max(50))), if !closing => {
+                let idle_ms = shared.conns.now_ms().saturating_sub(conn.last_ms.load(Ordering::SeqCst));
+                if conn.busy.load(Ordering::SeqCst) == 0
+                    && idle_ms >= limits.idle_timeout.as_millis() as u64
+                {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(limits.write_timeout + limits.body_timeout), if closing => {
+                // A connection that would not close in time is dropped.
+                return;
+            }
         }
     }
 }
 
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
-}
-
-/// Parses a request head, or says what to answer instead (for the fuzz target too).
-pub fn parse_head_bytes(bytes: &[u8]) -> Result<Head, Response> {
-    match parse_head(bytes, SocketAddr::from(([127, 0, 0, 1], 0))) {
-        HeadRead::Head(h) => Ok(h),
-        HeadRead::Reply(r) => Err(r),
-        HeadRead::Closed => Err(Response::empty(400)),
+fn count_error(refusals: &Refusals, e: &hyper::Error) {
+    if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
+        refusals.framing.fetch_add(1, Ordering::Relaxed);
+    } else if e.is_timeout() {
+        refusals.timeout.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-fn parse_head(bytes: &[u8], peer: SocketAddr) -> HeadRead {
-    let mut headers = [httparse::EMPTY_HEADER; 100];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(bytes) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => {
-            return HeadRead::Reply(Response::text(400, "incomplete request head\n"));
-        }
-        Err(httparse::Error::TooManyHeaders) => {
-            return HeadRead::Reply(Response::text(431, "too many headers\n"));
-        }
-        Err(_) => return HeadRead::Reply(Response::text(400, "malformed request head\n")),
+async fn serve(
+    req: http::Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+) -> Result<http::Response<OutBody>, HangUp> {
+    let _busy = Busy::new(conn, shared.conns.clone());
+    let limits = &shared.limits;
+    let (parts, body) = req.into_parts();
+    let head = head_of(&parts, peer);
+    let early = guarded(|| shared.handler.check_head(&head))
+        .unwrap_or_else(|| Some(Response::text(500, "internal error\n")));
+    if let Some(r) = early {
+        drain_unread(&head, body).await;
+        return Ok(to_http(r, true));
     }
-    let method = req.method.unwrap_or("").to_owned();
-    let target = req.path.unwrap_or("/");
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let mut hs = Vec::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        match std::str::from_utf8(h.value) {
-            Ok(v) => hs.push((h.name.to_owned(), v.trim().to_owned())),
-            Err(_) => return HeadRead::Reply(Response::text(400, "header value is not UTF-8\n")),
-        }
+    let announced = body.size_hint().exact();
+    if head.content_length > limits.body_bytes_max
+        || announced.is_some_and(|n| n > limits.body_bytes_max as u64)
+    {
+        shared.refusals.size.fetch_add(1, Ordering::Relaxed);
+        drain_unread(&head, body).await;
+        return Ok(to_http(
+            Response::text(413, "request body too large\n"),
+            true,
+        ));
     }
-    let mut content_length = 0usize;
-    for (k, v) in &hs {
-        if k.eq_ignore_ascii_case("transfer-encoding") {
-            return HeadRead::Reply(Response::text(
-                501,
-                "chunked request bodies are not supported; send Content-Length\n",
+    // Memory is admitted before it is read: the announced length, or the most a chunked body
+    // may take.
+    let want = announced.map_or(limits.body_bytes_max, |n| n as usize);
+    let permits = want.div_ceil(1024).max(1) as u32;
+    let Ok(permit) = shared.inflight.clone().try_acquire_many_owned(permits) else {
+        shared.refusals.inflight.fetch_add(1, Ordering::Relaxed);
+        return Ok(to_http(
+            Response::text(503, "too many request bodies in flight; try again\n")
+                .with_header("Retry-After", "1"),
+            true,
+        ));
+    };
+    let read = tokio::time::timeout(
+        limits.body_timeout,
+        Limited::new(body, limits.body_bytes_max).collect(),
+    )
+    .await;
+    let body = match read {
+        Ok(Ok(c)) => c.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            shared.refusals.size.fetch_add(1, Ordering::Relaxed);
+            return Ok(to_http(
+                Response::text(413, "request body too large\n"),
+                true,
             ));
         }
-        if k.eq_ignore_ascii_case("content-length") {
-            match v.parse::<u64>() {
-                Ok(n) => content_length = usize::try_from(n).unwrap_or(usize::MAX),
-                Err(_) => return HeadRead::Reply(Response::text(400, "bad Content-Length\n")),
-            }
+        Ok(Err(_)) => {
+            // A body that breaks its own framing (bad chunk sizes, the client gone).
+            shared.refusals.framing.fetch_add(1, Ordering::Relaxed);
+            return Ok(to_http(
+                Response::text(400, "malformed request body\n"),
+                true,
+            ));
         }
-    }
-    let head = Head {
-        method,
-        path: path.to_owned(),
-        query: query.to_owned(),
-        headers: hs,
-        content_length,
-        peer,
+        Err(_) => {
+            shared.refusals.timeout.fetch_add(1, Ordering::Relaxed);
+            return Ok(to_http(Response::text(408, "request body timeout\n"), true));
+        }
     };
-    HeadRead::Head(head)
-}
-
-fn serve_connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    limits: &Limits,
-    handler: &dyn Handler,
-) -> io::Result<()> {
-    stream.set_write_timeout(Some(limits.write_timeout))?;
-    let _ = stream.set_nodelay(true);
-    let mut buf: Vec<u8> = Vec::new();
-    let mut first = true;
-    loop {
-        let wait = if first {
-            limits.header_timeout
-        } else {
-            limits.idle_timeout
-        };
-        first = false;
-        let deadline = monotonic() + wait;
-        let head = match read_head(&mut stream, &mut buf, peer, limits, deadline)? {
-            HeadRead::Closed => return Ok(()),
-            HeadRead::Reply(r) => return write_response(&mut stream, r, false),
-            HeadRead::Head(h) => h,
-        };
-        let keep_alive = !head
-            .header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        if let Some(r) = guarded(|| handler.check_head(&head))
-            .unwrap_or_else(|| Some(Response::text(500, "internal error\n")))
-        {
-            write_response(&mut stream, r, false)?;
-            linger(&mut stream);
-            return Ok(());
-        }
-        if head.content_length > limits.body_bytes_max {
-            write_response(
-                &mut stream,
-                Response::text(413, "request body too large\n"),
-                false,
-            )?;
-            linger(&mut stream);
-            return Ok(());
-        }
-        // Body: what is already buffered, then the rest from the socket.
-        let mut body = Vec::with_capacity(head.content_length);
-        let take = head.content_length.min(buf.len());
-        body.extend(buf.drain(..take));
-        let body_deadline = monotonic() + limits.body_timeout;
-        let mut chunk = vec![0u8; 16 * 1024];
-        while body.len() < head.content_length {
-            let left = body_deadline.saturating_duration_since(monotonic());
-            if left.is_zero() {
-                return write_response(
-                    &mut stream,
-                    Response::text(408, "request body timeout\n"),
-                    false,
-                );
-            }
-            stream.set_read_timeout(Some(left))?;
-            let want = (head.content_length - body.len()).min(chunk.len());
-            match stream.read(&mut chunk[..want]) {
-                Ok(0) => return Ok(()),
-                Ok(n) => body.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let req = Request { head, body };
-        let resp = guarded(|| handler.handle(req))
-            .unwrap_or_else(|| Response::text(500, "internal error\n"));
-        if resp.hang_up {
-            let _ = stream.shutdown(Shutdown::Both);
-            return Ok(());
-        }
-        let keep = keep_alive && resp.truncate_at.is_none();
-        write_response(&mut stream, resp, keep)?;
-        if !keep {
-            return Ok(());
-        }
+    let req = Request {
+        head,
+        body: body.to_vec(),
+    };
+    drop(body);
+    let handler = shared.handler.clone();
+    let resp = tokio::task::spawn_blocking(move || guarded(|| handler.handle(req)))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Response::text(500, "internal error\n"));
+    drop(permit);
+    if resp.hang_up || resp.status == 0 {
+        return Err(HangUp);
     }
-}
-
-/// After answering without reading the request body: read and drop what the client is still
-/// sending (at most 2 s and 16 MiB) so it sees our answer instead of a reset connection.
-fn linger(stream: &mut TcpStream) {
-    let deadline = monotonic() + Duration::from_secs(2);
-    let mut left: usize = 16 * 1024 * 1024;
-    let mut chunk = [0u8; 16 * 1024];
-    while left > 0 {
-        let wait = deadline.saturating_duration_since(monotonic());
-        if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
-            return;
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => left = left.saturating_sub(n),
-        }
-    }
-}
-
-/// Runs `f`, turning a panic into `None` (the panic message goes to the log).
-fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
-    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
-        Ok(v) => Some(v),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            log::error!("HTTP handler panicked: {msg}");
-            None
-        }
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        201 => "Created",
-        202 => "Accepted",
-        204 => "No Content",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        422 => "Unprocessable Entity",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "Status",
-    }
-}
-
-fn write_response(stream: &mut TcpStream, resp: Response, keep_alive: bool) -> io::Result<()> {
     if let Some(d) = resp.delay {
-        std::thread::sleep(d);
+        tokio::time::sleep(d).await;
     }
-    let mut out = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status)).into_bytes();
-    for (k, v) in &resp.headers {
-        out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
-    }
-    out.extend_from_slice(format!("Content-Length: {}\r\n", resp.body.len()).as_bytes());
-    out.extend_from_slice(if keep_alive {
-        b"Connection: keep-alive\r\n\r\n"
-    } else {
-        b"Connection: close\r\n\r\n"
-    });
-    let body_len = resp
-        .truncate_at
-        .map_or(resp.body.len(), |n| n.min(resp.body.len()));
-    out.extend_from_slice(&resp.body[..body_len]);
-    stream.write_all(&out)?;
-    stream.flush()?;
-    if !keep_alive {
-        let _ = stream.shutdown(Shutdown::Write);
-    }
-    Ok(())
+    Ok(to_http(resp, false))
 }
 
-/// Decodes `%XX` escapes and `+` (as space) in a query component.
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
+/// Before answering a request whose body will not be used: a client that is still sending
+/// would see its connection reset instead of the answer, so what it sends is read and dropped
+/// (2 s and 16 MiB at most; nothing is kept). A client that asked `Expect: 100-continue` is
+/// waiting for the answer and sends nothing: nothing is read.
+async fn drain_unread(head: &Head, mut body: Incoming) {
+    if head
+        .header("expect")
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+    {
+        return;
+    }
+    let mut left: usize = 16 * 1024 * 1024;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while left > 0 {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    let n = f.data_ref().map_or(0, |d| d.len());
+                    left = left.saturating_sub(n);
                 }
+                _ => return,
             }
-            c => out.push(c),
         }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b+c"), "a b c");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(percent_decode("%41%42"), "AB");
-    }
+    })
+    .await;
 }

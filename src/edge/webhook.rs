@@ -182,8 +182,14 @@ pub fn sign_with(secrets: &Secrets, id: &str, timestamp: i64, body: &[u8]) -> St
         .unwrap_or_default()
 }
 
+/// Entries read from one `webhook-signature` header at most (a sender lists one per secret
+/// in force: two during a rotation); the rest is not looked at.
+pub const SIGNATURE_ENTRIES_MAX: usize = 16;
+
 /// Checks a delivery: timestamp within [`TOLERANCE_SECS`] of `now`, and some `v1,` entry of
-/// the signature header matching some secret (constant-time comparison).
+/// the signature header matching some secret. The cost is bounded before anything is known
+/// about the sender: one HMAC per secret (each compared in constant time with every entry), and
+/// at most [`SIGNATURE_ENTRIES_MAX`] entries read.
 pub fn verify(
     secrets: &Secrets,
     id: &str,
@@ -197,27 +203,47 @@ pub fn verify(
         .parse()
         .map_err(|_| Rejection::BadTimestamp)?;
     let now_secs = now.0.div_euclid(1000);
-    if (now_secs - ts).abs() > TOLERANCE_SECS {
-        return Err(Rejection::StaleTimestamp);
+    // Checked: a timestamp near either end of i64 must not wrap into the window.
+    match now_secs.checked_sub(ts) {
+        Some(d) if d.unsigned_abs() <= TOLERANCE_SECS.unsigned_abs() => {}
+        _ => return Err(Rejection::StaleTimestamp),
     }
     let candidates: Vec<Vec<u8>> = signature
         .split(' ')
+        .filter(|e| !e.is_empty())
+        .take(SIGNATURE_ENTRIES_MAX)
         .filter_map(|entry| entry.strip_prefix("v1,"))
-        .filter(|b64| !b64.is_empty())
+        // An HMAC-SHA256 is 32 bytes: 44 characters of base64.
+        .filter(|b64| b64.len() == 44)
         .filter_map(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
         .collect();
+    if candidates.is_empty() {
+        return Err(Rejection::BadSignature);
+    }
     for key in &secrets.0 {
-        for sig in &candidates {
-            let mut mac =
-                <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
-            mac.update(format!("{id}.{ts}.").as_bytes());
-            mac.update(body);
-            if mac.verify_slice(sig).is_ok() {
-                return Ok(ts);
-            }
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+        mac.update(format!("{id}.{ts}.").as_bytes());
+        mac.update(body);
+        let tag = mac.finalize().into_bytes();
+        // Every entry is compared, whatever matched: the time taken says nothing.
+        let matched = candidates
+            .iter()
+            .fold(false, |any, sig| any | constant_time_eq(&tag, sig));
+        if std::hint::black_box(matched) {
+            return Ok(ts);
         }
     }
     Err(Rejection::BadSignature)
+}
+
+/// Equality whose time depends on the lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 pub use crate::health::Counters;
@@ -240,9 +266,10 @@ pub type Job = (Delivery, Sender<Result<Stored, String>>);
 /// The HTTP edge: verifies and enqueues; answers after the event thread's commit.
 pub struct WebhookReceiver {
     secrets: Secrets,
-    /// The secrets of companies' own subscriptions (`subscribe --company/--all`), kept by the
-    /// service as they change; accepted beside `secrets`.
-    company_secrets: Arc<std::sync::RwLock<Secrets>>,
+    /// The secrets of companies' own subscriptions (`subscribe --company/--all`), by company,
+    /// kept by the service as they change: a company's own secret verifies only deliveries
+    /// that name that company (and `secrets` those of the other companies).
+    company_secrets: Arc<std::sync::RwLock<CompanySecrets>>,
     clock: SharedClock,
     queue: Sender<Job>,
     pub counters: Arc<Counters>,
@@ -269,22 +296,28 @@ impl WebhookReceiver {
 
 impl WebhookReceiver {
     /// Where the service puts the companies' own subscription secrets.
-    pub fn company_secrets(&self) -> Arc<std::sync::RwLock<Secrets>> {
+    pub fn company_secrets(&self) -> Arc<std::sync::RwLock<CompanySecrets>> {
         self.company_secrets.clone()
     }
 }
 
+/// Companies' own webhook secrets, by company id.
+pub type CompanySecrets = std::collections::HashMap<String, Secrets>;
+
 impl Secrets {
-    /// `whsec_...` entries that parse (a bad one is skipped and named in the log by position).
-    pub fn parse_each(list: &[String]) -> Secrets {
-        let mut keys = Vec::new();
-        for (i, s) in list.iter().enumerate() {
+    /// The companies' own secrets that parse, by company (a bad one is skipped and named in the
+    /// log by company).
+    pub fn by_company(list: &[(String, String)]) -> CompanySecrets {
+        let mut out = CompanySecrets::new();
+        for (company, s) in list {
             match Secrets::parse(s) {
-                Ok(mut k) => keys.append(&mut k.0),
-                Err(e) => log::warn!("company webhook secret #{} skipped: {e}", i + 1),
+                Ok(k) => {
+                    out.insert(company.clone(), k);
+                }
+                Err(e) => log::warn!("company {company}: its webhook secret is skipped: {e}"),
             }
         }
-        Secrets(keys)
+        out
     }
 }
 
@@ -305,18 +338,21 @@ impl Handler for WebhookReceiver {
 
     fn handle(&self, req: Request) -> Response {
         let now = self.clock.now();
+        // The company the delivery names picks the secret (its own, or the default ones):
+        // one company's secret never opens another's. The body is read for that before it is
+        // verified; it is bounded (`webhook_body_bytes_max`) and only the company id is used.
+        let parsed: Option<Value> = serde_json::from_slice(&req.body).ok();
+        let company = parsed.as_ref().and_then(|v| describe(v).3);
         let checked = signature_headers(&req.head).and_then(|(id, ts, sig)| {
-            let companies = self
+            let own = self
                 .company_secrets
                 .read()
                 .unwrap_or_else(|p| p.into_inner());
-            let verified = if companies.0.is_empty() {
-                verify(&self.secrets, &id, &ts, &sig, &req.body, now)
-            } else {
-                let all = Secrets(self.secrets.0.iter().chain(&companies.0).cloned().collect());
-                verify(&all, &id, &ts, &sig, &req.body, now)
-            };
-            verified.map(|ts| (id, ts))
+            let secrets = company
+                .as_ref()
+                .and_then(|c| own.get(c))
+                .unwrap_or(&self.secrets);
+            verify(secrets, &id, &ts, &sig, &req.body, now).map(|ts| (id, ts))
         });
         let (webhook_id, ts) = match checked {
             Ok(x) => x,
@@ -330,9 +366,9 @@ impl Handler for WebhookReceiver {
                 return reply(401, r.reason());
             }
         };
-        let parsed: Value = match serde_json::from_slice(&req.body) {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(_) | Err(_) => {
+        let parsed: Value = match parsed {
+            Some(v @ Value::Object(_)) => v,
+            _ => {
                 self.counters.malformed.fetch_add(1, Ordering::Relaxed);
                 log::warn!("webhook {webhook_id}: body is not a JSON object");
                 return reply(400, "body is not a JSON object");
@@ -399,6 +435,45 @@ mod tests {
 
     fn secrets(s: &str) -> Secrets {
         Secrets::parse(s).unwrap()
+    }
+
+    #[test]
+    fn timestamps_at_the_ends_of_i64_are_refused_not_wrapped() {
+        let s = secrets("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let now = Millis::from_secs(1_795_507_200);
+        let body = b"{}";
+        for ts in [i64::MIN, i64::MIN + 1_795_507_200, i64::MAX, -1] {
+            let sig = sign(&s.0[0], "m", ts, body);
+            assert_eq!(
+                verify(&s, "m", &ts.to_string(), &sig, body, now),
+                Err(Rejection::StaleTimestamp),
+                "{ts}"
+            );
+        }
+        let ok = sign(&s.0[0], "m", 1_795_507_200 - 299, body);
+        assert!(verify(&s, "m", "1795506901", &ok, body, now).is_ok());
+    }
+
+    #[test]
+    fn only_the_first_sixteen_entries_of_a_signature_header_are_read() {
+        let s = secrets("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let now = Millis::from_secs(1_795_507_200);
+        let body = b"{}";
+        let good = sign(&s.0[0], "m", 1_795_507_200, body);
+        let junk = |n: usize| vec!["v1,AA=="; n].join(" ");
+        let within = format!("{} {good}", junk(SIGNATURE_ENTRIES_MAX - 1));
+        assert!(verify(&s, "m", "1795507200", &within, body, now).is_ok());
+        let past = format!("{} {good}", junk(SIGNATURE_ENTRIES_MAX));
+        assert_eq!(
+            verify(&s, "m", "1795507200", &past, body, now),
+            Err(Rejection::BadSignature)
+        );
+        // Two thousand entries cost what sixteen do: nothing past them is decoded.
+        let flood = format!("{} {good}", junk(2000));
+        assert_eq!(
+            verify(&s, "m", "1795507200", &flood, body, now),
+            Err(Rejection::BadSignature)
+        );
     }
 
     #[test]

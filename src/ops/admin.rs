@@ -27,6 +27,8 @@ pub struct Admin {
     pub progress: std::sync::Arc<Progress>,
     pub metrics: std::sync::Arc<Metrics>,
     pub webhooks: Option<std::sync::Arc<Counters>>,
+    /// Each HTTP listener's refusals (framing, time, size, bytes in flight, connections).
+    pub http: Vec<(&'static str, std::sync::Arc<crate::edge::httpd::Refusals>)>,
     pub store: Mutex<Store>,
 }
 
@@ -250,6 +252,22 @@ impl Admin {
                     "jobmirror_webhooks_rejected_total{{reason=\"{reason}\"}} {}",
                     load(c)
                 );
+            }
+        }
+        if !self.http.is_empty() {
+            family(
+                &mut o,
+                "jobmirror_http_refused_total",
+                "counter",
+                "Requests and connections the HTTP listeners refused or closed, by listener and reason.",
+            );
+            for (listener, r) in &self.http {
+                for (reason, n) in r.by_reason() {
+                    let _ = writeln!(
+                        o,
+                        "jobmirror_http_refused_total{{listener=\"{listener}\",reason=\"{reason}\"}} {n}"
+                    );
+                }
             }
         }
         family(

@@ -120,15 +120,30 @@ pub(crate) fn describe_status(s: &std::io::Result<std::process::ExitStatus>) -> 
     }
 }
 
-pub(crate) fn set_env(cmd: &mut Command, job: &Value) {
+/// What every handler gets from the service's environment, when it is set there: nothing
+/// else of it (no credential, no path to one, no `CREDENTIALS_DIRECTORY`, no database path).
+pub const HANDLER_ENV_ALLOWED: [&str; 6] = ["PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ"];
+
+/// A handler's environment, built from nothing: the allowlist, the protocol's values, and the
+/// operator's own (`handler_env`).
+pub(crate) fn set_env(cmd: &mut Command, job: &Value, extra: &[(String, String)]) {
+    cmd.env_clear();
+    for name in HANDLER_ENV_ALLOWED {
+        if let Some(v) = std::env::var_os(name) {
+            cmd.env(name, v);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
     cmd.env("JOBMIRROR_JOB_ID", job["id"].as_str().unwrap_or(""));
     cmd.env(
         "JOBMIRROR_COMPANY_ID",
         job["companyId"].as_str().unwrap_or(""),
     );
-    // The handler gets no Pleo credential: it never talks to Pleo.
-    cmd.env_remove("JOBMIRROR_PLEO_API_KEY");
-    cmd.env_remove("JOBMIRROR_WEBHOOK_SECRET");
 }
 
 pub(crate) fn own_group(cmd: &mut Command) {
@@ -164,10 +179,19 @@ pub(crate) fn own_group(cmd: &mut Command) {
 /// works for.
 pub const MARKER_VAR: &str = "JOBMIRROR_HANDLER_OF";
 
-/// The marker of `job_id`'s handler runs for the service on `db`.
+/// The marker of `job_id`'s handler runs for the service on `db`: opaque (a digest), so a
+/// handler learns neither the database's path nor anything else from it.
 pub fn handler_marker(db: &std::path::Path, job_id: &str) -> String {
+    use sha2::Digest;
     let db = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_path_buf());
-    format!("{job_id} {}", db.display())
+    let mut h = sha2::Sha256::new();
+    h.update(job_id.as_bytes());
+    h.update([0]);
+    h.update(db.as_os_str().as_encoded_bytes());
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Whether `pid` exists and is not a zombie (read from `/proc`; false where there is none).

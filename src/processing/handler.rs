@@ -39,8 +39,13 @@ pub use crate::processing::output::{
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandlerSpec {
-    /// A program and its arguments (split on whitespace; no shell).
-    Command { program: String, args: Vec<String> },
+    /// A program and its arguments (split on whitespace; no shell), and the operator's own
+    /// environment for it (`handler_env`), beside the allowlist every handler gets.
+    Command {
+        program: String,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    },
     /// The built-in file handler.
     Outbox(PathBuf),
     /// Validates like the outbox, writes nothing, answers at once (replays, trials).
@@ -66,6 +71,7 @@ impl HandlerSpec {
         Ok(HandlerSpec::Command {
             program,
             args: parts.collect(),
+            env: Vec::new(),
         })
     }
 }
@@ -100,10 +106,10 @@ impl HandlerSpec {
                     },
                 }
             }
-            HandlerSpec::Command { program, args } => {
+            HandlerSpec::Command { program, args, env } => {
                 let mut cmd = Command::new(program);
                 cmd.args(args).arg("--check");
-                set_env(&mut cmd, job);
+                set_env(&mut cmd, job, env);
                 cmd.stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped());
@@ -232,10 +238,10 @@ impl HandlerSpec {
                     outbox::write_items(&dir, &job_id, &items, emit)
                 })
             }
-            HandlerSpec::Command { program, args } => {
+            HandlerSpec::Command { program, args, env } => {
                 let mut cmd = Command::new(program);
                 cmd.args(args);
-                set_env(&mut cmd, job);
+                set_env(&mut cmd, job, env);
                 if let Some(m) = marker {
                     let n = stop_earlier_handlers(m);
                     if n > 0 {
@@ -331,7 +337,8 @@ mod tests {
             HandlerSpec::parse("/usr/bin/erp-push --fast").unwrap(),
             HandlerSpec::Command {
                 program: "/usr/bin/erp-push".into(),
-                args: vec!["--fast".into()]
+                args: vec!["--fast".into()],
+                env: Vec::new(),
             }
         );
         assert!(HandlerSpec::parse("  ").is_err());

@@ -109,16 +109,7 @@ pub struct Workers {
     pub gate: Arc<reload::CompaniesGate>,
 }
 
-/// Company `i` (in configuration order) goes to lane `i % lanes`: a company's jobs always run
-/// on one lane, so they stay strictly sequential.
-pub fn split_lanes(companies: &[String], lanes: u32) -> Vec<Vec<String>> {
-    let n = (lanes.max(1) as usize).min(companies.len().max(1));
-    let mut out = vec![Vec::new(); n];
-    for (i, c) in companies.iter().enumerate() {
-        out[i % n].push(c.clone());
-    }
-    out
-}
+pub use processor::split_lanes;
 
 impl Workers {
     /// Opens the store (applying migrations) and builds the workers.
@@ -295,6 +286,7 @@ impl Service {
     ) -> anyhow::Result<Service> {
         cfg.require_handler()?;
         memory::limit_malloc_arenas();
+        crate::edge::raise_fd_limit_logged();
         // One service per database: a second one would process the same jobs twice.
         let lock = crate::store::DbLock::acquire(&cfg.db).map_err(|e| anyhow::anyhow!(e))?;
         // The configuration's companies merged with the database's (migrated first).
@@ -351,10 +343,17 @@ impl Service {
         };
 
         let mut webhook_server = None;
+        let mut http_refusals: Vec<(&'static str, Arc<crate::edge::httpd::Refusals>)> = Vec::new();
         let mut webhook_counters = None;
         let mut company_secrets = None;
         if let (Some(edge), Some(listener), Some(wh)) = (events, webhook_listener, &cfg.webhook) {
             company_secrets = Some(edge.receiver.company_secrets());
+            // Before the first delivery can arrive: a company's own secret opens only it.
+            *edge
+                .receiver
+                .company_secrets()
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = reload::served_secrets(cfg, &rows);
             let (sd, c, alive) = (shutdown_rx.clone(), clock.clone(), progress.clone());
             let (events_store, queue_rx) = (edge.store, edge.queue);
             progress.expect("jm-events");
@@ -379,6 +378,7 @@ impl Service {
                 body_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(30),
                 write_timeout: Duration::from_secs(10),
+                ..crate::edge::httpd::Limits::default()
             };
             let server = crate::edge::httpd::Server::start(
                 listener,
@@ -386,6 +386,7 @@ impl Service {
                 Arc::new(edge.receiver),
                 "jm-webhook",
             )?;
+            http_refusals.push(("webhook", server.refusals()));
             log::info!(
                 "webhook receiver listening on {}{}",
                 server.local_addr(),
@@ -436,14 +437,17 @@ impl Service {
 
         let admin_server = match admin_listener {
             Some(listener) => {
+                let refusals = Arc::new(crate::edge::httpd::Refusals::default());
+                http_refusals.push(("admin", refusals.clone()));
                 let admin = crate::ops::admin::Admin {
+                    http: http_refusals.clone(),
                     started_at: started_at.0 as f64 / 1000.0,
                     progress: progress.clone(),
                     metrics: metrics.clone(),
                     webhooks: webhook_counters.clone(),
                     store: std::sync::Mutex::new(Store::open_read_only(&cfg.db)?),
                 };
-                let server = crate::edge::httpd::Server::start(
+                let server = crate::edge::httpd::Server::start_counted(
                     listener,
                     crate::edge::httpd::Limits {
                         connections_max: 16,
@@ -451,6 +455,7 @@ impl Service {
                     },
                     Arc::new(admin),
                     "jm-admin",
+                    refusals,
                 )?;
                 log::info!(
                     "admin listener on http://{} (/metrics, /healthz)",

@@ -159,7 +159,7 @@ pub struct Companies {
     updated: HashMap<String, crate::clock::Millis>,
     reloadable: Reloadable,
     /// The webhook receiver's company secrets, when it runs.
-    secrets: Option<Arc<std::sync::RwLock<crate::edge::webhook::Secrets>>>,
+    secrets: Option<Arc<std::sync::RwLock<crate::edge::webhook::CompanySecrets>>>,
     metrics: Arc<crate::health::Metrics>,
 }
 
@@ -181,7 +181,7 @@ impl Companies {
         store: crate::store::Store,
         seen: i64,
         reloadable: Reloadable,
-        secrets: Option<Arc<std::sync::RwLock<crate::edge::webhook::Secrets>>>,
+        secrets: Option<Arc<std::sync::RwLock<crate::edge::webhook::CompanySecrets>>>,
         metrics: Arc<crate::health::Metrics>,
     ) -> anyhow::Result<Companies> {
         let updated = updated_at(&store.company_rows()?);
@@ -217,15 +217,8 @@ impl Companies {
 
     fn set_secrets(&self, rows: &[crate::store::CompanyRow]) {
         if let Some(s) = &self.secrets {
-            let served: HashSet<&String> = self.reloadable.cfg.company_ids.iter().collect();
-            let rows: Vec<_> = rows
-                .iter()
-                .filter(|r| served.contains(&r.company_id))
-                .cloned()
-                .collect();
-            let list = Config::company_webhook_secrets(&rows);
             *s.write().unwrap_or_else(|p| p.into_inner()) =
-                crate::edge::webhook::Secrets::parse_each(&list);
+                served_secrets(&self.reloadable.cfg, rows);
         }
     }
 
@@ -446,6 +439,20 @@ pub fn watch(
         }
     }
 }
+/// The webhook secrets of the served companies that have subscriptions of their own.
+pub fn served_secrets(
+    cfg: &Config,
+    rows: &[crate::store::CompanyRow],
+) -> crate::edge::webhook::CompanySecrets {
+    let served: HashSet<&String> = cfg.company_ids.iter().collect();
+    let rows: Vec<_> = rows
+        .iter()
+        .filter(|r| served.contains(&r.company_id))
+        .cloned()
+        .collect();
+    crate::edge::webhook::Secrets::by_company(&Config::company_webhook_secrets(&rows))
+}
+
 /// The lanes' way to the `companies` table: before a claim, a change committed there is
 /// applied at once (as the `jm-companies` thread would within a second), so no claim follows a
 /// committed pause or removal.

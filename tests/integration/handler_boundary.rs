@@ -373,3 +373,82 @@ fn lines_of_48_mib_are_cut_and_memory_stays_bounded() {
         stdout_line.chars().take(300).collect::<String>()
     );
 }
+
+#[test]
+fn a_handler_gets_its_allowlist_and_never_the_services_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = fake_with_job("env-1", 2);
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    let h = answering(dir.path(), "", "env > D/env");
+    let (_svc, _rx) = service(
+        dir.path(),
+        &fake,
+        &h,
+        &[
+            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
+            (
+                "JOBMIRROR_WEBHOOK_SECRET",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
+            ("CREDENTIALS_DIRECTORY", creds.to_str().unwrap()),
+            ("SOME_OTHER", "leak-me"),
+            ("PASS_ME", "pass-me"),
+            (
+                "JOBMIRROR_HANDLER_ENV",
+                "ERP_URL=https://erp.example PASS_ME",
+            ),
+        ],
+    );
+    let j = finished(&fake, "env-1", Duration::from_secs(30));
+    assert_eq!(j.status, "completed", "{:?}", j.failure_reason);
+    let env = std::fs::read_to_string(dir.path().join("env")).unwrap();
+    let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+    for want in [
+        "JOBMIRROR_JOB_ID=env-1",
+        "ERP_URL=https://erp.example",
+        "PASS_ME=pass-me",
+    ] {
+        assert!(env.lines().any(|l| l == want), "{want} missing:\n{env}");
+    }
+    assert!(names.contains(&"PATH"), "{env}");
+    for never in [
+        fake.api_key().as_str(),
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "leak-me",
+        "CREDENTIALS_DIRECTORY",
+        "_FILE=",
+        dir.path().join("hb.db").to_str().unwrap(),
+        "JOBMIRROR_DB",
+        "JOBMIRROR_PLEO",
+        "JOBMIRROR_WEBHOOK",
+    ] {
+        assert!(!env.contains(never), "{never} reached the handler:\n{env}");
+    }
+    let marker = env
+        .lines()
+        .find_map(|l| l.strip_prefix("JOBMIRROR_HANDLER_OF="))
+        .unwrap_or_else(|| panic!("no marker:\n{env}"));
+    assert!(
+        marker.len() == 32 && marker.chars().all(|c| c.is_ascii_hexdigit()),
+        "opaque marker: {marker}"
+    );
+}
+
+#[test]
+fn handler_env_refuses_the_services_own_names() {
+    for bad in ["JOBMIRROR_PLEO_API_KEY", "CREDENTIALS_DIRECTORY=/x", "1BAD"] {
+        let out = crate::cli::cmd()
+            .args(["check-config"])
+            .env("JOBMIRROR_DB", "/nonexistent/x.db")
+            .env("JOBMIRROR_PLEO_API_KEY", "k")
+            .env("JOBMIRROR_COMPANY_IDS", CO)
+            .env("JOBMIRROR_HANDLER_COMMAND", "/bin/true")
+            .env("JOBMIRROR_HANDLER_ENV", bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("handler_env"), "{bad}: {err}");
+    }
+}

@@ -9,6 +9,7 @@ mod cli;
 mod client;
 mod companies;
 mod company_oauth;
+mod edge;
 mod handler_boundary;
 mod house;
 mod httpd;

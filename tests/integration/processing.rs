@@ -66,6 +66,7 @@ fn script(dir: &Path, name: &str, body: &str) -> HandlerSpec {
     HandlerSpec::Command {
         program: path.display().to_string(),
         args: vec![],
+        env: Vec::new(),
     }
 }
 

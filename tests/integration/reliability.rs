@@ -595,7 +595,8 @@ fn hostile_requests_get_the_right_status_and_never_break_the_listener() {
         let status = raw(r.addr, &head);
         assert!(
             status.is_some() || incomplete,
-            "case {case}: closed without an answer"
+            "case {case}: closed without an answer: {:?}",
+            String::from_utf8_lossy(&head[..head.len().min(400)])
         );
         *seen.entry(status).or_insert(0) += 1;
         assert!(

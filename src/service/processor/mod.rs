@@ -448,6 +448,17 @@ impl Processor {
     }
 }
 
+/// Company `i` (in configuration order) goes to lane `i % lanes`: a company's jobs always run
+/// on one lane, so they stay strictly sequential.
+pub fn split_lanes(companies: &[String], lanes: u32) -> Vec<Vec<String>> {
+    let n = (lanes.max(1) as usize).min(companies.len().max(1));
+    let mut out = vec![Vec::new(); n];
+    for (i, c) in companies.iter().enumerate() {
+        out[i % n].push(c.clone());
+    }
+    out
+}
+
 /// The processor thread's loop: a round, then wait for a wake, the next due time (at most
 /// `idle_max`), or shutdown. `progress` (if any) gets every round's report.
 pub fn run(

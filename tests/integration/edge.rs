@@ -1,0 +1,237 @@
+//! The internet-facing edge of the real binary, over raw sockets (a client library would hide
+//! the framing): a signed delivery sent chunked or after `Expect: 100-continue` is accepted,
+//! a request hidden behind two `Content-Length`s is never answered, HTTP/1.0 is closed after
+//! its answer, and idle sockets by the hundred never refuse a delivery or `/healthz`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::operations::{fake, hook_addr, http_get, start};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A signed delivery's head lines (no framing headers) and its body.
+fn delivery(id: &str) -> (String, Vec<u8>) {
+    let body = format!(
+        r#"{{"data":{{"id":"e-{id}","companyId":"aaaaaaaa-0000-4000-8000-000000000001"}},"eventType":"v1.export-job.created","eventId":"{id}"}}"#
+    )
+    .into_bytes();
+    let head = crate::webhook::signed(SECRET, id, now(), &body)
+        .into_iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect::<String>();
+    (head, body)
+}
+
+fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn the_edge_speaks_http_as_proxies_and_senders_do() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let (_reaper, _rx, _sock, admin, seen) = start(
+        dir.path(),
+        &f.base_url(),
+        &[
+            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
+            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
+        ],
+    );
+    let hook = hook_addr(&seen);
+    // Chunked, as a proxy such as Caddy forwards a body as it comes.
+    let (head, body) = delivery("msg_chunked");
+    let mut req = format!(
+        "POST /webhooks/pleo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    let (a, b) = body.split_at(body.len() / 2);
+    for part in [a, b] {
+        req.extend(format!("{:x}\r\n", part.len()).as_bytes());
+        req.extend(part);
+        req.extend(b"\r\n");
+    }
+    req.extend(b"0\r\n\r\n");
+    let r = exchange(hook, &req);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+    // Expect: 100-continue: the interim answer, then the body, then 200.
+    let (head, body) = delivery("msg_expect");
+    let mut s = TcpStream::connect(hook).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "POST /webhooks/pleo HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).unwrap();
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    s.write_all(&body).unwrap();
+    let mut rest = String::new();
+    let _ = s.read_to_string(&mut rest);
+    assert!(rest.contains("HTTP/1.1 200"), "{rest}");
+
+    // Two Content-Lengths that disagree: 400, and the request hidden in the body is never
+    // answered.
+    let (head, body) = delivery("msg_smuggle");
+    let mut req = format!(
+        "POST /webhooks/pleo HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {}\r\nContent-Length: 9999\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend(&body);
+    req.extend(b"GET /webhooks/pleo HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = exchange(hook, &req);
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(r.matches("HTTP/1.1").count(), 1, "{r}");
+    let r = exchange(
+        hook,
+        b"POST /webhooks/pleo HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\n{}",
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+
+    // HTTP/1.0: answered and closed, not kept 30 s.
+    let t = std::time::Instant::now();
+    let r = exchange(
+        hook,
+        b"POST /webhooks/pleo HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert!(r.starts_with("HTTP/1.0 401"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
+    // 600 idle sockets on the receiver and 40 on the admin port: a signed delivery and
+    // /healthz are still answered.
+    let idle: Vec<TcpStream> = (0..600)
+        .map(|_| TcpStream::connect(hook).unwrap())
+        .chain((0..40).map(|_| TcpStream::connect(admin.as_str()).unwrap()))
+        .collect();
+    let (head, body) = delivery("msg_after_idle");
+    let mut req = format!(
+        "POST /webhooks/pleo HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend(&body);
+    let r = exchange(hook, &req);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(http_get(&admin, "/healthz").0, 200);
+    drop(idle);
+    let (_, metrics) = http_get(&admin, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "jobmirror_webhooks_accepted_total 3"),
+        "{metrics}"
+    );
+}
+
+const B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
+const SECRET_B: &str = "whsec_c2VjcmV0LW9mLWNvbXBhbnktYi1vbmx5LTAwMQ==";
+
+fn signed_for(secret: &str, id: &str, company: &str, ts: i64) -> Vec<u8> {
+    let body = format!(
+        r#"{{"data":{{"id":"e-{id}","companyId":"{company}"}},"eventType":"v1.export-job.created","eventId":"{id}"}}"#
+    )
+    .into_bytes();
+    let mut req = b"POST /webhooks/pleo HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for (k, v) in crate::webhook::signed(secret, id, ts, &body) {
+        req.extend(format!("{k}: {v}\r\n").as_bytes());
+    }
+    req.extend(
+        format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    req.extend(&body);
+    req
+}
+
+#[test]
+fn a_company_secret_opens_only_its_company_and_every_refusal_is_counted() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    // B has a subscription (and secret) of its own; A is on the default one.
+    let store = jobmirror::store::Store::open(&dir.path().join("jm.db")).unwrap();
+    store
+        .company_add(
+            B,
+            &jobmirror::store::CompanyCredential::Default,
+            None,
+            jobmirror::clock::Millis(0),
+        )
+        .unwrap();
+    store.company_subscription(B, "sub_b", SECRET_B).unwrap();
+    drop(store);
+    let (_reaper, _rx, _sock, admin, seen) = start(
+        dir.path(),
+        &f.base_url(),
+        &[
+            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
+            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
+        ],
+    );
+    let hook = hook_addr(&seen);
+    let a = "aaaaaaaa-0000-4000-8000-000000000001";
+    let t = now();
+    let status = |req: Vec<u8>| exchange(hook, &req)[9..12].to_owned();
+    assert_eq!(status(signed_for(SECRET_B, "m_b_as_a", a, t)), "401");
+    assert_eq!(status(signed_for(SECRET, "m_default_as_b", B, t)), "401");
+    assert_eq!(status(signed_for(SECRET_B, "m_b", B, t)), "200");
+    assert_eq!(status(signed_for(SECRET, "m_a", a, t)), "200");
+    // A timestamp that would wrap the tolerance check, correctly signed.
+    assert_eq!(status(signed_for(SECRET, "m_wrap", a, i64::MIN + t)), "401");
+    let r = exchange(
+        hook,
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    let store = jobmirror::store::Store::open_read_only(&dir.path().join("jm.db")).unwrap();
+    let ids: Vec<String> = store
+        .conn()
+        .prepare("SELECT webhook_id FROM webhook_deliveries ORDER BY webhook_id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(ids, ["m_a", "m_b"]);
+    let (_, metrics) = http_get(&admin, "/metrics");
+    for line in [
+        "jobmirror_webhooks_rejected_total{reason=\"bad_signature\"} 2",
+        "jobmirror_webhooks_rejected_total{reason=\"stale_timestamp\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in\n{metrics}"
+        );
+    }
+    let framing = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("jobmirror_http_refused_total{listener=\"webhook\",reason=\"framing\"}")
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(!framing.ends_with(" 0"), "{framing}");
+}

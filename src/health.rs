@@ -122,6 +122,8 @@ pub struct Metrics {
     pub(crate) api: Mutex<BTreeMap<(String, String), u64>>,
     pub polls: AtomicU64,
     pub polls_failed: AtomicU64,
+    /// Listed entries that are not usable jobs (unreadable, or an id no request can name).
+    pub listing_entries_skipped: AtomicU64,
     /// Sum of pass durations, microseconds.
     pub poll_micros: AtomicU64,
     pub handler_successful: AtomicU64,

@@ -97,6 +97,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             {
                 cfg = cfg.with_companies(&rows);
             }
+            let warnings = cfg.warnings();
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
             if json {
                 let map: serde_json::Map<String, serde_json::Value> = settings
                     .iter()
@@ -107,7 +111,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                         )
                     })
                     .collect();
-                say_json(&serde_json::json!({"valid": true, "settings": map}))?;
+                say_json(
+                    &serde_json::json!({"valid": true, "settings": map, "warnings": warnings}),
+                )?;
             } else {
                 for s in &settings {
                     println!("{:<34} {:<10} {}", s.key, s.from, s.value);

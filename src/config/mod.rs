@@ -18,6 +18,7 @@ use crate::pleo::{self, Secret};
 
 mod clients;
 mod companies;
+mod handler;
 mod keys;
 mod merge;
 
@@ -482,20 +483,10 @@ impl Config {
             }
         };
 
-        let handler = match get("handler_command").filter(|h| !h.trim().is_empty()) {
-            Some(h) => Some(
-                crate::processing::handler::HandlerSpec::parse(&h)
-                    .map_err(|m| err("handler_command", m))?,
-            ),
-            None => None,
-        };
-        let handler = match (handler, get("handler_env")) {
-            (Some(crate::processing::handler::HandlerSpec::Command { program, args, .. }), e) => {
-                let env = handler_env(e.as_deref().unwrap_or(""))?;
-                Some(crate::processing::handler::HandlerSpec::Command { program, args, env })
-            }
-            (h, _) => h,
-        };
+        let handler = handler::spec(
+            get("handler_command").as_deref(),
+            get("handler_env").as_deref(),
+        )?;
         let admin_listen = get("admin_listen")
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty());
@@ -599,45 +590,6 @@ impl Config {
             )
         })
     }
-}
-
-/// `handler_env`: `NAME=VALUE` entries, or `NAME` (passed on from the service's environment),
-/// separated by commas or whitespace. No name of jobmirror's own (`JOBMIRROR_*`) nor
-/// `CREDENTIALS_DIRECTORY`: the service's credentials never reach a handler.
-fn handler_env(list: &str) -> Result<Vec<(String, String)>, ConfigError> {
-    let mut out = Vec::new();
-    for entry in list.split([',', ' ', '\n', '\t']).filter(|e| !e.is_empty()) {
-        let (name, value) = match entry.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_owned())),
-            None => (entry, None),
-        };
-        let valid = !name.is_empty()
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !name.starts_with(|c: char| c.is_ascii_digit());
-        if !valid {
-            return Err(err(
-                "handler_env",
-                format!("{name:?} is not a variable name"),
-            ));
-        }
-        if name.starts_with("JOBMIRROR_") || name == "CREDENTIALS_DIRECTORY" {
-            return Err(err(
-                "handler_env",
-                format!(
-                    "{name} is the service's own: a handler never gets the service's credentials, their paths or its database"
-                ),
-            ));
-        }
-        let value = match value {
-            Some(v) => v,
-            None => match std::env::var(name) {
-                Ok(v) => v,
-                Err(_) => continue,
-            },
-        };
-        out.push((name.to_owned(), value));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -314,6 +314,13 @@ impl Admin {
             "Listing passes that failed.",
             &load(&m.polls_failed),
         );
+        single(
+            &mut o,
+            "jobmirror_listing_entries_skipped_total",
+            "counter",
+            "Listed entries skipped as unusable jobs (unreadable, or an id no request path can hold), each listing counted.",
+            &load(&m.listing_entries_skipped),
+        );
         family(
             &mut o,
             "jobmirror_handler_results_total",

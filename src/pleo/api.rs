@@ -40,6 +40,13 @@ impl PleoClient {
         for row in rows {
             let id = row.get("id").and_then(Value::as_str).map(str::to_owned);
             match Job::from_value(row) {
+                // A job that cannot be named in a request can be neither read, claimed nor
+                // reported: skipped here (and journaled by the caller), so the company's other
+                // jobs go on.
+                Ok(j) if path_segment(&j.id).is_err() => rejected.push((
+                    id,
+                    "its id cannot be used in a request path (only letters, digits, - and _ are): it cannot be read, claimed or reported".into(),
+                )),
                 Ok(j) => jobs.push(j),
                 Err(e) => rejected.push((id, e.to_string())),
             }

@@ -285,6 +285,7 @@ impl Service {
         milestones: Option<Sender<crate::processing::pipeline::Milestone>>,
     ) -> anyhow::Result<Service> {
         cfg.require_handler()?;
+        cfg.warnings().iter().for_each(|w| log::warn!("{w}"));
         memory::limit_malloc_arenas();
         crate::edge::raise_fd_limit_logged();
         // One service per database: a second one would process the same jobs twice.

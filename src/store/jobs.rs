@@ -281,6 +281,14 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the journal holds an entry of `kind` about `job_id`.
+    pub fn has_event(&self, job_id: &str, kind: EventKind) -> Result<bool> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM job_events WHERE job_id = ?1 AND kind = ?2 LIMIT 1")?;
+        Ok(stmt.exists(rusqlite::params![job_id, kind.as_str()])?)
+    }
+
     /// The journal, oldest first; for one job when `job_id` is given.
     pub fn events(&self, job_id: Option<&str>) -> Result<Vec<EventRow>> {
         let mut stmt = self.conn.prepare_cached(

@@ -235,3 +235,74 @@ fn a_company_secret_opens_only_its_company_and_every_refusal_is_counted() {
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!(!framing.ends_with(" 0"), "{framing}");
 }
+
+#[test]
+fn a_listed_job_whose_id_no_request_can_hold_never_blocks_its_company() {
+    let f = fake();
+    let a = "aaaaaaaa-0000-4000-8000-000000000001";
+    for (id, ago) in [("bad id/..", 120), ("good-1", 60)] {
+        f.add_job(jobmirror::sandbox::JobSpec {
+            id: Some(id.into()),
+            company_id: a.into(),
+            created_secs_ago: Some(ago),
+            items: Some(1),
+            ..jobmirror::sandbox::JobSpec::default()
+        })
+        .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_reaper, rx, _sock, admin, mut seen) = start(dir.path(), &f.base_url(), &[]);
+    crate::cli::wait_for(&rx, "skipped an entry that is not a usable job", &mut seen);
+    let line = seen.last().unwrap().clone();
+    assert!(line.contains("\"bad id/..\""), "{line}");
+    let t = std::time::Instant::now();
+    while f.job("good-1").unwrap().status != "completed" {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the younger job was not taken: {}",
+            f.job("good-1").unwrap().status
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(f.job("bad id/..").unwrap().status, "pending");
+    let store = jobmirror::store::Store::open_read_only(&dir.path().join("jm.db")).unwrap();
+    let kinds: Vec<String> = store
+        .events(Some("bad id/.."))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["listing_entry_skipped"]);
+    let (_, metrics) = http_get(&admin, "/metrics");
+    let n: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("jobmirror_listing_entries_skipped_total "))
+        .unwrap_or_else(|| panic!("{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(n >= 1, "{n}");
+}
+
+#[test]
+fn an_admin_listener_off_loopback_is_a_warning_in_check_config() {
+    let run = |addr: &str| {
+        crate::cli::cmd()
+            .args(["check-config"])
+            .env("JOBMIRROR_DB", "/nonexistent/x.db")
+            .env("JOBMIRROR_PLEO_API_KEY", "k")
+            .env("JOBMIRROR_COMPANY_IDS", "aaaaaaaa-0000-4000-8000-000000000001")
+            .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
+            .env("JOBMIRROR_ADMIN_LISTEN", addr)
+            .output()
+            .unwrap()
+    };
+    let out = run("0.0.0.0:9187");
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: admin_listen") && err.contains("not a loopback address"),
+        "{err}"
+    );
+    let out = run("127.0.0.1:9187");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
+}

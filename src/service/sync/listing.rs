@@ -158,9 +158,21 @@ impl Lister<'_> {
         counts.pages = listing.pages;
         counts.seen = listing.jobs.len() as u32;
         for (id, error) in &listing.rejected {
+            if let Some(m) = self.metrics {
+                m.listing_entries_skipped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            // Once per entry: a poll finds it again every interval.
+            if id.as_deref().is_some_and(|i| {
+                self.store
+                    .has_event(i, EventKind::ListingEntrySkipped)
+                    .unwrap_or(false)
+            }) {
+                continue;
+            }
             log::warn!(
-                "listing for company {company}: skipped an entry that is not a readable job ({}): {error}",
-                id.as_deref().unwrap_or("no id")
+                "listing for company {company}: skipped an entry that is not a usable job ({}): {error}",
+                id.as_deref().map_or("no id".into(), |i| format!("{i:?}"))
             );
             self.store.journal(
                 self.clock.now(),

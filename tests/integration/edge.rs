@@ -290,7 +290,10 @@ fn an_admin_listener_off_loopback_is_a_warning_in_check_config() {
             .args(["check-config"])
             .env("JOBMIRROR_DB", "/nonexistent/x.db")
             .env("JOBMIRROR_PLEO_API_KEY", "k")
-            .env("JOBMIRROR_COMPANY_IDS", "aaaaaaaa-0000-4000-8000-000000000001")
+            .env(
+                "JOBMIRROR_COMPANY_IDS",
+                "aaaaaaaa-0000-4000-8000-000000000001",
+            )
             .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
             .env("JOBMIRROR_ADMIN_LISTEN", addr)
             .output()

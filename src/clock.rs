@@ -217,6 +217,15 @@ pub fn monotonic() -> std::time::Instant {
     std::time::Instant::now()
 }
 
+/// Whole seconds on the monotonic clock since the process first asked.
+pub fn monotonic_secs() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -109,6 +109,10 @@ pub struct Counters {
     pub malformed: AtomicU64,
     pub queue_full: AtomicU64,
     pub store_failed: AtomicU64,
+    /// Not stored: the company's stored deliveries at `webhook_stored_bytes_per_company_max`.
+    pub rejected_company_quota: AtomicU64,
+    /// Not stored: all stored deliveries at `webhook_stored_bytes_max`.
+    pub rejected_storage_quota: AtomicU64,
 }
 
 /// How often a thread with nothing else to do shows it is alive (the sync thread's idle

@@ -214,6 +214,16 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "webhook connections held at once (past it the idlest is closed; a request in progress never is)",
     ),
     (
+        "webhook_stored_bytes_per_company_max",
+        Some("67108864"),
+        "bytes of stored webhook deliveries one company may hold (past it: 429 with Retry-After, nothing stored)",
+    ),
+    (
+        "webhook_stored_bytes_max",
+        Some("2147483648"),
+        "bytes of stored webhook deliveries in all (past it: 503 with Retry-After, nothing stored)",
+    ),
+    (
         "webhook_queue_max",
         Some("1024"),
         "verified deliveries waiting for their commit (more: 503 with Retry-After)",

@@ -36,6 +36,8 @@ pub struct WebhookConfig {
     pub body_bytes_max: usize,
     pub connections_max: usize,
     pub queue_max: usize,
+    /// Bytes of stored deliveries allowed per company and in all.
+    pub quota: crate::service::events::Quota,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -216,6 +218,16 @@ impl Config {
                 _ => Err(err(
                     k,
                     format!("expected a whole number of at least 1, got {v:?}"),
+                )),
+            }
+        };
+        let bytes = |k: &str| -> Result<u64, ConfigError> {
+            let v = get(k).unwrap_or_default();
+            match v.trim().parse::<u64>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(err(
+                    k,
+                    format!("expected a number of bytes, at least 1, got {v:?}"),
                 )),
             }
         };
@@ -479,6 +491,10 @@ impl Config {
                     body_bytes_max: count("webhook_body_bytes_max")? as usize,
                     connections_max: count("webhook_connections_max")? as usize,
                     queue_max: count("webhook_queue_max")? as usize,
+                    quota: crate::service::events::Quota {
+                        per_company: bytes("webhook_stored_bytes_per_company_max")?,
+                        total: bytes("webhook_stored_bytes_max")?,
+                    },
                 })
             }
         };

@@ -43,3 +43,43 @@ pub fn raise_fd_limit_logged() {
         Err(e) => log::warn!("open files: the soft limit could not be raised: {e}"),
     }
 }
+
+/// Lets at most [`LogGate::PER_SECOND`] log lines through each second; the lines held back are
+/// counted and said in one line when the next second's first line goes out. A flood of bad
+/// requests costs a few log lines a second, never a line each.
+#[derive(Debug, Default)]
+pub struct LogGate {
+    /// (second, lines let through in it, lines held back since the last one let through)
+    state: std::sync::Mutex<(u64, u32, u64)>,
+}
+
+impl LogGate {
+    pub const PER_SECOND: u32 = 5;
+
+    /// Whether a line may go out now, and how many were held back before it.
+    pub fn admit(&self) -> Option<u64> {
+        let second = crate::clock::monotonic_secs();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.0 != second {
+            s.0 = second;
+            s.1 = 0;
+        }
+        if s.1 >= Self::PER_SECOND {
+            s.2 += 1;
+            return None;
+        }
+        s.1 += 1;
+        Some(std::mem::take(&mut s.2))
+    }
+
+    /// Logs `line` at WARN if the gate admits it.
+    pub fn warn(&self, line: impl FnOnce() -> String) {
+        if let Some(held) = self.admit() {
+            if held > 0 {
+                log::warn!("{} (and {held} more like it not logged)", line());
+            } else {
+                log::warn!("{}", line());
+            }
+        }
+    }
+}

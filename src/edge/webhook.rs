@@ -274,6 +274,8 @@ pub struct WebhookReceiver {
     queue: Sender<Job>,
     pub counters: Arc<Counters>,
     commit_wait: Duration,
+    /// Refusals are logged a few a second at most (all are counted).
+    log_gate: crate::edge::LogGate,
 }
 
 impl WebhookReceiver {
@@ -290,6 +292,7 @@ impl WebhookReceiver {
             queue,
             counters,
             commit_wait: Duration::from_secs(10),
+            log_gate: crate::edge::LogGate::default(),
         }
     }
 }
@@ -358,11 +361,13 @@ impl Handler for WebhookReceiver {
             Ok(x) => x,
             Err(r) => {
                 self.counters.rejected(r).fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "webhook from {} refused: {}",
-                    req.head.peer.ip(),
-                    r.reason()
-                );
+                self.log_gate.warn(|| {
+                    format!(
+                        "webhook from {} refused: {}",
+                        req.head.peer.ip(),
+                        r.reason()
+                    )
+                });
                 return reply(401, r.reason());
             }
         };
@@ -370,7 +375,8 @@ impl Handler for WebhookReceiver {
             Some(v @ Value::Object(_)) => v,
             _ => {
                 self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                log::warn!("webhook {webhook_id}: body is not a JSON object");
+                self.log_gate
+                    .warn(|| format!("webhook {webhook_id}: body is not a JSON object"));
                 return reply(400, "body is not a JSON object");
             }
         };
@@ -400,7 +406,8 @@ impl Handler for WebhookReceiver {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
-                log::warn!("webhook {webhook_id}: queue full, answering 503");
+                self.log_gate
+                    .warn(|| format!("webhook {webhook_id}: queue full, answering 503"));
                 return reply(503, "busy, retry later").with_header("Retry-After", "5");
             }
             Err(TrySendError::Disconnected(_)) => {
@@ -408,6 +415,19 @@ impl Handler for WebhookReceiver {
             }
         }
         match rx.recv_timeout(self.commit_wait) {
+            Ok(Ok(Stored::OverQuota { company })) => {
+                let (c, status, what) = if company {
+                    (&self.counters.rejected_company_quota, 429, "this company's")
+                } else {
+                    (&self.counters.rejected_storage_quota, 503, "all")
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+                self.log_gate.warn(|| {
+                    format!("webhook {webhook_id}: not stored, {what} stored deliveries are at their bound")
+                });
+                reply(status, "stored deliveries are at their bound, retry later")
+                    .with_header("Retry-After", "60")
+            }
             Ok(Ok(stored)) => {
                 let c = if stored == Stored::New {
                     &self.counters.accepted

@@ -246,6 +246,8 @@ impl Admin {
                 ("malformed", &w.malformed),
                 ("queue_full", &w.queue_full),
                 ("store_failed", &w.store_failed),
+                ("company_quota", &w.rejected_company_quota),
+                ("storage_quota", &w.rejected_storage_quota),
             ] {
                 let _ = writeln!(
                     o,

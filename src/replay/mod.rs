@@ -365,13 +365,13 @@ impl Replay {
             Some(e) => {
                 e.store.scratch_durability()?;
                 let (sd_tx, sd_rx) = bounded::<()>(0);
-                let (store, queue) = (e.store, e.queue);
+                let (store, queue, quota) = (e.store, e.queue, e.quota);
                 let thread =
                     std::thread::Builder::new()
                         .name("jm-events".into())
                         .spawn(move || {
                             crate::service::events::run_event_thread(
-                                store, clock, queue, nudge_tx, sd_rx, None,
+                                store, clock, queue, nudge_tx, sd_rx, None, quota,
                             )
                         })?;
                 Some(Edge {

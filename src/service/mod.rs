@@ -79,6 +79,7 @@ pub struct EventEdge {
     pub receiver: crate::edge::webhook::WebhookReceiver,
     pub queue: Receiver<crate::edge::webhook::Job>,
     pub counters: Arc<crate::edge::webhook::Counters>,
+    pub quota: events::Quota,
 }
 
 /// One processor lane, the channel that wakes it, and the one that changes its companies.
@@ -150,6 +151,7 @@ impl Workers {
                     ),
                     queue,
                     counters,
+                    quota: wh.quota,
                 })
             }
             None => None,
@@ -356,7 +358,7 @@ impl Service {
                 .write()
                 .unwrap_or_else(|p| p.into_inner()) = reload::served_secrets(cfg, &rows);
             let (sd, c, alive) = (shutdown_rx.clone(), clock.clone(), progress.clone());
-            let (events_store, queue_rx) = (edge.store, edge.queue);
+            let (events_store, queue_rx, quota) = (edge.store, edge.queue, edge.quota);
             progress.expect("jm-events");
             spawn(
                 "jm-events".into(),
@@ -368,6 +370,7 @@ impl Service {
                         nudge_tx,
                         sd,
                         Some(alive),
+                        quota,
                     )
                 }),
             )?;

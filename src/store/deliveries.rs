@@ -20,6 +20,11 @@ pub struct Delivery {
 pub enum Stored {
     New,
     Duplicate,
+    /// Not stored: the stored deliveries of its company (`company`), or of all, are at their
+    /// bound.
+    OverQuota {
+        company: bool,
+    },
 }
 
 /// A stored webhook delivery whose job has not been read yet.
@@ -37,6 +42,24 @@ pub struct PendingDelivery {
 impl Store {
     /// Commits verified deliveries in one transaction (duplicates of a stored `webhook_id` are
     /// left as they are) with a journal entry for each new one.
+    /// Bytes of stored deliveries (body and headers) by company (`""` for none named).
+    pub fn delivery_bytes_by_company(&self) -> Result<Vec<(String, u64)>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT coalesce(company_id, ''), sum(length(body) + length(headers)) \
+             FROM webhook_deliveries GROUP BY 1",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Whether a delivery with this `webhook-id` is stored.
+    pub fn delivery_stored(&self, webhook_id: &str) -> Result<bool> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM webhook_deliveries WHERE webhook_id = ?1")?;
+        Ok(stmt.exists([webhook_id])?)
+    }
+
     pub fn insert_deliveries(&self, deliveries: &[&Delivery], now: Millis) -> Result<Vec<Stored>> {
         let tx = self.write_tx()?;
         let mut out = Vec::with_capacity(deliveries.len());

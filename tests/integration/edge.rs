@@ -309,3 +309,78 @@ fn an_admin_listener_off_loopback_is_a_warning_in_check_config() {
     let out = run("127.0.0.1:9187");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
 }
+
+#[test]
+fn stored_deliveries_are_bounded_per_company_and_in_all() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let (_reaper, _rx, _sock, admin, seen) = start(
+        dir.path(),
+        &f.base_url(),
+        &[
+            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
+            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
+            ("JOBMIRROR_WEBHOOK_STORED_BYTES_PER_COMPANY_MAX", "2500"),
+            ("JOBMIRROR_WEBHOOK_STORED_BYTES_MAX", "4000"),
+        ],
+    );
+    let hook = hook_addr(&seen);
+    let a = "aaaaaaaa-0000-4000-8000-000000000001";
+    let t = now();
+    let send = |id: &str, company: &str| exchange(hook, &signed_for(SECRET, id, company, t));
+    // Company A fills its share: the first deliveries are stored, then 429.
+    let mut stored_a = Vec::new();
+    let refused = loop {
+        let id = format!("qa{}", stored_a.len());
+        let r = send(&id, a);
+        if !r.starts_with("HTTP/1.1 200") {
+            break r;
+        }
+        stored_a.push(id);
+        assert!(stored_a.len() < 20, "no bound reached");
+    };
+    assert!(!stored_a.is_empty());
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: 60"),
+        "{refused}"
+    );
+    // A retry of one already stored is still acknowledged as a duplicate.
+    let again = send(&stored_a[0], a);
+    assert!(
+        again.starts_with("HTTP/1.1 200") && again.contains("\"duplicate\":true"),
+        "{again}"
+    );
+    // Another company has room until the total bound: then 503.
+    let mut stored_b = 0;
+    let refused = loop {
+        let r = send(&format!("qb{stored_b}"), B);
+        if !r.starts_with("HTTP/1.1 200") {
+            break r;
+        }
+        stored_b += 1;
+        assert!(stored_b < 20, "no total bound reached");
+    };
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    let store = jobmirror::store::Store::open_read_only(&dir.path().join("jm.db")).unwrap();
+    let (rows, bytes): (i64, i64) = store
+        .conn()
+        .query_row(
+            "SELECT count(*), sum(length(body) + length(headers)) FROM webhook_deliveries",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(rows as usize, stored_a.len() + stored_b);
+    assert!(bytes <= 4000, "{bytes} bytes stored");
+    let (_, metrics) = http_get(&admin, "/metrics");
+    for line in [
+        "jobmirror_webhooks_rejected_total{reason=\"company_quota\"} 1",
+        "jobmirror_webhooks_rejected_total{reason=\"storage_quota\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in\n{metrics}"
+        );
+    }
+}

@@ -384,3 +384,93 @@ fn stored_deliveries_are_bounded_per_company_and_in_all() {
         );
     }
 }
+
+fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// User and system CPU time of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn hostile_clients_cost_bounded_memory_and_cpu() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let (reaper, _rx, _sock, _admin, seen) = start(
+        dir.path(),
+        &f.base_url(),
+        &[
+            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
+            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
+            // The old default, so that 1 MiB announcements are admitted, as far as they fit.
+            ("JOBMIRROR_WEBHOOK_BODY_BYTES_MAX", "1048576"),
+        ],
+    );
+    let pid = reaper.0.as_ref().unwrap().id();
+    let hook = hook_addr(&seen);
+    // 300 clients announce 1 MiB each and send all but a byte.
+    let body = vec![b'x'; (1 << 20) - 1];
+    let clients: Vec<std::thread::JoinHandle<TcpStream>> = (0..300)
+        .map(|i| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(hook).unwrap();
+                let _ = write!(
+                    s,
+                    "POST /webhooks/pleo HTTP/1.1\r\nHost: x\r\nwebhook-id: big{i}\r\nContent-Length: {}\r\n\r\n",
+                    1 << 20
+                );
+                let _ = s.write_all(&body);
+                s
+            })
+        })
+        .collect();
+    let held: Vec<TcpStream> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let peak = proc_field(pid, "status", "VmHWM:");
+    assert!(
+        peak < 100 * 1024,
+        "peak RSS {peak} KiB with 300 clients announcing 1 MiB"
+    );
+    drop(held);
+    // A signed delivery is still taken.
+    let (head, body) = delivery("msg_after_flood");
+    let mut req = format!(
+        "POST /webhooks/pleo HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend(&body);
+    let r = exchange(hook, &req);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+
+    // Unsigned requests listing 300 well-formed signature entries (all a 16 KiB head holds)
+    // over a 1 MiB body: one HMAC each, not one per entry.
+    let big = vec![b'{'; 1 << 20];
+    let entries = vec!["v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="; 300].join(" ");
+    let before = cpu_ticks(pid);
+    for i in 0..10 {
+        let mut req = format!(
+            "POST /webhooks/pleo HTTP/1.1\r\nHost: x\r\nwebhook-id: cpu{i}\r\nwebhook-timestamp: {}\r\nwebhook-signature: {entries}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            now(),
+            big.len()
+        )
+        .into_bytes();
+        req.extend(&big);
+        let r = exchange(hook, &req);
+        assert!(r.starts_with("HTTP/1.1 401"), "{}", &r[..r.len().min(200)]);
+    }
+    let ticks = cpu_ticks(pid) - before;
+    // 300 HMACs over 1 MiB are 300 MB of hashing a request (most of a second of CPU each):
+    // ten requests at one HMAC each stay well under a second.
+    assert!(ticks < 100, "{ticks} ticks of CPU for 10 unsigned requests");
+}

@@ -182,7 +182,43 @@ pub(super) fn emit(
     if args.json {
         println!("{}", serde_json::to_string_pretty(v)?);
     } else {
-        print!("{}", text(v));
+        // Text goes to a terminal: what Pleo or a client sent (a job id, a reason) never
+        // reaches it with control characters raw (JSON escapes them by itself).
+        print!("{}", text(&printable(v)));
     }
     Ok(())
+}
+
+/// `v` with every control character in its strings written out (`\n`, `\x1b`, `\u{..}`).
+pub(super) fn printable(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.chars().any(char::is_control) => Value::String(
+            s.chars()
+                .map(|c| match c {
+                    '\n' => "\\n".to_owned(),
+                    '\t' => "\\t".to_owned(),
+                    '\r' => "\\r".to_owned(),
+                    c if (c as u32) < 0x100 && c.is_control() => format!("\\x{:02x}", c as u32),
+                    c if c.is_control() => format!("\\u{{{:x}}}", c as u32),
+                    c => c.to_string(),
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(printable).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| {
+                    (
+                        printable(&Value::String(k.clone()))
+                            .as_str()
+                            .unwrap_or(k)
+                            .to_owned(),
+                        printable(v),
+                    )
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }

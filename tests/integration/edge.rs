@@ -474,3 +474,48 @@ fn hostile_clients_cost_bounded_memory_and_cpu() {
     // ten requests at one HMAC each stay well under a second.
     assert!(ticks < 100, "{ticks} ticks of CPU for 10 unsigned requests");
 }
+
+#[test]
+fn jobs_and_show_never_print_control_characters_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("jm.db");
+    let store = jobmirror::store::Store::open(&db).unwrap();
+    let job = jobmirror::wire::Job::from_value(serde_json::json!({
+        "id": "j-esc",
+        "companyId": "aaaaaaaa-0000-4000-8000-000000000001",
+        "status": "failed",
+        "createdAt": "2026-11-24T08:00:00Z",
+        "lastUpdatedAt": "2026-11-24T08:00:00Z",
+        "expiresIn": 3600,
+        "failureReasonType": "validation_failure",
+        "failureReason": "\u{1b}[2J\u{1b}[31mall clear\u{7}\nfake line",
+    }))
+    .unwrap();
+    store
+        .upsert_job(
+            &job,
+            jobmirror::clock::Millis::parse_rfc3339("2026-11-24T08:00:01Z").unwrap(),
+            jobmirror::store::Source::Poll,
+        )
+        .unwrap();
+    drop(store);
+    for args in [&["show", "j-esc"][..], &["jobs", "--state", "done"][..]] {
+        let out = crate::cli::cmd()
+            .args(args)
+            .env("JOBMIRROR_DB", &db)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(
+            !out.stdout.iter().any(|&b| b == 0x1b || b == 0x07),
+            "{args:?} printed a control character raw:\n{text}"
+        );
+        if args[0] == "show" {
+            assert!(
+                text.contains("\\x1b[2J\\x1b[31mall clear\\x07\\nfake line"),
+                "{text}"
+            );
+        }
+    }
+}

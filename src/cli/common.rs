@@ -67,20 +67,35 @@ pub(super) fn write_private(path: &std::path::Path, text: &str) -> anyhow::Resul
             .and_then(|n| n.to_str())
             .unwrap_or("secret")
     ));
+    // A new file only (O_EXCL), never through a symlink (O_NOFOLLOW): a file or link left in
+    // the way is refused, not written through.
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+        opts.mode(0o600).custom_flags(libc::O_NOFOLLOW);
     }
-    let mut f = opts
-        .open(&tmp)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    let mut f = opts.open(&tmp).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow::anyhow!(
+                "cannot write {}: {} is in the way (a file or link left by an earlier run?); remove it and try again",
+                path.display(),
+                tmp.display()
+            )
+        } else {
+            anyhow::anyhow!("cannot write {}: {e}", tmp.display())
+        }
+    })?;
+    let written = f.write_all(text.as_bytes()).and_then(|_| f.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(anyhow::anyhow!("cannot write {}: {e}", tmp.display()));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("cannot write {}: {e}", path.display())
+    })?;
     Ok(())
 }
 

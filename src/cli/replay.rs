@@ -55,7 +55,7 @@ pub(super) fn simulate(
     init_logging(log::LevelFilter::Error);
     if let Some(path) = write {
         let snap = crate::replay::simulate::generate(seed);
-        std::fs::write(&path, serde_json::to_string_pretty(&snap)? + "\n")?;
+        super::common::write_private(&path, &(serde_json::to_string_pretty(&snap)? + "\n"))?;
         println!("wrote seed {seed} to {}", path.display());
         return Ok(());
     }

@@ -519,3 +519,32 @@ fn jobs_and_show_never_print_control_characters_raw() {
         }
     }
 }
+
+#[test]
+fn a_link_or_file_in_the_way_of_a_written_snapshot_is_refused_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "keep me\n").unwrap();
+    let out = dir.path().join("sim.json");
+    std::os::unix::fs::symlink(&victim, dir.path().join(".sim.json.tmp")).unwrap();
+    let write = || {
+        crate::cli::cmd()
+            .args(["simulate", "--seed", "1", "--write"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let r = write();
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains(".sim.json.tmp is in the way"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me\n");
+    assert!(!out.exists());
+    // Once it is removed, the snapshot is written, private.
+    std::fs::remove_file(dir.path().join(".sim.json.tmp")).unwrap();
+    let r = write();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}

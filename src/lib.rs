@@ -10,6 +10,7 @@ pub mod demo;
 pub mod edge;
 pub mod health;
 pub mod logging;
+pub mod memory;
 pub mod ops;
 pub mod pleo;
 pub mod processing;

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -168,6 +168,10 @@ struct Shared {
     handler: Arc<dyn Handler>,
     /// Permits of 1 KiB for bodies being read.
     inflight: Arc<Semaphore>,
+    inflight_permits: usize,
+    /// Set once more than half the bytes in flight were taken: when all are back, the heap's
+    /// free pages go back to the kernel (a flood's buffers are not kept resident).
+    burst: AtomicBool,
     refusals: Arc<Refusals>,
     conns: Arc<Conns>,
     name: String,
@@ -207,8 +211,11 @@ impl Server {
             map: Mutex::new(HashMap::new()),
         });
         let kib = limits.inflight_bytes_max.div_ceil(1024).max(1);
+        let kib = kib.min(Semaphore::MAX_PERMITS);
         let shared = Arc::new(Shared {
-            inflight: Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS))),
+            inflight: Arc::new(Semaphore::new(kib)),
+            inflight_permits: kib,
+            burst: AtomicBool::new(false),
             limits,
             handler,
             refusals: refusals.clone(),
@@ -346,6 +353,25 @@ async fn accept_loop(
     }
 }
 
+/// Bytes of a body admitted for reading; given back when dropped (answered, refused, or the
+/// client gone). The last one back after a burst hands the heap's free pages to the kernel.
+struct InFlight {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let s = &self.shared;
+        if s.inflight.available_permits() == s.inflight_permits
+            && s.burst.swap(false, Ordering::SeqCst)
+        {
+            crate::memory::release_free_memory();
+        }
+    }
+}
+
 /// Closed without an answer (fault injection).
 #[derive(Debug)]
 struct HangUp;
@@ -466,6 +492,13 @@ async fn serve(
                 .with_header("Retry-After", "1"),
             true,
         ));
+    };
+    if shared.inflight.available_permits() < shared.inflight_permits / 2 {
+        shared.burst.store(true, Ordering::SeqCst);
+    }
+    let permit = InFlight {
+        permit: Some(permit),
+        shared: shared.clone(),
     };
     let read = tokio::time::timeout(
         limits.body_timeout,

@@ -13,7 +13,6 @@
 //! configured bound; `WATCHDOG=1` is sent only while every worker thread makes progress.
 
 pub mod events;
-pub mod memory;
 pub mod notify;
 pub mod processor;
 pub mod reload;
@@ -288,7 +287,7 @@ impl Service {
     ) -> anyhow::Result<Service> {
         cfg.require_handler()?;
         cfg.warnings().iter().for_each(|w| log::warn!("{w}"));
-        memory::limit_malloc_arenas();
+        crate::memory::limit_malloc_arenas();
         crate::edge::raise_fd_limit_logged();
         // One service per database: a second one would process the same jobs twice.
         let lock = crate::store::DbLock::acquire(&cfg.db).map_err(|e| anyhow::anyhow!(e))?;

@@ -442,6 +442,18 @@ fn hostile_clients_cost_bounded_memory_and_cpu() {
         "peak RSS {peak} KiB with 300 clients announcing 1 MiB"
     );
     drop(held);
+    // What the flood held is given back (bounded wait for the service to see the closes).
+    let t0 = std::time::Instant::now();
+    let mut rss = proc_field(pid, "status", "VmRSS:");
+    while rss > 40 * 1024 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+        rss = proc_field(pid, "status", "VmRSS:");
+    }
+    eprintln!("peak {peak} KiB, after {rss} KiB");
+    assert!(
+        rss <= 40 * 1024,
+        "RSS {rss} KiB after the flood (peak {peak} KiB)"
+    );
     // A signed delivery is still taken.
     let (head, body) = delivery("msg_after_flood");
     let mut req = format!(

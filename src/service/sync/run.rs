@@ -71,7 +71,7 @@ pub fn run(
     // company only once its recovery pass has completed).
     let report = mirror.pass(PassKind::Recovery);
     log_pass(PassKind::Recovery, all.len(), &report);
-    crate::service::memory::release_free_memory();
+    crate::memory::release_free_memory();
     let mut retry_at = deliveries(&mut mirror);
     let mut last_pass = ms();
     // Listing by credential, the companies sharing the default credential are one entry.

@@ -560,3 +560,47 @@ fn a_link_or_file_in_the_way_of_a_written_snapshot_is_refused_not_followed() {
     let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+#[test]
+fn a_flood_of_refused_deliveries_is_counted_in_full_and_logged_a_few_lines_a_second() {
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let (_reaper, rx, _sock, admin, seen) = start(
+        dir.path(),
+        &f.base_url(),
+        &[
+            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
+            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
+        ],
+    );
+    let hook = hook_addr(&seen);
+    let a = "aaaaaaaa-0000-4000-8000-000000000001";
+    let forged = "whsec_Zm9yZ2VkLXNlY3JldC1mb3ItdGhlLWZsb29kLTAwMQ==";
+    let t0 = std::time::Instant::now();
+    for i in 0..200 {
+        let r = exchange(hook, &signed_for(forged, &format!("flood{i}"), a, now()));
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    }
+    let secs = t0.elapsed().as_secs() + 2;
+    // Everything the service logged until now (a stored delivery marks the end).
+    let r = exchange(hook, &signed_for(SECRET, "after_flood", a, now()));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let (_, metrics) = http_get(&admin, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "jobmirror_webhooks_rejected_total{reason=\"bad_signature\"} 200"),
+        "{metrics}"
+    );
+    let mut logged = 0u64;
+    while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
+        if l.contains("refused: invalid signature") {
+            logged += 1;
+        }
+    }
+    assert!(logged >= 1, "the refusals are logged at all");
+    assert!(
+        logged <= 5 * secs,
+        "{logged} log lines for 200 refusals in about {secs} s"
+    );
+}

@@ -406,6 +406,22 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn hostile_clients_cost_bounded_memory_and_cpu() {
     let f = fake();
     let dir = tempfile::tempdir().unwrap();
+    // The service starts with a soft open-file limit under its hard one (half of it, inherited
+    // from this process for the moment of the spawn).
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we own.
+    let lowered = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_max >= 4096 && {
+            let low = libc::rlimit {
+                rlim_cur: lim.rlim_max / 2,
+                rlim_max: lim.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &low) == 0
+        }
+    };
     let (reaper, _rx, _sock, _admin, seen) = start(
         dir.path(),
         &f.base_url(),
@@ -416,7 +432,23 @@ fn hostile_clients_cost_bounded_memory_and_cpu() {
             ("JOBMIRROR_WEBHOOK_BODY_BYTES_MAX", "1048576"),
         ],
     );
+    if lowered {
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
     let pid = reaper.0.as_ref().unwrap().id();
+    // Idle sockets cost a descriptor each: the soft limit is raised to the hard one at start.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        files[3], files[4],
+        "soft and hard open-file limits: {files:?}"
+    );
     let hook = hook_addr(&seen);
     // 300 clients announce 1 MiB each and send all but a byte.
     let body = vec![b'x'; (1 << 20) - 1];

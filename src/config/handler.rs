@@ -22,6 +22,16 @@ pub(super) fn spec(
 }
 
 impl Config {
+    /// The handler, which the service cannot run without.
+    pub fn require_handler(&self) -> Result<crate::processing::handler::HandlerSpec, ConfigError> {
+        self.handler.clone().ok_or_else(|| {
+            err(
+                "handler_command",
+                "is required: a handler program, or outbox:DIR to write items as files",
+            )
+        })
+    }
+
     /// Settings that work but deserve a word at start and in `check-config`.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();

@@ -37,7 +37,7 @@ pub struct WebhookConfig {
     pub connections_max: usize,
     pub queue_max: usize,
     /// Bytes of stored deliveries allowed per company and in all.
-    pub quota: crate::service::events::Quota,
+    pub quota: crate::store::Quota,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -491,7 +491,7 @@ impl Config {
                     body_bytes_max: count("webhook_body_bytes_max")? as usize,
                     connections_max: count("webhook_connections_max")? as usize,
                     queue_max: count("webhook_queue_max")? as usize,
-                    quota: crate::service::events::Quota {
+                    quota: crate::store::Quota {
                         per_company: bytes("webhook_stored_bytes_per_company_max")?,
                         total: bytes("webhook_stored_bytes_max")?,
                     },
@@ -594,16 +594,6 @@ impl Config {
             health_stale: secs("health_stale_secs", 1)?,
             admin_listen,
             retention,
-        })
-    }
-
-    /// The handler, which the service cannot run without.
-    pub fn require_handler(&self) -> Result<crate::processing::handler::HandlerSpec, ConfigError> {
-        self.handler.clone().ok_or_else(|| {
-            err(
-                "handler_command",
-                "is required: a handler program, or outbox:DIR to write items as files",
-            )
         })
     }
 }

@@ -19,22 +19,7 @@ use crate::store::{Delivery, Store, Stored};
 /// Largest batch the event thread commits in one transaction.
 pub const BATCH_MAX: usize = 256;
 
-/// Bytes of stored deliveries (body and headers) allowed per company and in all: a leaked
-/// secret, or a sender gone wild, cannot fill the disk. Pruning frees room; usage is read
-/// again from the database every minute (`jobmirror prune` runs in another process).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Quota {
-    pub per_company: u64,
-    pub total: u64,
-}
-
-impl Quota {
-    /// No bound (tests that are about something else).
-    pub const NONE: Quota = Quota {
-        per_company: u64::MAX,
-        total: u64::MAX,
-    };
-}
+pub use crate::store::Quota;
 
 /// What is stored now, as the event thread counts it.
 struct Usage {

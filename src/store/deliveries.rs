@@ -27,6 +27,23 @@ pub enum Stored {
     },
 }
 
+/// Bytes of stored deliveries (body and headers) allowed per company and in all: a leaked
+/// secret, or a sender gone wild, cannot fill the disk. Pruning frees room; usage is read
+/// again from the database every minute (`jobmirror prune` runs in another process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub per_company: u64,
+    pub total: u64,
+}
+
+impl Quota {
+    /// No bound (tests that are about something else).
+    pub const NONE: Quota = Quota {
+        per_company: u64::MAX,
+        total: u64::MAX,
+    };
+}
+
 /// A stored webhook delivery whose job has not been read yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingDelivery {

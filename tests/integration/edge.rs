@@ -7,6 +7,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use jobmirror::sandbox::FakePleo;
+
 use crate::operations::{fake, hook_addr, http_get, start};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -40,19 +42,39 @@ fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The real binary with its webhook receiver on (secret `SECRET`) and `extra` settings: the
+/// process, its log lines, the admin address and the receiver's address.
+struct Receiver {
+    reaper: crate::cli::Reaper,
+    log: crossbeam_channel::Receiver<String>,
+    _notify: std::os::unix::net::UnixDatagram,
+    admin: String,
+    hook: SocketAddr,
+}
+
+fn receiver(dir: &std::path::Path, f: &FakePleo, extra: &[(&str, &str)]) -> Receiver {
+    let mut settings = vec![
+        ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
+        ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
+    ];
+    settings.extend_from_slice(extra);
+    let (reaper, log, notify, admin, seen) = start(dir, &f.base_url(), &settings);
+    Receiver {
+        reaper,
+        log,
+        _notify: notify,
+        admin,
+        hook: hook_addr(&seen),
+    }
+}
+
 #[test]
 fn the_edge_speaks_http_as_proxies_and_senders_do() {
     let f = fake();
     let dir = tempfile::tempdir().unwrap();
-    let (_reaper, _rx, _sock, admin, seen) = start(
-        dir.path(),
-        &f.base_url(),
-        &[
-            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
-            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
-        ],
-    );
-    let hook = hook_addr(&seen);
+    let r = receiver(dir.path(), &f, &[]);
+    let hook = r.hook;
+    let admin = r.admin.clone();
     // Chunked, as a proxy such as Caddy forwards a body as it comes.
     let (head, body) = delivery("msg_chunked");
     let mut req = format!(
@@ -184,15 +206,9 @@ fn a_company_secret_opens_only_its_company_and_every_refusal_is_counted() {
         .unwrap();
     store.company_subscription(B, "sub_b", SECRET_B).unwrap();
     drop(store);
-    let (_reaper, _rx, _sock, admin, seen) = start(
-        dir.path(),
-        &f.base_url(),
-        &[
-            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
-            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
-        ],
-    );
-    let hook = hook_addr(&seen);
+    let r = receiver(dir.path(), &f, &[]);
+    let hook = r.hook;
+    let admin = r.admin.clone();
     let a = "aaaaaaaa-0000-4000-8000-000000000001";
     let t = now();
     let status = |req: Vec<u8>| exchange(hook, &req)[9..12].to_owned();
@@ -314,17 +330,16 @@ fn an_admin_listener_off_loopback_is_a_warning_in_check_config() {
 fn stored_deliveries_are_bounded_per_company_and_in_all() {
     let f = fake();
     let dir = tempfile::tempdir().unwrap();
-    let (_reaper, _rx, _sock, admin, seen) = start(
+    let r = receiver(
         dir.path(),
-        &f.base_url(),
+        &f,
         &[
-            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
-            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
             ("JOBMIRROR_WEBHOOK_STORED_BYTES_PER_COMPANY_MAX", "2500"),
             ("JOBMIRROR_WEBHOOK_STORED_BYTES_MAX", "4000"),
         ],
     );
-    let hook = hook_addr(&seen);
+    let hook = r.hook;
+    let admin = r.admin.clone();
     let a = "aaaaaaaa-0000-4000-8000-000000000001";
     let t = now();
     let send = |id: &str, company: &str| exchange(hook, &signed_for(SECRET, id, company, t));
@@ -422,21 +437,17 @@ fn hostile_clients_cost_bounded_memory_and_cpu() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &low) == 0
         }
     };
-    let (reaper, _rx, _sock, _admin, seen) = start(
+    // The old body bound, so that 1 MiB announcements are admitted, as far as they fit.
+    let r = receiver(
         dir.path(),
-        &f.base_url(),
-        &[
-            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
-            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
-            // The old default, so that 1 MiB announcements are admitted, as far as they fit.
-            ("JOBMIRROR_WEBHOOK_BODY_BYTES_MAX", "1048576"),
-        ],
+        &f,
+        &[("JOBMIRROR_WEBHOOK_BODY_BYTES_MAX", "1048576")],
     );
     if lowered {
         // SAFETY: as above.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     }
-    let pid = reaper.0.as_ref().unwrap().id();
+    let pid = r.reaper.0.as_ref().unwrap().id();
     // Idle sockets cost a descriptor each: the soft limit is raised to the hard one at start.
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let files: Vec<&str> = limits
@@ -449,7 +460,7 @@ fn hostile_clients_cost_bounded_memory_and_cpu() {
         files[3], files[4],
         "soft and hard open-file limits: {files:?}"
     );
-    let hook = hook_addr(&seen);
+    let hook = r.hook;
     // 300 clients announce 1 MiB each and send all but a byte.
     let body = vec![b'x'; (1 << 20) - 1];
     let clients: Vec<std::thread::JoinHandle<TcpStream>> = (0..300)
@@ -597,15 +608,10 @@ fn a_link_or_file_in_the_way_of_a_written_snapshot_is_refused_not_followed() {
 fn a_flood_of_refused_deliveries_is_counted_in_full_and_logged_a_few_lines_a_second() {
     let f = fake();
     let dir = tempfile::tempdir().unwrap();
-    let (_reaper, rx, _sock, admin, seen) = start(
-        dir.path(),
-        &f.base_url(),
-        &[
-            ("JOBMIRROR_WEBHOOK_LISTEN", "127.0.0.1:0"),
-            ("JOBMIRROR_WEBHOOK_SECRET", SECRET),
-        ],
-    );
-    let hook = hook_addr(&seen);
+    let r = receiver(dir.path(), &f, &[]);
+    let hook = r.hook;
+    let admin = r.admin.clone();
+    let rx = &r.log;
     let a = "aaaaaaaa-0000-4000-8000-000000000001";
     let forged = "whsec_Zm9yZ2VkLXNlY3JldC1mb3ItdGhlLWZsb29kLTAwMQ==";
     let t0 = std::time::Instant::now();

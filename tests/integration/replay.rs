@@ -25,7 +25,7 @@ fn fixture(name: &str) -> Snapshot {
 
 /// Replays `snap` into a fresh database; returns the summary, the replay (for its fake) and
 /// the directory holding the database.
-fn play(snap: Snapshot) -> (Summary, Replay, tempfile::TempDir) {
+pub(crate) fn play(snap: Snapshot) -> (Summary, Replay, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut r = Replay::new(snap, ReplayOptions::new(dir.path().join("replay.db"))).unwrap();
     let s = r.run(&mut |_| Ok(())).unwrap();

@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use jobmirror::replay::snapshot::Snapshot;
-use jobmirror::replay::{Replay, ReplayOptions, Summary};
+
+use crate::replay::play;
 use jobmirror::store::Store;
 use serde_json::{Value, json};
 
@@ -28,14 +29,6 @@ fn snapshot(service: Value, jobs: Value, timeline: Value) -> Snapshot {
         .to_string(),
     )
     .unwrap()
-}
-
-fn play(snap: Snapshot) -> (Summary, Replay, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut r = Replay::new(snap, ReplayOptions::new(dir.path().join("replay.db"))).unwrap();
-    let s = r.run(&mut |_| Ok(())).unwrap();
-    assert!(s.violations.is_empty(), "{}", s.render());
-    (s, r, dir)
 }
 
 fn kinds(db: &Path, job: &str) -> Vec<String> {

@@ -20,7 +20,8 @@ pub const VERSION: &str = concat!(
     about = "Mirror Pleo export jobs into SQLite and claim them oldest-first"
 )]
 pub struct Cli {
-    /// TOML configuration file; every key can be overridden by JOBMIRROR_<KEY>.
+    /// TOML configuration file (default: $JOBMIRROR_CONFIG, else /etc/jobmirror/jobmirror.toml
+    /// when it exists); every key can be overridden by JOBMIRROR_<KEY>.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The database file (wins over JOBMIRROR_DB and the file's `db`).

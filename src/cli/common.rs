@@ -106,6 +106,72 @@ pub(super) fn config_value(file: Option<&std::path::Path>, key: &str) -> Option<
     t.get(key).and_then(|v| v.as_str()).map(str::to_owned)
 }
 
+/// The configuration file every command reads: `--config`, else `JOBMIRROR_CONFIG`, else
+/// [`crate::config::DEFAULT_CONFIG_PATH`] when it exists (the file the shipped unit names), else
+/// none (the embedded defaults). A file named by `--config` or `JOBMIRROR_CONFIG` must exist.
+pub(super) fn config_file(given: Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
+    let named = given.map(|p| (p, "--config")).or_else(|| {
+        std::env::var_os("JOBMIRROR_CONFIG")
+            .filter(|v| !v.is_empty())
+            .map(|v| (PathBuf::from(v), "JOBMIRROR_CONFIG"))
+    });
+    match named {
+        Some((path, from)) => {
+            if !path.exists() {
+                return Err(ConfigError {
+                    key: "config".into(),
+                    env: "JOBMIRROR_CONFIG".into(),
+                    message: format!("{} (from {from}) does not exist", path.display()),
+                }
+                .into());
+            }
+            Ok(Some(path))
+        }
+        None => {
+            let default = PathBuf::from(crate::config::DEFAULT_CONFIG_PATH);
+            Ok(default.exists().then_some(default))
+        }
+    }
+}
+
+/// Refuses a database that does not exist: only `run` and `migrate` create one, so a command
+/// pointed at the wrong path says so (exit 2) instead of working on a new, empty file.
+pub(super) fn require_db(db: &std::path::Path) -> anyhow::Result<()> {
+    match std::fs::metadata(db) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UsageError(format!(
+            "database {} does not exist (looked there because of {}); `jobmirror run` or `jobmirror migrate` creates it, or name the service's configuration with --config",
+            db.display(),
+            db_origin()
+        ))
+        .into()),
+        Err(e) => Err(UsageError(format!("database {} cannot be read: {e}", db.display())).into()),
+    }
+}
+
+/// An existing database, migrated: for the commands that change it (never creating it).
+pub(super) fn open_existing(db: &std::path::Path) -> anyhow::Result<Store> {
+    require_db(db)?;
+    Ok(Store::open(db)?)
+}
+
+/// Where the database path came from, for [`require_db`]'s message.
+fn db_origin() -> String {
+    if std::env::var_os("JOBMIRROR_DB").is_some() {
+        return "--db or JOBMIRROR_DB".into();
+    }
+    match CONFIG_IN_USE.get().and_then(|c| c.as_ref()) {
+        Some(f) => format!("the `db` setting of {} or its default", f.display()),
+        None => format!(
+            "the default `db` (no configuration file: {} does not exist and neither --config nor JOBMIRROR_CONFIG is given)",
+            crate::config::DEFAULT_CONFIG_PATH
+        ),
+    }
+}
+
+/// The configuration file this command resolved, for messages.
+pub(super) static CONFIG_IN_USE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
 /// The database path alone (for commands that need no credentials).
 pub(super) fn db_path(file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
     let mut db: Option<String> = std::env::var("JOBMIRROR_DB").ok();
@@ -130,15 +196,8 @@ pub(super) fn db_path(file: Option<&std::path::Path>) -> anyhow::Result<PathBuf>
 /// The database named by the configuration, which must exist.
 pub(super) fn existing_db(file: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
     let db = db_path(file)?;
-    match std::fs::metadata(&db) {
-        Ok(_) => Ok(db),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UsageError(format!(
-            "database {} does not exist (run `jobmirror migrate` or `jobmirror run` first)",
-            db.display()
-        ))
-        .into()),
-        Err(e) => Err(UsageError(format!("database {} cannot be read: {e}", db.display())).into()),
-    }
+    require_db(&db)?;
+    Ok(db)
 }
 
 /// `--at`, or now.

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use crate::cli::args::CompaniesAction;
-use crate::cli::common::{config_value, say_json};
+use crate::cli::common::{config_value, open_existing, say_json};
 use crate::clock::SharedClock;
 use crate::config::{Config, UsageError};
 use crate::store::{CompanyChange, CompanyCredential, Store};
@@ -96,7 +96,7 @@ pub(super) fn run(
                 }
                 (None, None) => (CompanyCredential::Default, None),
             };
-            let store = Store::open(&cfg.db)?;
+            let store = open_existing(&cfg.db)?;
             let change = store.company_add(&id, &credential, refresh.as_deref(), now)?;
             let shard_note = (!cfg.shard.serves(&id))
                 .then(|| format!("; shard {} does not serve it", cfg.shard));
@@ -124,12 +124,9 @@ pub(super) fn run(
         }
         CompaniesAction::List { json } => {
             // Read-only: listing never creates or migrates a database.
-            let (rows, reauth) = if cfg.db.exists() {
-                let store = Store::open_read_only(&cfg.db)?;
-                (store.company_rows()?, crate::ops::reauthorizations(&store)?)
-            } else {
-                Default::default()
-            };
+            crate::cli::common::require_db(&cfg.db)?;
+            let store = Store::open_read_only(&cfg.db)?;
+            let (rows, reauth) = (store.company_rows()?, crate::ops::reauthorizations(&store)?);
             let v = list(&cfg, &rows, &reauth);
             if json {
                 say_json(&v)?;
@@ -140,7 +137,7 @@ pub(super) fn run(
         }
         CompaniesAction::Remove { id, json } => {
             check_id(&id)?;
-            let store = Store::open(&cfg.db)?;
+            let store = open_existing(&cfg.db)?;
             let removed = store.company_remove(&id, now)?;
             let in_config = cfg.company_ids.contains(&id);
             if !removed && !in_config {
@@ -181,7 +178,7 @@ fn pause(
     now: crate::clock::Millis,
 ) -> anyhow::Result<()> {
     check_id(id)?;
-    let store = Store::open(&cfg.db)?;
+    let store = open_existing(&cfg.db)?;
     let known = cfg.company_ids.iter().any(|c| c == id) || store.has_company_row(id)?;
     if !known {
         return Err(UsageError(format!(
@@ -300,7 +297,7 @@ pub(super) fn subscribe(
     crate::cli::common::check_subscription_url(url)?;
     let base = Config::load_for(config, crate::config::Needs::PLEO)?;
     crate::cli::common::init_logging(base.log);
-    let store = Store::open(&base.db)?;
+    let store = open_existing(&base.db)?;
     let rows = store.company_rows()?;
     let cfg = base.with_companies(&rows);
     // The service refreshes the pairs while it runs; without it, this command may (it holds

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use clap::Parser;
 
 use crate::cli::common::{
-    db_path, emit, existing_db, init_logging, open_report, operator_config, operator_settings,
-    report_time, say_json, signal_usr1,
+    CONFIG_IN_USE, config_file, db_path, emit, existing_db, init_logging, open_report,
+    operator_config, operator_settings, report_time, say_json, signal_usr1,
 };
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ConfigError};
@@ -38,6 +38,22 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // A report read through `head` or a closed pager ends quietly, as every Unix tool does:
+    // the default SIGPIPE action for the commands that only print. The service and the
+    // commands that run handlers or serve sockets keep Rust's ignored SIGPIPE (a closed pipe
+    // there is an error to handle, not a reason to die).
+    if !matches!(
+        cli.command,
+        Command::Run
+            | Command::Demo
+            | Command::FakePleo { .. }
+            | Command::Replay { .. }
+            | Command::Simulate { .. }
+            | Command::Bench { .. }
+    ) {
+        // SAFETY: no other thread exists yet; SIG_DFL is a valid disposition for SIGPIPE.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     if let Some(db) = &cli.db {
         // SAFETY: no other thread exists yet; every loader reads the database path from here.
         unsafe { std::env::set_var("JOBMIRROR_DB", db) };
@@ -66,8 +82,22 @@ fn chain(e: &anyhow::Error) -> String {
     s
 }
 
-fn dispatch(cli: Cli) -> anyhow::Result<()> {
+fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
     let clock: SharedClock = Arc::new(SystemClock);
+    // Every command that reads a configuration finds the one the service uses: --config,
+    // JOBMIRROR_CONFIG, or the default path the shipped unit names.
+    let offline = matches!(
+        cli.command,
+        Command::Demo
+            | Command::Replay { .. }
+            | Command::Simulate { .. }
+            | Command::Bench { .. }
+            | Command::FakePleo { .. }
+    );
+    if !offline {
+        cli.config = config_file(cli.config.take())?;
+        let _ = CONFIG_IN_USE.set(cli.config.clone());
+    }
     match cli.command {
         Command::Run => {
             let cfg = Config::load(cli.config.as_deref())?;
@@ -111,17 +141,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                         )
                     })
                     .collect();
-                say_json(
-                    &serde_json::json!({"valid": true, "settings": map, "warnings": warnings}),
-                )?;
+                say_json(&serde_json::json!({
+                    "valid": true, "settings": map, "warnings": warnings,
+                    "config_file": cli.config, "db": cfg.db, "db_exists": cfg.db.exists(),
+                }))?;
             } else {
                 for s in &settings {
                     println!("{:<34} {:<10} {}", s.key, s.from, s.value);
                 }
                 println!(
-                    "configuration valid: {} companies, database {}",
+                    "configuration valid: {} companies, database {}{}, file {}",
                     cfg.company_ids.len(),
-                    cfg.db.display()
+                    cfg.db.display(),
+                    if cfg.db.exists() {
+                        ""
+                    } else {
+                        " (does not exist yet: `run` or `migrate` creates it)"
+                    },
+                    cli.config
+                        .as_deref()
+                        .map_or("none (embedded defaults)".into(), |p| p
+                            .display()
+                            .to_string())
                 );
             }
             Ok(())

@@ -66,6 +66,10 @@ pub(super) fn subscribe(
             UsageError("subscribe needs --secret-file or the webhook_secret_file setting".into())
         })?;
     check_subscription_url(url)?;
+    // OAuth keeps its rotated tokens in the database: it must be the service's, not a new one.
+    if cfg.oauth.is_some() {
+        crate::cli::common::require_db(&cfg.db)?;
+    }
     let client = cfg.client(clock)?;
     let (id, secret, change) = client.ensure_subscription(url, event_types)?;
     let text = format!("{}\n", secret.expose());
@@ -97,6 +101,10 @@ pub(super) fn subscriptions(
 ) -> anyhow::Result<()> {
     let cfg = Config::load_for(config, crate::config::Needs::PLEO)?;
     init_logging(cfg.log);
+    // OAuth keeps its rotated tokens in the database: it must be the service's, not a new one.
+    if cfg.oauth.is_some() {
+        crate::cli::common::require_db(&cfg.db)?;
+    }
     let client = cfg.client(clock)?;
     match action {
         SubscriptionsAction::List { json } => {
@@ -163,6 +171,10 @@ pub(super) fn record(
     };
     let cfg = Config::load_for(config, crate::config::Needs::PLEO_COMPANIES)?;
     init_logging(cfg.log);
+    // OAuth keeps its rotated tokens in the database: it must be the service's, not a new one.
+    if cfg.oauth.is_some() {
+        crate::cli::common::require_db(&cfg.db)?;
+    }
     let client = cfg.client(clock.clone())?;
     let opts = crate::replay::snapshot::RecordOptions {
         redact,

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// The configuration file the shipped unit names, and every command reads when neither
+/// `--config` nor `JOBMIRROR_CONFIG` names another (and it exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/jobmirror/jobmirror.toml";
+
 /// Every key, its default (None: required or optional without default) and what it means.
 pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (

@@ -45,6 +45,8 @@ pub(crate) fn add_with_oauth(
     company: &str,
 ) -> String {
     let token = f.authorize_company(company).unwrap();
+    // Only `run` and `migrate` create the database.
+    jm(cfg, &["migrate"]);
     let file = dir.join("refresh-token");
     std::fs::write(&file, format!("{token}\n")).unwrap();
     let file = file.display().to_string();
@@ -287,6 +289,22 @@ fn companies_commands_refuse_bad_input_with_clear_errors() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(err.contains("pleo_auth"), "{err}");
     assert!(!err.contains("a-refresh-token"), "{err}");
+    // Only `run` and `migrate` create a database: a command pointed at a missing one names
+    // the path it looked for and changes nothing.
+    let out = run(&["add", A]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains(&format!("database {} does not exist", db.display())),
+        "{err}"
+    );
+    assert!(!db.exists(), "a refused command created the database");
+    let out = cmd()
+        .env("JOBMIRROR_DB", &db)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
     let out = run(&["remove", A]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not in the database"));

@@ -4,8 +4,11 @@
 //! The invariant: one record is one line on stderr, whatever the format; under systemd
 //! (`JOURNAL_STREAM` names our stderr) each line starts with its syslog priority (`<3>` for
 //! errors), so `journalctl -p err` finds them; `log_format = "json"` writes one JSON object a
-//! line with fixed fields (`ts`, `level`, `msg`). HTTP libraries' wire dumps never reach the
-//! log (they would carry the credential).
+//! line, never prefixed (a prefix would break every shipper reading the stream as JSON): the
+//! fixed fields `ts`, `level`, `priority` (syslog's number, the same the prefix would carry),
+//! `msg`, then what the line is about when it names it: `job`, `company`, `event` (a job
+//! event's name, as the message quotes it). HTTP libraries' wire dumps never reach the log
+//! (they would carry the credential).
 
 use std::io::Write;
 
@@ -14,7 +17,8 @@ use std::io::Write;
 pub enum LogFormat {
     /// `2026-12-02T08:00:00.000Z [INFO] message`
     Text,
-    /// `{"ts":"2026-12-02T08:00:00.000Z","level":"info","msg":"message"}`
+    /// `{"ts":"2026-12-02T08:00:00.000Z","level":"info","priority":6,"msg":"claimed job J of
+    /// company C","job":"J","company":"C"}`
     Json,
 }
 
@@ -116,30 +120,105 @@ impl<W: Write> LineWriter<W> {
             // A message with a newline: its later lines keep the record's level and time.
             None => (self.last.1.clone(), self.last.0, line),
         };
+        let priority = match level {
+            "error" => 3,
+            "warn" => 4,
+            "info" => 6,
+            _ => 7,
+        };
         let mut text = String::new();
-        if self.journal {
-            let priority = match level {
-                "error" => 3,
-                "warn" => 4,
-                "info" => 6,
-                _ => 7,
-            };
-            text.push_str(&format!("<{priority}>"));
-        }
         match self.format {
-            LogFormat::Text if header => text.push_str(line),
-            LogFormat::Text => text.push_str(&format!("{ts} [{}] {msg}", level.to_uppercase())),
-            // Fields in a fixed order: ts, level, msg.
-            LogFormat::Json => text.push_str(&format!(
-                "{{\"ts\":{},\"level\":{},\"msg\":{}}}",
-                serde_json::Value::from(ts),
-                serde_json::Value::from(level),
-                serde_json::Value::from(msg)
-            )),
+            LogFormat::Text => {
+                if self.journal {
+                    text.push_str(&format!("<{priority}>"));
+                }
+                if header {
+                    text.push_str(line);
+                } else {
+                    text.push_str(&format!("{ts} [{}] {msg}", level.to_uppercase()));
+                }
+            }
+            // Fields in a fixed order: ts, level, priority, msg, then the subjects named.
+            LogFormat::Json => {
+                let v = |s: &str| serde_json::Value::from(s);
+                text.push_str(&format!(
+                    "{{\"ts\":{},\"level\":{},\"priority\":{priority},\"msg\":{}",
+                    v(&ts),
+                    v(level),
+                    v(msg)
+                ));
+                for (field, value) in subjects(msg) {
+                    text.push_str(&format!(",\"{field}\":{}", v(value)));
+                }
+                text.push('}');
+            }
         }
         text.push('\n');
         self.out.write_all(text.as_bytes())
     }
+}
+
+/// The names of job events a message may quote in backticks.
+const EVENTS: &[&str] = &[
+    "started",
+    "completed",
+    "completed_with_errors",
+    "failed",
+    "expired",
+    "in_progress",
+];
+
+/// What a message is about, as it names it: `job ID` (or `handler[ID]`), `company ID`, and a
+/// job event quoted in backticks. Each field at most once, the first mention.
+pub fn subjects(msg: &str) -> Vec<(&'static str, &str)> {
+    let token = |rest: &str| -> Option<usize> {
+        let end = rest
+            .find(|c: char| c.is_whitespace() || matches!(c, ':' | ',' | ';' | '(' | ')' | '`'))
+            .unwrap_or(rest.len());
+        (end > 0).then_some(end)
+    };
+    // Positions first (field, start, end), in the order the message names them.
+    let mut found: Vec<(&'static str, usize, usize)> = Vec::new();
+    for (field, word) in [("job", "job "), ("company", "company ")] {
+        let mut from = 0;
+        while let Some(i) = msg[from..].find(word) {
+            let at = from + i;
+            let boundary =
+                at == 0 || !msg[..at].ends_with(|c: char| c.is_alphanumeric() || c == '_');
+            let start = at + word.len();
+            if boundary && let Some(len) = token(&msg[start..]) {
+                found.push((field, start, start + len));
+                break;
+            }
+            from = start;
+        }
+    }
+    if let Some(i) = msg.find("handler[")
+        && let Some(len) = msg[i + 8..].find(']')
+        && len > 0
+    {
+        found.push(("job", i + 8, i + 8 + len));
+    }
+    let mut rest = msg;
+    let mut offset = 0;
+    while let Some(i) = rest.find('`') {
+        let after = &rest[i + 1..];
+        let Some(j) = after.find('`') else { break };
+        if EVENTS.contains(&&after[..j]) {
+            found.push(("event", offset + i + 1, offset + i + 1 + j));
+            break;
+        }
+        offset += i + 1 + j + 1;
+        rest = &after[j + 1..];
+    }
+    found.sort_by_key(|(_, start, _)| *start);
+    let mut fields: Vec<(&'static str, &str)> = Vec::new();
+    for (field, start, end) in found {
+        if !fields.iter().any(|(f, _)| *f == field) {
+            fields.push((field, &msg[start..end]));
+        }
+    }
+    fields
 }
 
 impl<W: Write> Write for LineWriter<W> {
@@ -185,6 +264,32 @@ mod tests {
     }
 
     #[test]
+    fn json_lines_name_their_subjects_and_carry_the_priority_as_a_field() {
+        // Under the journal too: no `<6>` prefix in JSON mode, the priority is a field.
+        let out = through(
+            LogFormat::Json,
+            true,
+            "2026-12-02T08:00:00.000Z [INFO] claimed job 0f1e-77 of company c-9\n\
+             2026-12-02T08:00:00.001Z [WARN] job J2: could not read it back after `completed`: 503\n\
+             2026-12-02T08:00:00.002Z [ERROR] handler[J3]: boom\n\
+             2026-12-02T08:00:00.003Z [INFO] nothing to name, a jobless line\n",
+        );
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect();
+        assert_eq!(lines[0]["job"], "0f1e-77");
+        assert_eq!(lines[0]["company"], "c-9");
+        assert_eq!(lines[0]["priority"], 6);
+        assert_eq!(lines[1]["job"], "J2");
+        assert_eq!(lines[1]["event"], "completed");
+        assert_eq!(lines[1]["priority"], 4);
+        assert_eq!(lines[2]["job"], "J3");
+        assert_eq!(lines[2]["priority"], 3);
+        assert!(lines[3].get("job").is_none(), "{}", lines[3]);
+    }
+
+    #[test]
     fn json_is_one_object_a_line_with_fixed_fields() {
         let out = through(
             LogFormat::Json,
@@ -197,11 +302,11 @@ mod tests {
             .collect();
         assert_eq!(
             lines[0],
-            serde_json::json!({"ts": "2026-12-02T08:00:00.000Z", "level": "warn", "msg": "a \"quoted\" word"})
+            serde_json::json!({"ts": "2026-12-02T08:00:00.000Z", "level": "warn", "priority": 4, "msg": "a \"quoted\" word"})
         );
-        assert!(
-            out.starts_with("{\"ts\":\"2026-12-02T08:00:00.000Z\",\"level\":\"warn\",\"msg\":")
-        );
+        assert!(out.starts_with(
+            "{\"ts\":\"2026-12-02T08:00:00.000Z\",\"level\":\"warn\",\"priority\":4,\"msg\":"
+        ));
         assert_eq!(lines[1]["level"], "warn");
         assert_eq!(lines[1]["msg"], "second line");
     }

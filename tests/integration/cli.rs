@@ -996,39 +996,95 @@ fn logs_carry_syslog_priorities_under_the_journal_and_json_is_one_object_a_line(
         assert_eq!(ts.len(), "2026-12-02T08:00:00.000Z".len(), "{line}");
         assert!(ts.ends_with('Z') && line.contains(" [INFO] "), "{line}");
     }
-    // log_format = "json": one object a line, fields ts, level, msg.
+    // log_format = "json" under the journal: one object a line and nothing before it (the
+    // priority is a field), what a line is about in fields of its own; jq reads the stream.
     let fake = fake_on_the_real_clock();
-    let mut child = cmd()
+    let company = "aaaaaaaa-0000-4000-8000-000000000001";
+    fake.add_job(JobSpec {
+        id: Some("json-job-1".into()),
+        company_id: company.into(),
+        created_secs_ago: Some(60),
+        ..Default::default()
+    })
+    .unwrap();
+    let log = dir.path().join("json.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let child = cmd()
         .arg("run")
         .env("JOBMIRROR_DB", &db)
         .env("JOBMIRROR_PLEO_BASE_URL", fake.base_url())
         .env("JOBMIRROR_PLEO_API_KEY", "k")
-        .env(
-            "JOBMIRROR_COMPANY_IDS",
-            "aaaaaaaa-0000-4000-8000-000000000001",
-        )
+        .env("JOBMIRROR_COMPANY_IDS", company)
         .env("JOBMIRROR_HANDLER_COMMAND", "dry-run")
         .env("JOBMIRROR_LOG_FORMAT", "json")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(file)
         .spawn()
         .unwrap();
-    let rx = lines(child.stderr.take().unwrap());
     let reaper = Reaper(Some(child));
-    let mut seen = Vec::new();
-    wait_for(&rx, "recovery pass", &mut seen);
-    for line in &seen {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("claimed job json-job-1")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(reaper);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut claimed = None;
+    for line in text.lines() {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 3, "{line}");
+        assert!(line.starts_with("{\"ts\":"), "{line}");
         assert!(
             v["ts"].is_string() && v["level"].is_string() && v["msg"].is_string(),
             "{line}"
         );
-        assert!(line.starts_with("{\"ts\":"), "{line}");
+        let want = match v["level"].as_str().unwrap() {
+            "error" => 3,
+            "warn" => 4,
+            "info" => 6,
+            _ => 7,
+        };
+        assert_eq!(v["priority"], want, "{line}");
+        if v["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("claimed job json-job-1")
+        {
+            claimed = Some(v);
+        }
     }
-    drop(reaper);
+    let claimed = claimed.unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(claimed["job"], "json-job-1", "{claimed}");
+    assert_eq!(claimed["company"], company, "{claimed}");
+    // jq, line by line, as a shipper would read the journal's stream.
+    if tool_here("jq") {
+        let out = std::process::Command::new("jq")
+            .args(["-r", "select(.job != null) | .job"])
+            .arg(&log)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l == "json-job-1"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }
 
 #[test]
@@ -1121,4 +1177,38 @@ fn one_consistent_command_line_version_db_check_config_json_and_no_overwrite() {
         (Some(0), Some(1))
     );
     assert_ne!(std::fs::read_to_string(&snap).unwrap(), "keep me");
+}
+
+#[test]
+fn a_closed_stdout_ends_a_report_quietly() {
+    // `jobmirror status --json | head -c 10`: the reader goes away before the report is
+    // written. Every try ends quietly (SIGPIPE, as any Unix tool), never a panic (exit 101).
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("p.db");
+    succeeds(cmd().arg("migrate").env("JOBMIRROR_DB", &db));
+    for args in [&["status", "--json"][..], &["jobs", "--json"], &["doctor"]] {
+        for _ in 0..10 {
+            let mut child = cmd()
+                .args(args)
+                .env("JOBMIRROR_DB", &db)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // The pipe's read end closed before anything is read.
+            drop(child.stdout.take());
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!err.contains("panicked"), "{args:?}: {err}");
+            assert_ne!(out.status.code(), Some(101), "{args:?}: {err}");
+            assert!(
+                out.status.success()
+                    || out.status.signal() == Some(libc::SIGPIPE)
+                    || out.status.code() == Some(1) && args[0] == "doctor",
+                "{args:?}: {:?} {err}",
+                out.status
+            );
+        }
+    }
 }

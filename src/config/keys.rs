@@ -263,6 +263,11 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "handler runs per job (after crashes) before open items fail",
     ),
     (
+        "handler_retry_secs",
+        Some("5"),
+        "wait after a handler run that crashed before the next run (doubling, at most 60 s, never past the finish margin)",
+    ),
+    (
         "report_flush_secs",
         Some("5"),
         "report results to Pleo at least this often while the handler runs",

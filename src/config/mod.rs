@@ -535,10 +535,10 @@ impl Config {
             item_timeout: secs("handler_item_timeout_secs", 1)?,
             job_timeout: secs("handler_job_timeout_secs", 1)?,
             attempts_max: count("handler_attempts_max")?,
+            retry_backoff: secs("handler_retry_secs", 0)?,
             flush_interval: secs("report_flush_secs", 1)?,
             finish_margin: secs("finish_margin_secs", 0)?,
-            // Close enough that the deadline decides something (a warning, a job failed
-            // before it expires): know it from Pleo.
+            // Close enough that the deadline decides something: know it from Pleo.
             reread_within: secs("finish_margin_secs", 0)? + secs("deadline_warning_secs", 0)?,
             deadline_warning: secs("deadline_warning_secs", 0)?,
             check_timeout: secs("handler_check_timeout_secs", 1)?,

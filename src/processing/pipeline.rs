@@ -33,6 +33,8 @@ pub struct PipelineConfig {
     pub job_timeout: Duration,
     /// Handler runs per job (crashes, garbage) before open items fail.
     pub attempts_max: u32,
+    /// The wait after a run that crashed, before the next (doubling per run, at most 60 s).
+    pub retry_backoff: Duration,
     /// Report results at least this often while the handler runs.
     pub flush_interval: Duration,
     /// Stop and fail the job when less than this is left before it expires.
@@ -54,6 +56,7 @@ impl Default for PipelineConfig {
             item_timeout: Duration::from_secs(120),
             job_timeout: Duration::from_secs(3000),
             attempts_max: 3,
+            retry_backoff: Duration::from_secs(5),
             flush_interval: Duration::from_secs(5),
             finish_margin: Duration::from_secs(120),
             deadline_warning: Duration::from_secs(600),

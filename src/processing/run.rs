@@ -7,6 +7,8 @@
 
 use serde_json::{Value, json};
 
+use std::time::Duration;
+
 use crate::clock::Millis;
 use crate::pleo::JobEventKind;
 use crate::processing::Stage;
@@ -107,6 +109,8 @@ impl HandlerStage {
         // Results recorded before a crash are reported without asking the handler again.
         self.flush(store, job, &mut deadline, usize::MAX)?;
 
+        // Whether open items were failed because the handler kept crashing.
+        let mut crashed_out = false;
         loop {
             let todo = store.todo_items(&job.id)?;
             if todo.is_empty() {
@@ -128,6 +132,7 @@ impl HandlerStage {
                     "job {}: {n} items failed with unexpected_failure: {reason}",
                     job.id
                 );
+                crashed_out = true;
                 break;
             }
             let mut items: Vec<Value> = Vec::with_capacity(todo.len());
@@ -163,8 +168,22 @@ impl HandlerStage {
                     .cmp(&b["accountingEntryId"].as_str())
             });
             match self.run_handler(store, job, &raw, items, attempt, &mut deadline)? {
-                RunEnd::AllAnswered | RunEnd::Crashed => continue,
+                RunEnd::AllAnswered => continue,
+                RunEnd::Crashed => {
+                    if let Some((_, m)) = &self.health {
+                        m.handler_crashes
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    if attempt < self.cfg.attempts_max {
+                        self.wait_after_crash(job, attempt, deadline)?;
+                    }
+                    continue;
+                }
                 RunEnd::TimedOut(reason) => {
+                    if let Some((_, m)) = &self.health {
+                        m.handler_timeouts
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     self.flush(store, job, &mut deadline, usize::MAX)?;
                     return self.finish(
                         store,
@@ -195,9 +214,18 @@ impl HandlerStage {
             }
         } else {
             let (kind, reason) = store.first_item_failure(&job.id)?.unwrap_or((None, None));
+            // A handler that kept crashing left the integration unusable for this job ("Integration
+            // service blocked or unusable for the customer"); otherwise the items' own type
+            // when it is a job type too.
             let job_kind = kind
                 .filter(|k| crate::processing::handler::JOB_FAILURE_TYPES.contains(&k.as_str()))
-                .unwrap_or_else(|| "validation_failure".into());
+                .unwrap_or_else(|| {
+                    if crashed_out {
+                        "integration_unusable".into()
+                    } else {
+                        "validation_failure".into()
+                    }
+                });
             Finish {
                 event: JobEventKind::Failed,
                 failure_reason_type: Some(job_kind),
@@ -209,5 +237,41 @@ impl HandlerStage {
             }
         };
         self.finish(store, job, finish)
+    }
+
+    /// The pause after handler run `attempt` crashed: `retry_backoff` doubled per run, at most
+    /// 60 s, never past the finish margin before `deadline`. Slept in ticks, so a shutdown
+    /// ends it and the lane keeps beating.
+    fn wait_after_crash(&self, job: &JobRow, attempt: u32, deadline: Millis) -> Result<(), Pause> {
+        let wanted = self
+            .cfg
+            .retry_backoff
+            .saturating_mul(1u32 << (attempt - 1).min(6))
+            .min(Duration::from_secs(60));
+        let room = self.clock.now().until(deadline) - self.cfg.finish_margin.as_millis() as i64;
+        let wait = wanted.min(Duration::from_millis(room.max(0) as u64));
+        if wait.is_zero() {
+            return Ok(());
+        }
+        log::info!(
+            "job {}: handler run {attempt} crashed; the next run in {} ms",
+            job.id,
+            wait.as_millis()
+        );
+        let until = self.clock.now().plus(wait);
+        loop {
+            if self.stopping.as_ref().is_some_and(|s| s.is_set()) {
+                return Err(Pause::Stopping);
+            }
+            let left = self.clock.now().until(until);
+            if left <= 0 {
+                return Ok(());
+            }
+            if let Some((p, _)) = &self.health {
+                p.beat();
+            }
+            self.clock
+                .sleep(Duration::from_millis(left as u64).min(Duration::from_millis(200)));
+        }
     }
 }

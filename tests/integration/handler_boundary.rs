@@ -245,6 +245,7 @@ exit 1"#,
         ("JOBMIRROR_HANDLER_JOB_TIMEOUT_SECS", "4"),
         ("JOBMIRROR_HANDLER_ITEM_TIMEOUT_SECS", "60"),
         ("JOBMIRROR_HANDLER_ATTEMPTS_MAX", "20"),
+        ("JOBMIRROR_HANDLER_RETRY_SECS", "1"),
     ];
     let (mut svc, _rx) = service(d, &fake, &h, &extra);
     let hang = pid_in(&d.join("hang"), Duration::from_secs(30));

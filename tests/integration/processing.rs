@@ -612,6 +612,7 @@ exit 1"#,
         "[ \"$1\" = \"--check\" ] && exit 0\ncat >/dev/null\nexit 7",
     );
     w2.mirror(&[A]).pass(PassKind::Recovery);
+    let slept_before = w2.clock.sleeps().len();
     let r = processor_with(&w2, &[A], never, pcfg()).round();
     assert_eq!(r.finished, ["j"]);
     let f = w2.fake.job(&j).unwrap();
@@ -621,6 +622,27 @@ exit 1"#,
             .iter()
             .all(|i| i.failure_reason_type.as_deref() == Some("unexpected_failure"))
     );
+    // The job says what happened: the integration could not run (not a validation failure).
+    assert_eq!(
+        f.failure_reason_type.as_deref(),
+        Some("integration_unusable"),
+        "{:?}",
+        f.failure_reason
+    );
+    // Runs were spaced by a doubling wait on the (manual) clock: 5 s after the first crash,
+    // 10 s after the second, none after the last.
+    let waited: Duration = w2.clock.sleeps()[slept_before..].iter().sum();
+    assert_eq!(waited, Duration::from_secs(15), "{:?}", w2.clock.sleeps());
+    let runs: Vec<_> = w2
+        .store()
+        .events(Some(&j))
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "handler_failed")
+        .map(|e| e.at)
+        .collect();
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    assert!(runs[1].until(runs[2]) >= 10_000, "{runs:?}");
 }
 
 #[test]

@@ -155,7 +155,29 @@ pub struct Metrics {
     /// 1 while the OAuth token endpoint refuses the client (`invalid_client`,
     /// `unauthorized_client`); no refresh token is used up meanwhile.
     pub oauth_client_refused: AtomicU64,
+    /// Requests to Pleo that failed in a row, each after its retries (no answer, 5xx, 429);
+    /// any other answer ends the streak. Pleo is down for this instance while it grows.
+    pub pleo_failed_in_a_row: AtomicU64,
+    /// When the streak began (Unix ms on the client's clock; 0: no streak).
+    pub pleo_failing_since_ms: AtomicU64,
+    /// Handler runs that ended before answering every item (a crash, an exit, garbage).
+    pub handler_crashes: AtomicU64,
+    /// Handler runs stopped for time: no result within the item limit, the job limit, or
+    /// too close to the job's deadline.
+    pub handler_timeouts: AtomicU64,
+    /// Jobs first seen by a listing poll (not a webhook): with webhooks set up, these should
+    /// be rare.
+    pub jobs_found_by_poll: AtomicU64,
+    /// Listing passes by duration: counts at or under each of [`POLL_BUCKETS`].
+    pub poll_buckets: [AtomicU64; POLL_BUCKETS.len()],
 }
+
+/// The upper bounds (seconds) of `jobmirror_poll_duration_seconds`' histogram buckets.
+pub const POLL_BUCKETS: [f64; 8] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// How many requests to Pleo must fail in a row before Pleo counts as failing for
+/// `/healthz` (degraded) and `JobmirrorPleoFailing`.
+pub const PLEO_FAILING_AFTER: u64 = 2;
 
 impl Metrics {
     pub fn api_request(&self, method: &str, path: &str, status: Option<u16>) {
@@ -171,7 +193,31 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// A request to Pleo ended (after its retries) at `now`: `failed` when it got no answer,
+    /// a 5xx or a 429.
+    pub fn pleo_outcome(&self, failed: bool, now: crate::clock::Millis) {
+        if failed {
+            if self.pleo_failed_in_a_row.fetch_add(1, Ordering::Relaxed) == 0 {
+                self.pleo_failing_since_ms
+                    .store(now.0.max(1) as u64, Ordering::Relaxed);
+            }
+        } else if self.pleo_failed_in_a_row.swap(0, Ordering::Relaxed) > 0 {
+            self.pleo_failing_since_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether Pleo is failing: [`PLEO_FAILING_AFTER`] requests or more failed in a row.
+    pub fn pleo_failing(&self) -> bool {
+        self.pleo_failed_in_a_row.load(Ordering::Relaxed) >= PLEO_FAILING_AFTER
+    }
+
     pub fn poll_done(&self, took: Duration, failed: bool) {
+        let secs = took.as_secs_f64();
+        for (bound, n) in POLL_BUCKETS.iter().zip(&self.poll_buckets) {
+            if secs <= *bound {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.polls.fetch_add(1, Ordering::Relaxed);
         if failed {
             self.polls_failed.fetch_add(1, Ordering::Relaxed);

@@ -339,7 +339,7 @@ fn one(cx: &Ctx, run: &ScaleRun, figures: &mut Vec<Figure>) -> anyhow::Result<()
         .unwrap_or_default();
     let scrape_ms = t.elapsed().as_secs_f64() * 1000.0;
     anyhow::ensure!(
-        scrape.contains("jobmirror_up 1"),
+        scrape.contains("jobmirror_threads_progressing 1"),
         "{label}: /metrics did not answer"
     );
     figures.push(fig(

@@ -82,6 +82,15 @@ impl Admin {
             );
         }
         let last_poll = store.last_successful_poll().ok().flatten();
+        let interval_ms = load(&self.metrics.poll_interval_secs) as i64 * 1000;
+        let now = crate::clock::Millis(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        );
+        let poll_stale = store
+            .companies_poll_stale(now, 3 * interval_ms)
+            .map_or_else(|_| "NaN".to_owned(), |n| n.to_string());
         let next_deadline = store
             .in_flight()
             .ok()
@@ -276,28 +285,70 @@ impl Admin {
             &mut o,
             "jobmirror_api_requests_total",
             "counter",
-            "Pleo API requests by endpoint and status (\"error\": no answer).",
+            "Pleo API requests (each attempt) by endpoint and HTTP status code; requests that got no answer are counted in jobmirror_api_errors_total.",
         );
-        for ((endpoint, status), n) in self
+        let api = self
             .metrics
             .api
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+            .clone();
+        for ((endpoint, code), n) in api.iter().filter(|((_, c), _)| c != "error") {
             let _ = writeln!(
                 o,
-                "jobmirror_api_requests_total{{endpoint=\"{}\",status=\"{}\"}} {n}",
+                "jobmirror_api_requests_total{{endpoint=\"{}\",code=\"{}\"}} {n}",
                 escape(endpoint),
-                escape(status)
+                escape(code)
+            );
+        }
+        family(
+            &mut o,
+            "jobmirror_api_errors_total",
+            "counter",
+            "Pleo API requests (each attempt) that got no answer (connection refused or reset, timeout), by endpoint.",
+        );
+        for ((endpoint, _), n) in api.iter().filter(|((_, c), _)| c == "error") {
+            let _ = writeln!(
+                o,
+                "jobmirror_api_errors_total{{endpoint=\"{}\"}} {n}",
+                escape(endpoint)
+            );
+        }
+        single(
+            &mut o,
+            "jobmirror_pleo_requests_failed_in_a_row",
+            "gauge",
+            "Requests to Pleo that failed in a row, each after its retries (no answer, 5xx, 429); 0 once one gets another answer. At 2 or more /healthz says degraded.",
+            &load(&self.metrics.pleo_failed_in_a_row),
+        );
+        let since = load(&self.metrics.pleo_failing_since_ms);
+        if since > 0 {
+            single(
+                &mut o,
+                "jobmirror_pleo_failing_since_timestamp_seconds",
+                "gauge",
+                "When the current streak of failed requests to Pleo began (Unix time; absent while requests succeed).",
+                &(since as f64 / 1000.0),
             );
         }
         let m = &self.metrics;
         family(
             &mut o,
             "jobmirror_poll_duration_seconds",
-            "summary",
-            "Listing passes over one company.",
+            "histogram",
+            "Listing passes over one company (or one credential's companies), by duration.",
+        );
+        for (bound, n) in crate::health::POLL_BUCKETS.iter().zip(&m.poll_buckets) {
+            let _ = writeln!(
+                o,
+                "jobmirror_poll_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                load(n)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "jobmirror_poll_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            load(&m.polls)
         );
         let _ = writeln!(
             o,
@@ -339,27 +390,57 @@ impl Admin {
             "jobmirror_handler_results_total{{outcome=\"failed\"}} {}",
             load(&m.handler_failed)
         );
+        for (name, help, n) in [
+            (
+                "jobmirror_handler_crashes_total",
+                "Handler runs that ended before answering every item (a crash, an exit, output that is not a result); the next run waits handler_retry_secs, doubling.",
+                &m.handler_crashes,
+            ),
+            (
+                "jobmirror_handler_timeouts_total",
+                "Handler runs stopped for time (no result within handler_item_timeout_secs, the job limit, or the job's deadline near); the job failed as accounting_system_timeout.",
+                &m.handler_timeouts,
+            ),
+            (
+                "jobmirror_jobs_found_by_poll_total",
+                "Jobs a listing poll found before any webhook named them.",
+                &m.jobs_found_by_poll,
+            ),
+        ] {
+            single(&mut o, name, "counter", help, &load(n));
+        }
         single(
             &mut o,
-            "jobmirror_up",
+            "jobmirror_companies_poll_stale",
             "gauge",
-            "1 while every thread makes progress.",
+            "Companies whose listing keeps failing and last succeeded more than 3 poll intervals ago (or never).",
+            &poll_stale,
+        );
+        single(
+            &mut o,
+            "jobmirror_threads_progressing",
+            "gauge",
+            "1 while every worker thread makes progress (0: one is stuck; /healthz names it). Whether the process is reachable is Prometheus's own `up`.",
             &u8::from(self.progress.healthy()),
         );
-        single(
-            &mut o,
-            "jobmirror_last_successful_poll_timestamp_seconds",
-            "gauge",
-            "When a listing pass last succeeded (Unix time; 0: never).",
-            &last_poll.map_or(0.0, |t| t.0 as f64 / 1000.0),
-        );
-        single(
-            &mut o,
-            "jobmirror_next_deadline_timestamp_seconds",
-            "gauge",
-            "The earliest deadline (Unix time) of the jobs in hand; 0: no job in hand.",
-            &next_deadline.map_or(0.0, |t| t.0 as f64 / 1000.0),
-        );
+        if let Some(t) = last_poll {
+            single(
+                &mut o,
+                "jobmirror_last_successful_poll_timestamp_seconds",
+                "gauge",
+                "When a listing pass last succeeded (Unix time; absent: never).",
+                &(t.0 as f64 / 1000.0),
+            );
+        }
+        if let Some(t) = next_deadline {
+            single(
+                &mut o,
+                "jobmirror_next_deadline_timestamp_seconds",
+                "gauge",
+                "The earliest deadline (Unix time) of the jobs in hand (absent: no job in hand).",
+                &(t.0 as f64 / 1000.0),
+            );
+        }
         family(
             &mut o,
             "jobmirror_build_info",
@@ -403,6 +484,14 @@ impl Handler for Admin {
                     Response::text(
                         503,
                         "degraded: the OAuth token endpoint refuses the client (check its id and secret); see jobmirror doctor\n",
+                    )
+                } else if self.metrics.pleo_failing() {
+                    Response::text(
+                        503,
+                        &format!(
+                            "degraded: the last {} requests to Pleo failed (no answer, 5xx or 429); see jobmirror doctor and the log\n",
+                            self.metrics.pleo_failed_in_a_row.load(Ordering::Relaxed)
+                        ),
                     )
                 } else if failing > 0 {
                     Response::text(

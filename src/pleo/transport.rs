@@ -92,6 +92,14 @@ impl PleoClient {
                 Err(_) => (false, None),
             };
             if !retry || attempt >= policy.attempts_max.max(1) {
+                if let Some(m) = &self.metrics {
+                    let failed = match &outcome {
+                        Ok((reply, _)) => reply.status >= 500 || reply.status == 429,
+                        Err(PleoError::Transport(_)) => true,
+                        Err(_) => false,
+                    };
+                    m.pleo_outcome(failed, self.clock.now());
+                }
                 return outcome.map(|(r, _)| r);
             }
             let wait = wait.unwrap_or_else(|| self.backoff(attempt));

@@ -155,6 +155,20 @@ impl Store {
         Ok(at.map(Millis))
     }
 
+    /// Companies whose listing keeps failing and last succeeded more than `stale_ms` before
+    /// `now` (or never). A company no longer polled (removed) drops out once its last pass
+    /// is twice that old.
+    pub fn companies_poll_stale(&self, now: Millis, stale_ms: i64) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT count(*) FROM company_sync
+              WHERE failed_in_a_row > 0
+                AND coalesce(last_ok_at, 0) < ?1 - ?2
+                AND last_finished_at >= ?1 - 2 * ?2",
+            rusqlite::params![now.0, stale_ms.max(1)],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Jobs by processing state, over all companies.
     pub fn state_counts(&self) -> Result<Vec<(String, i64)>> {
         let mut stmt = self.conn.prepare_cached(

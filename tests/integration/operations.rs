@@ -267,18 +267,30 @@ fn metrics_expose_jobs_claims_api_calls_webhooks_and_handler_results() {
         "jobmirror_config_reload_refused 0",
         "jobmirror_webhooks_accepted_total 1",
         "jobmirror_webhooks_rejected_total{reason=\"bad_signature\"} 1",
-        "jobmirror_api_requests_total{endpoint=\"POST /v3/export-job-events\",status=\"202\"} 2",
-        "jobmirror_api_requests_total{endpoint=\"PUT /v3/export-jobs/{id}/items\",status=\"200\"} 1",
+        "jobmirror_api_requests_total{endpoint=\"POST /v3/export-job-events\",code=\"202\"} 2",
+        "jobmirror_api_requests_total{endpoint=\"PUT /v3/export-jobs/{id}/items\",code=\"200\"} 1",
         "jobmirror_handler_results_total{outcome=\"successful\"} 2",
         "jobmirror_handler_results_total{outcome=\"failed\"} 1",
-        "jobmirror_up 1",
+        "jobmirror_threads_progressing 1",
+        "jobmirror_pleo_requests_failed_in_a_row 0",
+        "jobmirror_handler_crashes_total 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),
             "missing {line:?} in:\n{text}"
         );
     }
-    assert!(text.contains("# TYPE jobmirror_poll_duration_seconds summary"));
+    assert!(text.contains("# TYPE jobmirror_poll_duration_seconds histogram"));
+    assert!(text.contains("jobmirror_poll_duration_seconds_bucket{le=\"+Inf\"} "));
+    // "Never" is an absent series, not a 0: no job is in hand, and Pleo has not failed.
+    assert!(
+        !text.contains("\njobmirror_next_deadline_timestamp_seconds "),
+        "{text}"
+    );
+    assert!(
+        !text.contains("\njobmirror_pleo_failing_since_timestamp_seconds "),
+        "{text}"
+    );
     for prefix in [
         "process_open_fds ",
         "process_resident_memory_bytes ",
@@ -716,4 +728,63 @@ fn three_hundred_companies_with_keys_of_their_own_share_one_connection_pool() {
     assert!(reqs.iter().all(|q| q.status != 401 && q.status != 403));
     assert!(reqs.iter().filter(|q| q.path == "/v3/export-jobs").count() >= 300);
     drop(reaper);
+}
+
+#[test]
+fn pleo_failing_every_request_makes_healthz_degraded_and_an_answer_ends_it() {
+    // /healthz said 200 for the first 11.5 minutes of a Pleo outage: only a company failing
+    // three polls in a row counted. Now two requests failing in a row (after their retries)
+    // is enough, and any answer that is not a failure ends it.
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut reaper, rx, _sock, addr, mut seen) = start(
+        dir.path(),
+        &f.base_url(),
+        &[("JOBMIRROR_PLEO_RETRY_ATTEMPTS_MAX", "1")],
+    );
+    wait_for(&rx, "recovery pass over 1 companies", &mut seen);
+    let (status, body) = http_get(&addr, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    f.set_fault_rates(jobmirror::sandbox::FaultRates {
+        server_error: 1.0,
+        ..Default::default()
+    });
+    let child = reaper.0.as_ref().unwrap();
+    for _ in 0..2 {
+        signal(child, "USR1");
+        wait_for(&rx, "trigger pass over 1 companies", &mut seen);
+    }
+    let (status, body) = http_get(&addr, "/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("degraded: the last 2 requests to Pleo failed"),
+        "{body}"
+    );
+    let (_, metrics) = http_get(&addr, "/metrics");
+    assert!(
+        metrics.contains("\njobmirror_pleo_requests_failed_in_a_row 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\njobmirror_pleo_failing_since_timestamp_seconds "),
+        "{metrics}"
+    );
+    // Pleo answers again: the next request ends the streak.
+    f.set_fault_rates(jobmirror::sandbox::FaultRates::default());
+    signal(child, "USR1");
+    wait_for(&rx, "trigger pass over 1 companies", &mut seen);
+    let (status, body) = http_get(&addr, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let (_, metrics) = http_get(&addr, "/metrics");
+    assert!(
+        metrics.contains("\njobmirror_pleo_requests_failed_in_a_row 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("\njobmirror_pleo_failing_since_timestamp_seconds "),
+        "{metrics}"
+    );
+    let child = reaper.0.take().unwrap();
+    signal(&child, "TERM");
+    assert!(wait_exit(child, Duration::from_secs(20)).success());
 }

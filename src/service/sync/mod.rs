@@ -183,6 +183,16 @@ impl Mirror {
         self
     }
 
+    /// Counts the jobs a poll (not a webhook) found first.
+    pub fn count_found(&self, report: &PassReport) {
+        if let Some(m) = &self.metrics {
+            m.jobs_found_by_poll.fetch_add(
+                report.counts.new as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
     fn wake_processors(&self) {
         for w in &self.wake {
             let _ = w.try_send(());

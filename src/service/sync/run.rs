@@ -12,6 +12,53 @@ use crate::service::sync::{Mirror, log_pass};
 
 const COALESCE: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// Pleo is asked something at least this often: when no listing started for this long, the
+/// company due first is polled now. So Pleo going down is noticed within minutes whatever
+/// `poll_interval_secs` is (`/healthz`, `JobmirrorPleoFailing`), for one request a minute at
+/// most.
+pub const PROBE_MS: i64 = 60_000;
+
+/// A failed poll is tried again this long after (doubling per failure in a row, at most one
+/// poll interval), not a whole interval later.
+pub const RETRY_FIRST_MS: i64 = 30_000;
+
+/// After polls finished: a key that failed is tried again soon (a doubling wait, capped at
+/// the interval); a key that succeeded starts counting afresh.
+fn after_polls(
+    schedule: &mut PollSchedule,
+    failures: &mut std::collections::HashMap<String, u32>,
+    done: &[String],
+    report: &crate::service::sync::PassReport,
+    now: i64,
+) {
+    let mut failed_keys: Vec<String> = Vec::new();
+    for c in &report.failed_companies {
+        let key = if schedule.contains(c) {
+            c.clone()
+        } else if schedule.contains(crate::service::sync::pass::GROUP_KEY) {
+            crate::service::sync::pass::GROUP_KEY.to_owned()
+        } else {
+            continue;
+        };
+        if !failed_keys.contains(&key) {
+            failed_keys.push(key);
+        }
+    }
+    for key in done {
+        if !failed_keys.contains(key) {
+            failures.remove(key);
+        }
+    }
+    for key in failed_keys {
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n += 1;
+        let wait = RETRY_FIRST_MS
+            .saturating_mul(1 << (*n - 1).min(16))
+            .min(schedule.interval_ms());
+        schedule.retry_at(&key, now + wait);
+    }
+}
+
 /// What the sync thread serves from now on, and which of those companies were given a new
 /// credential (they get a recovery pass, as new ones do).
 #[derive(Debug, Default)]
@@ -78,11 +125,18 @@ pub fn run(
     let mut keys = mirror.poll_keys();
     let mut schedule = PollSchedule::new(&keys, interval, ms());
     let polls_done = mirror.pool_done();
+    let mut failures = std::collections::HashMap::new();
+    let mut last_listing = ms();
     loop {
         beat();
         let now = ms();
         let next = schedule.next_due().unwrap_or(now + tick.as_millis() as i64);
         let next = retry_at.map_or(next, |r| next.min(r));
+        let next = if keys.is_empty() {
+            next
+        } else {
+            next.min(last_listing + PROBE_MS)
+        };
         let wait = std::time::Duration::from_millis((next - now).max(0) as u64).min(tick);
         select! {
             recv(shutdown) -> _ => return,
@@ -91,6 +145,7 @@ pub fn run(
                 beat();
                 let report = mirror.pass(PassKind::Trigger);
                 log_pass(PassKind::Trigger, mirror.companies.len(), &report);
+                last_listing = ms();
                 // "Check now" also means: run failed readiness checks again now.
                 mirror.wake_processors();
                 let now = ms();
@@ -127,12 +182,16 @@ pub fn run(
             }
             recv(polls_done) -> d => {
                 let Ok(d) = d else { continue };
+                let mut done = vec![d.company.clone()];
                 mirror.record_poll(d);
                 // Log the polls in batches: with many companies, a line per poll would flood.
                 while let Ok(d) = polls_done.try_recv() {
+                    done.push(d.company.clone());
                     mirror.record_poll(d);
                 }
                 let report = mirror.take_poll_report();
+                mirror.count_found(&report);
+                after_polls(&mut schedule, &mut failures, &done, &report, ms());
                 log_pass(PassKind::Poll, report.passes, &report);
                 if mirror.take_acted_between() {
                     // Deliveries were acted on between passes: their retries, and any left.
@@ -163,8 +222,16 @@ pub fn run(
                     last_pass = ms();
                     retry_at = deliveries(&mut mirror);
                 }
-                let due = schedule.due(ms());
+                let mut due = schedule.due(ms());
+                // Nothing asked of Pleo for a while: the company due first goes now.
+                if due.is_empty()
+                    && ms() - last_listing >= PROBE_MS
+                    && let Some(k) = schedule.earliest()
+                {
+                    due.push(k);
+                }
                 if !due.is_empty() {
+                    last_listing = ms();
                     // Companies whose recovery failed get it again with their poll. In the pool
                     // the polls run beside this thread, which goes on acting on webhooks.
                     mirror.start_polls(&due);
@@ -174,6 +241,8 @@ pub fn run(
                     }
                     if !mirror.has_pool() {
                         let report = mirror.take_poll_report();
+                        mirror.count_found(&report);
+                        after_polls(&mut schedule, &mut failures, &due, &report, ms());
                         log_pass(PassKind::Poll, due.len(), &report);
                     }
                 }

@@ -75,6 +75,29 @@ impl PollSchedule {
         }
     }
 
+    /// A failed poll of `company` is tried again at `at_ms` (or sooner if it was due sooner).
+    pub fn retry_at(&mut self, company: &str, at_ms: i64) {
+        if let Some((t, _)) = self.due.get_mut(company) {
+            *t = (*t).min(at_ms);
+        }
+    }
+
+    pub fn contains(&self, company: &str) -> bool {
+        self.due.contains_key(company)
+    }
+
+    /// The company due first, due or not.
+    pub fn earliest(&self) -> Option<String> {
+        self.due
+            .iter()
+            .min_by_key(|(_, (t, _))| *t)
+            .map(|(c, _)| c.clone())
+    }
+
+    pub fn interval_ms(&self) -> i64 {
+        self.interval_ms
+    }
+
     pub fn next_due(&self) -> Option<i64> {
         self.due.values().map(|(t, _)| *t).min()
     }

@@ -131,10 +131,16 @@ pub enum Command {
     },
     /// Integrity, WAL size, poll and webhook freshness, pending deadlines; exit 1 on a failure.
     Doctor {
+        /// Check a file the service has not started on yet (a restored replica, a copy):
+        /// integrity still fails, while stale polls, past deadlines and no service running
+        /// are warnings at most.
+        #[arg(long)]
+        before_start: bool,
         #[command(flatten)]
         report: ReportArgs,
     },
-    /// An online copy of the database (SQLite backup API), safe while the service runs.
+    /// An online copy of the database (SQLite backup API), safe while the service runs; into
+    /// a folder: a new file named by the time.
     Backup {
         file: PathBuf,
         #[arg(long)]

@@ -199,9 +199,13 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
             let v = crate::ops::why::why(&store, now, &job, &settings)?;
             emit(&report, &v, crate::ops::why::why_text)
         }
-        Command::Doctor { report } => {
+        Command::Doctor {
+            before_start,
+            report,
+        } => {
             let (store, db, now) = open_report(cli.config.as_deref(), &report, &clock)?;
-            let settings = operator_settings(cli.config.as_deref())?;
+            let mut settings = operator_settings(cli.config.as_deref())?;
+            settings.before_start = before_start;
             let v = crate::ops::doctor::doctor(&store, &db, now, &settings)?;
             emit(&report, &v, crate::ops::doctor::doctor_text)?;
             if v["result"] == "fail" {

@@ -30,6 +30,8 @@ pub struct Settings {
     pub deadline_warning_ms: i64,
     /// The companies served, when the configuration names them.
     pub companies: Option<Vec<String>>,
+    /// `doctor --before-start`: the service is not expected to run on the file yet.
+    pub before_start: bool,
 }
 
 impl Settings {
@@ -39,6 +41,7 @@ impl Settings {
             poll_interval_ms: cfg.poll_interval.as_millis() as i64,
             deadline_warning_ms: cfg.deadline_warning.as_millis() as i64,
             companies: companies_known.then(|| cfg.company_ids.clone()),
+            before_start: false,
         }
     }
 }
@@ -300,8 +303,24 @@ pub fn show_text(v: &Value) -> String {
     out
 }
 
-/// `jobmirror backup FILE`: an online copy, created with mode 0600; refuses to overwrite.
+/// `jobmirror backup FILE`: an online copy, created with mode 0600; refuses to overwrite. A
+/// FILE that is a folder gets a new file in it named by the time taken
+/// (`jobmirror-20261206T190000.123Z.db`), so a daily or hourly backup never collides.
 pub fn backup(store: &Store, dest: &Path) -> anyhow::Result<Value> {
+    if dest.is_dir() {
+        let stamp = time::OffsetDateTime::now_utc()
+            .format(time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second].[subsecond digits:3]Z"
+            ))
+            .unwrap_or_else(|_| "now".into());
+        let mut path = dest.join(format!("jobmirror-{stamp}.db"));
+        let mut n = 1;
+        while path.exists() {
+            n += 1;
+            path = dest.join(format!("jobmirror-{stamp}-{n}.db"));
+        }
+        return backup(store, &path);
+    }
     if dest.exists() {
         anyhow::bail!(crate::config::UsageError(format!(
             "{} already exists; backup writes a new file",

@@ -2,7 +2,7 @@
 
 Usage: erratum.py SOURCE_DIR OUT_DIR
 
-Each change to Pleo's text is listed here and printed, and README.md ("Contract decisions")
+Each change to Pleo's text is listed here and printed, and docs/contract.md ("Contract decisions")
 says why. The files in ../shared are never modified.
 
 Erratum (a fault in the files):

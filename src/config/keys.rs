@@ -1,4 +1,4 @@
-//! Every configuration key with its default and meaning (the README's table and
+//! Every configuration key with its default and meaning (docs/configuration.md and
 //! `check-config` read it), and where each effective value came from: the file, the
 //! environment, or the default. Secrets are shown as `***`.
 
@@ -13,27 +13,27 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "db",
         Some("jobmirror.db"),
-        "SQLite database file (created with mode 0600)",
+        "SQLite database file (created with mode 0600 by `run` or `migrate` only; every other command refuses a missing one, exit 2). The shipped `contrib/jobmirror.toml` sets `/var/lib/jobmirror/jobmirror.db`",
     ),
     (
         "pleo_base_url",
         Some("https://external.pleo.io"),
-        "Pleo API base URL; plain http only on loopback",
+        "Pleo API base URL; plain `http` is refused unless the host is loopback",
     ),
     (
         "pleo_api_key",
         None,
-        "Pleo API key (Basic auth user, empty password)",
+        "Pleo API key: HTTP Basic, key as user name, empty password",
     ),
     (
         "company_api_keys_file",
         None,
-        "TOML file of \"company id\" = \"API key\" lines: companies with credentials of their own",
+        "TOML file of `\"company id\" = \"key\"` lines: companies with API keys of their own (each must be in `company_ids` or `company_ids_file`)",
     ),
     (
         "pleo_auth",
         Some("api_key"),
-        "api_key (HTTP Basic with pleo_api_key) or oauth (access tokens refreshed and rotated)",
+        "`api_key`, or `oauth` (see [OAuth 2.0](#oauth-20))",
     ),
     (
         "pleo_oauth_token_url",
@@ -50,7 +50,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "pleo_oauth_refresh_token_file",
         None,
-        "file holding the default credential's refresh token: read when the database has none, or after the stored one is refused (unset: every company needs a pair of its own)",
+        "the default credential's refresh token from the operator: read when the database has none, or after the stored one is refused; unset: only companies with pairs of their own are served",
     ),
     (
         "pleo_oauth_refresh_margin_secs",
@@ -60,17 +60,17 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "pleo_api_key_file",
         None,
-        "file holding the API key (instead of pleo_api_key)",
+        "file holding the key, instead of `pleo_api_key` (trailing newline ignored)",
     ),
     (
         "company_ids",
         None,
-        "Pleo company ids to serve, comma-separated (TOML: list or string)",
+        "company ids to serve: comma-separated, or a TOML list; merged with `jobmirror companies` (see [operations](operations.md#onboarding-a-customer)). Each is a UUID, as Pleo's files type `company_id`; anything else is a configuration error naming where it came from (`company_ids`, the file and line of `company_ids_file`, or `companies add`)",
     ),
     (
         "company_ids_file",
         None,
-        "file of more company ids to serve: one a line (# comments), or TOML company_ids = [...]",
+        "more companies, from a file: one id a line (blank lines and `#` comments ignored), or TOML `company_ids = [...]` (a file with a `=` outside a comment is read as TOML). Joined after `company_ids`; a company listed twice (in either, or both) is refused with its line. For many companies: an environment variable holds only a few thousand ids (`execve` limits it), a file any number",
     ),
     (
         "poll_interval_secs",
@@ -80,22 +80,22 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "log",
         Some("info"),
-        "log level: error, warn, info, debug, trace",
+        "`off`, `error`, `warn`, `info`, `debug`, `trace` (stderr)",
     ),
     (
         "log_format",
         Some("text"),
-        "text (one line a record, UTC times) or json (one object a line: ts, level, msg); under systemd each line starts with its syslog priority",
+        "`text`: one line a record, `2026-12-02T08:00:00.000Z [INFO] ...` (UTC, fixed width); `json`: one object a line for log shippers, `{\"ts\": ..., \"level\": ..., \"priority\": 6, \"msg\": ...}` plus `job`, `company` and `event` when the line is about one, never prefixed. In `text` under systemd (`JOURNAL_STREAM` names stderr) every line starts with its syslog priority (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug), so `journalctl -u jobmirror -p err` shows the errors",
     ),
     (
         "shard",
         Some("0/1"),
-        "i/n: serve only the listed companies whose id hashes to i of n (n instances split one list)",
+        "`i/n`: serve only the listed companies whose id hashes to `i` of `n`, so `n` instances split one list without editing it (see [several machines](several-machines.md))",
     ),
     (
         "lanes",
         Some("4"),
-        "processor threads; each company belongs to one lane, so its jobs stay strictly sequential",
+        "processor threads; each company belongs to one lane, so its jobs stay strictly sequential (see [several machines](several-machines.md), \"Why 4 lanes by default\")",
     ),
     (
         "listing_threads",
@@ -105,77 +105,77 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "pleo_requests_per_sec_max",
         Some("20"),
-        "at most this many Pleo API requests per second (0: no limit), so a thousand companies never burst",
+        "pace of API requests per credential (0: none): a thousand companies never burst",
     ),
     (
         "health_stale_secs",
         Some("300"),
-        "a worker thread silent this long makes /healthz 503 and stops the systemd watchdog pings",
+        "a worker thread silent this long makes `/healthz` 503 and withholds the watchdog ping",
     ),
     (
         "admin_listen",
         Some("127.0.0.1:9187"),
-        "address of the admin listener (/metrics, /healthz); empty: none",
+        "the admin listener (`/metrics`, `/healthz`); empty: none",
     ),
     (
         "prune_jobs_after_days",
         Some("90"),
-        "jobmirror prune: drop items and raw JSON of jobs finished this many days ago",
+        "`jobmirror prune`: drop items and raw JSON of jobs finished this long ago (the journal stays)",
     ),
     (
         "prune_webhook_bodies_after_days",
         Some("7"),
-        "jobmirror prune: clear bodies and headers of handled webhook deliveries this old",
+        "`jobmirror prune`: clear bodies and headers of handled deliveries",
     ),
     (
         "prune_webhook_ids_after_days",
         Some("30"),
-        "jobmirror prune: delete handled delivery rows this old (at least 4: senders retry for days)",
+        "`jobmirror prune`: delete handled delivery rows (at least 4: senders retry for days)",
     ),
     (
         "prune_sync_runs_after_days",
         Some("30"),
-        "jobmirror prune: delete sync_runs rows this old",
+        "`jobmirror prune`: delete `sync_runs` rows",
     ),
     (
         "deadline_warning_secs",
         Some("600"),
-        "journal a deadline_warning this many seconds before a held job expires",
+        "journal a `deadline_warning` this long before a held job expires (once per deadline; checked between handler runs and, on the same Pleo clock and deadline as the finish margin, while the handler works)",
     ),
     (
         "claim_min_left_secs",
         Some("10"),
-        "do not send `started` while less than this is left before the job's deadline (it could not land); wait for the deadline and read the job again",
+        "do not send `started` while less than this is left before the job's deadline (it could not land in time); the company waits for the deadline and reads the job again (of the order of a request, not minutes: `started` refreshes the deadline)",
     ),
     (
         "not_ready_fail_margin_secs",
         Some("180"),
-        "a job whose readiness check still fails this close to its deadline is sent `failed` with the check's reason instead of left to expire",
+        "a job whose readiness check still fails this close to its deadline is sent `failed` with the check's reason, instead of left to expire silently",
     ),
     (
         "claims_per_round_max",
         Some("3"),
-        "claim attempts per company per processor round (conflicts included)",
+        "claim attempts per company per processor round, conflicts included",
     ),
     (
         "conflict_backoff_secs",
         Some("30"),
-        "pause before claiming again for a company after a conflict or failed claim",
+        "pause for a company after that bound, or after a failed claim",
     ),
     (
         "resume_unknown_in_progress",
         Some("true"),
-        "at every start's recovery pass, resume an in_progress job this database has no record of as ours (Pleo: an interrupted workflow); false where another integration may hold this company's jobs",
+        "at every start's recovery pass, resume (without `started`) an `in_progress` job this database has no record of, or saw only as pending: Pleo calls it an interrupted workflow. `false` where another integration may hold this company's jobs: then such a job is left to its holder (and, if it was ours after all, expires)",
     ),
     (
         "list_by_credential",
         Some("false"),
-        "opt-in: list the jobs of every company sharing the default credential with one listing that names no company (pages of 100) instead of one listing per company",
+        "opt-in: list the jobs of all companies that share the default credential with one listing that names no company (pages of 100), instead of one listing per company (see [several machines](several-machines.md), \"Listing by credential\")",
     ),
     (
         "pleo_connect_timeout_secs",
         Some("10"),
-        "TCP/TLS connect timeout for Pleo",
+        "connect timeout for Pleo",
     ),
     (
         "pleo_request_timeout_secs",
@@ -185,82 +185,82 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "pleo_retry_attempts_max",
         Some("5"),
-        "attempts per Pleo request for 429, 5xx and transport errors",
+        "attempts per request for 429, 5xx and transport errors",
     ),
     (
         "shutdown_timeout_secs",
         Some("10"),
-        "how long a stop may take before threads are abandoned",
+        "bound on a stop; threads still busy then are abandoned",
     ),
     (
         "webhook_listen",
         None,
-        "address of the webhook receiver, e.g. 127.0.0.1:8383 (unset: no receiver)",
+        "address of the webhook receiver, e.g. `127.0.0.1:8383`",
     ),
     (
         "webhook_secret",
         None,
-        "webhook signing secrets (whsec_...), whitespace- or comma-separated",
+        "signing secrets (`whsec_...`), whitespace- or comma-separated (several during a rotation)",
     ),
     (
         "webhook_secret_file",
         None,
-        "file holding webhook signing secrets (merged with webhook_secret)",
+        "file holding signing secrets, merged with `webhook_secret`",
     ),
     (
         "webhook_body_bytes_max",
         Some("65536"),
-        "largest webhook body accepted (larger: 413); a Pleo webhook is under 1 KiB",
+        "largest body accepted (larger: 413, announced or while read); a Pleo webhook is under 1 KiB",
     ),
     (
         "webhook_connections_max",
         Some("4096"),
-        "webhook connections held at once (past it the idlest is closed; a request in progress never is)",
+        "connections held at once; past it the one idle the longest is closed to make room (a request in progress never is)",
     ),
     (
         "webhook_stored_bytes_per_company_max",
         Some("67108864"),
-        "bytes of stored webhook deliveries one company may hold (past it: 429 with Retry-After, nothing stored)",
+        "bytes of stored deliveries (body and headers) one company may hold; past it a new delivery naming it is answered 429 + `Retry-After: 60` and not stored (a retry of one already stored is still a 200 duplicate); pruning frees room",
     ),
     (
         "webhook_stored_bytes_max",
         Some("2147483648"),
-        "bytes of stored webhook deliveries in all (past it: 503 with Retry-After, nothing stored)",
+        "the same bound over all companies (past it: 503 + `Retry-After: 60`)",
     ),
     (
         "webhook_queue_max",
         Some("1024"),
-        "verified deliveries waiting for their commit (more: 503 with Retry-After)",
+        "verified deliveries waiting for their commit (more: 503 with `Retry-After`)",
     ),
     (
         "handler_command",
         None,
-        "the handler: a program (and arguments) speaking the handler protocol, outbox:DIR, or dry-run",
+        "the handler: a program and its arguments (split on spaces, no shell), `outbox:DIR`, or `dry-run`",
     ),
     (
         "handler_env",
         None,
-        "the handler's own environment: NAME=VALUE, or NAME to pass it on from the service's (comma or space separated; never JOBMIRROR_* or CREDENTIALS_DIRECTORY)",
+        "the handler's own environment: `NAME=VALUE`, or `NAME` to pass it on from the service's environment (comma or space separated). Never `JOBMIRROR_*` or `CREDENTIALS_DIRECTORY` (refused: exit 2)",
     ),
     (
         "handler_check_timeout_secs",
         Some("60"),
-        "how long the handler's readiness check may take",
+        "how long the readiness check may take",
     ),
     (
         "handler_item_timeout_secs",
         Some("120"),
-        "longest wait for the handler's next result before the job is failed",
+        "longest wait for the handler's next result; then the job is failed (`accounting_system_timeout`)",
     ),
     (
         "handler_job_timeout_secs",
         Some("3000"),
-        "longest a handler may run for one job",
+        "longest all of one job's handler runs may take together, across restarts of the service",
     ),
     (
         "handler_attempts_max",
         Some("3"),
-        "handler runs per job (after crashes) before open items fail",
+        "handler runs of one job that may end with items unanswered (a crash, an early exit), counted across restarts, before those items fail (`unexpected_failure`)",
     ),
     (
         "handler_retry_secs",
@@ -270,7 +270,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "report_flush_secs",
         Some("5"),
-        "report results to Pleo at least this often while the handler runs",
+        "report results at least this often while the handler runs (and at every 100 results)",
     ),
     (
         "finish_margin_secs",
@@ -278,6 +278,54 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
         "stop the handler and fail the job when less than this is left before it expires",
     ),
 ];
+
+/// `docs/configuration.md`: the configuration reference, made from [`KEYS`] (a test checks the
+/// file is current, so the page and the code cannot drift).
+pub fn reference_markdown() -> String {
+    let mut o = String::from(
+        "# Configuration reference\n\n\
+<!-- Generated from src/config/keys.rs (config::KEYS): edit the keys there, then run\n\
+     JOBMIRROR_BLESS=1 cargo test --test integration configuration_page -->\n\n\
+Every command reads one configuration: the file named by `--config`, else by the\n\
+environment variable `JOBMIRROR_CONFIG`, else `/etc/jobmirror/jobmirror.toml` when it exists\n\
+(the file the shipped unit names), else none (the embedded defaults). So `jobmirror status`,\n\
+`why`, `companies add` and the others find the service's database and companies with no flag\n\
+to remember. A file named by `--config` or `JOBMIRROR_CONFIG` that does not exist is an error\n\
+(exit 2). `check-config` prints the file it read.\n\n\
+The file is flat TOML. Every key can be overridden by the environment variable\n\
+`JOBMIRROR_<KEY>` in upper case; `--db FILE` wins over both for `db`. An unknown key in the\n\
+file is an error, so a typo never falls back to a default silently. Only `run` and `migrate`\n\
+create the database; every other command on a missing one exits 2 naming the path it looked\n\
+for.\n\n\
+```toml\n\
+# /etc/jobmirror/jobmirror.toml (contrib/jobmirror.toml is the shipped example)\n\
+db = \"/var/lib/jobmirror/jobmirror.db\"\n\
+company_ids = [\"6b2c0a5e-...\", \"0f9d3c11-...\"]\n\
+pleo_api_key_file = \"/etc/jobmirror/pleo-api-key\"\n\
+handler_command = \"/usr/local/bin/erp-import\"\n\
+```\n\n\
+| key | environment variable | default | meaning |\n\
+| --- | --- | --- | --- |\n",
+    );
+    for (key, default, meaning) in KEYS {
+        let default = match default {
+            Some("") => "(empty)".to_owned(),
+            Some(d) => format!("`{d}`"),
+            None => String::new(),
+        };
+        o.push_str(&format!(
+            "| `{key}` | `{}` | {default} | {} |\n",
+            env_name(key),
+            meaning.replace('|', "\\|")
+        ));
+    }
+    o.push_str(
+        "\nSecrets (`pleo_api_key`, `pleo_oauth_client_secret`, `webhook_secret`) are shown as `***` by\n\
+`check-config` and never reach a log line or an error message. Prefer their `_file` forms: under\n\
+systemd the unit hands the files over with `LoadCredential=` (see [operations](operations.md)).\n",
+    );
+    o
+}
 
 /// Whether `name` is a configuration key.
 pub fn is_key(name: &str) -> bool {

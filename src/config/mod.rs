@@ -26,7 +26,7 @@ pub use companies::Shard;
 pub(crate) use companies::is_company_id;
 use companies::read_company_ids_file;
 use keys::raw_values;
-pub use keys::{DEFAULT_CONFIG_PATH, KEYS, Setting, effective, is_key};
+pub use keys::{DEFAULT_CONFIG_PATH, KEYS, Setting, effective, is_key, reference_markdown};
 
 /// The webhook receiver's settings (present when `webhook_listen` is set).
 #[derive(Clone, Debug)]

@@ -181,7 +181,7 @@ impl Replay {
                 // lost and Pleo then showed the job in_progress (its data names no holder).
                 // The other: `failed` sent from pending (a readiness check that kept failing)
                 // right after a read, when someone claimed the job in between; `pending ->
-                // failed` is no lock, as `started` is (README).
+                // failed` is no lock, as `started` is (docs/contract.md).
                 let lost_answer = store.events(Some(job)).is_ok_and(|evs| {
                     evs.iter().any(|e| {
                         (e.kind == "claim_failed" && e.detail["outcome"] == "unknown")

@@ -276,7 +276,7 @@ pub fn generate(seed: u64) -> Snapshot {
     token_trouble(seed, last, &mut timeline);
     timeline.sort_by(|a, b| a.at.total_cmp(&b.at));
     // Where another integration claims this company's jobs, an `in_progress` job found at a
-    // start may be theirs: such a deployment opts out of resuming unknown jobs (README). The
+    // start may be theirs: such a deployment opts out of resuming unknown jobs (docs/configuration.md). The
     // other seeds run with the default, and must resume what their recovery passes find.
     if timeline.iter().any(|s| {
         matches!(

@@ -41,7 +41,7 @@ pub struct Summary {
     pub api_faults: u64,
     /// Jobs acted on while another integration held them, in the two races jobmirror cannot
     /// see: taken for ours after the answer to our `started` was lost (Pleo's job data names
-    /// no holder; README, "Claims whose answer is lost"), or sent `failed` from pending (a
+    /// no holder; docs/contract.md, "Claims whose answer is lost"), or sent `failed` from pending (a
     /// readiness check that kept failing) just as someone claimed them.
     pub ambiguous: Vec<String>,
     pub violations: Vec<String>,

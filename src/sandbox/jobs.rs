@@ -335,7 +335,7 @@ pub(super) fn list_export_items(w: &World, q: &[(String, String)]) -> Response {
         Err(r) => return r,
     };
     // The files make job_id optional; export items only exist within a job, so without one
-    // there is nothing to list (a decision: README.md, "Contract decisions").
+    // there is nothing to list (a decision: docs/contract.md, "Contract decisions").
     let Some(job_id) = job_id else {
         return error(400, "INVALID_PARAMETER", "job_id is required");
     };

@@ -4,7 +4,7 @@
 //! The invariant: a request the files call invalid is refused with 400 and Pleo's
 //! `{type, message}` body before it touches the fake's world, and nothing the fake answers
 //! echoes a value these checks did not pass. Where the files are silent the rule here says
-//! so, and README.md's "Contract decisions" lists it.
+//! so, and docs/contract.md's "Contract decisions" lists it.
 
 use serde_json::{Value, json};
 

@@ -576,9 +576,10 @@ fn the_readmes_audit_commands_run_against_a_demo_database() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("demo.db");
     succeeds(cmd().arg("demo").arg("--db").arg(&db));
-    let readme =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-            .unwrap();
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/database.md"),
+    )
+    .unwrap();
     let section = readme
         .split("### Auditing with sqlite3")
         .nth(1)
@@ -1210,5 +1211,32 @@ fn a_closed_stdout_ends_a_report_quietly() {
                 out.status
             );
         }
+    }
+}
+
+#[test]
+fn the_configuration_page_is_generated_from_the_keys() {
+    // docs/configuration.md is made from config::KEYS, so the page and the code cannot drift.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+    let want = jobmirror::config::reference_markdown();
+    if std::env::var_os("JOBMIRROR_BLESS").is_some() {
+        std::fs::write(&path, &want).unwrap();
+    }
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == want,
+        "docs/configuration.md is not what config::KEYS makes: run JOBMIRROR_BLESS=1 cargo test --test integration configuration_page"
+    );
+    for (key, _, _) in jobmirror::config::KEYS {
+        assert!(have.contains(&format!("| `{key}` |")), "{key} missing");
+    }
+    // Every key the shipped configuration sets is a key.
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/jobmirror.toml"),
+    )
+    .unwrap();
+    let table: toml::Table = shipped.parse().unwrap();
+    for k in table.keys() {
+        assert!(jobmirror::config::is_key(k), "{k}");
     }
 }

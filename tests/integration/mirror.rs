@@ -577,3 +577,27 @@ fn a_delivery_for_another_shards_company_is_left_to_it_without_a_request() {
     );
     assert!(asked.iter().any(|q| q.contains(mine)), "{asked:?}");
 }
+
+#[test]
+fn a_job_held_elsewhere_is_journaled_leaving_the_listing_once_not_at_every_poll() {
+    // Every poll journaled `left_listing` for a job another integration holds (51 rows in
+    // 24 minutes): it is re-read each poll (to see it finish), journaled once per change.
+    let w = World::new();
+    w.pending(A, "held", 600);
+    w.fake.claim_after_first_page("held");
+    let mut m = w.mirror(&[A]);
+    m.pass(PassKind::Recovery);
+    for _ in 0..4 {
+        m.pass(PassKind::Poll);
+    }
+    let left: Vec<_> = w
+        .store()
+        .events(Some("held"))
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "left_listing")
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].detail["status"], "in_progress");
+    assert_eq!(w.fake.job("held").unwrap().status, "in_progress");
+}

@@ -224,18 +224,31 @@ impl Lister<'_> {
             match client.get_job(&id) {
                 Ok(job) => {
                     let now = self.clock.now();
-                    self.store.journal(
-                        now,
-                        Some(&id),
-                        Some(company),
-                        EventKind::LeftListing,
-                        json!({"status": job.status}),
-                    )?;
+                    // Journaled once per change: a job held elsewhere stays `in_progress` off
+                    // the pending listing poll after poll, and is re-read each time, but it left
+                    // the listing once.
+                    let before = self.store.job(&id)?.map(|r| r.status);
+                    if before.as_deref() != Some(job.status.as_str()) {
+                        self.store.journal(
+                            now,
+                            Some(&id),
+                            Some(company),
+                            EventKind::LeftListing,
+                            json!({"status": job.status, "was": before}),
+                        )?;
+                    }
                     if self.store.upsert_job(&job, now, Source::Reread)? == Upsert::Changed {
                         counts.changed += 1;
                     }
                 }
                 Err(PleoError::Api { status: 404, .. }) => {
+                    // Once, as above: not again while it stays gone.
+                    let said = self.store.events(Some(&id))?.last().is_some_and(|e| {
+                        e.kind == EventKind::LeftListing.as_str() && !e.detail["error"].is_null()
+                    });
+                    if said {
+                        continue;
+                    }
                     log::warn!("job {id} of company {company} is gone from Pleo (404)");
                     self.store.journal(
                         self.clock.now(),

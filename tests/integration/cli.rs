@@ -1240,3 +1240,147 @@ fn the_configuration_page_is_generated_from_the_keys() {
         assert!(jobmirror::config::is_key(k), "{k}");
     }
 }
+
+#[test]
+fn every_command_finds_the_services_configuration_and_only_run_and_migrate_create_a_database() {
+    // The shipped unit passes the database path nowhere but in its configuration file: an
+    // operator's command with no flags must find the same file and database.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state").join("jm.db");
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    let config = dir.path().join("jobmirror.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "db = {:?}\npleo_api_key = \"k\"\ncompany_ids = [\"aaaaaaaa-0000-4000-8000-000000000001\"]\nhandler_command = \"dry-run\"\n",
+            db.display().to_string()
+        ),
+    )
+    .unwrap();
+    let jm = |args: &[&str]| {
+        cmd()
+            .args(args)
+            .env("JOBMIRROR_CONFIG", &config)
+            .env_remove("JOBMIRROR_DB")
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    // Before the database exists: every command but run and migrate refuses, naming the
+    // path, and creates nothing (not in the working directory either).
+    for args in [
+        &["status"][..],
+        &["why", "j"],
+        &["companies", "list"],
+        &["companies", "add", "bbbbbbbb-0000-4000-8000-000000000002"],
+        &["backup", "copy.db"],
+        &["prune"],
+        &["trigger"],
+        &["doctor"],
+    ] {
+        let out = jm(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("database {} does not exist", db.display())),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains(&config.display().to_string()),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!db.exists());
+    assert!(!dir.path().join("jobmirror.db").exists());
+    // check-config names the file and the database it would use.
+    let out = jm(&["check-config"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("database {} (does not exist yet", db.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("file {}", config.display())),
+        "{text}"
+    );
+    assert!(jm(&["migrate"]).status.success());
+    assert!(db.exists());
+    // Now the commands see the configuration's company and the database's.
+    assert!(
+        jm(&["companies", "add", "bbbbbbbb-0000-4000-8000-000000000002"])
+            .status
+            .success()
+    );
+    let list = String::from_utf8_lossy(&jm(&["companies", "list"]).stdout).into_owned();
+    assert!(
+        list.contains("aaaaaaaa-0000-4000-8000-000000000001"),
+        "{list}"
+    );
+    assert!(
+        list.contains("bbbbbbbb-0000-4000-8000-000000000002"),
+        "{list}"
+    );
+    // A configuration named but missing is an error, not the defaults.
+    let out = cmd()
+        .arg("status")
+        .env("JOBMIRROR_CONFIG", dir.path().join("nope.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
+}
+
+#[test]
+fn doctor_before_start_passes_a_sound_file_with_a_job_in_hand_and_fails_a_broken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("restored.db");
+    succeeds(cmd().arg("demo").arg("--db").arg(&db));
+    // A job in hand, as a restored replica of a primary that died holding it.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute(
+        "UPDATE export_jobs SET proc_state = 'processing', status = 'in_progress'
+          WHERE id = (SELECT id FROM export_jobs ORDER BY id LIMIT 1)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let doctor = |extra: &[&str]| {
+        cmd()
+            .arg("doctor")
+            .args(extra)
+            .env("JOBMIRROR_DB", &db)
+            .output()
+            .unwrap()
+    };
+    let out = doctor(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a running deployment: jobs in hand, no service"
+    );
+    let out = doctor(&["--before-start"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ok") && l.contains("integrity")),
+        "{text}"
+    );
+    assert!(text.contains("no service running yet"), "{text}");
+    // A broken file still fails.
+    let mut broken = std::fs::read(&db).unwrap();
+    let mid = broken.len() / 2;
+    let end = (mid + 4096).min(broken.len());
+    for b in &mut broken[mid..end] {
+        *b = 0xA5;
+    }
+    std::fs::write(&db, &broken).unwrap();
+    let out = doctor(&["--before-start"]);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -581,7 +581,7 @@ fn the_readmes_audit_commands_run_against_a_demo_database() {
     )
     .unwrap();
     let section = readme
-        .split("### Auditing with sqlite3")
+        .split("## Auditing with sqlite3")
         .nth(1)
         .unwrap()
         .split("```sh\n")

@@ -16,6 +16,7 @@ pub mod events;
 pub mod notify;
 pub mod processor;
 pub mod reload;
+pub mod sockets;
 pub mod sync;
 pub mod systemd;
 
@@ -48,6 +49,8 @@ pub struct Service {
     stopping: Arc<crate::health::Stopping>,
     /// The companies served: the configuration's and the database's (see [`reload::Companies`]).
     companies: Arc<std::sync::Mutex<reload::Companies>>,
+    /// Duplicates of the listeners, handed on by a restart in place ([`sockets`]).
+    listeners: Vec<(String, std::net::TcpListener)>,
     /// One service per database, for as long as this value lives.
     _lock: crate::store::DbLock,
 }
@@ -243,11 +246,6 @@ impl Workers {
     }
 }
 
-fn bind(what: &str, addr: &str) -> anyhow::Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(addr)
-        .map_err(|e| anyhow::anyhow!("cannot listen for {what} on {addr}: {e}"))
-}
-
 impl Service {
     /// Applies a reload that changes the companies alone, in place (see [`reload`]); `None`
     /// when `new` changes more (the caller restarts in place).
@@ -303,14 +301,16 @@ impl Service {
         let merged = (!rows.is_empty()).then(|| base.with_companies(&rows));
         let cfg = merged.as_ref().unwrap_or(base);
         // Ports first: if one cannot be bound, nothing else starts.
+        let mut listeners = Vec::new();
         let webhook_listener = match &cfg.webhook {
-            Some(wh) => Some(bind("webhooks", &wh.listen)?),
+            Some(wh) => Some(sockets::bind("webhooks", &wh.listen, &mut listeners)?),
             None => None,
         };
         let admin_listener = match &cfg.admin_listen {
-            Some(a) => Some(bind("the admin listener", a)?),
+            Some(a) => Some(sockets::bind("the admin listener", a, &mut listeners)?),
             None => None,
         };
+        sockets::close_unused();
         let started_at = clock.now();
         let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
         let (trigger_tx, trigger_rx) = bounded::<()>(1);
@@ -531,6 +531,7 @@ impl Service {
             metrics,
             stopping,
             companies,
+            listeners,
             _lock: lock,
         })
     }

@@ -172,6 +172,11 @@ pub fn run(
             Stop::Terminate => "STOPPING=1",
         });
     }
+    // A restart in place keeps the listening sockets: clients wait in the backlog meanwhile.
+    let listeners = match stop {
+        Stop::Reload => service.take_listeners(),
+        Stop::Terminate => Vec::new(),
+    };
     let clean = service.stop(shutdown_timeout);
     if !clean {
         anyhow::bail!(
@@ -181,6 +186,7 @@ pub fn run(
     }
     log::info!("stopped cleanly");
     if let Stop::Reload = stop {
+        super::sockets::pass_on(listeners);
         reexec()?;
     }
     Ok(())

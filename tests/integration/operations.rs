@@ -788,3 +788,92 @@ fn pleo_failing_every_request_makes_healthz_degraded_and_an_answer_ends_it() {
     signal(&child, "TERM");
     assert!(wait_exit(child, Duration::from_secs(20)).success());
 }
+
+#[test]
+fn a_restart_in_place_keeps_its_listening_sockets_and_refuses_no_connection() {
+    // A SIGHUP that restarts in place closed both listeners for up to 2.5 s: clients were
+    // refused. The listeners now pass to the new process; a client waits in the backlog.
+    let f = fake();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("jobmirror.toml");
+    let write = |poll: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "db = {:?}\npleo_base_url = {:?}\npleo_api_key = {:?}\ncompany_ids = [{A:?}]\nhandler_command = \"dry-run\"\nadmin_listen = \"127.0.0.1:0\"\nwebhook_listen = \"127.0.0.1:0\"\nwebhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\npoll_interval_secs = {poll}\n",
+                dir.path().join("jm.db").display().to_string(),
+                f.base_url(),
+                jobmirror::sandbox::DEFAULT_API_KEY,
+            ),
+        )
+        .unwrap();
+    };
+    write("3600");
+    let mut child = cmd()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(child.stderr.take().unwrap());
+    let mut reaper = Reaper(Some(child));
+    let mut seen = Vec::new();
+    wait_for(&rx, "poll every 3600 s", &mut seen);
+    let addr_of = |seen: &[String], marker: &str| {
+        seen.iter()
+            .rev()
+            .find_map(|l| l.split(marker).nth(1))
+            .and_then(|rest| rest.split([' ', '/']).next())
+            .unwrap()
+            .to_owned()
+    };
+    let admin = addr_of(&seen, "admin listener on http://");
+    let hooks = addr_of(&seen, "webhook receiver listening on ");
+    // Connect to both, over and over, until the new process has started.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (stop, admin, hooks) = (stop.clone(), admin.clone(), hooks.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut refused) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for a in [&admin, &hooks] {
+                    match std::net::TcpStream::connect(a) {
+                        Ok(_) => ok += 1,
+                        Err(e) => refused.push(format!("{a}: {e}")),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (ok, refused)
+        })
+    };
+    write("1800");
+    signal(reaper.0.as_ref().unwrap(), "HUP");
+    wait_for(&rx, "restarting in place", &mut seen);
+    // A request sent while the old process stops is answered by the new one.
+    let mut during = std::net::TcpStream::connect(&admin).unwrap();
+    during
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    wait_for(&rx, "poll every 1800 s", &mut seen);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, refused) = prober.join().unwrap();
+    assert!(refused.is_empty(), "{} refused: {refused:?}", refused.len());
+    assert!(ok > 10, "{ok} connections");
+    during
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = String::new();
+    during.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The same addresses (an ephemeral port kept too), served by the new process.
+    assert_eq!(addr_of(&seen, "admin listener on http://"), admin);
+    assert_eq!(addr_of(&seen, "webhook receiver listening on "), hooks);
+    let (status, _) = http_get(&admin, "/healthz");
+    assert_eq!(status, 200);
+    let child = reaper.0.take().unwrap();
+    signal(&child, "TERM");
+    assert!(wait_exit(child, Duration::from_secs(20)).success());
+}

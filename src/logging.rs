@@ -7,8 +7,8 @@
 //! line, never prefixed (a prefix would break every shipper reading the stream as JSON): the
 //! fixed fields `ts`, `level`, `priority` (syslog's number, the same the prefix would carry),
 //! `msg`, then what the line is about when it names it: `job`, `company`, `event` (a job
-//! event's name, as the message quotes it). HTTP libraries' wire dumps never reach the log
-//! (they would carry the credential).
+//! event's name, as the message quotes it), and for a warning or an error its `error_kind`.
+//! HTTP libraries' wire dumps never reach the log (they would carry the credential).
 
 use std::io::Write;
 
@@ -150,12 +150,51 @@ impl<W: Write> LineWriter<W> {
                 for (field, value) in subjects(msg) {
                     text.push_str(&format!(",\"{field}\":{}", v(value)));
                 }
+                if priority <= 4
+                    && let Some(kind) = error_kind(msg)
+                {
+                    text.push_str(&format!(",\"error_kind\":{}", v(&kind)));
+                }
                 text.push('}');
             }
         }
         text.push('\n');
         self.out.write_all(text.as_bytes())
     }
+}
+
+/// What kind of failure a warning or error line reports, from the words the service uses for
+/// it: `pleo_unreachable` (no answer), `pleo_http_<code>`, `credential_refused`,
+/// `handler_crash`, `handler_timeout`, `not_ready`, `database`. `None` for anything else.
+pub fn error_kind(msg: &str) -> Option<String> {
+    if msg.contains("refuses the credential") || msg.contains("refuses the client") {
+        return Some("credential_refused".into());
+    }
+    if let Some(i) = msg.find("Pleo answered ") {
+        let code: String = msg[i + 14..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if code.len() == 3 {
+            return Some(format!("pleo_http_{code}"));
+        }
+    }
+    if msg.contains("transport error") {
+        return Some("pleo_unreachable".into());
+    }
+    if msg.contains("readiness check failed") {
+        return Some("not_ready".into());
+    }
+    if msg.contains("handler gave no result") || msg.contains("stopping the handler") {
+        return Some("handler_timeout".into());
+    }
+    if msg.contains("handler run") && (msg.contains("crashed") || msg.contains("unanswered")) {
+        return Some("handler_crash".into());
+    }
+    if msg.contains("database") || msg.contains("SQLite") {
+        return Some("database".into());
+    }
+    None
 }
 
 /// The names of job events a message may quote in backticks.
@@ -287,6 +326,22 @@ mod tests {
         assert_eq!(lines[2]["job"], "J3");
         assert_eq!(lines[2]["priority"], 3);
         assert!(lines[3].get("job").is_none(), "{}", lines[3]);
+        assert!(lines[3].get("error_kind").is_none(), "{}", lines[3]);
+        let kinds = through(
+            LogFormat::Json,
+            false,
+            "2026-12-02T08:00:00.000Z [WARN] GET /v3/export-jobs: transport error talking to Pleo: io: Connection refused\n\
+             2026-12-02T08:00:00.001Z [WARN] poll pass for company c failed: Pleo answered 503 SERVICE_UNAVAILABLE\n\
+             2026-12-02T08:00:00.002Z [WARN] job j: handler run 2 ended with 3 items unanswered\n",
+        );
+        let kinds: Vec<serde_json::Value> = kinds
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(kinds[0]["error_kind"], "pleo_unreachable");
+        assert_eq!(kinds[1]["error_kind"], "pleo_http_503");
+        assert_eq!(kinds[1]["company"], "c");
+        assert_eq!(kinds[2]["error_kind"], "handler_crash");
     }
 
     #[test]

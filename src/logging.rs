@@ -6,7 +6,8 @@
 //! errors), so `journalctl -p err` finds them; `log_format = "json"` writes one JSON object a
 //! line, never prefixed (a prefix would break every shipper reading the stream as JSON): the
 //! fixed fields `ts`, `level`, `priority` (syslog's number, the same the prefix would carry),
-//! `msg`, then what the line is about when it names it: `job`, `company`, `event` (a job
+//! `msg`, then what the line is about when it names it: `job_id`, `company_id` (named as the
+//! database names them), `event` (a job
 //! event's name, as the message quotes it), and for a warning or an error its `error_kind`.
 //! HTTP libraries' wire dumps never reach the log (they would carry the credential).
 
@@ -18,7 +19,7 @@ pub enum LogFormat {
     /// `2026-12-02T08:00:00.000Z [INFO] message`
     Text,
     /// `{"ts":"2026-12-02T08:00:00.000Z","level":"info","priority":6,"msg":"claimed job J of
-    /// company C","job":"J","company":"C"}`
+    /// company C","job_id":"J","company_id":"C"}`
     Json,
 }
 
@@ -207,7 +208,8 @@ const EVENTS: &[&str] = &[
     "in_progress",
 ];
 
-/// What a message is about, as it names it: `job ID` (or `handler[ID]`), `company ID`, and a
+/// What a message is about, as it names it: `job ID` (or `handler[ID]`) as `job_id`, `company
+/// ID` as `company_id`, and a
 /// job event quoted in backticks. Each field at most once, the first mention.
 pub fn subjects(msg: &str) -> Vec<(&'static str, &str)> {
     let token = |rest: &str| -> Option<usize> {
@@ -218,7 +220,7 @@ pub fn subjects(msg: &str) -> Vec<(&'static str, &str)> {
     };
     // Positions first (field, start, end), in the order the message names them.
     let mut found: Vec<(&'static str, usize, usize)> = Vec::new();
-    for (field, word) in [("job", "job "), ("company", "company ")] {
+    for (field, word) in [("job_id", "job "), ("company_id", "company ")] {
         let mut from = 0;
         while let Some(i) = msg[from..].find(word) {
             let at = from + i;
@@ -236,7 +238,7 @@ pub fn subjects(msg: &str) -> Vec<(&'static str, &str)> {
         && let Some(len) = msg[i + 8..].find(']')
         && len > 0
     {
-        found.push(("job", i + 8, i + 8 + len));
+        found.push(("job_id", i + 8, i + 8 + len));
     }
     let mut rest = msg;
     let mut offset = 0;
@@ -317,15 +319,15 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
             .collect();
-        assert_eq!(lines[0]["job"], "0f1e-77");
-        assert_eq!(lines[0]["company"], "c-9");
+        assert_eq!(lines[0]["job_id"], "0f1e-77");
+        assert_eq!(lines[0]["company_id"], "c-9");
         assert_eq!(lines[0]["priority"], 6);
-        assert_eq!(lines[1]["job"], "J2");
+        assert_eq!(lines[1]["job_id"], "J2");
         assert_eq!(lines[1]["event"], "completed");
         assert_eq!(lines[1]["priority"], 4);
-        assert_eq!(lines[2]["job"], "J3");
+        assert_eq!(lines[2]["job_id"], "J3");
         assert_eq!(lines[2]["priority"], 3);
-        assert!(lines[3].get("job").is_none(), "{}", lines[3]);
+        assert!(lines[3].get("job_id").is_none(), "{}", lines[3]);
         assert!(lines[3].get("error_kind").is_none(), "{}", lines[3]);
         let kinds = through(
             LogFormat::Json,
@@ -340,7 +342,7 @@ mod tests {
             .collect();
         assert_eq!(kinds[0]["error_kind"], "pleo_unreachable");
         assert_eq!(kinds[1]["error_kind"], "pleo_http_503");
-        assert_eq!(kinds[1]["company"], "c");
+        assert_eq!(kinds[1]["company_id"], "c");
         assert_eq!(kinds[2]["error_kind"], "handler_crash");
     }
 

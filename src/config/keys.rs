@@ -85,7 +85,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "log_format",
         Some("text"),
-        "`text`: one line a record, `2026-12-02T08:00:00.000Z [INFO] ...` (UTC, fixed width); `json`: one object a line for log shippers, `{\"ts\": ..., \"level\": ..., \"priority\": 6, \"msg\": ...}` plus `job`, `company` and `event` when the line is about one and `error_kind` for a warning or an error (`pleo_unreachable`, `pleo_http_503`, `credential_refused`, `handler_crash`, `handler_timeout`, `not_ready`, `database`), never prefixed. In `text` under systemd (`JOURNAL_STREAM` names stderr) every line starts with its syslog priority (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug), so `journalctl -u jobmirror -p err` shows the errors",
+        "`text`: one line a record, `2026-12-02T08:00:00.000Z [INFO] ...` (UTC, fixed width); `json`: one object a line for log shippers, `{\"ts\": ..., \"level\": ..., \"priority\": 6, \"msg\": ...}` plus `job_id`, `company_id` and `event` when the line is about one and `error_kind` for a warning or an error (`pleo_unreachable`, `pleo_http_503`, `credential_refused`, `handler_crash`, `handler_timeout`, `not_ready`, `database`), never prefixed. In `text` under systemd (`JOURNAL_STREAM` names stderr) every line starts with its syslog priority (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug), so `journalctl -u jobmirror -p err` shows the errors",
     ),
     (
         "shard",

@@ -1064,12 +1064,12 @@ fn logs_carry_syslog_priorities_under_the_journal_and_json_is_one_object_a_line(
         }
     }
     let claimed = claimed.unwrap_or_else(|| panic!("{text}"));
-    assert_eq!(claimed["job"], "json-job-1", "{claimed}");
-    assert_eq!(claimed["company"], company, "{claimed}");
+    assert_eq!(claimed["job_id"], "json-job-1", "{claimed}");
+    assert_eq!(claimed["company_id"], company, "{claimed}");
     // jq, line by line, as a shipper would read the journal's stream.
     if tool_here("jq") {
         let out = std::process::Command::new("jq")
-            .args(["-r", "select(.job != null) | .job"])
+            .args(["-r", "select(.job_id != null) | .job_id"])
             .arg(&log)
             .output()
             .unwrap();

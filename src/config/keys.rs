@@ -13,7 +13,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "db",
         Some("jobmirror.db"),
-        "SQLite database file (created with mode 0600 by `run` or `migrate` only; every other command refuses a missing one, exit 2). The shipped `contrib/jobmirror.toml` sets `/var/lib/jobmirror/jobmirror.db`",
+        "SQLite database file (created with mode 0600 by `run` or `migrate` only; the other commands that use it refuse a missing one, exit 2). The shipped `contrib/jobmirror.toml` sets `/var/lib/jobmirror/jobmirror.db`",
     ),
     (
         "pleo_base_url",
@@ -295,8 +295,11 @@ to remember. A file named by `--config` or `JOBMIRROR_CONFIG` that does not exis
 The file is flat TOML. Every key can be overridden by the environment variable\n\
 `JOBMIRROR_<KEY>` in upper case; `--db FILE` wins over both for `db`. An unknown key in the\n\
 file is an error, so a typo never falls back to a default silently. Only `run` and `migrate`\n\
-create the database; every other command on a missing one exits 2 naming the path it looked\n\
-for.\n\n\
+create the database. The commands that read or change it (`status`, `jobs`, `show`, `why`,\n\
+`doctor`, `backup`, `prune`, `trigger`, `companies`, `subscribe --company`/`--all`, and with\n\
+OAuth `subscribe`, `subscriptions` and `record`, whose tokens live there) exit 2 on a missing\n\
+one, naming the path they looked for and where it came from; `check-config` says it does not\n\
+exist yet.\n\n\
 ```toml\n\
 # /etc/jobmirror/jobmirror.toml (contrib/jobmirror.toml is the shipped example)\n\
 db = \"/var/lib/jobmirror/jobmirror.db\"\n\

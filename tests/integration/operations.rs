@@ -334,39 +334,67 @@ fn metrics_expose_jobs_claims_api_calls_webhooks_and_handler_results() {
     drop(reaper);
 }
 
+/// A service run from a configuration file the test rewrites (its poll interval) before a
+/// SIGHUP: company A on the fake, the dry-run handler, the admin listener on an ephemeral
+/// port, and `extra` lines.
+struct Reloadable {
+    cfg: std::path::PathBuf,
+    base: String,
+}
+
+impl Reloadable {
+    fn new(dir: &std::path::Path, f: &FakePleo, extra: &str) -> Reloadable {
+        Reloadable {
+            cfg: dir.join("jobmirror.toml"),
+            base: format!(
+                "db = {:?}\npleo_base_url = {:?}\npleo_api_key = {:?}\ncompany_ids = [{A:?}]\nhandler_command = \"dry-run\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}",
+                dir.join("jm.db").display().to_string(),
+                f.base_url(),
+                jobmirror::sandbox::DEFAULT_API_KEY,
+            ),
+        }
+    }
+
+    /// The file, with `poll` as `poll_interval_secs` (written as given: a bad value too).
+    fn write(&self, poll: &str) {
+        std::fs::write(
+            &self.cfg,
+            format!("{}poll_interval_secs = {poll}\n", self.base),
+        )
+        .unwrap();
+    }
+
+    /// `jobmirror --config FILE run` with `env`; its stderr as lines.
+    fn spawn(&self, env: &[(&str, String)]) -> (Reaper, crossbeam_channel::Receiver<String>) {
+        let mut c = cmd();
+        c.arg("--config").arg(&self.cfg).arg("run");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let rx = lines(child.stderr.take().unwrap());
+        (Reaper(Some(child)), rx)
+    }
+}
+
 #[test]
 fn sighup_restarts_in_place_with_a_valid_config_and_refuses_a_broken_one() {
     let f = fake();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("jobmirror.toml");
-    let write = |poll: &str| {
-        std::fs::write(
-            &cfg,
-            format!(
-                "db = {:?}\npleo_base_url = {:?}\npleo_api_key = {:?}\ncompany_ids = [{A:?}]\nhandler_command = \"dry-run\"\nadmin_listen = \"127.0.0.1:0\"\npoll_interval_secs = {poll}\n",
-                dir.path().join("jm.db").display().to_string(),
-                f.base_url(),
-                jobmirror::sandbox::DEFAULT_API_KEY,
-            ),
-        )
-        .unwrap();
-    };
+    let svc = Reloadable::new(dir.path(), &f, "");
+    let write = |poll: &str| svc.write(poll);
     write("3600");
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let mut child = cmd()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines(child.stderr.take().unwrap());
-    let pid = child.id();
-    let mut reaper = Reaper(Some(child));
+    let (mut reaper, rx) = svc.spawn(&[
+        ("NOTIFY_SOCKET", sock_path.display().to_string()),
+        ("WATCHDOG_USEC", "400000".into()),
+    ]);
+    let pid = reaper.0.as_ref().unwrap().id();
     let mut seen = Vec::new();
     wait_for(&rx, "poll every 3600 s", &mut seen);
     write("1800");
@@ -795,30 +823,14 @@ fn a_restart_in_place_keeps_its_listening_sockets_and_refuses_no_connection() {
     // refused. The listeners now pass to the new process; a client waits in the backlog.
     let f = fake();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("jobmirror.toml");
-    let write = |poll: &str| {
-        std::fs::write(
-            &cfg,
-            format!(
-                "db = {:?}\npleo_base_url = {:?}\npleo_api_key = {:?}\ncompany_ids = [{A:?}]\nhandler_command = \"dry-run\"\nadmin_listen = \"127.0.0.1:0\"\nwebhook_listen = \"127.0.0.1:0\"\nwebhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\npoll_interval_secs = {poll}\n",
-                dir.path().join("jm.db").display().to_string(),
-                f.base_url(),
-                jobmirror::sandbox::DEFAULT_API_KEY,
-            ),
-        )
-        .unwrap();
-    };
+    let svc = Reloadable::new(
+        dir.path(),
+        &f,
+        "webhook_listen = \"127.0.0.1:0\"\nwebhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n",
+    );
+    let write = |poll: &str| svc.write(poll);
     write("3600");
-    let mut child = cmd()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines(child.stderr.take().unwrap());
-    let mut reaper = Reaper(Some(child));
+    let (mut reaper, rx) = svc.spawn(&[]);
     let mut seen = Vec::new();
     wait_for(&rx, "poll every 3600 s", &mut seen);
     let addr_of = |seen: &[String], marker: &str| {

@@ -137,6 +137,7 @@ impl HandlerStage {
         let _watched = crate::processing::pipeline::Watched::start(self.watch.as_ref(), job);
         let mut run = RunState {
             last_progress: started,
+            last_progress_real: crate::clock::monotonic(),
             garbage: 0,
             answered: 0,
             first_unflushed: None,
@@ -180,9 +181,12 @@ impl HandlerStage {
             }
             // A stall is judged on what the handler said, not on when this thread last read
             // it: results already waiting (the lane was held up by a slow report, say) are
-            // progress.
+            // progress. It is judged on the clock (tests and replays move it), and confirmed by
+            // a little real time without a result: a clock that jumps while the handler works
+            // is not a handler that stopped answering.
             if now.until(run.last_progress) <= -(self.cfg.item_timeout.as_millis() as i64)
                 && running.messages.is_empty()
+                && run.last_progress_real.elapsed() >= STALL_CONFIRM
             {
                 break Some(format!(
                     "the handler gave no result for {} s (per-item limit)",
@@ -331,6 +335,7 @@ impl HandlerStage {
         }
         if !recorded.is_empty() {
             run.last_progress = now;
+            run.last_progress_real = crate::clock::monotonic();
             run.first_unflushed.get_or_insert(now);
             run.unreported += recorded.len() as i64;
             run.answered += recorded.len();
@@ -411,9 +416,14 @@ pub(crate) fn absorb(
     false
 }
 
+/// Real time without a result that confirms a stall the clock shows (see the loop).
+const STALL_CONFIRM: Duration = Duration::from_secs(1);
+
 /// What one handler run keeps track of.
 pub(crate) struct RunState {
     last_progress: Millis,
+    /// The same moment on monotonic time: a stall also needs [`STALL_CONFIRM`] of real time.
+    last_progress_real: std::time::Instant,
     garbage: u32,
     /// Results of this run committed (new ones only).
     answered: usize,

@@ -366,6 +366,47 @@ fn a_stalled_handler_is_stopped_and_the_job_failed_before_its_deadline() {
 }
 
 #[test]
+fn a_clock_jump_while_the_handler_works_is_not_a_stall() {
+    // The simulation moved the clock 300 s as a handler started; the lane saw "no result for
+    // 120 s" before the handler (a process, answering a few hundred milliseconds later) had
+    // written anything, and failed the job. A stall needs real time without a result too.
+    let w = World::new();
+    let j = job(&w, A, "j", 2, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let handler = script(
+        dir.path(),
+        "slow",
+        r#"[ "$1" = "--check" ] && exit 0
+IFS= read -r jobline
+ids=""
+while IFS= read -r line; do
+  ids="$ids $(printf '%s' "$line" | sed -n 's/.*"accountingEntryId":"\([^"]*\)".*/\1/p')"
+done
+sleep 0.3
+for id in $ids; do echo "{\"accountingEntryId\":\"$id\",\"status\":\"successful\"}"; done"#,
+    );
+    w.mirror(&[A]).pass(PassKind::Recovery);
+    let (tx, rx) = unbounded();
+    let stage =
+        HandlerStage::new(w.clients(), w.shared_clock(), handler, pcfg()).with_milestones(tx);
+    let mut p = w
+        .processor(&[A], ProcessorConfig::default())
+        .with_stage(Box::new(stage));
+    let round = std::thread::spawn(move || p.round());
+    match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+        Milestone::HandlerStarted { items, .. } => assert_eq!(items, 2),
+        other => panic!("{other:?}"),
+    }
+    // The clock jumps past the item limit before the handler answers.
+    w.clock.advance(Duration::from_secs(300));
+    let r = round.join().unwrap();
+    assert_eq!(r.finished, ["j"]);
+    let f = w.fake.job(&j).unwrap();
+    assert_eq!(f.status, "completed", "{:?}", f.failure_reason);
+    assert!(!w.kinds(&j).contains(&"handler_timed_out".to_owned()));
+}
+
+#[test]
 fn a_job_about_to_expire_is_failed_with_a_reason_instead_of_expiring() {
     let w = World::new();
     let j = job(&w, A, "j", 2, 0);

@@ -99,6 +99,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Instances sharing a PostgreSQL `db`: heartbeats, leases, and companies no live
+    /// instance holds (exit 1 when there are any). Read-only.
+    Instances {
+        #[arg(long)]
+        json: bool,
+    },
     /// Per company: jobs by state, last poll, last webhook, next deadline (read-only).
     Status {
         #[command(flatten)]

@@ -12,6 +12,7 @@ mod common;
 mod companies;
 mod pleo;
 mod replay;
+mod shared;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -99,12 +100,17 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         let _ = CONFIG_IN_USE.set(cli.config.clone());
     }
     match cli.command {
+        Command::Instances { json } => shared::instances(cli.config.as_deref(), json),
         Command::Run => {
+            shared::refuse_service_on_postgres(cli.config.as_deref())?;
             let cfg = Config::load(cli.config.as_deref())?;
             crate::logging::init(cfg.log, cfg.log_format);
             crate::service::systemd::run(cfg, cli.config.as_deref(), clock)
         }
         Command::Migrate { json } => {
+            if let Some(target) = shared::pg_target(cli.config.as_deref())? {
+                return shared::migrate(&target, json);
+            }
             let db = db_path(cli.config.as_deref())?;
             init_logging(log::LevelFilter::Info);
             let mut store = Store::connect(&db)?;

@@ -13,7 +13,22 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "db",
         Some("jobmirror.db"),
-        "SQLite database file (created with mode 0600 by `run` or `migrate` only; the other commands that use it refuse a missing one, exit 2). The shipped `contrib/jobmirror.toml` sets `/var/lib/jobmirror/jobmirror.db`",
+        "SQLite database file (created with mode 0600 by `run` or `migrate` only; the other commands that use it refuse a missing one, exit 2). The shipped `contrib/jobmirror.toml` sets `/var/lib/jobmirror/jobmirror.db`. A `postgresql://user@host:port/dbname` URL (libpq's form, no password in it: see `db_password_file`) names a PostgreSQL database several instances share: today `migrate` and `instances` use it; the service itself does not run on it yet (see [several machines](several-machines.md))",
+    ),
+    (
+        "db_password_file",
+        None,
+        "file whose first line is the password of a PostgreSQL `db` (else `PGPASSWORD` from the environment; a password inside the URL is refused, so it never reaches a message)",
+    ),
+    (
+        "instance_name",
+        None,
+        "this instance's name among those sharing a PostgreSQL `db` (default: host name and pid, `host-1234`); two live processes never share one: the second waits until the first's heartbeat lapses",
+    ),
+    (
+        "company_lease_secs",
+        Some("30"),
+        "PostgreSQL `db` only: how long a company lease lasts without renewal (3 to 3600). Each instance renews its leases every third of it; an instance that dies loses its companies when its leases lapse, and another takes them over",
     ),
     (
         "pleo_base_url",
@@ -90,7 +105,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "shard",
         Some("0/1"),
-        "`i/n`: serve only the listed companies whose id hashes to `i` of `n`, so `n` instances split one list without editing it (see [several machines](several-machines.md))",
+        "`i/n`: serve only the listed companies whose id hashes to `i` of `n`, so `n` instances split one list without editing it (see [several machines](several-machines.md)). SQLite only: with a PostgreSQL `db` the instances split the companies by lease, and `shard` is refused",
     ),
     (
         "lanes",

@@ -18,6 +18,7 @@ use crate::pleo::{self, Secret};
 
 mod clients;
 mod companies;
+mod database;
 mod handler;
 mod keys;
 mod merge;
@@ -25,6 +26,7 @@ mod merge;
 pub use companies::Shard;
 pub(crate) use companies::is_company_id;
 use companies::read_company_ids_file;
+pub use database::SharedDb;
 use keys::raw_values;
 pub use keys::{DEFAULT_CONFIG_PATH, KEYS, Setting, effective, is_key, reference_markdown};
 
@@ -88,6 +90,8 @@ pub struct Config {
     /// Which part of the listed companies this instance serves (`shard = "i/n"`);
     /// `company_ids` holds only those.
     pub shard: Shard,
+    /// `db` on PostgreSQL: the password's file, this instance's name, the company lease.
+    pub shared_db: SharedDb,
     /// How many companies were listed before the shard took its part.
     pub companies_listed: usize,
     /// Companies with API keys of their own (`company_api_keys_file`, or the database).
@@ -408,6 +412,7 @@ impl Config {
             None => Shard::ALL,
             Some(s) => Shard::parse(&s).map_err(|m| err("shard", m))?,
         };
+        let shared_db = database::parse(&get, &db, shard)?;
         let companies_listed = company_ids.len();
         company_ids.retain(|c| shard.serves(c));
         let company_api_keys: BTreeMap<String, Secret> = company_api_keys
@@ -568,15 +573,8 @@ impl Config {
             pleo_retry_attempts_max: count("pleo_retry_attempts_max")?,
             shutdown_timeout: secs("shutdown_timeout_secs", 1)?,
             lanes: count("lanes")?,
-            listing_threads: match count("listing_threads")? {
-                n @ 1..=64 => n,
-                n => {
-                    return Err(err(
-                        "listing_threads",
-                        format!("expected at most 64, got {n}"),
-                    ));
-                }
-            },
+            listing_threads: database::at_most("listing_threads", count("listing_threads")?, 64)?,
+            shared_db,
             shard,
             companies_listed,
             company_api_keys,

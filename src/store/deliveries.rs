@@ -57,6 +57,17 @@ pub struct PendingDelivery {
 }
 
 impl Store {
+    /// Marks handled deliveries in one transaction.
+    pub fn mark_deliveries(&self, marks: &[(String, String)], now: Millis) -> Result<()> {
+        let tx = self.write_tx()?;
+        for (id, outcome) in marks {
+            tx.prepare_cached("UPDATE webhook_deliveries SET processed_at = ?2, outcome = ?3 WHERE webhook_id = ?1")?
+                .execute(params![id, now.0, outcome])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Commits verified deliveries in one transaction (duplicates of a stored `webhook_id` are
     /// left as they are) with a journal entry for each new one.
     /// Bytes of stored deliveries (body and headers) by company (`""` for none named).

@@ -1,4 +1,5 @@
-//! The SQLite store: every SQL statement of jobmirror lives here, and so do the migrations.
+//! The store: every SQL statement of jobmirror lives here, and so do the migrations. SQLite
+//! here; PostgreSQL (several instances, company leases) in [`pg`].
 //!
 //! Invariants: the schema only changes through refinery migrations in `migrations/`
 //! (append-only); `job_events` is only ever appended to (triggers refuse UPDATE and DELETE);
@@ -9,6 +10,7 @@ mod companies;
 mod deliveries;
 mod items;
 mod jobs;
+pub mod pg;
 mod tokens;
 mod upkeep;
 
@@ -19,16 +21,15 @@ pub use jobs::*;
 pub use tokens::*;
 pub use upkeep::*;
 
-use std::path::Path;
-
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Value, json};
+use std::path::Path;
 
 use crate::clock::Millis;
 use crate::wire::{Job, status};
 
 mod embedded {
-    refinery::embed_migrations!("migrations");
+    refinery::embed_migrations!("migrations/sqlite");
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -390,6 +391,7 @@ impl Store {
     /// As [`Store::open`] without applying migrations: for further connections to a database
     /// already opened (and so migrated) by this process, and for `jobmirror migrate`.
     pub fn connect(path: &Path) -> Result<Store> {
+        pg::refuse_url(path)?;
         let shown = path.display().to_string();
         if !path.exists() {
             create_private_file(path).map_err(|source| StoreError::Io {
@@ -425,19 +427,9 @@ impl Store {
         Ok(())
     }
 
-    /// Marks handled deliveries in one transaction.
-    pub fn mark_deliveries(&self, marks: &[(String, String)], now: Millis) -> Result<()> {
-        let tx = self.write_tx()?;
-        for (id, outcome) in marks {
-            tx.prepare_cached("UPDATE webhook_deliveries SET processed_at = ?2, outcome = ?3 WHERE webhook_id = ?1")?
-                .execute(params![id, now.0, outcome])?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
     /// Opens an existing database read-only (for `status` and audits); never migrates.
     pub fn open_read_only(path: &Path) -> Result<Store> {
+        pg::refuse_url(path)?;
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,

@@ -499,7 +499,7 @@ fn maintained_counts_agree_with_what_they_summarise_and_the_migration_fills_them
         )
         .unwrap();
     let v10 = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/V10__operator_summaries.sql"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite/V10__operator_summaries.sql"),
     )
     .unwrap();
     st.conn().execute_batch(&v10).unwrap();

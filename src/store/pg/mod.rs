@@ -1,0 +1,188 @@
+//! The store on PostgreSQL: where `db` is a `postgresql://` URL, several instances share one
+//! database and split its companies by lease ([`leases`]).
+//!
+//! Invariants, as on SQLite: the schema only changes through refinery migrations in
+//! `migrations/postgres/` (append-only); `job_events` is append-only (triggers refuse UPDATE,
+//! DELETE and TRUNCATE); a lease's change and its journal entries are one transaction (a
+//! trigger writes them). No function here reads jobmirror's clock: times are passed in; the
+//! lease keeper passes the database server's clock ([`PgStore::db_now`]), one clock for every
+//! machine. The password never appears in a message: [`PgTarget`] shows the URL without it.
+
+pub mod keeper;
+pub mod leases;
+
+use std::fmt;
+
+use crate::clock::Millis;
+use crate::wire::Secret;
+
+mod embedded {
+    refinery::embed_migrations!("migrations/postgres");
+}
+
+/// Whether a `db` value names a PostgreSQL database rather than a SQLite file.
+pub fn is_postgres_url(db: &str) -> bool {
+    let l = db.trim_start().to_ascii_lowercase();
+    l.starts_with("postgresql://") || l.starts_with("postgres://")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("db: {0}")]
+    Url(String),
+    #[error("PostgreSQL {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: postgres::Error,
+    },
+    #[error("PostgreSQL migration failed: {0}")]
+    Migrate(String),
+    #[error("PostgreSQL: {0}")]
+    Sql(#[from] postgres::Error),
+}
+
+pub type Result<T, E = PgError> = std::result::Result<T, E>;
+
+/// A parsed `db` URL (libpq's URL form) and its password, kept apart from what is shown.
+#[derive(Clone)]
+pub struct PgTarget {
+    config: postgres::Config,
+    shown: String,
+}
+
+impl fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PgTarget({})", self.shown)
+    }
+}
+
+impl fmt::Display for PgTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl PgTarget {
+    /// `url` as libpq reads it (`postgresql://user@host:port/dbname?param=value`). A password
+    /// inside the URL is refused: the configuration file is not a secret store, and the URL is
+    /// shown in messages. It comes from `password` (`db_password_file`, or `PGPASSWORD` in the
+    /// environment, in that order, chosen by the caller).
+    pub fn parse(url: &str, password: Option<Secret>) -> Result<PgTarget> {
+        let url = url.trim();
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| PgError::Url(format!("not a PostgreSQL URL ({e})")))?;
+        if config.get_password().is_some() {
+            return Err(PgError::Url(
+                "the URL holds a password: give it in db_password_file (or PGPASSWORD) instead"
+                    .into(),
+            ));
+        }
+        if config.get_dbname().is_none() {
+            return Err(PgError::Url(
+                "the URL names no database (postgresql://user@host:port/dbname)".into(),
+            ));
+        }
+        if config.get_user().is_none() {
+            let user = std::env::var("PGUSER")
+                .ok()
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "postgres".into());
+            config.user(&user);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("jobmirror");
+        }
+        if let Some(p) = password {
+            config.password(p.expose().trim_end_matches(['\r', '\n']));
+        }
+        config.connect_timeout(std::time::Duration::from_secs(10));
+        Ok(PgTarget {
+            config,
+            shown: url.to_owned(),
+        })
+    }
+
+    /// The password for `db`: the file's first line, else `PGPASSWORD`, else none.
+    pub fn password(file: Option<&std::path::Path>) -> std::io::Result<Option<Secret>> {
+        if let Some(f) = file {
+            let text = std::fs::read_to_string(f)?;
+            return Ok(Some(Secret::new(
+                text.lines().next().unwrap_or("").to_owned(),
+            )));
+        }
+        Ok(std::env::var("PGPASSWORD").ok().map(Secret::new))
+    }
+
+    pub fn connect(&self) -> Result<PgStore> {
+        let client = self
+            .config
+            .connect(postgres::NoTls)
+            .map_err(|source| PgError::Connect {
+                target: self.shown.clone(),
+                source,
+            })?;
+        Ok(PgStore {
+            client,
+            target: self.clone(),
+        })
+    }
+}
+
+/// One connection to the shared database.
+pub struct PgStore {
+    client: postgres::Client,
+    target: PgTarget,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PgStore({})", self.target)
+    }
+}
+
+impl PgStore {
+    pub fn target(&self) -> &PgTarget {
+        &self.target
+    }
+
+    /// Applies the migrations not applied yet; returns their names.
+    pub fn migrate(&mut self) -> Result<Vec<String>> {
+        let report = embedded::migrations::runner()
+            .run(&mut self.client)
+            .map_err(|e| PgError::Migrate(e.to_string()))?;
+        Ok(report
+            .applied_migrations()
+            .iter()
+            .map(|m| m.to_string())
+            .collect())
+    }
+
+    /// The database server's clock: the one clock every instance's leases are read on.
+    pub fn db_now(&mut self) -> Result<Millis> {
+        let row = self.client.query_one("SELECT jm_now_ms()", &[])?;
+        Ok(Millis(row.get(0)))
+    }
+
+    /// The connection, for the store's own modules and tests.
+    pub fn client(&mut self) -> &mut postgres::Client {
+        &mut self.client
+    }
+}
+
+/// The SQLite store's guard: a PostgreSQL URL is never opened (nor created) as a file name.
+pub(crate) fn refuse_url(path: &std::path::Path) -> Result<(), super::StoreError> {
+    if path.to_str().is_some_and(is_postgres_url) {
+        return Err(super::StoreError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "a PostgreSQL database serves `jobmirror migrate` and `jobmirror instances` \
+                 so far; the service and this command need a SQLite file \
+                 (docs/several-machines.md)",
+            ),
+        });
+    }
+    Ok(())
+}

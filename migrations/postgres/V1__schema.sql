@@ -147,6 +147,13 @@ END $$;
 CREATE TRIGGER webhook_deliveries_notify AFTER INSERT ON webhook_deliveries
     FOR EACH ROW EXECUTE FUNCTION jm_notify_delivery();
 
+-- The process running the service on this database, per host (for `jobmirror trigger`).
+CREATE TABLE service_instances (
+    pid         bigint  NOT NULL PRIMARY KEY,
+    started_at  bigint  NOT NULL,
+    version     text    NOT NULL
+);
+
 CREATE TABLE job_items (
     job_id               text    NOT NULL REFERENCES export_jobs (id),
     accounting_entry_id  text    NOT NULL,

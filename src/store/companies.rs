@@ -68,59 +68,61 @@ fn credential_columns(c: &CompanyCredential) -> (&'static str, Option<&str>) {
 }
 
 fn company_journal(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &sql::Db,
     now: Millis,
     company: &str,
     kind: EventKind,
     detail: Value,
 ) -> Result<()> {
-    journal(tx, now, None, Some(company), kind, &detail)?;
-    Ok(())
+    journal_db(tx, now, None, Some(company), kind, &detail)
 }
 
 impl Store {
     /// Every row of `companies`, by id.
     pub fn company_rows(&self) -> Result<Vec<CompanyRow>> {
-        let mut st = self.conn.prepare(
+        self.db.rows(
             "SELECT company_id, credential, api_key, paused_at, added_at, updated_at, \
              subscription_id, webhook_secret FROM companies ORDER BY company_id",
-        )?;
-        let rows = st.query_map([], |r| {
-            let kind: String = r.get(1)?;
-            let key: Option<String> = r.get(2)?;
-            Ok(CompanyRow {
-                company_id: r.get(0)?,
-                credential: match (kind.as_str(), key) {
-                    ("api_key", Some(k)) => CompanyCredential::ApiKey(crate::wire::Secret::new(k)),
-                    ("oauth", _) => CompanyCredential::OAuth,
-                    _ => CompanyCredential::Default,
-                },
-                paused_at: r.get::<_, Option<i64>>(3)?.map(Millis),
-                added_at: Millis(r.get(4)?),
-                updated_at: Millis(r.get(5)?),
-                subscription_id: r.get(6)?,
-                webhook_secret: r.get::<_, Option<String>>(7)?.map(crate::wire::Secret::new),
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            &[],
+            |r| {
+                let kind: String = r.get(1)?;
+                let key: Option<String> = r.get(2)?;
+                Ok(CompanyRow {
+                    company_id: r.get(0)?,
+                    credential: match (kind.as_str(), key) {
+                        ("api_key", Some(k)) => {
+                            CompanyCredential::ApiKey(crate::wire::Secret::new(k))
+                        }
+                        ("oauth", _) => CompanyCredential::OAuth,
+                        _ => CompanyCredential::Default,
+                    },
+                    paused_at: r.get::<Option<i64>>(3)?.map(Millis),
+                    added_at: Millis(r.get(4)?),
+                    updated_at: Millis(r.get(5)?),
+                    subscription_id: r.get(6)?,
+                    webhook_secret: r.get::<Option<String>>(7)?.map(crate::wire::Secret::new),
+                })
+            },
+        )
     }
 
     /// Whether `company` has a row.
     pub fn has_company_row(&self, company: &str) -> Result<bool> {
-        Ok(self.conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM companies WHERE company_id = ?1)",
-            [company],
-            |r| r.get(0),
-        )?)
+        Ok(self
+            .db
+            .value::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM companies WHERE company_id = ?1)",
+                &[&company],
+            )?
+            .unwrap_or(false))
     }
 
     /// The counter every change to `companies` bumps (one row: cheap to poll).
     pub fn companies_version(&self) -> Result<i64> {
         Ok(self
-            .conn
-            .query_row("SELECT seq FROM companies_version WHERE id = 1", [], |r| {
-                r.get(0)
-            })?)
+            .db
+            .value("SELECT seq FROM companies_version WHERE id = 1", &[])?
+            .unwrap_or(0))
     }
 
     /// Adds `company` with `credential`, or replaces the credential of its row. An OAuth
@@ -133,14 +135,12 @@ impl Store {
         refresh_token: Option<&str>,
         now: Millis,
     ) -> Result<CompanyChange> {
-        let tx = self.write_tx()?;
-        let old: Option<(String, Option<String>)> = tx
-            .query_row(
-                "SELECT credential, api_key FROM companies WHERE company_id = ?1",
-                [company],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
+        let tx = self.db.write_tx()?;
+        let old: Option<(String, Option<String>)> = tx.row(
+            "SELECT credential, api_key FROM companies WHERE company_id = ?1",
+            &[&company],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         let (kind, key) = credential_columns(credential);
         let same_row = old
             .as_ref()
@@ -153,11 +153,11 @@ impl Store {
         if change == CompanyChange::Unchanged {
             return Ok(change);
         }
-        tx.execute(
+        tx.exec(
             "INSERT INTO companies (company_id, credential, api_key, added_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (company_id) DO UPDATE SET \
              credential = excluded.credential, api_key = excluded.api_key, updated_at = excluded.updated_at",
-            params![company, kind, key, now.0],
+            &[&company, &kind, &key, &now],
         )?;
         let cred = company_credential(company);
         match refresh_token {
@@ -165,7 +165,7 @@ impl Store {
                 super::tokens::seed_pair(&tx, &cred, t, now)?;
             }
             None => {
-                tx.execute("DELETE FROM oauth_tokens WHERE credential = ?1", [&cred])?;
+                tx.exec("DELETE FROM oauth_tokens WHERE credential = ?1", &[&cred])?;
             }
         }
         let what = match change {
@@ -181,8 +181,8 @@ impl Store {
     /// service has let the company go (a job in hand still needs it), then deleted
     /// ([`Store::forget_company_pair`]). Journaled.
     pub fn company_remove(&self, company: &str, now: Millis) -> Result<bool> {
-        let tx = self.write_tx()?;
-        let n = tx.execute("DELETE FROM companies WHERE company_id = ?1", [company])?;
+        let tx = self.db.write_tx()?;
+        let n = tx.exec("DELETE FROM companies WHERE company_id = ?1", &[&company])?;
         if n > 0 {
             company_journal(&tx, now, company, EventKind::CompanyRemoved, json!({}))?;
         }
@@ -194,23 +194,21 @@ impl Store {
     /// default credential (so a company named only in the configuration can be paused).
     /// Returns whether anything changed. Journaled.
     pub fn company_pause(&self, company: &str, paused: bool, now: Millis) -> Result<bool> {
-        let tx = self.write_tx()?;
-        let was: Option<Option<i64>> = tx
-            .query_row(
-                "SELECT paused_at FROM companies WHERE company_id = ?1",
-                [company],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let tx = self.db.write_tx()?;
+        let was: Option<Option<i64>> = tx.row(
+            "SELECT paused_at FROM companies WHERE company_id = ?1",
+            &[&company],
+            |r| r.get(0),
+        )?;
         let is_paused = was.is_some_and(|p| p.is_some());
         if is_paused == paused {
             return Ok(false);
         }
-        tx.execute(
+        tx.exec(
             "INSERT INTO companies (company_id, added_at, updated_at, paused_at) \
              VALUES (?1, ?2, ?2, ?3) ON CONFLICT (company_id) DO UPDATE SET \
              paused_at = excluded.paused_at, updated_at = excluded.updated_at",
-            params![company, now.0, paused.then_some(now.0)],
+            &[&company, &now, &paused.then_some(now)],
         )?;
         let kind = if paused {
             EventKind::CompanyPaused
@@ -231,13 +229,12 @@ impl Store {
         subscription_id: &str,
         secret: &str,
     ) -> Result<bool> {
-        let tx = self.write_tx()?;
-        let n = tx.execute(
+        let n = self.db.exec(
             "UPDATE companies SET subscription_id = ?2, webhook_secret = ?3 \
-             WHERE company_id = ?1 AND (subscription_id IS NOT ?2 OR webhook_secret IS NOT ?3)",
-            params![company, subscription_id, secret],
+             WHERE company_id = ?1 \
+               AND (subscription_id IS DISTINCT FROM ?2 OR webhook_secret IS DISTINCT FROM ?3)",
+            &[&company, &subscription_id, &secret],
         )?;
-        tx.commit()?;
         Ok(n > 0)
     }
 }

@@ -59,55 +59,58 @@ pub struct PendingDelivery {
 impl Store {
     /// Marks handled deliveries in one transaction.
     pub fn mark_deliveries(&self, marks: &[(String, String)], now: Millis) -> Result<()> {
-        let tx = self.write_tx()?;
+        let tx = self.db.write_tx()?;
         for (id, outcome) in marks {
-            tx.prepare_cached("UPDATE webhook_deliveries SET processed_at = ?2, outcome = ?3 WHERE webhook_id = ?1")?
-                .execute(params![id, now.0, outcome])?;
+            tx.exec(
+                "UPDATE webhook_deliveries SET processed_at = ?2, outcome = ?3 WHERE webhook_id = ?1",
+                &[id, &now, outcome],
+            )?;
         }
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
-    /// Commits verified deliveries in one transaction (duplicates of a stored `webhook_id` are
-    /// left as they are) with a journal entry for each new one.
     /// Bytes of stored deliveries (body and headers) by company (`""` for none named).
     pub fn delivery_bytes_by_company(&self) -> Result<Vec<(String, u64)>> {
-        let mut stmt = self.conn.prepare(
+        self.db.rows(
             "SELECT coalesce(company_id, ''), sum(length(body) + length(headers)) \
              FROM webhook_deliveries GROUP BY 1",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            &[],
+            |r| Ok((r.get(0)?, r.get::<i64>(1)?.max(0) as u64)),
+        )
     }
 
     /// Whether a delivery with this `webhook-id` is stored.
     pub fn delivery_stored(&self, webhook_id: &str) -> Result<bool> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM webhook_deliveries WHERE webhook_id = ?1")?;
-        Ok(stmt.exists([webhook_id])?)
+        Ok(self
+            .db
+            .value::<i64>(
+                "SELECT 1 FROM webhook_deliveries WHERE webhook_id = ?1",
+                &[&webhook_id],
+            )?
+            .is_some())
     }
 
+    /// Commits verified deliveries in one transaction (duplicates of a stored `webhook_id` are
+    /// left as they are) with a journal entry for each new one.
     pub fn insert_deliveries(&self, deliveries: &[&Delivery], now: Millis) -> Result<Vec<Stored>> {
-        let tx = self.write_tx()?;
+        let tx = self.db.write_tx()?;
         let mut out = Vec::with_capacity(deliveries.len());
         for d in deliveries {
-            let n = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO webhook_deliveries (webhook_id, received_at, signed_at, event_type, \
-                     event_id, job_id, company_id, body, headers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )?
-                .execute(params![
-                    d.webhook_id,
-                    now.0,
-                    d.signed_at.0,
-                    d.event_type,
-                    d.event_id,
-                    d.job_id,
-                    d.company_id,
-                    d.body,
-                    d.headers.to_string()
-                ])?;
+            let n = tx.exec(
+                "INSERT OR IGNORE INTO webhook_deliveries (webhook_id, received_at, signed_at, event_type, \
+                 event_id, job_id, company_id, body, headers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                &[
+                    &d.webhook_id,
+                    &now,
+                    &d.signed_at,
+                    &d.event_type,
+                    &d.event_id,
+                    &d.job_id,
+                    &d.company_id,
+                    &d.body,
+                    &d.headers.to_string(),
+                ],
+            )?;
             if n == 0 {
                 out.push(Stored::Duplicate);
                 continue;
@@ -121,7 +124,7 @@ impl Store {
             } else {
                 EventKind::WebhookIgnored
             };
-            journal(
+            journal_db(
                 &tx,
                 now,
                 d.job_id.as_deref(),
@@ -135,73 +138,72 @@ impl Store {
         Ok(out)
     }
 
-    /// Deliveries whose job has not been read yet, oldest first.
     /// Deliveries not acted on yet and due at `now` (oldest first): new ones, and deferred
     /// ones whose `retry_at` has come.
     pub fn pending_deliveries(&self, limit: usize, now: Millis) -> Result<Vec<PendingDelivery>> {
-        let mut stmt = self.conn.prepare_cached(
+        self.db.rows(
             "SELECT webhook_id, event_type, job_id, company_id, attempts FROM webhook_deliveries \
              WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= ?2) \
              ORDER BY received_at, webhook_id LIMIT ?1",
-        )?;
-        let rows = stmt.query_map(params![limit as i64, now.0], |r| {
-            Ok(PendingDelivery {
-                webhook_id: r.get(0)?,
-                event_type: r.get(1)?,
-                job_id: r.get(2)?,
-                company_id: r.get(3)?,
-                attempts: r.get(4)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            &[&(limit as i64), &now],
+            |r| {
+                Ok(PendingDelivery {
+                    webhook_id: r.get(0)?,
+                    event_type: r.get(1)?,
+                    job_id: r.get(2)?,
+                    company_id: r.get(3)?,
+                    attempts: r.get::<i64>(4)?.clamp(0, i64::from(u32::MAX)) as u32,
+                })
+            },
+        )
     }
 
     /// When the earliest deferred delivery falls due (None: none is waiting).
     pub fn next_delivery_retry(&self) -> Result<Option<Millis>> {
-        let at: Option<i64> = self.conn.query_row(
+        let at: Option<Option<i64>> = self.db.value(
             "SELECT MIN(retry_at) FROM webhook_deliveries WHERE processed_at IS NULL AND retry_at IS NOT NULL",
-            [],
-            |r| r.get(0),
+            &[],
         )?;
-        Ok(at.map(Millis))
+        Ok(at.flatten().map(Millis))
     }
 
     /// Defers deliveries whose action failed transiently: one more attempt counted, due again
     /// at `retry_at`, `outcome` saying what this attempt met (they stay unprocessed).
     pub fn defer_deliveries(&self, deferred: &[(String, String, Millis)]) -> Result<()> {
-        let tx = self.write_tx()?;
+        let tx = self.db.write_tx()?;
         for (id, outcome, retry_at) in deferred {
-            tx.prepare_cached(
+            tx.exec(
                 "UPDATE webhook_deliveries SET attempts = attempts + 1, retry_at = ?2, outcome = ?3 \
                  WHERE webhook_id = ?1 AND processed_at IS NULL",
-            )?
-            .execute(params![id, retry_at.0, outcome])?;
+                &[id, retry_at, outcome],
+            )?;
         }
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
     /// Records the process running the service on this database.
     pub fn register_instance(&self, pid: u32, now: Millis) -> Result<()> {
-        self.conn.execute(
-            "INSERT OR REPLACE INTO service_instances (pid, started_at, version) VALUES (?1, ?2, ?3)",
-            params![pid, now.0, env!("CARGO_PKG_VERSION")],
+        self.db.exec(
+            "INSERT INTO service_instances (pid, started_at, version) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (pid) DO UPDATE SET started_at = excluded.started_at, \
+             version = excluded.version",
+            &[&pid, &now, &env!("CARGO_PKG_VERSION")],
         )?;
         Ok(())
     }
 
     pub fn unregister_instance(&self, pid: u32) -> Result<()> {
-        self.conn
-            .execute("DELETE FROM service_instances WHERE pid = ?1", [pid])?;
+        self.db
+            .exec("DELETE FROM service_instances WHERE pid = ?1", &[&pid])?;
         Ok(())
     }
 
     /// Pids recorded as running the service, newest first.
     pub fn instances(&self) -> Result<Vec<u32>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT pid FROM service_instances ORDER BY started_at DESC")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.db.rows(
+            "SELECT pid FROM service_instances ORDER BY started_at DESC",
+            &[],
+            |r| Ok(r.get::<i64>(0)?.clamp(0, i64::from(u32::MAX)) as u32),
+        )
     }
 }

@@ -50,7 +50,7 @@ impl Store {
         items: &[(String, String, Option<String>)],
         now: Millis,
     ) -> Result<()> {
-        let tx = self.write_tx()?;
+        let tx = self.db.write_tx()?;
         for (entry, pleo_status, reconciliation) in items {
             let done = matches!(pleo_status.as_str(), "successful" | "failed" | "abandoned");
             let ours = match pleo_status.as_str() {
@@ -58,7 +58,7 @@ impl Store {
                 "failed" | "abandoned" => "failed",
                 _ => "todo",
             };
-            tx.prepare_cached(
+            tx.exec(
                 "INSERT INTO job_items (job_id, accounting_entry_id, pleo_status, our_status, reconciliation_id, handled_at, reported_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) \
                  ON CONFLICT (job_id, accounting_entry_id) DO UPDATE SET pleo_status = excluded.pleo_status, \
@@ -66,45 +66,50 @@ impl Store {
                  handled_at = coalesce(job_items.handled_at, excluded.handled_at), \
                  reported_at = coalesce(job_items.reported_at, excluded.reported_at), \
                  reconciliation_id = coalesce(excluded.reconciliation_id, job_items.reconciliation_id)",
-            )?
-            .execute(params![job_id, entry, pleo_status, ours, reconciliation, if done { Some(now.0) } else { None }])?;
+                &[&job_id, entry, pleo_status, &ours, reconciliation, &done.then_some(now)],
+            )?;
         }
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
-    /// Items still to be given to the handler: open at Pleo and without a recorded result.
     /// The handler's budget used for `job_id` so far: (milliseconds of handler runs, runs that
     /// ended with items unanswered). Both survive restarts.
     pub fn handler_budget(&self, job_id: &str) -> Result<(i64, u32)> {
-        let found = self
-            .conn
-            .prepare_cached(
-                "SELECT handler_ms, handler_failed_runs FROM export_jobs WHERE id = ?1",
-            )?
-            .query_row([job_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
+        let found = self.db.row(
+            "SELECT handler_ms, handler_failed_runs FROM export_jobs WHERE id = ?1",
+            &[&job_id],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<i64>(1)?.clamp(0, i64::from(u32::MAX)) as u32,
+                ))
+            },
+        )?;
         Ok(found.unwrap_or((0, 0)))
     }
 
     /// Adds `ms` of handler time (and `failed_run` to the failed runs) to `job_id`'s budget.
     pub fn add_handler_budget(&self, job_id: &str, ms: i64, failed_run: bool) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE export_jobs SET handler_ms = handler_ms + ?2, \
-                 handler_failed_runs = handler_failed_runs + ?3 WHERE id = ?1",
-            )?
-            .execute(rusqlite::params![job_id, ms.max(0), i64::from(failed_run)])?;
+        self.db.exec(
+            "UPDATE export_jobs SET handler_ms = handler_ms + ?2, \
+             handler_failed_runs = handler_failed_runs + ?3 WHERE id = ?1",
+            &[&job_id, &ms.max(0), &i64::from(failed_run)],
+        )?;
         Ok(())
     }
 
+    /// Items still to be given to the handler: open at Pleo and without a recorded result.
     pub fn todo_items(&self, job_id: &str) -> Result<std::collections::HashSet<String>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT accounting_entry_id FROM job_items WHERE job_id = ?1 AND our_status = 'todo' \
-             AND pleo_status IN ('pending', 'in_progress')",
-        )?;
-        let rows = stmt.query_map([job_id], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(self
+            .db
+            .rows(
+                "SELECT accounting_entry_id FROM job_items WHERE job_id = ?1 AND our_status = 'todo' \
+                 AND pleo_status IN ('pending', 'in_progress')",
+                &[&job_id],
+                |r| r.get(0),
+            )?
+            .into_iter()
+            .collect())
     }
 
     /// Commits results in one transaction. A result never replaces one already recorded.
@@ -115,25 +120,24 @@ impl Store {
         results: &[ItemResult],
         now: Millis,
     ) -> Result<Vec<String>> {
-        let tx = self.write_tx()?;
+        let tx = self.db.write_tx()?;
         let mut recorded = Vec::new();
         for r in results {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE job_items SET our_status = ?3, external_id = ?4, external_url = ?5, failure_reason = ?6, \
-                     failure_reason_type = ?7, handled_at = ?8 \
-                     WHERE job_id = ?1 AND accounting_entry_id = ?2 AND our_status = 'todo'",
-                )?
-                .execute(params![
-                    job_id,
-                    r.accounting_entry_id,
-                    if r.successful { "successful" } else { "failed" },
-                    r.external_id,
-                    r.external_url,
-                    r.failure_reason,
-                    r.failure_reason_type,
-                    now.0
-                ])?;
+            let n = tx.exec(
+                "UPDATE job_items SET our_status = ?3, external_id = ?4, external_url = ?5, failure_reason = ?6, \
+                 failure_reason_type = ?7, handled_at = ?8 \
+                 WHERE job_id = ?1 AND accounting_entry_id = ?2 AND our_status = 'todo'",
+                &[
+                    &job_id,
+                    &r.accounting_entry_id,
+                    &if r.successful { "successful" } else { "failed" },
+                    &r.external_id,
+                    &r.external_url,
+                    &r.failure_reason,
+                    &r.failure_reason_type,
+                    &now,
+                ],
+            )?;
             if n == 1 {
                 recorded.push(r.accounting_entry_id.clone());
             }
@@ -144,27 +148,27 @@ impl Store {
 
     /// Recorded results not yet acknowledged by Pleo, oldest first.
     pub fn unreported_items(&self, job_id: &str, limit: usize) -> Result<Vec<UnreportedItem>> {
-        let mut stmt = self.conn.prepare_cached(
+        self.db.rows(
             "SELECT accounting_entry_id, our_status, external_id, external_url, failure_reason, failure_reason_type, \
              handled_at, report_attempts FROM job_items \
              WHERE job_id = ?1 AND handled_at IS NOT NULL AND reported_at IS NULL \
              ORDER BY handled_at, accounting_entry_id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![job_id, limit as i64], |r| {
-            Ok(UnreportedItem {
-                result: ItemResult {
-                    accounting_entry_id: r.get(0)?,
-                    successful: r.get::<_, String>(1)? == "successful",
-                    external_id: r.get(2)?,
-                    external_url: r.get(3)?,
-                    failure_reason: r.get(4)?,
-                    failure_reason_type: r.get(5)?,
-                },
-                handled_at: Millis(r.get(6)?),
-                report_attempts: r.get(7)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            &[&job_id, &(limit as i64)],
+            |r| {
+                Ok(UnreportedItem {
+                    result: ItemResult {
+                        accounting_entry_id: r.get(0)?,
+                        successful: r.get::<String>(1)? == "successful",
+                        external_id: r.get(2)?,
+                        external_url: r.get(3)?,
+                        failure_reason: r.get(4)?,
+                        failure_reason_type: r.get(5)?,
+                    },
+                    handled_at: Millis(r.get(6)?),
+                    report_attempts: r.get(7)?,
+                })
+            },
+        )
     }
 
     /// Pleo acknowledged these items with the given status.
@@ -174,16 +178,15 @@ impl Store {
         acknowledged: &[(String, String)],
         now: Millis,
     ) -> Result<()> {
-        let tx = self.write_tx()?;
+        let tx = self.db.write_tx()?;
         for (entry, status) in acknowledged {
-            tx.prepare_cached(
+            tx.exec(
                 "UPDATE job_items SET reported_at = ?3, pleo_status = ?4, report_error = NULL, \
                  report_attempts = report_attempts + 1 WHERE job_id = ?1 AND accounting_entry_id = ?2",
-            )?
-            .execute(params![job_id, entry, now.0, status])?;
+                &[&job_id, entry, &now, status],
+            )?;
         }
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
     /// Pleo refused this item's update; after `give_up` it is not sent again.
@@ -195,10 +198,10 @@ impl Store {
         give_up: bool,
         now: Millis,
     ) -> Result<()> {
-        self.conn.execute(
+        self.db.exec(
             "UPDATE job_items SET report_attempts = report_attempts + 1, report_error = ?3, \
              reported_at = CASE WHEN ?4 THEN ?5 ELSE reported_at END WHERE job_id = ?1 AND accounting_entry_id = ?2",
-            params![job_id, entry, error, give_up, now.0],
+            &[&job_id, &entry, &error, &give_up, &now],
         )?;
         Ok(())
     }
@@ -211,56 +214,66 @@ impl Store {
         reason: &str,
         now: Millis,
     ) -> Result<usize> {
-        Ok(self.conn.execute(
+        Ok(self.db.exec(
             "UPDATE job_items SET our_status = 'failed', failure_reason_type = ?2, failure_reason = ?3, handled_at = ?4 \
              WHERE job_id = ?1 AND our_status = 'todo'",
-            params![job_id, failure_type, reason, now.0],
-        )?)
+            &[&job_id, &failure_type, &reason, &now],
+        )? as usize)
     }
 
     pub fn item_counts(&self, job_id: &str) -> Result<ItemCounts> {
-        Ok(self.conn.query_row(
-            "SELECT coalesce(sum(our_status = 'todo'), 0), coalesce(sum(our_status = 'successful'), 0), \
-             coalesce(sum(our_status = 'failed'), 0), \
-             coalesce(sum(handled_at IS NOT NULL AND reported_at IS NULL), 0) FROM job_items WHERE job_id = ?1",
-            [job_id],
-            |r| Ok(ItemCounts { todo: r.get(0)?, successful: r.get(1)?, failed: r.get(2)?, unreported: r.get(3)? }),
-        )?)
+        Ok(self
+            .db
+            .row(
+                "SELECT coalesce(sum(CASE WHEN our_status = 'todo' THEN 1 ELSE 0 END), 0), \
+                 coalesce(sum(CASE WHEN our_status = 'successful' THEN 1 ELSE 0 END), 0), \
+                 coalesce(sum(CASE WHEN our_status = 'failed' THEN 1 ELSE 0 END), 0), \
+                 coalesce(sum(CASE WHEN handled_at IS NOT NULL AND reported_at IS NULL THEN 1 ELSE 0 END), 0) \
+                 FROM job_items WHERE job_id = ?1",
+                &[&job_id],
+                |r| {
+                    Ok(ItemCounts {
+                        todo: r.get(0)?,
+                        successful: r.get(1)?,
+                        failed: r.get(2)?,
+                        unreported: r.get(3)?,
+                    })
+                },
+            )?
+            .unwrap_or_default())
     }
 
     /// A job's items that failed, or whose report Pleo refused, oldest result first: what an
     /// operator asks "why did it fail?" for.
     pub fn problem_items(&self, job_id: &str) -> Result<Vec<ProblemItem>> {
-        let mut stmt = self.conn.prepare_cached(
+        self.db.rows(
             "SELECT accounting_entry_id, our_status, failure_reason_type, failure_reason, report_error \
              FROM job_items WHERE job_id = ?1 AND (our_status = 'failed' OR report_error IS NOT NULL) \
-             ORDER BY handled_at, accounting_entry_id",
-        )?;
-        let rows = stmt.query_map([job_id], |r| {
-            Ok(ProblemItem {
-                accounting_entry_id: r.get(0)?,
-                our_status: r.get(1)?,
-                failure_reason_type: r.get(2)?,
-                failure_reason: r.get(3)?,
-                report_error: r.get(4)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+             ORDER BY handled_at NULLS FIRST, accounting_entry_id",
+            &[&job_id],
+            |r| {
+                Ok(ProblemItem {
+                    accounting_entry_id: r.get(0)?,
+                    our_status: r.get(1)?,
+                    failure_reason_type: r.get(2)?,
+                    failure_reason: r.get(3)?,
+                    report_error: r.get(4)?,
+                })
+            },
+        )
     }
 
-    /// The most common failure of a job's failed items, for the job's own failure reason.
+    /// The most common failure of a job's failed items, for the job's own failure reason (of
+    /// that type, the first reason in text order).
     pub fn first_item_failure(
         &self,
         job_id: &str,
     ) -> Result<Option<(Option<String>, Option<String>)>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT failure_reason_type, failure_reason FROM job_items WHERE job_id = ?1 AND our_status = 'failed' \
-                 GROUP BY failure_reason_type ORDER BY count(*) DESC, failure_reason_type LIMIT 1",
-                [job_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?)
+        self.db.row(
+            "SELECT failure_reason_type, min(failure_reason) FROM job_items WHERE job_id = ?1 AND our_status = 'failed' \
+             GROUP BY failure_reason_type ORDER BY count(*) DESC, failure_reason_type NULLS FIRST LIMIT 1",
+            &[&job_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
     }
 }

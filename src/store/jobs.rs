@@ -6,7 +6,7 @@ use super::*;
 impl Store {
     /// Writes jobs read from Pleo, with the journal entries for what changed, in one transaction.
     pub fn upsert_jobs(&self, jobs: &[Job], now: Millis, source: Source) -> Result<Vec<Upsert>> {
-        let tx = self.write_tx()?;
+        let tx = self.db.write_tx()?;
         let mut out = Vec::with_capacity(jobs.len());
         for job in jobs {
             out.push(upsert_one(&tx, job, now, source)?);
@@ -27,40 +27,38 @@ impl Store {
         kind: EventKind,
         detail: Value,
     ) -> Result<()> {
-        journal(&self.conn, now, job_id, company_id, kind, &detail)?;
-        Ok(())
+        journal_db(&self.db, now, job_id, company_id, kind, &detail)
     }
 
     /// The pick query: the company's oldest pending job not yet taken, whatever time it has
     /// left (a claim refreshes its deadline).
     pub fn pick_next(&self, company_id: &str) -> Result<Option<JobRow>> {
-        Ok(self
-            .conn
-            .prepare_cached(PICK_SQL)?
-            .query_row(params![company_id], job_row)
-            .optional()?)
+        self.db.row(PICK_SQL, &[&company_id], job_row)
     }
 
     /// Companies with a job in hand or a job to claim (both from partial indexes).
     pub fn companies_with_work(&self) -> Result<std::collections::HashSet<String>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT company_id FROM export_jobs WHERE proc_state IN ('resume', 'claiming', 'claimed', 'processing') \
-             UNION SELECT company_id FROM export_jobs WHERE status = 'pending' AND proc_state = 'new'",
-        )?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(self
+            .db
+            .rows(
+                "SELECT company_id FROM export_jobs WHERE proc_state IN ('resume', 'claiming', 'claimed', 'processing') \
+                 UNION SELECT company_id FROM export_jobs WHERE status = 'pending' AND proc_state = 'new'",
+                &[],
+                |r| r.get(0),
+            )?
+            .into_iter()
+            .collect())
     }
 
     /// Pleo accepted a job event of ours for `job_id` (a 202) when its clock said `pleo_at`:
     /// a job event refreshes `lastUpdatedAt`, so the job's deadline is at least `pleo_at` plus
     /// its `expiresIn`, whatever the next read answers or fails to answer.
     pub fn event_accepted(&self, job_id: &str, pleo_at: Millis) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE export_jobs SET accepted_deadline = \
-                 max(coalesce(accepted_deadline, 0), ?2 + expires_in * 1000) WHERE id = ?1",
-            )?
-            .execute(params![job_id, pleo_at.0])?;
+        self.db.exec(
+            "UPDATE export_jobs SET accepted_deadline = \
+             max(coalesce(accepted_deadline, 0), ?2 + expires_in * 1000) WHERE id = ?1",
+            &[&job_id, &pleo_at],
+        )?;
         Ok(())
     }
 
@@ -71,11 +69,8 @@ impl Store {
             "SELECT seq, at, job_id, company_id, kind, detail FROM job_events \
              WHERE kind IN ({marks}) ORDER BY seq DESC LIMIT 1"
         );
-        let mut st = self.conn.prepare(&sql)?;
-        let row = st
-            .query_row(rusqlite::params_from_iter(kinds), event_row)
-            .optional()?;
-        Ok(row)
+        let params: Vec<&dyn sql::ToVal> = kinds.iter().map(|k| k as &dyn sql::ToVal).collect();
+        self.db.row(&sql, &params, event_row)
     }
 
     /// The job jobmirror is working on for this company, if any.
@@ -85,31 +80,18 @@ impl Store {
              WHERE company_id = ?1 AND proc_state IN ('resume', 'claiming', 'claimed', 'processing') \
              ORDER BY created_at, created_at_sub_ns, id LIMIT 1"
         );
-        Ok(self
-            .conn
-            .prepare_cached(&sql)?
-            .query_row([company_id], job_row)
-            .optional()?)
+        self.db.row(&sql, &[&company_id], job_row)
     }
 
     pub fn job(&self, job_id: &str) -> Result<Option<JobRow>> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM export_jobs WHERE id = ?1");
-        Ok(self
-            .conn
-            .prepare_cached(&sql)?
-            .query_row([job_id], job_row)
-            .optional()?)
+        self.db.row(&sql, &[&job_id], job_row)
     }
 
     pub fn job_raw(&self, job_id: &str) -> Result<Option<Value>> {
         let raw: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT raw_json FROM export_jobs WHERE id = ?1",
-                [job_id],
-                |r| r.get(0),
-            )
-            .optional()?;
+            .db
+            .value("SELECT raw_json FROM export_jobs WHERE id = ?1", &[&job_id])?;
         Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
     }
 
@@ -122,12 +104,12 @@ impl Store {
         kind: EventKind,
         detail: Value,
     ) -> Result<()> {
-        let tx = self.write_tx()?;
-        tx.execute(
+        let tx = self.db.write_tx()?;
+        tx.exec(
             "UPDATE export_jobs SET proc_state = ?2, proc_state_at = ?3 WHERE id = ?1",
-            params![job.id, to.as_str(), now.0],
+            &[&job.id, &to.as_str(), &now],
         )?;
-        journal(
+        journal_db(
             &tx,
             now,
             Some(&job.id),
@@ -135,19 +117,18 @@ impl Store {
             kind,
             &detail,
         )?;
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
     /// Records that a `started` request is about to be sent.
     pub fn begin_claim(&self, job: &JobRow, now: Millis) -> Result<()> {
-        let tx = self.write_tx()?;
-        tx.execute(
+        let tx = self.db.write_tx()?;
+        tx.exec(
             "UPDATE export_jobs SET proc_state = 'claiming', proc_state_at = ?2, \
              claim_attempts = claim_attempts + 1 WHERE id = ?1",
-            params![job.id, now.0],
+            &[&job.id, &now],
         )?;
-        journal(
+        journal_db(
             &tx,
             now,
             Some(&job.id),
@@ -155,18 +136,17 @@ impl Store {
             EventKind::ClaimSent,
             &json!({"attempt": job.claim_attempts + 1}),
         )?;
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
     /// Records the deadline a warning was journaled for, so it is journaled once.
     pub fn warn_deadline(&self, job: &JobRow, now: Millis) -> Result<()> {
-        let tx = self.write_tx()?;
-        tx.execute(
+        let tx = self.db.write_tx()?;
+        tx.exec(
             "UPDATE export_jobs SET warned_expires_at = ?2 WHERE id = ?1",
-            params![&job.id, job.expires_at.0],
+            &[&job.id, &job.expires_at],
         )?;
-        journal(
+        journal_db(
             &tx,
             now,
             Some(&job.id),
@@ -174,8 +154,7 @@ impl Store {
             EventKind::DeadlineWarning,
             &json!({"expires_at": job.expires_at.to_rfc3339(), "seconds_left": now.until(job.expires_at) / 1000}),
         )?;
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
     /// Ids of the company's jobs the mirror holds as open (`pending`/`in_progress`) that are not
@@ -185,26 +164,21 @@ impl Store {
         company_id: &str,
         seen: &std::collections::HashSet<String>,
     ) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare_cached(
+        let ids: Vec<String> = self.db.rows(
             "SELECT id FROM export_jobs WHERE company_id = ?1 AND status IN ('pending', 'in_progress')",
+            &[&company_id],
+            |r| r.get(0),
         )?;
-        let rows = stmt.query_map([company_id], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let id = row?;
-            if !seen.contains(&id) {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        Ok(ids.into_iter().filter(|id| !seen.contains(id)).collect())
     }
 
     pub fn begin_sync_run(&self, company_id: &str, kind: &str, now: Millis) -> Result<i64> {
-        self.conn.execute(
-            "INSERT INTO sync_runs (company_id, kind, started_at) VALUES (?1, ?2, ?3)",
-            params![company_id, kind, now.0],
-        )?;
-        Ok(self.conn.last_insert_rowid())
+        self.db
+            .value(
+                "INSERT INTO sync_runs (company_id, kind, started_at) VALUES (?1, ?2, ?3) RETURNING id",
+                &[&company_id, &kind, &now],
+            )?
+            .ok_or(StoreError::SqliteOnly("sync_runs without RETURNING"))
     }
 
     /// Ends a listing pass: its counts and error into its `sync_runs` row and the company's
@@ -218,96 +192,94 @@ impl Store {
         counts: &SyncCounts,
         error: Option<&str>,
     ) -> Result<()> {
-        let tx = self.write_tx()?;
-        let run: Option<(String, String, i64)> = tx
-            .prepare_cached(
-                "UPDATE sync_runs SET finished_at = ?2, pages = ?3, jobs_seen = ?4, jobs_new = ?5, \
-                 jobs_changed = ?6, jobs_reread = ?7, error = ?8 WHERE id = ?1 \
-                 RETURNING company_id, kind, started_at",
-            )?
-            .query_row(
-                params![
-                    run_id,
-                    now.0,
-                    counts.pages,
-                    counts.seen,
-                    counts.new,
-                    counts.changed,
-                    counts.reread,
-                    error
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
+        let tx = self.db.write_tx()?;
+        let run: Option<(String, String, i64)> = tx.row(
+            "UPDATE sync_runs SET finished_at = ?2, pages = ?3, jobs_seen = ?4, jobs_new = ?5, \
+             jobs_changed = ?6, jobs_reread = ?7, error = ?8 WHERE id = ?1 \
+             RETURNING company_id, kind, started_at",
+            &[
+                &run_id,
+                &now,
+                &counts.pages,
+                &counts.seen,
+                &counts.new,
+                &counts.changed,
+                &counts.reread,
+                &error,
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
         if let Some((company, kind, started_at)) = run {
             let failed = error.is_some();
-            tx.prepare_cached(
+            tx.exec(
                 "INSERT INTO company_sync (company_id, last_kind, last_started_at, last_finished_at, \
                  last_error, last_ok_at, failed_in_a_row, passes, failed_passes, pages, jobs_seen, \
                  jobs_new, jobs_changed, jobs_reread) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?6 THEN NULL ELSE ?4 END, ?6, 1, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?6 = 1 THEN NULL ELSE CAST(?4 AS BIGINT) END, ?6, 1, ?6, ?7, ?8, ?9, ?10, ?11) \
                  ON CONFLICT (company_id) DO UPDATE SET last_kind = ?2, last_started_at = ?3, \
                  last_finished_at = ?4, last_error = ?5, \
-                 last_ok_at = CASE WHEN ?6 THEN last_ok_at ELSE ?4 END, \
-                 failed_in_a_row = CASE WHEN ?6 THEN failed_in_a_row + 1 ELSE 0 END, \
-                 passes = passes + 1, failed_passes = failed_passes + ?6, pages = pages + ?7, \
-                 jobs_seen = jobs_seen + ?8, jobs_new = jobs_new + ?9, \
-                 jobs_changed = jobs_changed + ?10, jobs_reread = jobs_reread + ?11",
-            )?
-            .execute(params![
-                company,
-                kind,
-                started_at,
-                now.0,
-                error,
-                failed as i64,
-                counts.pages,
-                counts.seen,
-                counts.new,
-                counts.changed,
-                counts.reread,
-            ])?;
+                 last_ok_at = CASE WHEN ?6 = 1 THEN company_sync.last_ok_at ELSE ?4 END, \
+                 failed_in_a_row = CASE WHEN ?6 = 1 THEN company_sync.failed_in_a_row + 1 ELSE 0 END, \
+                 passes = company_sync.passes + 1, failed_passes = company_sync.failed_passes + ?6, \
+                 pages = company_sync.pages + ?7, jobs_seen = company_sync.jobs_seen + ?8, \
+                 jobs_new = company_sync.jobs_new + ?9, jobs_changed = company_sync.jobs_changed + ?10, \
+                 jobs_reread = company_sync.jobs_reread + ?11",
+                &[
+                    &company,
+                    &kind,
+                    &started_at,
+                    &now,
+                    &error,
+                    &i64::from(failed),
+                    &counts.pages,
+                    &counts.seen,
+                    &counts.new,
+                    &counts.changed,
+                    &counts.reread,
+                ],
+            )?;
             let quiet = kind == "poll"
                 && !failed
                 && counts.new == 0
                 && counts.changed == 0
                 && counts.reread == 0;
             if quiet {
-                tx.prepare_cached("DELETE FROM sync_runs WHERE id = ?1")?
-                    .execute([run_id])?;
+                tx.exec("DELETE FROM sync_runs WHERE id = ?1", &[&run_id])?;
             }
         }
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
     /// Whether the journal holds an entry of `kind` about `job_id`.
     pub fn has_event(&self, job_id: &str, kind: EventKind) -> Result<bool> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM job_events WHERE job_id = ?1 AND kind = ?2 LIMIT 1")?;
-        Ok(stmt.exists(rusqlite::params![job_id, kind.as_str()])?)
+        Ok(self
+            .db
+            .value::<i64>(
+                "SELECT 1 FROM job_events WHERE job_id = ?1 AND kind = ?2 LIMIT 1",
+                &[&job_id, &kind.as_str()],
+            )?
+            .is_some())
     }
 
     /// The journal, oldest first; for one job when `job_id` is given.
     pub fn events(&self, job_id: Option<&str>) -> Result<Vec<EventRow>> {
-        let mut stmt = self.conn.prepare_cached(
+        self.db.rows(
             "SELECT seq, at, job_id, company_id, kind, detail FROM job_events \
-             WHERE ?1 IS NULL OR job_id = ?1 ORDER BY seq",
-        )?;
-        let rows = stmt.query_map([job_id], event_row)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+             WHERE CAST(?1 AS TEXT) IS NULL OR job_id = ?1 ORDER BY seq",
+            &[&job_id],
+            event_row,
+        )
     }
 
     /// Companies known to the mirror (from jobs, finished passes, and a first pass under way),
     /// sorted.
     pub fn companies(&self) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare(
+        self.db.rows(
             "SELECT company_id FROM export_jobs UNION SELECT company_id FROM company_sync \
              UNION SELECT company_id FROM sync_runs WHERE finished_at IS NULL ORDER BY 1",
-        )?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            &[],
+            |r| r.get(0),
+        )
     }
 
     /// Every known company's summary, sorted by company id: four queries over indexes however
@@ -318,39 +290,40 @@ impl Store {
             .into_iter()
             .map(|c| (c.clone(), CompanySummary::empty(&c)))
             .collect();
-        let mut counts = self.conn.prepare_cached(
+        let counts: Vec<(String, String, i64)> = self.db.rows(
             "SELECT company_id, proc_state, count(*) FROM export_jobs \
              GROUP BY company_id, proc_state ORDER BY company_id, proc_state",
+            &[],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        for row in counts.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))? {
-            let (company, state, n) = row?;
+        for (company, state, n) in counts {
             if let Some(s) = by.get_mut(&company) {
                 s.by_state.push((state, n));
             }
         }
-        let mut sync = self.conn.prepare_cached(
+        let sync: Vec<(String, i64, Option<String>, i64)> = self.db.rows(
             "SELECT company_id, last_finished_at, last_error, failed_in_a_row FROM company_sync",
+            &[],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
         )?;
-        for row in sync.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })? {
-            let (company, at, error, in_a_row): (String, i64, Option<String>, u32) = row?;
+        for (company, at, error, in_a_row) in sync {
             if let Some(s) = by.get_mut(&company) {
                 s.last_poll_at = Some(Millis(at));
                 s.last_poll_error = error;
-                s.failed_in_a_row = in_a_row;
+                s.failed_in_a_row = in_a_row.clamp(0, i64::from(u32::MAX)) as u32;
             }
         }
-        // SQLite gives the row of the minimum for the bare column `id`.
-        let mut deadlines = self.conn.prepare_cached(
-            "SELECT company_id, id, min(expires_at) FROM export_jobs \
-             WHERE proc_state IN ('new', 'resume', 'claiming', 'claimed', 'processing') \
-             GROUP BY company_id",
+        // Each company's soonest deadline and its job (the first by id among equals).
+        let deadlines: Vec<(String, String, i64)> = self.db.rows(
+            "SELECT company_id, id, expires_at FROM ( \
+               SELECT company_id, id, expires_at, row_number() OVER \
+                 (PARTITION BY company_id ORDER BY expires_at, id) AS n FROM export_jobs \
+               WHERE proc_state IN ('new', 'resume', 'claiming', 'claimed', 'processing')) AS firsts \
+             WHERE n = 1",
+            &[],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        for row in deadlines.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?))
-        })? {
-            let (company, id, at) = row?;
+        for (company, id, at) in deadlines {
             if let Some(s) = by.get_mut(&company) {
                 s.next_deadline = Some((id, Millis(at)));
             }
@@ -360,7 +333,7 @@ impl Store {
 }
 
 /// A `job_events` row selected as `seq, at, job_id, company_id, kind, detail`.
-fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+fn event_row(r: &sql::Row<'_>) -> Result<EventRow> {
     let detail: String = r.get(5)?;
     Ok(EventRow {
         seq: r.get(0)?,
@@ -378,24 +351,25 @@ pub const PICK_SQL: &str = "SELECT id, company_id, status, created_at, last_upda
      WHERE company_id = ?1 AND status = 'pending' AND proc_state = 'new' \
      ORDER BY created_at, created_at_sub_ns, id LIMIT 1";
 
-pub(super) fn journal(
-    conn: &Connection,
+/// [`journal`] on either backend (in the caller's transaction).
+pub(super) fn journal_db(
+    db: &sql::Db,
     now: Millis,
     job_id: Option<&str>,
     company_id: Option<&str>,
     kind: EventKind,
     detail: &Value,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached(
+) -> Result<()> {
+    db.exec(
         "INSERT INTO job_events (at, job_id, company_id, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        now.0,
-        job_id,
-        company_id,
-        kind.as_str(),
-        detail.to_string()
-    ])?;
+        &[
+            &now,
+            &job_id,
+            &company_id,
+            &kind.as_str(),
+            &detail.to_string(),
+        ],
+    )?;
     Ok(())
 }
 
@@ -441,40 +415,34 @@ pub(super) fn next_state(
     }
 }
 
-pub(super) fn upsert_one(
-    conn: &Connection,
-    job: &Job,
-    now: Millis,
-    source: Source,
-) -> Result<Upsert> {
+pub(super) fn upsert_one(conn: &sql::Db, job: &Job, now: Millis, source: Source) -> Result<Upsert> {
     let raw = job.raw.to_string();
     let company = Some(job.company_id.as_str());
     // Most jobs a listing brings are either new or unchanged: try the insert first, so a new
     // job costs no lookup.
     let if_new = next_state(None, job, source);
-    let inserted = conn
-        .prepare_cached(
-            "INSERT INTO export_jobs (id, company_id, status, created_at, last_updated_at, expires_in, \
-             expires_at, number_of_items, raw_json, first_seen_at, last_seen_at, proc_state, proc_state_at, \
-             created_at_sub_ns) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?10, ?12) ON CONFLICT (id) DO NOTHING",
-        )?
-        .execute(params![
-            job.id,
-            job.company_id,
-            job.status,
-            job.created_at.0,
-            job.last_updated_at.map(|m| m.0),
-            job.expires_in_secs,
-            job.expires_at().0,
-            job.number_of_items,
-            raw,
-            now.0,
-            if_new.map_or(ProcState::New, |(s, _)| s).as_str(),
-            job.created_at_sub_ns,
-        ])?;
+    let inserted = conn.exec(
+        "INSERT INTO export_jobs (id, company_id, status, created_at, last_updated_at, expires_in, \
+         expires_at, number_of_items, raw_json, first_seen_at, last_seen_at, proc_state, proc_state_at, \
+         created_at_sub_ns) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11, ?10, ?12) ON CONFLICT (id) DO NOTHING",
+        &[
+            &job.id,
+            &job.company_id,
+            &job.status,
+            &job.created_at,
+            &job.last_updated_at,
+            &job.expires_in_secs,
+            &job.expires_at(),
+            &job.number_of_items,
+            &raw,
+            &now,
+            &if_new.map_or(ProcState::New, |(s, _)| s).as_str(),
+            &job.created_at_sub_ns,
+        ],
+    )?;
     if inserted == 1 {
-        journal(
+        journal_db(
             conn,
             now,
             Some(&job.id),
@@ -489,18 +457,15 @@ pub(super) fn upsert_one(
             if let Some(t) = &job.failure_reason_type {
                 detail["failure_reason_type"] = json!(t);
             }
-            journal(conn, now, Some(&job.id), company, kind, &detail)?;
+            journal_db(conn, now, Some(&job.id), company, kind, &detail)?;
         }
         return Ok(Upsert::New);
     }
-    let prev: Option<(String, String, String, Option<i64>)> = conn
-        .prepare_cached(
-            "SELECT status, proc_state, raw_json, last_updated_at FROM export_jobs WHERE id = ?1",
-        )?
-        .query_row([&job.id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
-        .optional()?;
+    let prev: Option<(String, String, String, Option<i64>)> = conn.row(
+        "SELECT status, proc_state, raw_json, last_updated_at FROM export_jobs WHERE id = ?1",
+        &[&job.id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
     // Keep the newest observation: every change of a job at Pleo moves its `lastUpdatedAt`,
     // so an answer with an older one (a slow listing that began before our `started`) is
     // older news and changes nothing.
@@ -516,22 +481,22 @@ pub(super) fn upsert_one(
         // The insert above found the row, so it exists (jobmirror never deletes jobs).
         None => return Err(StoreError::Sql(rusqlite::Error::QueryReturnedNoRows)),
         Some((prev_status, _, prev_raw)) => {
-            conn.prepare_cached(
+            conn.exec(
                 "UPDATE export_jobs SET status = ?2, last_updated_at = ?3, expires_in = ?4, expires_at = ?5, \
                  number_of_items = ?6, raw_json = ?7, last_seen_at = ?8 WHERE id = ?1",
-            )?
-            .execute(params![
-                job.id,
-                job.status,
-                job.last_updated_at.map(|m| m.0),
-                job.expires_in_secs,
-                job.expires_at().0,
-                job.number_of_items,
-                raw,
-                now.0,
-            ])?;
+                &[
+                    &job.id,
+                    &job.status,
+                    &job.last_updated_at,
+                    &job.expires_in_secs,
+                    &job.expires_at(),
+                    &job.number_of_items,
+                    &raw,
+                    &now,
+                ],
+            )?;
             if *prev_status != job.status {
-                journal(
+                journal_db(
                     conn,
                     now,
                     Some(&job.id),
@@ -549,21 +514,21 @@ pub(super) fn upsert_one(
     };
     if let Some((state, event)) = next {
         if prev_state != Some(state) {
-            conn.prepare_cached(
+            conn.exec(
                 "UPDATE export_jobs SET proc_state = ?2, proc_state_at = ?3 WHERE id = ?1",
-            )?
-            .execute(params![job.id, state.as_str(), now.0])?;
+                &[&job.id, &state.as_str(), &now],
+            )?;
         }
         if let Some(kind) = event {
             let mut detail = json!({"status": job.status, "source": source.as_str()});
             if let Some(t) = &job.failure_reason_type {
                 detail["failure_reason_type"] = json!(t);
             }
-            journal(conn, now, Some(&job.id), company, kind, &detail)?;
+            journal_db(conn, now, Some(&job.id), company, kind, &detail)?;
             if kind == EventKind::Expired && prev_state == Some(ProcState::New) {
                 // Never taken: it expired while it waited (a lane busy with other companies'
                 // jobs, a failing readiness check, a pause). Counted apart, so it is seen.
-                journal(
+                journal_db(
                     conn,
                     now,
                     Some(&job.id),

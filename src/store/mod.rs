@@ -11,6 +11,7 @@ mod deliveries;
 mod items;
 mod jobs;
 pub mod pg;
+pub mod sql;
 mod tokens;
 mod upkeep;
 
@@ -21,7 +22,7 @@ pub use jobs::*;
 pub use tokens::*;
 pub use upkeep::*;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags};
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -44,6 +45,10 @@ pub enum StoreError {
     Migrate(String),
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("PostgreSQL: {0}")]
+    Pg(#[from] postgres::Error),
+    #[error("{0} is not available on a PostgreSQL store")]
+    SqliteOnly(&'static str),
     #[error("database file {path}: {source}")]
     Io {
         path: String,
@@ -347,14 +352,14 @@ const JOB_COLUMNS: &str = "id, company_id, status, created_at, last_updated_at, 
      max(expires_at, coalesce(accepted_deadline, 0)), \
      number_of_items, proc_state, claim_attempts, warned_expires_at";
 
-fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+fn job_row(r: &sql::Row<'_>) -> Result<JobRow> {
     let state: String = r.get(7)?;
     Ok(JobRow {
         id: r.get(0)?,
         company_id: r.get(1)?,
         status: r.get(2)?,
         created_at: Millis(r.get(3)?),
-        last_updated_at: r.get::<_, Option<i64>>(4)?.map(Millis),
+        last_updated_at: r.get::<Option<i64>>(4)?.map(Millis),
         expires_at: Millis(r.get(5)?),
         number_of_items: r.get(6)?,
         proc_state: ProcState::parse(&state).ok_or_else(|| {
@@ -365,12 +370,12 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
             )
         })?,
         claim_attempts: r.get(8)?,
-        warned_expires_at: r.get::<_, Option<i64>>(9)?.map(Millis),
+        warned_expires_at: r.get::<Option<i64>>(9)?.map(Millis),
     })
 }
 
 pub struct Store {
-    conn: Connection,
+    db: sql::Db,
 }
 
 impl std::fmt::Debug for Store {
@@ -403,12 +408,13 @@ impl Store {
             path: shown.clone(),
             source,
         })?;
-        let mut store = Store { conn };
-        store.configure().map_err(|source| StoreError::Open {
+        Store::configure(&conn).map_err(|source| StoreError::Open {
             path: shown,
             source,
         })?;
-        Ok(store)
+        Ok(Store {
+            db: sql::Db::Lite(conn),
+        })
     }
 
     /// Relaxes this connection's commits to `synchronous = NORMAL`: in WAL mode a commit still
@@ -418,12 +424,18 @@ impl Store {
     /// No fsync at all: for replay and simulation databases, which are scratch copies
     /// (a replay's crashes stop threads, not the machine).
     pub fn scratch_durability(&self) -> Result<()> {
-        self.conn.execute_batch("PRAGMA synchronous = OFF")?;
+        if self.db.is_pg() {
+            return Ok(());
+        }
+        self.lite()?.execute_batch("PRAGMA synchronous = OFF")?;
         Ok(())
     }
 
     pub fn relax_durability(&self) -> Result<()> {
-        self.conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        if self.db.is_pg() {
+            return Ok(());
+        }
+        self.lite()?.execute_batch("PRAGMA synchronous = NORMAL")?;
         Ok(())
     }
 
@@ -439,19 +451,19 @@ impl Store {
             source,
         })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(Store { conn })
+        Ok(Store {
+            db: sql::Db::Lite(conn),
+        })
     }
 
-    fn configure(&mut self) -> rusqlite::Result<()> {
-        self.conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mode: String = self
-            .conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    fn configure(conn: &Connection) -> rusqlite::Result<()> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             log::warn!("SQLite refused WAL mode (got {mode}); continuing in {mode} mode");
         }
         // FULL: a commit survives power loss, not only a crash of the process.
-        self.conn.execute_batch(
+        conn.execute_batch(
             "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;",
         )?;
         Ok(())
@@ -459,25 +471,16 @@ impl Store {
 
     /// Applies pending migrations; returns the names of those applied now.
     pub fn migrate(&mut self) -> Result<Vec<String>> {
-        let report = embedded::migrations::runner()
-            .run(&mut self.conn)
-            .map_err(|e| StoreError::Migrate(e.to_string()))?;
+        let report = match &mut self.db {
+            sql::Db::Lite(c) => embedded::migrations::runner().run(c),
+            sql::Db::Pg(c) => pg::migrations().run(&mut *c.client()),
+        }
+        .map_err(|e| StoreError::Migrate(e.to_string()))?;
         Ok(report
             .applied_migrations()
             .iter()
             .map(|m| format!("V{}__{}", m.version(), m.name()))
             .collect())
-    }
-
-    pub fn conn(&self) -> &Connection {
-        &self.conn
-    }
-
-    /// A write transaction that takes the write lock at BEGIN (waiting up to the busy timeout).
-    /// A deferred transaction that reads first could fail at its first write with
-    /// SQLITE_BUSY_SNAPSHOT when another connection wrote in between, which no timeout cures.
-    fn write_tx(&self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
-        rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
     }
 }
 

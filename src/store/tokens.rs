@@ -24,63 +24,57 @@ pub fn company_credential(company: &str) -> String {
 /// Puts `refresh_token` in place of the credential's pair (no access token yet; a refusal or
 /// an interrupted refresh on record is cleared), in the caller's transaction.
 pub(super) fn seed_pair(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &sql::Db,
     credential: &str,
     refresh_token: &str,
     now: Millis,
-) -> rusqlite::Result<usize> {
-    tx.execute(
+) -> Result<u64> {
+    tx.exec(
         "INSERT INTO oauth_tokens (credential, refresh_token, updated_at) VALUES (?1, ?2, ?3) \
          ON CONFLICT (credential) DO UPDATE SET refresh_token = excluded.refresh_token, \
          access_token = NULL, access_expires_at = NULL, refresh_started_at = NULL, \
          last_error = NULL, refused_at = NULL, updated_at = excluded.updated_at",
-        params![credential, refresh_token, now.0],
+        &[&credential, &refresh_token, &now],
     )
 }
 
 /// OAuth token storage (see `oauth`).
 impl Store {
     pub fn oauth_get(&self, credential: &str) -> Result<Option<TokenRow>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT access_token, access_expires_at, refresh_token, refresh_started_at, \
-                 refused_at, last_error FROM oauth_tokens WHERE credential = ?1",
-                [credential],
-                |r| {
-                    Ok(TokenRow {
-                        access_token: r.get::<_, Option<String>>(0)?.map(crate::wire::Secret::new),
-                        access_expires_at: r.get::<_, Option<i64>>(1)?.map(Millis),
-                        refresh_token: crate::wire::Secret::new(r.get::<_, String>(2)?),
-                        refresh_started_at: r.get::<_, Option<i64>>(3)?.map(Millis),
-                        refused_at: r.get::<_, Option<i64>>(4)?.map(Millis),
-                        last_error: r.get(5)?,
-                    })
-                },
-            )
-            .optional()?)
+        self.db.row(
+            "SELECT access_token, access_expires_at, refresh_token, refresh_started_at, \
+             refused_at, last_error FROM oauth_tokens WHERE credential = ?1",
+            &[&credential],
+            |r| {
+                Ok(TokenRow {
+                    access_token: r.get::<Option<String>>(0)?.map(crate::wire::Secret::new),
+                    access_expires_at: r.get::<Option<i64>>(1)?.map(Millis),
+                    refresh_token: crate::wire::Secret::new(r.get::<String>(2)?),
+                    refresh_started_at: r.get::<Option<i64>>(3)?.map(Millis),
+                    refused_at: r.get::<Option<i64>>(4)?.map(Millis),
+                    last_error: r.get(5)?,
+                })
+            },
+        )
     }
 
     /// Stores a refresh token given by the operator (a first one, or after re-authorizing).
     pub fn oauth_seed(&self, credential: &str, refresh_token: &str, now: Millis) -> Result<()> {
-        let tx = self.write_tx()?;
+        let tx = self.db.write_tx()?;
         seed_pair(&tx, credential, refresh_token, now)?;
-        tx.commit()?;
-        Ok(())
+        tx.commit()
     }
 
     /// Records, durably, that a refresh request is about to be sent.
     pub fn oauth_begin_refresh(&self, credential: &str, now: Millis) -> Result<()> {
-        let tx = self.write_tx()?;
-        tx.execute(
+        self.db.exec(
             "UPDATE oauth_tokens SET refresh_started_at = ?2 WHERE credential = ?1",
-            params![credential, now.0],
+            &[&credential, &now],
         )?;
-        tx.commit()?;
         Ok(())
     }
 
-    /// Commits a new pair (and clears the refresh mark) in one transaction.
+    /// Commits a new pair (and clears the refresh mark) in one statement.
     pub fn oauth_commit(
         &self,
         credential: &str,
@@ -89,13 +83,11 @@ impl Store {
         refresh_token: &str,
         now: Millis,
     ) -> Result<()> {
-        let tx = self.write_tx()?;
-        tx.execute(
+        self.db.exec(
             "UPDATE oauth_tokens SET access_token = ?2, access_expires_at = ?3, refresh_token = ?4, \
              refresh_started_at = NULL, last_error = NULL, updated_at = ?5 WHERE credential = ?1",
-            params![credential, access_token, expires_at.0, refresh_token, now.0],
+            &[&credential, &access_token, &expires_at, &refresh_token, &now],
         )?;
-        tx.commit()?;
         Ok(())
     }
 
@@ -103,37 +95,33 @@ impl Store {
     /// `refused_at` set, and nothing is sent with this pair again until a new refresh token
     /// is seeded (re-authorization).
     pub fn oauth_refuse(&self, credential: &str, error: &str, now: Millis) -> Result<()> {
-        let tx = self.write_tx()?;
-        tx.execute(
+        self.db.exec(
             "UPDATE oauth_tokens SET access_token = NULL, access_expires_at = NULL, \
              refresh_started_at = NULL, refused_at = ?3, last_error = ?2, updated_at = ?3 \
              WHERE credential = ?1",
-            params![credential, error, now.0],
+            &[&credential, &error, &now],
         )?;
-        tx.commit()?;
         Ok(())
     }
 
     /// Companies whose own OAuth pair was refused: company id, when, and why.
     pub fn companies_needing_reauthorization(&self) -> Result<Vec<(String, Millis, String)>> {
-        let mut st = self.conn.prepare(
+        self.db.rows(
             "SELECT substr(credential, 9), refused_at, coalesce(last_error, '') FROM oauth_tokens \
              WHERE credential LIKE 'company:%' AND refused_at IS NOT NULL ORDER BY credential",
-        )?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, Millis(r.get(1)?), r.get(2)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            &[],
+            |r| Ok((r.get(0)?, Millis(r.get(1)?), r.get(2)?)),
+        )
     }
 
     /// Deletes `company`'s own OAuth pair once it is no longer in `companies` (it was removed
     /// and has left). Returns whether a pair was deleted.
     pub fn forget_company_pair(&self, company: &str) -> Result<bool> {
-        let tx = self.write_tx()?;
-        let n = tx.execute(
+        let n = self.db.exec(
             "DELETE FROM oauth_tokens WHERE credential = ?1 \
              AND NOT EXISTS (SELECT 1 FROM companies WHERE company_id = ?2 AND credential = 'oauth')",
-            params![company_credential(company), company],
+            &[&company_credential(company), &company],
         )?;
-        tx.commit()?;
         Ok(n > 0)
     }
 }

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod backends;
 mod bench;
 mod by_credential;
 mod cli;

@@ -20,6 +20,11 @@ mod embedded {
     refinery::embed_migrations!("migrations/postgres");
 }
 
+/// The PostgreSQL migrations' runner.
+pub(crate) fn migrations() -> refinery::Runner {
+    embedded::migrations::runner()
+}
+
 /// Whether a `db` value names a PostgreSQL database rather than a SQLite file.
 pub fn is_postgres_url(db: &str) -> bool {
     let l = db.trim_start().to_ascii_lowercase();
@@ -185,4 +190,21 @@ pub(crate) fn refuse_url(path: &std::path::Path) -> Result<(), super::StoreError
         });
     }
     Ok(())
+}
+
+impl super::Store {
+    /// A store on a PostgreSQL database: connects and applies pending migrations. The statements
+    /// written against [`super::sql::Db`] run on it; the rest answer
+    /// [`super::StoreError::SqliteOnly`] until they are.
+    pub fn open_pg(target: &PgTarget) -> Result<super::Store, super::StoreError> {
+        let client = target
+            .config
+            .connect(postgres::NoTls)
+            .map_err(|e| super::StoreError::Migrate(format!("PostgreSQL {target}: {e}")))?;
+        let mut store = super::Store {
+            db: super::sql::Db::Pg(Box::new(super::sql::PgConn::new(client))),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
 }

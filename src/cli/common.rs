@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::cli::args::ReportArgs;
 use crate::clock::SharedClock;
-use crate::config::{Config, ConfigError, UsageError};
+use crate::config::{Config, ConfigError, SharedDb, UsageError};
 use crate::store::Store;
 
 /// Logging to stderr in text (see [`crate::logging`]); the service uses its `log_format`.
@@ -137,6 +137,9 @@ pub(super) fn config_file(given: Option<PathBuf>) -> anyhow::Result<Option<PathB
 /// Refuses a database that does not exist: only `run` and `migrate` create one, so a command
 /// pointed at the wrong path says so (exit 2) instead of working on a new, empty file.
 pub(super) fn require_db(db: &std::path::Path) -> anyhow::Result<()> {
+    if db.to_str().is_some_and(crate::store::pg::is_postgres_url) {
+        return Ok(());
+    }
     match std::fs::metadata(db) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(UsageError(format!(
@@ -152,7 +155,7 @@ pub(super) fn require_db(db: &std::path::Path) -> anyhow::Result<()> {
 /// An existing database, migrated: for the commands that change it (never creating it).
 pub(super) fn open_existing(db: &std::path::Path) -> anyhow::Result<Store> {
     require_db(db)?;
-    Ok(Store::open(db)?)
+    super::shared::open_db(db, crate::service::shared::Open::Migrate)
 }
 
 /// Where the database path came from, for [`require_db`]'s message.
@@ -220,7 +223,8 @@ pub(super) fn open_report(
 ) -> anyhow::Result<(Store, PathBuf, crate::clock::Millis)> {
     let db = existing_db(file)?;
     let now = report_time(args, clock)?;
-    Ok((Store::open_read_only(&db)?, db, now))
+    let store = super::shared::open_db(&db, crate::service::shared::Open::ReadOnly)?;
+    Ok((store, db, now))
 }
 
 /// The configuration for commands that never talk to Pleo: only the database and the timing
@@ -230,8 +234,8 @@ pub(super) fn open_report(
 pub(super) fn operator_config(file: Option<&std::path::Path>) -> anyhow::Result<(Config, bool)> {
     let mut cfg = Config::load_for(file, crate::config::Needs::OPERATOR)?;
     // The companies kept in the database count as named too.
-    if cfg.db.exists()
-        && let Ok(store) = Store::open_read_only(&cfg.db)
+    if (cfg.db.exists() || SharedDb::is_postgres(&cfg.db))
+        && let Ok(store) = super::shared::open_db(&cfg.db, crate::service::shared::Open::ReadOnly)
         && let Ok(rows) = store.company_rows()
     {
         cfg = cfg.with_companies(&rows);

@@ -10,7 +10,7 @@ use crate::cli::args::CompaniesAction;
 use crate::cli::common::{config_value, open_existing, say_json};
 use crate::clock::SharedClock;
 use crate::config::{Config, UsageError};
-use crate::store::{CompanyChange, CompanyCredential, Store};
+use crate::store::{CompanyChange, CompanyCredential};
 
 /// A secret from a file: trimmed, non-empty, one line.
 fn secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
@@ -125,7 +125,8 @@ pub(super) fn run(
         CompaniesAction::List { json } => {
             // Read-only: listing never creates or migrates a database.
             crate::cli::common::require_db(&cfg.db)?;
-            let store = Store::open_read_only(&cfg.db)?;
+            let store =
+                crate::cli::shared::open_db(&cfg.db, crate::service::shared::Open::ReadOnly)?;
             let (rows, reauth) = (store.company_rows()?, crate::ops::reauthorizations(&store)?);
             let v = list(&cfg, &rows, &reauth);
             if json {

@@ -102,7 +102,6 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Instances { json } => shared::instances(cli.config.as_deref(), json),
         Command::Run => {
-            shared::refuse_service_on_postgres(cli.config.as_deref())?;
             let cfg = Config::load(cli.config.as_deref())?;
             crate::logging::init(cfg.log, cfg.log_format);
             crate::service::systemd::run(cfg, cli.config.as_deref(), clock)
@@ -128,8 +127,9 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { json } => {
             let (mut cfg, settings) = crate::config::effective(cli.config.as_deref())?;
             // The companies `run` serves: the configuration's and the database's.
-            if cfg.db.exists()
-                && let Ok(rows) = Store::open_read_only(&cfg.db).and_then(|s| s.company_rows())
+            if (cfg.db.exists() || crate::config::SharedDb::is_postgres(&cfg.db))
+                && let Ok(rows) = shared::open_db(&cfg.db, crate::service::shared::Open::ReadOnly)
+                    .and_then(|s| Ok(s.company_rows()?))
             {
                 cfg = cfg.with_companies(&rows);
             }
@@ -221,7 +221,7 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         }
         Command::Backup { file, json } => {
             let db = existing_db(cli.config.as_deref())?;
-            let store = Store::open_read_only(&db)?;
+            let store = shared::open_db(&db, crate::service::shared::Open::ReadOnly)?;
             let v = crate::ops::backup(&store, &file)?;
             let args = ReportArgs { json, at: None };
             emit(&args, &v, crate::ops::backup_text)
@@ -231,7 +231,7 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
             let cfg = operator_config(cli.config.as_deref())?.0;
             let args = ReportArgs { json, at };
             let now = report_time(&args, &clock)?;
-            let store = Store::connect(&db)?;
+            let store = shared::open_db(&db, crate::service::shared::Open::Connect)?;
             let r = store.prune(now, clock.now(), cfg.retention, dry_run)?;
             emit(&args, &serde_json::to_value(&r)?, crate::ops::prune_text)
         }
@@ -276,7 +276,7 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         }
         Command::Trigger { json } => {
             let db = existing_db(cli.config.as_deref())?;
-            let pids = Store::open_read_only(&db)?.instances()?;
+            let pids = shared::open_db(&db, crate::service::shared::Open::ReadOnly)?.instances()?;
             for pid in &pids {
                 if signal_usr1(*pid) {
                     if json {

@@ -15,7 +15,35 @@ fn setting(file: Option<&std::path::Path>, key: &str) -> Option<String> {
 /// `db` as a PostgreSQL target when it is a URL (its password from `db_password_file`, else
 /// `PGPASSWORD`); None for a SQLite file.
 pub(super) fn pg_target(file: Option<&std::path::Path>) -> anyhow::Result<Option<PgTarget>> {
-    let db = db_path(file)?;
+    url_target(&db_path(file)?, file)
+}
+
+/// The store a command uses: the SQLite file (created only by `Open::Migrate`), or the
+/// PostgreSQL database `db` names (its password as for [`pg_target`], with the configuration
+/// file this command resolved).
+pub(super) fn open_db(
+    db: &std::path::Path,
+    how: crate::service::shared::Open,
+) -> anyhow::Result<crate::store::Store> {
+    use crate::service::shared::Open;
+    use crate::store::Store;
+    let file = super::common::CONFIG_IN_USE
+        .get()
+        .and_then(|c| c.as_deref());
+    if let Some(target) = url_target(db, file)? {
+        return Ok(Store::open_pg(&target)?);
+    }
+    Ok(match how {
+        Open::Migrate => Store::open(db)?,
+        Open::Connect => Store::connect(db)?,
+        Open::ReadOnly => Store::open_read_only(db)?,
+    })
+}
+
+fn url_target(
+    db: &std::path::Path,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<PgTarget>> {
     let Some(url) = db.to_str().filter(|d| is_postgres_url(d)) else {
         return Ok(None);
     };
@@ -32,20 +60,6 @@ pub(super) fn pg_target(file: Option<&std::path::Path>) -> anyhow::Result<Option
     Ok(Some(
         PgTarget::parse(url, password).map_err(|e| UsageError(e.to_string()))?,
     ))
-}
-
-/// The service does not run on PostgreSQL yet: say so before anything else happens.
-pub(super) fn refuse_service_on_postgres(file: Option<&std::path::Path>) -> anyhow::Result<()> {
-    if db_path(file)?.to_str().is_some_and(is_postgres_url) {
-        return Err(UsageError(
-            "db names a PostgreSQL database: `jobmirror migrate` and `jobmirror instances` use \
-             it today, but the service itself runs on a SQLite file only, for now \
-             (docs/several-machines.md)"
-                .into(),
-        )
-        .into());
-    }
-    Ok(())
 }
 
 pub(super) fn migrate(target: &PgTarget, json: bool) -> anyhow::Result<()> {

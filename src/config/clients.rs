@@ -30,9 +30,7 @@ impl Config {
         let oauth = match &self.oauth {
             Some(o) => Some(pleo::CompanyOAuth {
                 cfg: o.clone(),
-                store: std::sync::Arc::new(std::sync::Mutex::new(crate::store::Store::connect(
-                    &self.db,
-                )?)),
+                store: std::sync::Arc::new(std::sync::Mutex::new(self.open_store()?)),
             }),
             None => None,
         };
@@ -78,7 +76,7 @@ impl Config {
     ) -> anyhow::Result<pleo::PleoClient> {
         let mut c = self.client_config();
         if let Some(o) = &self.oauth {
-            let store = crate::store::Store::open(&self.db)?;
+            let store = self.open_store()?;
             c.auth = pleo::Auth::OAuth(std::sync::Arc::new(crate::pleo::oauth::TokenSource::new(
                 o.clone(),
                 store,

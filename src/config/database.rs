@@ -15,6 +15,9 @@ pub struct SharedDb {
     pub instance_name: Option<String>,
     /// How long a company lease lasts without renewal, seconds.
     pub company_lease_secs: u64,
+    /// The running service's leases (set by the service when `db` is PostgreSQL): the stores
+    /// it opens are fenced with them, and it serves only the companies held.
+    pub fence: Option<std::sync::Arc<crate::store::pg::keeper::LeaseView>>,
 }
 
 impl SharedDb {
@@ -54,6 +57,13 @@ pub(super) fn parse(
     if SharedDb::is_postgres(db) {
         // The URL's form only: the password is read when a command connects.
         PgTarget::parse(&db.to_string_lossy(), None).map_err(|e| err("db", e.to_string()))?;
+        if get("pleo_auth").is_some_and(|a| a.trim().eq_ignore_ascii_case("oauth")) {
+            return Err(err(
+                "pleo_auth",
+                "`oauth` with a PostgreSQL db: the instances would each refresh (and rotate) the \
+                 one shared token pair; not supported yet: use an API key, or SQLite",
+            ));
+        }
         if shard != Shard::ALL {
             return Err(err(
                 "shard",
@@ -66,6 +76,7 @@ pub(super) fn parse(
         password_file,
         instance_name,
         company_lease_secs,
+        fence: None,
     })
 }
 
@@ -75,4 +86,30 @@ pub(super) fn at_most(key: &str, n: u32, max: u32) -> Result<u32, ConfigError> {
         return Err(err(key, format!("expected at most {max}, got {n}")));
     }
     Ok(n)
+}
+
+impl super::Config {
+    /// The store `db` names: the SQLite file (created and migrated), or the PostgreSQL
+    /// database (migrated), fenced with the running service's leases when it has them.
+    pub fn open_store(&self) -> anyhow::Result<crate::store::Store> {
+        if !SharedDb::is_postgres(&self.db) {
+            return Ok(crate::store::Store::open(&self.db)?);
+        }
+        let file = self.shared_db.password_file.as_deref();
+        let password = PgTarget::password(file).map_err(|e| {
+            err(
+                "db_password_file",
+                format!(
+                    "cannot read {}: {e}",
+                    file.unwrap_or(std::path::Path::new("")).display()
+                ),
+            )
+        })?;
+        let target = PgTarget::parse(&self.db.to_string_lossy(), password)?;
+        let mut store = crate::store::Store::open_pg(&target)?;
+        if let Some(view) = &self.shared_db.fence {
+            store.set_fence(view.clone());
+        }
+        Ok(store)
+    }
 }

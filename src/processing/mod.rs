@@ -83,6 +83,8 @@ pub fn send_final(
     let mut read_back = false;
     loop {
         sends += 1;
+        // On a shared database, only under this instance's lease.
+        store.guard(&job.company_id)?;
         match client.post_event(event) {
             Ok(()) => break,
             Err(e) if e.is_status_conflict() => {

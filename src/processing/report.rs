@@ -35,6 +35,8 @@ impl HandlerStage {
                 .iter()
                 .map(|u| update_json(&u.result, u.handled_at))
                 .collect();
+            // On a shared database, only under this instance's lease.
+            store.guard(&job.company_id)?;
             let outcome = match self.client(job).put_items(&job.id, &updates) {
                 Ok(o) => o,
                 Err(e) => {

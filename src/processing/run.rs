@@ -30,6 +30,8 @@ impl Stage for HandlerStage {
     }
 
     fn process(&mut self, store: &Store, job: &JobRow, now: Millis) -> Result<(), StoreError> {
+        // On a shared database, the handler runs only under this instance's lease.
+        store.guard(&job.company_id)?;
         if job.proc_state == ProcState::Claimed {
             store.transition(
                 job,

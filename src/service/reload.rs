@@ -155,6 +155,8 @@ pub struct Companies {
     store: crate::store::Store,
     /// `companies_version` when the rows were last read.
     seen: i64,
+    /// The lease view's generation when last applied (a shared database).
+    lease_generation: u64,
     /// Each row's `updated_at` then.
     updated: HashMap<String, crate::clock::Millis>,
     reloadable: Reloadable,
@@ -189,6 +191,7 @@ impl Companies {
             base,
             store,
             seen,
+            lease_generation: 0,
             updated,
             reloadable,
             secrets,
@@ -227,9 +230,16 @@ impl Companies {
     pub fn apply_base(&mut self, new: &Config) -> anyhow::Result<Option<CompaniesChanged>> {
         self.seen = self.store.companies_version()?;
         let rows = self.store.company_rows()?;
-        let changed = self.reloadable.apply(&new.with_companies(&rows), &[])?;
+        let mut eff = new.with_companies(&rows);
+        let leases = self.reloadable.cfg.shared_db.fence.clone();
+        if let Some(view) = &leases {
+            let held: HashSet<String> = view.serving().into_iter().collect();
+            eff.company_ids.retain(|c| held.contains(c));
+            eff.shared_db.fence = leases.clone();
+        }
+        let changed = self.reloadable.apply(&eff, &[])?;
         if changed.is_some() {
-            self.base = (!rows.is_empty()).then(|| new.clone());
+            self.base = (!rows.is_empty() || leases.is_some()).then(|| new.clone());
             self.updated = updated_at(&rows);
             self.set_secrets(&rows);
             self.count();
@@ -241,12 +251,20 @@ impl Companies {
     /// Applies the `companies` rows if they changed since last read; `None` when they did not.
     pub fn check(&mut self) -> anyhow::Result<Option<CompaniesChanged>> {
         let version = self.store.companies_version()?;
-        if version == self.seen {
+        let leases = self.reloadable.cfg.shared_db.fence.clone();
+        let generation = leases.as_ref().map_or(0, |l| l.generation());
+        if version == self.seen && generation == self.lease_generation {
             return Ok(None);
         }
         let rows = self.store.company_rows()?;
         let base = self.base.as_ref().unwrap_or(&self.reloadable.cfg);
-        let eff = base.with_companies(&rows);
+        let mut eff = base.with_companies(&rows);
+        // On a shared database: only the companies this instance holds a lease on.
+        if let Some(view) = &leases {
+            let held: HashSet<String> = view.serving().into_iter().collect();
+            eff.company_ids.retain(|c| held.contains(c));
+            eff.shared_db.fence = leases.clone();
+        }
         let base = (!rows.is_empty()).then(|| base.clone());
         // Rows changed while served (a new credential, or authorized again).
         let renewed: Vec<String> = rows
@@ -263,7 +281,8 @@ impl Companies {
             .apply(&eff, &renewed)?
             .ok_or_else(|| anyhow::anyhow!("the companies table changed more than companies"))?;
         self.seen = version;
-        self.base = base;
+        self.lease_generation = generation;
+        self.base = base.or_else(|| leases.is_some().then(|| self.base.clone()).flatten());
         self.updated = updated_at(&rows);
         self.set_secrets(&rows);
         self.count();

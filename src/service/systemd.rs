@@ -44,7 +44,7 @@ pub fn run(
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP])?;
     let notifier = crate::service::notify::Notifier::from_env().map(Arc::new);
     let mut service = Service::start(&cfg, clock, None)?;
-    let status_store = Store::open_read_only(&cfg.db)?;
+    let status_store = crate::service::shared::open(&cfg, crate::service::shared::Open::ReadOnly)?;
     // Only these are needed from here on; the rest (every company id and key) is let go, so a
     // configuration of 50,000 companies is not held twice while the service runs.
     let shutdown_timeout = cfg.shutdown_timeout;

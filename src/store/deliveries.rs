@@ -140,22 +140,35 @@ impl Store {
 
     /// Deliveries not acted on yet and due at `now` (oldest first): new ones, and deferred
     /// ones whose `retry_at` has come.
+    /// On a database shared by instances, only those of the companies this instance holds
+    /// (and those naming none): the others are their holders' to act on.
     pub fn pending_deliveries(&self, limit: usize, now: Millis) -> Result<Vec<PendingDelivery>> {
-        self.db.rows(
+        let holder = self.fence().map(|f| f.instance.as_str());
+        let sql = if holder.is_some() {
+            "SELECT webhook_id, event_type, job_id, company_id, attempts FROM webhook_deliveries d \
+             WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= ?2) \
+               AND (d.company_id IS NULL OR EXISTS (SELECT 1 FROM company_leases l \
+                    WHERE l.company_id = d.company_id AND l.holder = ?3)) \
+             ORDER BY received_at, webhook_id LIMIT ?1"
+        } else {
             "SELECT webhook_id, event_type, job_id, company_id, attempts FROM webhook_deliveries \
              WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= ?2) \
-             ORDER BY received_at, webhook_id LIMIT ?1",
-            &[&(limit as i64), &now],
-            |r| {
-                Ok(PendingDelivery {
-                    webhook_id: r.get(0)?,
-                    event_type: r.get(1)?,
-                    job_id: r.get(2)?,
-                    company_id: r.get(3)?,
-                    attempts: r.get::<i64>(4)?.clamp(0, i64::from(u32::MAX)) as u32,
-                })
-            },
-        )
+             ORDER BY received_at, webhook_id LIMIT ?1"
+        };
+        let limit = limit as i64;
+        let params: Vec<&dyn sql::ToVal> = match &holder {
+            Some(h) => vec![&limit, &now, h],
+            None => vec![&limit, &now],
+        };
+        self.db.rows(sql, &params, |r| {
+            Ok(PendingDelivery {
+                webhook_id: r.get(0)?,
+                event_type: r.get(1)?,
+                job_id: r.get(2)?,
+                company_id: r.get(3)?,
+                attempts: r.get::<i64>(4)?.clamp(0, i64::from(u32::MAX)) as u32,
+            })
+        })
     }
 
     /// When the earliest deferred delivery falls due (None: none is waiting).
@@ -165,6 +178,16 @@ impl Store {
             &[],
         )?;
         Ok(at.flatten().map(Millis))
+    }
+
+    /// Names the company a delivery is about, learned by reading its job: on a shared database
+    /// it is left pending for that company's holder.
+    pub fn delivery_company(&self, webhook_id: &str, company: &str) -> Result<()> {
+        self.db.exec(
+            "UPDATE webhook_deliveries SET company_id = ?2 WHERE webhook_id = ?1",
+            &[&webhook_id, &company],
+        )?;
+        Ok(())
     }
 
     /// Defers deliveries whose action failed transiently: one more attempt counted, due again

@@ -121,8 +121,10 @@ impl Store {
     }
 
     /// Records that a `started` request is about to be sent.
+    /// On a shared database, only under this instance's lease, checked in the same transaction.
     pub fn begin_claim(&self, job: &JobRow, now: Millis) -> Result<()> {
         let tx = self.db.write_tx()?;
+        self.guard(&job.company_id)?;
         tx.exec(
             "UPDATE export_jobs SET proc_state = 'claiming', proc_state_at = ?2, \
              claim_attempts = claim_attempts + 1 WHERE id = ?1",

@@ -49,6 +49,8 @@ pub enum StoreError {
     Pg(#[from] postgres::Error),
     #[error("{0} is not available on a PostgreSQL store")]
     SqliteOnly(&'static str),
+    #[error("company {0}: this instance no longer holds its lease; nothing is sent for it")]
+    LeaseLost(String),
     #[error("database file {path}: {source}")]
     Io {
         path: String,
@@ -472,10 +474,12 @@ impl Store {
     /// Applies pending migrations; returns the names of those applied now.
     pub fn migrate(&mut self) -> Result<Vec<String>> {
         let report = match &mut self.db {
-            sql::Db::Lite(c) => embedded::migrations::runner().run(c),
-            sql::Db::Pg(c) => pg::migrations().run(&mut *c.client()),
+            sql::Db::Lite(c) => embedded::migrations::runner()
+                .run(c)
+                .map_err(|e| e.to_string()),
+            sql::Db::Pg(c) => pg::migrate_locked(&mut c.client()),
         }
-        .map_err(|e| StoreError::Migrate(e.to_string()))?;
+        .map_err(StoreError::Migrate)?;
         Ok(report
             .applied_migrations()
             .iter()

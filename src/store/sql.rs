@@ -213,6 +213,8 @@ impl Row<'_> {
 pub struct PgConn {
     client: RefCell<postgres::Client>,
     prepared: RefCell<HashMap<String, postgres::Statement>>,
+    /// The leases of this instance, when it shares the database with others.
+    pub(super) fence: Option<std::sync::Arc<super::pg::keeper::LeaseView>>,
 }
 
 impl PgConn {
@@ -220,6 +222,7 @@ impl PgConn {
         PgConn {
             client: RefCell::new(client),
             prepared: RefCell::new(HashMap::new()),
+            fence: None,
         }
     }
 

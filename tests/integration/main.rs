@@ -14,6 +14,7 @@ mod edge;
 mod handler_boundary;
 mod house;
 mod httpd;
+mod instances;
 mod leases;
 mod mirror;
 mod oauth;

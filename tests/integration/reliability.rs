@@ -91,7 +91,7 @@ use jobmirror::sandbox::{FakeConfig, FakePleo, JobSpec};
 use crate::cli::{Reaper, cmd, lines, signal, wait_exit};
 
 /// A fake Pleo on the real clock (the binaries under test run on it too).
-fn real_time_fake() -> FakePleo {
+pub(crate) fn real_time_fake() -> FakePleo {
     let clock: SharedClock = Arc::new(SystemClock);
     FakePleo::start("127.0.0.1:0", FakeConfig::default(), clock).unwrap()
 }

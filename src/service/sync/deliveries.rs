@@ -72,6 +72,12 @@ impl Mirror {
                             marks.push((d.webhook_id, self.other_shard(&job.company_id)));
                             continue;
                         }
+                        // A shared database: left pending for the company's holder.
+                        Ok(job) if self.store.fence().is_some() => {
+                            self.store
+                                .delivery_company(&d.webhook_id, &job.company_id)?;
+                            continue;
+                        }
                         Ok(job) => {
                             let why =
                                 format!("ignored: company {} is not served here", job.company_id);

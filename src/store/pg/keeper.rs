@@ -29,24 +29,91 @@ pub enum LeaseClock {
     Injected(SharedClock),
 }
 
+/// What this instance holds now, shared by the lease thread (which writes it after each round)
+/// and the store's fence and the lanes (which read it): company, epoch and local deadline.
+pub struct LeaseView {
+    pub instance: String,
+    mono: Mono,
+    held: std::sync::Mutex<BTreeMap<String, (i64, i64)>>,
+    /// Bumped whenever the set of companies held changes.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for LeaseView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LeaseView({})", self.instance)
+    }
+}
+
+impl LeaseView {
+    pub fn new(instance: &str, mono: Mono) -> LeaseView {
+        LeaseView {
+            instance: instance.to_owned(),
+            mono,
+            held: Default::default(),
+            generation: Default::default(),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (i64, i64)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn replace(&self, new: BTreeMap<String, (i64, i64)>) {
+        let mut held = self.held();
+        if !held.keys().eq(new.keys()) {
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        *held = new;
+    }
+
+    /// The epoch to fence with, when this instance may act for `company` now.
+    pub fn may_act(&self, company: &str) -> Option<i64> {
+        let now = (self.mono)();
+        self.held()
+            .get(company)
+            .filter(|(_, until)| now < *until)
+            .map(|(epoch, _)| *epoch)
+    }
+
+    /// The companies this instance may act for now.
+    pub fn serving(&self) -> Vec<String> {
+        let now = (self.mono)();
+        self.held()
+            .iter()
+            .filter(|(_, (_, until))| now < *until)
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
+    /// Changes whenever the set of companies held changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 pub struct LeaseKeeper {
     pub me: Instance,
     lease_ms: i64,
     clock: LeaseClock,
-    mono: Mono,
-    /// Company → (epoch, local deadline on `mono`).
-    held: BTreeMap<String, (i64, i64)>,
+    view: Arc<LeaseView>,
 }
 
 impl LeaseKeeper {
     pub fn new(me: Instance, lease_ms: i64, clock: LeaseClock, mono: Mono) -> LeaseKeeper {
+        let view = Arc::new(LeaseView::new(&me.name, mono));
         LeaseKeeper {
             me,
             lease_ms,
             clock,
-            mono,
-            held: BTreeMap::new(),
+            view,
         }
+    }
+
+    /// The view the store's fence and the lanes read.
+    pub fn view(&self) -> Arc<LeaseView> {
+        self.view.clone()
     }
 
     /// How often rounds run: a third of the lease, so two rounds can fail before it lapses.
@@ -73,7 +140,7 @@ impl LeaseKeeper {
         store: &mut PgStore,
         companies: &[String],
     ) -> std::result::Result<Round, LeaseError> {
-        let before = (self.mono)();
+        let before = (self.view.mono)();
         let outcome = self
             .now(store)
             .map_err(LeaseError::from)
@@ -81,15 +148,17 @@ impl LeaseKeeper {
         match outcome {
             Ok(round) => {
                 let until = before + self.trusted_ms();
-                self.held = round
-                    .held
-                    .iter()
-                    .map(|l| (l.company_id.clone(), (l.epoch, until)))
-                    .collect();
+                self.view.replace(
+                    round
+                        .held
+                        .iter()
+                        .map(|l| (l.company_id.clone(), (l.epoch, until)))
+                        .collect(),
+                );
                 Ok(round)
             }
             Err(e) => {
-                self.held.clear();
+                self.view.replace(BTreeMap::new());
                 Err(e)
             }
         }
@@ -97,26 +166,17 @@ impl LeaseKeeper {
 
     /// The epoch to fence with, when this instance may act for `company` now.
     pub fn may_act(&self, company: &str) -> Option<i64> {
-        let now = (self.mono)();
-        self.held
-            .get(company)
-            .filter(|(_, until)| now < *until)
-            .map(|(epoch, _)| *epoch)
+        self.view.may_act(company)
     }
 
     /// The companies this instance may act for now.
     pub fn serving(&self) -> Vec<String> {
-        let now = (self.mono)();
-        self.held
-            .iter()
-            .filter(|(_, (_, until))| now < *until)
-            .map(|(c, _)| c.clone())
-            .collect()
+        self.view.serving()
     }
 
     /// A graceful stop: every lease released at once.
     pub fn stop(&mut self, store: &mut PgStore) -> Result<u64> {
-        self.held.clear();
+        self.view.replace(BTreeMap::new());
         let now = self.now(store)?;
         store.stop_instance(&self.me, now)
     }

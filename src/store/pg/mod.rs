@@ -20,9 +20,24 @@ mod embedded {
     refinery::embed_migrations!("migrations/postgres");
 }
 
-/// The PostgreSQL migrations' runner.
-pub(crate) fn migrations() -> refinery::Runner {
-    embedded::migrations::runner()
+/// Applies the PostgreSQL migrations under a session advisory lock, so instances starting
+/// together never run them side by side (refinery takes no lock of its own).
+pub(crate) fn migrate_locked(
+    client: &mut postgres::Client,
+) -> std::result::Result<refinery::Report, String> {
+    const MIGRATE_LOCK: i64 = 0x006a_6f62_6d69_726d; // "jobmirm"
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .map_err(|e| e.to_string())?;
+    let report = embedded::migrations::runner()
+        .run(client)
+        .map_err(|e| e.to_string());
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
+        .map_err(|e| e.to_string());
+    let report = report?;
+    unlocked?;
+    Ok(report)
 }
 
 /// Whether a `db` value names a PostgreSQL database rather than a SQLite file.
@@ -154,9 +169,7 @@ impl PgStore {
 
     /// Applies the migrations not applied yet; returns their names.
     pub fn migrate(&mut self) -> Result<Vec<String>> {
-        let report = embedded::migrations::runner()
-            .run(&mut self.client)
-            .map_err(|e| PgError::Migrate(e.to_string()))?;
+        let report = migrate_locked(&mut self.client).map_err(PgError::Migrate)?;
         Ok(report
             .applied_migrations()
             .iter()
@@ -206,5 +219,41 @@ impl super::Store {
         };
         store.migrate()?;
         Ok(store)
+    }
+}
+
+impl super::Store {
+    /// Fences this store's state-changing steps with `view`, this instance's leases.
+    pub fn set_fence(&mut self, view: std::sync::Arc<keeper::LeaseView>) {
+        if let super::sql::Db::Pg(c) = &mut self.db {
+            c.fence = Some(view);
+        }
+    }
+
+    /// The leases this store is fenced with (a PostgreSQL store shared by instances).
+    pub fn fence(&self) -> Option<&std::sync::Arc<keeper::LeaseView>> {
+        match &self.db {
+            super::sql::Db::Pg(c) => c.fence.as_ref(),
+            super::sql::Db::Lite(_) => None,
+        }
+    }
+
+    /// Ok when this instance may act for `company` now: always on SQLite (one service per
+    /// file); on a shared PostgreSQL database, when its local deadline has not passed and the
+    /// database says the lease is still ours at our epoch. Inside a transaction the lease row
+    /// stays share-locked until it ends, so no takeover lands between the check and the
+    /// commit of what it guards.
+    pub fn guard(&self, company: &str) -> Result<(), super::StoreError> {
+        let Some(view) = self.fence() else {
+            return Ok(());
+        };
+        let lost = || super::StoreError::LeaseLost(company.to_owned());
+        let epoch = view.may_act(company).ok_or_else(lost)?;
+        let held: Option<i64> = self.db.value(
+            "SELECT 1 FROM company_leases WHERE company_id = ?1 AND holder = ?2 AND epoch = ?3 \
+             AND expires_at > jm_now_ms() FOR SHARE",
+            &[&company, &view.instance, &epoch],
+        )?;
+        held.map(|_| ()).ok_or_else(lost)
     }
 }

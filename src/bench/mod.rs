@@ -10,6 +10,7 @@ mod ingest;
 mod jobs;
 mod operators;
 pub mod scale;
+mod shared;
 mod store;
 
 use harness::{Ctx, fig};
@@ -24,16 +25,24 @@ use crate::clock::{Clock, SharedClock, SystemClock};
 use crate::edge::webhook::Secrets;
 
 /// The sections `--only` can name (ingest, with the footprint, always runs).
-pub const SECTIONS: [&str; 6] = [
+pub const SECTIONS: [&str; 7] = [
     "sync",
     "pick",
     "reaction",
     "processing",
     "operators",
     "scale",
+    "shared",
 ];
 
-pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::Result<()> {
+/// `postgres`: a PostgreSQL server (a URL whose user may create databases) for the "shared"
+/// section; without it that section is skipped (named in `--only`, it is an error).
+pub fn run(
+    smoke: bool,
+    json_out: Option<PathBuf>,
+    only: &[String],
+    postgres: Option<&str>,
+) -> anyhow::Result<()> {
     if let Some(bad) = only
         .iter()
         .find(|s| !SECTIONS.contains(&s.as_str()) && *s != "ingest")
@@ -44,6 +53,11 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::R
         );
     }
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
+    if postgres.is_none() && only.iter().any(|o| o == "shared") {
+        anyhow::bail!(
+            "--only shared needs --postgres URL (a server whose user may create databases)"
+        );
+    }
     crate::logging::init(log::LevelFilter::Error, crate::logging::LogFormat::Text);
     let sizes = if smoke { Sizes::smoke() } else { Sizes::full() };
     let exe = std::env::current_exe()?;
@@ -91,6 +105,9 @@ pub fn run(smoke: bool, json_out: Option<PathBuf>, only: &[String]) -> anyhow::R
     }
     if want("scale") {
         scale::scale(&cx, &mut figures)?;
+    }
+    if let Some(url) = postgres.filter(|_| want("shared")) {
+        shared::shared(&cx, url, &mut figures)?;
     }
 
     // --- 6: footprint ----------------------------------------------------------------------------

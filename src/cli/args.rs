@@ -228,6 +228,11 @@ pub enum Command {
         /// processing); webhook ingest and the footprint always run.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// A PostgreSQL server for the "shared" section (three instances on it against one on
+        /// SQLite): `postgresql://user@host:port/dbname`, a user that may create databases,
+        /// the password in PGPASSWORD.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
     },
     /// Replay a snapshot offline: the real workers against an in-process fake Pleo on a
     /// virtual clock; prints a summary and leaves the database for sqlite3 (at --db, default

@@ -175,11 +175,10 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { report } => {
             let (store, _, now) = open_report(cli.config.as_deref(), &report, &clock)?;
-            emit(
-                &report,
-                &crate::ops::status(&store, now)?,
-                crate::ops::status_text,
-            )
+            let mut v = crate::ops::status(&store, now)?;
+            let lease_ms = shared::lease_secs(cli.config.as_deref())? * 1000;
+            crate::ops::shared::add_to_status(&store, &mut v, lease_ms)?;
+            emit(&report, &v, crate::ops::status_text)
         }
         Command::Jobs {
             company,
@@ -306,6 +305,11 @@ fn dispatch(mut cli: Cli) -> anyhow::Result<()> {
             json,
         } => replay::simulate(seed, seeds, write, json),
         Command::Demo => crate::demo::run(cli.db.clone()),
-        Command::Bench { smoke, json, only } => crate::bench::run(smoke, json, &only),
+        Command::Bench {
+            smoke,
+            json,
+            only,
+            postgres,
+        } => crate::bench::run(smoke, json, &only, postgres.as_deref()),
     }
 }

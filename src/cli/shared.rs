@@ -31,7 +31,10 @@ pub(super) fn open_db(
         .get()
         .and_then(|c| c.as_deref());
     if let Some(target) = url_target(db, file)? {
-        return Ok(Store::open_pg(&target)?);
+        return Ok(match how {
+            Open::Migrate => Store::open_pg(&target)?,
+            Open::Connect | Open::ReadOnly => Store::connect_pg(&target)?,
+        });
     }
     Ok(match how {
         Open::Migrate => Store::open(db)?,
@@ -76,6 +79,18 @@ pub(super) fn migrate(target: &PgTarget, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `company_lease_secs` as the service reads it (30 by default).
+pub(super) fn lease_secs(file: Option<&std::path::Path>) -> anyhow::Result<i64> {
+    match setting(file, "company_lease_secs") {
+        None => Ok(30),
+        Some(v) => Ok(v.trim().parse().map_err(|_| {
+            UsageError(format!(
+                "company_lease_secs: expected whole seconds, got {v:?}"
+            ))
+        })?),
+    }
+}
+
 pub(super) fn instances(file: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
     let Some(target) = pg_target(file)? else {
         return Err(UsageError(format!(
@@ -84,14 +99,7 @@ pub(super) fn instances(file: Option<&std::path::Path>, json: bool) -> anyhow::R
         ))
         .into());
     };
-    let lease_secs: i64 = match setting(file, "company_lease_secs") {
-        None => 30,
-        Some(v) => v.trim().parse().map_err(|_| {
-            UsageError(format!(
-                "company_lease_secs: expected whole seconds, got {v:?}"
-            ))
-        })?,
-    };
+    let lease_secs = lease_secs(file)?;
     let mut store = target.connect()?;
     let migrated = store
         .client()

@@ -90,7 +90,7 @@ pub(super) fn at_most(key: &str, n: u32, max: u32) -> Result<u32, ConfigError> {
 
 impl super::Config {
     /// The store `db` names: the SQLite file (created and migrated), or the PostgreSQL
-    /// database (migrated), fenced with the running service's leases when it has them.
+    /// database, fenced with the running service's leases when it has them.
     pub fn open_store(&self) -> anyhow::Result<crate::store::Store> {
         if !SharedDb::is_postgres(&self.db) {
             return Ok(crate::store::Store::open(&self.db)?);
@@ -106,7 +106,8 @@ impl super::Config {
             )
         })?;
         let target = PgTarget::parse(&self.db.to_string_lossy(), password)?;
-        let mut store = crate::store::Store::open_pg(&target)?;
+        // Connected only: the service migrates when it joins, an operator with `migrate`.
+        let mut store = crate::store::Store::connect_pg(&target)?;
         if let Some(view) = &self.shared_db.fence {
             store.set_fence(view.clone());
         }

@@ -100,6 +100,7 @@ impl Admin {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        crate::ops::shared::metrics(&store, &mut o);
         drop(store);
         for (name, kind, help) in [
             (

@@ -150,28 +150,34 @@ pub fn doctor(store: &Store, db: &Path, now: Millis, s: &Settings) -> anyhow::Re
     if held.is_empty() {
         check("deadlines", "ok", "no job in hand".into());
     }
+    // A shared database: instances are known by their heartbeats, on whatever host.
+    let shared = crate::ops::shared::doctor_check(store, s.lease_ms)?;
     let running: Vec<u32> = store
         .instances()?
         .into_iter()
         .filter(|p| is_jobmirror_process(*p))
         .collect();
-    match (held.len(), running.is_empty()) {
-        (0, _) => check("service", "ok", service_detail(&running)),
-        (n, true) if s.before_start => check(
-            "service",
-            "ok",
-            format!(
-                "{n} jobs in hand and no service running yet (--before-start): the service resumes them at its start, without `started`"
+    if let Some((level, detail)) = shared {
+        check("leases", level, detail);
+    } else {
+        match (held.len(), running.is_empty()) {
+            (0, _) => check("service", "ok", service_detail(&running)),
+            (n, true) if s.before_start => check(
+                "service",
+                "ok",
+                format!(
+                    "{n} jobs in hand and no service running yet (--before-start): the service resumes them at its start, without `started`"
+                ),
             ),
-        ),
-        (n, true) => check(
-            "service",
-            "fail",
-            format!(
-                "{n} jobs in hand and no service running on this database: their deadlines pass unattended"
+            (n, true) => check(
+                "service",
+                "fail",
+                format!(
+                    "{n} jobs in hand and no service running on this database: their deadlines pass unattended"
+                ),
             ),
-        ),
-        (_, false) => check("service", "ok", service_detail(&running)),
+            (_, false) => check("service", "ok", service_detail(&running)),
+        }
     }
     for j in held {
         let l = now.until(j.expires_at);

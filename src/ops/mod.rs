@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod doctor;
+pub mod shared;
 pub mod why;
 
 use std::path::Path;
@@ -32,6 +33,8 @@ pub struct Settings {
     pub companies: Option<Vec<String>>,
     /// `doctor --before-start`: the service is not expected to run on the file yet.
     pub before_start: bool,
+    /// `company_lease_secs` in milliseconds (a shared PostgreSQL database).
+    pub lease_ms: i64,
 }
 
 impl Settings {
@@ -42,6 +45,7 @@ impl Settings {
             deadline_warning_ms: cfg.deadline_warning.as_millis() as i64,
             companies: companies_known.then(|| cfg.company_ids.clone()),
             before_start: false,
+            lease_ms: cfg.shared_db.company_lease_secs as i64 * 1000,
         }
     }
 }
@@ -110,7 +114,7 @@ pub fn reauthorizations(
 }
 
 pub fn status_text(v: &Value) -> String {
-    let mut out = String::new();
+    let mut out = shared::text(v);
     let companies = v["companies"].as_array().cloned().unwrap_or_default();
     if companies.is_empty() {
         return "no companies in the database yet\n".into();

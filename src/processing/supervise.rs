@@ -158,6 +158,24 @@ impl HandlerStage {
                 self.count_time(store, job, &mut run, false)?;
                 return Err(Pause::Stopping);
             }
+            // A shared database: a lease lost (this process was paused past it) stops the run;
+            // the company's new holder resumes the job.
+            if store
+                .fence()
+                .is_some_and(|v| v.may_act(&job.company_id).is_none())
+            {
+                running.kill();
+                self.drain_to_end(store, job, &mut running, &mut run, AFTER_KILL)?;
+                self.count_time(store, job, &mut run, false)?;
+                log::warn!(
+                    "job {}: this instance lost company {}'s lease; handler stopped",
+                    job.id,
+                    job.company_id
+                );
+                return Err(Pause::Store(crate::store::StoreError::LeaseLost(
+                    job.company_id.clone(),
+                )));
+            }
             let now = self.clock.now();
             // Limits first: the job must not expire silently. Its deadline is Pleo's, so it is
             // measured on Pleo's clock (a host clock that is off never ends a job early).

@@ -143,6 +143,7 @@ impl Service {
         let (shutdown_tx, shutdown_rx) = bounded::<()>(0);
         let (trigger_tx, trigger_rx) = bounded::<()>(1);
         let (nudge_tx, nudge_rx) = bounded::<()>(1);
+        let listener = shared::listen(cfg, nudge_tx.clone(), shutdown_rx.clone())?;
         let (done_tx, done_rx) = bounded::<String>(64);
         let Workers {
             mirror,
@@ -340,6 +341,9 @@ impl Service {
             metrics.clone(),
         )?));
         let _ = gate.0.set(companies.clone());
+        if let Some(f) = listener {
+            spawn("jm-listen".into(), f)?;
+        }
         if let Some(l) = leases {
             let (c, sd) = (companies.clone(), shutdown_rx.clone());
             spawn("jm-leases".into(), Box::new(move || shared::run(l, c, sd)))?;

@@ -12,6 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use postgres::fallible_iterator::FallibleIterator;
+
 use crate::config::{Config, SharedDb};
 use crate::store::pg::keeper::{LeaseClock, LeaseKeeper, system_mono};
 use crate::store::pg::leases::{Instance, LeaseError};
@@ -43,6 +45,13 @@ pub fn target(cfg: &Config) -> anyhow::Result<PgTarget> {
 /// instance's leases ([`Config::open_store`]).
 pub fn open(cfg: &Config, how: Open) -> anyhow::Result<Store> {
     if SharedDb::is_postgres(&cfg.db) {
+        if how == Open::Migrate {
+            let mut store = Store::open_pg(&target(cfg)?)?;
+            if let Some(view) = &cfg.shared_db.fence {
+                store.set_fence(view.clone());
+            }
+            return Ok(store);
+        }
         return cfg.open_store();
     }
     Ok(match how {
@@ -117,7 +126,7 @@ pub fn join(base: &Config, merged: &Config) -> anyhow::Result<Option<(Config, Le
     let mut leases = Leases {
         keeper,
         store,
-        rows: Store::open_pg(&target)?,
+        rows: Store::connect_pg(&target)?,
         base: base.clone(),
     };
     let give_up = crate::clock::monotonic() + Duration::from_millis(2 * lease_ms as u64);
@@ -154,10 +163,21 @@ pub fn run(
     companies: Arc<std::sync::Mutex<crate::service::reload::Companies>>,
     shutdown: crossbeam_channel::Receiver<()>,
 ) {
-    let every = Duration::from_millis(leases.keeper.round_every_ms() as u64);
+    let every = leases.keeper.round_every_ms();
     let view = leases.keeper.view();
     let mut failing = false;
-    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = shutdown.recv_timeout(every) {
+    loop {
+        // A round every third of the lease, counted from when the last one began (the first
+        // from the join, however long the start took since).
+        let since = leases
+            .keeper
+            .last_round_ms()
+            .map_or(every, |t| leases.keeper.mono_now() - t);
+        let wait = Duration::from_millis((every - since).clamp(0, every) as u64);
+        match shutdown.recv_timeout(wait) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            _ => break,
+        }
         let before = view.generation();
         match leases.round() {
             Ok(()) => failing = false,
@@ -182,4 +202,65 @@ pub fn run(
             log::warn!("could not release the company leases (they lapse by themselves): {e}")
         }
     }
+}
+
+/// The `jm-listen` thread (a shared PostgreSQL database): `LISTEN jobmirror_webhook`, so a
+/// delivery another instance stored (behind a load balancer any instance may take one) for a
+/// company this one holds wakes its sync thread at once, as its own receiver's would. Polling
+/// stays the safety net: a lost connection is logged and made again a second later.
+pub fn listen(
+    cfg: &Config,
+    nudge: crossbeam_channel::Sender<()>,
+    shutdown: crossbeam_channel::Receiver<()>,
+) -> anyhow::Result<Option<Box<dyn FnOnce() + Send>>> {
+    let Some(view) = cfg.shared_db.fence.clone() else {
+        return Ok(None);
+    };
+    let target = target(cfg)?;
+    Ok(Some(Box::new(move || {
+        let mut failing = false;
+        loop {
+            let session = target.connect().and_then(|mut s| {
+                s.client().batch_execute("LISTEN jobmirror_webhook")?;
+                Ok(s)
+            });
+            let mut s = match session {
+                Ok(s) => {
+                    failing = false;
+                    s
+                }
+                Err(e) => {
+                    if !failing {
+                        log::warn!("LISTEN jobmirror_webhook: {e}; polls still find every job");
+                    }
+                    failing = true;
+                    match shutdown.recv_timeout(Duration::from_secs(1)) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                        _ => return,
+                    }
+                }
+            };
+            loop {
+                match shutdown.try_recv() {
+                    Err(crossbeam_channel::TryRecvError::Empty) => {}
+                    _ => return,
+                }
+                let mut notes = s.client().notifications();
+                let next = notes.timeout_iter(Duration::from_millis(250)).next();
+                match next {
+                    Ok(Some(n)) => {
+                        let company = n.payload();
+                        if company.is_empty() || view.may_act(company).is_some() {
+                            let _ = nudge.try_send(());
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        log::warn!("LISTEN jobmirror_webhook lost: {e}; connecting again");
+                        break;
+                    }
+                }
+            }
+        }
+    })))
 }

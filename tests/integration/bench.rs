@@ -62,3 +62,43 @@ fn the_benchmark_refuses_an_unknown_section_before_measuring_anything() {
     // Nothing was started: no figure was printed.
     assert!(!String::from_utf8_lossy(&out.stdout).contains("acks/s"));
 }
+
+/// The "shared" section on a real PostgreSQL: three instances against one on SQLite, and a
+/// takeover after kill -9, reported (smoke sizes).
+#[test]
+fn the_shared_section_runs_three_instances_on_postgres_against_one_on_sqlite() {
+    let Some(db) = crate::postgres::database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    succeeds(
+        Command::new(env!("CARGO_BIN_EXE_jobmirror"))
+            .args([
+                "bench",
+                "--smoke",
+                "--only",
+                "shared",
+                "--postgres",
+                &db.url,
+                "--json",
+            ])
+            .arg(&json)
+            .env("PGPASSWORD", crate::postgres::PASSWORD),
+    );
+    let figures = jobmirror::bench::read_summary(&json).unwrap();
+    for want in [
+        "reaction, 3 x PostgreSQL p50",
+        "reaction, 3 x PostgreSQL p99",
+        "batch jobs/s, 3 x PostgreSQL",
+        "API requests a job, 3 x PostgreSQL",
+        "takeover after kill -9",
+    ] {
+        let f = figures
+            .iter()
+            .find(|f| f["name"].as_str().unwrap().starts_with(want))
+            .unwrap_or_else(|| panic!("{want} missing"));
+        let v = f["value"].as_f64().unwrap();
+        assert!(v.is_finite() && v > 0.0, "{f}");
+    }
+}

@@ -68,10 +68,14 @@ fn three_instances_on_postgres_share_thirty_companies_and_do_each_job_once() {
         let env = shared_env(&db, name, &pw);
         running.push(instance(dir.path(), name, &fake, &companies, &env));
     }
-    assert!(
-        finished(&fake, 30, Duration::from_secs(90)),
-        "not every job finished"
-    );
+    if !finished(&fake, 30, Duration::from_secs(90)) {
+        let logs: Vec<String> = running
+            .iter()
+            .flat_map(|(_, rx)| rx.try_iter().collect::<Vec<_>>())
+            .filter(|l| !l.contains("[INFO] claimed") && !l.contains("handler started"))
+            .collect();
+        panic!("not every job finished:\n{}", logs.join("\n"));
+    }
     for i in 0..30 {
         let id = format!("job-{i:02}");
         assert_eq!(fake.started_events_for(&id), 1, "{id}: started once");
@@ -111,6 +115,76 @@ fn three_instances_on_postgres_share_thirty_companies_and_do_each_job_once() {
         .unwrap()[0]
         .get::<_, i64>(0);
     assert_eq!(lease_events, 30, "one claim per job");
+    // Operators see the three in `status`, `doctor` and `/metrics`.
+    let op = |args: &[&str]| {
+        let out = crate::cli::cmd()
+            .args(args)
+            .env("JOBMIRROR_DB", &db.url)
+            .env("JOBMIRROR_DB_PASSWORD_FILE", &db.password_file)
+            .env("JOBMIRROR_COMPANY_LEASE_SECS", "3")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = op(&["status", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let alive = v["shared"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "alive")
+        .count();
+    assert_eq!(alive, 3, "{}", v["shared"]);
+    assert_eq!(
+        v["shared"]["companies_without_holder"],
+        serde_json::json!([])
+    );
+    let (_, text) = op(&["status"]);
+    assert!(
+        text.contains("companies without a live holder: 0"),
+        "{text}"
+    );
+    let (code, text) = op(&["doctor", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let leases = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "leases")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(leases["level"], "ok", "{text} (exit {code:?})");
+    let admin = running
+        .iter()
+        .flat_map(|(_, rx)| rx.try_iter().collect::<Vec<_>>())
+        .find_map(|l| {
+            l.split("admin listener on http://")
+                .nth(1)
+                .map(|a| a.split_whitespace().next().unwrap().to_owned())
+        })
+        .expect("an admin address in the logs");
+    let metrics = ureq::get(format!("http://{admin}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(metrics.contains("jobmirror_instances_live 3"), "{metrics}");
+    assert!(
+        metrics.contains("jobmirror_companies_without_holder 0"),
+        "{metrics}"
+    );
+    let held: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("jobmirror_company_leases_held "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((9..=11).contains(&held), "{held}");
     // A graceful stop releases at once: after SIGTERM of all three nothing is held.
     for (mut r, _rx) in running {
         let child = r.0.take().unwrap();
@@ -127,6 +201,16 @@ fn three_instances_on_postgres_share_thirty_companies_and_do_each_job_once() {
         .unwrap()
         .get(0);
     assert_eq!(held, 0, "every lease released by the stops");
+    // Thirty companies wanted and no holder: `doctor` fails and `instances` says so (exit 1).
+    let (code, text) = op(&["doctor"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("30 companies have no live holder"), "{text}");
+    let (code, text) = op(&["instances"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("companies no live instance holds: 30"),
+        "{text}"
+    );
 }
 
 /// A handler that takes `secs` an item and notes every item it is given (entry id and pid).
@@ -296,4 +380,240 @@ fn kill_9_of_an_instance_with_a_job_in_hand_moves_its_companies_and_resumes_with
     let twice = times.values().filter(|n| **n > 1).count();
     eprintln!("{job}: {twice} item(s) handed to a handler twice (in hand at the kill)");
     assert!(twice <= 1, "{job}: {times:?}");
+}
+
+/// Waits (bounded, polling the database every 50 ms) until `sql` answers a count of at least
+/// `n`.
+fn wait_count(s: &mut jobmirror::store::pg::PgStore, sql: &str, n: i64, within: Duration) -> i64 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let got: i64 = s.client().query_one(sql, &[]).map_or(0, |r| r.get(0));
+        if got >= n || std::time::Instant::now() >= deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal_pid(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn an_instance_stopped_past_its_lease_sends_nothing_for_what_it_lost_and_takes_a_share_again() {
+    let Some(db) = database() else { return };
+    if std::process::Command::new("python3")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        return;
+    }
+    let fake = crate::reliability::real_time_fake();
+    let companies: Vec<String> = (10..16).map(company).collect();
+    for (i, c) in companies.iter().enumerate() {
+        fake.add_job(JobSpec {
+            id: Some(format!("stop-{i}")),
+            company_id: c.clone(),
+            created_secs_ago: Some(600),
+            items: Some(12),
+            ..JobSpec::default()
+        })
+        .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let handler = slow_handler(dir.path(), 0.25);
+    let mut s = db.connect();
+    s.migrate().unwrap();
+    let pw = db.password_file.to_string_lossy().into_owned();
+    let mut running = std::collections::BTreeMap::new();
+    for name in ["a", "b", "c"] {
+        let mut env = shared_env(&db, name, &pw);
+        env.push(("JOBMIRROR_HANDLER_COMMAND", handler.as_str()));
+        running.insert(name, instance(dir.path(), name, &fake, &companies, &env));
+    }
+    // A job under way: SIGSTOP its holder for three leases.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (victim, job, company) = loop {
+        assert!(std::time::Instant::now() < deadline, "no job got under way");
+        let row = s
+            .client()
+            .query_opt(
+                "SELECT j.id, j.company_id, l.holder FROM export_jobs j
+                   JOIN company_leases l ON l.company_id = j.company_id
+                  WHERE j.proc_state = 'processing'
+                    AND (SELECT count(*) FROM job_items i
+                          WHERE i.job_id = j.id AND i.handled_at IS NOT NULL) BETWEEN 1 AND 6
+                  LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        if let Some(r) = row {
+            break (
+                r.get::<_, String>(2),
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let pid = running[victim.as_str()].0.0.as_ref().unwrap().id();
+    signal_pid(pid, "STOP");
+    // The others take the stopped one's companies and finish its job.
+    let done_by_others = finished(&fake, 6, Duration::from_secs(90));
+    assert!(
+        done_by_others,
+        "the others did not finish every job while {victim} was stopped"
+    );
+    let moved: String = s
+        .client()
+        .query_one(
+            "SELECT holder FROM company_leases WHERE company_id = $1",
+            &[&company],
+        )
+        .unwrap()
+        .get(0);
+    assert_ne!(moved, victim, "{company} moved while {victim} was stopped");
+    // Woken: from now on, nothing may be sent for the job it lost (its new holder finished it),
+    // and its handler run for that job is stopped.
+    let mark = fake.requests().len();
+    signal_pid(pid, "CONT");
+    let mut seen = Vec::new();
+    crate::cli::wait_for(
+        &running[victim.as_str()].1,
+        &format!(
+            "company {company}: this instance no longer holds its lease; nothing is sent for it"
+        ),
+        &mut seen,
+    );
+    let rejoined = wait_count(
+        &mut s,
+        &format!(
+            "SELECT count(*) FROM company_leases WHERE holder = '{victim}' AND expires_at > jm_now_ms()"
+        ),
+        2,
+        Duration::from_secs(20),
+    );
+    assert_eq!(rejoined, 2, "{victim} took its fair share again (2 of 6)");
+    let after: Vec<_> = fake
+        .requests_since(mark)
+        .into_iter()
+        .filter(|r| r.method != "GET" && (r.body.contains(&job) || r.path.contains(&job)))
+        .collect();
+    assert!(
+        after.is_empty(),
+        "{victim} sent for {job} after waking: {after:?}"
+    );
+    for i in 0..6 {
+        let id = format!("stop-{i}");
+        assert_eq!(fake.started_events_for(&id), 1, "{id}: started once");
+        assert_eq!(final_events_for(&fake, &id), 1, "{id}: finished once");
+        let mut per_item = std::collections::HashMap::new();
+        for (entry, status) in fake.item_updates(&id) {
+            *per_item.entry((entry, status)).or_insert(0) += 1;
+        }
+        assert!(
+            per_item.values().all(|n| *n == 1),
+            "{id}: an item reported twice"
+        );
+    }
+}
+
+#[test]
+fn a_fourth_instance_takes_its_share_within_two_leases_without_moving_a_job_in_hand() {
+    let Some(db) = database() else { return };
+    if std::process::Command::new("python3")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        return;
+    }
+    let fake = crate::reliability::real_time_fake();
+    let companies: Vec<String> = (20..32).map(company).collect();
+    for (i, c) in companies.iter().enumerate() {
+        fake.add_job(JobSpec {
+            id: Some(format!("join-{i}")),
+            company_id: c.clone(),
+            created_secs_ago: Some(600),
+            items: Some(16),
+            ..JobSpec::default()
+        })
+        .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let handler = slow_handler(dir.path(), 0.2);
+    let mut s = db.connect();
+    s.migrate().unwrap();
+    let pw = db.password_file.to_string_lossy().into_owned();
+    let mut running = Vec::new();
+    for name in ["a", "b", "c"] {
+        let mut env = shared_env(&db, name, &pw);
+        env.push(("JOBMIRROR_HANDLER_COMMAND", handler.as_str()));
+        running.push(instance(dir.path(), name, &fake, &companies, &env));
+    }
+    // Jobs in hand on the three, then a fourth joins.
+    let in_hand = wait_count(
+        &mut s,
+        "SELECT count(*) FROM export_jobs WHERE proc_state = 'processing'",
+        3,
+        Duration::from_secs(60),
+    );
+    assert!(in_hand >= 3, "{in_hand} jobs in hand");
+    let joined_at: i64 = s
+        .client()
+        .query_one("SELECT jm_now_ms()", &[])
+        .unwrap()
+        .get(0);
+    let mut env = shared_env(&db, "d", &pw);
+    env.push(("JOBMIRROR_HANDLER_COMMAND", handler.as_str()));
+    running.push(instance(dir.path(), "d", &fake, &companies, &env));
+    let share = wait_count(
+        &mut s,
+        "SELECT count(*) FROM company_leases WHERE holder = 'd' AND expires_at > jm_now_ms()",
+        2,
+        Duration::from_secs(20),
+    );
+    let got_at: i64 = s
+        .client()
+        .query_one("SELECT jm_now_ms()", &[])
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "d holds {share} companies {} ms after joining",
+        got_at - joined_at
+    );
+    assert!(share >= 2, "d holds {share}");
+    assert!(
+        got_at - joined_at <= 2 * 3_000 + 2_000,
+        "d got its share after {} ms",
+        got_at - joined_at
+    );
+    assert!(
+        finished(&fake, 12, Duration::from_secs(120)),
+        "not every job finished"
+    );
+    // No company changed holder between its job's claim and its final event.
+    let moved: i64 = s
+        .client()
+        .query_one(
+            "SELECT count(*) FROM job_events c
+               JOIN job_events f ON f.job_id = c.job_id AND f.kind = 'finish_sent'
+               JOIN job_events l ON l.company_id = c.company_id AND l.kind = 'lease_taken'
+              WHERE c.kind = 'claim_sent' AND l.seq > c.seq AND l.seq < f.seq",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(moved, 0, "a company moved while its job was in hand");
+    for i in 0..12 {
+        let id = format!("join-{i}");
+        assert_eq!(fake.started_events_for(&id), 1, "{id}: started once");
+        assert_eq!(final_events_for(&fake, &id), 1, "{id}: finished once");
+    }
 }

@@ -18,9 +18,11 @@ use crate::clock::{Millis, SharedClock};
 /// This process's monotonic clock in milliseconds (a test passes one it controls).
 pub type Mono = Arc<dyn Fn() -> i64 + Send + Sync>;
 
-/// The real monotonic clock (CLOCK_MONOTONIC: it runs on while the process is stopped).
+/// The real monotonic clock (CLOCK_MONOTONIC: it runs on while the process is stopped), in
+/// milliseconds since this clock was made.
 pub fn system_mono() -> Mono {
-    Arc::new(|| crate::clock::monotonic().elapsed().as_millis() as i64)
+    let start = crate::clock::monotonic();
+    Arc::new(move || start.elapsed().as_millis() as i64)
 }
 
 /// How a round reads "now" for the leases: the database's clock, or (tests) an injected one.
@@ -33,6 +35,8 @@ pub enum LeaseClock {
 /// and the store's fence and the lanes (which read it): company, epoch and local deadline.
 pub struct LeaseView {
     pub instance: String,
+    /// `company_lease_secs`, in milliseconds.
+    pub lease_ms: i64,
     mono: Mono,
     held: std::sync::Mutex<BTreeMap<String, (i64, i64)>>,
     /// Bumped whenever the set of companies held changes.
@@ -46,9 +50,10 @@ impl std::fmt::Debug for LeaseView {
 }
 
 impl LeaseView {
-    pub fn new(instance: &str, mono: Mono) -> LeaseView {
+    pub fn new(instance: &str, lease_ms: i64, mono: Mono) -> LeaseView {
         LeaseView {
             instance: instance.to_owned(),
+            lease_ms,
             mono,
             held: Default::default(),
             generation: Default::default(),
@@ -98,16 +103,18 @@ pub struct LeaseKeeper {
     lease_ms: i64,
     clock: LeaseClock,
     view: Arc<LeaseView>,
+    last_round: Option<i64>,
 }
 
 impl LeaseKeeper {
     pub fn new(me: Instance, lease_ms: i64, clock: LeaseClock, mono: Mono) -> LeaseKeeper {
-        let view = Arc::new(LeaseView::new(&me.name, mono));
+        let view = Arc::new(LeaseView::new(&me.name, lease_ms, mono));
         LeaseKeeper {
             me,
             lease_ms,
             clock,
             view,
+            last_round: None,
         }
     }
 
@@ -119,6 +126,16 @@ impl LeaseKeeper {
     /// How often rounds run: a third of the lease, so two rounds can fail before it lapses.
     pub fn round_every_ms(&self) -> i64 {
         (self.lease_ms / 3).max(1)
+    }
+
+    /// When the last round began, on the keeper's monotonic clock (None: none yet).
+    pub fn last_round_ms(&self) -> Option<i64> {
+        self.last_round
+    }
+
+    /// This keeper's monotonic clock now.
+    pub fn mono_now(&self) -> i64 {
+        (self.view.mono)()
     }
 
     /// The part of the lease the keeper trusts locally: a fifth less (at least 1 ms less).
@@ -141,6 +158,7 @@ impl LeaseKeeper {
         companies: &[String],
     ) -> std::result::Result<Round, LeaseError> {
         let before = (self.view.mono)();
+        self.last_round = Some(before);
         let outcome = self
             .now(store)
             .map_err(LeaseError::from)

@@ -324,48 +324,56 @@ impl PgStore {
 
     /// Every instance that used this database, newest heartbeat first.
     pub fn instances(&mut self, now: Millis) -> Result<Vec<InstanceRow>> {
-        Ok(self
-            .client()
-            .query(
-                "SELECT i.name, i.host, i.pid, i.version, i.heartbeat_at,
-                        i.stopped_at IS NULL AND i.expires_at > $1, i.stopped_at IS NOT NULL,
-                        (SELECT count(*) FROM company_leases l
-                          WHERE l.holder = i.name AND l.expires_at > $1)
-                   FROM instances i ORDER BY i.heartbeat_at DESC, i.name",
-                &[&now.0],
-            )?
-            .iter()
-            .map(|r| InstanceRow {
-                name: r.get(0),
-                host: r.get(1),
-                pid: r.get(2),
-                version: r.get(3),
-                heartbeat_at: Millis(r.get(4)),
-                alive: r.get(5),
-                stopped: r.get(6),
-                leases: r.get(7),
-            })
-            .collect())
+        instances_on(self.client(), now)
     }
 
     /// Companies a live instance lists as served (within two leases of `now`) that no live
     /// instance holds: each one's exports have stopped until a holder takes it.
     pub fn unheld(&mut self, now: Millis, lease_ms: i64) -> Result<Vec<String>> {
-        Ok(self
-            .client()
-            .query(
-                "SELECT company_id FROM company_leases
-                  WHERE wanted_at > $1::bigint - 2 * $2::bigint
-                    AND (holder IS NULL OR expires_at <= $1
-                         OR holder NOT IN (SELECT name FROM instances
-                                            WHERE stopped_at IS NULL AND expires_at > $1))
-                  ORDER BY company_id",
-                &[&now.0, &lease_ms],
-            )?
-            .iter()
-            .map(|r| r.get(0))
-            .collect())
+        unheld_on(self.client(), now, lease_ms)
     }
+}
+
+/// [`PgStore::instances`] on any connection.
+pub fn instances_on(client: &mut postgres::Client, now: Millis) -> Result<Vec<InstanceRow>> {
+    Ok(client
+        .query(
+            "SELECT i.name, i.host, i.pid, i.version, i.heartbeat_at,
+                    i.stopped_at IS NULL AND i.expires_at > $1, i.stopped_at IS NOT NULL,
+                    (SELECT count(*) FROM company_leases l
+                      WHERE l.holder = i.name AND l.expires_at > $1)
+               FROM instances i ORDER BY i.heartbeat_at DESC, i.name",
+            &[&now.0],
+        )?
+        .iter()
+        .map(|r| InstanceRow {
+            name: r.get(0),
+            host: r.get(1),
+            pid: r.get(2),
+            version: r.get(3),
+            heartbeat_at: Millis(r.get(4)),
+            alive: r.get(5),
+            stopped: r.get(6),
+            leases: r.get(7),
+        })
+        .collect())
+}
+
+/// [`PgStore::unheld`] on any connection.
+pub fn unheld_on(client: &mut postgres::Client, now: Millis, lease_ms: i64) -> Result<Vec<String>> {
+    Ok(client
+        .query(
+            "SELECT company_id FROM company_leases
+              WHERE wanted_at > $1::bigint - 2 * $2::bigint
+                AND (holder IS NULL OR expires_at <= $1
+                     OR holder NOT IN (SELECT name FROM instances
+                                        WHERE stopped_at IS NULL AND expires_at > $1))
+              ORDER BY company_id",
+            &[&now.0, &lease_ms],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// Records `me`'s heartbeat. A live row under the same name from another incarnation refuses

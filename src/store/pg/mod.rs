@@ -210,15 +210,21 @@ impl super::Store {
     /// written against [`super::sql::Db`] run on it; the rest answer
     /// [`super::StoreError::SqliteOnly`] until they are.
     pub fn open_pg(target: &PgTarget) -> Result<super::Store, super::StoreError> {
+        let mut store = super::Store::connect_pg(target)?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// As [`super::Store::open_pg`] without applying migrations (the service migrated when it
+    /// joined; an operator runs `jobmirror migrate`).
+    pub fn connect_pg(target: &PgTarget) -> Result<super::Store, super::StoreError> {
         let client = target
             .config
             .connect(postgres::NoTls)
             .map_err(|e| super::StoreError::Migrate(format!("PostgreSQL {target}: {e}")))?;
-        let mut store = super::Store {
+        Ok(super::Store {
             db: super::sql::Db::Pg(Box::new(super::sql::PgConn::new(client))),
-        };
-        store.migrate()?;
-        Ok(store)
+        })
     }
 }
 
@@ -255,5 +261,44 @@ impl super::Store {
             &[&company, &view.instance, &epoch],
         )?;
         held.map(|_| ()).ok_or_else(lost)
+    }
+}
+
+/// The instances sharing a database and the companies none holds, as operators read them.
+#[derive(Clone, Debug)]
+pub struct SharedReport {
+    /// The database server's clock.
+    pub now: crate::clock::Millis,
+    pub instances: Vec<leases::InstanceRow>,
+    pub unheld: Vec<String>,
+    /// This process's instance, when it is the service.
+    pub me: Option<String>,
+}
+
+impl super::Store {
+    /// On a PostgreSQL database: its instances and the companies without a live holder (with
+    /// leases of `lease_ms`). None on SQLite, or before `migrate` made the lease tables.
+    pub fn shared_report(&self, lease_ms: i64) -> Result<Option<SharedReport>, super::StoreError> {
+        let super::sql::Db::Pg(c) = &self.db else {
+            return Ok(None);
+        };
+        let mut client = c.client();
+        let migrated: bool = client
+            .query_one("SELECT to_regclass('company_leases') IS NOT NULL", &[])?
+            .get(0);
+        if !migrated {
+            return Ok(None);
+        }
+        let now = crate::clock::Millis(client.query_one("SELECT jm_now_ms()", &[])?.get(0));
+        let map = |e: PgError| match e {
+            PgError::Sql(e) => super::StoreError::Pg(e),
+            other => super::StoreError::Migrate(other.to_string()),
+        };
+        Ok(Some(SharedReport {
+            now,
+            instances: leases::instances_on(&mut client, now).map_err(map)?,
+            unheld: leases::unheld_on(&mut client, now, lease_ms).map_err(map)?,
+            me: c.fence.as_ref().map(|f| f.instance.clone()),
+        }))
     }
 }

@@ -13,7 +13,7 @@ pub const KEYS: &[(&str, Option<&str>, &str)] = &[
     (
         "db",
         Some("jobmirror.db"),
-        "SQLite database file (created with mode 0600 by `run` or `migrate` only; the other commands that use it refuse a missing one, exit 2). The shipped `contrib/jobmirror.toml` sets `/var/lib/jobmirror/jobmirror.db`. A `postgresql://user@host:port/dbname` URL (libpq's form, no password in it: see `db_password_file`) names a PostgreSQL database several instances share: today `migrate` and `instances` use it; the service itself does not run on it yet (see [several machines](several-machines.md))",
+        "SQLite database file (created with mode 0600 by `run` or `migrate` only; the other commands that use it refuse a missing one, exit 2). The shipped `contrib/jobmirror.toml` sets `/var/lib/jobmirror/jobmirror.db`. A `postgresql://user@host:port/dbname` URL (libpq's form, no password in it: see `db_password_file`) names a PostgreSQL database several instances share, each serving the companies it holds a lease on (see [several machines](several-machines.md)); `backup` is SQLite's (use `pg_dump` there)",
     ),
     (
         "db_password_file",

@@ -617,3 +617,107 @@ fn a_fourth_instance_takes_its_share_within_two_leases_without_moving_a_job_in_h
         assert_eq!(final_events_for(&fake, &id), 1, "{id}: finished once");
     }
 }
+
+/// Behind a load balancer any instance may take a delivery: one for a company another
+/// instance holds is stored in the shared database, and `NOTIFY` wakes the holder, which
+/// claims the job at once (polls are an hour apart here).
+#[test]
+fn a_webhook_taken_by_one_instance_wakes_the_holder_of_its_company() {
+    let Some(db) = database() else { return };
+    let fake = crate::reliability::real_time_fake();
+    let companies: Vec<String> = (40..44).map(company).collect();
+    let mut s = db.connect();
+    s.migrate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = db.password_file.to_string_lossy().into_owned();
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let mut ports = std::collections::BTreeMap::new();
+    let mut running = Vec::new();
+    for name in ["a", "b"] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut env = shared_env(&db, name, &pw);
+        env.push(("JOBMIRROR_POLL_INTERVAL_SECS", "3600"));
+        env.push(("JOBMIRROR_WEBHOOK_LISTEN", listen.as_str()));
+        env.push(("JOBMIRROR_WEBHOOK_SECRET", secret));
+        let (r, rx) = instance(dir.path(), name, &fake, &companies, &env);
+        let mut seen = Vec::new();
+        crate::cli::wait_for(&rx, "webhook receiver listening", &mut seen);
+        running.push((r, rx));
+        ports.insert(name, port);
+    }
+    // Both hold two companies; pick one b holds and post its webhook to a.
+    let split = wait_count(
+        &mut s,
+        "SELECT count(*) FROM company_leases WHERE holder = 'b' AND expires_at > jm_now_ms()",
+        2,
+        Duration::from_secs(20),
+    );
+    assert_eq!(split, 2);
+    let target: String = s
+        .client()
+        .query_one(
+            "SELECT company_id FROM company_leases WHERE holder = 'b' ORDER BY company_id LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let job = fake
+        .add_job(JobSpec {
+            id: Some("hook-1".into()),
+            company_id: target.clone(),
+            items: Some(1),
+            ..JobSpec::default()
+        })
+        .unwrap();
+    let body = format!(
+        r#"{{"data":{{"id":"{job}","companyId":"{target}"}},"eventType":"v1.export-job.created","eventId":"evt-hook-1"}}"#
+    );
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let secrets = jobmirror::edge::webhook::Secrets::parse(secret).unwrap();
+    let sig = jobmirror::edge::webhook::sign_with(&secrets, "msg_hook_1", ts, body.as_bytes());
+    let sent = std::time::Instant::now();
+    let status = ureq::post(format!("http://127.0.0.1:{}/webhooks/pleo", ports["a"]))
+        .header("webhook-id", "msg_hook_1")
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", sig)
+        .send(body.as_bytes())
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(status, 200);
+    let started = fake.wait_for_requests(Duration::from_secs(10), |q| {
+        q.iter().any(|r| {
+            r.path == "/v3/export-job-events" && r.body.contains(&job) && r.body.contains("started")
+        })
+    });
+    let took = sent.elapsed();
+    assert!(started, "the holder did not claim {job} after a's delivery");
+    eprintln!(
+        "delivery to a, job claimed by b after {} ms",
+        took.as_millis()
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "{took:?}: a poll, not the wake"
+    );
+    // b claimed it (a never holds b's company), and the delivery is marked handled.
+    let claimed_by_b = s
+        .client()
+        .query_one(
+            "SELECT count(*) FROM job_events e JOIN company_leases l ON l.company_id = e.company_id
+              WHERE e.job_id = $1 AND e.kind = 'claim_sent' AND l.holder = 'b'",
+            &[&job],
+        )
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(claimed_by_b, 1);
+    assert_eq!(fake.started_events_for(&job), 1);
+}

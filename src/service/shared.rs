@@ -226,7 +226,14 @@ pub fn listen(
             });
             let mut s = match session {
                 Ok(s) => {
+                    if !failing {
+                        log::info!(
+                            "listening for the deliveries other instances store (LISTEN jobmirror_webhook)"
+                        );
+                    }
                     failing = false;
+                    // Whatever was stored before the LISTEN took hold is looked at once now.
+                    let _ = nudge.try_send(());
                     s
                 }
                 Err(e) => {

@@ -646,7 +646,7 @@ fn a_webhook_taken_by_one_instance_wakes_the_holder_of_its_company() {
         env.push(("JOBMIRROR_WEBHOOK_SECRET", secret));
         let (r, rx) = instance(dir.path(), name, &fake, &companies, &env);
         let mut seen = Vec::new();
-        crate::cli::wait_for(&rx, "webhook receiver listening", &mut seen);
+        crate::cli::wait_for(&rx, "LISTEN jobmirror_webhook", &mut seen);
         running.push((r, rx));
         ports.insert(name, port);
     }

@@ -514,8 +514,8 @@ fn a_graceful_stop_releases_every_lease_at_once_and_a_name_is_never_shared() {
     assert!(!fence(&mut tx, co, "b", *e, now).unwrap());
 }
 
-/// A seeded walk over instance deaths, pauses, joins, graceful stops, jobs taken in hand and
-/// finished, and the clock: after every step no company is served by two instances, a holder's
+/// A seeded walk over instance deaths, pauses, joins, graceful stops, the steps of jobs (claim,
+/// handler run, item report, final event, each fenced) and the clock: after every step no company is served by two instances, a holder's
 /// fence holds while it may act, epochs only grow, and once the walk settles every company is
 /// served and the split is within one of fair.
 #[test]
@@ -534,7 +534,12 @@ fn walk(db: &TestDb, seed: u64) {
     let mut admin = db.connect();
     admin
         .client()
-        .batch_execute("UPDATE company_leases SET holder = NULL, changed_at = 0; DELETE FROM job_items; DELETE FROM export_jobs")
+        .batch_execute(
+            "UPDATE company_leases SET holder = NULL, changed_at = 0; DELETE FROM job_items; \
+             DELETE FROM export_jobs; CREATE TABLE IF NOT EXISTS walk_steps (company text, \
+             job_no bigint, step bigint, instance text, epoch bigint, \
+             PRIMARY KEY (company, job_no, step))",
+        )
         .unwrap();
     let clock = ManualClock::new(Millis(100_000_000 * (seed as i64 + 1)));
     let list = companies(24);
@@ -549,8 +554,8 @@ fn walk(db: &TestDb, seed: u64) {
     let mut nodes: Vec<(Node, bool, bool)> = Vec::new();
     let mut joined = 0;
     let mut epochs: BTreeMap<String, i64> = BTreeMap::new();
-    let mut jobs = 0;
-    for step in 0..120 {
+    let mut steps = 0;
+    for step in 0..200 {
         match next(10) {
             0 if nodes.iter().filter(|n| n.1).count() < 5 => {
                 joined += 1;
@@ -577,32 +582,25 @@ fn walk(db: &TestDb, seed: u64) {
                     n.1 = false;
                 }
             }
-            4 => {
-                // A holder takes a job in hand for one of its companies (under its fence).
+            4..=6 => {
+                // A holder does the next step of one of its companies' job (claim, handler
+                // run, item report, final event), each under its fence, in one transaction.
+                let pick = next(24) as usize;
+                let awake = nodes.iter().filter(|n| n.1 && !n.2).count().max(1) as u64;
                 if let Some(n) = nodes
                     .iter_mut()
                     .filter(|n| n.1 && !n.2)
-                    .nth(next(5) as usize)
-                    && let Some(co) = n.0.keeper.serving().first().cloned()
+                    .nth(next(awake) as usize)
                 {
-                    let e = n.0.keeper.may_act(&co).unwrap();
-                    let now = clock.now();
-                    let name = n.0.keeper.me.name.clone();
-                    let mut tx = n.0.store.client().transaction().unwrap();
-                    assert!(fence(&mut tx, &co, &name, e, now).unwrap(), "step {step}");
-                    tx.commit().unwrap();
-                    jobs += 1;
-                    put_job_in_hand(&mut admin, &co, &format!("s{seed}-job{jobs}"));
+                    let serving = n.0.keeper.serving();
+                    if !serving.is_empty() {
+                        let co = serving[pick % serving.len()].clone();
+                        let e = n.0.keeper.may_act(&co).unwrap();
+                        let name = n.0.keeper.me.name.clone();
+                        job_step(&mut n.0.store, seed, &co, &name, e, clock.now(), step);
+                        steps += 1;
+                    }
                 }
-            }
-            5 => {
-                admin
-                    .client()
-                    .execute(
-                        "UPDATE export_jobs SET proc_state = 'done' WHERE proc_state = 'processing'",
-                        &[],
-                    )
-                    .unwrap();
             }
             _ => clock.advance(Duration::from_millis(next(LEASE_MS as u64 / 2))),
         }
@@ -657,6 +655,110 @@ fn walk(db: &TestDb, seed: u64) {
     for n in nodes.iter_mut().filter(|n| n.1) {
         n.0.keeper.stop(&mut n.0.store).unwrap();
     }
+    // Every job's steps are contiguous from its claim, each done once (the key), and a job
+    // that changed hands went on at a newer epoch, never back to an older one.
+    let rows = admin
+        .client()
+        .query(
+            "SELECT company, job_no, step, epoch FROM walk_steps
+              WHERE company LIKE $1 ORDER BY company, job_no, step",
+            &[&format!("s{seed}-%")],
+        )
+        .unwrap();
+    let mut last: Option<(String, i64, i64, i64)> = None;
+    for r in &rows {
+        let cur: (String, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        match &last {
+            Some((c, j, st, e)) if *c == cur.0 && *j == cur.1 => {
+                assert_eq!(cur.2, st + 1, "seed {seed}: {cur:?} after step {st}");
+                assert!(
+                    cur.3 >= *e,
+                    "seed {seed}: {cur:?} at an older epoch than {e}"
+                );
+            }
+            _ => assert_eq!(
+                cur.2, 0,
+                "seed {seed}: {cur:?} does not start with its claim"
+            ),
+        }
+        last = Some(cur);
+    }
+    assert!(
+        steps > 0 && !rows.is_empty(),
+        "seed {seed}: no job step was done"
+    );
+    let moved: i64 = admin
+        .client()
+        .query_one(
+            "SELECT count(*) FROM (SELECT company, job_no FROM walk_steps WHERE company LIKE $1
+              GROUP BY company, job_no HAVING count(DISTINCT instance) > 1) m",
+            &[&format!("s{seed}-%")],
+        )
+        .unwrap()
+        .get(0);
+    eprintln!(
+        "seed {seed}: {} job steps, {moved} jobs continued by another instance mid-way",
+        rows.len()
+    );
+}
+
+/// The next step of `company`'s current job, done by `holder` at `epoch`: fenced in the
+/// transaction that records it. Step 0 (the claim) takes the job in hand; step 3 (the final
+/// event) finishes it.
+fn job_step(
+    store: &mut PgStore,
+    seed: u64,
+    company: &str,
+    holder: &str,
+    epoch: i64,
+    now: Millis,
+    at: usize,
+) {
+    let key = format!("s{seed}-{company}");
+    let mut tx = store.client().transaction().unwrap();
+    assert!(
+        fence(&mut tx, company, holder, epoch, now).unwrap(),
+        "walk step {at}: {holder} trusts its lease on {company} but the database disagrees"
+    );
+    let last = tx
+        .query_opt(
+            "SELECT job_no, step FROM walk_steps WHERE company = $1
+              ORDER BY job_no DESC, step DESC LIMIT 1",
+            &[&key],
+        )
+        .unwrap()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
+    let (job, step) = match last {
+        None => (1, 0),
+        Some((j, 3)) => (j + 1, 0),
+        Some((j, s)) => (j, s + 1),
+    };
+    tx.execute(
+        "INSERT INTO walk_steps (company, job_no, step, instance, epoch) VALUES ($1, $2, $3, $4, $5)",
+        &[&key, &job, &step, &holder, &epoch],
+    )
+    .unwrap();
+    let id = format!("{key}-{job}");
+    match step {
+        0 => {
+            tx.execute(
+                "INSERT INTO export_jobs (id, company_id, status, created_at, expires_in, expires_at,
+                     number_of_items, raw_json, first_seen_at, last_seen_at, proc_state, proc_state_at)
+                 VALUES ($1, $2, 'in_progress', 0, 3600, 3600000, 1, '{}', 0, 0, 'processing', 0)",
+                &[&id, &company],
+            )
+            .unwrap();
+        }
+        3 => {
+            tx.execute(
+                "UPDATE export_jobs SET proc_state = 'done', status = 'completed' WHERE id = $1",
+                &[&id],
+            )
+            .unwrap();
+        }
+        _ => {}
+    }
+    tx.commit().unwrap();
 }
 
 fn finish_all(admin: &mut PgStore) {

@@ -335,7 +335,11 @@ async fn accept_loop(
                 .remove(&id);
         });
     }
-    // Stopping: every connection closes once its request in progress (if any) is answered.
+    // Stopping: every connection closes once its request in progress (if any) is answered. One
+    // accepted in the last moments may not have sent its request yet (a client that connected
+    // as a restart in place began): it gets a short grace to start one, so it is answered
+    // instead of reset.
+    const FRESH: Duration = Duration::from_millis(500);
     let all: Vec<Arc<Conn>> = shared
         .conns
         .map
@@ -344,7 +348,23 @@ async fn accept_loop(
         .values()
         .cloned()
         .collect();
-    for c in all {
+    let now = shared.conns.now_ms();
+    let (fresh, settled): (Vec<Arc<Conn>>, Vec<Arc<Conn>>) = all.into_iter().partition(|c| {
+        c.busy.load(Ordering::Relaxed) == 0
+            && now.saturating_sub(c.last_ms.load(Ordering::Relaxed)) < FRESH.as_millis() as u64
+    });
+    for c in settled {
+        c.close.notify_one();
+    }
+    let grace = Instant::now() + FRESH;
+    while Instant::now() < grace
+        && fresh
+            .iter()
+            .any(|c| c.busy.load(Ordering::Relaxed) == 0 && Arc::strong_count(c) > 1)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for c in fresh {
         c.close.notify_one();
     }
     let until = Instant::now() + Duration::from_secs(5);

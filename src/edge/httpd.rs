@@ -110,6 +110,8 @@ struct Conn {
     busy: AtomicUsize,
     /// When it last started or finished a request (ms since the server started).
     last_ms: AtomicU64,
+    /// Requests started on it so far.
+    served: AtomicUsize,
     close: Notify,
 }
 
@@ -151,6 +153,7 @@ struct Busy(Arc<Conn>, Arc<Conns>);
 impl Busy {
     fn new(c: Arc<Conn>, conns: Arc<Conns>) -> Busy {
         c.busy.fetch_add(1, Ordering::SeqCst);
+        c.served.fetch_add(1, Ordering::SeqCst);
         c.last_ms.store(conns.now_ms(), Ordering::SeqCst);
         Busy(c, conns)
     }
@@ -316,6 +319,7 @@ async fn accept_loop(
         let conn = Arc::new(Conn {
             busy: AtomicUsize::new(0),
             last_ms: AtomicU64::new(shared.conns.now_ms()),
+            served: AtomicUsize::new(0),
             close: Notify::new(),
         });
         shared
@@ -336,9 +340,9 @@ async fn accept_loop(
         });
     }
     // Stopping: every connection closes once its request in progress (if any) is answered. One
-    // accepted in the last moments may not have sent its request yet (a client that connected
-    // as a restart in place began): it gets a short grace to start one, so it is answered
-    // instead of reset.
+    // accepted in the last moments that has not sent a request yet (a client that connected as
+    // a restart in place began) gets a short grace to start one, so it is answered instead of
+    // reset; a connection that already had its answers gets none.
     const FRESH: Duration = Duration::from_millis(500);
     let all: Vec<Arc<Conn>> = shared
         .conns
@@ -350,7 +354,7 @@ async fn accept_loop(
         .collect();
     let now = shared.conns.now_ms();
     let (fresh, settled): (Vec<Arc<Conn>>, Vec<Arc<Conn>>) = all.into_iter().partition(|c| {
-        c.busy.load(Ordering::Relaxed) == 0
+        c.served.load(Ordering::Relaxed) == 0
             && now.saturating_sub(c.last_ms.load(Ordering::Relaxed)) < FRESH.as_millis() as u64
     });
     for c in settled {

@@ -46,6 +46,24 @@ fn final_events_for(fake: &FakePleo, job: &str) -> usize {
         .count()
 }
 
+/// `id` was started once and finished once at the fake and, with `items`, each of its items
+/// was reported exactly once.
+fn done_once(fake: &FakePleo, id: &str, items: Option<usize>) {
+    assert_eq!(fake.started_events_for(id), 1, "{id}: started once");
+    assert_eq!(final_events_for(fake, id), 1, "{id}: finished once");
+    if let Some(n) = items {
+        let mut per_item = std::collections::HashMap::new();
+        for (entry, status) in fake.item_updates(id) {
+            *per_item.entry((entry, status)).or_insert(0) += 1;
+        }
+        assert_eq!(per_item.len(), n, "{id}: {per_item:?}");
+        assert!(
+            per_item.values().all(|n| *n == 1),
+            "{id}: an item reported twice"
+        );
+    }
+}
+
 #[test]
 fn three_instances_on_postgres_share_thirty_companies_and_do_each_job_once() {
     let Some(db) = database() else { return };
@@ -78,17 +96,7 @@ fn three_instances_on_postgres_share_thirty_companies_and_do_each_job_once() {
     }
     for i in 0..30 {
         let id = format!("job-{i:02}");
-        assert_eq!(fake.started_events_for(&id), 1, "{id}: started once");
-        assert_eq!(final_events_for(&fake, &id), 1, "{id}: finished once");
-        let mut per_item = std::collections::HashMap::new();
-        for (entry, status) in fake.item_updates(&id) {
-            *per_item.entry((entry, status)).or_insert(0) += 1;
-        }
-        assert_eq!(per_item.len(), 3, "{id}: {per_item:?}");
-        assert!(
-            per_item.values().all(|n| *n == 1),
-            "{id}: an item reported twice"
-        );
+        done_once(&fake, &id, Some(3));
     }
     // The split: every company held by one live instance, each within one of ten.
     let mut s = db.connect();
@@ -347,17 +355,7 @@ fn kill_9_of_an_instance_with_a_job_in_hand_moves_its_companies_and_resumes_with
     assert!(takeover_ms <= 5_000, "takeover after {takeover_ms} ms");
     for i in 0..6 {
         let id = format!("slow-{i}");
-        assert_eq!(fake.started_events_for(&id), 1, "{id}: started once");
-        assert_eq!(final_events_for(&fake, &id), 1, "{id}: finished once");
-        let mut per_item = std::collections::HashMap::new();
-        for (entry, status) in fake.item_updates(&id) {
-            *per_item.entry((entry, status)).or_insert(0) += 1;
-        }
-        assert_eq!(per_item.len(), 12, "{id}");
-        assert!(
-            per_item.values().all(|n| *n == 1),
-            "{id}: an item reported twice"
-        );
+        done_once(&fake, &id, Some(12));
     }
     // The victim's job was resumed by its new holder, without `started`; an item whose result
     // the dead instance had committed was not handed to a handler again (at most the one it
@@ -511,16 +509,7 @@ fn an_instance_stopped_past_its_lease_sends_nothing_for_what_it_lost_and_takes_a
     );
     for i in 0..6 {
         let id = format!("stop-{i}");
-        assert_eq!(fake.started_events_for(&id), 1, "{id}: started once");
-        assert_eq!(final_events_for(&fake, &id), 1, "{id}: finished once");
-        let mut per_item = std::collections::HashMap::new();
-        for (entry, status) in fake.item_updates(&id) {
-            *per_item.entry((entry, status)).or_insert(0) += 1;
-        }
-        assert!(
-            per_item.values().all(|n| *n == 1),
-            "{id}: an item reported twice"
-        );
+        done_once(&fake, &id, Some(12));
     }
 }
 
@@ -613,8 +602,7 @@ fn a_fourth_instance_takes_its_share_within_two_leases_without_moving_a_job_in_h
     assert_eq!(moved, 0, "a company moved while its job was in hand");
     for i in 0..12 {
         let id = format!("join-{i}");
-        assert_eq!(fake.started_events_for(&id), 1, "{id}: started once");
-        assert_eq!(final_events_for(&fake, &id), 1, "{id}: finished once");
+        done_once(&fake, &id, None);
     }
 }
 

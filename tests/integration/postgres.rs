@@ -46,14 +46,6 @@ fn bindir() -> Option<PathBuf> {
     dirs.pop()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs `bin` as the `postgres` user when this process is root; without libfaketime's
 /// variables (the shifted-clock run must not shift the server's clock).
 fn pg_command(bin: &Path, as_postgres: bool) -> Command {
@@ -120,7 +112,7 @@ fn start() -> Option<Cluster> {
         "initdb: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let port = free_port();
+    let port = crate::reliability::free_port();
     let log = dir.path().join("server.log");
     let out = pg_command(&bin.join("pg_ctl"), root)
         .args(["-D", data.to_str().unwrap(), "-w", "-t", "60", "-l"])

@@ -27,6 +27,7 @@ use serde_json::json;
 use crate::clock::{Millis, SharedClock};
 use crate::pleo::{JobEvent, PleoError};
 use crate::processing::handler::Readiness;
+use crate::store::pg::Step;
 use crate::store::{EventKind, JobRow, ProcState, Source, Store, StoreError};
 
 /// What happens to a job once it is held: [`crate::processing::pipeline::HandlerStage`] in the service.
@@ -83,8 +84,9 @@ pub fn send_final(
     let mut read_back = false;
     loop {
         sends += 1;
-        // On a shared database, only under this instance's lease.
-        store.guard(&job.company_id)?;
+        // On a shared database, only under this instance's lease, recorded before it is sent.
+        let intent = json!({"event": name, "send": sends});
+        store.fenced_step(&job.company_id, &job.id, Step::Finish, &intent)?;
         match client.post_event(event) {
             Ok(()) => break,
             Err(e) if e.is_status_conflict() => {

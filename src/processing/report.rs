@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use crate::clock::Millis;
 use crate::pleo::JobEvent;
 use crate::processing::pipeline::{Finish, HandlerStage, Milestone, Pause};
+use crate::store::pg::Step;
 use crate::store::{EventKind, ItemResult, JobRow, Source, Store};
 
 impl HandlerStage {
@@ -35,8 +36,17 @@ impl HandlerStage {
                 .iter()
                 .map(|u| update_json(&u.result, u.handled_at))
                 .collect();
-            // On a shared database, only under this instance's lease.
-            store.guard(&job.company_id)?;
+            // On a shared database, only under this instance's lease, recorded before it is sent.
+            let entries: Vec<&str> = batch
+                .iter()
+                .map(|u| u.result.accounting_entry_id.as_str())
+                .collect();
+            store.fenced_step(
+                &job.company_id,
+                &job.id,
+                Step::Report,
+                &json!({"entries": entries}),
+            )?;
             let outcome = match self.client(job).put_items(&job.id, &updates) {
                 Ok(o) => o,
                 Err(e) => {

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use crate::clock::Millis;
 use crate::processing::output::HandlerMsg;
 use crate::processing::pipeline::{HandlerStage, Milestone, Pause};
+use crate::store::pg::Step;
 use crate::store::{EventKind, ItemResult, JobRow, Store};
 
 impl HandlerStage {
@@ -107,6 +108,9 @@ impl HandlerStage {
             )?;
             return Ok(RunEnd::TimedOut(reason));
         }
+        // On a shared database, only under this instance's lease, recorded before it starts.
+        let intent = json!({"attempt": attempt, "items": n});
+        store.fenced_step(&job.company_id, &job.id, Step::Run, &intent)?;
         let started = self.clock.now();
         let marker = self
             .marker_scope

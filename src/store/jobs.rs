@@ -124,7 +124,8 @@ impl Store {
     /// On a shared database, only under this instance's lease, checked in the same transaction.
     pub fn begin_claim(&self, job: &JobRow, now: Millis) -> Result<()> {
         let tx = self.db.write_tx()?;
-        self.guard(&job.company_id)?;
+        let attempt = json!({"attempt": job.claim_attempts + 1});
+        self.record_step(&job.company_id, &job.id, super::pg::Step::Claim, &attempt)?;
         tx.exec(
             "UPDATE export_jobs SET proc_state = 'claiming', proc_state_at = ?2, \
              claim_attempts = claim_attempts + 1 WHERE id = ?1",
@@ -136,7 +137,7 @@ impl Store {
             Some(&job.id),
             Some(&job.company_id),
             EventKind::ClaimSent,
-            &json!({"attempt": job.claim_attempts + 1}),
+            &attempt,
         )?;
         tx.commit()
     }

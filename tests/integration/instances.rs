@@ -64,6 +64,62 @@ fn done_once(fake: &FakePleo, id: &str, items: Option<usize>) {
     }
 }
 
+/// On the database: `id`'s fenced steps, in order, begin with its one claim (also when another
+/// instance resumed it) and end with its one final event; each was taken by the instance that took the
+/// company's lease at the step's epoch; epochs never go back; within one epoch no item is
+/// reported twice.
+fn fenced_in_order(s: &mut jobmirror::store::pg::PgStore, id: &str) {
+    let rows = s
+        .client()
+        .query(
+            "SELECT f.step, f.holder, f.epoch, f.detail,
+                    (SELECT t.detail::jsonb ->> 'holder' FROM job_events t
+                      WHERE t.kind = 'lease_taken' AND t.company_id = f.company_id
+                        AND (t.detail::jsonb ->> 'epoch')::bigint = f.epoch) AS taker
+               FROM fenced_steps f WHERE f.job_id = $1 ORDER BY f.seq",
+            &[&id],
+        )
+        .unwrap();
+    let steps: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let count = |name: &str| steps.iter().filter(|s| *s == name).count();
+    assert_eq!(
+        steps.first().map(String::as_str),
+        Some("claim"),
+        "{id}: {steps:?}"
+    );
+    assert_eq!(count("claim"), 1, "{id}: {steps:?}");
+    assert_eq!(
+        steps.last().map(String::as_str),
+        Some("finish"),
+        "{id}: {steps:?}"
+    );
+    assert_eq!(count("finish"), 1, "{id}: {steps:?}");
+    assert!(count("run") >= 1 && count("report") >= 1, "{id}: {steps:?}");
+    let mut last_epoch = 0;
+    let mut reported = std::collections::HashSet::new();
+    for r in &rows {
+        let (step, holder, epoch): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
+        let taker: Option<String> = r.get(4);
+        assert_eq!(
+            taker.as_deref(),
+            Some(holder.as_str()),
+            "{id}: {step} at epoch {epoch}"
+        );
+        assert!(
+            epoch >= last_epoch,
+            "{id}: {step} at epoch {epoch} after {last_epoch}"
+        );
+        last_epoch = epoch;
+        if step == "report" {
+            let detail: serde_json::Value = serde_json::from_str(&r.get::<_, String>(3)).unwrap();
+            for entry in detail["entries"].as_array().unwrap() {
+                let fresh = reported.insert((epoch, entry.as_str().unwrap().to_owned()));
+                assert!(fresh, "{id}: {entry} reported twice under epoch {epoch}");
+            }
+        }
+    }
+}
+
 #[test]
 fn three_instances_on_postgres_share_thirty_companies_and_do_each_job_once() {
     let Some(db) = database() else { return };
@@ -94,12 +150,13 @@ fn three_instances_on_postgres_share_thirty_companies_and_do_each_job_once() {
             .collect();
         panic!("not every job finished:\n{}", logs.join("\n"));
     }
+    let mut s = db.connect();
     for i in 0..30 {
         let id = format!("job-{i:02}");
         done_once(&fake, &id, Some(3));
+        fenced_in_order(&mut s, &id);
     }
     // The split: every company held by one live instance, each within one of ten.
-    let mut s = db.connect();
     let rows = s
         .client()
         .query(
@@ -356,6 +413,7 @@ fn kill_9_of_an_instance_with_a_job_in_hand_moves_its_companies_and_resumes_with
     for i in 0..6 {
         let id = format!("slow-{i}");
         done_once(&fake, &id, Some(12));
+        fenced_in_order(&mut s, &id);
     }
     // The victim's job was resumed by its new holder, without `started`; an item whose result
     // the dead instance had committed was not handed to a handler again (at most the one it
@@ -510,6 +568,7 @@ fn an_instance_stopped_past_its_lease_sends_nothing_for_what_it_lost_and_takes_a
     for i in 0..6 {
         let id = format!("stop-{i}");
         done_once(&fake, &id, Some(12));
+        fenced_in_order(&mut s, &id);
     }
 }
 
@@ -603,6 +662,7 @@ fn a_fourth_instance_takes_its_share_within_two_leases_without_moving_a_job_in_h
     for i in 0..12 {
         let id = format!("join-{i}");
         done_once(&fake, &id, None);
+        fenced_in_order(&mut s, &id);
     }
 }
 

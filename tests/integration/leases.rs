@@ -209,6 +209,7 @@ fn migrate_on_postgres_builds_the_schema_and_keeps_the_password_out_of_every_mes
         "queue",
         "leases",
         "live_instances",
+        "step_timeline",
     ] {
         c.query(&format!("SELECT * FROM {view}"), &[]).unwrap();
     }
@@ -284,6 +285,41 @@ fn three_instances_split_thirty_companies_fairly_at_once_and_never_overlap() {
     assert!(!fence(&mut tx, &c, "a", epoch - 1, now).unwrap());
     assert!(!fence(&mut tx, &c, "b", epoch, now).unwrap());
     assert!(!fence(&mut tx, &c, "a", epoch, now.plus_secs(31)).unwrap());
+    drop(tx);
+    // The database records a step under the lease and refuses any other (SQLSTATE JM001), and
+    // what it recorded stays as it was.
+    let mut step = |holder: &str, epoch: i64, at: Millis| {
+        s.client()
+            .execute(
+                "INSERT INTO fenced_steps (at, company_id, job_id, step, holder, epoch)
+                 VALUES ($1, $2, 'job-1', 'report', $3, $4)",
+                &[&at.0, &c, &holder, &epoch],
+            )
+            .map_err(|e| e.code().map(|c| c.code().to_owned()))
+    };
+    assert_eq!(step("a", epoch, now), Ok(1));
+    for (holder, epoch, at) in [
+        ("a", epoch - 1, now),
+        ("b", epoch, now),
+        ("a", epoch, now.plus_secs(31)),
+    ] {
+        assert_eq!(
+            step(holder, epoch, at),
+            Err(Some(jobmirror::store::pg::LEASE_LOST.to_owned())),
+            "{holder} at epoch {epoch}"
+        );
+    }
+    for change in [
+        "UPDATE fenced_steps SET epoch = epoch + 1",
+        "DELETE FROM fenced_steps",
+    ] {
+        let refused = s.client().execute(change, &[]).unwrap_err();
+        let why = refused.as_db_error().map(|d| d.message().to_owned());
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("append-only")),
+            "{refused:?}"
+        );
+    }
 }
 
 #[test]
@@ -739,6 +775,14 @@ fn job_step(
     )
     .unwrap();
     let id = format!("{key}-{job}");
+    // Recorded as the service records its steps: the database's own fence takes it.
+    let name = ["claim", "run", "report", "finish"][step as usize];
+    tx.execute(
+        "INSERT INTO fenced_steps (at, company_id, job_id, step, holder, epoch)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&now.0, &company, &id, &name, &holder, &epoch],
+    )
+    .unwrap();
     match step {
         0 => {
             tx.execute(

@@ -264,6 +264,90 @@ impl super::Store {
     }
 }
 
+/// A step for a job that changes something at Pleo or hands items to a handler: on a shared
+/// database each is recorded in `fenced_steps` under the lease before it is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// `started` is about to be sent.
+    Claim,
+    /// The handler is about to be given items.
+    Run,
+    /// A batch of item results is about to be reported.
+    Report,
+    /// A final event (`completed`, `completed_with_errors`, `failed`) is about to be sent.
+    Finish,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Claim => "claim",
+            Step::Run => "run",
+            Step::Report => "report",
+            Step::Finish => "finish",
+        }
+    }
+}
+
+impl super::Store {
+    /// Ok when this instance may take `step` for `job_id` of `company` now, recorded. Always Ok
+    /// on SQLite (one service per file). On a shared PostgreSQL database: when its local
+    /// deadline has not passed and a row in `fenced_steps` naming this instance and its epoch
+    /// committed; the database refuses that row unless the lease is still ours at that epoch,
+    /// unexpired on its clock (`LeaseLost` then, and nothing is recorded).
+    pub fn fenced_step(
+        &self,
+        company: &str,
+        job_id: &str,
+        step: Step,
+        detail: &serde_json::Value,
+    ) -> Result<(), super::StoreError> {
+        if self.fence().is_none() {
+            return Ok(());
+        }
+        let tx = self.db.write_tx()?;
+        self.record_step(company, job_id, step, detail)?;
+        tx.commit()
+    }
+
+    /// [`Self::fenced_step`] inside the caller's transaction (the claim records its step with
+    /// its state change).
+    pub(crate) fn record_step(
+        &self,
+        company: &str,
+        job_id: &str,
+        step: Step,
+        detail: &serde_json::Value,
+    ) -> Result<(), super::StoreError> {
+        let Some(view) = self.fence() else {
+            return Ok(());
+        };
+        let lost = || super::StoreError::LeaseLost(company.to_owned());
+        let epoch = view.may_act(company).ok_or_else(lost)?;
+        let recorded = self.db.exec(
+            "INSERT INTO fenced_steps (company_id, job_id, step, holder, epoch, detail) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            &[
+                &company,
+                &job_id,
+                &step.as_str(),
+                &view.instance,
+                &epoch,
+                &detail.to_string(),
+            ],
+        );
+        match recorded {
+            Err(super::StoreError::Pg(e)) if e.code().map(|c| c.code()) == Some(LEASE_LOST) => {
+                Err(lost())
+            }
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+/// The SQLSTATE `fenced_steps` refuses a step with when the lease is not the instance's.
+pub const LEASE_LOST: &str = "JM001";
+
 /// The instances sharing a database and the companies none holds, as operators read them.
 #[derive(Clone, Debug)]
 pub struct SharedReport {

@@ -23,13 +23,20 @@ pub(crate) fn ingest(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<Foot
     let fake = start_fake(clock)?;
     let port = free_port()?;
     let db = dir.join("ingest.db");
-    let env = service_env(
+    let mut env = service_env(
         &fake,
         &db,
         &dir.join("outbox"),
         "be0c0000-0000-4000-8000-000000000001",
         port,
     );
+    // Every delivery of this section names one company: its stored bytes may reach the bound
+    // over all companies (the per-company default, 64 MiB, ran out during the ingest run and
+    // answered the whole latency run 429).
+    env.push((
+        "JOBMIRROR_WEBHOOK_STORED_BYTES_PER_COMPANY_MAX",
+        "2147483648".to_owned(),
+    ));
     let (service, ready) = ServiceChild::start(exe, &env)?;
     let idle_rss = service.rss_kib();
     let url = format!("http://127.0.0.1:{port}/webhooks/pleo");
@@ -98,6 +105,8 @@ pub(crate) fn ingest(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<Foot
                 let a = agent();
                 let start = Instant::now();
                 let mut lat = Vec::with_capacity(n_each);
+                // Answers other than 200, by status: a latency is only measured over acks.
+                let mut other: Vec<u16> = Vec::new();
                 for i in 0..n_each {
                     let due = start + Duration::from_secs_f64(i as f64 / rate_each as f64);
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -108,19 +117,31 @@ pub(crate) fn ingest(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<Foot
                         "be0c0000-0000-4000-8000-000000000001",
                     );
                     let t = Instant::now();
-                    if post_signed(&a, &url, &secrets, &format!("msg_lat_{c}_{i}"), &body) == 200 {
-                        lat.push(t.elapsed());
+                    match post_signed(&a, &url, &secrets, &format!("msg_lat_{c}_{i}"), &body) {
+                        200 => lat.push(t.elapsed()),
+                        status => other.push(status),
                     }
                 }
-                lat
+                (lat, other)
             })
         })
         .collect();
-    let mut lat: Vec<Duration> = handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap_or_default())
-        .collect();
+    let (mut lat, mut not_acked) = (Vec::new(), std::collections::BTreeMap::new());
+    for h in handles {
+        let (l, other) = h.join().unwrap_or_default();
+        lat.extend(l);
+        for status in other {
+            *not_acked.entry(status).or_insert(0usize) += 1;
+        }
+    }
     lat.sort();
+    let sent = n_each * clients;
+    if !not_acked.is_empty() {
+        eprintln!(
+            "ack latency: {} of {sent} deliveries not acknowledged (status: count) {not_acked:?}",
+            sent - lat.len()
+        );
+    }
     drop(service);
 
     // Baseline: the same rows straight into SQLite, one durable commit each.
@@ -231,8 +252,8 @@ pub(crate) fn ingest(cx: &Ctx, figures: &mut Vec<Figure>) -> anyhow::Result<Foot
         p99,
         "ms",
         None,
-        "<= 20 ms",
-        p99 <= 20.0,
+        "<= 20 ms, every delivery acknowledged",
+        p99 <= 20.0 && not_acked.is_empty() && !lat.is_empty(),
     ));
     figures.push(fig(
         &format!("ack latency p50 @{}/s", sizes.latency_rate_per_sec),

@@ -57,13 +57,6 @@ pub(super) fn parse(
     if SharedDb::is_postgres(db) {
         // The URL's form only: the password is read when a command connects.
         PgTarget::parse(&db.to_string_lossy(), None).map_err(|e| err("db", e.to_string()))?;
-        if get("pleo_auth").is_some_and(|a| a.trim().eq_ignore_ascii_case("oauth")) {
-            return Err(err(
-                "pleo_auth",
-                "`oauth` with a PostgreSQL db: the instances would each refresh (and rotate) the \
-                 one shared token pair; not supported yet: use an API key, or SQLite",
-            ));
-        }
         if shard != Shard::ALL {
             return Err(err(
                 "shard",

@@ -74,7 +74,44 @@ impl Store {
         Ok(())
     }
 
-    /// Commits a new pair (and clears the refresh mark) in one statement.
+    /// On a shared PostgreSQL database: takes the right to refresh `credential`'s pair for
+    /// `hold` (the database's clock) if no other process holds it, or its hold lapsed; false
+    /// when another process holds it. Always true on SQLite (one service per file, and its
+    /// commands never refresh).
+    pub fn oauth_take_refresh(
+        &self,
+        credential: &str,
+        holder: &str,
+        hold: std::time::Duration,
+    ) -> Result<bool> {
+        if !self.db.is_pg() {
+            return Ok(true);
+        }
+        let n = self.db.exec(
+            "UPDATE oauth_tokens SET refresh_holder = ?2, \
+             refresh_held_until = jm_now_ms() + ?3 WHERE credential = ?1 \
+             AND (refresh_holder IS NULL OR refresh_holder = ?2 \
+                  OR refresh_held_until <= jm_now_ms())",
+            &[&credential, &holder, &crate::clock::ms(hold)],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Gives back a hold taken with [`Store::oauth_take_refresh`] (nothing on SQLite).
+    pub fn oauth_release_refresh(&self, credential: &str, holder: &str) -> Result<()> {
+        if self.db.is_pg() {
+            self.db.exec(
+                "UPDATE oauth_tokens SET refresh_holder = NULL, refresh_held_until = NULL \
+                 WHERE credential = ?1 AND refresh_holder = ?2",
+                &[&credential, &holder],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Commits a new pair (and clears the refresh mark) in one statement. A pair the token
+    /// endpoint just issued is good whatever was recorded before, so a refusal on record is
+    /// cleared too.
     pub fn oauth_commit(
         &self,
         credential: &str,
@@ -85,7 +122,8 @@ impl Store {
     ) -> Result<()> {
         self.db.exec(
             "UPDATE oauth_tokens SET access_token = ?2, access_expires_at = ?3, refresh_token = ?4, \
-             refresh_started_at = NULL, last_error = NULL, updated_at = ?5 WHERE credential = ?1",
+             refresh_started_at = NULL, last_error = NULL, refused_at = NULL, updated_at = ?5 \
+             WHERE credential = ?1",
             &[&credential, &access_token, &expires_at, &refresh_token, &now],
         )?;
         Ok(())
@@ -100,6 +138,36 @@ impl Store {
              refresh_started_at = NULL, refused_at = ?3, last_error = ?2, updated_at = ?3 \
              WHERE credential = ?1",
             &[&credential, &error, &now],
+        )?;
+        Ok(())
+    }
+
+    /// [`Store::oauth_refuse`], only while `sent` is still the stored refresh token: a refusal
+    /// of a token another process already rotated says nothing about the pair stored now.
+    /// Returns whether the pair was marked refused.
+    pub fn oauth_refuse_if(
+        &self,
+        credential: &str,
+        sent: &str,
+        error: &str,
+        now: Millis,
+    ) -> Result<bool> {
+        let n = self.db.exec(
+            "UPDATE oauth_tokens SET access_token = NULL, access_expires_at = NULL, \
+             refresh_started_at = NULL, refused_at = ?3, last_error = ?2, updated_at = ?3 \
+             WHERE credential = ?1 AND refresh_token = ?4",
+            &[&credential, &error, &now, &sent],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The API refused `access` (401): the stored access token is expired if it is still that
+    /// one (the refresh token is kept; a pair another process stored meanwhile is untouched).
+    pub fn oauth_expire_access(&self, credential: &str, access: &str, now: Millis) -> Result<()> {
+        self.db.exec(
+            "UPDATE oauth_tokens SET access_token = '', access_expires_at = 0, updated_at = ?3 \
+             WHERE credential = ?1 AND access_token = ?2",
+            &[&credential, &access, &now],
         )?;
         Ok(())
     }

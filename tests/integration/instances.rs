@@ -64,10 +64,10 @@ fn done_once(fake: &FakePleo, id: &str, items: Option<usize>) {
     }
 }
 
-/// On the database: `id`'s fenced steps, in order, begin with its one claim (also when another
-/// instance resumed it) and end with its one final event; each was taken by the instance that took the
-/// company's lease at the step's epoch; epochs never go back; within one epoch no item is
-/// reported twice.
+/// On the database: `id`'s fenced steps, in order, begin with its one claim (also when
+/// another instance resumed it) and end with its one final event; each was taken by the
+/// instance that took the company's lease at the step's epoch; epochs never go back; within
+/// one epoch no item is reported twice.
 fn fenced_in_order(s: &mut jobmirror::store::pg::PgStore, id: &str) {
     let rows = s
         .client()
@@ -768,4 +768,107 @@ fn a_webhook_taken_by_one_instance_wakes_the_holder_of_its_company() {
         .get::<_, i64>(0);
     assert_eq!(claimed_by_b, 1);
     assert_eq!(fake.started_events_for(&job), 1);
+}
+
+/// `pleo_auth = "oauth"` on a shared database: the three instances use the one pair and refresh
+/// it one at a time (the token endpoint rotates it at every refresh, so a second refresh with
+/// the same token would be refused and end the pair).
+#[test]
+fn three_instances_share_one_oauth_pair_and_never_refresh_it_twice() {
+    let Some(db) = database() else { return };
+    let fake = crate::reliability::real_time_fake();
+    // Access tokens live 4 s and are refreshed 2 s before expiry: every 2 s, while the
+    // instances poll every second.
+    fake.enable_oauth("cid", "csecret", "R0", 4);
+    // The endpoint takes 300 ms to answer, as one across the internet may: long enough for
+    // the others to need a token while one refresh is out.
+    fake.on_token_request(Box::new(|_| {
+        std::thread::sleep(Duration::from_millis(300));
+        true
+    }));
+    let companies: Vec<String> = (0..6).map(company).collect();
+    for (i, c) in companies.iter().enumerate() {
+        fake.add_job(JobSpec {
+            id: Some(format!("oauth-{i}")),
+            company_id: c.clone(),
+            created_secs_ago: Some(600),
+            items: Some(3),
+            ..JobSpec::default()
+        })
+        .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("refresh-token");
+    std::fs::write(&file, "R0\n").unwrap();
+    let (file, url) = (
+        file.display().to_string(),
+        format!("{}/oauth/token", fake.base_url()),
+    );
+    let pw = db.password_file.to_string_lossy().into_owned();
+    let started = std::time::Instant::now();
+    let mut running = Vec::new();
+    for name in ["a", "b", "c"] {
+        let mut env = shared_env(&db, name, &pw);
+        env.extend([
+            ("JOBMIRROR_PLEO_AUTH", "oauth"),
+            ("JOBMIRROR_PLEO_OAUTH_TOKEN_URL", url.as_str()),
+            ("JOBMIRROR_PLEO_OAUTH_CLIENT_ID", "cid"),
+            ("JOBMIRROR_PLEO_OAUTH_CLIENT_SECRET", "csecret"),
+            ("JOBMIRROR_PLEO_OAUTH_REFRESH_TOKEN_FILE", file.as_str()),
+            ("JOBMIRROR_PLEO_OAUTH_REFRESH_MARGIN_SECS", "2"),
+        ]);
+        running.push(instance(dir.path(), name, &fake, &companies, &env));
+    }
+    assert!(
+        finished(&fake, 6, Duration::from_secs(60)),
+        "every job finished"
+    );
+    // Several lifetimes of the access token with all three polling.
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while fake.token_grants().len() < 6 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (mut r, _rx) in running {
+        let child = r.0.take().unwrap();
+        crate::cli::signal(&child, "TERM");
+        let st = crate::cli::wait_exit(child, Duration::from_secs(20));
+        assert!(st.success(), "{st:?}");
+    }
+    let elapsed = started.elapsed().as_secs();
+    let grants = fake.token_grants();
+    let refused: Vec<_> = grants.iter().filter(|g| !g.ok).collect();
+    assert!(
+        refused.is_empty(),
+        "a refresh token was offered twice: {refused:?}"
+    );
+    assert!(grants.len() >= 6, "{} refreshes", grants.len());
+    // Once per lifetime (2 s) for the three together, not once each.
+    assert!(
+        grants.len() as u64 <= elapsed / 2 + 3,
+        "{} refreshes in {elapsed} s",
+        grants.len()
+    );
+    for i in 0..6 {
+        done_once(&fake, &format!("oauth-{i}"), Some(3));
+    }
+    // The stored pair is the live one: the endpoint takes its refresh token.
+    let stored: String = db
+        .connect()
+        .client()
+        .query_one(
+            "SELECT refresh_token FROM oauth_tokens WHERE credential = 'default'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let answer = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .send(format!(
+            "grant_type=refresh_token&refresh_token={stored}&client_id=cid&client_secret=csecret"
+        ))
+        .unwrap();
+    assert_eq!(answer.status(), 200, "the stored refresh token is live");
 }

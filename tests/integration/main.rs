@@ -21,6 +21,7 @@ mod oauth;
 mod openapi;
 mod operations;
 mod ops;
+mod pg_oauth;
 mod postgres;
 mod processing;
 mod processor;

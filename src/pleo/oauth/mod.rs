@@ -17,6 +17,9 @@ use crate::clock::{Millis, SharedClock};
 use crate::store::Store;
 use crate::wire::{PleoError, Secret};
 
+mod hold;
+use hold::Held;
+
 #[derive(Clone, Debug)]
 pub struct OAuthConfig {
     pub token_url: String,
@@ -162,6 +165,9 @@ pub struct TokenSource {
     agent: ureq::Agent,
     cached: Mutex<Option<(Secret, Millis)>>,
     refresh_lock: Mutex<()>,
+    /// This token source's name as a holder of the pair's refresh on a shared database
+    /// (`oauth_tokens.refresh_holder`, with the pid: [`TokenSource::holder`]).
+    holder: uuid::Uuid,
     /// False in a command run beside the service: the service alone refreshes the pairs, so
     /// the command uses a stored access token that has not expired, and never refreshes.
     may_refresh: std::sync::atomic::AtomicBool,
@@ -230,6 +236,7 @@ impl TokenSource {
             agent,
             cached: Mutex::new(None),
             refresh_lock: Mutex::new(()),
+            holder: uuid::Uuid::new_v4(),
             may_refresh: std::sync::atomic::AtomicBool::new(true),
         })
     }
@@ -322,17 +329,12 @@ impl TokenSource {
 
     /// The API refused the token (401): forget it, so the next call refreshes.
     pub fn invalidate(&self) {
-        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        if let Ok(Some(row)) = store.oauth_get(&self.credential) {
-            // Expire the stored access token (keeping the refresh token).
-            let _ = store.oauth_commit(
-                &self.credential,
-                "",
-                Millis(0),
-                row.refresh_token.expose(),
-                self.clock.now(),
-            );
+        let refused = self.cached.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((token, _)) = refused {
+            // Expire the stored access token if it is still the refused one (keeping the
+            // refresh token; a pair stored meanwhile, by this process or another, stays).
+            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = store.oauth_expire_access(&self.credential, token.expose(), self.clock.now());
         }
     }
 
@@ -376,6 +378,13 @@ impl TokenSource {
         let db = |e: crate::store::StoreError| PleoError::Config(format!("OAuth token store: {e}"));
         let standing = self.cfg.standing.clone();
         standing.may_send(self.clock.now())?;
+        // Processes sharing a PostgreSQL database refresh a pair one at a time: the pair as it
+        // is once this one holds the refresh (another may have rotated it meanwhile).
+        let (_hold, row) = match self.hold_refresh(row)? {
+            Held::Fresh(token) => return Ok(token),
+            Held::Taken(hold, row) => (hold, row),
+        };
+        let interrupted = interrupted.or(row.refresh_started_at);
         self.store
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -491,12 +500,29 @@ impl TokenSource {
                 ),
                 None => format!("the OAuth refresh token was refused ({code}); {how}"),
             };
-            // Terminal: the pair is marked refused and nothing more is sent with it.
-            let _ = self
+            // Terminal: the pair is marked refused and nothing more is sent with it, unless
+            // another process rotated it meanwhile (its hold lapsed while this one's request
+            // was out): then the refusal was of a spent token, and the stored pair stands.
+            let marked = self
                 .store
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .oauth_refuse(&self.credential, &why, self.clock.now());
+                .oauth_refuse_if(
+                    &self.credential,
+                    row.refresh_token.expose(),
+                    &why,
+                    self.clock.now(),
+                );
+            if let Ok(false) = marked {
+                log::warn!(
+                    "the OAuth refresh token of {} was refused ({code}), but another process had already rotated the pair; using the pair it stored",
+                    self.who()
+                );
+                return Err(PleoError::Transport(format!(
+                    "the OAuth pair of {} was rotated by another process while this one refreshed it; the next request uses the stored pair",
+                    self.who()
+                )));
+            }
             log::error!("{why}");
             Err(auth_error(why))
         }

@@ -551,9 +551,11 @@ fn a_graceful_stop_releases_every_lease_at_once_and_a_name_is_never_shared() {
 }
 
 /// A seeded walk over instance deaths, pauses, joins, graceful stops, the steps of jobs (claim,
-/// handler run, item report, final event, each fenced) and the clock: after every step no company is served by two instances, a holder's
-/// fence holds while it may act, epochs only grow, and once the walk settles every company is
-/// served and the split is within one of fair.
+/// handler run, item report, final event, each fenced) and the clock: after every step no
+/// company is served by two instances, a holder's fence holds while it may act, epochs only
+/// grow, and once the walk settles every company is served and the split is within one of
+/// fair. Deaths, pauses and joins meet jobs at every step, and jobs are continued by another
+/// instance after every step.
 #[test]
 fn seeded_walks_over_deaths_pauses_and_joins_keep_one_holder_per_company() {
     let Some(db) = migrated() else { return };
@@ -561,12 +563,69 @@ fn seeded_walks_over_deaths_pauses_and_joins_keep_one_holder_per_company() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(6);
+    let mut all = Coverage::default();
     for seed in 0..seeds {
-        walk(&db, seed);
+        let c = walk(&db, seed);
+        for k in 0..4 {
+            for s in 0..3 {
+                all.events[k][s] += c.events[k][s];
+            }
+        }
+        for s in 0..3 {
+            all.handovers[s] += c.handovers[s];
+        }
     }
+    // Every kind of event met jobs at every step they can be left at (claimed, handler run,
+    // items reported), and jobs were continued by another instance after each of them.
+    eprintln!(
+        "{seeds} seeds; jobs in hand after their claim / handler run / item report when an \
+         instance died {:?}, paused {:?}, joined {:?}, stopped {:?}; continued by another \
+         instance after each {:?}",
+        all.events[0], all.events[1], all.events[2], all.events[3], all.handovers
+    );
+    for (kind, row) in ["died", "paused", "joined"].iter().zip(&all.events) {
+        assert!(
+            row.iter().all(|n| *n > 0),
+            "no instance {kind} at some step: {row:?}"
+        );
+    }
+    assert!(
+        all.handovers.iter().all(|n| *n > 0),
+        "no handover after some step: {:?}",
+        all.handovers
+    );
 }
 
-fn walk(db: &TestDb, seed: u64) {
+/// What a walk drew: `events[kind][step]`, how many jobs were in hand at `step` (0: claimed,
+/// 1: handler run, 2: items reported) when an instance died (kind 0), paused (1), joined (2)
+/// or stopped (3), counting the jobs of the instance's companies (of every company for a join);
+/// `handovers[step]`, how many jobs another instance continued after `step`.
+#[derive(Default)]
+struct Coverage {
+    events: [[u64; 3]; 4],
+    handovers: [u64; 3],
+}
+
+/// The step each of `companies`' current job in hand is at (none when its last job finished).
+fn in_hand(admin: &mut PgStore, seed: u64, companies: &[String]) -> Vec<usize> {
+    companies
+        .iter()
+        .filter_map(|c| {
+            let last: Option<i64> = admin
+                .client()
+                .query_opt(
+                    "SELECT step FROM walk_steps WHERE company = $1
+                      ORDER BY job_no DESC, step DESC LIMIT 1",
+                    &[&format!("s{seed}-{c}")],
+                )
+                .unwrap()
+                .map(|r| r.get(0));
+            last.filter(|s| *s < 3).map(|s| s as usize)
+        })
+        .collect()
+}
+
+fn walk(db: &TestDb, seed: u64) -> Coverage {
     let mut admin = db.connect();
     admin
         .client()
@@ -591,20 +650,31 @@ fn walk(db: &TestDb, seed: u64) {
     let mut joined = 0;
     let mut epochs: BTreeMap<String, i64> = BTreeMap::new();
     let mut steps = 0;
+    let mut cov = Coverage::default();
+    let mut met = |admin: &mut PgStore, kind: usize, companies: &[String]| {
+        for s in in_hand(admin, seed, companies) {
+            cov.events[kind][s] += 1;
+        }
+    };
     for step in 0..200 {
         match next(10) {
             0 if nodes.iter().filter(|n| n.1).count() < 5 => {
+                met(&mut admin, 2, &list);
                 joined += 1;
                 nodes.push((node(db, &format!("s{seed}-n{joined}"), &clock), true, false));
             }
             1 => {
                 // kill -9 or a lost machine: never runs again.
                 if let Some(n) = nodes.iter_mut().filter(|n| n.1).nth(next(5) as usize) {
+                    met(&mut admin, 0, &n.0.keeper.serving());
                     n.1 = false;
                 }
             }
             2 => {
                 if let Some(n) = nodes.iter_mut().filter(|n| n.1).nth(next(5) as usize) {
+                    if !n.2 {
+                        met(&mut admin, 1, &n.0.keeper.serving());
+                    }
                     n.2 = !n.2;
                 }
             }
@@ -614,6 +684,7 @@ fn walk(db: &TestDb, seed: u64) {
                     .filter(|n| n.1 && !n.2)
                     .nth(next(5) as usize)
                 {
+                    met(&mut admin, 3, &n.0.keeper.serving());
                     n.0.keeper.stop(&mut n.0.store).unwrap();
                     n.1 = false;
                 }
@@ -696,17 +767,22 @@ fn walk(db: &TestDb, seed: u64) {
     let rows = admin
         .client()
         .query(
-            "SELECT company, job_no, step, epoch FROM walk_steps
+            "SELECT company, job_no, step, epoch, instance FROM walk_steps
               WHERE company LIKE $1 ORDER BY company, job_no, step",
             &[&format!("s{seed}-%")],
         )
         .unwrap();
     let mut last: Option<(String, i64, i64, i64)> = None;
+    let mut by: Option<String> = None;
     for r in &rows {
         let cur: (String, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let instance: String = r.get(4);
         match &last {
             Some((c, j, st, e)) if *c == cur.0 && *j == cur.1 => {
                 assert_eq!(cur.2, st + 1, "seed {seed}: {cur:?} after step {st}");
+                if by.as_deref() != Some(instance.as_str()) {
+                    cov.handovers[*st as usize] += 1;
+                }
                 assert!(
                     cur.3 >= *e,
                     "seed {seed}: {cur:?} at an older epoch than {e}"
@@ -718,6 +794,7 @@ fn walk(db: &TestDb, seed: u64) {
             ),
         }
         last = Some(cur);
+        by = Some(instance);
     }
     assert!(
         steps > 0 && !rows.is_empty(),
@@ -736,6 +813,7 @@ fn walk(db: &TestDb, seed: u64) {
         "seed {seed}: {} job steps, {moved} jobs continued by another instance mid-way",
         rows.len()
     );
+    cov
 }
 
 /// The next step of `company`'s current job, done by `holder` at `epoch`: fenced in the

@@ -205,17 +205,19 @@ pub fn run(
 }
 
 /// The `jm-listen` thread (a shared PostgreSQL database): `LISTEN jobmirror_webhook`, so a
-/// delivery another instance stored (behind a load balancer any instance may take one) for a
-/// company this one holds wakes its sync thread at once, as its own receiver's would. Polling
-/// stays the safety net: a lost connection is logged and made again a second later.
+/// delivery another instance stored (behind a load balancer any instance may take one) wakes
+/// this one's sync thread at once, as its own receiver's would: it acts on those of companies
+/// it holds, and works out when to mark those of companies no instance lists (the first live
+/// instance by name marks them after two leases). Polling stays the safety net: a lost
+/// connection is logged and made again a second later.
 pub fn listen(
     cfg: &Config,
     nudge: crossbeam_channel::Sender<()>,
     shutdown: crossbeam_channel::Receiver<()>,
 ) -> anyhow::Result<Option<Box<dyn FnOnce() + Send>>> {
-    let Some(view) = cfg.shared_db.fence.clone() else {
+    if cfg.shared_db.fence.is_none() {
         return Ok(None);
-    };
+    }
     let target = target(cfg)?;
     Ok(Some(Box::new(move || {
         let mut failing = false;
@@ -255,11 +257,8 @@ pub fn listen(
                 let mut notes = s.client().notifications();
                 let next = notes.timeout_iter(Duration::from_millis(250)).next();
                 match next {
-                    Ok(Some(n)) => {
-                        let company = n.payload();
-                        if company.is_empty() || view.may_act(company).is_some() {
-                            let _ = nudge.try_send(());
-                        }
+                    Ok(Some(_)) => {
+                        let _ = nudge.try_send(());
                     }
                     Ok(None) => {}
                     Err(e) => {

@@ -54,6 +54,23 @@ pub struct PendingDelivery {
     pub company_id: Option<String>,
     /// Attempts at acting on it that failed transiently so far.
     pub attempts: u32,
+    /// On a database shared by instances: its company is one no live instance serves (not
+    /// listed by any for two leases), so no holder will act on it; given to one instance (the
+    /// first live one by name) to mark.
+    pub unwanted: bool,
+}
+
+/// On a shared database, the deliveries of companies no live instance lists (none listed it
+/// for two leases, `two`) go to the first live instance by name (`me` is this one) to be
+/// marked: otherwise nobody would.
+fn unwanted(me: &str, two: &str) -> String {
+    format!(
+        "d.company_id IS NOT NULL \
+         AND NOT EXISTS (SELECT 1 FROM company_leases w WHERE w.company_id = d.company_id \
+                         AND w.wanted_at > jm_now_ms() - {two}) \
+         AND {me} = (SELECT min(name) FROM instances \
+                     WHERE stopped_at IS NULL AND expires_at > jm_now_ms())"
+    )
 }
 
 impl Store {
@@ -143,21 +160,29 @@ impl Store {
     /// On a database shared by instances, only those of the companies this instance holds
     /// (and those naming none): the others are their holders' to act on.
     pub fn pending_deliveries(&self, limit: usize, now: Millis) -> Result<Vec<PendingDelivery>> {
-        let holder = self.fence().map(|f| f.instance.as_str());
-        let sql = if holder.is_some() {
-            "SELECT webhook_id, event_type, job_id, company_id, attempts FROM webhook_deliveries d \
-             WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= ?2) \
-               AND (d.company_id IS NULL OR EXISTS (SELECT 1 FROM company_leases l \
-                    WHERE l.company_id = d.company_id AND l.holder = ?3)) \
-             ORDER BY received_at, webhook_id LIMIT ?1"
+        let fence = self.fence().map(|f| (f.instance.as_str(), 2 * f.lease_ms));
+        let shared_sql;
+        let sql = if fence.is_some() {
+            // Received two leases ago at least: a company just added is listed by then.
+            let unwanted = format!("{} AND d.received_at <= ?2 - ?4", unwanted("?3", "?4"));
+            shared_sql = format!(
+                "SELECT webhook_id, event_type, job_id, company_id, attempts, \
+                 CAST(CASE WHEN {unwanted} THEN 1 ELSE 0 END AS BIGINT) FROM webhook_deliveries d \
+                 WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= ?2) \
+                   AND (d.company_id IS NULL OR EXISTS (SELECT 1 FROM company_leases l \
+                        WHERE l.company_id = d.company_id AND l.holder = ?3) OR ({unwanted})) \
+                 ORDER BY received_at, webhook_id LIMIT ?1"
+            );
+            shared_sql.as_str()
         } else {
-            "SELECT webhook_id, event_type, job_id, company_id, attempts FROM webhook_deliveries \
+            "SELECT webhook_id, event_type, job_id, company_id, attempts, CAST(0 AS BIGINT) \
+             FROM webhook_deliveries \
              WHERE processed_at IS NULL AND (retry_at IS NULL OR retry_at <= ?2) \
              ORDER BY received_at, webhook_id LIMIT ?1"
         };
         let limit = limit as i64;
-        let params: Vec<&dyn sql::ToVal> = match &holder {
-            Some(h) => vec![&limit, &now, h],
+        let params: Vec<&dyn sql::ToVal> = match &fence {
+            Some((me, two_leases)) => vec![&limit, &now, me, two_leases],
             None => vec![&limit, &now],
         };
         self.db.rows(sql, &params, |r| {
@@ -167,17 +192,35 @@ impl Store {
                 job_id: r.get(2)?,
                 company_id: r.get(3)?,
                 attempts: r.get::<i64>(4)?.clamp(0, i64::from(u32::MAX)) as u32,
+                unwanted: r.get::<i64>(5)? == 1,
             })
         })
     }
 
     /// When the earliest deferred delivery falls due (None: none is waiting).
+    /// On a shared database, also when the earliest delivery of a company no instance lists
+    /// becomes this instance's to mark, if it is the one that marks them.
     pub fn next_delivery_retry(&self) -> Result<Option<Millis>> {
         let at: Option<Option<i64>> = self.db.value(
             "SELECT MIN(retry_at) FROM webhook_deliveries WHERE processed_at IS NULL AND retry_at IS NOT NULL",
             &[],
         )?;
-        Ok(at.flatten().map(Millis))
+        let at = at.flatten();
+        let Some((me, two_leases)) = self.fence().map(|f| (f.instance.as_str(), 2 * f.lease_ms))
+        else {
+            return Ok(at.map(Millis));
+        };
+        // Each becomes due two leases after it was received: the earliest.
+        let sql = format!(
+            "SELECT MIN(d.received_at) + ?2 FROM webhook_deliveries d \
+             WHERE processed_at IS NULL AND ({})",
+            unwanted("?1", "?2")
+        );
+        let unwanted: Option<Option<i64>> = self.db.value(&sql, &[&me, &two_leases])?;
+        Ok(match (at, unwanted.flatten()) {
+            (Some(a), Some(u)) => Some(Millis(a.min(u))),
+            (a, u) => a.or(u).map(Millis),
+        })
     }
 
     /// Names the company a delivery is about, learned by reading its job: on a shared database

@@ -768,6 +768,42 @@ fn a_webhook_taken_by_one_instance_wakes_the_holder_of_its_company() {
         .get::<_, i64>(0);
     assert_eq!(claimed_by_b, 1);
     assert_eq!(fake.started_events_for(&job), 1);
+    // A delivery naming a company no instance lists: nobody holds it, so the first live
+    // instance by name marks it once two leases passed, instead of leaving it pending forever.
+    let stranger = company(99);
+    let job = fake
+        .add_job(JobSpec {
+            id: Some("hook-2".into()),
+            company_id: stranger.clone(),
+            items: Some(1),
+            ..JobSpec::default()
+        })
+        .unwrap();
+    let body = format!(
+        r#"{{"data":{{"id":"{job}","companyId":"{stranger}"}},"eventType":"v1.export-job.created","eventId":"evt-hook-2"}}"#
+    );
+    let sig = jobmirror::edge::webhook::sign_with(&secrets, "msg_hook_2", ts, body.as_bytes());
+    let status = ureq::post(format!("http://127.0.0.1:{}/webhooks/pleo", ports["b"]))
+        .header("webhook-id", "msg_hook_2")
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", sig)
+        .send(body.as_bytes())
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(status, 200);
+    let marked = wait_count(
+        &mut s,
+        "SELECT count(*) FROM webhook_deliveries WHERE webhook_id = 'msg_hook_2' \
+           AND processed_at IS NOT NULL AND outcome LIKE '%served by no instance%'",
+        1,
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        marked, 1,
+        "the delivery for an unlisted company is still pending"
+    );
+    assert_eq!(fake.started_events_for(&job), 0);
 }
 
 /// `pleo_auth = "oauth"` on a shared database: the three instances use the one pair and refresh

@@ -60,6 +60,11 @@ impl Mirror {
                     (Some(id), true) => id.clone(),
                 };
                 let company = match d.company_id {
+                    Some(c) if d.unwanted => {
+                        let why = format!("ignored: company {c} is served by no instance");
+                        marks.push((d.webhook_id, why));
+                        continue;
+                    }
                     Some(c) if self.served.contains(&c) => c,
                     // Another instance's company: left to it, without a request.
                     Some(c) if !self.shard.serves(&c) => {

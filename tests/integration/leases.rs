@@ -1006,3 +1006,62 @@ fn the_psql_audit_block_runs_as_printed() {
     assert!(text.contains("lease_taken"), "{text}");
     assert!(text.contains("(3 rows)"), "the three leases: {text}");
 }
+
+/// docs/several-machines.md's configuration, as printed but for the database's address and
+/// password file: `migrate`, `instances` and `status` take it from the file.
+#[test]
+fn the_several_machines_configuration_works_as_printed() {
+    let Some(db) = database() else { return };
+    let page = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/several-machines.md"),
+    )
+    .unwrap();
+    let block = page
+        .split("## PostgreSQL with several instances")
+        .nth(1)
+        .and_then(|s| s.split("```toml\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("a toml block in the PostgreSQL section");
+    let (printed_url, printed_pw) = (
+        "postgresql://jobmirror@db.internal:5432/jobmirror",
+        "/etc/jobmirror/db-password",
+    );
+    assert!(
+        block.contains(printed_url) && block.contains(printed_pw),
+        "{block}"
+    );
+    let file = block
+        .replace(printed_url, &db.url)
+        .replace(printed_pw, &db.password_file.display().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("jobmirror.toml");
+    std::fs::write(&config, file).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .current_dir(dir.path())
+            .env_remove("JOBMIRROR_CONFIG")
+            .env_remove("JOBMIRROR_DB")
+            .env_remove("PGPASSWORD")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(PASSWORD), "the password was printed: {text}");
+        (out.status.code(), text)
+    };
+    let (code, text) = run(&["migrate"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&db.url), "{text}");
+    let (code, text) = run(&["instances"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = run(&["status"]);
+    assert_eq!(code, Some(0), "{text}");
+    // Nothing was made in the working directory (no SQLite file named after anything).
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}

@@ -132,6 +132,29 @@ fn start() -> Option<Cluster> {
         String::from_utf8_lossy(&out.stderr),
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    // A test process killed (by a timeout) runs no atexit hook: a watchdog stops the server
+    // and removes its files once this process is gone, however it ended.
+    let as_postgres = if root { "runuser -u postgres -- " } else { "" };
+    let watchdog = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+         {as_postgres}'{pg_ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
+        pid = std::process::id(),
+        pg_ctl = bin.join("pg_ctl").display(),
+        data = data.display(),
+        dir = dir.path().display(),
+    );
+    let mut w = Command::new("sh");
+    w.arg("-c")
+        .arg(watchdog)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for v in ["LD_PRELOAD", "FAKETIME", "FAKETIME_DONT_FAKE_MONOTONIC"] {
+        w.env_remove(v);
+    }
+    // Never waited for: it outlives this process by design (init reaps it).
+    #[allow(clippy::zombie_processes)]
+    w.spawn().unwrap();
     // The server is stopped when the test process ends: an atexit hook (tests end by exit).
     STOP.set((bin.join("pg_ctl"), data, root)).ok();
     // SAFETY: registering a plain extern "C" function.

@@ -908,3 +908,161 @@ fn three_instances_share_one_oauth_pair_and_never_refresh_it_twice() {
         .unwrap();
     assert_eq!(answer.status(), 200, "the stored refresh token is live");
 }
+
+/// Waits until both instances had two lease rounds and four listings went out since now: by
+/// then a company either would have been claimed or is not served.
+fn settled(fake: &FakePleo, s: &mut jobmirror::store::pg::PgStore) {
+    let t0: i64 = s
+        .client()
+        .query_one("SELECT jm_now_ms()", &[])
+        .unwrap()
+        .get(0);
+    let mark = fake.requests().len();
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rounds: i64 = s
+            .client()
+            .query_one(
+                "SELECT count(*) FROM instances WHERE stopped_at IS NULL AND heartbeat_at > $1",
+                &[&(t0 + 1_000)],
+            )
+            .unwrap()
+            .get(0);
+        let listings = fake.requests()[mark..]
+            .iter()
+            .filter(|r| r.path == "/v3/export-jobs")
+            .count();
+        if rounds >= 2 && listings >= 4 {
+            return;
+        }
+        assert!(std::time::Instant::now() < end, "the instances went quiet");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Companies changed live on a shared database (`jobmirror companies` writes the one shared
+/// table): a company added is taken by one instance and its job done once; a paused one gets
+/// no claim until resumed; a removed one is given up by its holder. Two lanes each.
+#[test]
+fn companies_changed_live_reach_every_instance_and_each_is_served_by_one() {
+    let Some(db) = database() else { return };
+    let fake = crate::reliability::real_time_fake();
+    let companies: Vec<String> = (50..54).map(company).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = db.password_file.to_string_lossy().into_owned();
+    let mut s = db.connect();
+    s.migrate().unwrap();
+    let mut running = Vec::new();
+    for name in ["a", "b"] {
+        let mut env = shared_env(&db, name, &pw);
+        env.push(("JOBMIRROR_LANES", "2"));
+        running.push(instance(dir.path(), name, &fake, &companies, &env));
+    }
+    let held = |s: &mut jobmirror::store::pg::PgStore, c: &str| -> Option<String> {
+        s.client()
+            .query_opt(
+                "SELECT holder FROM company_leases WHERE company_id = $1 AND holder IS NOT NULL \
+                 AND expires_at > jm_now_ms()",
+                &[&c],
+            )
+            .unwrap()
+            .map(|r| r.get(0))
+    };
+    let companies_cmd = |args: &[&str]| {
+        let out = crate::cli::cmd()
+            .arg("companies")
+            .args(args)
+            // The instances' configuration: their company_ids and database.
+            .env("JOBMIRROR_COMPANY_IDS", companies.join(","))
+            .env("JOBMIRROR_DB", &db.url)
+            .env("JOBMIRROR_DB_PASSWORD_FILE", &db.password_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "companies {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let until = |what: &str, cond: &mut dyn FnMut() -> bool| {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(std::time::Instant::now() < end, "{what} within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Added: one instance takes it, and its job is done once.
+    let added = company(59);
+    fake.add_job(JobSpec {
+        id: Some("live-added".into()),
+        company_id: added.clone(),
+        items: Some(2),
+        ..JobSpec::default()
+    })
+    .unwrap();
+    companies_cmd(&["add", &added]);
+    assert!(
+        finished(&fake, 1, Duration::from_secs(30)),
+        "the added company's job"
+    );
+    done_once(&fake, "live-added", Some(2));
+    fenced_in_order(&mut s, "live-added");
+    assert!(held(&mut s, &added).is_some());
+    // Paused: its holder gives it up, and a new job gets no claim until it is resumed.
+    let paused = companies[0].clone();
+    companies_cmd(&["pause", &paused]);
+    until("the paused company given up", &mut || {
+        held(&mut s, &paused).is_none()
+    });
+    fake.add_job(JobSpec {
+        id: Some("live-paused".into()),
+        company_id: paused.clone(),
+        items: Some(1),
+        ..JobSpec::default()
+    })
+    .unwrap();
+    settled(&fake, &mut s);
+    assert_eq!(
+        fake.started_events_for("live-paused"),
+        0,
+        "claimed while paused"
+    );
+    companies_cmd(&["resume", &paused]);
+    assert!(
+        finished(&fake, 2, Duration::from_secs(30)),
+        "the resumed company's job"
+    );
+    done_once(&fake, "live-paused", Some(1));
+    fenced_in_order(&mut s, "live-paused");
+    // Removed: given up, and never served again.
+    companies_cmd(&["remove", &added]);
+    until("the removed company given up", &mut || {
+        held(&mut s, &added).is_none()
+    });
+    fake.add_job(JobSpec {
+        id: Some("live-removed".into()),
+        company_id: added.clone(),
+        items: Some(1),
+        ..JobSpec::default()
+    })
+    .unwrap();
+    settled(&fake, &mut s);
+    assert_eq!(
+        fake.started_events_for("live-removed"),
+        0,
+        "claimed after removal"
+    );
+    // Throughout, each company had one holder at a time: every lease change is journaled.
+    let overlaps: i64 = s
+        .client()
+        .query_one(
+            "SELECT count(*) FROM (SELECT company_id, count(*) FROM company_leases \
+             WHERE holder IS NOT NULL AND expires_at > jm_now_ms() GROUP BY company_id \
+             HAVING count(*) > 1) o",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(overlaps, 0);
+    drop(running);
+}

@@ -1066,3 +1066,53 @@ fn companies_changed_live_reach_every_instance_and_each_is_served_by_one() {
     assert_eq!(overlaps, 0);
     drop(running);
 }
+
+/// `list_by_credential` on a shared database: each instance's one listing names every company
+/// of the key, and it acts only on the jobs of the companies it holds (the others' are
+/// ignored): every job done once, under the fence of its company's holder.
+#[test]
+fn instances_listing_by_credential_act_only_on_the_companies_they_hold() {
+    let Some(db) = database() else { return };
+    let fake = crate::reliability::real_time_fake();
+    let companies: Vec<String> = (60..68).map(company).collect();
+    for (i, c) in companies.iter().enumerate() {
+        for j in 0..2 {
+            fake.add_job(JobSpec {
+                id: Some(format!("cred-{i}-{j}")),
+                company_id: c.clone(),
+                created_secs_ago: Some(600 - j),
+                items: Some(2),
+                ..JobSpec::default()
+            })
+            .unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pw = db.password_file.to_string_lossy().into_owned();
+    let mut running = Vec::new();
+    for name in ["a", "b"] {
+        let mut env = shared_env(&db, name, &pw);
+        env.push(("JOBMIRROR_LIST_BY_CREDENTIAL", "true"));
+        running.push(instance(dir.path(), name, &fake, &companies, &env));
+    }
+    assert!(
+        finished(&fake, 16, Duration::from_secs(60)),
+        "every job finished"
+    );
+    let mut s = db.connect();
+    for i in 0..8 {
+        for j in 0..2 {
+            let id = format!("cred-{i}-{j}");
+            done_once(&fake, &id, Some(2));
+            fenced_in_order(&mut s, &id);
+        }
+    }
+    // One listing names no company: the instances listed by credential.
+    let by_credential = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v3/export-jobs" && !r.query.contains("company_id"))
+        .count();
+    assert!(by_credential > 0, "no listing by credential");
+    drop(running);
+}

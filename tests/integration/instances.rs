@@ -1116,3 +1116,119 @@ fn instances_listing_by_credential_act_only_on_the_companies_they_hold() {
     assert!(by_credential > 0, "no listing by credential");
     drop(running);
 }
+
+/// Companies with OAuth pairs of their own (`companies add --oauth-refresh-token-file`) on a
+/// shared database, two instances, a token endpoint that takes 300 ms: every refresh is
+/// accepted (never a refresh token offered twice), every job done once, and each company's
+/// stored refresh token is the live one.
+#[test]
+fn company_oauth_pairs_on_a_shared_database_are_refreshed_once_each_time() {
+    let Some(db) = database() else { return };
+    let fake = crate::reliability::real_time_fake();
+    fake.enable_oauth("cid", "csecret", "default-pair-unused", 4);
+    fake.on_token_request(Box::new(|_| {
+        std::thread::sleep(Duration::from_millis(300));
+        true
+    }));
+    let listed = vec![company(70)];
+    let own: Vec<String> = (71..75).map(company).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = db.password_file.to_string_lossy().into_owned();
+    let url = format!("{}/oauth/token", fake.base_url());
+    // The listed company uses the default credential's pair, shared by both instances too.
+    let default_file = dir.path().join("default-refresh");
+    std::fs::write(&default_file, "default-pair-unused\n").unwrap();
+    let default_file = default_file.display().to_string();
+    let oauth = [
+        ("JOBMIRROR_PLEO_AUTH", "oauth"),
+        (
+            "JOBMIRROR_PLEO_OAUTH_REFRESH_TOKEN_FILE",
+            default_file.as_str(),
+        ),
+        ("JOBMIRROR_PLEO_OAUTH_TOKEN_URL", url.as_str()),
+        ("JOBMIRROR_PLEO_OAUTH_CLIENT_ID", "cid"),
+        ("JOBMIRROR_PLEO_OAUTH_CLIENT_SECRET", "csecret"),
+        ("JOBMIRROR_PLEO_OAUTH_REFRESH_MARGIN_SECS", "2"),
+    ];
+    db.connect().migrate().unwrap();
+    for (i, c) in own.iter().enumerate() {
+        let token = fake.authorize_company(c).unwrap();
+        let file = dir.path().join(format!("refresh-{i}"));
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        let out = crate::cli::cmd()
+            .args(["companies", "add", c, "--oauth-refresh-token-file"])
+            .arg(&file)
+            .env("JOBMIRROR_COMPANY_IDS", listed.join(","))
+            .env("JOBMIRROR_DB", &db.url)
+            .env("JOBMIRROR_DB_PASSWORD_FILE", &db.password_file)
+            .envs(oauth)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for j in 0..2 {
+            fake.add_job(JobSpec {
+                id: Some(format!("own-{i}-{j}")),
+                company_id: c.clone(),
+                created_secs_ago: Some(600 - j),
+                items: Some(2),
+                ..JobSpec::default()
+            })
+            .unwrap();
+        }
+    }
+    let mut running = Vec::new();
+    for name in ["a", "b"] {
+        let mut env = shared_env(&db, name, &pw);
+        env.extend(oauth);
+        running.push(instance(dir.path(), name, &fake, &listed, &env));
+    }
+    assert!(
+        finished(&fake, 8, Duration::from_secs(60)),
+        "every job finished"
+    );
+    // Three lifetimes of every company's access token (one refresh each 2 s).
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while fake.token_grants().len() < 4 * 4 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (mut r, _rx) in running {
+        let child = r.0.take().unwrap();
+        crate::cli::signal(&child, "TERM");
+        let st = crate::cli::wait_exit(child, Duration::from_secs(20));
+        assert!(st.success(), "{st:?}");
+    }
+    let grants = fake.token_grants();
+    assert!(grants.len() >= 16, "{} refreshes", grants.len());
+    let refused: Vec<_> = grants.iter().filter(|g| !g.ok).collect();
+    assert!(
+        refused.is_empty(),
+        "a refresh token was offered twice: {refused:?}"
+    );
+    let mut s = db.connect();
+    for i in 0..4 {
+        for j in 0..2 {
+            let id = format!("own-{i}-{j}");
+            done_once(&fake, &id, Some(2));
+            fenced_in_order(&mut s, &id);
+        }
+    }
+    for c in &own {
+        let stored: String = s
+            .client()
+            .query_one(
+                "SELECT refresh_token FROM oauth_tokens WHERE credential = $1",
+                &[&format!("company:{c}")],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            Some(stored),
+            fake.company_refresh_token(c),
+            "{c}: the stored pair is the live one"
+        );
+    }
+}

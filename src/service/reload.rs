@@ -235,6 +235,9 @@ impl Companies {
         if let Some(view) = &leases {
             let held: HashSet<String> = view.serving().into_iter().collect();
             eff.company_ids.retain(|c| held.contains(c));
+            // Their own OAuth pairs too: the refresher keeps ahead of expiry only the pairs
+            // of companies held here (another instance's are its holder's to keep fresh).
+            eff.company_oauth.retain(|c| held.contains(c));
             eff.shared_db.fence = leases.clone();
         }
         let changed = self.reloadable.apply(&eff, &[])?;
@@ -263,6 +266,9 @@ impl Companies {
         if let Some(view) = &leases {
             let held: HashSet<String> = view.serving().into_iter().collect();
             eff.company_ids.retain(|c| held.contains(c));
+            // Their own OAuth pairs too: the refresher keeps ahead of expiry only the pairs
+            // of companies held here (another instance's are its holder's to keep fresh).
+            eff.company_oauth.retain(|c| held.contains(c));
             eff.shared_db.fence = leases.clone();
         }
         let base = (!rows.is_empty()).then(|| base.clone());
@@ -323,6 +329,26 @@ const RETRY_FAILED: std::time::Duration = std::time::Duration::from_secs(30);
 const REFRESHES_AT_ONCE: usize = 8;
 
 impl Refresher {
+    /// At a stop: waits for the refreshes already running (each is bounded by the token
+    /// endpoint's timeout). A refresh cut off after the endpoint rotated the pair but before
+    /// the new one was stored would end the pair (the stored refresh token is spent). The
+    /// service's stop waits for this thread at most `shutdown_timeout_secs`.
+    fn finish_running(&self) {
+        let waiting = || {
+            !self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+        };
+        if waiting() {
+            log::info!("waiting for the OAuth refreshes in flight before stopping");
+        }
+        while waiting() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Starts the refreshes that are due; returns when the next one is.
     fn run_due(
         &mut self,
@@ -454,7 +480,10 @@ pub fn watch(
         let wait = std::time::Duration::from_millis(clock.now().until(next).clamp(10, 1000) as u64);
         match shutdown.recv_timeout(wait) {
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            _ => return,
+            _ => {
+                refresher.finish_running();
+                return;
+            }
         }
     }
 }

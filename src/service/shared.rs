@@ -147,6 +147,8 @@ pub fn join(base: &Config, merged: &Config) -> anyhow::Result<Option<(Config, Le
     cfg.shared_db.fence = Some(view.clone());
     let held: std::collections::HashSet<String> = view.serving().into_iter().collect();
     cfg.company_ids.retain(|c| held.contains(c));
+    // The refresher keeps ahead of expiry only the OAuth pairs of companies held here.
+    cfg.company_oauth.retain(|c| held.contains(c));
     log::info!(
         "instance {} joined the instances on {target}: holding {} of {} companies",
         view.instance,

@@ -308,21 +308,31 @@ for line in sys.stdin:
     path.to_string_lossy().into_owned()
 }
 
-#[test]
-fn kill_9_of_an_instance_with_a_job_in_hand_moves_its_companies_and_resumes_without_started() {
-    let Some(db) = database() else { return };
-    if std::process::Command::new("python3")
+/// Three instances (a, b, c) on a fresh database, each with a handler that takes 0.25 s an
+/// item, and a 12-item job for each of the companies `range` (ids `prefix-i`). None when
+/// PostgreSQL or python3 (the handler) is missing.
+struct SlowThree {
+    fake: FakePleo,
+    s: jobmirror::store::pg::PgStore,
+    running: std::collections::BTreeMap<
+        &'static str,
+        (crate::cli::Reaper, crossbeam_channel::Receiver<String>),
+    >,
+    db: TestDb,
+    dir: tempfile::TempDir,
+}
+
+fn three_with_slow_jobs(prefix: &str, range: std::ops::Range<usize>) -> Option<SlowThree> {
+    let db = database()?;
+    std::process::Command::new("python3")
         .arg("-V")
         .output()
-        .is_err()
-    {
-        return;
-    }
+        .ok()?;
     let fake = crate::reliability::real_time_fake();
-    let companies: Vec<String> = (0..6).map(company).collect();
+    let companies: Vec<String> = range.map(company).collect();
     for (i, c) in companies.iter().enumerate() {
         fake.add_job(JobSpec {
-            id: Some(format!("slow-{i}")),
+            id: Some(format!("{prefix}-{i}")),
             company_id: c.clone(),
             created_secs_ago: Some(600),
             items: Some(12),
@@ -341,31 +351,59 @@ fn kill_9_of_an_instance_with_a_job_in_hand_moves_its_companies_and_resumes_with
         env.push(("JOBMIRROR_HANDLER_COMMAND", handler.as_str()));
         running.insert(name, instance(dir.path(), name, &fake, &companies, &env));
     }
-    // Wait until some job is half handled, then kill -9 the instance holding its company.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let (victim, job, company) = loop {
-        assert!(std::time::Instant::now() < deadline, "no job got under way");
-        let row = s
-            .client()
-            .query_opt(
-                "SELECT j.id, j.company_id, l.holder FROM export_jobs j
-                   JOIN company_leases l ON l.company_id = j.company_id
-                  WHERE j.proc_state = 'processing'
-                    AND (SELECT count(*) FROM job_items i
-                          WHERE i.job_id = j.id AND i.handled_at IS NOT NULL) BETWEEN 2 AND 8
-                  LIMIT 1",
-                &[],
-            )
-            .unwrap();
-        if let Some(r) = row {
-            break (
-                r.get::<_, String>(2),
-                r.get::<_, String>(0),
-                r.get::<_, String>(1),
-            );
+    Some(SlowThree {
+        fake,
+        s,
+        running,
+        db,
+        dir,
+    })
+}
+
+impl SlowThree {
+    /// A job being processed with between `lo` and `hi` items handled: (its company's holder,
+    /// the job, the company). Fails after 60 s.
+    fn job_under_way(&mut self, lo: i64, hi: i64) -> (String, String, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(std::time::Instant::now() < deadline, "no job got under way");
+            let row = self
+                .s
+                .client()
+                .query_opt(
+                    "SELECT j.id, j.company_id, l.holder FROM export_jobs j
+                       JOIN company_leases l ON l.company_id = j.company_id
+                      WHERE j.proc_state = 'processing'
+                        AND (SELECT count(*) FROM job_items i
+                              WHERE i.job_id = j.id AND i.handled_at IS NOT NULL)
+                            BETWEEN $1 AND $2
+                      LIMIT 1",
+                    &[&lo, &hi],
+                )
+                .unwrap();
+            if let Some(r) = row {
+                return (r.get(2), r.get(0), r.get(1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn kill_9_of_an_instance_with_a_job_in_hand_moves_its_companies_and_resumes_without_started() {
+    let Some(mut t) = three_with_slow_jobs("slow", 0..6) else {
+        return;
     };
+    // Wait until some job is half handled, then kill -9 the instance holding its company.
+    let (victim, job, company) = t.job_under_way(2, 8);
+    // The database and the folder live until the test ends.
+    let SlowThree {
+        fake,
+        mut s,
+        mut running,
+        db: _db,
+        dir,
+    } = t;
     let lease = s
         .client()
         .query_one(
@@ -462,62 +500,19 @@ fn signal_pid(pid: u32, sig: &str) {
 
 #[test]
 fn an_instance_stopped_past_its_lease_sends_nothing_for_what_it_lost_and_takes_a_share_again() {
-    let Some(db) = database() else { return };
-    if std::process::Command::new("python3")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
+    let Some(mut t) = three_with_slow_jobs("stop", 10..16) else {
         return;
-    }
-    let fake = crate::reliability::real_time_fake();
-    let companies: Vec<String> = (10..16).map(company).collect();
-    for (i, c) in companies.iter().enumerate() {
-        fake.add_job(JobSpec {
-            id: Some(format!("stop-{i}")),
-            company_id: c.clone(),
-            created_secs_ago: Some(600),
-            items: Some(12),
-            ..JobSpec::default()
-        })
-        .unwrap();
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let handler = slow_handler(dir.path(), 0.25);
-    let mut s = db.connect();
-    s.migrate().unwrap();
-    let pw = db.password_file.to_string_lossy().into_owned();
-    let mut running = std::collections::BTreeMap::new();
-    for name in ["a", "b", "c"] {
-        let mut env = shared_env(&db, name, &pw);
-        env.push(("JOBMIRROR_HANDLER_COMMAND", handler.as_str()));
-        running.insert(name, instance(dir.path(), name, &fake, &companies, &env));
-    }
-    // A job under way: SIGSTOP its holder for three leases.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let (victim, job, company) = loop {
-        assert!(std::time::Instant::now() < deadline, "no job got under way");
-        let row = s
-            .client()
-            .query_opt(
-                "SELECT j.id, j.company_id, l.holder FROM export_jobs j
-                   JOIN company_leases l ON l.company_id = j.company_id
-                  WHERE j.proc_state = 'processing'
-                    AND (SELECT count(*) FROM job_items i
-                          WHERE i.job_id = j.id AND i.handled_at IS NOT NULL) BETWEEN 1 AND 6
-                  LIMIT 1",
-                &[],
-            )
-            .unwrap();
-        if let Some(r) = row {
-            break (
-                r.get::<_, String>(2),
-                r.get::<_, String>(0),
-                r.get::<_, String>(1),
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
     };
+    // A job under way: SIGSTOP its holder for three leases.
+    let (victim, job, company) = t.job_under_way(1, 6);
+    // The database and the folder live until the test ends.
+    let SlowThree {
+        fake,
+        mut s,
+        running,
+        db: _db,
+        dir: _dir,
+    } = t;
     let pid = running[victim.as_str()].0.0.as_ref().unwrap().id();
     signal_pid(pid, "STOP");
     // The others take the stopped one's companies and finish its job.

@@ -129,23 +129,12 @@ impl Store {
         Ok(())
     }
 
-    /// The token endpoint refused the refresh token: terminal. The access token is dropped,
-    /// `refused_at` set, and nothing is sent with this pair again until a new refresh token
-    /// is seeded (re-authorization).
-    pub fn oauth_refuse(&self, credential: &str, error: &str, now: Millis) -> Result<()> {
-        self.db.exec(
-            "UPDATE oauth_tokens SET access_token = NULL, access_expires_at = NULL, \
-             refresh_started_at = NULL, refused_at = ?3, last_error = ?2, updated_at = ?3 \
-             WHERE credential = ?1",
-            &[&credential, &error, &now],
-        )?;
-        Ok(())
-    }
-
-    /// [`Store::oauth_refuse`], only while `sent` is still the stored refresh token: a refusal
-    /// of a token another process already rotated says nothing about the pair stored now.
-    /// Returns whether the pair was marked refused.
-    pub fn oauth_refuse_if(
+    /// The token endpoint refused the refresh token `sent`: terminal. The access token is
+    /// dropped, `refused_at` set, and nothing is sent with this pair again until a new refresh
+    /// token is seeded (re-authorization). Only while `sent` is still the stored refresh token:
+    /// a refusal of a token another process already rotated says nothing about the pair stored
+    /// now. Returns whether the pair was marked refused.
+    pub fn oauth_refuse(
         &self,
         credential: &str,
         sent: &str,

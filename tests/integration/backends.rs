@@ -97,7 +97,10 @@ fn oauth_pairs_are_seeded_refreshed_refused_and_forgotten_alike_on_both() {
         let t = st.oauth_get(&cred).unwrap().unwrap();
         assert_eq!(t.access_token.unwrap().expose(), "at-1");
         assert_eq!(t.refresh_started_at, None);
-        st.oauth_refuse(&cred, "invalid_grant", Millis(4)).unwrap();
+        assert!(
+            st.oauth_refuse(&cred, "rt-1", "invalid_grant", Millis(4))
+                .unwrap()
+        );
         assert_eq!(
             st.companies_needing_reauthorization().unwrap(),
             [("c9".to_owned(), Millis(4), "invalid_grant".to_owned())],

@@ -186,7 +186,7 @@ fn a_refusal_of_a_token_already_rotated_never_ends_the_stored_pair() {
     let now = s.w.clock_now();
     // A refusal of R0 (spent: the pair was rotated to fake-refresh-0001) is not recorded.
     assert!(
-        !st.oauth_refuse_if("default", "R0", "invalid_grant", now)
+        !st.oauth_refuse("default", "R0", "invalid_grant", now)
             .unwrap()
     );
     assert_eq!(
@@ -207,7 +207,7 @@ fn a_refusal_of_a_token_already_rotated_never_ends_the_stored_pair() {
     );
     // A refusal of the stored token is.
     assert!(
-        st.oauth_refuse_if("default", "fake-refresh-0001", "invalid_grant", now)
+        st.oauth_refuse("default", "fake-refresh-0001", "invalid_grant", now)
             .unwrap()
     );
     assert!(stored_refresh(&s.db).2.is_some());

@@ -507,7 +507,7 @@ impl TokenSource {
                 .store
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .oauth_refuse_if(
+                .oauth_refuse(
                     &self.credential,
                     row.refresh_token.expose(),
                     &why,
